@@ -1,0 +1,316 @@
+"""Every setting of llama-pipe, one dataclass per ``config.yaml`` section.
+
+These dataclasses are the single source of truth: the JSON schema in
+``workflow/schemas/config.schema.yaml`` is generated from them (``llama-pipe schema``; a test
+checks the file is current), the CLI flags of each stage are derived from them, and the README's
+config reference is written from the same help texts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from llama_pipe.settings import ConfigError, dataclass_schema, from_dict, opt, validate
+
+# ----------------------------------------------------------------------------- base weights
+
+
+@dataclass
+class TinyModelSettings:
+    """Shape of the embedded tiny LLaMA (used when ``base.source`` is ``tiny``)."""
+
+    dim: int = opt(64, "hidden size", minimum=8)
+    n_layers: int = opt(2, "number of transformer blocks", minimum=1)
+    n_heads: int = opt(4, "attention heads", minimum=1)
+    n_kv_heads: Optional[int] = opt(2, "key/value heads (GQA); null means n_heads", minimum=1)
+    multiple_of: int = opt(32, "the FFN hidden size is rounded up to a multiple of this", minimum=1)
+    ffn_dim_multiplier: Optional[float] = opt(None, "optional FFN width multiplier (LLaMA-2 70B style)")
+    norm_eps: float = opt(1e-5, "RMSNorm epsilon", exclusiveMinimum=0)
+    rope_theta: float = opt(10000.0, "rotary embedding base", exclusiveMinimum=0)
+    max_seq_len: int = opt(1024, "context length written to params.json", minimum=16)
+    vocab_size: int = opt(2000, "sentencepiece vocabulary size trained on the sample data", minimum=300)
+    n_shards: int = opt(2, "model-parallel shards (consolidated.0N.pth), split the way Meta splits", minimum=1)
+    seed: int = opt(0, "seed for the random weights and the tokenizer trainer")
+
+
+@dataclass
+class BaseSettings:
+    """Where the base weights come from."""
+
+    source: str = opt(
+        "tiny",
+        "'tiny' (build the embedded random model), a Hugging Face repo id (org/name), "
+        "or an http(s) base URL of a Meta-layout release",
+        minLength=1,
+    )
+    revision: Optional[str] = opt(None, "Hugging Face revision (branch, tag or commit) for a repo id")
+    model_size: Optional[str] = opt(
+        None, "sub-folder of a Meta URL release to fetch (e.g. '7B'); null fetches the files at the URL itself"
+    )
+    checksums: Optional[str] = opt(
+        None, "checksum list to verify against: 'checklist.chk' (md5) or a sha256 file name; null: auto-detect"
+    )
+    retries: int = opt(5, "download attempts per file (exponential backoff)", minimum=1)
+    tokenizer_corpus: list[str] = opt(
+        ["data/sample/sharegpt_sample.json"], "files the tiny tokenizer is trained on"
+    )
+    tiny: TinyModelSettings = opt(TinyModelSettings, "the embedded tiny model")
+
+
+@dataclass
+class ConvertSettings:
+    """Meta checkpoint -> Hugging Face conversion."""
+
+    max_shard_size: str = opt("2GB", "largest safetensors shard (e.g. '500MB', '10GB')", pattern=r"^[0-9]+(\.[0-9]+)?\s*[KMGT]?i?B$")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the written weights")
+    template: Literal["vicuna_v1.1", "llama-2", "chatml"] = opt(
+        "vicuna_v1.1", "chat template stored with the tokenizer"
+    )
+
+
+# ----------------------------------------------------------------------------- data stages
+
+
+@dataclass
+class DataSettings:
+    """Raw inputs and how the data stages are scattered."""
+
+    inputs: list[str] = opt(
+        ["data/sample/sharegpt_sample.json"],
+        "ShareGPT / OpenAI-messages / Alpaca files (.json list or .jsonl) merged in this order",
+    )
+    shards: int = opt(2, "shards the merged data is split into for the clean/filter/split stages", minimum=1)
+    val_fraction: float = opt(0.1, "fraction of conversations held out for validation", minimum=0, maximum=0.9)
+    seed: int = opt(0, "seed of the train/validation assignment (hash of id + seed)")
+
+
+@dataclass
+class MergeSettings:
+    """``merge``: validate, normalise roles, drop duplicate ids."""
+
+    dedupe: Literal["first", "reject_all"] = opt(
+        "first", "on a duplicate id keep the first record ('first') or reject every copy ('reject_all')"
+    )
+
+
+@dataclass
+class CleanSettings:
+    """``clean``: HTML -> markdown and FastChat's clean_sharegpt filters."""
+
+    blocked_words: list[str] = opt(["openai", "chatgpt"], "drop a conversation whose gpt turns contain one of these (case-insensitive)")
+    blocked_replies: list[str] = opt(
+        ["Too many requests in 1 hour. Try again later.", "!Too many requests in 1 hour. Try again later."],
+        "drop a conversation with a turn that starts with one of these (rate-limit and error replies)",
+    )
+    min_turns: int = opt(2, "drop conversations with fewer turns after cleaning", minimum=1)
+    min_chars: int = opt(1, "drop a conversation whose shortest turn has fewer characters", minimum=0)
+    drop_duplicate_first_exchange: bool = opt(True, "drop later conversations that start with an already-seen first human+gpt exchange")
+    fix_roles: Literal["reject", "drop_first_gpt"] = opt(
+        "drop_first_gpt",
+        "a conversation that starts with a gpt turn: drop that turn ('drop_first_gpt', FastChat) or reject it",
+    )
+    workers: int = opt(0, "processes to use; 0 = all cores", minimum=0)
+
+
+@dataclass
+class FilterLangSettings:
+    """``filter-lang``: one langdetect language per conversation."""
+
+    keep: list[str] = opt(["en", "zh"], "keep only these languages (ISO 639-1, 'zh' matches zh-cn/zh-tw); empty keeps all")
+    skip: list[str] = opt([], "drop these languages")
+    seed: int = opt(0, "langdetect seed (makes detection deterministic)")
+    min_chars: int = opt(10, "text shorter than this (code removed) is labelled 'unknown'", minimum=0)
+    keep_unknown: bool = opt(False, "keep conversations whose language cannot be detected")
+
+
+@dataclass
+class SplitSettings:
+    """``split``: whole human/gpt pairs into chunks of at most ``max_length`` tokens."""
+
+    max_length: int = opt(512, "largest chunk in tokens (rendered with the chat template)", minimum=16)
+    on_long_pair: Literal["reject", "truncate"] = opt(
+        "reject", "a single pair longer than max_length: reject it with a reason, or truncate its gpt turn"
+    )
+    batch_size: int = opt(256, "texts per fast-tokenizer batch", minimum=1)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter shape."""
+
+    r: int = opt(8, "rank", minimum=1)
+    alpha: int = opt(16, "scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)", minimum=1)
+    dropout: float = opt(0.05, "dropout on the adapter input", minimum=0, maximum=1)
+    target_modules: list[str] = opt(["q_proj", "v_proj"], "module names to adapt, or ['all-linear']", minLength=1)
+    rslora: bool = opt(False, "rank-stabilised scaling")
+    dora: bool = opt(False, "weight-decomposed LoRA (DoRA)")
+
+
+@dataclass
+class TrainSettings:
+    """``train``: LoRA / QLoRA / 8-bit / full fine-tuning."""
+
+    run: str = opt("default", "run name: outputs go to results/train/<run>/", pattern=r"^[A-Za-z0-9_.-]+$")
+    mode: Literal["lora", "qlora", "int8", "full"] = opt("lora", "what is trained and how the base is stored")
+    template: Literal["vicuna_v1.1", "llama-2", "chatml"] = opt("vicuna_v1.1", "chat template")
+    system_prompt: Optional[str] = opt(None, "system prompt override; null uses the template's default")
+    lora: LoraSettings = opt(LoraSettings, "adapter settings (modes lora, qlora, int8)")
+    max_seq_len: int = opt(512, "longest training row in tokens", minimum=16)
+    packing: bool = opt(True, "pack several conversations into one row (no attention across them)")
+    micro_batch_size: int = opt(4, "rows per forward pass", minimum=1)
+    grad_accum: int = opt(1, "micro-batches per optimiser step", minimum=1)
+    lr: float = opt(2e-3, "peak learning rate", exclusiveMinimum=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", minimum=0)
+    warmup_steps: int = opt(5, "linear warm-up steps", minimum=0)
+    min_lr_ratio: float = opt(0.1, "cosine schedule ends at lr * this", minimum=0, maximum=1)
+    max_steps: Optional[int] = opt(60, "optimiser steps; null trains for `epochs`", minimum=1)
+    epochs: float = opt(1.0, "epochs when max_steps is null", exclusiveMinimum=0)
+    max_grad_norm: float = opt(1.0, "gradient clipping; 0 disables", minimum=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "compute precision; auto = bf16 on a GPU that supports it, else fp32"
+    )
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass")
+    eval_every: int = opt(20, "validation loss every N steps (and at start and end)", minimum=1)
+    save_every: int = opt(20, "checkpoint every N steps", minimum=1)
+    keep_checkpoints: int = opt(2, "checkpoints kept (oldest deleted)", minimum=1)
+    resume: Literal["auto", "never"] = opt("auto", "continue from the newest valid checkpoint")
+    on_nonfinite: Literal["stop", "skip"] = opt("stop", "a NaN/inf loss: stop naming the step, or skip that step")
+    seed: int = opt(0, "seed for weights init, dropout and data order")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
+    num_workers: int = opt(0, "DataLoader worker processes", minimum=0)
+    trust_remote_code: bool = opt(False, "allow model code from the checkpoint to run (never implicit)")
+
+
+# ----------------------------------------------------------------------------- after training
+
+
+@dataclass
+class MergeAdapterSettings:
+    """``merge-adapter``: fold adapters into a float copy of the base."""
+
+    extra_adapters: list[str] = opt([], "adapter dirs applied after the trained one, in order")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the merged weights")
+    max_shard_size: str = opt("2GB", "largest safetensors shard", pattern=r"^[0-9]+(\.[0-9]+)?\s*[KMGT]?i?B$")
+    format: Literal["hf", "meta"] = opt("hf", "'meta' also writes consolidated.*.pth + params.json")
+
+
+@dataclass
+class EvalSettings:
+    """``eval``: perplexity base vs tuned, sample generations, report plots."""
+
+    questions: str = opt("data/sample/questions.jsonl", "MT-bench style JSONL (question_id, category, turns)")
+    max_questions: int = opt(8, "questions answered (0 = all)", minimum=0)
+    max_new_tokens: int = opt(64, "tokens generated per turn", minimum=1)
+    temperature: float = opt(0.7, "sampling temperature (0 = greedy)", minimum=0)
+    top_p: float = opt(0.9, "nucleus sampling", exclusiveMinimum=0, maximum=1)
+    seed: int = opt(0, "sampling seed")
+    batch_size: int = opt(8, "rows per perplexity batch", minimum=1)
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to evaluate")
+
+
+@dataclass
+class ServeSettings:
+    """``serve`` / ``chat``: the OpenAI-compatible server and terminal chat."""
+
+    host: str = opt("127.0.0.1", "address to bind (the default keeps it off the network)")
+    port: int = opt(8000, "TCP port", minimum=0, maximum=65535)
+    max_tokens: int = opt(512, "upper bound on a request's max_tokens", minimum=1)
+    max_request_bytes: int = opt(1_000_000, "requests with a larger body get 413", minimum=1024)
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run the model")
+
+
+# ----------------------------------------------------------------------------- the whole file
+
+
+@dataclass
+class Config:
+    """The whole ``config.yaml``."""
+
+    base: BaseSettings = opt(BaseSettings, "base weights")
+    convert: ConvertSettings = opt(ConvertSettings, "Meta -> Hugging Face conversion")
+    data: DataSettings = opt(DataSettings, "raw inputs and sharding")
+    merge: MergeSettings = opt(MergeSettings, "merge stage")
+    clean: CleanSettings = opt(CleanSettings, "clean stage")
+    filter_lang: FilterLangSettings = opt(FilterLangSettings, "filter-lang stage")
+    split: SplitSettings = opt(SplitSettings, "split stage")
+    train: TrainSettings = opt(TrainSettings, "train stage")
+    merge_adapter: MergeAdapterSettings = opt(MergeAdapterSettings, "merge-adapter stage")
+    eval: EvalSettings = opt(EvalSettings, "eval stage")
+    serve: ServeSettings = opt(ServeSettings, "serve and chat")
+
+
+SECTIONS: dict[str, type] = {
+    "base": BaseSettings,
+    "convert": ConvertSettings,
+    "data": DataSettings,
+    "merge": MergeSettings,
+    "clean": CleanSettings,
+    "filter_lang": FilterLangSettings,
+    "split": SplitSettings,
+    "train": TrainSettings,
+    "merge_adapter": MergeAdapterSettings,
+    "eval": EvalSettings,
+    "serve": ServeSettings,
+}
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON schema of config.yaml (what ``workflow/schemas/config.schema.yaml`` holds)."""
+    schema = dataclass_schema(Config)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "llama-pipe config.yaml"
+    return schema
+
+
+def yaml_loader() -> Any:
+    """A safe YAML loader that also reads ``1e-5`` / ``2e-4`` as numbers (YAML 1.1 would not)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return Loader
+
+
+def load_raw_config(path: str | Path) -> dict[str, Any]:
+    """Read a config.yaml, validate it against the schema, and return the plain data."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        data = yaml.load(text, Loader=yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    try:
+        validate(json.loads(json.dumps(data)), Config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return data
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config.yaml into a :class:`Config`."""
+    return from_dict(Config, load_raw_config(path))

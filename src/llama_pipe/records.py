@@ -1,0 +1,269 @@
+"""Conversation records, input readers and the atomic stage writer.
+
+The record every stage passes on (one JSON object per line, UTF-8)::
+
+    {"id": "abc", "conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}],
+     "system": "optional system prompt", "lang": "added by filter-lang"}
+
+Every data stage writes three files through :class:`StageWriter`: the kept records, a rejects
+file (one line per dropped record: ``id``, ``stage``, ``reason``, ``detail``, ``record``) and a
+stats file (``{"stage", "in", "out", "rejected": {reason: count}}``). All three appear only when
+the stage finishes; ``in == out + sum(rejected)`` is checked before they do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+Record = dict[str, Any]
+
+
+class InputError(Exception):
+    """A whole input is unusable (the stage exits with code 2). The message names file and place."""
+
+
+def rejects_path(out: str | Path) -> Path:
+    """Default rejects file beside an output: ``x.jsonl`` -> ``x.rejects.jsonl``."""
+    out = Path(out)
+    return out.with_name(_stem(out) + ".rejects.jsonl")
+
+
+def stats_path(out: str | Path) -> Path:
+    """Default stats file beside an output: ``x.jsonl`` -> ``x.stats.json``."""
+    out = Path(out)
+    return out.with_name(_stem(out) + ".stats.json")
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".jsonl", ".json"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, expected a .json or .jsonl file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path}: not UTF-8 text: invalid byte 0x{raw[exc.start]:02x} at byte offset {exc.start}; "
+            "re-encode the file as UTF-8"
+        ) from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Yield ``(where, obj)`` for each record of a ``.json`` list or a ``.jsonl`` file.
+
+    ``where`` names the record's place (``file:line N`` or ``file[#i]``) for reject details.
+    A JSONL line that is not valid JSON is yielded as an :class:`InvalidLine` so the stage can
+    reject it; an unreadable or truncated file raises :class:`InputError`.
+    """
+    path = Path(path)
+    text = _read_text(path)
+    if not text.strip():
+        raise InputError(f"{path}: file is empty; expected a JSON list or JSON lines of records")
+    if path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("[")):
+        yield from _read_jsonl(path, text)
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        what = "truncated" if exc.pos >= len(text.rstrip()) else "not valid JSON"
+        raise InputError(
+            f"{path}: {what}: {exc.msg} at line {exc.lineno} column {exc.colno} (char {exc.pos})"
+        ) from None
+    if isinstance(data, dict):
+        raise InputError(
+            f"{path}: a JSON object at the top level; expected a list of records "
+            "(or a .jsonl file with one record per line)"
+        )
+    if not isinstance(data, list):
+        raise InputError(f"{path}: top-level JSON is a {type(data).__name__}; expected a list of records")
+    for i, obj in enumerate(data):
+        yield f"{path}[#{i}]", obj
+
+
+class InvalidLine:
+    """A JSONL line that did not parse; carried to the stage so it can be rejected, not lost."""
+
+    def __init__(self, text: str, error: str) -> None:
+        self.text = text
+        self.error = error
+
+
+def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+    lines = text.split("\n")
+    last = len(lines) - 1
+    while last >= 0 and not lines[last].strip():
+        last -= 1
+    for n, line in enumerate(lines[: last + 1], start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:line {n}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            if n - 1 == last and not text.endswith("\n"):
+                raise InputError(
+                    f"{path}: truncated: last line {n} is incomplete JSON ({exc.msg} at column {exc.colno})"
+                ) from None
+            yield f"{path}:line {n}", InvalidLine(line, f"{exc.msg} at column {exc.colno}")
+
+
+def iter_jsonl(path: str | Path) -> Iterator[Record]:
+    """Records of a JSONL file written by a previous stage (strict: any bad line is an InputError)."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}: line {n}: not valid JSON ({exc.msg}); was it written by llama-pipe?") from None
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def dumps(record: Any) -> str:
+    """One JSONL line (no trailing newline): compact, UTF-8, key order preserved."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+class AtomicFile:
+    """A text file written to a temporary name in the same directory and renamed on commit."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.tmp = Path(tmp)
+        self.fh: TextIO = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
+
+    def commit(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if not self.fh.closed:
+            self.fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON through a temporary file and rename."""
+    f = AtomicFile(path)
+    try:
+        json.dump(obj, f.fh, ensure_ascii=False, indent=2)
+        f.fh.write("\n")
+    except BaseException:
+        f.abort()
+        raise
+    f.commit()
+
+
+class StageWriter:
+    """Kept records, rejects and stats of one stage run, committed together or not at all.
+
+    Use as a context manager; on an exception nothing is left behind. ``count_in`` is called
+    once per input unit, then each unit ends in exactly one ``keep`` or ``reject`` (``keep`` may
+    be called with ``counts=False`` for extra output lines such as split chunks).
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        out: str | Path,
+        rejects: str | Path | None = None,
+        stats: str | Path | None = None,
+        unit: str = "records",
+    ) -> None:
+        self.stage = stage
+        self.out_path = Path(out)
+        self.rejects_path = Path(rejects) if rejects else rejects_path(out)
+        self.stats_path = Path(stats) if stats else stats_path(out)
+        self.unit = unit
+        self.n_in = 0
+        self.n_out = 0
+        self.lines_out = 0
+        self.rejected: Counter[str] = Counter()
+        self.extra: dict[str, Any] = {}
+        self._out: AtomicFile | None = None
+        self._rej: AtomicFile | None = None
+
+    def __enter__(self) -> StageWriter:
+        self._out = AtomicFile(self.out_path)
+        self._rej = AtomicFile(self.rejects_path)
+        return self
+
+    def count_in(self, n: int = 1) -> None:
+        self.n_in += n
+
+    def keep(self, record: Record, counts: bool = True) -> None:
+        assert self._out is not None
+        self._out.fh.write(dumps(record) + "\n")
+        self.lines_out += 1
+        if counts:
+            self.n_out += 1
+
+    def reject(self, record: Any, reason: str, detail: str = "", count: int = 1) -> None:
+        assert self._rej is not None
+        rid = record.get("id") if isinstance(record, dict) else None
+        row = {"id": rid if isinstance(rid, (str, int)) else None, "stage": self.stage, "reason": reason}
+        if detail:
+            row["detail"] = detail
+        row["record"] = record.text if isinstance(record, InvalidLine) else record
+        self._rej.fh.write(dumps(row) + "\n")
+        self.rejected[reason] += count
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "unit": self.unit,
+            "in": self.n_in,
+            "out": self.n_out,
+            "rejected": dict(sorted(self.rejected.items())),
+            "lines_out": self.lines_out,
+            **self.extra,
+        }
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        assert self._out is not None and self._rej is not None
+        if exc_type is not None:
+            self._out.abort()
+            self._rej.abort()
+            return
+        total = self.n_out + sum(self.rejected.values())
+        if total != self.n_in:
+            self._out.abort()
+            self._rej.abort()
+            raise RuntimeError(
+                f"{self.stage}: accounting error: in={self.n_in} but out+rejected={total}; nothing written"
+            )
+        # The output is renamed last: its presence means the rejects and stats are complete too.
+        self._rej.commit()
+        write_json_atomic(self.stats_path, self.stats())
+        self._out.commit()
+
+    def summary(self) -> str:
+        rej = ", ".join(f"{k}={v}" for k, v in sorted(self.rejected.items())) or "none"
+        return f"{self.stage}: {self.unit} in={self.n_in} out={self.n_out} rejected={sum(self.rejected.values())} ({rej}) -> {self.out_path}"

@@ -1,0 +1,291 @@
+"""Typed settings: dataclasses <-> JSON schema <-> command-line flags.
+
+One source of truth for every option of every stage: the dataclasses in
+:mod:`llama_pipe.config`. From them this module derives
+
+* the JSON schema (``workflow/schemas/config.schema.yaml``) that Snakemake and the CLI both
+  validate ``config.yaml`` against,
+* argparse flags (``--lora.r 16``) so every setting can be given on the command line, and
+* the flag list a Snakemake rule passes to ``llama-pipe <stage>`` (``settings_to_argv``), so a
+  changed setting changes the rule's ``params`` and re-runs that rule.
+
+A field documents itself with ``opt(default, "help text", minimum=..., ...)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import types
+import typing
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+T = TypeVar("T")
+
+_SCHEMA_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "pattern", "minLength")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the key path and what was expected."""
+
+
+def opt(default: Any, doc: str, **constraints: Any) -> Any:
+    """A dataclass field with a default, a help text and optional JSON-schema constraints."""
+    unknown = set(constraints) - set(_SCHEMA_KEYS)
+    if unknown:
+        raise TypeError(f"unknown constraint(s) {sorted(unknown)}")
+    meta = {"doc": doc, **constraints}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
+    if dataclasses.is_dataclass(default) and isinstance(default, type):
+        return dataclasses.field(default_factory=default, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _type_schema(tp: Any) -> dict[str, Any]:
+    inner, optional = _strip_optional(tp)
+    if dataclasses.is_dataclass(inner):
+        schema: dict[str, Any] = dataclass_schema(inner)
+    elif get_origin(inner) is Literal:
+        schema = {"enum": list(get_args(inner))}
+    elif get_origin(inner) is list:
+        (item,) = get_args(inner)
+        schema = {"type": "array", "items": _type_schema(item)}
+    elif inner is bool:
+        schema = {"type": "boolean"}
+    elif inner is int:
+        schema = {"type": "integer"}
+    elif inner is float:
+        schema = {"type": "number"}
+    elif inner is str:
+        schema = {"type": "string"}
+    else:  # pragma: no cover - a programming error in config.py
+        raise TypeError(f"unsupported settings type {tp!r}")
+    if optional:
+        if "enum" in schema:
+            schema["enum"] = schema["enum"] + [None]
+        else:
+            schema["type"] = [schema["type"], "null"]
+    return schema
+
+
+def dataclass_schema(cls: type) -> dict[str, Any]:
+    """The JSON schema of a settings dataclass (recursively), with descriptions and defaults."""
+    props: dict[str, Any] = {}
+    hints = _hints(cls)
+    default_obj = cls()
+    for f in dataclasses.fields(cls):
+        schema = _type_schema(hints[f.name])
+        meta = dict(f.metadata)
+        schema["description"] = meta.pop("doc", "")
+        for key in _SCHEMA_KEYS:
+            if key in meta:
+                target = schema
+                if schema.get("type") == "array":
+                    target = schema["items"]
+                target[key] = meta[key]
+        value = getattr(default_obj, f.name)
+        if not dataclasses.is_dataclass(value):
+            schema["default"] = value
+        props[f.name] = schema
+    doc = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+    return {"type": "object", "description": doc, "additionalProperties": False, "properties": props}
+
+
+def _format_error(err: Any, root: str) -> str:
+    path = ".".join([root, *[str(p) for p in err.absolute_path]] if root else [str(p) for p in err.absolute_path])
+    where = path or "(top level)"
+    if err.validator == "additionalProperties":
+        return f"{where}: {err.message} (allowed keys: {', '.join(sorted(err.schema.get('properties', {})))})"
+    expected = {k: err.schema[k] for k in ("type", "enum", *_SCHEMA_KEYS) if k in err.schema}
+    return f"{where}: {err.message}; expected {expected}"
+
+
+def validate(data: Any, cls: type, root: str = "") -> None:
+    """Validate plain data against the schema of ``cls``; raise ConfigError naming every bad key path."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(dataclass_schema(cls))
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_format_error(e, root) for e in errors))
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, root: str = "") -> T:
+    """Build a settings dataclass from (validated) plain data; missing keys take their defaults."""
+    data = dict(data or {})
+    validate(data, cls, root)
+    return _build(cls, data)
+
+
+def _build(cls: type[T], data: dict[str, Any]) -> T:
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        inner, _ = _strip_optional(hints[f.name])
+        value = data[f.name]
+        if dataclasses.is_dataclass(inner) and isinstance(value, dict):
+            value = _build(inner, value)
+        elif inner is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain-data form of a settings dataclass."""
+    return dataclasses.asdict(obj)
+
+
+# ---------------------------------------------------------------- command-line flags
+
+
+def _leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field[Any]]]:
+    out = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        inner, _ = _strip_optional(tp)
+        if dataclasses.is_dataclass(inner):
+            out.extend(_leaf_fields(inner, f"{prefix}{f.name}."))
+        else:
+            out.append((prefix + f.name, tp, f))
+    return out
+
+
+def _parse_value(text: str, tp: Any) -> Any:
+    inner, optional = _strip_optional(tp)
+    if optional and text.lower() in ("null", "none", "~"):
+        return None
+    if get_origin(inner) is list:
+        stripped = text.strip()
+        if stripped.startswith("["):
+            return json.loads(stripped)
+        return [s.strip() for s in stripped.split(",") if s.strip()] if stripped else []
+    if inner is bool:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if inner is int:
+        return int(text)
+    if inner is float:
+        return float(text)
+    if get_origin(inner) is Literal:
+        choices = get_args(inner)
+        for c in choices:
+            if str(c) == text:
+                return c
+        raise argparse.ArgumentTypeError(f"expected one of {list(choices)}, got {text!r}")
+    return text
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, section: str) -> None:
+    """Add one ``--dotted.name VALUE`` flag per setting of ``cls`` plus ``--config FILE``.
+
+    Flags default to "not given"; ``settings_from_args`` layers them over the config file section.
+    """
+    group = parser.add_argument_group(f"settings (section '{section}' of config.yaml; flags override it)")
+    group.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="config.yaml to read this stage's section from (validated against the schema)",
+    )
+    for name, tp, f in _leaf_fields(cls):
+        inner, _ = _strip_optional(tp)
+        hint = ""
+        if get_origin(inner) is Literal:
+            hint = " {" + ",".join(str(c) for c in get_args(inner)) + "}"
+        elif get_origin(inner) is list:
+            hint = " (comma-separated or a JSON list)"
+        group.add_argument(
+            f"--{name}",
+            dest=f"setting:{name}",
+            metavar="V",
+            default=argparse.SUPPRESS,
+            type=lambda text, tp=tp: _parse_value(text, tp),
+            help=f"{f.metadata.get('doc', '')}{hint}",
+        )
+
+
+def settings_from_args(args: argparse.Namespace, cls: type[T], section: str) -> T:
+    """The settings for a stage: defaults < config file section < explicit flags; validated."""
+    from llama_pipe.config import load_raw_config
+
+    data: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        raw = load_raw_config(args.config)
+        data = json.loads(json.dumps(raw.get(section) or {}))
+    for key, value in vars(args).items():
+        if not key.startswith("setting:"):
+            continue
+        node = data
+        parts = key[len("setting:") :].split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return from_dict(cls, data, root=section)
+
+
+def settings_to_argv(data: dict[str, Any], cls: type, prefix: str = "") -> list[str]:
+    """Flags that reproduce ``data`` (a config section) on a ``llama-pipe`` command line."""
+    argv: list[str] = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        inner, _ = _strip_optional(hints[f.name])
+        if dataclasses.is_dataclass(inner) and isinstance(value, dict):
+            argv += settings_to_argv(value, inner, f"{prefix}{f.name}.")
+            continue
+        if value is None:
+            text = "null"
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, list):
+            text = json.dumps(value, ensure_ascii=False)
+        else:
+            text = str(value)
+        argv += [f"--{prefix}{f.name}", text]
+    return argv
+
+
+def shell_args(data: dict[str, Any], cls: type) -> str:
+    """``settings_to_argv`` joined for a shell command line, every value quoted."""
+    return " ".join(shlex.quote(a) for a in settings_to_argv(data, cls))
+
+
+def describe(obj: Any) -> str:
+    """One line per resolved setting, for the start of a stage's log."""
+    lines = []
+
+    def walk(value: Any, prefix: str) -> None:
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"  {prefix}{f.name} = {json.dumps(v, ensure_ascii=False)}")
+
+    walk(obj, "")
+    return "\n".join(lines)

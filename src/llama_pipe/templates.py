@@ -1,0 +1,202 @@
+"""Chat templates: render a conversation to text, and know which characters the model learns.
+
+Three formats, each written out exactly:
+
+* ``vicuna_v1.1`` - FastChat's: ``SYSTEM USER: hi ASSISTANT: hello</s>USER: ...``
+* ``llama-2``     - Meta's: ``[INST] <<SYS>>\\nSYSTEM\\n<</SYS>>\\n\\nhi [/INST] hello </s><s>[INST] ...``
+* ``chatml``      - ``<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\nhello<|im_end|>\\n``
+
+``render`` returns the text (without the leading BOS, which the tokenizer adds) and the
+character spans the loss is computed on: every assistant reply plus its end-of-turn marker.
+``tokenize_with_labels`` maps those spans onto tokens through the fast tokenizer's offset
+mapping, so the label mask is exactly aligned with the tokens the model sees at inference
+(no per-segment tokenisation, hence no "tokenization mismatch"). Each template also carries a
+Jinja ``chat_template`` for Hugging Face / vLLM that produces the same text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+IGNORE_INDEX = -100
+
+Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
+
+
+def to_messages(record: dict[str, Any]) -> list[Message]:
+    """HF-style messages from a llama-pipe record (``from`` human/gpt, optional ``system``)."""
+    msgs: list[Message] = []
+    if record.get("system"):
+        msgs.append({"role": "system", "content": record["system"]})
+    for turn in record["conversations"]:
+        role = {"human": "user", "gpt": "assistant", "system": "system"}[turn["from"]]
+        msgs.append({"role": role, "content": turn["value"]})
+    return msgs
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """One chat format; see the module docstring."""
+
+    name: str
+    default_system: str
+    end_of_turn: str  # the string that ends an assistant turn (and generation)
+    chat_template: str  # Jinja for tokenizer_config.json
+
+    def render(
+        self,
+        messages: Sequence[Message],
+        system: str | None = None,
+        add_generation_prompt: bool = False,
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """Text of the conversation and the [start, end) character spans of assistant targets."""
+        msgs = list(messages)
+        if msgs and msgs[0]["role"] == "system":
+            system = msgs[0]["content"]
+            msgs = msgs[1:]
+        if system is None:
+            system = self.default_system
+        parts: list[str] = []
+        spans: list[tuple[int, int]] = []
+        pos = 0
+
+        def add(text: str, target: bool = False) -> None:
+            nonlocal pos
+            if target:
+                spans.append((pos, pos + len(text)))
+            parts.append(text)
+            pos += len(text)
+
+        for i, m in enumerate(msgs):
+            role, content = m["role"], m["content"]
+            if role not in ("user", "assistant"):
+                raise ValueError(f"message {i}: role {role!r} (only a leading system message is allowed)")
+            if self.name == "vicuna_v1.1":
+                if i == 0:
+                    add(system + " " if system else "")
+                if role == "user":
+                    add(f"USER: {content} ")
+                else:
+                    add("ASSISTANT: ")
+                    add(content + "</s>", target=True)
+            elif self.name == "llama-2":
+                if role == "user":
+                    if i == 0 and system:
+                        add(f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{content} [/INST]")
+                    else:
+                        add(f"{'<s>' if i else ''}[INST] {content} [/INST]")
+                else:
+                    add(" ")
+                    add(f"{content} </s>", target=True)
+            else:  # chatml
+                if i == 0 and system:
+                    add(f"<|im_start|>system\n{system}<|im_end|>\n")
+                if role == "user":
+                    add(f"<|im_start|>user\n{content}<|im_end|>\n")
+                else:
+                    add("<|im_start|>assistant\n")
+                    add(f"{content}<|im_end|>", target=True)
+                    add("\n")
+        if add_generation_prompt:
+            if self.name == "vicuna_v1.1":
+                if not msgs and system:
+                    add(system + " ")
+                add("ASSISTANT:")
+            elif self.name == "chatml":
+                add("<|im_start|>assistant\n")
+        return "".join(parts), spans
+
+
+_VICUNA_JINJA = (
+    "{{- bos_token -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
+    "{%- set messages = messages[1:] -%}{%- else -%}{%- set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' -%}{%- endif -%}"
+    "{%- if system -%}{{- system + ' ' -}}{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}{{- 'USER: ' + m['content'] + ' ' -}}"
+    "{%- elif m['role'] == 'assistant' -%}{{- 'ASSISTANT: ' + m['content'] + '</s>' -}}"
+    "{%- else -%}{{- raise_exception('only a leading system message is allowed') -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+_LLAMA2_JINJA = (
+    "{{- bos_token -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
+    "{%- set messages = messages[1:] -%}{%- else -%}{%- set system = '' -%}{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "{%- if loop.first and system -%}{{- '[INST] <<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + m['content'] + ' [/INST]' -}}"
+    "{%- else -%}{{- ('' if loop.first else '<s>') + '[INST] ' + m['content'] + ' [/INST]' -}}{%- endif -%}"
+    "{%- elif m['role'] == 'assistant' -%}{{- ' ' + m['content'] + ' </s>' -}}"
+    "{%- else -%}{{- raise_exception('only a leading system message is allowed') -}}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+_CHATML_JINJA = (
+    "{{- bos_token -}}"
+    "{%- for m in messages -%}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+TEMPLATES: dict[str, ChatTemplate] = {
+    "vicuna_v1.1": ChatTemplate("vicuna_v1.1", VICUNA_SYSTEM, "</s>", _VICUNA_JINJA),
+    "llama-2": ChatTemplate("llama-2", "", "</s>", _LLAMA2_JINJA),
+    "chatml": ChatTemplate("chatml", "", "<|im_end|>", _CHATML_JINJA),
+}
+
+
+def get_template(name: str) -> ChatTemplate:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ValueError(f"unknown chat template {name!r}; choose one of {sorted(TEMPLATES)}") from None
+
+
+def tokenize_with_labels(
+    tokenizer: Any, text: str, spans: Sequence[tuple[int, int]]
+) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` (BOS added) and labels: the id inside a target span, else -100.
+
+    A token is a target when it lies inside a span, or overlaps one on a non-space character
+    (``▁Hello`` whose offsets include the separating space); a token that only covers the space
+    before a span does not count.
+    """
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    labels = [IGNORE_INDEX] * len(ids)
+    if not spans:
+        return ids, labels
+    offsets = enc["offset_mapping"]
+    k = 0
+    for i, (start, end) in enumerate(offsets):
+        if end <= start:  # special tokens added by the tokenizer (BOS) carry (0, 0)
+            continue
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        if k == len(spans):
+            break
+        s, e = spans[k]
+        if s <= start and end <= e:
+            labels[i] = ids[i]
+        elif start < e and end > s and text[max(start, s) : min(end, e)].strip():
+            labels[i] = ids[i]
+    return ids, labels
+
+
+def end_of_turn_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:
+    """Token ids that end generation for this template (eos, plus <|im_end|> for chatml)."""
+    ids = {tokenizer.eos_token_id}
+    tid = tokenizer.convert_tokens_to_ids(template.end_of_turn)
+    if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+        ids.add(tid)
+    return sorted(i for i in ids if i is not None)

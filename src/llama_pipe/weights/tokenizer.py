@@ -1,0 +1,121 @@
+"""Tokenizers: train the tiny sentencepiece model, build and load Hugging Face tokenizers.
+
+transformers 5 note: ``LlamaTokenizerFast(vocab_file=...)`` silently builds a 3-token vocab.
+What works is putting the model at ``DIR/tokenizer.model`` and calling
+``LlamaTokenizer.from_pretrained(DIR)`` (needs ``protobuf``); ``add_bos_token`` must be set
+explicitly. ``load_tokenizer`` checks the result so a broken tokenizer never goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.records import InputError
+
+# Kept as single pieces so that every template's markers tokenise to one token each.
+SPECIAL_PIECES = ["<|im_start|>", "<|im_end|>"]
+
+
+def train_sentencepiece(texts: Iterable[str], out_file: str | Path, vocab_size: int, seed: int = 0) -> Path:
+    """Train a LLaMA-style sentencepiece BPE (byte fallback, <unk>=0 <s>=1 </s>=2) to ``out_file``.
+
+    Deterministic for the same texts, vocab size and seed (one trainer thread, no sampling).
+    """
+    import sentencepiece as spm
+
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    lines = [t.replace("\x00", " ") for t in texts if t and t.strip()]
+    if not lines:
+        raise InputError("no text to train the tokenizer on (tokenizer corpus is empty)")
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = Path(tmp) / "tokenizer"
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_prefix=str(prefix),
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            character_coverage=0.9995,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False,
+            normalization_rule_name="identity",
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            user_defined_symbols=SPECIAL_PIECES,
+            num_threads=1,
+            shuffle_input_sentence=False,
+            input_sentence_size=0,
+            seed_sentencepiece_size=1_000_000,
+            max_sentence_length=1 << 16,
+            minloglevel=2,
+        )
+        tmp_out = out_file.with_name(f".{out_file.name}.tmp")
+        shutil.copyfile(prefix.with_suffix(".model"), tmp_out)
+        tmp_out.replace(out_file)
+    return out_file
+
+
+def hf_tokenizer_from_sentencepiece(model_file: str | Path, chat_template: str | None = None) -> Any:
+    """A Hugging Face LlamaTokenizer built from a sentencepiece ``tokenizer.model``.
+
+    BOS is added, EOS is not; the pad token is ``<unk>`` (never the ``</s>`` used as a label).
+    """
+    from transformers import LlamaTokenizer
+
+    model_file = Path(model_file)
+    if not model_file.is_file():
+        raise InputError(f"{model_file}: tokenizer.model not found")
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(model_file, Path(tmp) / "tokenizer.model")
+        tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False, legacy=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    _check(tok, str(model_file))
+    return tok
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
+    """Load a tokenizer directory (HF files, or only ``tokenizer.model``) and sanity-check it."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: tokenizer directory not found")
+    names = {p.name for p in path.iterdir()}
+    if not names & {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"}:
+        raise InputError(
+            f"{path}: no tokenizer files (expected tokenizer.json, tokenizer_config.json or tokenizer.model); "
+            "point --tokenizer at the converted model directory"
+        )
+    if "tokenizer.json" not in names and "tokenizer.model" in names:
+        return hf_tokenizer_from_sentencepiece(path / "tokenizer.model")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises many types here
+        raise InputError(f"{path}: cannot load tokenizer: {exc}") from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    _check(tok, str(path))
+    return tok
+
+
+def _check(tok: Any, where: str) -> None:
+    if len(tok) < 260:
+        raise InputError(f"{where}: tokenizer has only {len(tok)} tokens; the tokenizer files are incomplete")
+    if tok.eos_token_id is None:
+        raise InputError(f"{where}: tokenizer has no EOS token")
+    if tok.pad_token_id == tok.eos_token_id:
+        # The EOS is a label at the end of every assistant turn; a pad equal to it would be masked.
+        if tok.unk_token_id is None:
+            raise InputError(f"{where}: pad token equals EOS and there is no <unk> to pad with instead")
+        tok.pad_token = tok.unk_token

@@ -1,0 +1,99 @@
+"""Shared fixtures: paths, the real third-party samples, a tiny tokenizer and a tiny HF model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SAMPLE = REPO / "data" / "sample" / "sharegpt_sample.json"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not present (the third-party samples live beside the repo)")
+    return SHARED_DATA
+
+
+def _corpus_texts() -> list[str]:
+    texts = []
+    for rec in json.loads(SAMPLE.read_text(encoding="utf-8")):
+        if isinstance(rec, dict) and isinstance(rec.get("conversations"), list):
+            texts += [t.get("value", "") for t in rec["conversations"] if isinstance(t, dict) and isinstance(t.get("value"), str)]
+    # Templates' markers and some Chinese so byte fallback is not the only path.
+    texts += ["USER: ASSISTANT: [INST] [/INST] <<SYS>> <</SYS>> system user assistant"] * 5
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved HF tokenizer (sentencepiece BPE, 1000 pieces) trained on the bundled sample."""
+    from llama_pipe.templates import get_template
+    from llama_pipe.weights.tokenizer import hf_tokenizer_from_sentencepiece, train_sentencepiece
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    model = train_sentencepiece(_corpus_texts(), out / "tokenizer.model", vocab_size=1000, seed=0)
+    tok = hf_tokenizer_from_sentencepiece(model, chat_template=get_template("vicuna_v1.1").chat_template)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir: Path):
+    from llama_pipe.weights.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A random tiny LlamaForCausalLM (hidden 64, 2 layers, GQA) saved with the tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama_pipe.weights.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    out = tmp_path_factory.mktemp("tiny_hf")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    return out
