@@ -217,8 +217,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, section: 
             hint = " {" + ",".join(str(c) for c in get_args(inner)) + "}"
         elif get_origin(inner) is list:
             hint = " (comma-separated or a JSON list)"
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         group.add_argument(
-            f"--{name}",
+            *flags,
             dest=f"setting:{name}",
             metavar="V",
             default=argparse.SUPPRESS,
