@@ -1,0 +1,33 @@
+"""The command line: every stage is listed and has working --help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from llama_pipe.cli import STAGES, main
+
+
+def test_help_lists_every_stage() -> None:
+    out = subprocess.run([sys.executable, "-m", "llama_pipe.cli", "--help"], capture_output=True, text=True, check=True)
+    for name in STAGES:
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_help(stage: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([stage, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: llama-pipe" in capsys.readouterr().out
+
+
+def test_config_error_exits_2(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "config.yaml"
+    bad.write_text("schema: 1\n", encoding="utf-8")
+    # `schema` takes no config; use a stage that reads settings through --config.
+    assert main(["merge", str(tmp_path / "missing.json"), "-o", str(tmp_path / "o.jsonl"), "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "llama-pipe merge: error:" in err

@@ -1,0 +1,126 @@
+"""config.yaml, the generated schema, and the settings <-> flags round trip."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llama_pipe.config import SECTIONS, Config, TrainSettings, config_schema, load_config, load_raw_config
+from llama_pipe.schema_cmd import SCHEMA_PATH, render_schema
+from llama_pipe.settings import (
+    ConfigError,
+    add_settings_arguments,
+    from_dict,
+    settings_from_args,
+    settings_to_argv,
+    shell_args,
+    to_dict,
+)
+from tests.conftest import REPO
+
+
+def test_repo_config_validates_and_loads() -> None:
+    cfg = load_config(REPO / "config.yaml")
+    assert isinstance(cfg, Config)
+    assert cfg.base.source == "tiny"
+
+
+def test_schema_file_is_generated_from_dataclasses() -> None:
+    on_disk = (REPO / SCHEMA_PATH).read_text(encoding="utf-8")
+    assert on_disk == render_schema(), "run `llama-pipe schema --write` after changing config.py"
+
+
+def test_every_config_yaml_key_is_documented_in_schema() -> None:
+    raw = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
+    schema = config_schema()
+    for section, values in raw.items():
+        props = schema["properties"][section]["properties"]
+        for key in values:
+            assert props[key]["description"], f"{section}.{key} has no description"
+
+
+def test_every_section_has_a_docstring_per_field() -> None:
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("doc"), f"{name}.{f.name} lacks a help text"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("train:\n  lora:\n    r: -1\n", "train.lora.r"),
+        ("train:\n  lr: fast\n", "train.lr"),
+        ("train:\n  mode: qlora4\n", "train.mode"),
+        ("clean:\n  blocked_words: oops\n", "clean.blocked_words"),
+        ("trian:\n  lr: 1\n", "trian"),
+        ("split:\n  max_length: 8\n", "split.max_length"),
+        ("data:\n  shards: 0\n", "data.shards"),
+        ("- a\n- b\n", "mapping"),
+        ("train: [\n", "not valid YAML"),
+    ],
+)
+def test_invalid_config_names_the_key_path(tmp_path: Path, text: str, needle: str) -> None:
+    p = tmp_path / "config.yaml"
+    p.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert needle in str(err.value)
+    assert str(p) in str(err.value)
+
+
+def test_exponent_floats_are_numbers(tmp_path: Path) -> None:
+    p = tmp_path / "config.yaml"
+    p.write_text("train:\n  lr: 2e-4\n", encoding="utf-8")
+    assert load_config(p).train.lr == pytest.approx(2e-4)
+
+
+def _parse(argv: list[str], config: Path | None = None) -> TrainSettings:
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser, TrainSettings, "train")
+    args = parser.parse_args(argv + (["--config", str(config)] if config else []))
+    return settings_from_args(args, TrainSettings, "train")
+
+
+def test_flags_override_config_file_which_overrides_defaults(tmp_path: Path) -> None:
+    p = tmp_path / "config.yaml"
+    p.write_text("train:\n  lr: 0.5\n  lora:\n    r: 4\n    alpha: 8\n", encoding="utf-8")
+    s = _parse(["--lora.r", "16", "--lora.target_modules", "q_proj,k_proj"], p)
+    assert s.lr == 0.5 and s.lora.r == 16 and s.lora.alpha == 8
+    assert s.lora.target_modules == ["q_proj", "k_proj"]
+    assert s.micro_batch_size == TrainSettings().micro_batch_size
+
+
+def test_flag_values_are_validated_with_key_path() -> None:
+    with pytest.raises(ConfigError, match="train.lora.r"):
+        _parse(["--lora.r", "0"])
+
+
+def test_argv_round_trip_preserves_every_value() -> None:
+    data = to_dict(TrainSettings())
+    data["system_prompt"] = "Be brief; say 'hi' & \"bye\"; touch /tmp/pwned"
+    data["lora"]["target_modules"] = ["q_proj", "with space", "a,b"]
+    data["max_steps"] = None
+    argv = shlex.split(shell_args(data, TrainSettings))
+    assert argv == settings_to_argv(data, TrainSettings)
+    assert _parse(argv) == from_dict(TrainSettings, data)
+
+
+def test_every_section_round_trips_its_defaults() -> None:
+    for name, cls in SECTIONS.items():
+        parser = argparse.ArgumentParser()
+        add_settings_arguments(parser, cls, name)
+        defaults = to_dict(cls())
+        args = parser.parse_args(settings_to_argv(defaults, cls))
+        assert settings_from_args(args, cls, name) == cls(), name
+
+
+def test_raw_loader_rejects_non_utf8(tmp_path: Path) -> None:
+    p = tmp_path / "config.yaml"
+    p.write_bytes(b"train:\n  run: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        load_raw_config(p)
