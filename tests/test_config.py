@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from llama_pipe.config import SECTIONS, Config, TrainSettings, config_schema, load_config, load_raw_config
-from llama_pipe.schema_cmd import SCHEMA_PATH, render_schema
+from llama_pipe.schema_cmd import REFERENCE_PATH, SCHEMA_PATH, render_reference, render_schema
 from llama_pipe.settings import (
     ConfigError,
     add_settings_arguments,
@@ -32,7 +32,9 @@ def test_repo_config_validates_and_loads() -> None:
 
 def test_schema_file_is_generated_from_dataclasses() -> None:
     on_disk = (REPO / SCHEMA_PATH).read_text(encoding="utf-8")
-    assert on_disk == render_schema(), "run `llama-pipe schema --write` after changing config.py"
+    assert on_disk == render_schema(), "run `llama-pipe schema --write --reference` after changing config.py"
+    reference = (REPO / REFERENCE_PATH).read_text(encoding="utf-8")
+    assert reference == render_reference(), "run `llama-pipe schema --write --reference` after changing config.py"
 
 
 def test_every_config_yaml_key_is_documented_in_schema() -> None:

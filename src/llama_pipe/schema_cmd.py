@@ -1,11 +1,15 @@
-"""Print or write the JSON schema of config.yaml, generated from the settings dataclasses."""
+"""Print or write the JSON schema of config.yaml, or its Markdown reference; both are
+generated from the settings dataclasses in ``llama_pipe.config``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 SCHEMA_PATH = Path("workflow/schemas/config.schema.yaml")
+REFERENCE_PATH = Path("docs/config.md")
 
 
 def render_schema() -> str:
@@ -17,19 +21,67 @@ def render_schema() -> str:
     return header + yaml.safe_dump(config_schema(), sort_keys=False, allow_unicode=True, width=100)
 
 
+def _type_text(schema: dict[str, Any]) -> str:
+    if "enum" in schema:
+        return " \\| ".join(json.dumps(v) for v in schema["enum"])
+    t = schema.get("type", "")
+    if isinstance(t, list):
+        t = " or ".join(t)
+    if t == "array":
+        t = f"list of {schema['items'].get('type', '')}"
+    bounds = [f"{k} {schema[k]}" for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") if k in schema]
+    return t + (f" ({', '.join(bounds)})" if bounds else "")
+
+
+def render_reference() -> str:
+    """docs/config.md: one table per section, every key with type, default and help."""
+    from llama_pipe.config import config_schema
+
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `src/llama_pipe/config.py` by `llama-pipe schema --reference`; do not edit.",
+        "Every key is optional. Any key can also be given to its stage as a flag:",
+        "`llama-pipe train --config config.yaml --lora.r 16` (flags override the file).",
+        "",
+    ]
+
+    def table(section: str, schema: dict[str, Any]) -> None:
+        nested = []
+        lines.extend([f"## `{section}`", "", schema.get("description", ""), "", "| key | type | default | meaning |", "|---|---|---|---|"])
+        for key, prop in schema["properties"].items():
+            if prop.get("type") == "object":
+                nested.append((f"{section}.{key}", prop))
+                continue
+            default = json.dumps(prop.get("default"), ensure_ascii=False).replace("|", "\\|")
+            lines.append(f"| `{key}` | {_type_text(prop)} | `{default}` | {prop['description'].replace('|', '/')} |")
+        lines.append("")
+        for name, prop in nested:
+            table(name, prop)
+
+    for section, prop in config_schema()["properties"].items():
+        table(section, prop)
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--write", metavar="PATH", nargs="?", const=str(SCHEMA_PATH), help=f"write it (default {SCHEMA_PATH})")
+    parser.add_argument("--write", metavar="PATH", nargs="?", const=str(SCHEMA_PATH), help=f"write the schema (default {SCHEMA_PATH})")
+    parser.add_argument(
+        "--reference", metavar="PATH", nargs="?", const=str(REFERENCE_PATH), help=f"write the Markdown reference (default {REFERENCE_PATH})"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    text = render_schema()
-    if args.write:
-        from llama_pipe.records import AtomicFile
+    from llama_pipe.records import AtomicFile
 
-        f = AtomicFile(args.write)
-        f.fh.write(text)
-        f.commit()
-        print(f"wrote {args.write}")
-    else:
-        print(text, end="")
+    wrote = False
+    for target, render in ((args.write, render_schema), (args.reference, render_reference)):
+        if target:
+            f = AtomicFile(target)
+            f.fh.write(render())
+            f.commit()
+            print(f"wrote {target}")
+            wrote = True
+    if not wrote:
+        print(render_schema(), end="")
     return 0
