@@ -8,6 +8,7 @@ explicitly. ``load_tokenizer`` checks the result so a broken tokenizer never goe
 
 from __future__ import annotations
 
+import io
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -32,34 +33,35 @@ def train_sentencepiece(texts: Iterable[str], out_file: str | Path, vocab_size: 
     lines = [t.replace("\x00", " ") for t in texts if t and t.strip()]
     if not lines:
         raise InputError("no text to train the tokenizer on (tokenizer corpus is empty)")
-    with tempfile.TemporaryDirectory() as tmp:
-        prefix = Path(tmp) / "tokenizer"
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
-            model_prefix=str(prefix),
-            vocab_size=vocab_size,
-            model_type="bpe",
-            byte_fallback=True,
-            character_coverage=0.9995,
-            split_digits=True,
-            allow_whitespace_only_pieces=True,
-            remove_extra_whitespaces=False,
-            normalization_rule_name="identity",
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            user_defined_symbols=SPECIAL_PIECES,
-            num_threads=1,
-            shuffle_input_sentence=False,
-            input_sentence_size=0,
-            seed_sentencepiece_size=1_000_000,
-            max_sentence_length=1 << 16,
-            minloglevel=2,
-        )
-        tmp_out = out_file.with_name(f".{out_file.name}.tmp")
-        shutil.copyfile(prefix.with_suffix(".model"), tmp_out)
-        tmp_out.replace(out_file)
+    # Written to memory, not to a temporary model_prefix: the prefix would be stored in the
+    # model's trainer_spec and make the bytes differ from run to run.
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buffer,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=0.9995,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        user_defined_symbols=SPECIAL_PIECES,
+        num_threads=1,
+        shuffle_input_sentence=False,
+        input_sentence_size=0,
+        seed_sentencepiece_size=1_000_000,
+        max_sentence_length=1 << 16,
+        minloglevel=2,
+    )
+    tmp_out = out_file.with_name(f".{out_file.name}.tmp")
+    tmp_out.write_bytes(buffer.getvalue())
+    tmp_out.replace(out_file)
     return out_file
 
 
