@@ -1,0 +1,270 @@
+"""``llama-pipe merge-adapter``: fold one or more adapters, in order, into a float copy of the base.
+
+The base is always loaded in float32 - also when an adapter was trained over a 4-bit (QLoRA) or
+8-bit base: the adapter file format is the same, and merging into quantised weights would add
+rounding error to every merged matrix. Each adapter is applied to the result of the previous one
+(``W <- W + scale * B @ A``), so ``--adapter A --adapter B`` equals running the base with A and
+then B stacked. When an adapter directory carries a tokenizer with more tokens than the current
+embedding matrix, the embeddings are resized first and that tokenizer is the one written out.
+
+Output (a plain Hugging Face directory, built in ``OUT.tmp-*`` and renamed when complete):
+sharded ``model-*.safetensors`` (``max_shard_size``), ``config.json``, ``generation_config.json``
+(the template's end-of-turn ids as EOS), the tokenizer with the chat template as Jinja, and
+``llama_pipe.json`` (template name, base, adapters and their sha256). ``--format meta`` also
+writes ``consolidated.00.pth`` + ``params.json`` (+ ``tokenizer.model``) in Meta's layout.
+Adapters are read from ``adapter_model.safetensors`` only; a pickled ``adapter_model.bin`` is
+refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.config import MergeAdapterSettings
+from llama_pipe.records import InputError, write_json_atomic
+from llama_pipe.settings import add_settings_arguments, describe, settings_from_args
+
+log = logging.getLogger(__name__)
+
+SIDECAR = "llama_pipe.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, metavar="HF_DIR", help="float Hugging Face base model directory")
+    parser.add_argument(
+        "--adapter", action="append", required=True, metavar="DIR",
+        help="peft adapter directory (adapter_config.json + adapter_model.safetensors); repeat to chain, applied in order",
+    )
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="merged model directory (replaced atomically)")
+    add_settings_arguments(parser, MergeAdapterSettings, "merge_adapter")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def check_adapter_dir(path: str | Path) -> Path:
+    """Validate a peft adapter directory; return its safetensors weights file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: adapter directory not found")
+    cfg = path / "adapter_config.json"
+    if not cfg.is_file():
+        raise InputError(f"{path}: not a peft adapter directory (no adapter_config.json); pass the train run's output directory")
+    try:
+        json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{cfg}: not valid JSON ({exc})") from None
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise InputError(
+                f"{path}: only adapter_model.bin (a pickle, which can run code when loaded); llama-pipe reads "
+                "safetensors only. Re-save it with peft's save_pretrained(..., safe_serialization=True)"
+            )
+        raise InputError(f"{path}: adapter_model.safetensors not found")
+    return weights
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """The ``llama_pipe.json`` of a model or adapter directory ({} when absent or unreadable)."""
+    f = Path(path) / SIDECAR
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_float_base(base: str | Path, device: str = "cpu") -> Any:
+    """The base model in float32 (refusing a quantised checkpoint), in eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = Path(base)
+    if not (base / "config.json").is_file():
+        raise InputError(f"{base}: not a Hugging Face model directory (no config.json); run `llama-pipe convert` first")
+    cfg = AutoConfig.from_pretrained(str(base))
+    if getattr(cfg, "quantization_config", None):
+        raise InputError(
+            f"{base}: the checkpoint is quantised ({cfg.quantization_config.get('quant_method', '?')}); merging needs the "
+            "float base the adapter was trained over (the hf_base directory), not a 4/8-bit copy"
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, device_map=device)
+    model.eval()
+    return model
+
+
+def _saves_embeddings(weights: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return any("embed_tokens" in k or "lm_head" in k for k in f.keys())
+
+
+def apply_adapters(model: Any, tokenizer: Any, adapters: list[str | Path]) -> tuple[Any, Any]:
+    """Merge ``adapters`` in order into ``model`` (float); return (merged model, tokenizer to use)."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    from llama_pipe.weights.tokenizer import load_tokenizer
+
+    for adapter in adapters:
+        adapter = Path(adapter)
+        weights = check_adapter_dir(adapter)
+        if has_tokenizer(adapter):
+            atok = load_tokenizer(adapter)
+            rows = model.get_input_embeddings().weight.shape[0]
+            if len(atok) > rows:
+                log.info("%s: tokenizer has %d tokens > %d embedding rows: resizing", adapter, len(atok), rows)
+                if not _saves_embeddings(weights):
+                    log.warning("%s: the adapter adds tokens but stores no embedding weights; new rows are initialised, not trained", adapter)
+                model.resize_token_embeddings(len(atok))
+                tokenizer = atok
+            elif len(atok) > len(tokenizer):
+                tokenizer = atok
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise InputError(f"{adapter}: adapter does not fit the base model: {str(exc).splitlines()[0]}") from None
+        with safe_open(str(weights), framework="pt") as f:
+            file_keys = set(f.keys())
+        loaded = set(get_peft_model_state_dict(peft_model).keys())
+        unused, absent = sorted(file_keys - loaded), sorted(loaded - file_keys)
+        if unused:
+            raise InputError(
+                f"{adapter}: {len(unused)} of {len(file_keys)} adapter tensors match no module of the base "
+                f"(e.g. {unused[0]}); was it trained on a different base model?"
+            )
+        if absent:
+            raise InputError(
+                f"{adapter}: adapter_config.json targets modules whose weights are missing from "
+                f"adapter_model.safetensors (e.g. {absent[0]}); the adapter files are incomplete"
+            )
+        model = peft_model.merge_and_unload()
+        log.info("merged %s (%d tensors)", adapter, len(file_keys))
+    model.eval()
+    return model, tokenizer
+
+
+def pick_template(explicit: str | None, dirs: list[Path], tokenizer: Any) -> str:
+    """Template name: explicit > a ``llama_pipe.json`` sidecar (last dir first) > the tokenizer's Jinja > vicuna_v1.1."""
+    from llama_pipe.templates import TEMPLATES
+
+    if explicit:
+        return explicit
+    for d in reversed(dirs):
+        name = read_sidecar(d).get("template")
+        if name in TEMPLATES:
+            return str(name)
+    jinja = getattr(tokenizer, "chat_template", None)
+    for name, tpl in TEMPLATES.items():
+        if jinja == tpl.chat_template:
+            return name
+    log.warning("no chat template recorded with the model; using vicuna_v1.1 (pass --template to choose)")
+    return "vicuna_v1.1"
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def new_tmp_dir(out: Path) -> Path:
+    """A fresh ``OUT.tmp-<pid>-<time>`` beside ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{int(time.time() * 1000)}")
+    tmp.mkdir()
+    return tmp
+
+
+def commit_dir(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``tmp`` (old one moved aside first, then deleted)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}-{int(time.time() * 1000)}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_model_dir(model: Any, tokenizer: Any, template_name: str, out: Path, max_shard_size: str, sidecar: dict[str, Any]) -> None:
+    """Save model (safetensors shards), tokenizer with chat template, generation config and sidecar into ``out``."""
+    from transformers import GenerationConfig
+
+    from llama_pipe.templates import end_of_turn_ids, get_template
+
+    template = get_template(template_name)
+    tokenizer.chat_template = template.chat_template
+    eos = end_of_turn_ids(tokenizer, template)
+    model.config.eos_token_id = eos[0] if len(eos) == 1 else eos
+    model.config.bos_token_id = tokenizer.bos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(str(out), max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(str(out))
+    write_json_atomic(out / SIDECAR, {"template": template_name, **sidecar})
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from llama_pipe.merge_meta import write_meta
+    from llama_pipe.weights.tokenizer import load_tokenizer
+
+    settings = settings_from_args(args, MergeAdapterSettings, "merge_adapter")
+    log.info("merge-adapter settings:\n%s", describe(settings))
+    adapters = [Path(a) for a in [*args.adapter, *settings.extra_adapters]]
+    for a in adapters:  # fail fast, before loading anything big
+        check_adapter_dir(a)
+    base, out = Path(args.base), Path(args.output)
+    t0 = time.time()
+    tokenizer = load_tokenizer(base)
+    model = load_float_base(base)
+    model, tokenizer = apply_adapters(model, tokenizer, adapters)
+    template_name = pick_template(settings.template, [base, *adapters], tokenizer)
+    model = model.to(getattr(torch, settings.dtype))
+    sidecar = {
+        "base": str(base),
+        "adapters": [{"path": str(a), "sha256": sha256_file(a / "adapter_model.safetensors")} for a in adapters],
+        "dtype": settings.dtype,
+    }
+    tmp = new_tmp_dir(out)
+    try:
+        write_model_dir(model, tokenizer, template_name, tmp, settings.max_shard_size, sidecar)
+        if settings.format == "meta":
+            write_meta(model, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_dir(tmp, out)
+    n_params = sum(p.numel() for p in model.parameters())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    print(
+        f"merge-adapter: {len(adapters)} adapter(s) into {base} -> {out} ({n_params / 1e6:.2f}M params, "
+        f"{settings.dtype}, {len(shards)} shard(s), template {template_name}{', + meta' if settings.format == 'meta' else ''}) "
+        f"in {time.time() - t0:.1f}s"
+    )
+    return 0

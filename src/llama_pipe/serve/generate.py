@@ -1,0 +1,195 @@
+"""Streaming generation shared by ``eval``, ``chat`` and ``serve``.
+
+One decoding loop (KV cache, temperature / top-p sampling from a seeded ``torch.Generator``)
+so the three commands produce the same text for the same prompt, settings and seed. Text is
+streamed by decoding the whole generated sequence after each token and emitting only what is
+new; a trailing U+FFFD (half of a multi-byte character spread over byte-fallback tokens) and a
+trailing prefix of a stop string are held back until the next token decides them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.records import InputError
+from llama_pipe.templates import ChatTemplate, Message, end_of_turn_ids, get_template
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingParams:
+    """How one reply is sampled. ``temperature == 0`` is greedy; ``seed=None`` draws a fresh seed."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+
+@dataclass
+class Completion:
+    """What a finished :meth:`ChatModel.stream` reports (filled in while iterating)."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (end of turn / stop string) or "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    pieces: list[str] = field(default_factory=list)
+
+
+def pick_device(wanted: str) -> str:
+    import torch
+
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+    return wanted
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of ``text`` could still begin a stop string."""
+    keep = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                keep = max(keep, n)
+                break
+    return keep
+
+
+class ChatModel:
+    """A causal LM + tokenizer + chat template, ready to render prompts and stream replies."""
+
+    def __init__(self, model: Any, tokenizer: Any, template: ChatTemplate, model_id: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.model_id = model_id
+        self.stop_ids = set(end_of_turn_ids(tokenizer, template))
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    def prompt_ids(self, messages: Sequence[Message], system: str | None = None) -> list[int]:
+        """Token ids (BOS first) of the conversation so far, ending where the assistant's reply starts."""
+        text, _ = self.template.render(messages, system=system, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def _tokens(self, prompt: list[int], params: SamplingParams, budget: int) -> Iterator[int]:
+        import torch
+
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        ids = torch.tensor([prompt], device=self.device)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, use_cache=True)
+            for _ in range(budget):
+                logits = out.logits[0, -1].float()
+                if params.temperature <= 0:
+                    nxt = int(torch.argmax(logits))
+                else:
+                    probs = torch.softmax(logits / params.temperature, dim=-1)
+                    if params.top_p < 1.0:
+                        sorted_p, order = torch.sort(probs, descending=True)
+                        outside = torch.cumsum(sorted_p, 0) - sorted_p >= params.top_p
+                        sorted_p[outside] = 0.0
+                        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+                    nxt = int(torch.multinomial(probs, 1, generator=gen))
+                yield nxt
+                if nxt in self.stop_ids:
+                    return
+                out = self.model(
+                    input_ids=torch.tensor([[nxt]], device=self.device),
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
+                )
+
+    def stream(self, prompt: list[int], params: SamplingParams, result: Completion | None = None) -> Iterator[str]:
+        """Yield text pieces of the reply; ``result`` receives the totals and finish reason."""
+        res = result if result is not None else Completion()
+        res.prompt_tokens = len(prompt)
+        budget = min(params.max_new_tokens, self.context_length - len(prompt))
+        if budget <= 0:
+            raise InputError(f"the prompt has {len(prompt)} tokens; the model's context is {self.context_length}")
+        stops = [s for s in params.stop if s]
+        generated: list[int] = []
+        sent = ""
+        res.finish_reason = "length"
+        for tok in self._tokens(prompt, params, budget):
+            res.completion_tokens += 1
+            if tok in self.stop_ids:
+                res.finish_reason = "stop"
+                break
+            generated.append(tok)
+            full = self.tokenizer.decode(generated, skip_special_tokens=True)
+            hits = [p for p in (full.find(s) for s in stops) if p >= 0]
+            if hits:
+                cut = min(hits)
+                res.finish_reason = "stop"
+                full = full[:cut]
+                if len(full) > len(sent):
+                    res.pieces.append(full[len(sent):])
+                    yield full[len(sent):]
+                sent = full
+                break
+            if full.endswith("\ufffd") or not full.startswith(sent):
+                continue
+            ready = full[: len(full) - _held_back(full, stops)]
+            if len(ready) > len(sent):
+                piece = ready[len(sent):]
+                sent = ready
+                res.pieces.append(piece)
+                yield piece
+        else:
+            if stops:  # the held-back tail turned out not to be a stop string
+                full = self.tokenizer.decode(generated, skip_special_tokens=True).rstrip("\ufffd")
+                if len(full) > len(sent) and full.startswith(sent):
+                    res.pieces.append(full[len(sent):])
+                    yield full[len(sent):]
+                    sent = full
+        res.text = "".join(res.pieces)
+
+    def complete(self, messages: Sequence[Message], params: SamplingParams, system: str | None = None) -> Completion:
+        """The whole reply to ``messages`` at once."""
+        res = Completion()
+        for _ in self.stream(self.prompt_ids(messages, system), params, res):
+            pass
+        return res
+
+
+def load_chat_model(
+    model_dir: str | Path,
+    adapters: Sequence[str | Path] = (),
+    device: str = "auto",
+    template: str | None = None,
+    model_id: str | None = None,
+) -> ChatModel:
+    """Load a float model directory (optionally merging peft adapters on the fly) for chatting."""
+    import torch
+
+    from llama_pipe.merge_adapter import apply_adapters, check_adapter_dir, load_float_base, pick_template
+    from llama_pipe.weights.tokenizer import load_tokenizer
+
+    model_dir = Path(model_dir)
+    for a in adapters:
+        check_adapter_dir(a)
+    dev = pick_device(device)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_float_base(model_dir)
+    if adapters:
+        model, tokenizer = apply_adapters(model, tokenizer, list(adapters))
+    if dev == "cuda":
+        model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    model = model.to(dev).eval()
+    name = pick_template(template, [model_dir, *map(Path, adapters)], tokenizer)
+    log.info("model %s on %s, template %s", model_dir, dev, name)
+    return ChatModel(model, tokenizer, get_template(name), model_id or model_dir.resolve().name)

@@ -1,0 +1,211 @@
+"""merge-adapter: merged weights reproduce base + adapters through peft; output layout; bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_pipe.cli import main
+
+TEXT = "USER: What is the capital of France? ASSISTANT: Paris is the capital.</s>"
+
+
+def make_adapter(
+    base_dir: Path, out: Path, seed: int, targets: list[str], quantized: bool = False, extra_tokens: int = 0
+) -> Path:
+    """A peft LoRA adapter with random non-zero lora_B (so merging changes the logits), saved like our trainer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from llama_pipe.weights.tokenizer import load_tokenizer
+
+    kwargs: dict = {"dtype": torch.float32}
+    if quantized:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+        kwargs["device_map"] = "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
+    tok = load_tokenizer(base_dir)
+    save_modules = None
+    if extra_tokens:
+        tok.add_tokens([f"<extra_{i}>" for i in range(extra_tokens)])
+        model.resize_token_embeddings(len(tok))
+        save_modules = ["embed_tokens", "lm_head"]
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, modules_to_save=save_modules)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+            if extra_tokens and "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    peft_model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def logits(model, tok, text: str = TEXT) -> torch.Tensor:
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def load(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_hf_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "a": make_adapter(tiny_hf_model_dir, root / "a", 1, ["q_proj", "v_proj"]),
+        "b": make_adapter(tiny_hf_model_dir, root / "b", 2, ["o_proj", "gate_proj", "down_proj", "k_proj"]),
+    }
+
+
+def test_one_adapter_matches_peft(tiny_hf_model_dir: Path, adapters: dict[str, Path], tmp_path: Path, tokenizer) -> None:
+    from peft import PeftModel
+
+    out = tmp_path / "merged"
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapters["a"]),
+                 "-o", str(out), "--max-shard-size", "200KB"]) == 0
+    base_logits = logits(load(tiny_hf_model_dir), tokenizer)
+    ref = PeftModel.from_pretrained(load(tiny_hf_model_dir), str(adapters["a"])).eval()
+    ref_logits = logits(ref, tokenizer)
+    merged_logits = logits(load(out), tokenizer)
+    assert (ref_logits - base_logits).abs().max() > 1e-2, "the adapter must change the model for this test to mean anything"
+    assert (merged_logits - ref_logits).abs().max() < 1e-4
+    # Layout: several safetensors shards + index, tokenizer, chat template, generation config, sidecar.
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert not list(out.glob("*.bin")) and not list(tmp_path.glob("merged.tmp-*"))
+    side = json.loads((out / "llama_pipe.json").read_text())
+    assert side["template"] == "vicuna_v1.1" and side["adapters"][0]["path"] == str(adapters["a"])
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert tokenizer.eos_token_id in (gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]])
+    from llama_pipe.templates import get_template
+    from llama_pipe.weights.tokenizer import load_tokenizer
+
+    assert load_tokenizer(out).chat_template == get_template("vicuna_v1.1").chat_template
+
+
+def test_two_chained_adapters_match_peft(tiny_hf_model_dir: Path, adapters: dict[str, Path], tmp_path: Path, tokenizer) -> None:
+    from peft import PeftModel
+
+    out = tmp_path / "merged2"
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapters["a"]),
+                 "--adapter", str(adapters["b"]), "-o", str(out)]) == 0
+    # Reference: both adapters active at once on the unmerged base (x W0 + x dA + x dB).
+    ref = PeftModel.from_pretrained(load(tiny_hf_model_dir), str(adapters["a"]), adapter_name="a")
+    ref.load_adapter(str(adapters["b"]), adapter_name="b")
+    ref.base_model.set_adapter(["a", "b"])
+    ref.eval()
+    only_a = PeftModel.from_pretrained(load(tiny_hf_model_dir), str(adapters["a"])).eval()
+    ref_logits = logits(ref, tokenizer)
+    assert (ref_logits - logits(only_a, tokenizer)).abs().max() > 1e-2, "adapter b must matter"
+    assert (logits(load(out), tokenizer) - ref_logits).abs().max() < 1e-4
+
+
+def test_qlora_adapter_merges_into_float_base(tiny_hf_model_dir: Path, tmp_path: Path, tokenizer) -> None:
+    """An adapter trained over a 4-bit base merges into the float weights (not into re-quantised ones)."""
+    from peft import PeftModel
+
+    adapter = make_adapter(tiny_hf_model_dir, tmp_path / "qlora", 3, ["q_proj", "v_proj", "up_proj"], quantized=True)
+    out = tmp_path / "merged"
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapter), "-o", str(out)]) == 0
+    ref = PeftModel.from_pretrained(load(tiny_hf_model_dir), str(adapter)).eval()
+    assert (logits(load(out), tokenizer) - logits(ref, tokenizer)).abs().max() < 1e-4
+
+
+def test_larger_tokenizer_resizes_and_is_copied(tiny_hf_model_dir: Path, tmp_path: Path, tokenizer) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llama_pipe.weights.tokenizer import load_tokenizer
+
+    adapter = make_adapter(tiny_hf_model_dir, tmp_path / "grown", 4, ["q_proj"], extra_tokens=3)
+    out = tmp_path / "merged"
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapter), "-o", str(out)]) == 0
+    merged = load(out)
+    assert merged.get_input_embeddings().weight.shape[0] == len(tokenizer) + 3
+    mtok = load_tokenizer(out)
+    assert len(mtok) == len(tokenizer) + 3 and mtok.convert_tokens_to_ids("<extra_2>") == len(tokenizer) + 2
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_hf_model_dir), dtype=torch.float32)
+    base.resize_token_embeddings(len(mtok))
+    ref = PeftModel.from_pretrained(base, str(adapter)).eval()
+    text = TEXT + " <extra_1>"
+    assert (logits(merged, mtok, text) - logits(ref, mtok, text)).abs().max() < 1e-4
+
+
+def hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta -> HF q/k row order, as transformers' convert_llama_weights_to_hf does it."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def test_meta_format_round_trips(tiny_hf_model_dir: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "merged"
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapters["a"]),
+                 "-o", str(out), "--format", "meta"]) == 0
+    params = json.loads((out / "params.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    sd = torch.load(out / "consolidated.00.pth", weights_only=True)
+    hf = load_file(str(next(out.glob("model*.safetensors"))))
+    assert (params["dim"], params["n_layers"], params["n_heads"], params["n_kv_heads"]) == (64, 2, 4, 2)
+    hidden = int(2 * 4 * params["dim"] / 3)
+    if params["ffn_dim_multiplier"] is not None:
+        hidden = int(params["ffn_dim_multiplier"] * hidden)
+    hidden = params["multiple_of"] * math.ceil(hidden / params["multiple_of"])
+    assert hidden == cfg["intermediate_size"]
+    for i in range(2):
+        assert torch.equal(hf_permute(sd[f"layers.{i}.attention.wq.weight"], 4), hf[f"model.layers.{i}.self_attn.q_proj.weight"])
+        assert torch.equal(hf_permute(sd[f"layers.{i}.attention.wk.weight"], 2), hf[f"model.layers.{i}.self_attn.k_proj.weight"])
+        assert torch.equal(sd[f"layers.{i}.feed_forward.w1.weight"], hf[f"model.layers.{i}.mlp.gate_proj.weight"])
+    # The merged q projection (not the base's) is what was exported.
+    base_q = load_file(str(next(tiny_hf_model_dir.glob("model*.safetensors"))))["model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.allclose(hf["model.layers.0.self_attn.q_proj.weight"], base_q)
+    assert set(sd) >= {"tok_embeddings.weight", "norm.weight", "output.weight"}
+
+
+def test_output_is_replaced_atomically(tiny_hf_model_dir: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapters["a"]), "-o", str(out)]) == 0
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_bad_adapters_are_clear_errors(tiny_hf_model_dir: Path, adapters: dict[str, Path], tmp_path: Path, capsys) -> None:
+    pickled = tmp_path / "pickled"
+    shutil.copytree(adapters["a"], pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    out = tmp_path / "out"
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(pickled), "-o", str(out)]) == 2
+    assert "safetensors only" in capsys.readouterr().err
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(tmp_path / "nope"), "-o", str(out)]) == 2
+    assert "adapter directory not found" in capsys.readouterr().err
+    # An adapter whose module names exist nowhere in the base must not silently merge as a no-op.
+    foreign = tmp_path / "foreign"
+    shutil.copytree(adapters["a"], foreign)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(foreign / "adapter_model.safetensors"))
+    save_file({k.replace("q_proj", "qkv_proj"): v for k, v in tensors.items()}, str(foreign / "adapter_model.safetensors"))
+    cfg = json.loads((foreign / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "v_proj"]
+    (foreign / "adapter_config.json").write_text(json.dumps(cfg))
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(foreign), "-o", str(out)]) == 2
+    assert "match no module" in capsys.readouterr().err
+    assert not out.exists()
