@@ -1,0 +1,61 @@
+# Base weights: the embedded tiny model (make-base) or a download, then Meta -> HF conversion.
+# results/base/ is not temp(): for a real model it is a multi-GB download that changing a
+# convert setting must not trigger again.
+
+if BASE_IS_TINY:
+
+    rule make_base:
+        input:
+            corpus=config["base"]["tokenizer_corpus"],
+        output:
+            directory("results/base"),
+        log:
+            "logs/make_base/make_base.log",
+        conda:
+            "../../envs/train.yaml"
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=20,
+        params:
+            args=args("base", only=("tiny", "tokenizer_corpus")),
+        shell:
+            "llama-pipe make-base {output:q} {params.args} > {log:q} 2>&1"
+
+else:
+
+    rule download:
+        output:
+            directory("results/base"),
+        log:
+            "logs/download/download.log",
+        conda:
+            "../../envs/train.yaml"
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=600,
+        params:
+            args=args("base", skip=("tiny", "tokenizer_corpus")),
+        shell:
+            "llama-pipe download {output:q} {params.args} > {log:q} 2>&1"
+
+
+rule convert:
+    input:
+        "results/base",
+    output:
+        directory("results/hf_base"),
+    log:
+        "logs/convert/convert.log",
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        # about one copy of the model in memory (float32 7B: ~27 GB)
+        mem_mb=4000,
+        runtime=60,
+    params:
+        args=args("convert"),
+    shell:
+        "llama-pipe convert {input:q} -o {output:q} {params.args} > {log:q} 2>&1"

@@ -1,0 +1,102 @@
+# Helpers shared by all the rule files (included first by the Snakefile) - config validation, the
+# settings -> flags bridge, the shard list, the run name, resources, and the targets.
+
+import os
+import shlex
+
+from snakemake.utils import min_version, validate
+
+from llama_pipe.config import SECTIONS, Config
+from llama_pipe.settings import from_dict, shell_args, to_dict
+
+min_version("9.0")
+
+
+# Validate at load time against the schema generated from src/llama_pipe/config.py (errors name
+# the key path), then complete every section with its defaults. Rules pass whole sections as
+# flags, so a setting's default is part of a rule's params too: a changed value - in config.yaml,
+# via --config, or a changed default in the code - changes the params and re-runs that rule and
+# everything downstream of it.
+validate(config, "../schemas/config.schema.yaml")
+config.update(to_dict(from_dict(Config, config)))
+
+
+def args(section, only=None, skip=()):
+    """The shell-quoted ``--key value`` flags of one config section (nested keys dotted).
+
+    ``only`` keeps just those top-level keys, ``skip`` drops some: a rule passes only the settings
+    that influence its output, so changing another key of the same section does not re-run it.
+    """
+    data = {
+        key: value
+        for key, value in config[section].items()
+        if (only is None or key in only) and key not in skip
+    }
+    return shell_args(data, SECTIONS[section])
+
+
+# ---------------------------------------------------------------- scatter / gather
+
+N_SHARDS = config["data"]["shards"]
+SHARDS = [f"{i:03d}" for i in range(N_SHARDS)]
+
+
+def shard_paths(stage, suffix=".jsonl"):
+    """Every shard's file of one data stage: results/<stage>/shard-000<suffix> ..."""
+    return expand(
+        "results/{stage}/shard-{shard}{suffix}",
+        stage=stage,
+        shard=SHARDS,
+        suffix=suffix,
+    )
+
+
+# ---------------------------------------------------------------- names and resources
+
+RUN = config["train"]["run"]
+BASE_IS_TINY = config["base"]["source"] == "tiny"
+
+
+def gpus(section):
+    """GPUs a job of this section asks the scheduler for: 1 when its device is 'cuda', else 0.
+
+    'auto' asks for none (it uses a GPU only where the node happens to have one); a cluster
+    profile may still give a rule GPUs through set-resources.
+    """
+    return 1 if config[section].get("device") == "cuda" else 0
+
+
+def clean_threads():
+    """Processes per clean job: clean.workers, or (0 = all cores) the cores spread over the shards."""
+    workers = config["clean"]["workers"]
+    if workers > 0:
+        return workers
+    return max(1, (workflow.cores or 1) // N_SHARDS)
+
+
+def stage_outputs(stage):
+    """Named outputs of one per-shard data stage: the records, their stats and rejects."""
+    return {
+        "data": f"results/{stage}/shard-{{shard}}.jsonl",
+        "stats": f"results/{stage}/shard-{{shard}}.stats.json",
+        "rejects": f"results/{stage}/shard-{{shard}}.rejects.jsonl",
+    }
+
+
+# ---------------------------------------------------------------- targets
+
+DATA_TARGETS = ["results/data/train.jsonl", "results/data/val.jsonl"]
+BASE_TARGET = "results/hf_base"
+TRAIN_TARGET = f"results/train/{RUN}"
+MERGED_TARGET = "results/merged"
+REPORT_TARGET = "results/report"
+
+
+def stats_files():
+    """Stats files of every data stage, in pipeline order (the report's data funnel)."""
+    return (
+        ["results/merge/merged.stats.json"]
+        + shard_paths("clean", ".stats.json")
+        + shard_paths("filter_lang", ".stats.json")
+        + shard_paths("split", ".stats.json")
+    )

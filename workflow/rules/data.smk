@@ -1,0 +1,130 @@
+# Data stages, scattered over data.shards shards:
+#   merge -> shard -> clean -> filter_lang -> split (one job per shard) -> gather
+# Each stage writes <out>.jsonl plus <out>.stats.json and <out>.rejects.jsonl beside it.
+#
+# Only results/merge/merged.jsonl is temp(): the shards hold the same records, and every
+# partial re-run below merge starts from the shards. The per-shard outputs of clean,
+# filter_lang and split are kept on purpose: changing a setting of one stage re-runs that stage
+# from its (kept) input instead of the whole chain.
+
+
+rule merge:
+    input:
+        config["data"]["inputs"],
+    output:
+        data=temp("results/merge/merged.jsonl"),
+        stats="results/merge/merged.stats.json",
+        rejects="results/merge/merged.rejects.jsonl",
+    log:
+        "logs/merge/merge.log",
+    conda:
+        "../../envs/data.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        args=args("merge"),
+    shell:
+        "llama-pipe merge {input:q} -o {output.data:q} {params.args} > {log:q} 2>&1"
+
+
+rule shard:
+    input:
+        "results/merge/merged.jsonl",
+    output:
+        shard_paths("shard"),
+    log:
+        "logs/shard/shard.log",
+    conda:
+        "../../envs/data.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=30,
+    params:
+        outdir=lambda wildcards, output: os.path.dirname(output[0]),
+        n=N_SHARDS,
+    shell:
+        "llama-pipe shard {input:q} --n {params.n} -o {params.outdir:q} > {log:q} 2>&1"
+
+
+rule clean:
+    input:
+        "results/shard/shard-{shard}.jsonl",
+    output:
+        **stage_outputs("clean"),
+    log:
+        "logs/clean/shard-{shard}.log",
+    conda:
+        "../../envs/data.yaml"
+    threads: clean_threads()
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    params:
+        args=args("clean", skip=("workers",)),
+    shell:
+        "llama-pipe clean {input:q} -o {output.data:q} --workers {threads}"
+        " {params.args} > {log:q} 2>&1"
+
+
+rule filter_lang:
+    input:
+        "results/clean/shard-{shard}.jsonl",
+    output:
+        **stage_outputs("filter_lang"),
+    log:
+        "logs/filter_lang/shard-{shard}.log",
+    conda:
+        "../../envs/data.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=60,
+    params:
+        args=args("filter_lang"),
+    shell:
+        "llama-pipe filter-lang {input:q} -o {output.data:q} {params.args} > {log:q} 2>&1"
+
+
+rule split:
+    input:
+        data="results/filter_lang/shard-{shard}.jsonl",
+        tokenizer=BASE_TARGET,
+    output:
+        **stage_outputs("split"),
+    log:
+        "logs/split/shard-{shard}.log",
+    conda:
+        "../../envs/data.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    params:
+        args=args("split"),
+    shell:
+        "llama-pipe split {input.data:q} -o {output.data:q} --tokenizer {input.tokenizer:q}"
+        " {params.args} > {log:q} 2>&1"
+
+
+rule gather:
+    input:
+        shard_paths("split"),
+    output:
+        train=DATA_TARGETS[0],
+        val=DATA_TARGETS[1],
+    log:
+        "logs/gather/gather.log",
+    conda:
+        "../../envs/data.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        args=args("data", only=("val_fraction", "seed")),
+    shell:
+        "llama-pipe gather {input:q} --train {output.train:q} --val {output.val:q}"
+        " {params.args} > {log:q} 2>&1"

@@ -1,0 +1,54 @@
+# Fine-tuning and adapter merge. results/train/<run>/ holds the adapter, metrics.jsonl and the
+# checkpoints (resume: auto continues from them); results/merged/ is the product - neither is
+# temp().
+
+
+rule train:
+    input:
+        base=BASE_TARGET,
+        train=DATA_TARGETS[0],
+        val=DATA_TARGETS[1],
+    output:
+        run=directory(TRAIN_TARGET),
+    log:
+        f"logs/train/{RUN}.log",
+    conda:
+        "../../envs/train.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=gpus("train"),
+    params:
+        args=args("train"),
+    shell:
+        "llama-pipe train --base {input.base:q} --train-data {input.train:q}"
+        " --val-data {input.val:q} -o {output.run:q} {params.args} > {log:q} 2>&1"
+
+
+rule merge_adapter:
+    input:
+        base=BASE_TARGET,
+        adapter=TRAIN_TARGET,
+        extra=config["merge_adapter"]["extra_adapters"],
+    output:
+        directory(MERGED_TARGET),
+    log:
+        "logs/merge_adapter/merge_adapter.log",
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        # a float copy of the base plus the adapters
+        mem_mb=8000,
+        runtime=60,
+        gpu=gpus("train"),
+    params:
+        # the adapters, in order: the trained one, then merge_adapter.extra_adapters
+        adapters=lambda wildcards, input: " ".join(
+            f"--adapter {shlex.quote(path)}" for path in [input.adapter, *input.extra]
+        ),
+        args=args("merge_adapter", skip=("extra_adapters",)),
+    shell:
+        "llama-pipe merge-adapter --base {input.base:q} {params.adapters}"
+        " -o {output:q} {params.args} > {log:q} 2>&1"
