@@ -33,6 +33,9 @@ class TinyModelSettings:
     max_seq_len: int = opt(1024, "context length written to params.json", minimum=16)
     vocab_size: int = opt(2000, "sentencepiece vocabulary size trained on the sample data", minimum=300)
     n_shards: int = opt(2, "model-parallel shards (consolidated.0N.pth), split the way Meta splits", minimum=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = opt(
+        "float32", "dtype of the stored weights (Meta ships bfloat16 for LLaMA-2, float16 for LLaMA-1)"
+    )
     seed: int = opt(0, "seed for the random weights and the tokenizer trainer")
 
 
@@ -54,6 +57,8 @@ class BaseSettings:
         None, "checksum list to verify against: 'checklist.chk' (md5) or a sha256 file name; null: auto-detect"
     )
     retries: int = opt(5, "download attempts per file (exponential backoff)", minimum=1)
+    backoff: float = opt(2.0, "seconds before the first retry; doubled after each failed attempt (capped at 60)", minimum=0)
+    timeout: float = opt(60.0, "seconds without a byte from the server before an attempt counts as failed", exclusiveMinimum=0)
     tokenizer_corpus: list[str] = opt(
         ["data/sample/sharegpt_sample.json"], "files the tiny tokenizer is trained on"
     )
@@ -68,6 +73,11 @@ class ConvertSettings:
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the written weights")
     template: Literal["vicuna_v1.1", "llama-2", "chatml"] = opt(
         "vicuna_v1.1", "chat template stored with the tokenizer"
+    )
+    context_length: Optional[int] = opt(
+        None,
+        "max_position_embeddings of the converted model; null: params.json's max_seq_len, else 4096 (LLaMA-2)",
+        minimum=16,
     )
 
 
