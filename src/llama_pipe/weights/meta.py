@@ -98,6 +98,11 @@ class MetaParams:
             raise InputError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(raw, dict):
             raise InputError(f"{path}: expected a JSON object")
+        if raw.get("use_scaled_rope"):
+            raise InputError(
+                f"{path}: use_scaled_rope (LLaMA-3.1 rope scaling) is not supported by convert; "
+                "download the Hugging Face release instead (base.source: <org>/<repo>)"
+            )
         missing = [k for k in ("dim", "n_layers", "n_heads") if k not in raw]
         if missing:
             raise InputError(f"{path}: missing key(s) {missing}")
@@ -155,6 +160,20 @@ def split_tensor(name: str, tensor: Any, n: int) -> list[Any]:
     if tensor.shape[d] % n:
         raise ValueError(f"{name}: size {tensor.shape[d]} along dim {d} does not split into {n} shards")
     return [piece.clone() for piece in tensor.chunk(n, dim=d)]
+
+
+def merged_shape(name: str, shapes: Sequence[tuple[int, ...]], dim: int) -> tuple[int, ...]:
+    """The full shape :func:`merge_pieces` will produce from pieces of these shapes."""
+    if len(shapes) == 1:
+        return tuple(shapes[0])
+    d = split_dim(name)
+    if name == "tok_embeddings.weight" and shapes[0][1] == dim:
+        d = 0
+    if d is None or len(shapes[0]) <= d:
+        return tuple(shapes[0])
+    full = list(shapes[0])
+    full[d] = sum(s[d] for s in shapes)
+    return tuple(full)
 
 
 def merge_pieces(name: str, pieces: Sequence[Any], dim: int, where: str) -> Any:
@@ -284,7 +303,10 @@ def commit_dir(tmp: Path, out: Path) -> None:
     """Move a finished ``tmp`` into place at ``out``, replacing an older ``out`` if present."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp (and some writers) make things private
+    for f in tmp.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o666 & ~umask)
     old: Path | None = None
     if out.exists() or out.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))

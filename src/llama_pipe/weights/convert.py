@@ -1,0 +1,271 @@
+"""``llama-pipe convert META_DIR -o HF_DIR``: Meta checkpoint -> Hugging Face ``LlamaForCausalLM``.
+
+What happens, in order:
+
+1. ``params.json`` is read and every shard is opened memory-mapped with
+   ``torch.load(weights_only=True, mmap=True)`` (a pickle that would run code is refused).
+2. Every weight's merged shape is checked against ``params.json`` *before* anything is written
+   (a missing shard, a missing weight or a shape that disagrees is an :class:`InputError`).
+3. Weights are merged across ranks (see :mod:`llama_pipe.weights.meta`), renamed to Hugging
+   Face names, and ``wq`` / ``wk`` are permuted for rotary embeddings: Meta rotates interleaved
+   pairs ``(x0, x1), (x2, x3) ...`` (complex numbers), Hugging Face rotates the two halves of each
+   head (``rotate_half``), so each head's rows are reordered ``[0, 2, 4, ..., 1, 3, 5, ...]``.
+4. Tensors stream into ``model-0000K-of-0000N.safetensors`` files of at most ``max_shard_size``;
+   only the safetensors file being filled is held in memory (the shards are memory-mapped), so the
+   peak is about one output file plus the page cache, never several copies of the model.
+5. The tokenizer (from ``tokenizer.model``, in META_DIR or its parent as in Meta's downloads),
+   the chat template, ``config.json`` and ``generation_config.json`` are written.
+
+A directory that is already in Hugging Face format (``config.json`` + safetensors) is validated
+and passed through instead (files hard-linked where possible).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.config import ConvertSettings
+from llama_pipe.records import InputError
+from llama_pipe.settings import add_settings_arguments, describe, settings_from_args
+from llama_pipe.weights import meta
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 4096  # LLaMA-2; params.json of Meta's releases does not record it
+
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``'2GB'``, ``'500MB'``, ``'1.5GiB'`` (KB/MB/GB decimal, KiB/MiB/GiB binary)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)B\s*", text)
+    if not m:
+        raise InputError(f"max_shard_size {text!r}: expected a size such as '500MB' or '2GB'")
+    unit = 1024 ** "_KMGT".index(m.group(2)) if m.group(3) and m.group(2) else _UNITS[m.group(2)]
+    return int(float(m.group(1)) * unit)
+
+
+def permute_for_rotary(w: Any, n_heads: int) -> Any:
+    """Reorder each head's rows from Meta's interleaved rotary pairs to Hugging Face's halves."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_name(meta_name: str) -> str:
+    """The Hugging Face ``LlamaForCausalLM`` name of a Meta weight."""
+    fixed = {
+        "tok_embeddings.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
+    if meta_name in fixed:
+        return fixed[meta_name]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", meta_name)
+    if not m:
+        raise KeyError(meta_name)
+    sub = {
+        "attention.wq": "self_attn.q_proj",
+        "attention.wk": "self_attn.k_proj",
+        "attention.wv": "self_attn.v_proj",
+        "attention.wo": "self_attn.o_proj",
+        "feed_forward.w1": "mlp.gate_proj",
+        "feed_forward.w2": "mlp.down_proj",
+        "feed_forward.w3": "mlp.up_proj",
+        "attention_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }[m.group(2)]
+    return f"model.layers.{m.group(1)}.{sub}.weight"
+
+
+def find_tokenizer(meta_dir: Path) -> Path:
+    """``tokenizer.model`` beside the shards, or one level up (Meta's download layout)."""
+    for cand in (meta_dir / meta.TOKENIZER, meta_dir.parent / meta.TOKENIZER):
+        if cand.is_file():
+            return cand
+    raise InputError(
+        f"{meta_dir}: no tokenizer.model here or in {meta_dir.parent}; copy the release's tokenizer.model beside params.json"
+    )
+
+
+def _plan(
+    params: meta.MetaParams, shards: list[dict[str, Any]], paths: list[Path], vocab: int
+) -> dict[str, tuple[int, ...]]:
+    """Check every shard's weights against params.json; return the full shapes."""
+    where = str(paths[0].parent)
+    names = set(shards[0])
+    for path, sd in zip(paths[1:], shards[1:]):
+        if set(sd) != names:
+            diff = sorted(names ^ set(sd))[:5]
+            raise InputError(f"{path}: holds different weights than {paths[0].name} (e.g. {diff}); a shard is damaged")
+    expected = meta.expected_shapes(params, vocab)
+    missing = [n for n in expected if n not in names]
+    if missing:
+        raise InputError(f"{where}: weights missing from the checkpoint: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    extra = sorted(n for n in names - set(expected) if n != "rope.freqs")
+    if extra:
+        raise InputError(
+            f"{where}: unexpected weights {extra[:5]}: params.json (n_layers={params.n_layers}) does not describe this checkpoint"
+        )
+    for name, want in expected.items():
+        got = meta.merged_shape(name, [tuple(sd[name].shape) for sd in shards], params.dim)
+        if got != want:
+            raise InputError(
+                f"{where}: {name} has shape {list(got)} across {len(shards)} shard(s) but params.json "
+                f"(dim={params.dim}, n_heads={params.n_heads}, n_kv_heads={params.kv_heads}, "
+                f"hidden={params.hidden_dim}, vocab={vocab}) implies {list(want)}"
+            )
+    return expected
+
+
+def _vocab_rows(shards: list[dict[str, Any]], dim: int, where: Path) -> int:
+    if "tok_embeddings.weight" not in shards[0]:
+        raise InputError(f"{where}: no tok_embeddings.weight; not a LLaMA checkpoint")
+    shape = meta.merged_shape("tok_embeddings.weight", [tuple(s["tok_embeddings.weight"].shape) for s in shards], dim)
+    return shape[0]
+
+
+def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> dict[str, Any]:
+    """Convert a Meta checkpoint directory; returns a summary (tensors, files, bytes)."""
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    from transformers import GenerationConfig, LlamaConfig
+
+    from llama_pipe.templates import end_of_turn_ids, get_template
+    from llama_pipe.weights.tokenizer import hf_tokenizer_from_sentencepiece
+
+    params = meta.MetaParams.read(meta_dir / meta.PARAMS)
+    tok_file = find_tokenizer(meta_dir)
+    template = get_template(settings.template)
+    tok = hf_tokenizer_from_sentencepiece(tok_file, chat_template=template.chat_template)
+    paths = meta.shard_paths(meta_dir)
+    shards = [meta.load_shard(p) for p in paths]
+    vocab = _vocab_rows(shards, params.dim, meta_dir)
+    if params.vocab_size > 0 and params.vocab_size != vocab:
+        raise InputError(f"{meta_dir / meta.PARAMS}: vocab_size {params.vocab_size} but tok_embeddings has {vocab} rows")
+    if len(tok) != vocab:
+        raise InputError(
+            f"{tok_file}: tokenizer has {len(tok)} pieces but the checkpoint's embedding has {vocab} rows; "
+            "is this the tokenizer of this model?"
+        )
+    shapes = _plan(params, shards, paths, vocab)
+    dtype = getattr(torch, settings.dtype)
+    limit = parse_size(settings.max_shard_size)
+
+    # Assign tensors to output files before reading any data, so the file names are final.
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    n_files = len(groups)
+    file_names = (
+        ["model.safetensors"] if n_files == 1 else [f"model-{k + 1:05d}-of-{n_files:05d}.safetensors" for k in range(n_files)]
+    )
+
+    tmp = meta.temp_dir_for(out_dir)
+    try:
+        weight_map: dict[str, str] = {}
+        total = 0
+        bar = tqdm(total=len(shapes), desc="convert", unit="tensor", disable=None)
+        for group, fname in zip(groups, file_names):
+            block: dict[str, Any] = {}
+            for name in group:
+                w = meta.merge_pieces(name, [sd[name] for sd in shards], params.dim, str(meta_dir))
+                if name.endswith("attention.wq.weight"):
+                    w = permute_for_rotary(w, params.n_heads)
+                elif name.endswith("attention.wk.weight"):
+                    w = permute_for_rotary(w, params.kv_heads)
+                block[hf_name(name)] = w.to(dtype).contiguous().clone()
+                weight_map[hf_name(name)] = fname
+                total += block[hf_name(name)].numel() * dtype.itemsize
+                bar.update(1)
+            save_file(block, str(tmp / fname), metadata={"format": "pt"})
+            del block  # free this file's tensors before building the next
+        bar.close()
+        if n_files > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        del shards
+
+        eos_ids = end_of_turn_ids(tok, template)
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=params.dim,
+            intermediate_size=params.hidden_dim,
+            num_hidden_layers=params.n_layers,
+            num_attention_heads=params.n_heads,
+            num_key_value_heads=params.kv_heads,
+            head_dim=params.head_dim,
+            max_position_embeddings=settings.context_length or params.max_seq_len or DEFAULT_CONTEXT,
+            rms_norm_eps=params.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": float(params.rope_theta)},
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False,
+        )
+        config.architectures = ["LlamaForCausalLM"]
+        config.dtype = settings.dtype
+        config.save_pretrained(tmp)
+        GenerationConfig(
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=eos_ids[0] if len(eos_ids) == 1 else eos_ids,
+            pad_token_id=tok.pad_token_id,
+        ).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.copyfile(tok_file, tmp / meta.TOKENIZER)
+        meta.commit_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"tensors": len(shapes), "files": n_files, "bytes": total, "vocab": vocab, "shards_in": len(paths)}
+
+
+def convert(meta_dir: str | Path, out_dir: str | Path, settings: ConvertSettings) -> dict[str, Any]:
+    """Meta layout -> HF; an input already in HF format is validated and passed through."""
+    src, out = Path(meta_dir), Path(out_dir)
+    if not src.is_dir():
+        raise InputError(f"{src}: not a directory (expected a Meta checkpoint or a Hugging Face model directory)")
+    if src.resolve() == out.resolve():
+        raise InputError(f"{out}: the output directory must differ from the input")
+    if (src / "config.json").is_file():
+        from llama_pipe.weights.hf import pass_through
+
+        return pass_through(src, out, settings)
+    if (src / meta.PARAMS).is_file():
+        return convert_meta(src, out, settings)
+    raise InputError(
+        f"{src}: neither a Meta checkpoint (params.json + consolidated.NN.pth) nor a Hugging Face "
+        "model (config.json + *.safetensors)"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("meta_dir", metavar="META_DIR", help="Meta checkpoint dir (params.json, consolidated.NN.pth) or an HF model dir")
+    parser.add_argument("-o", "--out", required=True, metavar="HF_DIR", help="output directory (e.g. results/hf_base)")
+    add_settings_arguments(parser, ConvertSettings, "convert")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args, ConvertSettings, "convert")
+    log.info("convert settings:\n%s", describe(settings))
+    summary = convert(args.meta_dir, args.out, settings)
+    if summary.get("passed_through"):
+        print(f"convert: {args.meta_dir} is already a Hugging Face model; validated, {summary['files']} file(s) -> {args.out}")
+    else:
+        print(
+            f"convert: {summary['shards_in']} Meta shard(s) -> {summary['tensors']} tensors in {summary['files']} "
+            f"safetensors file(s), {summary['bytes'] / 1e6:.1f} MB {settings.dtype}, vocab {summary['vocab']} -> {args.out}"
+        )
+    return 0

@@ -1,0 +1,199 @@
+"""Hugging Face format: fetch a repo (safetensors only) and validate / pass through a model dir."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.records import InputError
+from llama_pipe.weights import meta
+
+log = logging.getLogger(__name__)
+
+# What the pipeline needs from a Hugging Face repo: never pickled *.bin / *.pth weights.
+ALLOW_PATTERNS = [
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+]
+# Files copied when a Hugging Face directory is passed through ``convert``.
+PASS_THROUGH = ALLOW_PATTERNS
+
+
+def wanted(name: str) -> bool:
+    """True for a top-level repo file the pipeline needs (subfolders such as ``original/`` are skipped)."""
+    return "/" not in name and any(fnmatch.fnmatchcase(name, pat) for pat in ALLOW_PATTERNS)
+
+
+def download_repo(repo_id: str, out_dir: Path, revision: str | None = None) -> list[str]:
+    """Fetch the safetensors weights, config and tokenizer files of ``repo_id`` into ``out_dir``.
+
+    Honours ``HF_ENDPOINT`` (read at call time), ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` (in offline
+    mode only an already cached snapshot can be used). Files land in ``OUT.partial`` first, where
+    huggingface_hub resumes interrupted transfers, and the directory is renamed when complete.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    token = os.environ.get("HF_TOKEN") or None
+    offline = constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    where = f"{endpoint or constants.ENDPOINT}/{repo_id}" + (f"@{revision}" if revision else "")
+    log.info("fetching %s (only %s)%s", where, ", ".join(ALLOW_PATTERNS), " [offline: cache only]" if offline else "")
+    try:
+        local = snapshot_download(
+            repo_id,
+            revision=revision,
+            local_dir=partial,
+            allow_patterns=ALLOW_PATTERNS,
+            token=token,
+            endpoint=endpoint,
+            local_files_only=offline,
+        )
+    except (RepositoryNotFoundError, GatedRepoError) as exc:
+        raise InputError(
+            f"{where}: repository not found or not accessible ({type(exc).__name__}); check the repo id, "
+            "accept its licence on the Hub and set HF_TOKEN"
+        ) from None
+    except RevisionNotFoundError:
+        raise InputError(f"{where}: revision {revision!r} not found") from None
+    except LocalEntryNotFoundError:
+        if offline:
+            raise InputError(
+                f"{where}: offline mode (HF_HUB_OFFLINE=1) and the files are not cached; "
+                "unset HF_HUB_OFFLINE or pre-fetch them with `huggingface-cli download`"
+            ) from None
+        raise InputError(f"{where}: cannot reach the Hub and nothing is cached; check the network or HF_ENDPOINT") from None
+    except HfHubHTTPError as exc:
+        raise InputError(f"{where}: download failed: {exc}") from None
+    local_path = Path(local)
+    names = sorted(p.name for p in local_path.iterdir() if p.is_file() and wanted(p.name))
+    if not any(n.endswith(".safetensors") for n in names):
+        raise InputError(
+            f"{where}: no *.safetensors weights in the repo; llama-pipe does not fetch pickled *.bin / *.pth "
+            "weights (they can run code when loaded). Use a repo with safetensors, or a Meta release URL"
+        )
+    if local_path.resolve() != partial.resolve():  # offline: a cached snapshot was returned
+        tmp = meta.temp_dir_for(out_dir)
+        for n in names:
+            shutil.copy2(local_path / n, tmp / n)
+        meta.commit_dir(tmp, out_dir)
+    else:
+        shutil.rmtree(partial / ".cache", ignore_errors=True)
+        meta.commit_dir(partial, out_dir)
+    log.info("huggingface_hub %s fetched %d file(s)", huggingface_hub.__version__, len(names))
+    return names
+
+
+def _weight_files(src: Path) -> list[str]:
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InputError(f"{index}: not a safetensors index ({exc})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (src / f).is_file()]
+        if missing:
+            raise InputError(f"{src}: weight file(s) {missing} listed in {index.name} are missing")
+        return files
+    if (src / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    pickles = sorted(p.name for p in src.iterdir() if p.suffix in (".bin", ".pth", ".pt"))
+    if pickles:
+        raise InputError(
+            f"{src}: only pickled weights ({pickles[:3]}); llama-pipe passes through safetensors only. Convert them "
+            "with a trusted tool, or fetch the repo's safetensors"
+        )
+    raise InputError(f"{src}: config.json but no model.safetensors or model.safetensors.index.json")
+
+
+def validate_hf_dir(src: Path) -> dict[str, Any]:
+    """Check a Hugging Face causal-LM directory: config, every weight's name and shape, tokenizer."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llama_pipe.weights.tokenizer import load_tokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(str(src), trust_remote_code=False)
+    except Exception as exc:  # transformers raises many types here
+        raise InputError(f"{src / 'config.json'}: not a usable model config ({exc})") from None
+    files = _weight_files(src)
+    found: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        try:
+            with safe_open(str(src / f), framework="pt") as fh:
+                for key in fh.keys():
+                    found[key] = tuple(fh.get_slice(key).get_shape())
+        except Exception as exc:
+            raise InputError(f"{src / f}: not a readable safetensors file ({exc})") from None
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except Exception as exc:
+            raise InputError(f"{src}: config.json does not describe a causal LM transformers can build ({exc})") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [k for k in expected if k not in found and not (tied and k == "lm_head.weight")]
+    if missing:
+        raise InputError(f"{src}: weights missing for {len(missing)} parameter(s), e.g. {missing[:3]}")
+    bad = [f"{k}: file {list(found[k])} vs config {list(v)}" for k, v in expected.items() if k in found and found[k] != v]
+    if bad:
+        raise InputError(f"{src}: weight shapes disagree with config.json: {'; '.join(bad[:3])}")
+    unused = sorted(set(found) - set(expected))
+    if unused:
+        log.warning("%s: %d weight(s) the model does not use (ignored when loading), e.g. %s", src, len(unused), unused[:3])
+    tok = load_tokenizer(src)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    if vocab and len(tok) > vocab:
+        raise InputError(f"{src}: tokenizer has {len(tok)} tokens but the model's vocab_size is {vocab}")
+    return {"files": files, "tensors": len(found), "config": config, "tokenizer": tok}
+
+
+def pass_through(src: Path, out_dir: Path, settings: Any) -> dict[str, Any]:
+    """Validate ``src`` and place its files at ``out_dir`` (hard links where possible)."""
+    from llama_pipe.templates import get_template
+
+    info = validate_hf_dir(src)
+    tmp = meta.temp_dir_for(out_dir)
+    try:
+        names = [p.name for p in sorted(src.iterdir()) if p.is_file() and wanted(p.name)]
+        for n in names:
+            try:
+                os.link(src / n, tmp / n)
+            except OSError:
+                shutil.copy2(src / n, tmp / n)
+        if info["tokenizer"].chat_template is None:
+            log.info("%s has no chat template; adding %s", src, settings.template)
+            (tmp / "chat_template.jinja").write_text(get_template(settings.template).chat_template, encoding="utf-8")
+        if not (tmp / "generation_config.json").exists():
+            from transformers import GenerationConfig
+
+            GenerationConfig.from_model_config(info["config"]).save_pretrained(tmp)
+        meta.commit_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"passed_through": True, "files": len(names), "tensors": info["tensors"]}
