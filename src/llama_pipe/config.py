@@ -116,7 +116,7 @@ class CleanSettings:
         "drop a conversation with a turn that starts with one of these (rate-limit and error replies)",
     )
     min_turns: int = opt(2, "drop conversations with fewer turns after cleaning", minimum=1)
-    min_chars: int = opt(1, "drop a conversation whose shortest turn has fewer characters", minimum=0)
+    min_chars: int = opt(16, "drop a conversation with fewer characters than this in all its cleaned turns (FastChat: 16)", minimum=0)
     drop_duplicate_first_exchange: bool = opt(True, "drop later conversations that start with an already-seen first human+gpt exchange")
     fix_roles: Literal["reject", "drop_first_gpt"] = opt(
         "drop_first_gpt",
@@ -134,6 +134,8 @@ class FilterLangSettings:
     seed: int = opt(0, "langdetect seed (makes detection deterministic)")
     min_chars: int = opt(10, "text shorter than this (code removed) is labelled 'unknown'", minimum=0)
     keep_unknown: bool = opt(False, "keep conversations whose language cannot be detected")
+    max_chars: int = opt(2000, "detect on at most this many characters of a conversation's text (code removed)", minimum=100)
+    workers: int = opt(0, "processes to use; 0 = all cores", minimum=0)
 
 
 @dataclass
@@ -145,6 +147,12 @@ class SplitSettings:
         "reject", "a single pair longer than max_length: reject it with a reason, or truncate its gpt turn"
     )
     batch_size: int = opt(256, "texts per fast-tokenizer batch", minimum=1)
+    template: Literal["vicuna_v1.1", "llama-2", "chatml"] = opt(
+        "vicuna_v1.1", "chat template chunks are measured with (keep equal to train.template)"
+    )
+    system_prompt: Optional[str] = opt(
+        None, "system prompt counted in each chunk when a record has none; null uses the template's default (keep equal to train.system_prompt)"
+    )
 
 
 # ----------------------------------------------------------------------------- training

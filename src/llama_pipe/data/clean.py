@@ -1,0 +1,178 @@
+"""``llama-pipe clean``: HTML -> markdown and FastChat's clean_sharegpt filters, on all cores.
+
+Per record, in this order (the reject reason in brackets):
+
+1. well-formed: string id, ``conversations`` of human/gpt turns with string values [malformed_record];
+   a ``plugins`` value marks a plugin conversation [plugin];
+2. a leading gpt turn is dropped (``fix_roles: drop_first_gpt``, FastChat) or rejected
+   [first_turn_not_human]; a trailing human turn is dropped; then fewer than 2 turns [too_few_turns];
+3. roles alternate human, gpt, ... [non_alternating_roles];
+4. every turn -> markdown (:mod:`llama_pipe.data.markdown`) [html_too_deep, html_parse_error];
+5. the conversation is cut before its first empty turn (FastChat does the same), to an even number
+   of turns; nothing left [empty_turn];
+6. a gpt turn that starts with a blocked reply ("Too many requests in 1 hour...") [blocked_reply]
+   or contains a blocked word, case-insensitively [blocked_word];
+7. fewer than ``min_turns`` turns [too_few_turns] or fewer than ``min_chars`` characters in all
+   [too_short];
+8. in input order: an id seen before [duplicate_id]; the same first human+gpt exchange as an
+   earlier kept conversation [duplicate_first_exchange].
+
+Steps 1-7 run in a process pool on batches of records; results come back in input order, so the
+output does not depend on the number of workers. Step 8 runs in the main process.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.config import CleanSettings
+from llama_pipe.data.common import (
+    alternates,
+    batched,
+    conversation_problem,
+    log_settings,
+    pool_map,
+    progress,
+    resolve_workers,
+)
+from llama_pipe.data.markdown import ConversionError, to_markdown
+from llama_pipe.records import InvalidLine, Record, StageWriter, read_records
+from llama_pipe.settings import add_settings_arguments, settings_from_args
+
+BATCH = 32
+
+
+@dataclass
+class Outcome:
+    """What cleaning did to one record: ``record`` when kept, else ``reason`` + ``detail``."""
+
+    record: Record | None
+    reason: str = ""
+    detail: str = ""
+    notes: tuple[str, ...] = ()
+
+
+def clean_record(rec: Any, cfg: CleanSettings) -> Outcome:
+    """Steps 1-7 of the module docstring for one record (no cross-record state)."""
+    problem = conversation_problem(rec)
+    if problem:
+        return Outcome(None, "malformed_record", problem)
+    if rec.get("plugins") is not None:
+        return Outcome(None, "plugin", "conversation used ChatGPT plugins")
+    conv = rec["conversations"]
+    notes: list[str] = []
+    if conv and conv[0]["from"] != "human":
+        if cfg.fix_roles == "reject":
+            return Outcome(None, "first_turn_not_human", f"first turn is from {conv[0]['from']!r}")
+        conv = conv[1:]
+        notes.append("first_gpt_dropped")
+    if conv and conv[-1]["from"] == "human":
+        conv = conv[:-1]
+        notes.append("trailing_human_dropped")
+    if len(conv) < 2:
+        return Outcome(None, "too_few_turns", f"{len(conv)} turn(s) after fixing the ends")
+    if not alternates(conv):
+        i = next(i for i, t in enumerate(conv) if t["from"] != ("human", "gpt")[i % 2])
+        return Outcome(None, "non_alternating_roles", f"turn {i} is from {conv[i]['from']!r}")
+    new: list[dict[str, str]] = []
+    for i, turn in enumerate(conv):
+        try:
+            value = to_markdown(turn["value"])
+        except ConversionError as exc:
+            return Outcome(None, exc.reason, f"turn {i}: {exc}")
+        if not value or not value[0].isprintable():
+            notes.append("cut_at_empty_turn")
+            break
+        new.append({"from": turn["from"], "value": value})
+    new = new[: len(new) // 2 * 2]
+    if not new:
+        return Outcome(None, "empty_turn", "the first exchange has an empty turn after cleaning")
+    blocked_words = [w.lower() for w in cfg.blocked_words if w]
+    for i, turn in enumerate(new):
+        if turn["from"] != "gpt":
+            continue
+        for reply in cfg.blocked_replies:
+            if reply and turn["value"].startswith(reply):
+                return Outcome(None, "blocked_reply", f"turn {i} starts with {reply[:40]!r}")
+        low = turn["value"].lower()
+        for w in blocked_words:
+            if w in low:
+                return Outcome(None, "blocked_word", f"turn {i} contains {w!r}")
+    if len(new) < cfg.min_turns:
+        return Outcome(None, "too_few_turns", f"{len(new)} turn(s) after cleaning, min_turns={cfg.min_turns}")
+    chars = sum(len(t["value"]) for t in new)
+    if chars < cfg.min_chars:
+        return Outcome(None, "too_short", f"{chars} characters in all turns, min_chars={cfg.min_chars}")
+    out = {k: v for k, v in rec.items() if k != "conversations"}
+    out["conversations"] = new
+    return Outcome(out, notes=tuple(notes))
+
+
+_CFG: CleanSettings | None = None
+
+
+def _init(cfg: CleanSettings) -> None:
+    global _CFG
+    _CFG = cfg
+
+
+def _clean_batch(batch: list[Any]) -> list[Outcome]:
+    assert _CFG is not None
+    return [clean_record(obj, _CFG) for obj in batch]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", metavar="IN", help="JSONL (or a ShareGPT .json list)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="cleaned JSONL")
+    parser.add_argument("--rejects", metavar="FILE", help="rejects JSONL (default: OUT with .rejects.jsonl)")
+    parser.add_argument("--stats", metavar="FILE", help="stats JSON (default: OUT with .stats.json)")
+    add_settings_arguments(parser, CleanSettings, "clean")
+
+
+def clean_file(inp: str | Path, out: str | Path, cfg: CleanSettings,
+               rejects: str | Path | None = None, stats: str | Path | None = None) -> StageWriter:
+    """Run the stage; returns the finished writer (stats on disk)."""
+    items = list(read_records(inp))
+    objs = [None if isinstance(obj, InvalidLine) else obj for _, obj in items]
+    workers = min(resolve_workers(cfg.workers), max(1, len(objs) // BATCH))
+    outcomes = pool_map(_clean_batch, batched(objs, BATCH), workers, initializer=_init, initargs=(cfg,))
+    notes: Counter[str] = Counter()
+    seen_ids: set[str] = set()
+    seen_first: set[tuple[str, str]] = set()
+    with StageWriter("clean", out, rejects, stats) as w:
+        flat = (o for batch in outcomes for o in batch)
+        for (where, obj), res in progress(zip(items, flat), "clean", total=len(items)):
+            w.count_in()
+            if isinstance(obj, InvalidLine):
+                w.reject(obj, "invalid_json", f"{where}: {obj.error}")
+                continue
+            if res.record is None:
+                w.reject(obj, res.reason, f"{where}: {res.detail}")
+                continue
+            rec = res.record
+            if rec["id"] in seen_ids:
+                w.reject(obj, "duplicate_id", f"{where}: id {rec['id']!r} seen before")
+                continue
+            seen_ids.add(rec["id"])
+            first = (rec["conversations"][0]["value"], rec["conversations"][1]["value"])
+            if cfg.drop_duplicate_first_exchange and first in seen_first:
+                w.reject(obj, "duplicate_first_exchange", f"{where}: same first exchange as an earlier conversation")
+                continue
+            seen_first.add(first)
+            notes.update(res.notes)
+            w.keep(rec)
+        w.extra["repaired"] = dict(sorted(notes.items()))
+        w.extra["workers"] = workers
+    return w
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = settings_from_args(args, CleanSettings, "clean")
+    log_settings("clean", cfg, input=args.input, output=args.output)
+    w = clean_file(args.input, args.output, cfg, args.rejects, args.stats)
+    print(w.summary())
+    return 0

@@ -1,0 +1,113 @@
+"""Helpers shared by the data stages: record checks, worker pools, progress bars, stage logging."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from multiprocessing import get_context
+from typing import Any, TypeVar
+
+from llama_pipe.records import Record
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+ROLES = ("human", "gpt")
+
+log = logging.getLogger("llama_pipe.data")
+
+
+def conversation_problem(rec: Any) -> str | None:
+    """Why ``rec`` is not a well-formed llama-pipe record (``None`` when it is).
+
+    Well-formed: an object with a string ``id`` and a list ``conversations`` of objects with
+    string ``from`` in human/gpt and string ``value``. Order and alternation are not checked here.
+    """
+    if not isinstance(rec, dict):
+        return f"record is a {type(rec).__name__}, expected an object"
+    if not isinstance(rec.get("id"), str) or not rec["id"]:
+        return "missing or non-string 'id'"
+    conv = rec.get("conversations")
+    if not isinstance(conv, list):
+        return "missing 'conversations' list"
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict):
+            return f"turn {i} is not an object"
+        if turn.get("from") not in ROLES:
+            return f"turn {i}: role {turn.get('from')!r} is not human/gpt"
+        if not isinstance(turn.get("value"), str):
+            return f"turn {i}: 'value' is not a string"
+    return None
+
+
+def alternates(conv: list[dict[str, Any]]) -> bool:
+    """True when turns go human, gpt, human, gpt, ... from the first one."""
+    return all(t["from"] == ROLES[i % 2] for i, t in enumerate(conv))
+
+
+def resolve_workers(workers: int) -> int:
+    """``0`` means every core this process may use."""
+    if workers > 0:
+        return workers
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def pool_map(
+    func: Callable[[T], R],
+    items: Iterable[T],
+    workers: int,
+    initializer: Callable[..., None] | None = None,
+    initargs: tuple[Any, ...] = (),
+    chunksize: int = 64,
+) -> Iterator[R]:
+    """``map(func, items)`` in input order, on ``workers`` processes (in-process when 1).
+
+    ``func`` should take a batch (a list) so the per-item IPC cost is paid once per batch.
+    """
+    if workers <= 1:
+        if initializer is not None:
+            initializer(*initargs)
+        yield from map(func, items)
+        return
+    ctx = get_context("fork") if hasattr(os, "fork") else get_context()
+    with ctx.Pool(workers, initializer=initializer, initargs=initargs) as pool:
+        yield from pool.imap(func, items, chunksize=1)
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``size`` items (the last may be shorter)."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "rec") -> Iterator[T]:
+    """A tqdm bar on a terminal, nothing in a log file (``disable=None``)."""
+    from tqdm import tqdm
+
+    yield from tqdm(iterable, desc=desc, total=total, unit=unit, disable=None, dynamic_ncols=True)
+
+
+def log_settings(stage: str, settings: Any, **paths: Any) -> None:
+    """The resolved settings and paths at the start of a stage."""
+    from llama_pipe.settings import describe
+
+    for key, value in paths.items():
+        log.info("%s: %s = %s", stage, key, value)
+    log.info("%s: settings\n%s", stage, describe(settings))
+
+
+def record_id(rec: Any) -> str | None:
+    """The record's id when it is a usable string."""
+    if isinstance(rec, dict) and isinstance(rec.get("id"), str) and rec["id"]:
+        return rec["id"]
+    return None

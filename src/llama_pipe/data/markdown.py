@@ -1,0 +1,261 @@
+"""One turn of a ShareGPT scrape -> clean markdown.
+
+Two paths, chosen per turn:
+
+* **HTML** (the value starts with a tag such as ``<div class="markdown prose ...">``, optionally
+  after a "1 / 2" regenerate counter): code blocks are cut out first, the rest goes through
+  markdownify, then the code comes back as fenced blocks. A ChatGPT code block
+  (``<pre><div ...><span>LANG</span><button>...Copy code</button></div><div><code class="language-LANG">``)
+  becomes ``\\`\\`\\`LANG`` + the code + ``\\`\\`\\```; the code is the ``<code>`` element's text with
+  highlighter tags removed and entities decoded, so it is byte-exact with what the user saw.
+  Entities are decoded, tables become pipe tables, links ``[text](url)``.
+* **Plain text** (the human turns of a scrape, or data cleaned before): left as written except
+  FastChat's leftovers ("```pythonCopy code...", "CopyN chars / N words", empty copy-code blocks).
+  FastChat runs markdownify here too, which collapses blank lines and backslash-escapes ``_`` and
+  ``*``; llama-pipe does not.
+
+On both paths: a fence without a language gets ``text`` (every code block names its language),
+and any HTML tag left outside code (``use a <div> here``) is put in inline code, so no tag
+survives outside code. :func:`html_tags_outside_code` and :func:`fence_languages` are the checks
+the tests (and users) run on the output.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Iterator
+
+# Element names that count as "an HTML tag" (stray angle brackets such as List<String> or a<b do not).
+HTML_TAGS = frozenset(
+    "a abbr address area article aside audio b base bdi bdo blockquote body br button canvas caption cite code "
+    "col colgroup data datalist dd del details dfn dialog div dl dt em embed fieldset figcaption figure footer "
+    "form h1 h2 h3 h4 h5 h6 head header hr html i iframe img input ins kbd label legend li link main map mark "
+    "menu meta meter nav noscript object ol optgroup option output p param picture pre progress q rp rt ruby s "
+    "samp script section select small source span strong style sub summary sup svg table tbody td template "
+    "textarea tfoot th thead time title tr track u ul var video wbr path rect circle polygon polyline line g".split()
+)
+_TAG = re.compile(r"</?([A-Za-z][A-Za-z0-9]*)(?:\s[^<>]*)?/?>")
+_COUNTER_HTML = re.compile(r"^\s*\d+\s*/\s*\d+\s*(?=<)")
+_COUNTER_GLUED = re.compile(r"^\d+ / \d+(?=\S)")
+_STARTS_WITH_TAG = re.compile(r"^\s*<([A-Za-z][A-Za-z0-9]*)[\s>/]")
+_PRE = re.compile(r"<pre\b[^>]*>(.*?)</pre\s*>", re.S | re.I)
+_CODE = re.compile(r"<code\b([^>]*)>(.*?)</code\s*>", re.S | re.I)
+_LANG_CLASS = re.compile(r"language-([\w+#.-]+)")
+_HEADER_LANG = re.compile(r"<span\b[^>]*>([^<]*)</span>", re.I)
+_ANY_TAG = re.compile(r"<[^>]*>")
+_COPY_CHARS = re.compile(r"Copy\d+ chars / \d+ words")
+_COPY_CODE_LANG = re.compile(r"```\s*(.*?)(?:Copy code)+(.+?)\s*?```", re.S)  # FastChat's shape
+_EMPTY_COPY_CODE = re.compile(r"```(.*?)Copy code\s*```")
+_FENCE_LINE = re.compile(r"^( {0,3})(`{3,}|~{3,})([^\n]*)$", re.M)
+_INLINE_CODE = re.compile(r"(`+)(?!`)(.+?)(?<!`)\1(?!`)", re.S)
+_BLANKS = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
+_PLACEHOLDER = "LLAMAPIPECODEBLOCK{}X"
+_PLACEHOLDER_LINE = re.compile(r"^(.*?)LLAMAPIPECODEBLOCK(\d+)X(.*)$", re.M)
+
+_MD_OPTIONS = dict(
+    heading_style="atx", bullets="-", escape_asterisks=False, escape_underscores=False, escape_misc=False,
+    strip=["button", "svg", "script", "style"],
+)
+
+
+class ConversionError(Exception):
+    """A turn that cannot be converted; ``reason`` is the rejects key."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def is_html(value: str) -> bool:
+    """True when the turn is rendered HTML (starts with a known tag, after any regenerate counter)."""
+    m = _STARTS_WITH_TAG.match(_COUNTER_HTML.sub("", value, count=1))
+    return bool(m and m.group(1).lower() in HTML_TAGS)
+
+
+def to_markdown(value: str) -> str:
+    """Clean one turn (either path); raises :class:`ConversionError`."""
+    return html_to_markdown(value) if is_html(value) else plain_to_markdown(value)
+
+
+# ----------------------------------------------------------------------------- code regions
+
+
+def code_regions(text: str) -> list[tuple[int, int]]:
+    """[start, end) character ranges of fenced blocks and inline code spans, in order."""
+    regions: list[tuple[int, int]] = []
+    pos = 0
+    fences = list(_FENCE_LINE.finditer(text))
+    i = 0
+    while i < len(fences):
+        m = fences[i]
+        if m.start() < pos:
+            i += 1
+            continue
+        char, n = m.group(2)[0], len(m.group(2))
+        if char == "`" and "`" in m.group(3):  # not a fence opening (``` inside a line of inline code)
+            i += 1
+            continue
+        end = len(text)
+        for j in range(i + 1, len(fences)):
+            c = fences[j]
+            if c.group(2)[0] == char and len(c.group(2)) >= n and not c.group(3).strip():
+                end, i = c.end(), j
+                break
+        else:
+            i = len(fences)
+        regions.extend(_inline_regions(text, pos, m.start()))
+        regions.append((m.start(), end))
+        pos = end
+        i += 1
+    regions.extend(_inline_regions(text, pos, len(text)))
+    return regions
+
+
+def _inline_regions(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+    for m in _INLINE_CODE.finditer(text, start, end):
+        yield m.start(), m.end()
+
+
+def _outside_code(text: str) -> Iterator[tuple[int, int]]:
+    pos = 0
+    for s, e in code_regions(text):
+        if s > pos:
+            yield pos, s
+        pos = max(pos, e)
+    if pos < len(text):
+        yield pos, len(text)
+
+
+def html_tags_outside_code(text: str) -> list[str]:
+    """HTML tags (known element names) that appear outside fenced blocks and inline code."""
+    found = []
+    for s, e in _outside_code(text):
+        found += [m.group(0) for m in _TAG.finditer(text, s, e) if m.group(1).lower() in HTML_TAGS]
+    return found
+
+
+def fence_languages(text: str) -> list[str]:
+    """The info string (language) of every fenced code block, in order ('' when missing)."""
+    out = []
+    for s, e in code_regions(text):
+        m = _FENCE_LINE.match(text, s)
+        if m and m.start() == s and text[s:e].lstrip(" ").startswith(("```", "~~~")):
+            out.append(m.group(3).strip())
+    return out
+
+
+def protect_tags(text: str) -> str:
+    """Put HTML tags found outside code into inline code (``<div>`` -> ```<div>```)."""
+    if "<" not in text:
+        return text
+    parts: list[str] = []
+    pos = 0
+    for s, e in _outside_code(text):
+        parts.append(text[pos:s])
+        parts.append(_TAG.sub(_wrap_tag, text[s:e]))
+        pos = e
+    parts.append(text[pos:])
+    return "".join(parts)
+
+
+def _wrap_tag(m: re.Match[str]) -> str:
+    tag = m.group(0)
+    if m.group(1).lower() not in HTML_TAGS:
+        return tag
+    return f"`` {tag} ``" if "`" in tag else f"`{tag}`"
+
+
+def _fence(lang: str, code: str) -> str:
+    longest = max((len(r) for r in re.findall(r"`{3,}", code)), default=0)
+    ticks = "`" * max(3, longest + 1)
+    return f"{ticks}{lang}\n{code}{'' if code.endswith(chr(10)) else chr(10)}{ticks}"
+
+
+def _label_bare_fences(text: str) -> str:
+    """Give every fence opening without a language the language ``text``."""
+    if "```" not in text and "~~~" not in text:
+        return text
+    out, pos = [], 0
+    for s, e in code_regions(text):
+        m = _FENCE_LINE.match(text, s)
+        if m and m.start() == s and not m.group(3).strip() and text[s:e].lstrip(" ")[:3] in ("```", "~~~"):
+            out.append(text[pos : m.end()] + "text")
+            pos = m.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------- HTML path
+
+
+def _extract_code(pre_inner: str) -> tuple[str, str]:
+    """(language, code) of one ``<pre>`` element's inner HTML."""
+    lang = ""
+    head, code_html = pre_inner, None
+    cm = _CODE.search(pre_inner)
+    if cm:
+        head, code_html = pre_inner[: cm.start()], cm.group(2)
+        lm = _LANG_CLASS.search(cm.group(1))
+        if lm:
+            lang = lm.group(1)
+    if "Copy code" in head or "<button" in head:
+        hm = _HEADER_LANG.search(head)
+        if hm and hm.group(1).strip():
+            lang = hm.group(1).strip()
+    if code_html is None:
+        cut = pre_inner.rfind("Copy code")
+        code_html = pre_inner[cut + len("Copy code") :] if cut >= 0 else pre_inner
+    code = html.unescape(_ANY_TAG.sub("", code_html))
+    lang = re.sub(r"[^\w+#.-]", "", lang.split()[0]).lower() if lang.split() else ""
+    return lang or "text", code
+
+
+def html_to_markdown(value: str) -> str:
+    """Rendered ChatGPT HTML -> markdown (see the module docstring)."""
+    import markdownify
+
+    value = _COUNTER_HTML.sub("", value, count=1)
+    blocks: list[str] = []
+
+    def cut(m: re.Match[str]) -> str:
+        lang, code = _extract_code(m.group(1))
+        if not code.strip():
+            return ""  # FastChat drops empty code blocks too
+        blocks.append(_fence(lang, code))
+        return f"<p>{_PLACEHOLDER.format(len(blocks) - 1)}</p>"
+
+    rest = _PRE.sub(cut, value)
+    try:
+        md = markdownify.markdownify(rest, **_MD_OPTIONS)
+    except RecursionError:
+        raise ConversionError("html_too_deep", "HTML nested too deeply to convert") from None
+    except (AssertionError, ValueError) as exc:  # bs4.ParserRejectedMarkup is a ValueError subclass
+        raise ConversionError("html_parse_error", f"{type(exc).__name__}: {exc}"[:200]) from None
+    md = _COPY_CHARS.sub("", md)
+    md = _BLANKS.sub("\n\n", md.replace("\r\n", "\n"))
+    md = protect_tags(md).strip()
+
+    def put(m: re.Match[str]) -> str:
+        before, k, after = m.group(1), int(m.group(2)), m.group(3)
+        lines = [before.rstrip()] if before.strip() else []
+        lines.append(blocks[k])
+        if after.strip():
+            lines.append(after.strip())
+        return "\n".join(lines)
+
+    return _PLACEHOLDER_LINE.sub(put, md) if blocks else md
+
+
+# ----------------------------------------------------------------------------- plain path
+
+
+def plain_to_markdown(value: str) -> str:
+    """Plain text: FastChat's leftovers fixed, bare fences labelled, stray tags put in code."""
+    text = _COUNTER_GLUED.sub("", value, count=1)
+    if "Copy" in text:
+        text = _COPY_CHARS.sub("", text)
+        text = _EMPTY_COPY_CODE.sub("", text)
+        text = _COPY_CODE_LANG.sub(lambda m: _fence(m.group(1).strip() or "text", m.group(2).strip("\n")), text)
+    text = _label_bare_fences(text)
+    return protect_tags(text).strip()

@@ -1,0 +1,188 @@
+"""``llama-pipe merge``: validate and normalise ShareGPT / OpenAI-messages / Alpaca files into one JSONL.
+
+Each input record becomes ``{"id", ["system",] "conversations": [{"from": "human"|"gpt", "value"}]}``:
+
+* ShareGPT ``{"id", "conversations": [{"from", "value"}]}``; roles human/user -> ``human``,
+  gpt/assistant/chatgpt/bing/bard -> ``gpt`` (case-insensitive); leading ``system`` turns become
+  the record's ``system``.
+* OpenAI ``{"messages": [{"role", "content"}]}``; ``content`` may be a string or a list of
+  ``{"type": "text", "text"}`` parts.
+* Alpaca ``{"instruction", "input", "output"}`` -> one human turn (instruction, a blank line and
+  the input when there is one) and one gpt turn.
+
+A record without an id gets ``auto-<16 hex digits of sha1 of its content>`` (identical content,
+identical id, so exact copies are caught as duplicates). Other keys are not carried over.
+Duplicate ids are dropped (the first is kept, or every copy with ``dedupe: reject_all``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.config import MergeSettings
+from llama_pipe.data.common import log_settings, progress
+from llama_pipe.records import InputError, InvalidLine, Record, StageWriter, read_records
+from llama_pipe.settings import add_settings_arguments, settings_from_args
+
+HUMAN = {"human", "user"}
+GPT = {"gpt", "assistant", "chatgpt", "bing", "bard"}
+
+
+class RecordProblem(Exception):
+    """A record that cannot be converted: ``reason`` is the rejects/stats key."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _role(raw: Any, i: int) -> str:
+    if not isinstance(raw, str):
+        raise RecordProblem("bad_turn", f"turn {i}: role is {type(raw).__name__}, expected a string")
+    r = raw.strip().lower()
+    if r in HUMAN:
+        return "human"
+    if r in GPT:
+        return "gpt"
+    if r == "system":
+        return "system"
+    raise RecordProblem("unknown_role", f"turn {i}: role {raw!r} is none of human/user, gpt/assistant/chatgpt/bing/bard, system")
+
+
+def _content(raw: Any, i: int) -> str:
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, list):  # OpenAI content parts
+        texts = []
+        for part in raw:
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RecordProblem("non_text_content", f"turn {i}: content part of type {kind!r} (only text is supported)")
+        return "\n".join(texts)
+    raise RecordProblem("bad_turn", f"turn {i}: value is {type(raw).__name__}, expected a string")
+
+
+def _turns(items: Any, role_key: str, value_key: str) -> list[tuple[str, str]]:
+    if not isinstance(items, list):
+        raise RecordProblem("bad_record", f"'{'conversations' if role_key == 'from' else 'messages'}' is not a list")
+    out = []
+    for i, t in enumerate(items):
+        if not isinstance(t, dict):
+            raise RecordProblem("bad_turn", f"turn {i} is a {type(t).__name__}, expected an object")
+        if role_key not in t or value_key not in t:
+            raise RecordProblem("bad_turn", f"turn {i}: missing '{role_key}' or '{value_key}'")
+        out.append((_role(t[role_key], i), _content(t[value_key], i)))
+    return out
+
+
+def normalise(obj: Any) -> Record:
+    """One input record in any supported format -> a llama-pipe record (raises RecordProblem)."""
+    if not isinstance(obj, dict):
+        raise RecordProblem("not_an_object", f"record is a {type(obj).__name__}, expected an object")
+    system: str | None = None
+    if "conversations" in obj:
+        turns = _turns(obj["conversations"], "from", "value")
+        if isinstance(obj.get("system"), str) and obj["system"]:
+            system = obj["system"]
+    elif "messages" in obj:
+        turns = _turns(obj["messages"], "role", "content")
+    elif "instruction" in obj and "output" in obj:
+        ins, inp, out = obj.get("instruction"), obj.get("input", ""), obj.get("output")
+        if not all(isinstance(x, str) for x in (ins, out)) or not isinstance(inp, (str, type(None))):
+            raise RecordProblem("bad_record", "alpaca record: instruction/input/output must be strings")
+        human = f"{ins}\n\n{inp}" if inp and inp.strip() else ins
+        turns = [("human", human), ("gpt", out)]
+    else:
+        keys = ", ".join(sorted(map(str, obj))[:6]) or "none"
+        raise RecordProblem("unknown_format", f"no 'conversations', 'messages' or 'instruction'+'output' (keys: {keys})")
+    lead = [v for r, v in _leading_system(turns)]
+    turns = turns[len(lead):]
+    if lead:
+        system = "\n\n".join(s for s in ([system] if system else []) + lead if s)
+    for i, (role, _) in enumerate(turns):
+        if role == "system":
+            raise RecordProblem("misplaced_system_turn", f"turn {i + len(lead)}: a system turn after the conversation started")
+    if not turns:
+        raise RecordProblem("no_turns", "no human/gpt turns")
+    rid = obj.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        rid = str(rid)
+    if not isinstance(rid, str) or not rid.strip():
+        digest = hashlib.sha1(json.dumps([system, turns], ensure_ascii=False).encode("utf-8")).hexdigest()
+        rid = f"auto-{digest[:16]}"
+    rec: Record = {"id": rid}
+    if system:
+        rec["system"] = system
+    rec["conversations"] = [{"from": r, "value": v} for r, v in turns]
+    return rec
+
+
+def _leading_system(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    lead = []
+    for t in turns:
+        if t[0] != "system":
+            break
+        lead.append(t)
+    return lead
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="IN", help="ShareGPT/OpenAI/Alpaca .json (list) or .jsonl files, merged in this order")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="merged JSONL")
+    parser.add_argument("--rejects", metavar="FILE", help="rejects JSONL (default: OUT with .rejects.jsonl)")
+    parser.add_argument("--stats", metavar="FILE", help="stats JSON (default: OUT with .stats.json)")
+    add_settings_arguments(parser, MergeSettings, "merge")
+
+
+def merge_files(inputs: list[str | Path], out: str | Path, settings: MergeSettings,
+                rejects: str | Path | None = None, stats: str | Path | None = None) -> StageWriter:
+    """Run the stage; returns the finished writer (its ``stats()`` are on disk)."""
+    # Read every file first: a malformed file aborts before anything is written.
+    items: list[tuple[str, Any]] = []
+    for path in inputs:
+        items.extend(read_records(path))
+    ids: Counter[str] = Counter()
+    if settings.dedupe == "reject_all":
+        for _, obj in items:
+            if isinstance(obj, dict) and isinstance(obj.get("id"), (str, int)) and not isinstance(obj.get("id"), bool):
+                ids[str(obj["id"])] += 1
+    seen: set[str] = set()
+    with StageWriter("merge", out, rejects, stats) as w:
+        for where, obj in progress(items, "merge"):
+            w.count_in()
+            if isinstance(obj, InvalidLine):
+                w.reject(obj, "invalid_json", f"{where}: {obj.error}")
+                continue
+            try:
+                rec = normalise(obj)
+            except RecordProblem as p:
+                w.reject(obj, p.reason, f"{where}: {p.detail}")
+                continue
+            rid = rec["id"]
+            if rid in seen or ids[rid] > 1:
+                w.reject(obj, "duplicate_id", f"{where}: id {rid!r} " + ("seen before" if rid in seen else f"occurs {ids[rid]} times"))
+                seen.add(rid)
+                continue
+            seen.add(rid)
+            w.keep(rec)
+        w.extra["inputs"] = [str(p) for p in inputs]
+    return w
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args, MergeSettings, "merge")
+    log_settings("merge", settings, inputs=args.inputs, output=args.output)
+    for p in args.inputs:
+        if not Path(p).exists():
+            raise InputError(f"{p}: file not found")
+    w = merge_files(args.inputs, args.output, settings, args.rejects, args.stats)
+    print(w.summary())
+    return 0
