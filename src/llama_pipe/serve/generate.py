@@ -124,6 +124,7 @@ class ChatModel:
         generated: list[int] = []
         sent = ""
         res.finish_reason = "length"
+        full = ""
         for tok in self._tokens(prompt, params, budget):
             res.completion_tokens += 1
             if tok in self.stop_ids:
@@ -133,29 +134,20 @@ class ChatModel:
             full = self.tokenizer.decode(generated, skip_special_tokens=True)
             hits = [p for p in (full.find(s) for s in stops) if p >= 0]
             if hits:
-                cut = min(hits)
                 res.finish_reason = "stop"
-                full = full[:cut]
-                if len(full) > len(sent):
-                    res.pieces.append(full[len(sent):])
-                    yield full[len(sent):]
-                sent = full
+                full = full[: min(hits)]
                 break
             if full.endswith("\ufffd") or not full.startswith(sent):
-                continue
+                continue  # half a character, or a decode that rewrote earlier text: wait
             ready = full[: len(full) - _held_back(full, stops)]
             if len(ready) > len(sent):
-                piece = ready[len(sent):]
-                sent = ready
+                piece, sent = ready[len(sent):], ready
                 res.pieces.append(piece)
                 yield piece
-        else:
-            if stops:  # the held-back tail turned out not to be a stop string
-                full = self.tokenizer.decode(generated, skip_special_tokens=True).rstrip("\ufffd")
-                if len(full) > len(sent) and full.startswith(sent):
-                    res.pieces.append(full[len(sent):])
-                    yield full[len(sent):]
-                    sent = full
+        # Whatever was held back (a stop-string prefix that was not one, a trailing byte) is final now.
+        if len(full) > len(sent) and full.startswith(sent):
+            res.pieces.append(full[len(sent):])
+            yield full[len(sent):]
         res.text = "".join(res.pieces)
 
     def complete(self, messages: Sequence[Message], params: SamplingParams, system: str | None = None) -> Completion:

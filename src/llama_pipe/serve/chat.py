@@ -1,0 +1,90 @@
+"""``llama-pipe chat MODEL``: multi-turn chat in the terminal, tokens printed as they are generated.
+
+``--prompt "..."`` answers once and exits (only the reply goes to stdout, so it pipes).
+``--adapter DIR`` (repeatable) merges peft adapters into the model in memory first, so an
+adapter can be tried before ``merge-adapter``. In the interactive loop ``/reset`` starts a new
+conversation and ``/exit`` (or Ctrl-D) quits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+from llama_pipe.config import ServeSettings
+from llama_pipe.serve.generate import ChatModel, Completion, SamplingParams
+from llama_pipe.settings import add_settings_arguments, describe, settings_from_args
+from llama_pipe.templates import Message
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="Hugging Face model directory (e.g. results/merged or results/hf_base)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="DIR", help="peft adapter applied on the fly (repeatable, in order)")
+    parser.add_argument("--prompt", default=None, help="answer this one message and exit")
+    parser.add_argument("--system", default=None, help="system prompt (default: the template's)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    add_settings_arguments(parser, ServeSettings, "serve")
+
+
+def reply(model: ChatModel, history: list[Message], params: SamplingParams, out: TextIO, system: str | None = None) -> Completion:
+    """Stream the assistant's answer to ``history`` into ``out`` and append it to ``history``."""
+    res = Completion()
+    for piece in model.stream(model.prompt_ids(history, system), params, res):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    history.append({"role": "assistant", "content": res.text})
+    return res
+
+
+def chat_loop(
+    model: ChatModel, params: SamplingParams, read: Callable[[str], str], out: TextIO, system: str | None = None
+) -> list[Message]:
+    """The interactive loop; ``read`` is ``input`` in a terminal. Returns the last conversation."""
+    history: list[Message] = []
+    out.write(f"chatting with {model.model_id} ({model.template.name}); /reset starts over, /exit or Ctrl-D quits\n")
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            out.write("\n")
+            return history
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return history
+        if text == "/reset":
+            history = []
+            out.write("(new conversation)\n")
+            continue
+        history.append({"role": "user", "content": text})
+        if len(model.prompt_ids(history, system)) >= model.context_length:
+            history.pop()
+            out.write(f"(the conversation no longer fits the {model.context_length}-token context; /reset to start over)\n")
+            continue
+        out.write("assistant> ")
+        res = reply(model, history, params, out, system)
+        if res.finish_reason == "length":
+            out.write("(reply cut at max_tokens)\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    from llama_pipe.serve.generate import load_chat_model
+
+    settings = settings_from_args(args, ServeSettings, "serve")
+    log.debug("chat settings:\n%s", describe(settings))
+    model = load_chat_model(Path(args.model), args.adapter, settings.device, settings.template, settings.model_id)
+    params = SamplingParams(max_new_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p, seed=args.seed)
+    if args.prompt is not None:
+        reply(model, [{"role": "user", "content": args.prompt}], params, sys.stdout, args.system)
+        return 0
+    chat_loop(model, params, input, sys.stdout, args.system)
+    return 0

@@ -1,0 +1,86 @@
+"""The web chat page, end to end in headless Chromium: type, watch the reply stream in, screenshot.
+
+Needs the Debian packages ``chromium`` and ``chromium-driver`` (skipped with a message otherwise)
+and the ``selenium`` package. The screenshot is written to ``tests/artifacts/chat_page.png``
+(ignored by git) and its path printed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="headless Chromium not installed: apt-get install -y chromium chromium-driver",
+)
+
+# Records every text the assistant bubble shows, so the test sees the reply grow piece by piece.
+OBSERVE = """
+window.__seen = [];
+new MutationObserver(() => {
+  const a = document.querySelector('.msg.assistant');
+  if (a && window.__seen[window.__seen.length - 1] !== a.textContent) window.__seen.push(a.textContent);
+}).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+"""
+
+
+@pytest.fixture()
+def browser(tmp_path: Path):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1000,700", f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(flag)
+    drv = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    drv.set_page_load_timeout(30)
+    yield drv
+    drv.quit()
+
+
+def test_chat_page_streams_a_reply(browser, slow_server) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(slow_server.url + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "model"), "tiny-slow"))
+    browser.execute_script(OBSERVE)
+    browser.find_element(By.ID, "max-tokens").clear()
+    browser.find_element(By.ID, "max-tokens").send_keys("40")
+    box = browser.find_element(By.ID, "prompt")
+    box.send_keys("Hello! What can you do?")
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '.msg.assistant[data-done="true"]'))
+
+    assert browser.find_element(By.CSS_SELECTOR, ".msg.user").text == "Hello! What can you do?"
+    reply = browser.find_element(By.CSS_SELECTOR, ".msg.assistant").get_attribute("textContent")
+    seen = [s for s in browser.execute_script("return window.__seen") if s]
+    assert reply.strip(), "the assistant bubble stayed empty"
+    assert len(seen) >= 3 and seen[-1] == reply, f"reply did not stream in pieces: {seen!r}"
+    assert all(reply.startswith(s) for s in seen), "each streamed state must be a prefix of the final reply"
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+    assert browser.find_element(By.ID, "send").is_enabled()
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "chat_page.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 1000
+    print(f"screenshot: {shot}")
+
+    # A second turn carries the history, and a server-side error shows as an error bubble.
+    browser.find_element(By.ID, "max-tokens").clear()
+    browser.find_element(By.ID, "max-tokens").send_keys("100000")
+    box.send_keys("And a second question?")
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.error"))
+    assert "exceeds this server's limit" in browser.find_element(By.CSS_SELECTOR, ".msg.error").text

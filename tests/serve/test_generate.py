@@ -1,0 +1,135 @@
+"""Streaming generation: incremental decoding, stop strings, sampling settings, and the chat command."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from llama_pipe.cli import main
+from llama_pipe.serve.chat import chat_loop
+from llama_pipe.serve.generate import ChatModel, Completion, SamplingParams
+
+
+class Scripted(ChatModel):
+    """The real tokenizer, but the 'model' emits a fixed token sequence."""
+
+    script: list[int] = []
+
+    def _tokens(self, prompt: list[int], params: SamplingParams, budget: int) -> Iterator[int]:
+        yield from self.script[:budget]
+
+
+def scripted(chat_model: ChatModel, text: str, end: bool = True) -> Scripted:
+    m = Scripted(chat_model.model, chat_model.tokenizer, chat_model.template, "scripted")
+    ids = chat_model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    m.script = ids + ([chat_model.tokenizer.eos_token_id] if end else [])
+    return m
+
+
+def pieces(model: ChatModel, params: SamplingParams) -> tuple[list[str], Completion]:
+    res = Completion()
+    out = list(model.stream(model.prompt_ids([{"role": "user", "content": "hi"}]), params, res))
+    return out, res
+
+
+def test_pieces_join_to_the_text_and_never_split_a_character(chat_model: ChatModel) -> None:
+    text = "Hello 世界, ok 龘龘 done ✓"
+    m = scripted(chat_model, text)
+    assert any(chat_model.tokenizer.convert_ids_to_tokens(i).startswith("<0x") for i in m.script), "needs byte-fallback tokens"
+    out, res = pieces(m, SamplingParams(max_new_tokens=200))
+    assert "".join(out) == text == res.text
+    assert len(out) > 3 and not any("\ufffd" in p for p in out)
+    assert res.finish_reason == "stop" and res.completion_tokens == len(m.script)
+
+
+def test_stop_strings_across_token_boundaries(chat_model: ChatModel) -> None:
+    m = scripted(chat_model, "The answer is 42. USER: and now?")
+    out, res = pieces(m, SamplingParams(max_new_tokens=200, stop=["USER:"]))
+    assert "".join(out) == "The answer is 42. " and res.finish_reason == "stop"
+    assert not any("U" in p for p in out), "a stop-string prefix must be held back, not streamed"
+    # A held-back prefix that turns out not to be a stop string is released.
+    m = scripted(chat_model, "See US history, USA.")
+    out, _ = pieces(m, SamplingParams(max_new_tokens=200, stop=["USER:"]))
+    assert "".join(out) == "See US history, USA."
+
+
+def test_max_new_tokens_gives_finish_reason_length(chat_model: ChatModel) -> None:
+    m = scripted(chat_model, "one two three four five six seven", end=False)
+    out, res = pieces(m, SamplingParams(max_new_tokens=3))
+    assert res.finish_reason == "length" and res.completion_tokens == 3
+    assert "".join(out) == chat_model.tokenizer.decode(m.script[:3])
+
+
+def test_greedy_and_tiny_top_p_agree_and_follow_argmax(chat_model: ChatModel) -> None:
+    msgs = [{"role": "user", "content": "Tell me a story."}]
+    greedy = chat_model.complete(msgs, SamplingParams(max_new_tokens=12, temperature=0))
+    nucleus = chat_model.complete(msgs, SamplingParams(max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=3))
+    assert greedy.text == nucleus.text
+    # The KV-cached loop equals argmax over full forward passes, token by token.
+    ids = chat_model.prompt_ids(msgs)
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(12):
+            nxt = int(chat_model.model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            if nxt in chat_model.stop_ids:
+                break
+            new.append(nxt)
+    assert greedy.text == chat_model.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_prompt_uses_the_template(chat_model: ChatModel) -> None:
+    ids = chat_model.prompt_ids([{"role": "user", "content": "hi"}])
+    text = chat_model.tokenizer.decode(ids, skip_special_tokens=True)
+    assert text.endswith("USER: hi ASSISTANT:") and ids[0] == chat_model.tokenizer.bos_token_id
+
+
+def test_chat_loop_is_multi_turn(chat_model: ChatModel) -> None:
+    lines = iter(["first question", "", "second question", "/reset", "fresh start"])
+    prompts: list[str] = []
+
+    class Recording(ChatModel):
+        def stream(self, prompt, params, result=None):  # type: ignore[override]
+            prompts.append(self.tokenizer.decode(prompt, skip_special_tokens=True))
+            return super().stream(prompt, params, result)
+
+    m = Recording(chat_model.model, chat_model.tokenizer, chat_model.template, "tiny")
+    out = io.StringIO()
+
+    def read(prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    history = chat_loop(m, SamplingParams(max_new_tokens=4, temperature=0), read, out)
+    assert len(prompts) == 3
+    first_answer = prompts[1].split("ASSISTANT:")[1].split("USER:")[0].strip()
+    assert "USER: first question ASSISTANT:" in prompts[1] and "USER: second question ASSISTANT:" in prompts[1]
+    assert first_answer == chat_model.complete([{"role": "user", "content": "first question"}],
+                                                SamplingParams(max_new_tokens=4, temperature=0)).text.strip()
+    assert "first question" not in prompts[2]
+    assert [h["role"] for h in history] == ["user", "assistant"] and history[0]["content"] == "fresh start"
+    assert "(new conversation)" in out.getvalue()
+
+
+def test_chat_prompt_answers_once(tiny_hf_model_dir, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["chat", str(tiny_hf_model_dir), "--prompt", "Hi there", "--max-tokens", "6", "--temperature", "0", "--device", "cpu"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert first.strip() and first.endswith("\n")
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first, "greedy replies are reproducible"
+
+
+def test_chat_applies_an_adapter_on_the_fly(tiny_hf_model_dir, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_merge_adapter import make_adapter
+
+    adapter = make_adapter(tiny_hf_model_dir, tmp_path / "a", 5, ["q_proj", "v_proj", "o_proj"])
+    base = ["chat", str(tiny_hf_model_dir), "--prompt", "Hi there", "--max-tokens", "24", "--temperature", "0", "--device", "cpu"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main([*base, "--adapter", str(adapter)]) == 0
+    assert capsys.readouterr().out != plain
