@@ -1,0 +1,264 @@
+"""The bad-input corpus (corpus/manifest.yaml) against every data stage it can reach.
+
+* whole-file errors: exit 2, a one-line message naming the file and the place, nothing written;
+* record-level errors: exit 0, the bad records in the stage's rejects file, the stats invariant
+  ``in == out + sum(rejected)``, every kept record well formed, no temporary files left;
+* the merge -> clean -> filter-lang -> split chain: which stage rejects which record.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.reliability import harness as h
+
+FILE_CASES = [(c, s) for c in h.cases_for("test_file_level_case") for s in c["stages"]]
+RECORD_CASES = h.cases_for("test_record_level_pipeline")
+DIRECT_CASES = [(c, s) for c in RECORD_CASES for s in c["stages"]]
+GENERATED = h.cases_for("test_generated_pipeline")
+CONFIG_CASES = [(c, s) for c in h.cases_for("test_bad_config") for s in c["stages"]]
+
+
+def _ids(pairs: list[tuple[dict[str, Any], str]]) -> list[str]:
+    return [f"{c['name']}-{s}" for c, s in pairs]
+
+
+def _inputs(c: dict[str, Any], dest: Path) -> list[Path]:
+    """Copy a case's input file(s) into ``dest`` (or build a generated one) and return the paths."""
+    dest.mkdir(parents=True, exist_ok=True)
+    gen = c.get("generate")
+    if gen == "missing_file":
+        return [dest / "does-not-exist.json"]
+    if gen == "directory_as_input":
+        d = dest / "a-directory.json"
+        d.mkdir()
+        return [d]
+    if gen == "huge_turn":
+        return [_write(dest / "huge_turn.json", [_small(), _huge()])]
+    if gen == "deep_html":
+        return [_write(dest / "deep_html.json", [_small(), _deep()])]
+    names = c["input"] if isinstance(c["input"], list) else [c["input"]]
+    out = []
+    for name in names:
+        shutil.copy(h.CORPUS / name, dest / name)
+        out.append(dest / name)
+    return out
+
+
+def _write(path: Path, records: list[Any]) -> Path:
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def _small() -> dict[str, Any]:
+    return {"id": "small-1", "conversations": [
+        {"from": "human", "value": "What is the capital city of France, please?"},
+        {"from": "gpt", "value": "The capital of France is Paris, on the river Seine."}]}
+
+
+def _huge() -> dict[str, Any]:
+    words = "the quick brown fox jumps over the lazy dog while the river keeps flowing north "
+    text = (words * (10 * 1024 * 1024 // len(words) + 1))[: 10 * 1024 * 1024]
+    return {"id": "huge-1", "conversations": [
+        {"from": "human", "value": "Please write me a very, very long story about a fox."},
+        {"from": "gpt", "value": text}]}
+
+
+def _deep() -> dict[str, Any]:
+    html = "<div>" * 10_000 + "<p>The answer is forty-two, said the deep thought computer.</p>" + "</div>" * 10_000
+    return {"id": "deep-1", "conversations": [
+        {"from": "human", "value": "What is the answer to life, the universe and everything?"},
+        {"from": "gpt", "value": html}]}
+
+
+# ----------------------------------------------------------------------------- whole-file errors
+
+
+@pytest.mark.parametrize(("c", "stage"), FILE_CASES, ids=_ids(FILE_CASES))
+def test_file_level_case(c: dict[str, Any], stage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], tokenizer_dir: Path) -> None:
+    h.require_stage(stage)
+    inputs = _inputs(c, tmp_path / "in")
+    before = h.files_under(tmp_path)
+    run = h.run_stage(stage, inputs, tmp_path / "out", capsys, tokenizer_dir)
+    h.check_clean_failure(run, c["message"], before, tmp_path)
+
+
+# ----------------------------------------------------------------------------- record-level errors
+
+
+@pytest.mark.parametrize(("c", "stage"), DIRECT_CASES, ids=_ids(DIRECT_CASES))
+def test_record_level_direct(c: dict[str, Any], stage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], tokenizer_dir: Path) -> None:
+    """A stage run directly on a file with some bad records: rejects them or refuses the file
+    clearly (exit 2); never a traceback, never a malformed record passed on, never a partial output."""
+    h.require_stage(stage)
+    inputs = _inputs(c, tmp_path / "in")
+    before = h.files_under(tmp_path)
+    run = h.run_stage(stage, inputs, tmp_path / "out", capsys, tokenizer_dir)
+    if run.rc == 2:
+        h.check_clean_failure(run, [inputs[0].name], before, tmp_path)
+    else:
+        h.check_success(run)
+
+
+def _final_ids(records: list[dict[str, Any]]) -> set[str]:
+    return {r.get("source_id", r["id"]) if isinstance(r.get("source_id"), str) else r["id"] for r in records}
+
+
+def _run_pipeline(c: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], tokenizer_dir: Path) -> dict[str, Any]:
+    h.require_stage(*h.PIPELINE)
+    inputs = _inputs(c, tmp_path / "in")
+    result: dict[str, Any] = {"rejects": {}, "stats": {}, "outputs": {}}
+    current = inputs
+    for stage in h.PIPELINE:
+        run = h.run_stage(stage, current, tmp_path / stage, capsys, tokenizer_dir)
+        h.check_success(run)
+        out = run.outputs[0]
+        result["stats"][stage] = h.check_stats(run.stats[0])
+        result["rejects"][stage] = h.rejects_of(out)
+        result["outputs"][stage] = h.read_jsonl(out)
+        current = [out]
+    return result
+
+
+def _check_pipeline(c: dict[str, Any], result: dict[str, Any]) -> None:
+    spec = c.get("pipeline", {})
+    final = _final_ids(result["outputs"]["split"])
+    for rid in spec.get("kept", []):
+        assert rid in final, f"{rid!r} should reach the end; rejects: {_where_rejected(result, rid)}"
+    for rid, stages in spec.get("rejected", {}).items():
+        stages = stages if isinstance(stages, list) else [stages]
+        assert rid not in final, f"{rid!r} should have been rejected"
+        where = _where_rejected(result, rid)
+        assert where and where[0][0] in stages, f"{rid!r}: expected a reject in {stages}, got {where}"
+        assert all(reason for _, reason in where), f"{rid!r}: reject without a reason: {where}"
+        if rid in spec.get("reasons", {}):
+            assert where[0][1] == spec["reasons"][rid], where
+    for stage, n in spec.get("rejected_count", {}).items():
+        got = sum(result["stats"][stage]["rejected"].values())
+        assert got == n, f"{stage}: expected {n} rejected, stats say {result['stats'][stage]}"
+    for stage, stats in result["stats"].items():
+        assert stats["in"] >= 0 and stats["out"] >= 0, stats
+    # Each stage reads what the one before kept (no record appears or vanishes between stages).
+    prev = None
+    for stage in h.PIPELINE:
+        if prev is not None:
+            assert result["stats"][stage]["in"] == result["stats"][prev].get("lines_out", result["stats"][prev]["out"]), (
+                prev, result["stats"][prev], stage, result["stats"][stage])
+        prev = stage
+
+
+def _where_rejected(result: dict[str, Any], rid: str) -> list[tuple[str, str]]:
+    return [(stage, row.get("reason", "")) for stage in h.PIPELINE for row in result["rejects"][stage] if row.get("id") == rid]
+
+
+def _turns(records: list[dict[str, Any]], rid: str) -> list[dict[str, Any]]:
+    for r in records:
+        if r["id"] == rid:
+            return r["conversations"]
+    raise AssertionError(f"{rid!r} not in output")
+
+
+def _extra_checks(c: dict[str, Any], result: dict[str, Any], tmp_path: Path) -> None:
+    outs = result["outputs"]
+    for check in c.get("check", []):
+        if check == "gpt_first_dropped":
+            assert _turns(outs["clean"], "ro-gpt-first")[0]["from"] == "human"
+        elif check == "duplicate_keeps_first":
+            assert "file A" in _turns(outs["merge"], "dup-1")[0]["value"]
+            rows = [r for r in result["rejects"]["merge"] if r["id"] == "dup-1"]
+            assert len(rows) == 1 and "dup" in rows[0]["reason"], rows
+        elif check == "no_script_or_style":
+            text = json.dumps(outs["clean"], ensure_ascii=False)
+            for bad in ("pwned-script", "pwned-cookie", "color:red", "<script", "<style"):
+                assert bad not in text, f"{bad!r} survived clean: {text[:500]}"
+            assert "hello" in _turns(outs["clean"], "ss-1")[1]["value"]
+        elif check == "entities_decoded_no_nul":
+            gpt = _turns(outs["clean"], "en-1")[1]["value"]
+            for ent in ("&lt;", "&gt;", "&amp;", "&nbsp;"):
+                assert ent not in gpt, f"entity {ent} left in the cleaned gpt turn: {gpt!r}"
+            assert "3 < 5" in gpt and "Jerry" in gpt, gpt
+            for stage in ("clean", "filter-lang", "split"):
+                assert "\x00" not in json.dumps(outs[stage], ensure_ascii=False).replace("\\u0000", "\x00"), stage
+        elif check == "one_language_label":
+            (rec,) = [r for r in outs["filter-lang"] if r["id"] == "ml-1"]
+            assert isinstance(rec.get("lang"), str) and rec["lang"], rec
+        elif check == "code_survives_clean":
+            value = _turns(outs["clean"], "cb-1")[1]["value"]
+            assert "def f599(x):" in value and "```" in value, value[:300]
+        elif check == "no_files_from_ids":
+            assert not Path("/tmp/llama-pipe-abs-id").exists()
+            names = {p.name for p in tmp_path.parent.rglob("*")}
+            assert not {"escape-up", "windows-escape", "llama-pipe-abs-id"} & names, names
+            assert not (tmp_path / "split" / "shard-000.jsonl").exists()
+            kept = {r["id"] for r in outs["merge"]}
+            assert {"../../escape-up", "/tmp/llama-pipe-abs-id", "..\\..\\windows-escape"} <= kept
+        elif check == "deep_html_no_tags":
+            rows = [r for r in outs["clean"] if r["id"] == "deep-1"]
+            if rows:
+                value = rows[0]["conversations"][1]["value"]
+                assert "<div" not in value and "forty-two" in value, value[:300]
+            else:
+                assert _where_rejected(result, "deep-1"), "deep-1 neither kept nor rejected"
+        else:  # pragma: no cover - a typo in the manifest
+            raise AssertionError(f"unknown check {check!r}")
+
+
+@pytest.mark.parametrize("c", RECORD_CASES, ids=[c["name"] for c in RECORD_CASES])
+def test_record_level_pipeline(c: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], tokenizer_dir: Path) -> None:
+    result = _run_pipeline(c, tmp_path, capsys, tokenizer_dir)
+    _check_pipeline(c, result)
+    _extra_checks(c, result, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c", GENERATED, ids=[c["name"] for c in GENERATED])
+def test_generated_pipeline(c: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], tokenizer_dir: Path) -> None:
+    """10 MB turns and 10,000-level HTML are generated here, not committed."""
+    result = _run_pipeline(c, tmp_path, capsys, tokenizer_dir)
+    _check_pipeline(c, result)
+    _extra_checks(c, result, tmp_path)
+
+
+# ----------------------------------------------------------------------------- config.yaml
+
+
+@pytest.mark.parametrize(("c", "stage"), CONFIG_CASES, ids=_ids(CONFIG_CASES))
+def test_bad_config(c: dict[str, Any], stage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], tokenizer_dir: Path) -> None:
+    """A bad config.yaml stops the stage before it reads any data: exit 2 naming the key path."""
+    h.require_stage(stage)
+    good = tmp_path / "in" / "good.json"
+    good.parent.mkdir(parents=True)
+    shutil.copy(h.CORPUS / "bom.json", good)
+    cfg = tmp_path / "in" / c["input"]
+    shutil.copy(h.CORPUS / c["input"], cfg)
+    before = h.files_under(tmp_path)
+    run = h.run_stage(stage, [good], tmp_path / "out", capsys, tokenizer_dir, extra=["--config", str(cfg)])
+    h.check_clean_failure(run, c["message"], before, tmp_path)
+
+
+# ----------------------------------------------------------------------------- the manifest itself
+
+
+def test_manifest_is_complete() -> None:
+    """Every case names an existing input and a test that exists; at least 25 kinds."""
+    import tests.reliability.test_security as sec
+    import tests.reliability.test_weights_integrity as wi
+
+    m = h.manifest()
+    names = [c["name"] for c in m["cases"]]
+    assert len(names) == len(set(names)), "duplicate case names"
+    assert len(names) >= 25
+    tests = {n for mod in (globals(), vars(sec), vars(wi)) for n in mod if n.startswith("test_")}
+    for c in m["cases"]:
+        assert c["test"] in tests, f"{c['name']}: test {c['test']} does not exist"
+        assert c["level"] in ("file", "record", "ok"), c
+        assert ("input" in c) != ("generate" in c), c
+        for name in [c["input"]] if isinstance(c.get("input"), str) else c.get("input", []):
+            assert (h.CORPUS / name).is_file(), name
+        if c["level"] == "file":
+            assert c.get("message"), c

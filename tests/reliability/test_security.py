@@ -1,0 +1,301 @@
+"""Nothing from outside runs code: pickles are refused, remote code is opt-in, shell values are
+quoted, the server stays on localhost and bounds its requests, ids never become paths.
+
+Each malicious pickle here is live: a sanity check first loads a twin of it the unsafe way
+(``weights_only=False``) and sees the side effect happen, so the refusal tests can fail.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.reliability import harness as h
+
+
+class _Payload:
+    """Unpickling this runs ``touch MARKER`` (what a hostile checkpoint would do, less harmfully)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+def plant_pickle(path: Path, marker: Path, key: str) -> None:
+    """A torch checkpoint whose one 'tensor' is the payload."""
+    import torch
+
+    torch.save({key: _Payload(marker)}, path)
+
+
+@pytest.fixture()
+def live_payload_check(tmp_path: Path) -> None:
+    """Prove the payload works: an unsafe ``torch.load`` of a twin file does touch its marker."""
+    import torch
+
+    twin, marker = tmp_path / "twin.pth", tmp_path / "twin-marker"
+    plant_pickle(twin, marker, "x")
+    torch.load(twin, weights_only=False)  # noqa: S614 - deliberately unsafe, on our own payload
+    assert marker.exists(), "the payload did not run when loaded unsafely; the refusal tests would prove nothing"
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()  # noqa: S324 - Meta's checklist.chk format
+
+
+def test_malicious_pickle_in_meta_shard_is_refused(
+    live_payload_check: None, meta_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hostile mirror: the shard AND its checklist.chk line are replaced, so only the loader
+    (``torch.load(weights_only=True)``) stands between the file and code execution."""
+    h.require_stage("convert")
+    marker = tmp_path / "pwned-by-shard"
+    shard = meta_base / "consolidated.00.pth"
+    plant_pickle(shard, marker, "tok_embeddings.weight")
+    chk = meta_base / "checklist.chk"
+    chk.write_text(
+        "".join(f"{_md5(shard)}  {shard.name}\n" if line.endswith(shard.name) else line + "\n"
+                for line in chk.read_text(encoding="utf-8").splitlines()),
+        encoding="utf-8",
+    )
+    before = h.files_under(tmp_path)
+    argv = ["convert", str(meta_base), "-o", str(tmp_path / "hf")]
+    rc, err = h.run_cli(argv, capsys)
+    assert not marker.exists(), "the pickled payload in consolidated.00.pth RAN"
+    h.check_clean_failure(h.Run("convert", argv, rc, err), h.case("malicious_pickle_shard")["message"], before, tmp_path)
+
+
+def _adapter_config(base: Path) -> dict[str, object]:
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
+        "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+    }
+
+
+def test_malicious_pickle_in_adapter_is_refused(
+    live_payload_check: None, tiny_hf_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    h.require_stage("merge-adapter")
+    marker = tmp_path / "pwned-by-adapter"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(_adapter_config(tiny_hf_model_dir)), encoding="utf-8")
+    plant_pickle(adapter / "adapter_model.bin", marker, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+    before = h.files_under(tmp_path)
+    argv = ["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapter), "-o", str(tmp_path / "merged")]
+    rc, err = h.run_cli(argv, capsys)
+    assert not marker.exists(), "the pickled payload in adapter_model.bin RAN"
+    h.check_clean_failure(h.Run("merge-adapter", argv, rc, err), h.case("malicious_pickle_adapter")["message"], before, tmp_path)
+
+    # The same adapter handed to chat/serve (merged in memory) is refused the same way.
+    from llama_pipe.records import InputError
+    from llama_pipe.serve.generate import load_chat_model
+
+    with pytest.raises(InputError, match="adapter_model.bin"):
+        load_chat_model(tiny_hf_model_dir, [adapter], device="cpu")
+    assert not marker.exists()
+
+
+def test_malicious_pickle_as_hf_weights_is_refused(
+    live_payload_check: None, tiny_hf_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An HF-layout base whose only weights are a pytorch_model.bin pickle: convert's
+    pass-through refuses it instead of handing it to transformers."""
+    import shutil
+
+    h.require_stage("convert")
+    marker = tmp_path / "pwned-by-hf-bin"
+    base = tmp_path / "hf_in"
+    shutil.copytree(tiny_hf_model_dir, base)
+    for f in base.glob("*.safetensors*"):
+        f.unlink()
+    plant_pickle(base / "pytorch_model.bin", marker, "model.embed_tokens.weight")
+    before = h.files_under(tmp_path)
+    argv = ["convert", str(base), "-o", str(tmp_path / "hf_out")]
+    rc, err = h.run_cli(argv, capsys)
+    assert not marker.exists(), "the pickled payload in pytorch_model.bin RAN"
+    h.check_clean_failure(h.Run("convert", argv, rc, err), ["pytorch_model.bin"], before, tmp_path)
+
+
+def test_every_torch_load_is_weights_only() -> None:
+    """Static guard: every ``torch.load(`` call in the package passes ``weights_only=True``."""
+    offenders = []
+    for path in sorted((REPO / "src" / "llama_pipe").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load":
+                base = node.func.value
+                if isinstance(base, ast.Name) and base.id == "torch":
+                    kw = {k.arg: k.value for k in node.keywords}
+                    ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                    if not ok:
+                        offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+            if isinstance(node, ast.Attribute) and node.attr in ("loads", "load") and isinstance(node.value, ast.Name) \
+                    and node.value.id in ("pickle", "cPickle", "dill", "joblib"):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno} ({node.value.id}.{node.attr})")
+    assert not offenders, f"unsafe deserialisation: {offenders}"
+
+
+# ----------------------------------------------------------------------------- trust_remote_code
+
+
+def test_trust_remote_code_is_off_by_default_and_never_hard_coded() -> None:
+    import dataclasses
+
+    from llama_pipe.config import SECTIONS
+
+    with_field = {name: cls for name, cls in SECTIONS.items() if any(f.name == "trust_remote_code" for f in dataclasses.fields(cls))}
+    assert with_field, "no config section has trust_remote_code"
+    for name, cls in with_field.items():
+        assert cls().trust_remote_code is False, name
+    offenders = []
+    for path in sorted((REPO / "src" / "llama_pipe").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
+                if isinstance(node.value, ast.Constant) and node.value.value is True:
+                    offenders.append(f"{path.relative_to(REPO)}:{node.value.lineno}")
+    assert not offenders, f"trust_remote_code=True hard-coded at {offenders}"
+
+
+def test_trust_remote_code_enabled_is_warned(caplog: pytest.LogCaptureFixture) -> None:
+    """Turning it on is logged as a warning that names the setting."""
+    h.require_stage("train")
+    import logging
+
+    from llama_pipe.config import TrainSettings
+
+    warn = _find_remote_code_warner()
+    with caplog.at_level(logging.WARNING):
+        warn(TrainSettings(trust_remote_code=True))
+    assert any("trust_remote_code" in r.getMessage() and r.levelno >= logging.WARNING for r in caplog.records), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        warn(TrainSettings())
+    assert not any("trust_remote_code" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def _find_remote_code_warner():  # type: ignore[no-untyped-def]
+    """The train package's function that warns about trust_remote_code (by convention
+    ``warn_trust_remote_code(settings)``); fail with a clear message if there is none."""
+    import importlib
+    import pkgutil
+
+    import llama_pipe.train as train_pkg
+
+    for mod in pkgutil.iter_modules(train_pkg.__path__):
+        m = importlib.import_module(f"llama_pipe.train.{mod.name}")
+        fn = getattr(m, "warn_trust_remote_code", None)
+        if callable(fn):
+            return fn
+    pytest.fail("no llama_pipe.train.*.warn_trust_remote_code(settings): enabling trust_remote_code is not warned")
+
+
+# ----------------------------------------------------------------------------- shell quoting
+
+
+EVIL = "; touch pwned-by-config #"  # relative: a job would run it in the workspace
+
+
+def _workspace(tmp_path: Path) -> Path:
+    """A copy of the workflow with a config whose values try to inject shell commands."""
+    import shutil
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copy(REPO / "Snakefile", ws / "Snakefile")
+    shutil.copytree(REPO / "workflow", ws / "workflow")
+    shutil.copy(REPO / "config.yaml", ws / "config.yaml")
+    evil = EVIL
+    data = ws / f"in{evil}.json"
+    data.write_text((h.CORPUS / "bom.json").read_text(encoding="utf-8-sig"), encoding="utf-8")
+    (ws / "evil.yaml").write_text(json.dumps({
+        "data": {"inputs": [data.name]},
+        "base": {"tokenizer_corpus": [data.name]},
+        "clean": {"blocked_words": [evil, "openai"]},
+        "eval": {"questions": f"q{evil}.jsonl"},
+        "serve": {"model_id": evil},
+    }), encoding="utf-8")
+    return ws
+
+
+def test_config_values_reach_shell_quoted(tmp_path: Path) -> None:
+    """``snakemake -n -p`` with ``; touch /tmp/...`` in paths and values: every printed
+    command splits (shlex) into tokens that keep the value whole, and nothing is executed."""
+    ws = _workspace(tmp_path)
+    marker = ws / "pwned-by-config"
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "snakemake"), "results/data/train.jsonl", "-n", "-p", "--cores", "1",
+         "--configfile", "evil.yaml"],
+        cwd=ws, capture_output=True, text=True, timeout=120,
+        env=h.set_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    commands = [line.strip() for line in proc.stdout.splitlines() if line.strip().startswith("llama-pipe ")]
+    assert commands, proc.stdout[-2000:]
+    evil = EVIL
+    seen = 0
+    for cmd in commands:
+        tokens = shlex.split(cmd)
+        assert "touch" not in tokens, f"an injected command would run: {cmd}"
+        seen += sum(evil in t for t in tokens)
+    assert seen >= 2, f"the evil values did not reach the commands at all: {commands}"
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def test_server_defaults_and_limits(tiny_hf_model_dir: Path) -> None:
+    """Binds 127.0.0.1 by default; a body over max_request_bytes is 413; max_tokens above the
+    limit is 400; malformed JSON is 400; and the server still answers a good request after."""
+    h.require_stage("serve")
+    import http.client
+    import threading
+
+    from llama_pipe.config import ServeSettings
+    from llama_pipe.serve.generate import load_chat_model
+    from llama_pipe.serve.server import ChatServer
+
+    assert ServeSettings().host == "127.0.0.1"
+    settings = ServeSettings(port=0, max_tokens=8, max_request_bytes=4096, device="cpu")
+    server = ChatServer(load_chat_model(tiny_hf_model_dir, device="cpu"), settings)
+    assert server.server_address[0] == "127.0.0.1"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        def post(body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, object]]:
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+            conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json", **(headers or {})})
+            resp = conn.getresponse()
+            data = resp.read()
+            conn.close()
+            return resp.status, json.loads(data) if data else {}
+
+        msg = {"messages": [{"role": "user", "content": "hello"}]}
+        status, body = post(b'{"messages": [')
+        assert status == 400 and "error" in body, body
+        status, body = post(b"\xff\xfe not json")
+        assert status == 400, body
+        status, body = post(json.dumps({**msg, "pad": "x" * 5000}).encode())
+        assert status == 413, body
+        status, body = post(json.dumps({**msg, "max_tokens": 9}).encode())
+        assert status == 400 and "max_tokens" in json.dumps(body), body
+        status, body = post(json.dumps({**msg, "max_tokens": 4, "temperature": 0}).encode())
+        assert status == 200, body
+        assert body["usage"]["completion_tokens"] <= 4, body  # type: ignore[index]
+    finally:
+        server.shutdown()
+        server.server_close()
