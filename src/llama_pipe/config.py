@@ -201,7 +201,9 @@ class TrainSettings:
     on_nonfinite: Literal["stop", "skip"] = opt("stop", "a NaN/inf loss: stop naming the step, or skip that step")
     seed: int = opt(0, "seed for weights init, dropout and data order")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
-    num_workers: int = opt(0, "DataLoader worker processes", minimum=0)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt(
+        "sdpa", "attention kernel (all three honour packed sequences' restarting position_ids)"
+    )
     trust_remote_code: bool = opt(False, "allow model code from the checkpoint to run (never implicit)")
 
 

@@ -1,0 +1,187 @@
+"""GPU fast path for LoRA / QLoRA / 8-bit training of Llama-family models.
+
+One entry point, :func:`apply`, patches a loaded transformers causal LM (or the peft model
+around it) in place and reports what it changed:
+
+- ``fused_loss``: the loss is computed with the output projection, chunk by chunk, without
+  full fp32 logits (:mod:`.loss`; works on CPU too, exact up to rounding);
+- ``kernels``: liger-kernel's Triton RMSNorm, SwiGLU and RoPE (:mod:`.kernels`; CUDA, optional
+  dependency);
+- ``varlen_attention``: packed rows attend per document through PyTorch's flash varlen kernel
+  instead of SDPA with a dense block mask (:mod:`.attention`; CUDA, bf16/fp16);
+- ``offload_checkpoints``: where gradient checkpointing is on, each decoder layer's saved input
+  goes to pinned host memory and comes back one layer ahead in the backward pass
+  (:mod:`.offload`; CUDA);
+- ``adapter_autocast``: the forward runs under bf16 autocast when the base computes in bf16 and
+  the adapters are fp32 (peft's default), so the adapter matmuls use the tensor cores instead of
+  fp32 copies of every layer input (optimizer and gradients stay fp32).
+
+``kernels="auto"`` turns on what the hardware supports and does nothing on CPU; ``"none"``
+leaves the model untouched. Call it after ``get_peft_model`` and after gradient checkpointing
+is enabled (offloading replaces the checkpoint function of layers that already checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+import torch
+
+from llama_pipe.train.fast.loss import fused_linear_cross_entropy, reference_causal_lm_loss
+
+__all__ = ["FastOptions", "FastReport", "apply", "options_for", "fused_linear_cross_entropy", "reference_causal_lm_loss"]
+
+log = logging.getLogger(__name__)
+
+KernelsSetting = Literal["auto", "none"]
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """Which levers :func:`apply` may use (each still checks that it can run)."""
+
+    fused_loss: bool = True
+    kernels: bool = True
+    varlen_attention: bool = True
+    offload_checkpoints: bool = True
+    adapter_autocast: bool = True
+    #: allow the levers that also run on CPU (fused loss, checkpoint function) on a CPU model.
+    cpu: bool = False
+
+
+def options_for(setting: Union[str, FastOptions]) -> Optional[FastOptions]:
+    """``"auto"`` -> every lever, ``"none"`` -> None (leave the model alone)."""
+    if isinstance(setting, FastOptions):
+        return setting
+    if setting == "auto":
+        return FastOptions()
+    if setting == "none":
+        return None
+    raise ValueError(f"train.kernels must be 'auto' or 'none', got {setting!r}")
+
+
+@dataclass
+class FastReport:
+    """What :func:`apply` did: lever -> 'on' or the reason it is off."""
+
+    levers: dict[str, str] = field(default_factory=dict)
+
+    def on(self, lever: str) -> bool:
+        return self.levers.get(lever) == "on"
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in self.levers.items()) or "none"
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _base_dtype(model: torch.nn.Module) -> torch.dtype:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return emb.weight.dtype if emb is not None else next(model.parameters()).dtype
+
+
+def _adapter_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
+    return {p.dtype for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+
+
+def _wrap_autocast(base: torch.nn.Module, dtype: torch.dtype) -> None:
+    import functools
+    import types
+
+    inner = base.forward
+    if getattr(inner, "_llama_pipe_autocast", False):
+        return
+
+    @functools.wraps(inner)
+    def forward(self: torch.nn.Module, *args, **kwargs):  # noqa: ANN001, ANN202
+        if torch.is_autocast_enabled("cuda"):
+            return inner(*args, **kwargs)
+        with torch.autocast("cuda", dtype=dtype):
+            return inner(*args, **kwargs)
+
+    forward._llama_pipe_autocast = True  # type: ignore[attr-defined]
+    base.forward = types.MethodType(forward, base)
+
+
+def apply(model: torch.nn.Module, kernels: Union[KernelsSetting, FastOptions] = "auto") -> torch.nn.Module:
+    """Patch ``model`` (a transformers causal LM, or a peft model around one) in place.
+
+    Returns the same model; ``report(model)`` tells what was applied (also logged at INFO).
+    """
+    from llama_pipe.train.fast import attention, kernels as kern, offload
+    from llama_pipe.train.fast.loss import patch_fused_loss, supports_fused_loss
+
+    opts = options_for(kernels)
+    base = _unwrap(model)
+    rep = FastReport()
+    if opts is None:
+        rep.levers["all"] = "off (train.kernels: none)"
+        base._llama_pipe_fast_report = rep
+        return model
+    device = _model_device(base)
+    on_gpu = device.type == "cuda"
+    cpu_ok = on_gpu or opts.cpu
+    dtype = _base_dtype(base)
+
+    def lever(name: str, wanted: bool, reason_off: Optional[str]) -> bool:
+        if not wanted:
+            rep.levers[name] = "off (not requested)"
+            return False
+        if reason_off is not None:
+            rep.levers[name] = f"off ({reason_off})"
+            return False
+        rep.levers[name] = "on"
+        return True
+
+    if lever("fused_loss", opts.fused_loss, supports_fused_loss(base) or (None if cpu_ok else "CPU model")):
+        patch_fused_loss(base)
+    if lever("kernels", opts.kernels, kern.liger_unavailable_reason() if on_gpu else "CPU model"):
+        counts = kern.patch_llama_kernels(base)
+        rep.levers["kernels"] = "on (" + ", ".join(f"{k} x{v}" for k, v in counts.items()) + ")"
+    varlen_off = None if on_gpu and attention.varlen_available() else "needs CUDA sm80+ and torch.nn.attention.varlen"
+    if varlen_off is None and dtype not in (torch.bfloat16, torch.float16):
+        varlen_off = f"base computes in {dtype}"
+    if lever("varlen_attention", opts.varlen_attention, varlen_off):
+        attention.install(base)
+    ckpt_on = any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
+    off_reason = None if ckpt_on else "gradient checkpointing is off"
+    if off_reason is None and not cpu_ok:
+        off_reason = "CPU model"
+    if lever("offload_checkpoints", opts.offload_checkpoints, off_reason):
+        n = offload.install(base)
+        rep.levers["offload_checkpoints"] = f"on ({n} layers)" if on_gpu else f"on ({n} layers, CPU: recompute only)"
+    ad = _adapter_dtypes(base)
+    ac_off = None
+    if not on_gpu:
+        ac_off = "CPU model"
+    elif dtype != torch.bfloat16:
+        ac_off = f"base computes in {dtype}"
+    elif ad != {torch.float32}:
+        ac_off = "adapters are not fp32" if ad else "no LoRA adapters"
+    if lever("adapter_autocast", opts.adapter_autocast, ac_off):
+        _wrap_autocast(base, torch.bfloat16)
+    base._llama_pipe_fast_report = rep
+    log.info("fast path: %s", rep.describe())
+    return model
+
+
+def report(model: torch.nn.Module) -> FastReport:
+    """The :class:`FastReport` of the last :func:`apply` on ``model`` (empty if never applied)."""
+    return getattr(_unwrap(model), "_llama_pipe_fast_report", FastReport())
+
+
+def replace(opts: FastOptions, **changes: bool) -> FastOptions:
+    """A copy of ``opts`` with some levers changed (for benchmarks that measure each lever)."""
+    return dataclasses.replace(opts, **changes)

@@ -1,0 +1,81 @@
+"""End of a run: gather the weights, save, verify, and move the run directory into place."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.config import TrainSettings
+from llama_pipe.settings import to_dict
+from llama_pipe.templates import ChatTemplate
+from llama_pipe.train.output import replace_dir, verify_adapter, verify_full, write_json
+
+log = logging.getLogger("llama_pipe.train")
+
+
+def write_output(
+    acc: Any,
+    model: Any,
+    tokenizer: Any,
+    template: ChatTemplate,
+    settings: TrainSettings,
+    summary: dict[str, Any],
+    base: Path,
+    out: Path,
+    root: Path,
+    inputs: dict[str, str],
+) -> None:
+    """Save adapter (or full model), tokenizer, config, metrics, summary and checkpoints to ``out``.
+
+    Collective: every process calls it, because ``accelerator.get_state_dict`` gathers the full
+    weights from every rank under FSDP and DeepSpeed ZeRO-3 (an adapter saved from one ZeRO-3
+    rank's shards would be empty). Only the main process writes.
+    """
+    import transformers
+    import peft
+    import torch
+
+    acc.wait_for_everyone()
+    state_dict = acc.get_state_dict(model)
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(model)
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        if settings.mode == "full":
+            expected = {k: v for k, v in state_dict.items()}
+            n = verify_full(tmp, expected)
+        else:
+            from peft import get_peft_model_state_dict
+
+            expected = get_peft_model_state_dict(unwrapped, state_dict=state_dict)
+            n = verify_adapter(tmp, base, expected, settings.trust_remote_code)
+        log.info("verified %d saved tensors in %s", n, tmp)
+        tokenizer.chat_template = template.chat_template
+        tokenizer.save_pretrained(str(tmp))
+        write_json(
+            tmp / "train_config.json",
+            {
+                "train": to_dict(settings),
+                **inputs,
+                "processes": acc.num_processes,
+                "distributed_type": str(acc.distributed_type),
+                "precision": summary["precision"],
+                "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+            },
+        )
+        metrics = root / "metrics.jsonl"
+        if metrics.exists():
+            shutil.copyfile(metrics, tmp / "metrics.jsonl")
+        write_json(tmp / "summary.json", {k: v for k, v in summary.items() if k != "is_main"})
+        if (root / "checkpoints").is_dir():
+            (root / "checkpoints").rename(tmp / "checkpoints")
+        else:
+            (tmp / "checkpoints").mkdir()
+        replace_dir(tmp, out)
+        shutil.rmtree(root, ignore_errors=True)
+    acc.wait_for_everyone()

@@ -1,0 +1,272 @@
+"""``llama-pipe train``: fine-tune a base on split conversations (LoRA, QLoRA, 8-bit or full).
+
+Runs the same way in one process and under ``accelerate launch`` / ``torchrun`` (DDP, FSDP,
+DeepSpeed through accelerate's config). While running, state lives in ``<OUT>.ckpt/``
+(checkpoints + live ``metrics.jsonl``); ``<OUT>`` appears only when the run has finished and its
+weights were verified (see :mod:`llama_pipe.train.output`). A rerun of an interrupted run picks up
+from the newest valid checkpoint (``resume: auto``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.config import TrainSettings
+from llama_pipe.settings import ConfigError, add_settings_arguments, describe, settings_from_args, to_dict
+
+log = logging.getLogger("llama_pipe.train")
+
+# Settings that do not change what is computed, so a checkpoint stays usable when they change.
+_NOT_IN_FINGERPRINT = ("resume", "keep_checkpoints", "save_every", "eval_every", "run")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, type=Path, metavar="HF_DIR", help="Hugging Face base model directory (with tokenizer)")
+    parser.add_argument("--train-data", required=True, type=Path, metavar="TRAIN", help="training JSONL (from `llama-pipe gather`)")
+    parser.add_argument("--val-data", required=True, type=Path, metavar="VAL", help="validation JSONL")
+    parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="run directory (results/train/<run>)")
+    add_settings_arguments(parser, TrainSettings, "train")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args, TrainSettings, "train")
+    summary = train(args.base, args.train_data, args.val_data, args.output, settings)
+    if summary.get("is_main", True):
+        print(
+            f"train: {summary['steps']} steps ({summary['mode']}), val loss {summary['val_loss_before']:.4f} -> "
+            f"{summary['val_loss_after']:.4f}, {summary['train_tokens']} tokens, {summary['wall_s']:.1f} s"
+            f"{' (resumed from step ' + str(summary['resumed_from']) + ')' if summary['resumed_from'] else ''} -> {args.output}"
+        )
+    return 0
+
+
+def make_accelerator(settings: TrainSettings) -> tuple[Any, str]:
+    """An ``Accelerator`` for ``settings.device``/``precision`` (DDP/FSDP/DeepSpeed come from the launcher)."""
+    import torch
+    from accelerate import Accelerator
+
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but no CUDA GPU is visible")
+    cpu = settings.device == "cpu" or not torch.cuda.is_available()
+    from llama_pipe.train.model import resolve_precision
+
+    precision = resolve_precision(settings.precision, "cpu" if cpu else "cuda")
+    acc = Accelerator(
+        cpu=cpu,
+        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
+        gradient_accumulation_steps=settings.grad_accum,
+    )
+    return acc, precision
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(settings: TrainSettings, base: Path, train_path: Path, world_size: int) -> str:
+    """Identifies what a checkpoint was computed from: settings, data, base config, process count."""
+    s = {k: v for k, v in to_dict(settings).items() if k not in _NOT_IN_FINGERPRINT}
+    base_cfg = (base / "config.json").read_text(encoding="utf-8") if (base / "config.json").is_file() else ""
+    blob = json.dumps([s, _file_digest(train_path), base_cfg, world_size], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def lr_lambda_for(total: int, warmup: int, min_ratio: float) -> Any:
+    """Linear warm-up to 1, then cosine down to ``min_ratio`` at step ``total``."""
+    import math
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        span = max(total - warmup, 1)
+        progress = min(max(step - warmup, 0) / span, 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_optimizer(model: Any, settings: TrainSettings) -> Any:
+    """AdamW; weight decay on matrices only (not on norms, biases or DoRA magnitudes)."""
+    import torch
+
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def peak_memory(device_type: str) -> tuple[int, str]:
+    """Peak bytes so far: CUDA ``max_memory_allocated`` on a GPU, the process's peak RSS on CPU."""
+    if device_type == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"
+
+
+@dataclass
+class Metrics:
+    """Appends rows to ``metrics.jsonl`` on the main process; keeps the rows up to a resumed step."""
+
+    path: Path
+    enabled: bool
+
+    def restart_at(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        tmp.replace(self.path)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+
+def train(
+    base: Path, train_path: Path, val_path: Path, out: Path, settings: TrainSettings, loss_fn: Any = None
+) -> dict[str, Any]:
+    """Train and write ``out``; returns the summary (also written to ``out/summary.json``)."""
+    import torch
+    from accelerate.utils import DistributedType, set_seed
+    from tqdm.auto import tqdm
+
+    from llama_pipe.templates import get_template
+    from llama_pipe.train.checkpoint import Checkpointer, checkpoint_root
+    from llama_pipe.train.dataset import StepPlan, collate, load_examples, pack_examples
+    from llama_pipe.train.model import build_model, count_parameters
+    from llama_pipe.train.step import StepContext, causal_lm_loss_sum, evaluate, train_step
+    from llama_pipe.weights.tokenizer import load_tokenizer
+
+    t_start = time.time()
+    base, train_path, val_path, out = Path(base), Path(train_path), Path(val_path), Path(out)
+    acc, precision = make_accelerator(settings)
+    main = acc.is_main_process
+    if not main:
+        logging.getLogger().setLevel(logging.WARNING)
+    if acc.distributed_type == DistributedType.DEEPSPEED and settings.on_nonfinite == "skip":
+        raise ConfigError("train.on_nonfinite: 'skip' is not supported under DeepSpeed (its engine steps by itself)")
+    log.info("train settings:\n%s", describe(settings))
+    log.info("device %s, %d process(es), precision %s, %s", acc.device, acc.num_processes, precision, acc.distributed_type)
+
+    set_seed(settings.seed)
+    tokenizer = load_tokenizer(base, trust_remote_code=settings.trust_remote_code)
+    template = get_template(settings.template)
+    train_ex, train_stats = load_examples(train_path, tokenizer, template, settings.max_seq_len, settings.system_prompt)
+    val_ex, val_stats = load_examples(val_path, tokenizer, template, settings.max_seq_len, settings.system_prompt)
+    log.info("%s", train_stats.line())
+    log.info("%s", val_stats.line())
+    rows = pack_examples(train_ex, settings.max_seq_len, settings.packing)
+    val_rows = pack_examples(val_ex, settings.max_seq_len, settings.packing)
+    plan = StepPlan(len(rows), settings.micro_batch_size, settings.grad_accum, acc.num_processes, settings.seed)
+    total = plan.total_steps(settings.max_steps, settings.epochs)
+    log.info("%d training rows (packing %s), %d rows per step, %d steps (%.2f epochs)",
+             len(rows), settings.packing, plan.global_rows, total, plan.epoch_of(total))
+    pad = tokenizer.pad_token_id
+    my_val = val_rows[acc.process_index :: acc.num_processes]
+    val_batches = [collate(my_val[i : i + settings.micro_batch_size], pad) for i in range(0, len(my_val), settings.micro_batch_size)]
+
+    model = build_model(base, settings, acc.device, precision)
+    trainable, n_params = count_parameters(model)
+    log.info("mode %s: %d trainable of %d parameters (%.3f%%)", settings.mode, trainable, n_params, 100 * trainable / max(n_params, 1))
+    optimizer = make_optimizer(model, settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(total, settings.warmup_steps, settings.min_lr_ratio))
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(scheduler)
+    model.train()
+    ctx = StepContext(acc, model, optimizer, scheduler, settings.max_grad_norm, settings.on_nonfinite, loss_fn or causal_lm_loss_sum)
+
+    root = checkpoint_root(out)
+    fp = fingerprint(settings, base, train_path, acc.num_processes)
+    ckpt = Checkpointer(acc, root, settings.keep_checkpoints, fp)
+    metrics = Metrics(root / "metrics.jsonl", main)
+    start, val_before, resumed_from = 0, None, 0
+    found = ckpt.latest() if settings.resume == "auto" else None
+    if found is not None:
+        state = ckpt.load(found, model)
+        start, val_before, resumed_from = int(state["step"]), state["val_loss_before"], int(state["step"])
+        metrics.restart_at(start)
+        log.info("resumed from %s (step %d of %d)", found, start, total)
+    else:
+        if main and root.exists():
+            log.warning("starting fresh: removing %s (no valid checkpoint of this configuration there)", root)
+            shutil.rmtree(root)
+        acc.wait_for_everyone()
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
+    device_type = "cuda" if acc.device.type == "cuda" else "cpu"
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if val_before is None:
+        val_before = evaluate(ctx, val_batches)
+        metrics.write({"step": 0, "val_loss": val_before})
+        log.info("validation loss before training: %.4f", val_before)
+    val_loss, tokens_total = val_before, 0
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=None if main else True)
+    for step in range(start, total):
+        ids = plan.step_rows(step)
+        global_targets = sum(rows[i].n_targets for i in ids)
+        micro = [collate([rows[i] for i in mb], pad) for mb in plan.rank_micro_batches(step, acc.process_index)]
+        t0 = time.perf_counter()
+        res = train_step(ctx, micro, global_targets, step + 1)
+        dt = time.perf_counter() - t0
+        tokens_total += res.tokens
+        mem, mem_kind = peak_memory(device_type)
+        row = {"step": step + 1, "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
+               "tokens_per_s": res.tokens / dt if dt > 0 else None, "target_tokens": res.target_tokens,
+               "peak_mem_bytes": mem, "peak_mem_kind": mem_kind, "epoch": round(plan.epoch_of(step + 1), 4)}
+        if res.skipped:
+            row["skipped"] = True
+            log.warning("step %d: non-finite loss or gradient, step skipped (train.on_nonfinite: skip)", step + 1)
+        metrics.write(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{res.loss:.4f}", val=f"{val_loss:.4f}")
+        if (step + 1) % settings.eval_every == 0 or step + 1 == total:
+            val_loss = evaluate(ctx, val_batches)
+            metrics.write({"step": step + 1, "val_loss": val_loss})
+            log.info("step %d: loss %.4f, val loss %.4f", step + 1, res.loss, val_loss)
+        if (step + 1) % settings.save_every == 0 and step + 1 < total:
+            ckpt.save(step + 1, model, {"rows_consumed": (step + 1) * plan.global_rows,
+                                        "epoch": plan.epoch_of(step + 1), "val_loss_before": val_before})
+    bar.close()
+    if start == total:  # resumed from the last step's checkpoint: nothing left but the final eval
+        val_loss = evaluate(ctx, val_batches)
+    summary = {
+        "run": settings.run, "mode": settings.mode, "steps": total, "resumed_from": resumed_from,
+        "val_loss_before": val_before, "val_loss_after": val_loss, "train_tokens": tokens_total,
+        "train_rows": len(rows), "val_rows": len(val_rows), "processes": acc.num_processes, "precision": precision,
+        "device": str(acc.device), "trainable_params": trainable, "total_params": n_params,
+        "peak_mem_bytes": peak_memory(device_type)[0], "wall_s": time.time() - t_start,
+        "data": {"train": vars(train_stats), "val": vars(val_stats)},
+    }
+    from llama_pipe.train.finish import write_output
+
+    write_output(acc, model, tokenizer, template, settings, summary, base, out, root,
+                 {"base": str(base), "train_data": str(train_path), "val_data": str(val_path)})
+    summary["is_main"] = main
+    return summary
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m llama_pipe.train.loop` under a launcher
+    from llama_pipe.cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))

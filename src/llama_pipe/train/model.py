@@ -1,0 +1,157 @@
+"""Build the model to train: the base in one of four storage modes, plus a LoRA/DoRA adapter.
+
+=========  ===========================================  =========================================
+mode       base weights                                  trained
+=========  ===========================================  =========================================
+``lora``   float (bf16 with bf16 precision, fp16 with     LoRA matrices (kept in fp32)
+           fp16, else fp32), frozen
+``qlora``  bitsandbytes NF4, double quantisation,         LoRA matrices; compute dtype bf16 on a
+           frozen                                         GPU, fp32 on CPU (fp16 with fp16)
+``int8``   bitsandbytes LLM.int8, frozen                  LoRA matrices
+``full``   fp32 master weights (autocast does bf16/fp16)  every parameter
+=========  ===========================================  =========================================
+
+:func:`build_model` is the one place that knows these rules; the training loop receives a plain
+``torch.nn.Module`` whose trainable parameters are the ones to optimise.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.config import LoraSettings, TrainSettings
+from llama_pipe.records import InputError
+from llama_pipe.settings import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """``auto`` -> ``bf16`` on a CUDA device that supports it, else ``fp32``; checks explicit choices."""
+    import torch
+
+    if precision == "auto":
+        if device_type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if precision == "fp16" and device_type != "cuda":
+        raise ConfigError("train.precision: fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
+    return precision
+
+
+def compute_dtype(precision: str) -> Any:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def lora_config(lora: LoraSettings) -> Any:
+    """The peft ``LoraConfig`` for our settings (``['all-linear']`` becomes peft's ``'all-linear'``)."""
+    from peft import LoraConfig
+
+    targets: Any = list(lora.target_modules)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    elif "all-linear" in targets:
+        raise ConfigError("train.lora.target_modules: 'all-linear' cannot be combined with module names")
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        use_rslora=lora.rslora,
+        use_dora=lora.dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _check_base_dir(base_dir: Path) -> None:
+    if not (base_dir / "config.json").is_file():
+        raise InputError(
+            f"{base_dir}: no config.json; --base must be a Hugging Face model directory "
+            "(the output of `llama-pipe convert`, or a downloaded HF repo)"
+        )
+
+
+def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, precision: str) -> Any:
+    """Load the base from ``base_dir`` in ``settings.mode`` and attach the adapter.
+
+    ``device`` is where quantised weights are placed (bitsandbytes layers cannot be moved after
+    loading: ``accelerator.device``, i.e. ``cuda:<local rank>`` under DDP); float weights are loaded
+    on the CPU and moved by ``accelerator.prepare``. Seed the RNG before calling: the LoRA A
+    matrices are initialised randomly.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    base_dir = Path(base_dir)
+    _check_base_dir(base_dir)
+    dtype = compute_dtype(precision)
+    kwargs: dict[str, Any] = {
+        "attn_implementation": settings.attn_implementation,
+        "trust_remote_code": settings.trust_remote_code,
+    }
+    mode = settings.mode
+    if mode == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["dtype"] = dtype if precision != "fp32" else torch.float32
+        kwargs["device_map"] = {"": device}
+    elif mode == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["dtype"] = torch.float16 if str(device).startswith("cuda") else torch.float32
+        kwargs["device_map"] = {"": device}
+    elif mode == "lora":
+        kwargs["dtype"] = dtype  # frozen base in the compute dtype; peft keeps the adapter in fp32
+    else:  # full: fp32 master weights, autocast provides the low-precision compute
+        kwargs["dtype"] = torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{base_dir}: cannot load the base model in mode {mode!r}: {exc}") from exc
+    model.config.use_cache = False
+
+    gc_kwargs = {"use_reentrant": False}
+    if mode in ("qlora", "int8"):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=settings.gradient_checkpointing,
+            gradient_checkpointing_kwargs=gc_kwargs,
+        )
+    elif settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+
+    if mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    from peft import get_peft_model
+
+    try:
+        model = get_peft_model(model, lora_config(settings.lora))
+    except ValueError as exc:
+        raise ConfigError(f"train.lora: {exc}") from None
+    return model
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as stored elements x 2."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,118 @@
+"""The finished run's directory: written to ``<OUT>.tmp-<pid>``, verified, then renamed to ``<OUT>``.
+
+Contents: the adapter (``adapter_config.json`` + ``adapter_model.safetensors``) or, in mode
+``full``, the whole model (``config.json`` + safetensors shards); the tokenizer with the chat
+template; ``train_config.json``; ``metrics.jsonl``; ``summary.json``; ``checkpoints/``.
+Before the rename the saved weights are read back and compared with the trained ones
+(:func:`verify_adapter` / :func:`verify_full`); a mismatch fails the stage and leaves no ``<OUT>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class VerificationError(RuntimeError):
+    """The saved weights are not what was trained."""
+
+
+def _equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return a.shape == b.shape and torch.equal(a.detach().cpu().float(), b.detach().cpu().float())
+
+
+def verify_adapter(adapter_dir: Path, base_dir: Path, expected: dict[str, Any], trust_remote_code: bool = False) -> int:
+    """Load ``adapter_dir`` with ``PeftModel.from_pretrained`` and check it holds exactly ``expected``.
+
+    The base is instantiated on the ``meta`` device (no weights read), so this costs only the
+    adapter's size. Checks: same tensor names, equal values, and no LoRA ``B`` matrix that is all
+    zeros (B starts at zero, so an all-zero B means that module never trained or was not saved).
+    Returns the number of tensors checked.
+    """
+    import torch
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    _materialise_without_memory(base)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    except Exception as exc:  # peft raises many types on a broken adapter
+        raise VerificationError(f"{adapter_dir}: PeftModel.from_pretrained failed: {exc}") from exc
+    loaded = get_peft_model_state_dict(model)
+    if set(loaded) != set(expected):
+        missing, extra = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
+        raise VerificationError(f"{adapter_dir}: adapter tensors differ: missing {missing[:5]}, unexpected {extra[:5]}")
+    if not expected:
+        raise VerificationError(f"{adapter_dir}: the adapter has no tensors")
+    for name, tensor in loaded.items():
+        if tensor.is_meta:
+            raise VerificationError(f"{adapter_dir}: {name} was not loaded")
+        if not _equal(tensor, expected[name]):
+            raise VerificationError(f"{adapter_dir}: {name} differs from the trained value")
+        if ".lora_B." in name and not bool(tensor.detach().abs().sum() > 0):
+            raise VerificationError(f"{adapter_dir}: {name} is all zeros after training (the module never learned)")
+    return len(loaded)
+
+
+def _materialise_without_memory(model: Any) -> None:
+    """Give every meta parameter/buffer a CPU value that takes no memory (one zero, expanded).
+
+    peft places a loaded adapter on its base layer's device; a ``meta`` base would leave the
+    adapter on ``meta`` (values dropped), a real base would cost the model's full size.
+    """
+    import torch
+
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                module._parameters[name] = torch.nn.Parameter(
+                    torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False
+                )
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.is_meta:
+                module._buffers[name] = torch.zeros((), dtype=b.dtype).expand(b.shape)
+
+
+def verify_full(model_dir: Path, expected: dict[str, Any]) -> int:
+    """Read every safetensors shard of ``model_dir`` back and compare with ``expected``."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files or not (model_dir / "config.json").is_file():
+        raise VerificationError(f"{model_dir}: no config.json or safetensors weights were written")
+    seen = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                if name in expected and not _equal(fh.get_tensor(name), expected[name]):
+                    raise VerificationError(f"{model_dir}: {name} differs from the trained value")
+                seen += 1
+    if seen < len([k for k in expected if "rotary" not in k]) - 1:  # a tied lm_head may be dropped
+        raise VerificationError(f"{model_dir}: {seen} tensors saved, expected {len(expected)}")
+    return seen
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put ``tmp`` at ``out`` (an existing ``out`` is swapped away and deleted afterwards)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
