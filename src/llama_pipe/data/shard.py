@@ -177,6 +177,7 @@ def gather_files(inputs: list[str | Path], train: str | Path, val: str | Path, s
                 if base_id(rid) in to_val:
                     vf.fh.write(dumps(obj) + "\n")
                     w.n_out += 1
+                    w.lines_out += 1
                     n_val += 1
                 else:
                     w.keep(obj)

@@ -1,0 +1,149 @@
+"""``llama-pipe filter-lang``: one detected language per conversation; keep or drop by it.
+
+The language is detected by langdetect on the conversation's text (all turns, joined) with fenced
+code blocks and inline code removed, limited to the first ``max_chars`` characters. langdetect is
+randomised; ``DetectorFactory.seed`` (the ``seed`` setting) makes every detection a pure function of
+its text, so the result does not depend on record order or the number of workers. Text shorter than
+``min_chars`` (after code removal) or that langdetect cannot classify is ``unknown``.
+
+Every kept record gets a ``lang`` field (langdetect's code: ``en``, ``de``, ``zh-cn``, ``zh-tw``,
+...). ``keep`` and ``skip`` entries match a code exactly or by its primary subtag, so ``zh``
+matches ``zh-cn`` and ``zh-tw``; an empty ``keep`` keeps every language not in ``skip``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.config import FilterLangSettings
+from llama_pipe.data.common import batched, conversation_problem, log_settings, pool_map, progress, resolve_workers
+from llama_pipe.data.markdown import code_regions
+from llama_pipe.records import InvalidLine, StageWriter, read_records
+from llama_pipe.settings import ConfigError, add_settings_arguments, settings_from_args
+
+UNKNOWN = "unknown"
+BATCH = 32
+
+
+def prose(rec: dict[str, Any], max_chars: int) -> str:
+    """A conversation's text without code, at most ``max_chars`` characters."""
+    parts: list[str] = []
+    size = 0
+    for turn in rec["conversations"]:
+        value = turn["value"]
+        if "`" in value or "~~~" in value:
+            pieces, pos = [], 0
+            for s, e in code_regions(value):
+                pieces.append(value[pos:s])
+                pos = e
+            pieces.append(value[pos:])
+            value = " ".join(pieces)
+        parts.append(value)
+        size += len(value) + 1
+        if size >= max_chars:
+            break
+    return "\n".join(parts)[:max_chars]
+
+
+def matches(lang: str, codes: list[str]) -> bool:
+    """True when ``lang`` equals one of ``codes`` or has it as primary subtag (``zh`` ~ ``zh-cn``)."""
+    lang = lang.lower()
+    primary = lang.split("-")[0]
+    return any(c.lower() in (lang, primary) for c in codes)
+
+
+_CFG: FilterLangSettings | None = None
+
+
+def _init(cfg: FilterLangSettings) -> None:
+    """Load langdetect's profiles once per process and fix its seed."""
+    global _CFG
+    from langdetect import DetectorFactory
+    from langdetect.detector_factory import init_factory
+
+    _CFG = cfg
+    DetectorFactory.seed = cfg.seed
+    init_factory()
+
+
+def detect_language(text: str, min_chars: int) -> str:
+    """langdetect's code for ``text`` (``unknown`` when too short or undetectable)."""
+    from langdetect.detector_factory import _factory  # type: ignore[attr-defined]
+    from langdetect.lang_detect_exception import LangDetectException
+
+    if len(text.strip()) < min_chars:
+        return UNKNOWN
+    try:
+        detector = _factory.create()
+        detector.append(text)
+        return str(detector.detect())
+    except LangDetectException:
+        return UNKNOWN
+
+
+def _detect_batch(batch: list[Any]) -> list[str | None]:
+    assert _CFG is not None
+    out: list[str | None] = []
+    for rec in batch:
+        if rec is None or conversation_problem(rec):
+            out.append(None)
+        else:
+            out.append(detect_language(prose(rec, _CFG.max_chars), _CFG.min_chars))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", metavar="IN", help="JSONL written by clean")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="filtered JSONL (records get 'lang')")
+    parser.add_argument("--rejects", metavar="FILE", help="rejects JSONL (default: OUT with .rejects.jsonl)")
+    parser.add_argument("--stats", metavar="FILE", help="stats JSON (default: OUT with .stats.json)")
+    add_settings_arguments(parser, FilterLangSettings, "filter_lang")
+
+
+def filter_file(inp: str | Path, out: str | Path, cfg: FilterLangSettings,
+                rejects: str | Path | None = None, stats: str | Path | None = None) -> StageWriter:
+    """Run the stage; returns the finished writer (stats on disk)."""
+    if cfg.keep and cfg.skip:
+        overlap = [c for c in cfg.keep if matches(c, cfg.skip)]
+        if overlap:
+            raise ConfigError(f"filter_lang: {overlap} are in both keep and skip")
+    items = list(read_records(inp))
+    objs = [None if isinstance(obj, InvalidLine) else obj for _, obj in items]
+    workers = min(resolve_workers(cfg.workers), max(1, len(objs) // BATCH))
+    langs = pool_map(_detect_batch, batched(objs, BATCH), workers, initializer=_init, initargs=(cfg,))
+    detected: dict[str, int] = {}
+    with StageWriter("filter_lang", out, rejects, stats) as w:
+        flat = (lang for batch in langs for lang in batch)
+        for (where, obj), lang in progress(zip(items, flat), "filter-lang", total=len(items)):
+            w.count_in()
+            if isinstance(obj, InvalidLine):
+                w.reject(obj, "invalid_json", f"{where}: {obj.error}")
+                continue
+            if lang is None:
+                w.reject(obj, "malformed_record", f"{where}: {conversation_problem(obj)}")
+                continue
+            detected[lang] = detected.get(lang, 0) + 1
+            if lang == UNKNOWN:
+                if not cfg.keep_unknown:
+                    w.reject(obj, "lang_unknown", f"{where}: language could not be detected")
+                    continue
+            elif cfg.skip and matches(lang, cfg.skip):
+                w.reject(obj, "lang_skipped", f"{where}: {lang}")
+                continue
+            elif cfg.keep and not matches(lang, cfg.keep):
+                w.reject(obj, "lang_not_kept", f"{where}: {lang}")
+                continue
+            w.keep({**obj, "lang": lang})
+        w.extra["detected"] = dict(sorted(detected.items(), key=lambda kv: (-kv[1], kv[0])))
+        w.extra["workers"] = workers
+    return w
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = settings_from_args(args, FilterLangSettings, "filter_lang")
+    log_settings("filter-lang", cfg, input=args.input, output=args.output)
+    w = filter_file(args.input, args.output, cfg, args.rejects, args.stats)
+    print(w.summary())
+    return 0

@@ -1,0 +1,235 @@
+"""``llama-pipe split``: whole human/gpt pairs into chunks of at most ``max_length`` tokens.
+
+FastChat's rule (consecutive pairs fill a chunk until the next pair would overflow it; chunk ``k``
+of record ``ID`` gets id ``ID_k``), with three differences:
+
+* a chunk is measured exactly as the trainer will see it: the chunk rendered with the chat
+  template (``template``; system = the record's ``system``, else ``system_prompt``, else the
+  template's default) and tokenized with the BOS, so a chunk of <= ``max_length`` tokens fits a
+  ``train.max_seq_len`` of the same value. (FastChat counts each turn alone plus 6.)
+* never an empty chunk, and never a silently dropped pair: a pair that alone renders longer than
+  ``max_length`` is rejected with reason ``pair_too_long`` (``on_long_pair: reject``) or its gpt
+  turn is cut to fit (``truncate``; a human turn that alone does not fit is still rejected);
+* every chunk id gets its ``_k``, also a record that fits in one chunk (``ID_0``), so ids stay
+  unique and ``gather`` can find a conversation's chunks by stripping one ``_k``.
+
+Accounting unit: **pairs**. ``in`` = pairs read, ``out`` = pairs written inside chunks,
+``rejected`` = pairs rejected (a malformed record counts as ``max(1, turns // 2)`` pairs).
+The stats also give ``records_in``, ``chunks_out``, ``pairs_truncated`` and ``max_chunk_tokens``.
+
+Speed: pair lengths are first estimated in tokenizer batches (each pair alone), chunks are planned
+from the estimates, then every planned chunk is measured exactly in batches; a record whose planned
+chunk overflows is re-planned pair by pair with exact measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.config import SplitSettings
+from llama_pipe.data.common import alternates, batched, conversation_problem, log_settings, progress
+from llama_pipe.records import InvalidLine, Record, StageWriter, read_records
+from llama_pipe.settings import add_settings_arguments, settings_from_args
+from llama_pipe.templates import ChatTemplate, get_template
+
+RECORDS_PER_STEP = 64
+
+
+@dataclass
+class _Rec:
+    """One record being split: its pairs, their estimates, the planned chunks."""
+
+    rec: Record
+    pairs: list[tuple[str, str]]
+    system: str | None
+    est: list[int] = field(default_factory=list)
+    chunks: list[list[int]] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # exact tokens of each chunk
+    long: dict[int, str] = field(default_factory=dict)  # pair index -> reject detail
+    cut: dict[int, str] = field(default_factory=dict)  # pair index -> truncated gpt value
+
+
+class Splitter:
+    """Measures chunks with one tokenizer and template; see the module docstring."""
+
+    def __init__(self, tokenizer: Any, cfg: SplitSettings) -> None:
+        self.tok = tokenizer
+        self.cfg = cfg
+        self.template: ChatTemplate = get_template(cfg.template)
+        self._header: dict[str | None, int] = {}
+
+    def render(self, pairs: list[tuple[str, str]], system: str | None) -> str:
+        msgs = []
+        for q, a in pairs:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return self.template.render(msgs, system=system)[0]
+
+    def lengths(self, texts: list[str], special: bool = True) -> list[int]:
+        out: list[int] = []
+        for b in batched(texts, self.cfg.batch_size):
+            out += [len(ids) for ids in self.tok(b, add_special_tokens=special)["input_ids"]]
+        return out
+
+    def header(self, system: str | None) -> int:
+        """Tokens a chunk has beyond its pairs alone (BOS, system prompt), estimated once per system."""
+        if system not in self._header:
+            pair = [("Hello there.", "Hi! How can I help?")]
+            full, bare = self.lengths([self.render(pair, system), self.render(pair, "")])
+            self._header[system] = max(0, full - bare) + 1
+        return self._header[system]
+
+    def exact(self, r: _Rec, idx: list[int]) -> int:
+        return self.lengths([self.render([self._pair(r, j) for j in idx], r.system)])[0]
+
+    @staticmethod
+    def _pair(r: _Rec, j: int) -> tuple[str, str]:
+        return (r.pairs[j][0], r.cut[j]) if j in r.cut else r.pairs[j]
+
+    def plan(self, recs: list[_Rec]) -> None:
+        """Fill ``chunks`` (and ``long``/``cut``) of each record; every chunk fits exactly."""
+        limit = self.cfg.max_length
+        texts = [self.render([p], "") for r in recs for p in r.pairs]
+        est = iter(self.lengths(texts, special=False))
+        for r in recs:
+            r.est = [next(est) for _ in r.pairs]
+            head, cur, size = self.header(r.system), [], 0
+            for j, n in enumerate(r.est):
+                if cur and size + n > limit:
+                    r.chunks.append(cur)
+                    cur, size = [], 0
+                cur.append(j)
+                size += n if size else head + n
+            if cur:
+                r.chunks.append(cur)
+        planned = [(r, c) for r in recs for c in r.chunks]
+        sizes = self.lengths([self.render([r.pairs[j] for j in c], r.system) for r, c in planned])
+        for (r, _), n in zip(planned, sizes):
+            r.sizes.append(n)
+        for r in recs:
+            if any(n > limit for n in r.sizes):
+                self._replan(r)
+
+    def _replan(self, r: _Rec) -> None:
+        """Exact greedy packing for a record whose estimated plan overflowed."""
+        limit = self.cfg.max_length
+        r.chunks = []
+        cur: list[int] = []
+        for j in range(len(r.pairs)):
+            if cur and self.exact(r, cur + [j]) <= limit:
+                cur.append(j)
+                continue
+            if cur:
+                r.chunks.append(cur)
+                cur = []
+            if self.exact(r, [j]) <= limit or self._fit_long(r, j):
+                cur = [j]
+        if cur:
+            r.chunks.append(cur)
+        r.sizes = [self.exact(r, c) for c in r.chunks]
+
+    def _fit_long(self, r: _Rec, j: int) -> bool:
+        """A pair too long alone: truncate its gpt turn if allowed (True), else mark it rejected."""
+        limit = self.cfg.max_length
+        alone = self.exact(r, [j])
+        q, a = r.pairs[j]
+        if self.cfg.on_long_pair == "truncate":
+            r.cut[j] = ""
+            if self.exact(r, [j]) <= limit:
+                lo, hi = 0, len(a)  # the longest prefix of the gpt turn that fits
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    r.cut[j] = a[:mid]
+                    if self.exact(r, [j]) <= limit:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                r.cut[j] = a[:lo].rstrip()
+                return True
+            del r.cut[j]
+            r.long[j] = f"pair {j} is {alone} tokens and its human turn alone exceeds max_length={limit}"
+        else:
+            r.long[j] = f"pair {j} is {alone} tokens > max_length={limit} (on_long_pair: reject)"
+        return False
+
+
+def _prepare(obj: Any, cfg: SplitSettings) -> _Rec | str:
+    problem = conversation_problem(obj)
+    if problem:
+        return problem
+    conv = obj["conversations"]
+    if len(conv) < 2 or len(conv) % 2 or not alternates(conv):
+        return f"{len(conv)} turns; expected human/gpt pairs (run clean first)"
+    pairs = [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv), 2)]
+    system = obj.get("system") if isinstance(obj.get("system"), str) and obj.get("system") else cfg.system_prompt
+    return _Rec(obj, pairs, system)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", metavar="IN", help="JSONL written by filter-lang (or clean)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="JSONL of chunks")
+    parser.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory (the converted HF base)")
+    parser.add_argument("--rejects", metavar="FILE", help="rejects JSONL (default: OUT with .rejects.jsonl)")
+    parser.add_argument("--stats", metavar="FILE", help="stats JSON (default: OUT with .stats.json)")
+    add_settings_arguments(parser, SplitSettings, "split")
+
+
+def split_file(inp: str | Path, out: str | Path, tokenizer: Any, cfg: SplitSettings,
+               rejects: str | Path | None = None, stats: str | Path | None = None) -> StageWriter:
+    """Run the stage with a loaded tokenizer; returns the finished writer (stats on disk)."""
+    splitter = Splitter(tokenizer, cfg)
+    items = list(read_records(inp))
+    records_in = chunks_out = truncated = split_records = max_tokens = tokens_out = 0
+    with StageWriter("split", out, rejects, stats, unit="pairs") as w:
+        for step in progress(list(batched(items, RECORDS_PER_STEP)), "split", unit="batch"):
+            ready: list[_Rec] = []
+            for where, obj in step:
+                records_in += 1
+                prep = "not valid JSON: " + obj.error if isinstance(obj, InvalidLine) else _prepare(obj, cfg)
+                if isinstance(prep, str):
+                    conv = obj.get("conversations") if isinstance(obj, dict) else None
+                    units = max(1, len(conv) // 2) if isinstance(conv, list) else 1
+                    w.count_in(units)
+                    w.reject(obj, "malformed_record", f"{where}: {prep}", count=units)
+                    continue
+                w.count_in(len(prep.pairs))
+                ready.append(prep)
+            splitter.plan(ready)
+            for r in ready:
+                base = {k: v for k, v in r.rec.items() if k not in ("id", "conversations")}
+                for j, detail in sorted(r.long.items()):
+                    q, a = r.pairs[j]
+                    pair_rec = {"id": r.rec["id"], "pair_index": j,
+                                "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+                    w.reject(pair_rec, "pair_too_long", detail)
+                split_records += len(r.chunks) > 1
+                truncated += len(r.cut)
+                for k, chunk in enumerate(r.chunks):
+                    conv = []
+                    for j in chunk:
+                        q, a = splitter._pair(r, j)
+                        conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+                    w.keep({"id": f"{r.rec['id']}_{k}", **base, "conversations": conv}, counts=False)
+                    w.n_out += len(chunk)
+                    chunks_out += 1
+                max_tokens = max([max_tokens, *r.sizes])
+                tokens_out += sum(r.sizes)
+        w.extra.update(records_in=records_in, chunks_out=chunks_out, records_split=split_records,
+                       pairs_truncated=truncated, max_chunk_tokens=max_tokens, tokens_out=tokens_out,
+                       max_length=cfg.max_length, template=cfg.template)
+    return w
+
+
+def run(args: argparse.Namespace) -> int:
+    from llama_pipe.weights.tokenizer import load_tokenizer
+
+    cfg = settings_from_args(args, SplitSettings, "split")
+    log_settings("split", cfg, input=args.input, output=args.output, tokenizer=args.tokenizer)
+    tok = load_tokenizer(args.tokenizer)
+    if not getattr(tok, "is_fast", False):
+        raise SystemExit(f"llama-pipe split: error: {args.tokenizer}: a fast tokenizer (tokenizer.json) is needed")
+    w = split_file(args.input, args.output, tok, cfg, args.rejects, args.stats)
+    print(w.summary() + f"; records in={w.extra['records_in']} chunks out={w.extra['chunks_out']}")
+    return 0
