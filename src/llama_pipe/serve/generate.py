@@ -41,6 +41,7 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     pieces: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # generated ids, end-of-turn excluded
 
 
 def pick_device(wanted: str) -> str:
@@ -113,41 +114,59 @@ class ChatModel:
                     use_cache=True,
                 )
 
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
     def stream(self, prompt: list[int], params: SamplingParams, result: Completion | None = None) -> Iterator[str]:
-        """Yield text pieces of the reply; ``result`` receives the totals and finish reason."""
+        """Yield text pieces of the reply; ``result`` receives the totals and finish reason.
+
+        Incremental detokenisation over a window that starts one token before the new ones
+        (so a word's leading space is decoded in context) and only moves on once the window
+        decodes to whole characters; what is yielded is final and ``result.text`` is their join.
+        """
         res = result if result is not None else Completion()
         res.prompt_tokens = len(prompt)
         budget = min(params.max_new_tokens, self.context_length - len(prompt))
         if budget <= 0:
             raise InputError(f"the prompt has {len(prompt)} tokens; the model's context is {self.context_length}")
         stops = [s for s in params.stop if s]
-        generated: list[int] = []
-        sent = ""
+        ids = res.token_ids
+        start = read = 0  # window: ids[start:read] is decoded already, ids[read:] is not
+        text = ""  # all text decoded so far; text[:len(sent)] has been yielded
+        sent = 0
+        cut = False  # ended by a stop string
         res.finish_reason = "length"
-        full = ""
         for tok in self._tokens(prompt, params, budget):
             res.completion_tokens += 1
             if tok in self.stop_ids:
                 res.finish_reason = "stop"
                 break
-            generated.append(tok)
-            full = self.tokenizer.decode(generated, skip_special_tokens=True)
-            hits = [p for p in (full.find(s) for s in stops) if p >= 0]
+            ids.append(tok)
+            before, after = self._decode(ids[start:read]), self._decode(ids[start:])
+            if len(after) <= len(before) or after.endswith("\ufffd"):
+                continue  # nothing new yet, or half of a multi-byte character
+            text += after[len(before):]
+            start, read = read, len(ids)
+            hits = [p for p in (text.find(s, max(0, sent - len(s))) for s in stops) if p >= 0]
             if hits:
+                text, cut = text[: min(hits)], True
                 res.finish_reason = "stop"
-                full = full[: min(hits)]
                 break
-            if full.endswith("\ufffd") or not full.startswith(sent):
-                continue  # half a character, or a decode that rewrote earlier text: wait
-            ready = full[: len(full) - _held_back(full, stops)]
-            if len(ready) > len(sent):
-                piece, sent = ready[len(sent):], ready
+            ready = len(text) - _held_back(text, stops)
+            if ready > sent:
+                piece, sent = text[sent:ready], ready
                 res.pieces.append(piece)
                 yield piece
-        # Whatever was held back (a stop-string prefix that was not one, a trailing byte) is final now.
-        if len(full) > len(sent) and full.startswith(sent):
-            res.pieces.append(full[len(sent):])
-            yield full[len(sent):]
+        if not cut:  # whatever was held back (a trailing partial byte sequence) is final now
+            before, after = self._decode(ids[start:read]), self._decode(ids[start:])
+            text += after[len(before):]
+            hits = [p for p in (text.find(s, max(0, sent - len(s))) for s in stops) if p >= 0]
+            if hits:
+                text = text[: min(hits)]
+                res.finish_reason = "stop"
+        if len(text) > sent:
+            res.pieces.append(text[sent:])
+            yield text[sent:]
         res.text = "".join(res.pieces)
 
     def complete(self, messages: Sequence[Message], params: SamplingParams, system: str | None = None) -> Completion:
