@@ -18,7 +18,7 @@ if BASE_IS_TINY:
             mem_mb=2000,
             runtime=20,
         params:
-            args=args("base", only=("tiny", "tokenizer_corpus")),
+            args=flags("base", only=("tiny", "tokenizer_corpus")),
         shell:
             "llama-pipe make-base {output:q} {params.args} > {log:q} 2>&1"
 
@@ -36,7 +36,7 @@ else:
             mem_mb=2000,
             runtime=600,
         params:
-            args=args("base", skip=("tiny", "tokenizer_corpus")),
+            args=flags("base", skip=("tiny", "tokenizer_corpus")),
         shell:
             "llama-pipe download {output:q} {params.args} > {log:q} 2>&1"
 
@@ -56,6 +56,6 @@ rule convert:
         mem_mb=4000,
         runtime=60,
     params:
-        args=args("convert"),
+        args=flags("convert"),
     shell:
         "llama-pipe convert {input:q} -o {output:q} {params.args} > {log:q} 2>&1"

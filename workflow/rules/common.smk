@@ -6,10 +6,36 @@ import shlex
 
 from snakemake.utils import min_version, validate
 
-from llama_pipe.config import SECTIONS, Config
+import yaml
+
+from llama_pipe.config import SECTIONS, Config, config_schema, yaml_loader
 from llama_pipe.settings import from_dict, shell_args, to_dict
 
 min_version("9.0")
+
+
+def typed_cli_values(data, schema):
+    """``data`` with --config strings read as YAML where the schema wants a non-string.
+
+    Snakemake parses nested ``--config key='{...}'`` values with YAML's BaseLoader, which leaves
+    every scalar a string (``train='{"lora": {"r": 16}}'`` gives r = "16"). Values from
+    config.yaml are typed already and pass through unchanged.
+    """
+    if isinstance(data, dict):
+        props = schema.get("properties", {})
+        return {k: typed_cli_values(v, props.get(k, {})) for k, v in data.items()}
+    if isinstance(data, list):
+        return [typed_cli_values(v, schema.get("items", {})) for v in data]
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    wants_string = "string" in types or any(
+        isinstance(e, str) for e in schema.get("enum", [])
+    )
+    if isinstance(data, str) and (types or "enum" in schema) and not wants_string:
+        return yaml.load(data, Loader=yaml_loader())
+    if data in ("null", "~") and ("null" in types or None in schema.get("enum", [])):
+        return None
+    return data
 
 
 # Validate at load time against the schema generated from src/llama_pipe/config.py (errors name
@@ -17,22 +43,26 @@ min_version("9.0")
 # flags, so a setting's default is part of a rule's params too: a changed value - in config.yaml,
 # via --config, or a changed default in the code - changes the params and re-runs that rule and
 # everything downstream of it.
+config.update(typed_cli_values(dict(config), config_schema()))
 validate(config, "../schemas/config.schema.yaml")
 config.update(to_dict(from_dict(Config, config)))
 
 
-def args(section, only=None, skip=()):
-    """The shell-quoted ``--key value`` flags of one config section (nested keys dotted).
+def flags(section, only=None, skip=()):
+    """A params function giving the shell-quoted ``--key value`` flags of one config section.
 
-    ``only`` keeps just those top-level keys, ``skip`` drops some: a rule passes only the settings
-    that influence its output, so changing another key of the same section does not re-run it.
+    Nested keys are dotted (``--lora.r 8``). ``only`` keeps just those top-level keys, ``skip``
+    drops some: a rule passes only the settings that influence its output, so changing another
+    key of the same section does not re-run it. A function, not a string: Snakemake expands
+    ``{...}`` in params strings as wildcards, which would mangle a value such as "{input}".
     """
     data = {
         key: value
         for key, value in config[section].items()
         if (only is None or key in only) and key not in skip
     }
-    return shell_args(data, SECTIONS[section])
+    text = shell_args(data, SECTIONS[section])
+    return lambda wildcards: text
 
 
 # ---------------------------------------------------------------- scatter / gather
@@ -95,8 +125,9 @@ REPORT_TARGET = "results/report"
 def stats_files():
     """Stats files of every data stage, in pipeline order (the report's data funnel)."""
     return (
-        ["results/merge/merged.stats.json"]
+        ["results/merge/merged.stats.json", "results/shard/shard.stats.json"]
         + shard_paths("clean", ".stats.json")
         + shard_paths("filter_lang", ".stats.json")
         + shard_paths("split", ".stats.json")
+        + ["results/data/gather.stats.json"]
     )

@@ -24,7 +24,7 @@ rule merge:
         mem_mb=2000,
         runtime=30,
     params:
-        args=args("merge"),
+        args=flags("merge"),
     shell:
         "llama-pipe merge {input:q} -o {output.data:q} {params.args} > {log:q} 2>&1"
 
@@ -33,7 +33,9 @@ rule shard:
     input:
         "results/merge/merged.jsonl",
     output:
-        shard_paths("shard"),
+        shards=shard_paths("shard"),
+        stats="results/shard/shard.stats.json",
+        rejects="results/shard/shard.rejects.jsonl",
     log:
         "logs/shard/shard.log",
     conda:
@@ -43,7 +45,8 @@ rule shard:
         mem_mb=1000,
         runtime=30,
     params:
-        outdir=lambda wildcards, output: os.path.dirname(output[0]),
+        # shard writes the whole directory (shards, stats, rejects) and renames it into place
+        outdir=lambda wildcards, output: os.path.dirname(output.stats),
         n=N_SHARDS,
     shell:
         "llama-pipe shard {input:q} --n {params.n} -o {params.outdir:q} > {log:q} 2>&1"
@@ -63,7 +66,7 @@ rule clean:
         mem_mb=2000,
         runtime=60,
     params:
-        args=args("clean", skip=("workers",)),
+        args=flags("clean", skip=("workers",)),
     shell:
         "llama-pipe clean {input:q} -o {output.data:q} --workers {threads}"
         " {params.args} > {log:q} 2>&1"
@@ -83,7 +86,7 @@ rule filter_lang:
         mem_mb=1000,
         runtime=60,
     params:
-        args=args("filter_lang"),
+        args=flags("filter_lang"),
     shell:
         "llama-pipe filter-lang {input:q} -o {output.data:q} {params.args} > {log:q} 2>&1"
 
@@ -103,7 +106,7 @@ rule split:
         mem_mb=2000,
         runtime=60,
     params:
-        args=args("split"),
+        args=flags("split"),
     shell:
         "llama-pipe split {input.data:q} -o {output.data:q} --tokenizer {input.tokenizer:q}"
         " {params.args} > {log:q} 2>&1"
@@ -115,6 +118,8 @@ rule gather:
     output:
         train=DATA_TARGETS[0],
         val=DATA_TARGETS[1],
+        stats="results/data/gather.stats.json",
+        rejects="results/data/gather.rejects.jsonl",
     log:
         "logs/gather/gather.log",
     conda:
@@ -124,7 +129,7 @@ rule gather:
         mem_mb=2000,
         runtime=30,
     params:
-        args=args("data", only=("val_fraction", "seed")),
+        args=flags("data", only=("val_fraction", "seed")),
     shell:
         "llama-pipe gather {input:q} --train {output.train:q} --val {output.val:q}"
         " {params.args} > {log:q} 2>&1"

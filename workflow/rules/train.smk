@@ -20,7 +20,7 @@ rule train:
         runtime=240,
         gpu=gpus("train"),
     params:
-        args=args("train"),
+        args=flags("train"),
     shell:
         "llama-pipe train --base {input.base:q} --train-data {input.train:q}"
         " --val-data {input.val:q} -o {output.run:q} {params.args} > {log:q} 2>&1"
@@ -48,7 +48,7 @@ rule merge_adapter:
         adapters=lambda wildcards, input: " ".join(
             f"--adapter {shlex.quote(path)}" for path in [input.adapter, *input.extra]
         ),
-        args=args("merge_adapter", skip=("extra_adapters",)),
+        args=flags("merge_adapter", skip=("extra_adapters",)),
     shell:
         "llama-pipe merge-adapter --base {input.base:q} {params.adapters}"
         " -o {output:q} {params.args} > {log:q} 2>&1"

@@ -1,0 +1,121 @@
+"""The DAG as a user sees it in a dry-run: stages, scatter width, branches, resources, profiles."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from workflow_helpers import REPO, job_counts, snakemake
+
+WHOLE_DAG = {
+    "make_base": 1,
+    "convert": 1,
+    "merge": 1,
+    "shard": 1,
+    "clean": 2,
+    "filter_lang": 2,
+    "split": 2,
+    "gather": 1,
+    "train": 1,
+    "merge_adapter": 1,
+    "eval": 1,
+    "report": 1,
+    "all": 1,
+}
+
+
+def dry_run(workdir: Path, *args: str) -> str:
+    return snakemake(workdir, "-n", "--profile", "profiles/local", *args).stdout
+
+
+def job_blocks(output: str) -> dict[str, list[str]]:
+    """rule -> the dry-run's job descriptions of that rule (one text block per job)."""
+    blocks: dict[str, list[str]] = {}
+    for block in re.split(r"\n(?=\[[^\]]+\]\n(?:local)?rule )", output):
+        match = re.search(r"^(?:local)?rule (\w+):", block, re.M)
+        if match:
+            blocks.setdefault(match.group(1), []).append(block)
+    return blocks
+
+
+def resources(block: str) -> dict[str, str]:
+    line = re.search(r"^\s+resources: (.*)$", block, re.M)
+    assert line, block
+    return dict(item.split("=", 1) for item in line.group(1).split(", "))
+
+
+def test_default_target_is_the_report_through_every_stage(fresh_workflow: Path) -> None:
+    out = dry_run(fresh_workflow)
+    assert job_counts(out) == WHOLE_DAG
+    assert "output: results/report" in out
+
+
+def test_data_stages_scatter_over_data_shards(fresh_workflow: Path) -> None:
+    out = dry_run(fresh_workflow, "--config", 'data={"shards": 5}', "--", "results/data/train.jsonl")
+    counts = job_counts(out)
+    assert counts == {"make_base": 1, "convert": 1, "merge": 1, "shard": 1, "clean": 5,
+                      "filter_lang": 5, "split": 5, "gather": 1}
+    assert "results/shard/shard-004.jsonl" in out and "shard-005" not in out
+
+
+def test_a_hub_or_url_source_downloads_instead_of_building_the_tiny_model(fresh_workflow: Path) -> None:
+    out = dry_run(fresh_workflow, "--config", 'base={"source": "meta-llama/Llama-2-7b-hf"}', "--", "results/hf_base")
+    assert job_counts(out) == {"download": 1, "convert": 1}
+
+
+def test_cuda_devices_ask_the_scheduler_for_gpus(fresh_workflow: Path) -> None:
+    cpu = job_blocks(dry_run(fresh_workflow))
+    assert {rule: resources(cpu[rule][0]).get("gpu") for rule in ("train", "merge_adapter", "eval")} == {
+        "train": "0", "merge_adapter": "0", "eval": "0"}
+    cuda = job_blocks(dry_run(fresh_workflow, "--config", 'train={"device": "cuda"}', 'eval={"device": "cuda"}'))
+    assert {rule: resources(cuda[rule][0]).get("gpu") for rule in ("train", "merge_adapter", "eval")} == {
+        "train": "1", "merge_adapter": "1", "eval": "1"}
+    assert "gpu" not in resources(cuda["clean"][0])
+
+
+def test_slurm_profile_sends_gpu_rules_to_the_gpu_partition(fresh_workflow: Path) -> None:
+    out = snakemake(fresh_workflow, "-n", "--profile", "profiles/slurm").stdout
+    blocks = job_blocks(out)
+    train = resources(blocks["train"][0])
+    assert train["slurm_partition"] == "gpu" and train["gpu"] == "1"
+    assert int(train["mem_mb"]) > int(resources(blocks["clean"][0])["mem_mb"])
+    assert resources(blocks["clean"][0])["slurm_partition"] == "cpu"
+
+
+def test_invalid_config_fails_at_load_naming_the_key(fresh_workflow: Path) -> None:
+    proc = snakemake(fresh_workflow, "-n", "--config", 'train={"lora": {"r": 0}}', check=False)
+    assert proc.returncode != 0
+    message = proc.stdout + proc.stderr
+    assert "0 is less than the minimum of 1" in message, message
+    assert "instance['train']['lora']['r']" in message, message
+
+
+def test_numbers_given_with_config_on_the_command_line_are_numbers(fresh_workflow: Path) -> None:
+    # snakemake parses nested --config values as strings ("16"); the workflow reads them by schema.
+    out = dry_run(fresh_workflow, "-p", "--config", 'train={"lora": {"r": 16}, "packing": false}', "--", "results/train/default")
+    assert "--lora.r 16 " in out and "--packing false " in out
+
+
+def test_unknown_config_key_fails_at_load(fresh_workflow: Path) -> None:
+    proc = snakemake(fresh_workflow, "-n", "--config", 'clean={"blocked_wrods": ["x"]}', check=False)
+    assert proc.returncode != 0
+    assert "blocked_wrods" in proc.stdout + proc.stderr
+
+
+def test_lint_is_clean(fresh_workflow: Path) -> None:
+    proc = snakemake(fresh_workflow, "--lint")
+    assert "Lints for" not in proc.stdout + proc.stderr
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+def test_rule_files_are_snakefmt_formatted() -> None:
+    import subprocess
+
+    snakefmt = Path(sys.executable).with_name("snakefmt")
+    if not snakefmt.exists():
+        pytest.skip("snakefmt is not installed (pip install -e '.[test]')")
+    proc = subprocess.run([str(snakefmt), "--check", "Snakefile", "workflow/rules"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

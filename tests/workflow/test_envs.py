@@ -1,0 +1,94 @@
+"""The conda environments (``--sdm conda``) install what pyproject.toml declares, nothing else.
+
+Each ``envs/<group>.yaml`` lists pip requirements copied from pyproject.toml's dependencies;
+a requirement there must be one of pyproject's, with the same version specifier. Together the
+environments cover every runtime dependency except the ones only the Snakemake driver needs.
+Each rule's ``conda:`` names one of these files, and the data group's environment holds what the
+data stages import.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import tomllib
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from workflow_helpers import REPO
+
+ENVS = ("data", "train")
+# Needed by the process that runs snakemake, not inside a job's environment.
+DRIVER_ONLY = {"snakemake", "snakemake-executor-plugin-slurm"}
+# Third-party modules the data stages (merge, shard, clean, filter-lang, split, gather) import.
+DATA_STAGE_MODULES = ("llama_pipe/data", "llama_pipe/records.py", "llama_pipe/templates.py",
+                      "llama_pipe/weights/tokenizer.py")
+IMPORT_TO_DIST = {"yaml": "pyyaml", "google": "protobuf", "jsonschema": "jsonschema"}
+
+
+def name(req: Requirement) -> str:
+    return re.sub(r"[-_.]+", "-", req.name).lower()
+
+
+def pyproject_requirements() -> dict[str, Requirement]:
+    data = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    return {name(r): r for r in map(Requirement, data["project"]["dependencies"])}
+
+
+def env_requirements(group: str) -> dict[str, Requirement]:
+    env = yaml.safe_load((REPO / "envs" / f"{group}.yaml").read_text(encoding="utf-8"))
+    pip = [dep["pip"] for dep in env["dependencies"] if isinstance(dep, dict) and "pip" in dep]
+    assert len(pip) == 1, f"envs/{group}.yaml: expected one pip: section"
+    conda = [dep for dep in env["dependencies"] if isinstance(dep, str)]
+    assert any(dep.startswith("python") for dep in conda) and "pip" in conda
+    reqs = [Requirement(line) for line in pip[0]]
+    assert len({name(r) for r in reqs}) == len(reqs), f"envs/{group}.yaml lists a package twice"
+    return {name(r): r for r in reqs}
+
+
+@pytest.mark.parametrize("group", ENVS)
+def test_env_requirements_are_pyprojects(group: str) -> None:
+    declared = pyproject_requirements()
+    for key, req in env_requirements(group).items():
+        assert key in declared, f"envs/{group}.yaml: {req} is not a dependency in pyproject.toml"
+        assert req.specifier == declared[key].specifier, (
+            f"envs/{group}.yaml: {req} but pyproject.toml says {declared[key]}"
+        )
+
+
+def test_envs_cover_every_runtime_dependency() -> None:
+    covered = set().union(*(env_requirements(g) for g in ENVS))
+    missing = set(pyproject_requirements()) - covered - DRIVER_ONLY
+    assert not missing, f"in pyproject.toml but in no envs/*.yaml: {sorted(missing)}"
+
+
+def test_data_env_has_what_the_data_stages_import() -> None:
+    import sys
+
+    declared = pyproject_requirements()
+    imported: set[str] = set()
+    src = REPO / "src"
+    for rel in DATA_STAGE_MODULES:
+        path = src / rel
+        for py in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            for node in ast.walk(ast.parse(py.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    imported.update(alias.name.split(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in ("llama_pipe", "__future__")}
+    dists = {IMPORT_TO_DIST.get(m, m.replace("_", "-")) for m in third_party}
+    in_data_env = set(env_requirements("data"))
+    missing = {d for d in dists if d in declared and d not in in_data_env}
+    assert not missing, f"the data stages import {sorted(missing)}, which envs/data.yaml lacks"
+    assert dists <= set(declared), f"imports not declared in pyproject.toml: {sorted(dists - set(declared))}"
+
+
+def test_every_rule_names_an_existing_env() -> None:
+    rules = "".join(p.read_text(encoding="utf-8") for p in sorted((REPO / "workflow/rules").glob("*.smk")))
+    named = set(re.findall(r'conda:\s*\n\s*"\.\./\.\./envs/(\w+)\.yaml"', rules))
+    assert named == set(ENVS)
+    assert rules.count("conda:") == rules.count("shell:")
+    for group in ENVS:
+        assert (REPO / "envs" / f"{group}.post-deploy.sh").is_file()

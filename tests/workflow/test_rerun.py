@@ -1,0 +1,82 @@
+"""A finished run re-runs nothing, and a changed setting re-runs its stage and what follows only.
+
+Each test edits one key of config.yaml in a workflow copy where the whole DAG has already run,
+and reads the dry-run's job table (``snakemake -n``) to see which rules Snakemake would re-run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workflow_helpers import edited_config, job_counts, snakemake
+
+AFTER_TRAIN = {"train", "merge_adapter", "eval", "report", "all"}
+AFTER_GATHER = {"gather"} | AFTER_TRAIN
+
+
+def planned(workdir: Path) -> dict[str, int]:
+    return job_counts(snakemake(workdir, "-n", "--profile", "profiles/local").stdout)
+
+
+def test_second_run_does_nothing(completed_run: Path) -> None:
+    assert planned(completed_run) == {}
+
+
+def test_merged_jsonl_is_temp_and_its_absence_rebuilds_nothing(completed_run: Path) -> None:
+    # The product and the per-stage outputs stay; the merged copy of the inputs is gone.
+    assert not (completed_run / "results/merge/merged.jsonl").exists()
+    assert (completed_run / "results/merge/merged.stats.json").is_file()
+    assert (completed_run / "results/merged").is_dir()
+    assert sorted(p.name for p in (completed_run / "results/shard").iterdir()) == [
+        "shard-000.jsonl",
+        "shard-001.jsonl",
+    ]
+    assert planned(completed_run) == {}
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        pytest.param("train", "lora.r", 4, AFTER_TRAIN, id="train.lora.r"),
+        pytest.param(
+            "clean",
+            "blocked_words",
+            ["openai", "chatgpt", "as an ai"],
+            {"clean": 2, "filter_lang": 2, "split": 2} | dict.fromkeys(AFTER_GATHER, 1),
+            id="clean.blocked_words",
+        ),
+        pytest.param(
+            "filter_lang",
+            "keep",
+            ["en"],
+            {"filter_lang": 2, "split": 2} | dict.fromkeys(AFTER_GATHER, 1),
+            id="filter_lang.keep",
+        ),
+        pytest.param("split", "max_length", 256, {"split": 2} | dict.fromkeys(AFTER_GATHER, 1), id="split.max_length"),
+        pytest.param("data", "val_fraction", 0.2, AFTER_GATHER, id="data.val_fraction"),
+        pytest.param("eval", "max_new_tokens", 16, {"eval", "report", "all"}, id="eval.max_new_tokens"),
+        pytest.param(
+            "convert",
+            "template",
+            "chatml",
+            {"convert": 1, "split": 2} | dict.fromkeys(AFTER_GATHER, 1),
+            id="convert.template",
+        ),
+    ],
+)
+def test_changed_setting_reruns_its_stage_and_descendants_only(
+    completed_run: Path, section: str, key: str, value: object, expected: object
+) -> None:
+    want = dict.fromkeys(expected, 1) if isinstance(expected, set) else expected
+    with edited_config(completed_run, section, key, value):
+        assert planned(completed_run) == want
+    # Restoring the value restores the recorded state: nothing to do again.
+    assert planned(completed_run) == {}
+
+
+def test_setting_of_another_stage_in_the_same_section_does_not_rerun(completed_run: Path) -> None:
+    # data.seed and data.val_fraction reach gather only; base.retries reaches download only.
+    with edited_config(completed_run, "base", "retries", 9):
+        assert planned(completed_run) == {}
