@@ -30,9 +30,18 @@ from typing import Literal, Optional, Union
 
 import torch
 
-from llama_pipe.train.fast.loss import fused_linear_cross_entropy, reference_causal_lm_loss
+from llama_pipe.train.fast.loss import causal_lm_loss_sum, fused_linear_cross_entropy, reference_causal_lm_loss
 
-__all__ = ["FastOptions", "FastReport", "apply", "options_for", "fused_linear_cross_entropy", "reference_causal_lm_loss"]
+__all__ = [
+    "FastOptions",
+    "FastReport",
+    "apply",
+    "report",
+    "options_for",
+    "causal_lm_loss_sum",
+    "fused_linear_cross_entropy",
+    "reference_causal_lm_loss",
+]
 
 log = logging.getLogger(__name__)
 

@@ -4,12 +4,14 @@ liger-kernel (PyPI, optional: ``pip install 'llama-pipe[gpu]'``) ships Triton ke
 RMSNorm in one pass (the plain module makes four fp32 passes), silu(gate) * up in one, and the
 rotary embedding of q and k in place. Only the modules of the given model are patched (their
 ``forward``); RoPE is a module-level function in transformers, so it is replaced by a wrapper
-that takes liger's kernel for CUDA tensors and the original function otherwise.
+that takes liger's kernel only for the cos/sin tensors made by a patched model's rotary module
+and the original function otherwise.
 """
 
 from __future__ import annotations
 
 import types
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -50,22 +52,34 @@ def _bind(module: torch.nn.Module, fn: Any) -> None:
         module.forward = types.MethodType(fn, module)
 
 
-def _patch_rope() -> bool:
+#: cos tensors made by the rotary modules of patched models (id -> tensor, weakly held): the
+#: module-level RoPE wrapper uses liger only for these, so an unpatched model in the same process
+#: keeps transformers' function, and a layer's recompute sees the same function as its forward.
+_LIGER_COS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def _rotary_forward(self: torch.nn.Module, x: torch.Tensor, position_ids: torch.Tensor, *args: Any, **kwargs: Any):
+    cos, sin = self._llama_pipe_plain_forward(x, position_ids, *args, **kwargs)
+    if cos.is_cuda:
+        _LIGER_COS[id(cos)] = cos
+    return cos, sin
+
+
+def _patch_rope_function() -> None:
     from liger_kernel.transformers.functional import liger_rope
     from transformers.models.llama import modeling_llama
 
     original = modeling_llama.apply_rotary_pos_emb
     if getattr(original, "_llama_pipe", False):
-        return True
+        return
 
     def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *args: Any, **kwargs: Any):
-        if q.is_cuda and not args and not kwargs:
+        if not args and not kwargs and _LIGER_COS.get(id(cos)) is cos:
             return liger_rope(q, k, cos, sin)
         return original(q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb._llama_pipe = True  # type: ignore[attr-defined]
     modeling_llama.apply_rotary_pos_emb = apply_rotary_pos_emb
-    return True
 
 
 def patch_llama_kernels(model: torch.nn.Module) -> dict[str, int]:
@@ -81,6 +95,8 @@ def patch_llama_kernels(model: torch.nn.Module) -> dict[str, int]:
             if act in ("silu", "swish"):
                 _bind(module, _swiglu_forward)
                 counts["swiglu"] += 1
-    if getattr(getattr(model, "config", None), "model_type", None) == "llama":
-        counts["rope"] = int(_patch_rope())
+        elif name.endswith("RotaryEmbedding") and getattr(getattr(model, "config", None), "model_type", None) == "llama":
+            _patch_rope_function()
+            _bind(module, _rotary_forward)
+            counts["rope"] += 1
     return counts

@@ -206,3 +206,21 @@ def patch_fused_loss(model: torch.nn.Module) -> None:
         return
     model._llama_pipe_plain_forward = model.forward
     model.forward = types.MethodType(_fused_causal_lm_forward, model)
+
+
+def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trainer's ``loss_fn`` contract: (sum of next-token losses, number of counted tokens).
+
+    Passes the labels to the model with ``num_items_in_batch=1`` so the model's loss is the sum:
+    with :func:`patch_fused_loss` applied that is the fused, chunked loss (no logits); without it
+    transformers' own loss gives the same sum from full logits.
+    """
+    labels = batch["labels"]
+    out = model(
+        input_ids=batch["input_ids"],
+        position_ids=batch.get("position_ids"),
+        labels=labels,
+        num_items_in_batch=1,
+        use_cache=False,
+    )
+    return out.loss, (labels[:, 1:] != IGNORE_INDEX).sum()

@@ -137,6 +137,7 @@ def make_checkpoint_fn(offloader: HostOffloader) -> Callable[..., torch.Tensor]:
             raise TypeError("offloaded checkpointing expects the hidden states as the only positional argument")
         return _OffloadedCheckpoint.apply(run, offloader, anchor, args[0])
 
+    checkpoint.offloader = offloader  # type: ignore[attr-defined]
     return checkpoint
 
 
