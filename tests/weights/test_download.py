@@ -178,3 +178,37 @@ def test_hf_offline_without_cache_is_a_clear_error(tmp_path: Path, monkeypatch: 
     with pytest.raises(InputError, match=r"offline mode \(HF_HUB_OFFLINE=1\) and the files are not cached"):
         download(tmp_path / "base", BaseSettings(source="meta-llama/Llama-2-7b-hf"))
     assert not (tmp_path / "base").exists()
+
+
+def test_hf_repo_from_a_local_hub_honours_endpoint_and_token(
+    tiny_hf_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HF_ENDPOINT on 127.0.0.1: only safetensors/config/tokenizer files are fetched, with the token."""
+    from huggingface_hub import constants
+
+    from llama_pipe.config import ConvertSettings
+    from llama_pipe.weights.convert import convert
+
+    from .fakehub import fake_hub
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_hf_model_dir, repo)
+    (repo / "pytorch_model.bin").write_bytes(b"a pickle that must not be fetched")
+    (repo / "README.md").write_text("model card")
+    (repo / "original").mkdir()
+    (repo / "original/consolidated.00.pth").write_bytes(b"Meta weights, not needed")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    out = tmp_path / "base"
+    with fake_hub("org/tiny-llama", repo) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        download(out, BaseSettings(source="org/tiny-llama"))
+        with pytest.raises(InputError, match="repository not found"):
+            download(tmp_path / "other", BaseSettings(source="org/missing"))
+    assert hub.downloaded() == {p.name for p in tiny_hf_model_dir.iterdir()}
+    assert {auth for _, _, auth in hub.requests} == {"Bearer hf_test_token"}
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in tiny_hf_model_dir.iterdir())
+    assert not (tmp_path / "base.partial").exists()
+    convert(out, tmp_path / "hf_base", ConvertSettings())  # validated and passed through
+    assert (tmp_path / "hf_base/model.safetensors").is_file()
