@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -68,16 +69,39 @@ def _read_text(path: Path) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
+# A JSON \\uD800-\\uDFFF escape: valid JSON syntax, but unpaired it decodes to a lone surrogate
+# that cannot be written as UTF-8 (every later write would crash).
+_SURROGATE_ESCAPE = re.compile(r"\\[uU][dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _text_problem(obj: Any) -> str | None:
+    """Why ``obj`` cannot be written back as UTF-8 JSON (a lone surrogate), or None."""
+    try:
+        dumps(obj).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"invalid text: lone surrogate \\u{ord(exc.object[exc.start]):04x} (half of a UTF-16 pair) "
+            "cannot be written as UTF-8"
+        )
+    return None
+
+
 def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     """Yield ``(where, obj)`` for each record of a ``.json`` list or a ``.jsonl`` file.
 
     ``where`` names the record's place (``file:line N`` or ``file[#i]``) for reject details.
-    A JSONL line that is not valid JSON is yielded as an :class:`InvalidLine` so the stage can
-    reject it; an unreadable or truncated file raises :class:`InputError`.
+    A JSONL line that is not valid JSON, or a record whose text holds an unpaired surrogate
+    escape (``"\\ud83d"``), is yielded as an :class:`InvalidLine` so the stage can reject it; an
+    unreadable or truncated file raises :class:`InputError`, and so does an empty file unless it
+    is a ``.jsonl`` (zero lines: zero records).
     """
     path = Path(path)
     text = _read_text(path)
     if not text.strip():
+        if path.suffix == ".jsonl":
+            # Zero JSON lines is zero records: a shard or a stage output can legitimately be empty
+            # (e.g. more shards than records), and the next stage must pass the emptiness on.
+            return
         raise InputError(f"{path}: file is empty; expected a JSON list or JSON lines of records")
     if path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("[")):
         yield from _read_jsonl(path, text)
@@ -96,8 +120,10 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         )
     if not isinstance(data, list):
         raise InputError(f"{path}: top-level JSON is a {type(data).__name__}; expected a list of records")
+    check = _SURROGATE_ESCAPE.search(text) is not None
     for i, obj in enumerate(data):
-        yield f"{path}[#{i}]", obj
+        problem = _text_problem(obj) if check else None
+        yield f"{path}[#{i}]", InvalidLine(json.dumps(obj), problem) if problem else obj
 
 
 class InvalidLine:
@@ -117,13 +143,16 @@ def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            yield f"{path}:line {n}", json.loads(line)
+            obj = json.loads(line)
         except json.JSONDecodeError as exc:
             if n - 1 == last and not text.endswith("\n"):
                 raise InputError(
                     f"{path}: truncated: last line {n} is incomplete JSON ({exc.msg} at column {exc.colno})"
                 ) from None
             yield f"{path}:line {n}", InvalidLine(line, f"{exc.msg} at column {exc.colno}")
+            continue
+        problem = _text_problem(obj) if _SURROGATE_ESCAPE.search(line) else None
+        yield f"{path}:line {n}", InvalidLine(line, problem) if problem else obj
 
 
 def iter_jsonl(path: str | Path) -> Iterator[Record]:
@@ -232,7 +261,12 @@ class StageWriter:
         if detail:
             row["detail"] = detail
         row["record"] = record.text if isinstance(record, InvalidLine) else record
-        self._rej.fh.write(dumps(row) + "\n")
+        line = dumps(row)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # text no UTF-8 can hold (lone surrogates): keep it, \u-escaped
+            line = json.dumps(row, separators=(",", ":"))
+        self._rej.fh.write(line + "\n")
         self.rejected[reason] += count
 
     def stats(self) -> dict[str, Any]:
