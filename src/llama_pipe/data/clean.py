@@ -14,8 +14,8 @@ Per record, in this order (the reject reason in brackets):
    or contains a blocked word, case-insensitively [blocked_word];
 7. fewer than ``min_turns`` turns [too_few_turns] or fewer than ``min_chars`` characters in all
    [too_short];
-8. in input order: an id seen before [duplicate_id]; the same first human+gpt exchange as an
-   earlier kept conversation [duplicate_first_exchange].
+8. in input order: the id of an earlier kept conversation [duplicate_id]; the same first human+gpt
+   exchange as an earlier kept conversation [duplicate_first_exchange] (as FastChat).
 
 Steps 1-7 run in a process pool on batches of records; results come back in input order, so the
 output does not depend on the number of workers. Step 8 runs in the main process.
@@ -157,11 +157,11 @@ def clean_file(inp: str | Path, out: str | Path, cfg: CleanSettings,
             if rec["id"] in seen_ids:
                 w.reject(obj, "duplicate_id", f"{where}: id {rec['id']!r} seen before")
                 continue
-            seen_ids.add(rec["id"])
             first = (rec["conversations"][0]["value"], rec["conversations"][1]["value"])
             if cfg.drop_duplicate_first_exchange and first in seen_first:
-                w.reject(obj, "duplicate_first_exchange", f"{where}: same first exchange as an earlier conversation")
+                w.reject(obj, "duplicate_first_exchange", f"{where}: same first exchange as an earlier kept conversation")
                 continue
+            seen_ids.add(rec["id"])
             seen_first.add(first)
             notes.update(res.notes)
             w.keep(rec)

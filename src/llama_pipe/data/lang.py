@@ -4,7 +4,9 @@ The language is detected by langdetect on the conversation's text (all turns, jo
 code blocks and inline code removed, limited to the first ``max_chars`` characters. langdetect is
 randomised; ``DetectorFactory.seed`` (the ``seed`` setting) makes every detection a pure function of
 its text, so the result does not depend on record order or the number of workers. Text shorter than
-``min_chars`` (after code removal) or that langdetect cannot classify is ``unknown``.
+``min_chars`` (after code removal) or that langdetect cannot classify is ``unknown``. A text with
+more CJK characters than Latin words is detected without its Latin words (see
+:func:`detect_language`).
 
 Every kept record gets a ``lang`` field (langdetect's code: ``en``, ``de``, ``zh-cn``, ``zh-tw``,
 ...). ``keep`` and ``skip`` entries match a code exactly or by its primary subtag, so ``zh``
@@ -14,6 +16,7 @@ matches ``zh-cn`` and ``zh-tw``; an empty ``keep`` keeps every language not in `
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +71,26 @@ def _init(cfg: FilterLangSettings) -> None:
     init_factory()
 
 
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+_LATIN_WORD = re.compile(r"[A-Za-z\u00c0-\u024f]+")
+
+
 def detect_language(text: str, min_chars: int) -> str:
-    """langdetect's code for ``text`` (``unknown`` when too short or undetectable)."""
+    """langdetect's code for ``text`` (``unknown`` when too short or undetectable).
+
+    Mixed-script rule: when a text has more CJK characters (Han, kana, Hangul) than Latin-script
+    words, the Latin words are removed before detection. Without it, a short Chinese sentence with
+    a product name ("我叫Gitclone，是git-cloner开发的模型") is classified from the Latin n-grams
+    as Vietnamese, Italian or Catalan.
+    """
     from langdetect.detector_factory import _factory  # type: ignore[attr-defined]
     from langdetect.lang_detect_exception import LangDetectException
 
     if len(text.strip()) < min_chars:
         return UNKNOWN
+    cjk = len(_CJK.findall(text))
+    if cjk and cjk > len(_LATIN_WORD.findall(text)):
+        text = _LATIN_WORD.sub(" ", text)
     try:
         detector = _factory.create()
         detector.append(text)

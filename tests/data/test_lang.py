@@ -1,0 +1,89 @@
+"""filter-lang: deterministic detection, code removed, zh matching, keep/skip/unknown."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llama_pipe.data.lang import matches, prose
+from tests.data.conftest import cli, read_jsonl, stats_of, turns, write_jsonl
+
+EN = "The weather was lovely today, so we walked along the river and talked about our plans for the summer holidays."
+ZH_CN = "今天天气很好，我们沿着河边散步，聊了聊暑假的计划。我想去北京看看故宫和长城。"
+ZH_TW = "今天天氣很好，我們沿著河邊散步，聊了聊暑假的計劃。我想去台北看看故宮博物院。"
+DE = "Heute war das Wetter herrlich, also sind wir am Fluss spazieren gegangen und haben über den Sommerurlaub gesprochen."
+KO = "오늘은 날씨가 정말 좋아서 강을 따라 산책하면서 여름 방학 계획에 대해 이야기했습니다."
+CODE = "```python\n" + "\n".join(f"def function_number_{i}(value):\n    return value * {i}  # multiply the value" for i in range(30)) + "\n```"
+
+
+def _records() -> list[dict]:
+    return [
+        {"id": "en", "conversations": turns(EN, EN)},
+        {"id": "zhcn", "conversations": turns(ZH_CN, ZH_CN)},
+        {"id": "zhtw", "conversations": turns(ZH_TW, ZH_TW)},
+        {"id": "de", "conversations": turns(DE, DE)},
+        {"id": "ko", "conversations": turns(KO, KO)},
+        # Chinese prose around a long English-looking code block: the code must not decide
+        {"id": "zhcode", "conversations": turns("请帮我写一个函数。" + ZH_CN, "好的，下面是代码：\n\n" + CODE + "\n\n" + ZH_CN + " `inline_code_value`")},
+        {"id": "short", "conversations": turns("ok", "```python\nprint(1)\n```")},
+    ]
+
+
+def test_keep_matches_primary_subtag_and_code_is_ignored(tmp_path: Path) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", _records())
+    out = tmp_path / "f.jsonl"
+    assert cli("filter-lang", inp, "-o", out, "--keep", "en,zh") == 0
+    kept = {r["id"]: r["lang"] for r in read_jsonl(out)}
+    assert kept == {"en": "en", "zhcn": "zh-cn", "zhtw": "zh-tw", "zhcode": "zh-cn"}
+    stats = stats_of(out)
+    assert stats["rejected"] == {"lang_not_kept": 2, "lang_unknown": 1}
+
+
+def test_skip_and_keep_unknown_and_exact_subtag(tmp_path: Path) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", _records())
+    out = tmp_path / "f.jsonl"
+    assert cli("filter-lang", inp, "-o", out, "--keep", "[]", "--skip", "ko,zh-tw", "--keep-unknown", "true") == 0
+    kept = {r["id"]: r["lang"] for r in read_jsonl(out)}
+    assert set(kept) == {"en", "zhcn", "de", "zhcode", "short"} and kept["short"] == "unknown"
+    assert stats_of(out)["rejected"] == {"lang_skipped": 2}
+
+
+def test_deterministic_across_workers_and_order(tmp_path: Path, sample: Path) -> None:
+    assert cli("clean", sample, "-o", tmp_path / "clean.jsonl") == 0
+    recs = read_jsonl(tmp_path / "clean.jsonl")
+    a = write_jsonl(tmp_path / "a.jsonl", recs)
+    b = write_jsonl(tmp_path / "b.jsonl", recs[::-1])
+    outs = []
+    for name, inp, workers in (("1", a, "1"), ("2", a, "2"), ("3", b, "2")):
+        out = tmp_path / f"o{name}.jsonl"
+        assert cli("filter-lang", inp, "-o", out, "--keep", "[]", "--workers", workers) == 0
+        outs.append({r["id"]: r["lang"] for r in read_jsonl(out)})
+    assert outs[0] == outs[1] == outs[2]
+    assert {"en", "zh-cn", "de", "fr", "es", "ja", "ko"} <= set(outs[0].values())
+
+
+def test_shared_chinese_and_english(tmp_path: Path, shared_data: Path) -> None:
+    for name, lang, min_share in (("gitcloner_dummy_cn.json", "zh", 0.99), ("gitcloner_dummy_en.json", "en", 0.99)):
+        out = tmp_path / f"{lang}.jsonl"
+        part = write_jsonl(tmp_path / name, json.loads((shared_data / name).read_text())[:300])
+        assert cli("filter-lang", part, "-o", out, "--keep", lang) == 0
+        stats = stats_of(out)
+        assert stats["out"] >= min_share * stats["in"], stats
+
+
+def test_helpers() -> None:
+    assert matches("zh-cn", ["zh"]) and matches("zh-tw", ["zh-tw"]) and not matches("zh-cn", ["zh-tw"])
+    assert not matches("en", ["zh"])
+    text = prose({"conversations": turns("a `x_y` b", "```js\nlet q = 1;\n```\nc")}, 100)
+    assert "x_y" not in text and "let q" not in text and "a" in text and "c" in text
+
+
+def test_short_chinese_with_latin_names_is_chinese(tmp_path: Path) -> None:
+    recs = [{"id": f"r{i}", "conversations": turns("你是谁?", v)} for i, v in enumerate([
+        "我叫Gitclone,我是git-cloner开发的语言模型。",
+        "你可以叫我Gitclone, 我接受过一个语言模型，是由git-cloner研究人员训练的。",
+        "我是一个语言模型叫Gitclone, 我受过git-cloner研究人员的训练。",
+    ])]
+    out = tmp_path / "f.jsonl"
+    assert cli("filter-lang", write_jsonl(tmp_path / "in.jsonl", recs), "-o", out, "--keep", "zh") == 0
+    assert [r["lang"] for r in read_jsonl(out)] == ["zh-cn"] * 3
