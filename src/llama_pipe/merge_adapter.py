@@ -168,22 +168,43 @@ def apply_adapters(model: Any, tokenizer: Any, adapters: list[str | Path]) -> tu
     return model, tokenizer
 
 
+def recorded(dirs: list[Path], key: str) -> tuple[bool, Any]:
+    """(found, value) of ``key`` as recorded with a model/adapter: ``llama_pipe.json``, then the
+    trainer's ``train_config.json`` (``train.<key>``); the last directory wins."""
+    for d in reversed(dirs):
+        side = read_sidecar(d)
+        if key in side:
+            return True, side[key]
+        try:
+            train = json.loads((Path(d) / "train_config.json").read_text(encoding="utf-8")).get("train", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(train, dict) and key in train:
+            return True, train[key]
+    return False, None
+
+
 def pick_template(explicit: str | None, dirs: list[Path], tokenizer: Any) -> str:
-    """Template name: explicit > a ``llama_pipe.json`` sidecar (last dir first) > the tokenizer's Jinja > vicuna_v1.1."""
+    """Template name: explicit > recorded with the model (sidecar, train_config.json) > the tokenizer's Jinja > vicuna_v1.1."""
     from llama_pipe.templates import TEMPLATES
 
     if explicit:
         return explicit
-    for d in reversed(dirs):
-        name = read_sidecar(d).get("template")
-        if name in TEMPLATES:
-            return str(name)
+    found, name = recorded(dirs, "template")
+    if found and name in TEMPLATES:
+        return str(name)
     jinja = getattr(tokenizer, "chat_template", None)
     for name, tpl in TEMPLATES.items():
         if jinja == tpl.chat_template:
             return name
     log.warning("no chat template recorded with the model; using vicuna_v1.1 (pass --template to choose)")
     return "vicuna_v1.1"
+
+
+def recorded_system_prompt(dirs: list[Path]) -> str | None:
+    """The system prompt the model was trained with (null: the template's default)."""
+    found, value = recorded(dirs, "system_prompt")
+    return value if found and isinstance(value, str) else None
 
 
 # ----------------------------------------------------------------------------- output
@@ -247,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
     template_name = pick_template(settings.template, [base, *adapters], tokenizer)
     model = model.to(getattr(torch, settings.dtype))
     sidecar = {
+        "system_prompt": recorded_system_prompt(adapters),
         "base": str(base),
         "adapters": [{"path": str(a), "sha256": sha256_file(a / "adapter_model.safetensors")} for a in adapters],
         "dtype": settings.dtype,

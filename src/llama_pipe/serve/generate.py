@@ -68,7 +68,8 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 class ChatModel:
     """A causal LM + tokenizer + chat template, ready to render prompts and stream replies."""
 
-    def __init__(self, model: Any, tokenizer: Any, template: ChatTemplate, model_id: str) -> None:
+    def __init__(self, model: Any, tokenizer: Any, template: ChatTemplate, model_id: str, system: str | None = None) -> None:
+        self.system = system  # default system prompt (None: the template's)
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
@@ -82,7 +83,7 @@ class ChatModel:
 
     def prompt_ids(self, messages: Sequence[Message], system: str | None = None) -> list[int]:
         """Token ids (BOS first) of the conversation so far, ending where the assistant's reply starts."""
-        text, _ = self.template.render(messages, system=system, add_generation_prompt=True)
+        text, _ = self.template.render(messages, system=system if system is not None else self.system, add_generation_prompt=True)
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def _tokens(self, prompt: list[int], params: SamplingParams, budget: int) -> Iterator[int]:
@@ -187,7 +188,13 @@ def load_chat_model(
     """Load a float model directory (optionally merging peft adapters on the fly) for chatting."""
     import torch
 
-    from llama_pipe.merge_adapter import apply_adapters, check_adapter_dir, load_float_base, pick_template
+    from llama_pipe.merge_adapter import (
+        apply_adapters,
+        check_adapter_dir,
+        load_float_base,
+        pick_template,
+        recorded_system_prompt,
+    )
     from llama_pipe.weights.tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
@@ -201,6 +208,7 @@ def load_chat_model(
     if dev == "cuda":
         model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     model = model.to(dev).eval()
-    name = pick_template(template, [model_dir, *map(Path, adapters)], tokenizer)
+    dirs = [model_dir, *map(Path, adapters)]
+    name = pick_template(template, dirs, tokenizer)
     log.info("model %s on %s, template %s", model_dir, dev, name)
-    return ChatModel(model, tokenizer, get_template(name), model_id or model_dir.resolve().name)
+    return ChatModel(model, tokenizer, get_template(name), model_id or model_dir.resolve().name, recorded_system_prompt(dirs))

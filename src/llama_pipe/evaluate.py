@@ -1,0 +1,219 @@
+"""``llama-pipe eval``: base vs tuned perplexity on the held-out split, and sample answers.
+
+Perplexity: every validation record is rendered with the tuned model's chat template (and the
+system prompt it was trained with) and tokenised once with the tuned model's tokenizer through
+:func:`llama_pipe.templates.tokenize_with_labels`; both models are scored on exactly those
+tokens, on the assistant tokens only: ``ppl = exp(sum NLL / n_target_tokens)``. A record with a
+token id the base's embedding cannot hold (a tokenizer grown by an adapter) is left out for
+both, and counted.
+
+Answers: MT-bench style questions (``question_id``, ``category``, ``turns``) are answered turn
+by turn - turn 2 sees the model's own turn-1 answer - with fixed sampling settings and a seed
+per turn (the same seeds for both models), through the same generation code as ``chat`` and
+``serve``.
+
+Output directory (built in ``OUT.tmp-*``, renamed when complete): ``metrics.json`` and
+``answers.jsonl`` (one row per model and question, FastChat's answer layout plus the questions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.config import EvalSettings
+from llama_pipe.records import InputError, dumps, iter_jsonl, read_records, write_json_atomic
+from llama_pipe.settings import add_settings_arguments, describe, settings_from_args, to_dict
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, metavar="HF_DIR", help="the base model directory")
+    parser.add_argument("--tuned", required=True, metavar="HF_DIR", help="the tuned (merged) model directory")
+    parser.add_argument("--val", required=True, metavar="JSONL", help="held-out split written by `llama-pipe gather`")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="writes metrics.json and answers.jsonl here")
+    add_settings_arguments(parser, EvalSettings, "eval")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def read_questions(path: str | Path, limit: int = 0) -> list[dict[str, Any]]:
+    """MT-bench style questions; each needs ``question_id`` and a non-empty list of string ``turns``."""
+    questions = []
+    for where, q in read_records(path):
+        if not isinstance(q, dict) or not isinstance(q.get("turns"), list) or not q["turns"] \
+                or not all(isinstance(t, str) and t.strip() for t in q["turns"]) or "question_id" not in q:
+            raise InputError(f"{where}: expected {{\"question_id\", \"category\", \"turns\": [non-empty strings]}}")
+        questions.append(q)
+    return questions[:limit] if limit else questions
+
+
+def encode_val(path: Path, tokenizer: Any, template: Any, system: str | None, max_len: int) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
+    """(ids, labels) of every usable validation record, and counts of what was left out."""
+    from llama_pipe.templates import IGNORE_INDEX, to_messages, tokenize_with_labels
+
+    if not path.is_file():
+        raise InputError(f"{path}: validation file not found (expected results/data/val.jsonl from `llama-pipe gather`)")
+    rows, counts = [], {"read": 0, "truncated": 0, "no_target": 0}
+    for n, record in enumerate(iter_jsonl(path), start=1):
+        counts["read"] += 1
+        try:
+            text, spans = template.render(to_messages(record), system=system)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}: record {n} is not a conversation the template can render ({exc!r})") from None
+        ids, labels = tokenize_with_labels(tokenizer, text, spans)
+        if len(ids) > max_len:
+            counts["truncated"] += 1
+            ids, labels = ids[:max_len], labels[:max_len]
+        if all(lab == IGNORE_INDEX for lab in labels[1:]):
+            counts["no_target"] += 1
+            continue
+        rows.append((ids, labels))
+    if not rows:
+        raise InputError(f"{path}: no record with assistant tokens to score ({counts['read']} records read)")
+    return rows, counts
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def nll_sum(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> tuple[float, int]:
+    """Summed next-token NLL over the target tokens of ``rows`` and how many targets there were."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for b in tqdm(range(0, len(order), batch_size), desc="perplexity", unit="batch", disable=None):
+            batch = [rows[i] for i in order[b : b + batch_size]]
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, (i, lab) in enumerate(batch):
+                ids[r, : len(i)] = torch.tensor(i)
+                labels[r, : len(lab)] = torch.tensor(lab)
+                mask[r, : len(i)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            shifted = labels[:, 1:].to(device)
+            total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                           ignore_index=-100, reduction="sum"))
+            count += int((shifted != -100).sum())
+    return total, count
+
+
+def answer_questions(chat: Any, questions: list[dict[str, Any]], settings: EvalSettings, label: str) -> list[dict[str, Any]]:
+    """Multi-turn answers: each turn sees the model's previous answers."""
+    from tqdm import tqdm
+
+    from llama_pipe.serve.generate import SamplingParams
+
+    rows = []
+    for qi, q in enumerate(tqdm(questions, desc=f"answers ({label})", unit="question", disable=None)):
+        history: list[dict[str, str]] = []
+        answers, finishes = [], []
+        for ti, turn in enumerate(q["turns"]):
+            history.append({"role": "user", "content": turn})
+            params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                    top_p=settings.top_p, seed=settings.seed * 100_003 + qi * 101 + ti)
+            try:
+                res = chat.complete(history, params)
+            except InputError as exc:  # the conversation outgrew the context
+                answers.append("")
+                finishes.append(f"error: {exc}")
+                break
+            history.append({"role": "assistant", "content": res.text})
+            answers.append(res.text)
+            finishes.append(res.finish_reason)
+        rows.append({
+            "question_id": q["question_id"], "answer_id": f"{label}-{q['question_id']}", "model_id": label,
+            "category": q.get("category"), "turns": q["turns"],
+            "choices": [{"index": 0, "turns": answers}], "finish_reasons": finishes, "tstamp": time.time(),
+        })
+    return rows
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run(args: argparse.Namespace) -> int:
+    import shutil
+
+    import torch
+
+    from llama_pipe.merge_adapter import commit_dir, load_float_base, new_tmp_dir, pick_template, recorded_system_prompt
+    from llama_pipe.serve.generate import ChatModel, pick_device
+    from llama_pipe.templates import get_template
+    from llama_pipe.weights.tokenizer import load_tokenizer
+
+    settings = settings_from_args(args, EvalSettings, "eval")
+    log.info("eval settings:\n%s", describe(settings))
+    base, tuned, val, out = Path(args.base), Path(args.tuned), Path(args.val), Path(args.output)
+    t0 = time.time()
+    device = pick_device(settings.device)
+    questions = read_questions(settings.questions, settings.max_questions)
+    tokenizer = load_tokenizer(tuned)
+    template = get_template(pick_template(settings.template, [tuned], tokenizer))
+    system = recorded_system_prompt([tuned])
+    from transformers import AutoConfig
+
+    configs = []
+    for path in (base, tuned):
+        if not (path / "config.json").is_file():
+            raise InputError(f"{path}: not a Hugging Face model directory (no config.json)")
+        configs.append(AutoConfig.from_pretrained(str(path)))
+    max_len = min(int(getattr(c, "max_position_embeddings", 2048)) for c in configs)
+    rows, counts = encode_val(val, tokenizer, template, system, max_len)
+    vocab = min(int(c.vocab_size) for c in configs)
+    usable = [r for r in rows if max(r[0]) < vocab]  # ids only a grown tokenizer has: not comparable
+    counts["out_of_vocab"] = len(rows) - len(usable)
+    if not usable:
+        raise InputError(f"{val}: every record uses tokens beyond the base vocabulary of {vocab}; perplexities are not comparable")
+    rows = usable
+    results: dict[str, dict[str, Any]] = {}
+    answers: list[dict[str, Any]] = []
+    for label, path in (("base", base), ("tuned", tuned)):
+        model = load_float_base(path)
+        if device == "cuda":
+            model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        model = model.to(device).eval()
+        total, n = nll_sum(model, rows, tokenizer.pad_token_id, settings.batch_size)
+        results[label] = {"nll": total / n, "ppl": math.exp(total / n), "tokens": n}
+        log.info("%s: perplexity %.3f over %d assistant tokens", label, results[label]["ppl"], n)
+        answers += answer_questions(ChatModel(model, tokenizer, template, label, system), questions, settings, label)
+        del model
+        gc.collect()
+    metrics = {
+        "base_ppl": results["base"]["ppl"], "tuned_ppl": results["tuned"]["ppl"],
+        "base_nll": results["base"]["nll"], "tuned_nll": results["tuned"]["nll"],
+        "ppl_ratio": results["tuned"]["ppl"] / results["base"]["ppl"],
+        "tokens": results["tuned"]["tokens"], "records_scored": len(rows), **{f"records_{k}": v for k, v in counts.items()},
+        "template": template.name, "system_prompt": system, "questions": len(questions),
+        "generation": {k: getattr(settings, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")},
+        "models": {"base": str(base), "tuned": str(tuned)}, "val": str(val), "device": device, "seconds": round(time.time() - t0, 2),
+        "settings": to_dict(settings),
+    }
+    tmp = new_tmp_dir(out)
+    try:
+        write_json_atomic(tmp / "metrics.json", metrics)
+        (tmp / "answers.jsonl").write_text("".join(dumps(a) + "\n" for a in answers), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_dir(tmp, out)
+    print(
+        f"eval: perplexity base {metrics['base_ppl']:.3f} -> tuned {metrics['tuned_ppl']:.3f} "
+        f"on {metrics['tokens']} assistant tokens ({len(rows)} records); {len(answers)} answer rows -> {out}"
+    )
+    return 0
