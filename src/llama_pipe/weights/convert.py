@@ -130,6 +130,35 @@ def _vocab_rows(shards: list[dict[str, Any]], dim: int, where: Path) -> int:
     return shape[0]
 
 
+def _assemble(
+    name: str, pieces: list[Any], shape: tuple[int, ...], dtype: Any, params: meta.MetaParams, where: str
+) -> Any:
+    """The full weight ``name`` in ``dtype``, written piece by piece into one new tensor.
+
+    Each rank's piece is copied (and cast) straight into its slice of the output, so the only
+    large allocation is the output itself; ``wq`` / ``wk`` pieces hold whole heads and are
+    permuted for rotary one piece at a time.
+    """
+    import torch
+
+    d = meta.split_dim(name)
+    if name == "tok_embeddings.weight" and len(pieces) > 1 and pieces[0].shape[1] == params.dim:
+        d = 0  # LLaMA-3: the vocabulary is split
+    if d is None or len(pieces) == 1:
+        if len(pieces) > 1:
+            meta.merge_pieces(name, pieces, params.dim, where)  # checks the replicas agree
+        pieces, d = pieces[:1], 0
+    out = torch.empty(shape, dtype=dtype)
+    offset = 0
+    for piece in pieces:
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            local_heads = piece.shape[0] // params.head_dim
+            piece = permute_for_rotary(piece, local_heads)
+        out.narrow(d, offset, piece.shape[d]).copy_(piece)
+        offset += piece.shape[d]
+    return out
+
+
 def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> dict[str, Any]:
     """Convert a Meta checkpoint directory; returns a summary (tensors, files, bytes)."""
     import torch
@@ -181,15 +210,12 @@ def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> di
         for group, fname in zip(groups, file_names):
             block: dict[str, Any] = {}
             for name in group:
-                w = meta.merge_pieces(name, [sd[name] for sd in shards], params.dim, str(meta_dir))
-                if name.endswith("attention.wq.weight"):
-                    w = permute_for_rotary(w, params.n_heads)
-                elif name.endswith("attention.wk.weight"):
-                    w = permute_for_rotary(w, params.kv_heads)
-                block[hf_name(name)] = w.to(dtype).contiguous().clone()
+                t = _assemble(name, [sd[name] for sd in shards], shapes[name], dtype, params, str(meta_dir))
+                block[hf_name(name)] = t
                 weight_map[hf_name(name)] = fname
-                total += block[hf_name(name)].numel() * dtype.itemsize
+                total += t.numel() * dtype.itemsize
                 bar.update(1)
+            t = None
             save_file(block, str(tmp / fname), metadata={"format": "pt"})
             del block  # free this file's tensors before building the next
         bar.close()
