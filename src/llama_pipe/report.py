@@ -1,0 +1,243 @@
+"""``llama-pipe report``: the run at a glance - PNG plots plus ``report.md`` / ``report.html``.
+
+* ``loss.png`` - training loss per step and validation loss (``metrics.jsonl`` rows with ``loss``
+  and rows with ``val_loss``),
+* ``funnel.png`` - per data stage: conversations (or pairs, for ``split``) in, kept, and
+  rejected by reason, summed over the shards of each stage (``*.stats.json``),
+* ``perplexity.png`` - base vs tuned perplexity on the held-out split (``metrics.json`` of eval).
+
+``report.md`` holds the same numbers as tables (and a few tuned answers when ``answers.jsonl``
+lies beside the eval metrics); ``report.html`` is the same page with the plots embedded, so it
+can be mailed as one file. The output directory is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.records import InputError, iter_jsonl
+
+STAGE_ORDER = ["merge", "shard", "clean", "filter_lang", "split", "gather"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train-metrics", required=True, metavar="JSONL", help="metrics.jsonl of the train run")
+    parser.add_argument("--stats", nargs="+", required=True, metavar="JSON", help="*.stats.json files of the data stages (all shards)")
+    parser.add_argument("--eval", required=True, metavar="JSON", help="metrics.json written by `llama-pipe eval`")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="report directory (PNGs, report.md, report.html)")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _load_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} not found") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: {what} is not valid JSON ({exc})") from None
+
+
+def read_losses(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(train, val) as (step, loss) lists from a trainer's metrics.jsonl."""
+    if not path.is_file():
+        raise InputError(f"{path}: training metrics not found (written by `llama-pipe train` into its run directory)")
+    train, val = [], []
+    for row in iter_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            continue
+        if isinstance(row.get("loss"), (int, float)) and not row.get("skipped"):
+            train.append((row["step"], float(row["loss"])))
+        if isinstance(row.get("val_loss"), (int, float)):
+            val.append((row["step"], float(row["val_loss"])))
+    if not train and not val:
+        raise InputError(f"{path}: no rows with 'loss' or 'val_loss'; is this a llama-pipe metrics.jsonl?")
+    return train, val
+
+
+def funnel(stats_paths: list[Path]) -> list[dict[str, Any]]:
+    """One entry per stage (pipeline order), shards summed: stage, unit, in, out, rejected, files."""
+    stages: dict[str, dict[str, Any]] = {}
+    for p in stats_paths:
+        s = _load_json(p, "stats file")
+        if not isinstance(s, dict) or not {"stage", "in", "out"} <= s.keys():
+            raise InputError(f"{p}: not a stage stats file (needs 'stage', 'in', 'out')")
+        e = stages.setdefault(s["stage"], {"stage": s["stage"], "unit": s.get("unit", "records"), "in": 0, "out": 0,
+                                           "rejected": Counter(), "files": 0})
+        e["in"] += int(s["in"])
+        e["out"] += int(s["out"])
+        e["rejected"].update({k: int(v) for k, v in (s.get("rejected") or {}).items()})
+        e["files"] += 1
+    rank = {name: i for i, name in enumerate(STAGE_ORDER)}
+    return sorted(stages.values(), key=lambda e: rank.get(e["stage"], len(rank)))
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_loss(train: list[tuple[int, float]], val: list[tuple[int, float]], out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="#2563eb", linewidth=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", color="#dc2626", markersize=4)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("cross-entropy (nats / target token)")
+    ax.set_title("Training and validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def plot_funnel(stages: list[dict[str, Any]], out: Path) -> None:
+    """One bar per stage, as a share of what entered it: kept, then each rejection reason."""
+    import matplotlib.pyplot as plt
+
+    reasons = sorted({r for s in stages for r in s["rejected"]})
+    palette = [c for i, c in enumerate(plt.get_cmap("tab20").colors) if i not in (4, 5)]  # type: ignore[attr-defined]
+    colors = {r: palette[i % len(palette)] for i, r in enumerate(reasons)}
+    kept_color = "#15803d"
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(stages) + 2), dpi=110)
+    for y, s in enumerate(stages[::-1]):
+        total = max(s["in"], 1)
+        ax.barh(y, 100 * s["out"] / total, color=kept_color)
+        ax.text(1, y, f"{s['out']} kept", va="center", color="white", fontsize=8)
+        left = 100 * s["out"] / total
+        for r in reasons:
+            n = s["rejected"].get(r, 0)
+            if n:
+                ax.barh(y, 100 * n / total, left=left, color=colors[r])
+                left += 100 * n / total
+        dropped = s["in"] - s["out"]
+        ax.text(101, y, f"{s['in']} in, {dropped} dropped", va="center", fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=kept_color)] + [plt.Rectangle((0, 0), 1, 1, color=colors[r]) for r in reasons]
+    ax.legend(handles, ["kept"] + [f"rejected: {r}" for r in reasons], fontsize=8, loc="upper left", bbox_to_anchor=(1.17, 1))
+    ax.set_yticks(range(len(stages)), [f"{s['stage']} ({s['unit']})" for s in stages][::-1])
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("% of the stage's input (shards summed)")
+    ax.set_title("Data funnel: what each stage kept and why it dropped the rest")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def plot_perplexity(ev: dict[str, Any], out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    vals = [float(ev["base_ppl"]), float(ev["tuned_ppl"])]
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=110)
+    bars = ax.bar(["base", "tuned"], vals, color=["#9ca3af", "#2563eb"])
+    for b, v in zip(bars, vals):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom")
+    ax.set_ylabel("perplexity (assistant tokens)")
+    ax.set_title(f"Held-out perplexity ({ev.get('tokens', '?')} tokens): x{vals[1] / vals[0]:.3f}")
+    ax.margins(y=0.15)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def markdown(train: list, val: list, stages: list[dict[str, Any]], ev: dict[str, Any], answers: list[dict[str, Any]]) -> str:
+    lines = ["# llama-pipe report", "", "## Result", ""]
+    lines += ["| | base | tuned |", "| --- | ---: | ---: |",
+              f"| perplexity | {ev['base_ppl']:.3f} | {ev['tuned_ppl']:.3f} |",
+              f"| NLL / token | {ev.get('base_nll', float('nan')):.4f} | {ev.get('tuned_nll', float('nan')):.4f} |", ""]
+    lines.append(f"Scored on {ev.get('tokens', '?')} assistant tokens of {ev.get('records_scored', '?')} held-out records "
+                 f"(template {ev.get('template', '?')}).")
+    if train:
+        lines.append(f"Training: {len(train)} steps, first loss {train[0][1]:.4f}, last loss {train[-1][1]:.4f}.")
+    if val:
+        lines.append(f"Validation loss: {val[0][1]:.4f} at step {val[0][0]} -> {val[-1][1]:.4f} at step {val[-1][0]}.")
+    lines += ["", "![loss](loss.png)", "", "![perplexity](perplexity.png)", "", "## Data funnel", "",
+              "| stage | unit | files | in | kept | rejected (by reason) |", "| --- | --- | ---: | ---: | ---: | --- |"]
+    for s in stages:
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(s["rejected"].items())) or "-"
+        lines.append(f"| {s['stage']} | {s['unit']} | {s['files']} | {s['in']} | {s['out']} | {why} |")
+    lines += ["", "![funnel](funnel.png)", ""]
+    tuned = [a for a in answers if a.get("model_id") == "tuned"][:3]
+    if tuned:
+        lines += ["## Sample answers (tuned)", ""]
+        for a in tuned:
+            for q, ans in zip(a["turns"], a["choices"][0]["turns"]):
+                lines += [f"**Q:** {q}", "", f"**A:** {ans.strip() or '(empty)'}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def to_html(md: str, out_dir: Path) -> str:
+    """A small self-contained HTML rendering of ``md`` (tables, images inlined, paragraphs)."""
+    body: list[str] = []
+    rows: list[str] = []
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                tag = "th" if not rows else "td"
+                rows.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if rows:
+            body.append("<table>" + "".join(rows) + "</table>")
+            rows = []
+        if line.startswith("!["):
+            name = line[line.index("(") + 1 : -1]
+            data = base64.b64encode((out_dir / name).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        elif line.strip():
+            text = html.escape(line)
+            while "**" in text:
+                text = text.replace("**", "<b>", 1).replace("**", "</b>", 1)
+            body.append(f"<p>{text}</p>")
+    if rows:
+        body.append("<table>" + "".join(rows) + "</table>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#1d2939}"
+             "table{border-collapse:collapse}td,th{border:1px solid #d0d5dd;padding:4px 8px}img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>llama-pipe report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from llama_pipe.merge_adapter import commit_dir, new_tmp_dir
+
+    train, val = read_losses(Path(args.train_metrics))
+    stages = funnel([Path(p) for p in args.stats])
+    ev_path = Path(args.eval)
+    ev = _load_json(ev_path, "eval metrics")
+    if not isinstance(ev, dict) or not {"base_ppl", "tuned_ppl"} <= ev.keys():
+        raise InputError(f"{ev_path}: no base_ppl/tuned_ppl; expected the metrics.json written by `llama-pipe eval`")
+    answers_path = ev_path.with_name("answers.jsonl")
+    answers = list(iter_jsonl(answers_path)) if answers_path.is_file() else []
+    out = Path(args.output)
+    tmp = new_tmp_dir(out)
+    try:
+        plot_loss(train, val, tmp / "loss.png")
+        plot_funnel(stages, tmp / "funnel.png")
+        plot_perplexity(ev, tmp / "perplexity.png")
+        md = markdown(train, val, stages, ev, answers)
+        (tmp / "report.md").write_text(md, encoding="utf-8")
+        (tmp / "report.html").write_text(to_html(md, tmp), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_dir(tmp, out)
+    print(f"report: loss ({len(train)} train / {len(val)} val points), funnel ({len(stages)} stages), "
+          f"perplexity {ev['base_ppl']:.3f} -> {ev['tuned_ppl']:.3f} -> {out}")
+    return 0
