@@ -153,7 +153,7 @@ def test_source_kinds() -> None:
 def test_hf_allow_patterns_fetch_only_safetensors_config_and_tokenizer() -> None:
     from huggingface_hub.utils import filter_repo_objects
 
-    from llama_pipe.weights.hf import ALLOW_PATTERNS
+    from llama_pipe.weights.hf import ALLOW_PATTERNS, IGNORE_PATTERNS
 
     listing = [  # meta-llama/Llama-2-7b-hf's files, plus a Llama-3 style original/ folder
         ".gitattributes", "LICENSE.txt", "README.md", "USE_POLICY.md", "config.json", "generation_config.json",
@@ -161,8 +161,9 @@ def test_hf_allow_patterns_fetch_only_safetensors_config_and_tokenizer() -> None
         "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
         "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
         "original/consolidated.00.pth", "original/params.json", "original/tokenizer.model",
+        "original/model.safetensors",
     ]
-    picked = set(filter_repo_objects(listing, allow_patterns=ALLOW_PATTERNS))
+    picked = set(filter_repo_objects(listing, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS))
     assert picked == {
         "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors", "model.safetensors.index.json", "special_tokens_map.json",
@@ -206,7 +207,17 @@ def test_hf_repo_from_a_local_hub_honours_endpoint_and_token(
         download(out, BaseSettings(source="org/tiny-llama"))
         with pytest.raises(InputError, match="repository not found"):
             download(tmp_path / "other", BaseSettings(source="org/missing"))
-    assert hub.downloaded() == {p.name for p in tiny_hf_model_dir.iterdir()}
+        assert hub.downloaded() == {p.name for p in tiny_hf_model_dir.iterdir()}
+        # What `hf download` does: fill the cache. Offline, download then copies from the cache.
+        from huggingface_hub import snapshot_download
+
+        snapshot_download("org/tiny-llama", endpoint=hub.url)
+        n_requests = len(hub.requests)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        download(tmp_path / "offline", BaseSettings(source="org/tiny-llama"))
+        assert len(hub.requests) == n_requests  # nothing asked of the server
+    assert _md5(tmp_path / "offline/model.safetensors") == _md5(tiny_hf_model_dir / "model.safetensors")
+    assert not (tmp_path / "offline/pytorch_model.bin").exists()
     assert {auth for _, _, auth in hub.requests} == {"Bearer hf_test_token"}
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in tiny_hf_model_dir.iterdir())
     assert not (tmp_path / "base.partial").exists()

@@ -28,8 +28,8 @@ ALLOW_PATTERNS = [
     "added_tokens.json",
     "chat_template.jinja",
 ]
-# Files copied when a Hugging Face directory is passed through ``convert``.
-PASS_THROUGH = ALLOW_PATTERNS
+# Sub-folders (Llama-3 repos carry Meta's original/*.pth there) are never fetched.
+IGNORE_PATTERNS = ["*/*"]
 
 
 def wanted(name: str) -> bool:
@@ -40,9 +40,10 @@ def wanted(name: str) -> bool:
 def download_repo(repo_id: str, out_dir: Path, revision: str | None = None) -> list[str]:
     """Fetch the safetensors weights, config and tokenizer files of ``repo_id`` into ``out_dir``.
 
-    Honours ``HF_ENDPOINT`` (read at call time), ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` (in offline
-    mode only an already cached snapshot can be used). Files land in ``OUT.partial`` first, where
-    huggingface_hub resumes interrupted transfers, and the directory is renamed when complete.
+    Honours ``HF_ENDPOINT`` (read at call time), ``HF_TOKEN`` and ``HF_HUB_OFFLINE``: offline,
+    the files come from the Hugging Face cache (filled earlier, e.g. by ``hf download``).
+    Online, files land in ``OUT.partial`` first, where huggingface_hub resumes interrupted
+    transfers, and the directory is renamed when complete.
     """
     import huggingface_hub
     from huggingface_hub import constants, snapshot_download
@@ -64,8 +65,9 @@ def download_repo(repo_id: str, out_dir: Path, revision: str | None = None) -> l
         local = snapshot_download(
             repo_id,
             revision=revision,
-            local_dir=partial,
+            local_dir=None if offline else partial,
             allow_patterns=ALLOW_PATTERNS,
+            ignore_patterns=IGNORE_PATTERNS,
             token=token,
             endpoint=endpoint,
             local_files_only=offline,
@@ -81,7 +83,7 @@ def download_repo(repo_id: str, out_dir: Path, revision: str | None = None) -> l
         if offline:
             raise InputError(
                 f"{where}: offline mode (HF_HUB_OFFLINE=1) and the files are not cached; "
-                "unset HF_HUB_OFFLINE or pre-fetch them with `huggingface-cli download`"
+                f"unset HF_HUB_OFFLINE, or fill the cache first with `hf download {repo_id}`"
             ) from None
         raise InputError(f"{where}: cannot reach the Hub and nothing is cached; check the network or HF_ENDPOINT") from None
     except HfHubHTTPError as exc:
@@ -93,11 +95,15 @@ def download_repo(repo_id: str, out_dir: Path, revision: str | None = None) -> l
             f"{where}: no *.safetensors weights in the repo; llama-pipe does not fetch pickled *.bin / *.pth "
             "weights (they can run code when loaded). Use a repo with safetensors, or a Meta release URL"
         )
-    if local_path.resolve() != partial.resolve():  # offline: a cached snapshot was returned
+    if offline:  # files of the cache (symlinks into its blobs): copy them out
         tmp = meta.temp_dir_for(out_dir)
-        for n in names:
-            shutil.copy2(local_path / n, tmp / n)
-        meta.commit_dir(tmp, out_dir)
+        try:
+            for n in names:
+                shutil.copyfile(local_path / n, tmp / n)
+            meta.commit_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     else:
         shutil.rmtree(partial / ".cache", ignore_errors=True)
         meta.commit_dir(partial, out_dir)
