@@ -65,7 +65,7 @@ def test_deterministic_across_workers_and_order(tmp_path: Path, sample: Path) ->
 def test_shared_chinese_and_english(tmp_path: Path, shared_data: Path) -> None:
     for name, lang, min_share in (("gitcloner_dummy_cn.json", "zh", 0.99), ("gitcloner_dummy_en.json", "en", 0.99)):
         out = tmp_path / f"{lang}.jsonl"
-        part = write_jsonl(tmp_path / name, json.loads((shared_data / name).read_text())[:300])
+        part = write_jsonl(tmp_path / f"{name}l", json.loads((shared_data / name).read_text())[:300])
         assert cli("filter-lang", part, "-o", out, "--keep", lang) == 0
         stats = stats_of(out)
         assert stats["out"] >= min_share * stats["in"], stats

@@ -1,0 +1,69 @@
+"""shard / gather: deterministic scatter, train/val by conversation, atomic outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llama_pipe.data.shard import base_id, shard_of
+from tests.data.conftest import cli, read_jsonl, stats_of, turns, write_jsonl
+
+
+def _recs(n: int) -> list[dict]:
+    return [{"id": f"c{i}", "conversations": turns(f"question {i}", f"answer {i}")} for i in range(n)]
+
+
+def test_shard_is_a_partition_by_id_hash(tmp_path: Path) -> None:
+    inp = write_jsonl(tmp_path / "m.jsonl", _recs(50) + [_recs(1)[0], {"no": "id"}])
+    out = tmp_path / "shard"
+    assert cli("shard", inp, "--n", 3, "-o", out) == 0
+    files = sorted(out.glob("shard-*.jsonl"))
+    assert [f.name for f in files] == ["shard-000.jsonl", "shard-001.jsonl", "shard-002.jsonl"]
+    parts = [read_jsonl(f) for f in files]
+    assert sorted(r["id"] for p in parts for r in p) == sorted(f"c{i}" for i in range(50))
+    for k, p in enumerate(parts):
+        assert all(shard_of(r["id"], 3) == k for r in p)
+    stats = stats_of(out / "shard.jsonl", "shard.stats.json")
+    assert stats["rejected"] == {"duplicate_id": 1, "missing_id": 1} and stats["shards"] == [len(p) for p in parts]
+    # adding records never moves existing ones; re-running replaces the directory
+    inp2 = write_jsonl(tmp_path / "m2.jsonl", _recs(80))
+    assert cli("shard", inp2, "--n", 3, "-o", out) == 0
+    parts2 = [{r["id"] for r in read_jsonl(f)} for f in sorted(out.glob("shard-*.jsonl"))]
+    assert all({r["id"] for r in p} <= p2 for p, p2 in zip(parts, parts2))
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m.jsonl", "m2.jsonl", "shard"]
+
+
+def test_shard_malformed_input_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "m.jsonl"
+    bad.write_text('{"id": "a"}\n{"id": "b", "conv')
+    assert cli("shard", bad, "--n", 2, "-o", tmp_path / "out") == 2
+    assert not (tmp_path / "out").exists() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_gather_keeps_chunks_of_a_conversation_together(tmp_path: Path) -> None:
+    chunks = [{"id": f"c{i}_{k}", "conversations": turns(f"q{i}.{k}", "a")} for i in range(40) for k in range(3)]
+    a = write_jsonl(tmp_path / "s0.jsonl", chunks[:60])
+    b = write_jsonl(tmp_path / "s1.jsonl", chunks[60:] + [chunks[0]])
+    train, val = tmp_path / "data" / "train.jsonl", tmp_path / "data" / "val.jsonl"
+    assert cli("gather", a, b, "--train", train, "--val", val, "--val-fraction", "0.25", "--seed", "3") == 0
+    tr, va = read_jsonl(train), read_jsonl(val)
+    stats = stats_of(train, "gather.stats.json")
+    assert stats["rejected"] == {"duplicate_id": 1} and stats["train"] == len(tr) and stats["val"] == len(va)
+    assert len(tr) + len(va) == 120 and 0 < len(va) < 60
+    assert {base_id(r["id"]) for r in tr}.isdisjoint({base_id(r["id"]) for r in va})
+    order = [c["id"] for c in chunks]
+    for part in (tr, va):  # each file keeps the input order
+        assert [r["id"] for r in part] == sorted((r["id"] for r in part), key=order.index)
+    # deterministic; another seed gives another split
+    assert cli("gather", a, b, "--train", tmp_path / "t2.jsonl", "--val", tmp_path / "v2.jsonl",
+               "--val-fraction", "0.25", "--seed", "3") == 0
+    assert read_jsonl(tmp_path / "v2.jsonl") == va
+    assert cli("gather", a, b, "--train", tmp_path / "t3.jsonl", "--val", tmp_path / "v3.jsonl",
+               "--val-fraction", "0.25", "--seed", "4") == 0
+    assert read_jsonl(tmp_path / "v3.jsonl") != va
+
+
+def test_gather_tiny_data_still_has_validation(tmp_path: Path) -> None:
+    inp = write_jsonl(tmp_path / "s.jsonl", _recs(2))
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    assert cli("gather", inp, "--train", train, "--val", val, "--val-fraction", "0.01") == 0
+    assert len(read_jsonl(train)) == 1 and len(read_jsonl(val)) == 1

@@ -1,0 +1,121 @@
+"""split: chunks fit the trainer's rendering exactly, no empty chunk, no silently dropped pair."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llama_pipe.templates import get_template, to_messages, tokenize_with_labels
+from tests.data.conftest import cli, read_jsonl, stats_of, turns, write_jsonl
+
+
+def trainer_len(tok: Any, rec: dict, template: str = "vicuna_v1.1") -> int:
+    """Tokens of a record exactly as the trainer tokenizes it."""
+    text, spans = get_template(template).render(to_messages(rec))
+    return len(tokenize_with_labels(tok, text, spans)[0])
+
+
+def _words(n: int, seed: int) -> str:
+    vocab = ["river", "garden", "window", "yellow", "quickly", "mountain", "question", "answer", "bread", "python"]
+    return " ".join(vocab[(i * 7 + seed) % len(vocab)] for i in range(n))
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1.1", "llama-2", "chatml"])
+def test_chunks_fit_exactly_and_ids(tmp_path: Path, tokenizer_dir: Path, tokenizer: Any, template: str) -> None:
+    recs = [
+        {"id": "long", "lang": "en", "conversations": turns(*[_words(5 + i, i) for i in range(16)])},
+        {"id": "sys", "system": "You are terse.", "conversations": turns(*[_words(8, i) for i in range(6)])},
+        {"id": "small", "conversations": turns("hi there", "hello, how can I help?")},
+    ]
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+    out = tmp_path / "s.jsonl"
+    assert cli("split", inp, "-o", out, "--tokenizer", tokenizer_dir, "--max-length", 300, "--template", template) == 0
+    chunks = read_jsonl(out)
+    stats = stats_of(out)
+    assert stats["unit"] == "pairs" and stats["in"] == 8 + 3 + 1 == stats["out"]
+    assert stats["chunks_out"] == len(chunks) and stats["records_in"] == 3
+    by_src: dict[str, list[dict]] = {}
+    for c in chunks:
+        src, k = c["id"].rsplit("_", 1)
+        by_src.setdefault(src, []).append(c)
+        assert c["conversations"] and len(c["conversations"]) % 2 == 0
+        n = trainer_len(tokenizer, c, template)
+        assert n <= 300
+    assert [c["id"] for c in by_src["long"]] == [f"long_{k}" for k in range(len(by_src["long"]))]
+    assert len(by_src["long"]) > 2 and by_src["small"][0]["id"] == "small_0"
+    assert all(c["lang"] == "en" for c in by_src["long"]) and by_src["sys"][0]["system"] == "You are terse."
+    # pairs come out in order, none lost, none duplicated
+    assert [t for c in by_src["long"] for t in c["conversations"]] == recs[0]["conversations"]
+    # greedy: each chunk but the last could not take the next pair
+    for a, b in zip(by_src["long"], by_src["long"][1:]):
+        merged = {"conversations": a["conversations"] + b["conversations"][:2]}
+        assert trainer_len(tokenizer, merged, template) > 300
+
+
+def test_long_pair_rejected_or_truncated(tmp_path: Path, tokenizer_dir: Path, tokenizer: Any) -> None:
+    recs = [{"id": "r", "conversations": turns("short question", "short answer", "tell me more", _words(400, 1),
+                                                "last question", "last answer")},
+            {"id": "huge_human", "conversations": turns(_words(400, 2), "ok")}]
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+    out = tmp_path / "rej.jsonl"
+    assert cli("split", inp, "-o", out, "--tokenizer", tokenizer_dir, "--max-length", 200) == 0
+    stats = stats_of(out)
+    assert stats["rejected"] == {"pair_too_long": 2} and stats["out"] == 2
+    rejects = read_jsonl(tmp_path / "rej.rejects.jsonl")
+    assert [(r["id"], r["record"]["pair_index"]) for r in rejects] == [("r", 1), ("huge_human", 0)]
+    assert all("max_length=200" in r["detail"] for r in rejects)
+    # ids keep counting chunks; the rejected pair never leaves an empty chunk
+    assert [c["id"] for c in read_jsonl(out)] == ["r_0", "r_1"]
+
+    out2 = tmp_path / "trunc.jsonl"
+    assert cli("split", inp, "-o", out2, "--tokenizer", tokenizer_dir, "--max-length", 200, "--on-long-pair", "truncate") == 0
+    stats2 = stats_of(out2)
+    assert stats2["pairs_truncated"] == 1 and stats2["rejected"] == {"pair_too_long": 1} and stats2["out"] == 3
+    chunks = read_jsonl(out2)
+    cut = next(c for c in chunks if c["conversations"][0]["value"] == "tell me more")
+    assert recs[0]["conversations"][3]["value"].startswith(cut["conversations"][1]["value"])
+    assert all(trainer_len(tokenizer, c) <= 200 for c in chunks)
+    assert trainer_len(tokenizer, cut) > 180  # cut close to the limit, not to nothing
+
+
+def test_malformed_records_are_counted(tmp_path: Path, tokenizer_dir: Path) -> None:
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}\n'
+                   '{"id": "b", "conversations": [{"from": "human", "value": "q"}]}\n'
+                   '{"id": "c", "conversations": [{"from": "gpt", "value": "1"}, {"from": "human", "value": "2"}, '
+                   '{"from": "gpt", "value": "3"}, {"from": "human", "value": "4"}]}\n'
+                   "not json\n")
+    out = tmp_path / "s.jsonl"
+    assert cli("split", inp, "-o", out, "--tokenizer", tokenizer_dir) == 0
+    assert stats_of(out)["rejected"] == {"malformed_record": 1 + 2 + 1}
+
+
+def test_missing_tokenizer_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "conversations": turns("q", "a")}])
+    assert cli("split", inp, "-o", tmp_path / "s.jsonl", "--tokenizer", tmp_path / "nope") == 2
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "s.jsonl").exists()
+
+
+def test_shared_real_sample(tmp_path: Path, tokenizer_dir: Path, tokenizer: Any, shared_data: Path) -> None:
+    out = tmp_path / "s.jsonl"
+    assert cli("split", shared_data / "gitcloner_test.json", "-o", out, "--tokenizer", tokenizer_dir, "--max-length", 1024) == 0
+    stats = stats_of(out)
+    chunks = read_jsonl(out)
+    assert stats["records_in"] == 1 and len(chunks) > 1
+    assert all(trainer_len(tokenizer, c) <= 1024 for c in chunks)
+
+
+def test_underestimated_plan_is_repacked_exactly(tmp_path: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the cheap per-pair estimate is too low, the exact check re-packs; chunks still fit."""
+    from llama_pipe.config import SplitSettings
+    from llama_pipe.data import split as split_mod
+
+    monkeypatch.setattr(split_mod.Splitter, "header", lambda self, system: 0)
+    recs = [{"id": "r", "conversations": turns(*[_words(5 + i, i) for i in range(12)])}]
+    out = tmp_path / "s.jsonl"
+    split_mod.split_file(write_jsonl(tmp_path / "in.jsonl", recs), out, tokenizer, SplitSettings(max_length=300))
+    chunks = read_jsonl(out)
+    assert len(chunks) > 1 and all(trainer_len(tokenizer, c) <= 300 for c in chunks)
+    assert [t for c in chunks for t in c["conversations"]] == recs[0]["conversations"]
