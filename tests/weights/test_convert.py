@@ -122,6 +122,28 @@ def test_malicious_pickle_is_refused_naming_the_file(make_meta, tmp_path: Path) 
     assert not (tmp_path / "hf").exists()
 
 
+def test_tokenizer_one_level_up_as_in_meta_downloads(make_meta, tmp_path: Path) -> None:
+    release = make_meta(n_shards=1)
+    (release / "llama-2-7b").mkdir()
+    for f in release.iterdir():
+        if f.is_file() and f.name != "tokenizer.model":
+            f.rename(release / "llama-2-7b" / f.name)
+    convert(release / "llama-2-7b", tmp_path / "hf", ConvertSettings())
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (release / "tokenizer.model").read_bytes()
+    (release / "tokenizer.model").unlink()
+    with pytest.raises(InputError, match="no tokenizer.model here or in"):
+        convert(release / "llama-2-7b", tmp_path / "hf2", ConvertSettings())
+
+
+def test_replicated_weights_that_differ_are_refused(make_meta, tmp_path: Path) -> None:
+    meta_dir = make_meta(n_shards=2)
+    sd = torch.load(meta_dir / "consolidated.01.pth", weights_only=True)
+    sd["layers.1.ffn_norm.weight"] = sd["layers.1.ffn_norm.weight"] + 1
+    torch.save(sd, meta_dir / "consolidated.01.pth")
+    with pytest.raises(InputError, match="replicated weight layers.1.ffn_norm.weight differs between shard 0 and shard 1"):
+        convert(meta_dir, tmp_path / "hf", ConvertSettings())
+
+
 def test_missing_shard_is_named(make_meta, tmp_path: Path) -> None:
     meta_dir = make_meta(n_shards=4, n_heads=4, n_kv_heads=4)
     os.remove(meta_dir / "consolidated.02.pth")

@@ -146,7 +146,7 @@ def _assemble(
         d = 0  # LLaMA-3: the vocabulary is split
     if d is None or len(pieces) == 1:
         if len(pieces) > 1:
-            meta.merge_pieces(name, pieces, params.dim, where)  # checks the replicas agree
+            meta.check_replicas(name, pieces, where)
         pieces, d = pieces[:1], 0
     out = torch.empty(shape, dtype=dtype)
     offset = 0

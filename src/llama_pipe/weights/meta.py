@@ -10,7 +10,7 @@ How Meta's model-parallel code splits each weight across ranks (fairscale layers
 * column-parallel (output features split, dim 0): ``wq wk wv w1 w3`` and ``output``;
 * row-parallel (input features split, dim 1): ``wo w2``;
 * ``tok_embeddings``: ``ParallelEmbedding`` splits the embedding dim (dim 1) in LLaMA-1/2;
-  LLaMA-3's ``VocabParallelEmbedding`` splits the vocabulary (dim 0) — :func:`merge_pieces`
+  LLaMA-3's ``VocabParallelEmbedding`` splits the vocabulary (dim 0) — :func:`merged_shape`
   tells the two apart by shape;
 * ``attention_norm ffn_norm norm`` (and the ``rope.freqs`` buffer) are replicated.
 """
@@ -163,7 +163,11 @@ def split_tensor(name: str, tensor: Any, n: int) -> list[Any]:
 
 
 def merged_shape(name: str, shapes: Sequence[tuple[int, ...]], dim: int) -> tuple[int, ...]:
-    """The full shape :func:`merge_pieces` will produce from pieces of these shapes."""
+    """The full shape of a weight whose per-rank pieces have these shapes.
+
+    ``dim`` (the model width) tells LLaMA-1/2 embeddings (split on dim 1) from LLaMA-3 ones
+    (split on the vocabulary, dim 0).
+    """
     if len(shapes) == 1:
         return tuple(shapes[0])
     d = split_dim(name)
@@ -176,29 +180,14 @@ def merged_shape(name: str, shapes: Sequence[tuple[int, ...]], dim: int) -> tupl
     return tuple(full)
 
 
-def merge_pieces(name: str, pieces: Sequence[Any], dim: int, where: str) -> Any:
-    """Join the per-rank pieces of ``name`` back into the full tensor.
-
-    ``dim`` (the model width) tells LLaMA-1/2 embeddings (split on dim 1) from LLaMA-3 ones
-    (split on the vocabulary, dim 0).
-    """
+def check_replicas(name: str, pieces: Sequence[Any], where: str) -> None:
+    """Raise InputError unless every rank holds the same copy of a replicated weight."""
     import torch
 
-    if len(pieces) == 1:
-        return pieces[0]
-    d = split_dim(name)
-    if name == "tok_embeddings.weight" and pieces[0].shape[1] == dim:
-        d = 0
-    if d is None:
-        first = pieces[0]
-        for k, other in enumerate(pieces[1:], start=1):
-            if other.shape != first.shape or not torch.equal(other, first):
-                raise InputError(f"{where}: replicated weight {name} differs between shard 0 and shard {k}")
-        return first
-    other_dims = {tuple(s for i, s in enumerate(p.shape) if i != d) for p in pieces}
-    if len(other_dims) != 1:
-        raise InputError(f"{where}: pieces of {name} have mismatched shapes {[tuple(p.shape) for p in pieces]}")
-    return torch.cat(list(pieces), dim=d)
+    first = pieces[0]
+    for k, other in enumerate(pieces[1:], start=1):
+        if other.shape != first.shape or not torch.equal(other, first):
+            raise InputError(f"{where}: replicated weight {name} differs between shard 0 and shard {k}")
 
 
 # ----------------------------------------------------------------------------- shard files
