@@ -21,6 +21,7 @@ class ReleaseServer(ThreadingHTTPServer):
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.cut_once: set[str] = set()  # paths whose next full transfer stops half-way
         self.ignore_range = False
+        self.fail_with: dict[str, list[int]] = {}  # path -> statuses to answer before serving it
         self.lock = threading.Lock()
 
     @property
@@ -44,6 +45,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.requests.append((path, rng))
             cut = path in self.server.cut_once
             self.server.cut_once.discard(path)
+            queued = self.server.fail_with.get(path)
+            status = queued.pop(0) if queued else None
+        if status is not None:
+            self.send_error(status)
+            return
         f = (self.server.root / path.lstrip("/")).resolve()
         if not f.is_file() or self.server.root.resolve() not in f.parents:
             self.send_error(404)

@@ -111,6 +111,31 @@ def test_corrupted_file_fails_naming_it_and_keeps_verified_files(release: Path, 
     assert _md5(out / "consolidated.01.pth") == _md5(bad)
 
 
+def test_server_errors_are_retried_with_exponential_backoff(release: Path, tmp_path: Path) -> None:
+    from llama_pipe.weights.fetch import fetch, new_session
+
+    delays: list[float] = []
+    with serve(release) as server:
+        server.fail_with["/7B/params.json"] = [503, 502, 500]
+        fetch(new_session(), f"{server.url}/7B/params.json", tmp_path / "p.json", retries=4, backoff=0.5, sleep=delays.append)
+        assert delays == [0.5, 1.0, 2.0]
+        server.fail_with["/7B/params.json"] = [503, 503]
+        with pytest.raises(InputError, match=r"params\.json: download failed after 2 attempt\(s\): HTTP 503"):
+            fetch(new_session(), f"{server.url}/7B/params.json", tmp_path / "q.json", retries=2, backoff=0, sleep=delays.append)
+    assert (tmp_path / "p.json").read_bytes() == (release / "7B/params.json").read_bytes()
+
+
+def test_complete_part_file_from_a_killed_run_is_finished_without_refetching(release: Path, tmp_path: Path) -> None:
+    partial = tmp_path / "base.partial"
+    partial.mkdir()
+    (partial / "consolidated.00.pth.part").write_bytes((release / SHARD0.lstrip("/")).read_bytes())
+    with serve(release) as server:
+        download(tmp_path / "base", _settings(server.url, model_size="7B"))
+    size = (release / SHARD0.lstrip("/")).stat().st_size
+    assert server.ranges(SHARD0) == [f"bytes={size}-"]  # answered 416: nothing more to send
+    assert _md5(tmp_path / "base/consolidated.00.pth") == _md5(release / SHARD0.lstrip("/"))
+
+
 def test_404_fails_naming_the_url(release: Path, tmp_path: Path) -> None:
     with serve(release) as server:
         with pytest.raises(InputError, match=rf"{server.url}/13B/checklist\.chk: HTTP 404"):
