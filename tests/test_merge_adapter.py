@@ -88,6 +88,7 @@ def test_one_adapter_matches_peft(tiny_hf_model_dir: Path, adapters: dict[str, P
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
     assert not list(out.glob("*.bin")) and not list(tmp_path.glob("merged.tmp-*"))
+    assert (out / "tokenizer.model").is_file() and (out / "tokenizer.json").is_file()
     side = json.loads((out / "llama_pipe.json").read_text())
     assert side["template"] == "vicuna_v1.1" and side["adapters"][0]["path"] == str(adapters["a"])
     gen = json.loads((out / "generation_config.json").read_text())

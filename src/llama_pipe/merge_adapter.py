@@ -249,6 +249,19 @@ def write_model_dir(model: Any, tokenizer: Any, template_name: str, out: Path, m
     write_json_atomic(out / SIDECAR, {"template": template_name, **sidecar})
 
 
+def copy_sentencepiece(tokenizer: Any, dirs: list[Path], out: Path) -> None:
+    """Copy ``tokenizer.model`` (what Meta's code and some servers read) from the directory the
+    written tokenizer came from, when the save did not produce one."""
+    from llama_pipe.weights.tokenizer import load_tokenizer
+
+    if (out / "tokenizer.model").is_file():
+        return
+    for d in reversed(dirs):
+        if (d / "tokenizer.model").is_file() and has_tokenizer(d) and len(load_tokenizer(d)) == len(tokenizer):
+            shutil.copyfile(d / "tokenizer.model", out / "tokenizer.model")
+            return
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -276,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
     tmp = new_tmp_dir(out)
     try:
         write_model_dir(model, tokenizer, template_name, tmp, settings.max_shard_size, sidecar)
+        copy_sentencepiece(tokenizer, [base, *adapters], tmp)
         if settings.format == "meta":
             write_meta(model, tmp)
     except BaseException:

@@ -75,7 +75,7 @@ def meta_state_dict(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def write_meta(model: Any, out_dir: str | Path) -> None:
-    """Write ``consolidated.00.pth`` + ``params.json`` (and copy ``tokenizer.model``) into ``out_dir``."""
+    """Write ``consolidated.00.pth`` + ``params.json`` into ``out_dir`` (beside the HF files and ``tokenizer.model``)."""
     import torch
 
     out_dir = Path(out_dir)

@@ -138,3 +138,29 @@ def test_web_page_is_served(server) -> None:
     page = resp.read().decode()
     assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/html")
     assert "/v1/chat/completions" in page and 'id="prompt"' in page
+
+
+def test_serve_command_starts_answers_and_stops_on_ctrl_c(tiny_hf_model_dir) -> None:
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_pipe.cli", "serve", str(tiny_hf_model_dir), "--port", "0", "--model-id", "cli-model", "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
+        assert url, f"unexpected first line: {line!r}"
+        with urllib.request.urlopen(url.group(1) + "/v1/models", timeout=30) as r:
+            assert json.load(r)["data"][0]["id"] == "cli-model"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert "stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
