@@ -28,7 +28,8 @@ def _hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 def _max_diff(meta_dir: Path, hf_dir: Path) -> float:
     params, weights = meta_reference.load_merged(meta_dir)
-    tokens = torch.randint(3, params["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    vocab = weights["tok_embeddings.weight"].shape[0]
+    tokens = torch.randint(3, vocab, (2, 16), generator=torch.Generator().manual_seed(1))
     ref = meta_reference.forward(params, weights, tokens)
     d = (ref - _hf_logits(hf_dir, tokens)).abs().max().item()
     print(f"max|ref-hf|={d:.3g} (ref logit scale {ref.abs().max().item():.3g})")
@@ -122,14 +123,22 @@ def test_malicious_pickle_is_refused_naming_the_file(make_meta, tmp_path: Path) 
     assert not (tmp_path / "hf").exists()
 
 
-def test_tokenizer_one_level_up_as_in_meta_downloads(make_meta, tmp_path: Path) -> None:
-    release = make_meta(n_shards=1)
+def test_llama2_release_layout_and_params(make_meta, tmp_path: Path) -> None:
+    """Meta's LLaMA-2 download: tokenizer one level up; params.json without n_kv_heads,
+    rope_theta or max_seq_len and with vocab_size -1."""
+    release = make_meta(n_shards=1, n_kv_heads=None)
     (release / "llama-2-7b").mkdir()
     for f in release.iterdir():
         if f.is_file() and f.name != "tokenizer.model":
             f.rename(release / "llama-2-7b" / f.name)
+    params = {"dim": 64, "multiple_of": 32, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-05, "vocab_size": -1}
+    (release / "llama-2-7b" / "params.json").write_text(json.dumps(params))
     convert(release / "llama-2-7b", tmp_path / "hf", ConvertSettings())
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (release / "tokenizer.model").read_bytes()
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["num_key_value_heads"], config["max_position_embeddings"], config["vocab_size"]) == (4, 4096, 1000)
+    assert config["rope_parameters"]["rope_theta"] == 10000.0
+    assert _max_diff(release / "llama-2-7b", tmp_path / "hf") < 1e-4
     (release / "tokenizer.model").unlink()
     with pytest.raises(InputError, match="no tokenizer.model here or in"):
         convert(release / "llama-2-7b", tmp_path / "hf2", ConvertSettings())
