@@ -153,6 +153,13 @@ def test_replicated_weights_that_differ_are_refused(make_meta, tmp_path: Path) -
         convert(meta_dir, tmp_path / "hf", ConvertSettings())
 
 
+def test_a_tiktoken_tokenizer_is_refused_clearly(make_meta, tmp_path: Path) -> None:
+    meta_dir = make_meta(n_shards=1)
+    (meta_dir / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n")  # LLaMA-3's format
+    with pytest.raises(InputError, match="not a usable sentencepiece model.*tiktoken"):
+        convert(meta_dir, tmp_path / "hf", ConvertSettings())
+
+
 def test_missing_shard_is_named(make_meta, tmp_path: Path) -> None:
     meta_dir = make_meta(n_shards=4, n_heads=4, n_kv_heads=4)
     os.remove(meta_dir / "consolidated.02.pth")

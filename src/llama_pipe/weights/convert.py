@@ -99,10 +99,6 @@ def _plan(
     """Check every shard's weights against params.json; return the full shapes."""
     where = str(paths[0].parent)
     names = set(shards[0])
-    for path, sd in zip(paths[1:], shards[1:]):
-        if set(sd) != names:
-            diff = sorted(names ^ set(sd))[:5]
-            raise InputError(f"{path}: holds different weights than {paths[0].name} (e.g. {diff}); a shard is damaged")
     expected = meta.expected_shapes(params, vocab)
     missing = [n for n in expected if n not in names]
     if missing:
@@ -121,6 +117,31 @@ def _plan(
                 f"hidden={params.hidden_dim}, vocab={vocab}) implies {list(want)}"
             )
     return expected
+
+
+def _same_names(shards: list[dict[str, Any]], paths: list[Path]) -> None:
+    names = set(shards[0])
+    for path, sd in zip(paths[1:], shards[1:]):
+        if set(sd) != names:
+            diff = sorted(names ^ set(sd))[:5]
+            raise InputError(f"{path}: holds different weights than {paths[0].name} (e.g. {diff}); a shard is damaged")
+
+
+def _load_tokenizer(tok_file: Path, chat_template: str) -> Any:
+    import sentencepiece as spm
+
+    from llama_pipe.weights.tokenizer import hf_tokenizer_from_sentencepiece
+
+    try:
+        spm.SentencePieceProcessor(model_file=str(tok_file))
+        return hf_tokenizer_from_sentencepiece(tok_file, chat_template=chat_template)
+    except InputError:
+        raise
+    except Exception as exc:  # sentencepiece / protobuf / transformers errors
+        raise InputError(
+            f"{tok_file}: not a usable sentencepiece model ({type(exc).__name__}: {str(exc)[:200]}); "
+            "LLaMA-3's tiktoken tokenizer is not supported here: download the Hugging Face release instead"
+        ) from None
 
 
 def _vocab_rows(shards: list[dict[str, Any]], dim: int, where: Path) -> int:
@@ -167,14 +188,15 @@ def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> di
     from transformers import GenerationConfig, LlamaConfig
 
     from llama_pipe.templates import end_of_turn_ids, get_template
-    from llama_pipe.weights.tokenizer import hf_tokenizer_from_sentencepiece
 
+    limit = parse_size(settings.max_shard_size)
     params = meta.MetaParams.read(meta_dir / meta.PARAMS)
+    paths = meta.shard_paths(meta_dir)
     tok_file = find_tokenizer(meta_dir)
     template = get_template(settings.template)
-    tok = hf_tokenizer_from_sentencepiece(tok_file, chat_template=template.chat_template)
-    paths = meta.shard_paths(meta_dir)
+    tok = _load_tokenizer(tok_file, template.chat_template)
     shards = [meta.load_shard(p) for p in paths]
+    _same_names(shards, paths)
     vocab = _vocab_rows(shards, params.dim, meta_dir)
     if params.vocab_size > 0 and params.vocab_size != vocab:
         raise InputError(f"{meta_dir / meta.PARAMS}: vocab_size {params.vocab_size} but tok_embeddings has {vocab} rows")
@@ -185,7 +207,6 @@ def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> di
         )
     shapes = _plan(params, shards, paths, vocab)
     dtype = getattr(torch, settings.dtype)
-    limit = parse_size(settings.max_shard_size)
 
     # Assign tensors to output files before reading any data, so the file names are final.
     groups: list[list[str]] = [[]]
