@@ -38,8 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from llama_pipe.train.output import VerificationError
+    from llama_pipe.train.step import NonFiniteLoss
+
     settings = settings_from_args(args, TrainSettings, "train")
-    summary = train(args.base, args.train_data, args.val_data, args.output, settings)
+    try:
+        summary = train(args.base, args.train_data, args.val_data, args.output, settings)
+    except (NonFiniteLoss, VerificationError) as exc:
+        print(f"llama-pipe train: error: {exc} (checkpoints kept in {args.output}.ckpt)", file=sys.stderr)
+        return 1
     if summary.get("is_main", True):
         print(
             f"train: {summary['steps']} steps ({summary['mode']}), val loss {summary['val_loss_before']:.4f} -> "

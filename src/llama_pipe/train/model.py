@@ -118,6 +118,8 @@ def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, prec
         raise InputError(f"{base_dir}: cannot load the base model in mode {mode!r}: {exc}") from exc
     model.config.use_cache = False
 
+    if mode == "qlora":
+        _keep_cpu_4bit_trainable(model)
     gc_kwargs = {"use_reentrant": False}
     if mode in ("qlora", "int8"):
         from peft import prepare_model_for_kbit_training
@@ -142,6 +144,20 @@ def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, prec
     except ValueError as exc:
         raise ConfigError(f"train.lora: {exc}") from None
     return model
+
+
+def _keep_cpu_4bit_trainable(model: Any) -> None:
+    """Stop bitsandbytes (0.50, CPU with AVX512-BF16) repacking 4-bit weights for inference.
+
+    On the first forward in eval mode without gradients (our validation pass), ``Linear4bit``
+    converts its weight in place to a CPU inference layout whose matmul has no autograd kernel;
+    every later training step then gets zero gradients (found by the all-zero ``lora_B`` check of
+    :func:`llama_pipe.train.output.verify_adapter`). The flag that enables the repacking is
+    switched off; CUDA is unaffected.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

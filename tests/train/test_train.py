@@ -1,0 +1,190 @@
+"""End-to-end training runs on the tiny model: output contract, exact resume after SIGKILL,
+2-process DDP equivalence, qlora / int8 / full modes, and non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llama_pipe.config import LoraSettings, TrainSettings
+from llama_pipe.train.checkpoint import checkpoint_root
+from llama_pipe.train.loop import train
+from llama_pipe.train.step import NonFiniteLoss, causal_lm_loss_sum
+
+BIN = Path(sys.executable).parent
+
+
+def _settings(**kw) -> TrainSettings:
+    base = TrainSettings(
+        max_seq_len=256, micro_batch_size=2, grad_accum=1, max_steps=8, lr=5e-3, warmup_steps=2,
+        eval_every=4, save_every=2, keep_checkpoints=2, lora=LoraSettings(r=4, alpha=8, dropout=0.1), seed=3,
+    )
+    return replace(base, **kw)
+
+
+def _flags(s: TrainSettings) -> list[str]:
+    return [
+        "--max-seq-len", str(s.max_seq_len), "--micro-batch-size", str(s.micro_batch_size),
+        "--grad-accum", str(s.grad_accum), "--max-steps", str(s.max_steps), "--lr", str(s.lr),
+        "--warmup-steps", str(s.warmup_steps), "--eval-every", str(s.eval_every), "--save-every", str(s.save_every),
+        "--keep-checkpoints", str(s.keep_checkpoints), "--lora.r", str(s.lora.r), "--lora.alpha", str(s.lora.alpha),
+        "--lora.dropout", str(s.lora.dropout), "--seed", str(s.seed),
+    ]
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def _assert_same_adapter(a: Path, b: Path, atol: float) -> None:
+    ta, tb = _adapter(a), _adapter(b)
+    assert ta.keys() == tb.keys() and ta
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], atol=atol, rtol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_hf_model_dir, data_files) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    summary = train(tiny_hf_model_dir, *data_files, out, _settings())
+    return out, summary
+
+
+def test_lora_run_writes_the_contracted_directory(reference_run, tiny_hf_model_dir) -> None:
+    out, summary = reference_run
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "train_config.json", "metrics.jsonl", "summary.json", "checkpoints"} <= names
+    assert not checkpoint_root(out).exists() and not list(out.parent.glob("run.tmp-*"))
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    assert json.loads((out / "summary.json").read_text())["val_loss_after"] == summary["val_loss_after"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    assert {"lr", "grad_norm", "tokens_per_s", "peak_mem_bytes"} <= train_rows[0].keys()
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 4, 8]
+    assert train_rows[0]["lr"] < train_rows[1]["lr"]  # warm-up
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert cfg["train"]["lora"]["r"] == 4 and cfg["base"] == str(tiny_hf_model_dir)
+    # The adapter is a working peft adapter that changes the base model's output.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.chat_template and "ASSISTANT:" in tok.chat_template
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_hf_model_dir))
+    x = torch.tensor([[1, 50, 60, 70, 80]])
+    with torch.no_grad():
+        before = base(x).logits
+        after = PeftModel.from_pretrained(base, str(out)).eval()(x).logits
+    assert not torch.allclose(before, after)
+
+
+def test_sigkill_then_resume_gives_the_same_adapter(reference_run, tmp_path, tiny_hf_model_dir, data_files) -> None:
+    ref_out, ref_summary = reference_run
+    out = tmp_path / "run"
+    s = _settings()
+    cmd = [str(BIN / "llama-pipe"), "train", "--base", str(tiny_hf_model_dir), "--train-data", str(data_files[0]),
+           "--val-data", str(data_files[1]), "-o", str(out), *_flags(s)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = checkpoint_root(out) / "checkpoints"
+    deadline = time.time() + 120
+    while not (ckpts / "step-00000004").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not out.exists()  # nothing complete-looking ...
+    assert (ckpts / "step-00000004").is_dir()  # ... but the checkpoints survive
+    # Damage the newest checkpoint: resume must notice and fall back to step 2.
+    victim = ckpts / "step-00000004" / "trainable.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0x55
+    victim.write_bytes(bytes(data))
+    summary = train(tiny_hf_model_dir, *data_files, out, s)
+    assert summary["resumed_from"] == 2
+    _assert_same_adapter(out, ref_out, atol=1e-6)
+    assert summary["val_loss_after"] == pytest.approx(ref_summary["val_loss_after"], abs=1e-6)
+    assert summary["val_loss_before"] == ref_summary["val_loss_before"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))  # no duplicated steps
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, tiny_hf_model_dir, data_files) -> None:
+    s1 = _settings(grad_accum=2, max_steps=4, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    one = train(tiny_hf_model_dir, *data_files, tmp_path / "one", s1)
+    s2 = replace(s1, grad_accum=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           str(BIN / "llama-pipe"), "train", "--base", str(tiny_hf_model_dir), "--train-data", str(data_files[0]),
+           "--val-data", str(data_files[1]), "-o", str(tmp_path / "two"), "--device", "cpu", *_flags(s2)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    _assert_same_adapter(tmp_path / "two", tmp_path / "one", atol=1e-5)
+    assert two["val_loss_after"] == pytest.approx(one["val_loss_after"], abs=1e-5)
+    assert "train: 4 steps" in res.stdout and "val loss" in res.stdout
+
+
+@pytest.mark.parametrize("mode", ["qlora", "int8"])
+def test_quantised_modes_train(mode, tmp_path, tiny_hf_model_dir, data_files) -> None:
+    s = _settings(mode=mode, max_steps=6, lr=1e-2, eval_every=6, save_every=100)
+    summary = train(tiny_hf_model_dir, *data_files, tmp_path / mode, s)
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    assert summary["trainable_params"] < summary["total_params"] / 5
+    assert (tmp_path / mode / "adapter_model.safetensors").is_file()
+
+
+def test_full_mode_saves_a_loadable_model(tmp_path, tiny_hf_model_dir, data_files) -> None:
+    from transformers import AutoModelForCausalLM
+
+    s = _settings(mode="full", max_steps=3, lr=1e-3, eval_every=3, save_every=100)
+    summary = train(tiny_hf_model_dir, *data_files, tmp_path / "full", s)
+    assert summary["trainable_params"] == summary["total_params"]
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    tuned = AutoModelForCausalLM.from_pretrained(str(tmp_path / "full"))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_hf_model_dir))
+    assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+class NanAtStep:
+    """A loss function that returns NaN for the training forward passes of one step."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.calls = step, 0
+
+    def __call__(self, model, batch):
+        loss, n = causal_lm_loss_sum(model, batch)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.step:
+                return loss * float("nan"), n
+        return loss, n
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path, tiny_hf_model_dir, data_files) -> None:
+    s = _settings(max_steps=5, save_every=100, eval_every=5)
+    with pytest.raises(NonFiniteLoss, match=r"^step 3: the loss is not finite"):
+        train(tiny_hf_model_dir, *data_files, tmp_path / "nan", s, loss_fn=NanAtStep(3))
+    assert not (tmp_path / "nan").exists()
+
+
+def test_nonfinite_loss_skip_drops_only_that_step(tmp_path, tiny_hf_model_dir, data_files) -> None:
+    s = _settings(max_steps=5, save_every=100, eval_every=5, on_nonfinite="skip")
+    summary = train(tiny_hf_model_dir, *data_files, tmp_path / "skip", s, loss_fn=NanAtStep(3))
+    rows = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("skipped")] == [3]
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    assert all(torch.isfinite(t).all() for t in _adapter(tmp_path / "skip").values())
