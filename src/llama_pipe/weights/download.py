@@ -57,6 +57,8 @@ def download_release(base_url: str, out_dir: Path, settings: BaseSettings, sessi
     prefix = f"{settings.model_size.strip('/')}/" if settings.model_size else ""
     opts = dict(retries=settings.retries, backoff=settings.backoff, timeout=settings.timeout)
     chk_name = settings.checksums or meta.CHECKLIST
+    if "/" in chk_name or "\\" in chk_name or chk_name in (".", ".."):
+        raise ConfigError(f"base.checksums {chk_name!r}: give the checksum file's name, without a path")
 
     # The checksum list is small and is always fetched again: it decides what "verified" means.
     chk_path = partial / chk_name
