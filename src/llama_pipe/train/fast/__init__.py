@@ -57,6 +57,9 @@ class FastOptions:
     varlen_attention: bool = True
     offload_checkpoints: bool = True
     adapter_autocast: bool = True
+    #: torch.compile each decoder layer's MLP (LoRA projections + SwiGLU fused by inductor);
+    #: experimental, off by default (see docs/benchmarks.md for what it measured).
+    compile_mlp: bool = False
     #: allow the levers that also run on CPU (fused loss, checkpoint function) on a CPU model.
     cpu: bool = False
 
@@ -96,9 +99,19 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _base_dtype(model: torch.nn.Module) -> torch.dtype:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return emb.weight.dtype if emb is not None else next(model.parameters()).dtype
+def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the decoder's matmuls run in: bitsandbytes' compute dtype for a 4-bit base,
+    fp16 for LLM.int8, else the dtype of the (frozen) linear weights. Not the embedding's dtype:
+    ``prepare_model_for_kbit_training`` keeps embeddings and norms in fp32."""
+    for module in model.modules():
+        name = type(module).__name__
+        if name == "Linear4bit" and getattr(module, "compute_dtype", None) is not None:
+            return module.compute_dtype
+        if name == "Linear8bitLt":
+            return torch.float16
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype.is_floating_point and not module.weight.requires_grad:
+            return module.weight.dtype
+    return next(model.parameters()).dtype
 
 
 def _adapter_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
@@ -142,7 +155,7 @@ def apply(model: torch.nn.Module, kernels: Union[KernelsSetting, FastOptions] = 
     device = _model_device(base)
     on_gpu = device.type == "cuda"
     cpu_ok = on_gpu or opts.cpu
-    dtype = _base_dtype(base)
+    dtype = _compute_dtype(base)
 
     def lever(name: str, wanted: bool, reason_off: Optional[str]) -> bool:
         if not wanted:
@@ -161,7 +174,7 @@ def apply(model: torch.nn.Module, kernels: Union[KernelsSetting, FastOptions] = 
         rep.levers["kernels"] = "on (" + ", ".join(f"{k} x{v}" for k, v in counts.items()) + ")"
     varlen_off = None if on_gpu and attention.varlen_available() else "needs CUDA sm80+ and torch.nn.attention.varlen"
     if varlen_off is None and dtype not in (torch.bfloat16, torch.float16):
-        varlen_off = f"base computes in {dtype}"
+        varlen_off = f"base computes in {dtype} (the flash varlen kernel needs bf16/fp16)"
     if lever("varlen_attention", opts.varlen_attention, varlen_off):
         attention.install(base)
     ckpt_on = any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
@@ -181,6 +194,13 @@ def apply(model: torch.nn.Module, kernels: Union[KernelsSetting, FastOptions] = 
         ac_off = "adapters are not fp32" if ad else "no LoRA adapters"
     if lever("adapter_autocast", opts.adapter_autocast, ac_off):
         _wrap_autocast(base, torch.bfloat16)
+    if lever("compile_mlp", opts.compile_mlp, None if on_gpu else "CPU model"):
+        n = 0
+        for module in base.modules():
+            if type(module).__name__.endswith("MLP") and hasattr(module, "down_proj"):
+                module.compile(dynamic=False)
+                n += 1
+        rep.levers["compile_mlp"] = f"on ({n} MLPs)"
     base._llama_pipe_fast_report = rep
     log.info("fast path: %s", rep.describe())
     return model

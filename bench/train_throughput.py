@@ -1,0 +1,490 @@
+"""Training throughput and peak GPU memory of llama-pipe's trainer on a LLaMA-7B-shaped model.
+
+Every "ours" case runs llama-pipe's own code path: ``llama_pipe.train.model.build_model`` (the
+base in lora/qlora/int8 mode + peft adapter, gradient checkpointing), the trainer's accelerate
+set-up (``make_accelerator``: bf16 autocast), ``make_optimizer`` (AdamW on the adapter) and one
+``llama_pipe.train.step.train_step`` per step, with the fast path
+(``llama_pipe.train.fast.apply`` + its ``causal_lm_loss_sum``) unless ``kernels`` is ``none``.
+Weights are random (speed and memory do not depend on the values): the checkpoint is written
+by the peer script's ``make`` step (same shape: hidden 4096, 32 layers, vocab 32000).
+
+The peers run in the same call, each case in its own process: ``peer_lora_baseline.py`` (plain
+transformers + peft + bitsandbytes) and ``peer_unsloth.py``, copied into ``.peer/`` (see
+docs/benchmarks.md for how their wheels travel). Usage on the GPU machine::
+
+    python bench/train_throughput.py all --out $OUT [--groups peers,unsloth,ours,real,tiny] [--budget-s 560]
+    python bench/train_throughput.py case NAME          # one case, prints one JSON line
+
+Timing: 2 warm-up steps, then 5 timed steps between CUDA synchronisations; tok/s counts every
+token of the batch for the fixed-shape cases (as the peers do) and only real (non-pad) tokens
+for the "real length distribution" cases. Peak memory is ``torch.cuda.max_memory_allocated``
+from after the model is built to the end of the timed steps (the peers measure the same span).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+PEER_DIR = REPO / ".peer"
+CKPT = "/tmp/llama7b"  # where peer_lora_baseline.py's "make" writes the random 7B checkpoint
+TINY = "/tmp/llama_tiny"
+QV = ["q_proj", "v_proj"]
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+WARMUP, TIMED = 2, 5
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case of llama-pipe's trainer (or the pad-to-max plain baseline)."""
+
+    mode: str  # lora | qlora | int8
+    r: int
+    targets: tuple[str, ...]
+    seq: int
+    bs: int
+    dropout: float = 0.05
+    kernels: str = "auto"
+    disable: tuple[str, ...] = ()  # fast-path levers turned off (ablation)
+    data: str = "fixed"  # fixed | real (ShareGPT-like lengths, packed) | padmax (plain HF+peft, pad to max)
+    model: str = "7b"  # 7b | tiny
+    peer: str = ""  # the peer case this compares with ("" = none)
+    unsloth: str = ""
+
+
+# Peer case names are those of ../shared/bench/peer_lora_baseline.py and peer_unsloth.py.
+P_BF16_QV = "fastchat_bf16_r8qv_s512_b14_ckpt"
+P_INT8 = "seed000_int8_r8qv_s512_b14_ckpt"
+P_BF16_ALL = "bf16_r16all_s1024_b8_ckpt"
+P_NF4 = "qlora_nf4_r64all_s1024_b8_ckpt"
+U_BF16, U_NF4 = "unsloth_bf16_r16all_s1024_b8_ckpt", "unsloth_qlora_nf4_r64all_s1024_b8_ckpt"
+
+CASES: dict[str, Case] = {
+    "bf16_r8qv_s512_b14": Case("lora", 8, tuple(QV), 512, 14, peer=P_BF16_QV),
+    "int8_r8qv_s512_b14": Case("int8", 8, tuple(QV), 512, 14, peer=P_INT8),
+    "bf16_r16all_s1024_b8": Case("lora", 16, tuple(ALL), 1024, 8, peer=P_BF16_ALL, unsloth=U_BF16 + "_d05"),
+    "bf16_r16all_s1024_b8_d0": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, peer=P_BF16_ALL, unsloth=U_BF16),
+    "nf4_r64all_s1024_b8": Case("qlora", 64, tuple(ALL), 1024, 8, peer=P_NF4, unsloth=U_NF4 + "_d05"),
+    "nf4_r64all_s1024_b8_d0": Case("qlora", 64, tuple(ALL), 1024, 8, dropout=0.0, peer=P_NF4, unsloth=U_NF4),
+    "nf4_r64all_s2048_b1": Case("qlora", 64, tuple(ALL), 2048, 1),
+    "nf4_r16all_s2048_b1": Case("qlora", 16, tuple(ALL), 2048, 1),
+    # Real length distribution: llama-pipe packing (+ fast path) vs FastChat's pad-to-max collation.
+    "real_packed": Case("lora", 16, tuple(ALL), 2048, 4, data="real"),
+    "real_packed_nokernels": Case("lora", 16, tuple(ALL), 2048, 4, data="real", kernels="none"),
+    "real_padmax_plain": Case("lora", 16, tuple(ALL), 2048, 4, data="padmax"),
+    # Issue 4: the trainer's defaults (LoRA r8 q,v, seq 512, micro-batch 4) on the tiny model.
+    "tiny_lora": Case("lora", 8, tuple(QV), 512, 4, model="tiny"),
+    "tiny_qlora": Case("qlora", 8, tuple(QV), 512, 4, model="tiny"),
+    "tiny_int8": Case("int8", 8, tuple(QV), 512, 4, model="tiny"),
+    # Ablation of the fast path's levers (bf16 r16 all-linear, dropout 0).
+    "abl_none": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, kernels="none"),
+    "abl_no_kernels": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("kernels",)),
+    "abl_no_fused_loss": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("fused_loss",)),
+    "abl_no_offload": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("offload_checkpoints",)),
+    "abl_compile": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("compile_mlp",)),
+    "abl_nf4_none": Case("qlora", 64, tuple(ALL), 1024, 8, dropout=0.0, kernels="none"),
+}
+GROUPS = {
+    "ours": ["bf16_r8qv_s512_b14", "int8_r8qv_s512_b14", "bf16_r16all_s1024_b8", "bf16_r16all_s1024_b8_d0",
+             "nf4_r64all_s1024_b8", "nf4_r64all_s1024_b8_d0", "nf4_r64all_s2048_b1", "nf4_r16all_s2048_b1"],
+    "real": ["real_packed", "real_packed_nokernels", "real_padmax_plain"],
+    "tiny": ["tiny_lora", "tiny_qlora", "tiny_int8"],
+    "smoke": ["bf16_r16all_s1024_b8_d0", "abl_none", "nf4_r64all_s1024_b8_d0", "abl_nf4_none", "real_packed",
+              "abl_no_offload", "abl_no_kernels", "abl_no_fused_loss", "nf4_r64all_s2048_b1"],
+    "exp": ["bf16_r16all_s1024_b8_d0", "nf4_r64all_s1024_b8_d0", "abl_no_offload", "real_padmax_plain",
+            "nf4_r64all_s2048_b1", "abl_compile"],
+    "ablation": ["abl_none", "abl_no_kernels", "abl_no_fused_loss", "abl_no_offload", "abl_nf4_none"],
+}
+PEER_CASES = [P_BF16_QV, P_INT8, P_BF16_ALL, P_NF4]
+UNSLOTH_CASES = [U_BF16, U_NF4, U_BF16 + "_d05", U_NF4 + "_d05"]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def real_lengths(n: int, seed: int = 0, median: float = 300.0, sigma: float = 0.9, cap: int = 2048) -> list[int]:
+    """ShareGPT-like conversation lengths in tokens: log-normal (median 300, mean ~450), cut at 2048."""
+    import random
+
+    rng = random.Random(seed)
+    return [max(16, min(cap, int(rng.lognormvariate(math.log(median), sigma)))) for _ in range(n)]
+
+
+def real_examples(n: int, vocab: int) -> list[Any]:
+    import random
+
+    from llama_pipe.train.dataset import Example
+
+    rng = random.Random(1)
+    out = []
+    for length in real_lengths(n):
+        ids = [1] + [rng.randrange(3, vocab) for _ in range(length - 1)]
+        out.append(Example(input_ids=ids, labels=[-100] + ids[1:]))
+    return out
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+def _settings(case: Case) -> Any:
+    from llama_pipe.config import LoraSettings, TrainSettings
+
+    return TrainSettings(
+        mode=case.mode,
+        lora=LoraSettings(r=case.r, alpha=2 * case.r, dropout=case.dropout, target_modules=list(case.targets)),
+        max_seq_len=case.seq,
+        micro_batch_size=case.bs,
+        gradient_checkpointing=case.model == "7b",
+        precision="bf16" if _cuda() else "fp32",
+        lr=2e-5,
+        device="cuda" if _cuda() else "cpu",  # CPU only for a smoke run of the tiny cases
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _memory() -> dict[str, float]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"peak_gib": float("nan"), "peak_reserved_gib": float("nan")}
+    return {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+
+
+def _fixed_batch(case: Case, vocab: int) -> tuple[dict[str, Any], int, int]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (case.bs, case.seq), generator=g)
+    pos = torch.arange(case.seq).expand(case.bs, case.seq).contiguous()
+    n = case.bs * case.seq
+    return {"input_ids": ids, "labels": ids.clone(), "position_ids": pos}, n, case.bs * (case.seq - 1)
+
+
+def run_ours(case: Case) -> dict[str, Any]:
+    """llama-pipe's trainer (build_model + accelerate + train_step), fast path unless kernels=none."""
+    import torch
+
+    from llama_pipe.train import fast
+    from llama_pipe.train.dataset import collate, pack_examples
+    from llama_pipe.train.loop import make_accelerator, make_optimizer
+    from llama_pipe.train.model import build_model
+    from llama_pipe.train.step import StepContext, causal_lm_loss_sum, train_step
+
+    settings = _settings(case)
+    base = CKPT if case.model == "7b" else TINY
+    acc, precision = make_accelerator(settings)
+    t0 = time.time()
+    model = build_model(base, settings, acc.device, precision)
+    optimizer = make_optimizer(model, settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model, optimizer = acc.prepare(model, optimizer)
+    model.train()
+    loss_fn = causal_lm_loss_sum
+    report = "kernels: none"
+    if case.kernels != "none":
+        # "compile_mlp" is off by default, so naming it in ``disable`` turns it on (an experiment).
+        opts = fast.replace(fast.FastOptions(), **{k: k == "compile_mlp" for k in case.disable})
+        fast.apply(acc.unwrap_model(model), opts)
+        loss_fn = fast.causal_lm_loss_sum
+        report = fast.report(acc.unwrap_model(model)).describe()
+    ctx = StepContext(acc, model, optimizer, scheduler, settings.max_grad_norm, "stop", loss_fn)
+    load_s = time.time() - t0
+    vocab = acc.unwrap_model(model).config.vocab_size
+
+    if case.data == "real":
+        rows = pack_examples(real_examples(600, vocab), case.seq, packing=True)
+        batches = []
+        for i in range(WARMUP + TIMED):
+            b = collate(rows[i * case.bs : (i + 1) * case.bs], pad_id=0)
+            real = sum(len(r) for r in rows[i * case.bs : (i + 1) * case.bs])
+            batches.append((b, real, int((b["labels"][:, 1:] != -100).sum())))
+    else:
+        b, n, targets = _fixed_batch(case, vocab)
+        batches = [(b, n, targets)] * (WARMUP + TIMED)
+
+    if _cuda():
+        torch.cuda.reset_peak_memory_stats()
+    losses = []
+    for step, (b, _, targets) in enumerate(batches[:WARMUP], 1):
+        losses.append(train_step(ctx, [b], targets, step).loss)
+    _sync()
+    t = time.perf_counter()
+    tokens = 0
+    for step, (b, n, targets) in enumerate(batches[WARMUP:], WARMUP + 1):
+        losses.append(train_step(ctx, [b], targets, step).loss)
+        tokens += n
+    _sync()
+    dt = time.perf_counter() - t
+    mem = _memory()
+    if os.environ.get("BENCH_PROFILE"):
+        _profile(lambda: train_step(ctx, [batches[-1][0]], batches[-1][2], WARMUP + TIMED + 1), case)
+    return dict(
+        tok_per_s=round(tokens / dt), s_per_step=round(dt / TIMED, 3), **mem,
+        load_s=round(load_s, 1), loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
+        tokens_per_step=round(tokens / TIMED), fast_path=report,
+    )
+
+
+def _profile(step: Any, case: Case) -> None:
+    """One more step under torch.profiler; the top kernels by GPU time go to $BENCH_PROFILE."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=35, max_name_column_width=70)
+    with open(os.environ["BENCH_PROFILE"], "a") as f:
+        f.write(f"==== {case}\n{table}\n")
+
+
+def run_padmax_plain(case: Case) -> dict[str, Any]:
+    """FastChat's collation on the plain path: one conversation per row, padded to max length,
+    plain transformers + peft (the peer baseline's set-up: bf16 base, checkpointing, AdamW)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    t0 = time.time()
+    m = LlamaForCausalLM.from_pretrained(CKPT, dtype=torch.bfloat16, attn_implementation="sdpa", device_map={"": 0})
+    m.config.use_cache = False
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m.enable_input_require_grads()
+    m = get_peft_model(m, LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout, target_modules=list(case.targets), task_type="CAUSAL_LM"))
+    m.train()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-5)
+    load_s = time.time() - t0
+    lengths = real_lengths(600)
+    g = torch.Generator().manual_seed(1)
+
+    def batch(i: int) -> tuple[dict[str, Any], int]:
+        ls = lengths[i * case.bs : (i + 1) * case.bs]
+        ids = torch.randint(3, 32000, (case.bs, case.seq), generator=g)
+        mask = torch.zeros(case.bs, case.seq, dtype=torch.long)
+        for j, n in enumerate(ls):
+            mask[j, :n] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "labels": labels.cuda()}, sum(ls)
+
+    batches = [batch(i) for i in range(WARMUP + TIMED)]
+    torch.cuda.reset_peak_memory_stats()
+
+    def step(b: dict[str, Any]) -> float:
+        loss = m(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    losses = [step(b) for b, _ in batches[:WARMUP]]
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    tokens = 0
+    for b, n in batches[WARMUP:]:
+        losses.append(step(b))
+        tokens += n
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    return dict(
+        tok_per_s=round(tokens / dt), s_per_step=round(dt / TIMED, 3),
+        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        load_s=round(load_s, 1), loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
+        tokens_per_step=round(tokens / TIMED), fast_path="plain transformers+peft, pad to max",
+    )
+
+
+def run_case(name: str) -> dict[str, Any]:
+    case = CASES[name]
+    res = run_padmax_plain(case) if case.data == "padmax" else run_ours(case)
+    return {"case": name, **asdict(case), **res}
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def make_tiny() -> None:
+    if Path(TINY, "config.json").exists():
+        return
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    # The shape of config.yaml's base.tiny (dim 64, 2 layers, 4 heads, 2 kv heads, vocab 2000).
+    cfg = LlamaConfig(vocab_size=2000, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    LlamaForCausalLM(cfg).save_pretrained(TINY)
+
+
+def versions() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    import torch
+
+    v: dict[str, Any] = {}
+    for p in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "triton"):
+        try:
+            v[p] = md.version(p)
+        except md.PackageNotFoundError:
+            v[p] = None
+    v["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    v["cuda"] = torch.version.cuda
+    try:
+        v["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                     capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        v["driver"] = None
+    return v
+
+
+def _sub(cmd: list[str], timeout: float, env: Optional[dict[str, str]] = None) -> tuple[int, str, str]:
+    try:
+        r = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True, env=env)
+        return r.returncode, r.stdout, r.stderr
+    except subprocess.TimeoutExpired as e:
+        return 124, str(e.stdout or ""), f"timeout after {timeout:.0f} s"
+
+
+def orchestrate(out: Path, groups: list[str], budget_s: float, only: list[str]) -> None:
+    t_start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "bench.log", "a")
+
+    def left() -> float:
+        return budget_s - (time.time() - t_start)
+
+    def note(msg: str) -> None:
+        print(msg, flush=True)
+        log.write(msg + "\n")
+        log.flush()
+
+    env = dict(os.environ, OUT=str(out / "peer"), PYTHONUNBUFFERED="1")
+    (out / "peer").mkdir(exist_ok=True)
+    vers = versions()
+    (out / "versions.json").write_text(json.dumps(vers, indent=1))
+    note(f"versions: {json.dumps(vers)}")
+    peer_script = PEER_DIR / "peer_lora_baseline.py"
+    if not Path(CKPT, "config.json").exists():
+        rc, so, se = _sub([sys.executable, str(peer_script), "make"], 300, env)
+        note(f"make 7B checkpoint rc={rc} {so.strip()} {se[-800:] if rc else ''}")
+    make_tiny()
+    plan: list[tuple[str, str]] = []
+    for g in groups:
+        if g == "peers":
+            plan += [("peer", c) for c in PEER_CASES]
+        elif g == "unsloth":
+            plan += [("unsloth", c) for c in UNSLOTH_CASES]
+        else:
+            plan += [("ours", c) for c in GROUPS[g]]
+    if only:
+        plan = [p for p in plan if p[1] in only]
+    if any(k == "unsloth" for k, _ in plan):
+        rc, so, se = _sub([sys.executable, str(PEER_DIR / "peer_unsloth.py"), "tok"], 120, env)
+        note(f"unsloth tokenizer step rc={rc} {so.strip()[-200:]} {se[-800:] if rc else ''}")
+    for kind, name in plan:
+        need = 150 if kind == "unsloth" else 75
+        if left() < need:
+            note(f"SKIPPED {kind} {name}: {left():.0f} s of budget left")
+            continue
+        t = time.time()
+        if kind == "peer":
+            rc, so, se = _sub([sys.executable, str(peer_script), name], min(150, left()), env)
+        elif kind == "unsloth":
+            uenv = dict(env, PYTHONPATH=os.pathsep.join(p for p in ("/tmp/site_unsloth", env.get("PYTHONPATH", "")) if p))
+            rc, so, se = _sub([sys.executable, str(PEER_DIR / "peer_unsloth.py"), name], min(240, left()), uenv)
+        else:
+            rc, so, se = _sub([sys.executable, __file__, "case", name], min(200, left()), env)
+            if rc == 0:
+                with open(out / "ours.jsonl", "a") as f:
+                    f.write(so.strip().splitlines()[-1] + "\n")
+        note(f"== {kind} {name} rc={rc} {time.time() - t:.0f}s\n{so.strip()[-700:]}")
+        if rc != 0:
+            note(f"FAILED {kind} {name}:\n{se[-2500:]}")
+    table = summarize(out, vers)
+    (out / "summary.md").write_text(table)
+    note(table)
+
+
+def _load(path: Path) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows[r["case"]] = r
+    return rows
+
+
+def summarize(out: Path, vers: dict[str, Any]) -> str:
+    ours, peers = _load(out / "ours.jsonl"), _load(out / "peer" / "results.jsonl")
+    lines = [f"GPU {vers.get('gpu')}, driver {vers.get('driver')}, torch {vers.get('torch')}, transformers "
+             f"{vers.get('transformers')}, peft {vers.get('peft')}, bitsandbytes {vers.get('bitsandbytes')}, "
+             f"liger-kernel {vers.get('liger-kernel')}", "",
+             "| case | dropout | ours tok/s | ours peak GiB | HF+peft tok/s (GiB) | x HF+peft | unsloth tok/s (GiB) | x unsloth |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in ours.items():
+        c = CASES.get(name)
+        p = peers.get(c.peer) if c and c.peer else None
+        u = peers.get(c.unsloth) if c and c.unsloth else None
+        pf = f"{p['tok_per_s']:,} ({p['peak_gib']})" if p else "-"
+        uf = f"{u['tok_per_s']:,} ({u['peak_gib']})" if u else "-"
+        px = f"{r['tok_per_s'] / p['tok_per_s']:.2f}x" if p else "-"
+        ux = f"{r['tok_per_s'] / u['tok_per_s']:.2f}x" if u else "-"
+        lines.append(f"| {name} | {r['dropout']} | {r['tok_per_s']:,} | {r['peak_gib']} | {pf} | {px} | {uf} | {ux} |")
+    if "real_packed" in ours and "real_padmax_plain" in ours:
+        a, b = ours["real_packed"], ours["real_padmax_plain"]
+        lines += ["", f"real lengths: packed+fast {a['tok_per_s']:,} useful tok/s vs pad-to-max plain "
+                  f"{b['tok_per_s']:,}: {a['tok_per_s'] / b['tok_per_s']:.2f}x"]
+    lines += ["", "peers:"] + [f"- {k}: {v['tok_per_s']:,} tok/s, {v['peak_gib']} GiB, loss {v.get('loss')}" for k, v in peers.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("all", help="run groups of cases (peers first) and print the table")
+    a.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/bench")))
+    a.add_argument("--groups", default="peers,unsloth,ours,real,tiny")
+    a.add_argument("--only", default="", help="comma-separated case names to keep")
+    a.add_argument("--budget-s", type=float, default=560.0, help="stop starting cases after this long")
+    c = sub.add_parser("case", help="run one case of ours, print one JSON line")
+    c.add_argument("name", choices=sorted(CASES))
+    s = sub.add_parser("summary", help="rebuild the table from an --out folder")
+    s.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    if args.cmd == "all":
+        orchestrate(args.out, [g for g in args.groups.split(",") if g], args.budget_s, [x for x in args.only.split(",") if x])
+    elif args.cmd == "case":
+        print(json.dumps(run_case(args.name)), flush=True)
+    else:
+        vers = json.loads((args.out / "versions.json").read_text()) if (args.out / "versions.json").exists() else {}
+        print(summarize(args.out, vers))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
