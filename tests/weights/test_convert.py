@@ -160,6 +160,25 @@ def test_a_tiktoken_tokenizer_is_refused_clearly(make_meta, tmp_path: Path) -> N
         convert(meta_dir, tmp_path / "hf", ConvertSettings())
 
 
+def test_checklist_catches_flipped_bytes_and_a_missing_last_shard(make_meta, tmp_path: Path) -> None:
+    from llama_pipe.weights import meta
+
+    meta_dir = make_meta(n_shards=2)
+    names = [p.name for p in meta_dir.iterdir()]
+    (meta_dir / "checklist.chk").write_text(meta.checklist_text(meta_dir, names))
+    shard = meta_dir / "consolidated.01.pth"
+    good = shard.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x01  # inside tensor data: torch.load would not notice
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(InputError, match=r"consolidated\.01\.pth: md5 [0-9a-f]+ does not match checklist\.chk"):
+        convert(meta_dir, tmp_path / "hf", ConvertSettings())
+    convert(meta_dir, tmp_path / "hf", ConvertSettings(verify_checksums=False))  # explicitly off: converts
+    shard.unlink()  # only consolidated.00.pth left: looks like a 1-shard model but for the checklist
+    with pytest.raises(InputError, match=r"consolidated\.01\.pth listed in checklist\.chk but missing"):
+        convert(meta_dir, tmp_path / "hf2", ConvertSettings())
+
+
 def test_missing_shard_is_named(make_meta, tmp_path: Path) -> None:
     meta_dir = make_meta(n_shards=4, n_heads=4, n_kv_heads=4)
     os.remove(meta_dir / "consolidated.02.pth")

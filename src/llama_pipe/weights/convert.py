@@ -2,10 +2,12 @@
 
 What happens, in order:
 
-1. ``params.json`` is read and every shard is opened memory-mapped with
+1. ``params.json`` is read, files listed in ``checklist.chk`` (Meta's md5 list) must exist, and
+   every shard is opened memory-mapped with
    ``torch.load(weights_only=True, mmap=True)`` (a pickle that would run code is refused).
-2. Every weight's merged shape is checked against ``params.json`` *before* anything is written
-   (a missing shard, a missing weight or a shape that disagrees is an :class:`InputError`).
+2. Every weight's merged shape is checked against ``params.json`` (a missing shard, a missing
+   weight or a shape that disagrees is an :class:`InputError`), then every listed file's md5 is
+   checked (``verify_checksums``) — all before anything is written.
 3. Weights are merged across ranks (see :mod:`llama_pipe.weights.meta`), renamed to Hugging
    Face names, and ``wq`` / ``wk`` are permuted for rotary embeddings: Meta rotates interleaved
    pairs ``(x0, x1), (x2, x3) ...`` (complex numbers), Hugging Face rotates the two halves of each
@@ -144,6 +146,24 @@ def _load_tokenizer(tok_file: Path, chat_template: str) -> Any:
         ) from None
 
 
+def _verify(meta_dir: Path, tok_file: Path, enabled: bool, digests: bool) -> None:
+    """Check checklist.chk (and tokenizer_checklist.chk beside a tokenizer one level up)."""
+    if not enabled:
+        if digests:
+            log.info("checksum verification is off (convert.verify_checksums: false)")
+        return
+    lists = [(meta_dir, meta.CHECKLIST)]
+    if tok_file.parent != meta_dir:
+        lists.append((tok_file.parent, "tokenizer_checklist.chk"))
+    for directory, name in lists:
+        if (directory / name).is_file():
+            checked = meta.verify_checklist(directory, name, digests=digests)
+            if digests:
+                log.info("%s: %d file(s) match %s", directory, len(checked), name)
+        elif digests:
+            log.warning("%s: no %s, files are not verified", directory, name)
+
+
 def _vocab_rows(shards: list[dict[str, Any]], dim: int, where: Path) -> int:
     if "tok_embeddings.weight" not in shards[0]:
         raise InputError(f"{where}: no tok_embeddings.weight; not a LLaMA checkpoint")
@@ -191,8 +211,9 @@ def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> di
 
     limit = parse_size(settings.max_shard_size)
     params = meta.MetaParams.read(meta_dir / meta.PARAMS)
-    paths = meta.shard_paths(meta_dir)
     tok_file = find_tokenizer(meta_dir)
+    _verify(meta_dir, tok_file, settings.verify_checksums, digests=False)  # absent files first
+    paths = meta.shard_paths(meta_dir)
     template = get_template(settings.template)
     tok = _load_tokenizer(tok_file, template.chat_template)
     shards = [meta.load_shard(p) for p in paths]
@@ -206,6 +227,7 @@ def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> di
             "is this the tokenizer of this model?"
         )
     shapes = _plan(params, shards, paths, vocab)
+    _verify(meta_dir, tok_file, settings.verify_checksums, digests=True)  # then every byte
     dtype = getattr(torch, settings.dtype)
 
     # Assign tensors to output files before reading any data, so the file names are final.

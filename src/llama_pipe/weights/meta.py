@@ -279,6 +279,29 @@ def parse_checksums(text: str, where: str) -> dict[str, tuple[str, str]]:
     return out
 
 
+def verify_checklist(directory: Path, checklist: str = CHECKLIST, digests: bool = True) -> list[str]:
+    """Check every file listed in ``directory/checklist`` (md5 or sha256); return their names.
+
+    A listed file that is missing (or, with ``digests``, whose digest differs) is an InputError
+    naming it, so an absent, truncated or bit-flipped shard cannot be converted unnoticed.
+    """
+    path = directory / checklist
+    sums = parse_checksums(path.read_text(encoding="utf-8", errors="replace"), str(path))
+    missing = sorted(n for n in sums if not (directory / n).is_file())
+    if missing:
+        raise InputError(f"{directory}: {', '.join(missing)} listed in {checklist} but missing; re-run the download")
+    if not digests:
+        return sorted(sums)
+    for name, (algo, want) in sorted(sums.items()):
+        got = file_digest(directory / name, algo)
+        if got != want:
+            raise InputError(
+                f"{directory / name}: {algo} {got} does not match {checklist} ({want}); the file is damaged, "
+                "re-run the download"
+            )
+    return sorted(sums)
+
+
 # ----------------------------------------------------------------------------- atomic directories
 
 
