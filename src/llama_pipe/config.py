@@ -80,7 +80,7 @@ class ConvertSettings:
         minimum=16,
     )
     verify_checksums: bool = opt(
-        True, "check the files listed in META_DIR/checklist.chk before converting (md5 of 13.5 GB: about 30 s)"
+        True, "check the files listed in META_DIR/checklist.chk before converting (md5 of 13.5 GB: under a minute)"
     )
 
 
