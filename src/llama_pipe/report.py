@@ -109,7 +109,7 @@ def plot_funnel(stages: list[dict[str, Any]], out: Path) -> None:
     palette = [c for i, c in enumerate(plt.get_cmap("tab20").colors) if i not in (4, 5)]  # type: ignore[attr-defined]
     colors = {r: palette[i % len(palette)] for i, r in enumerate(reasons)}
     kept_color = "#15803d"
-    fig, ax = plt.subplots(figsize=(10, 0.6 * len(stages) + 2), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 0.7 * len(stages) + 1.5 + 0.2 * (len(reasons) + 1) / 3), dpi=110)
     for y, s in enumerate(stages[::-1]):
         total = max(s["in"], 1)
         ax.barh(y, 100 * s["out"] / total, color=kept_color)
@@ -120,11 +120,11 @@ def plot_funnel(stages: list[dict[str, Any]], out: Path) -> None:
             if n:
                 ax.barh(y, 100 * n / total, left=left, color=colors[r])
                 left += 100 * n / total
-        dropped = s["in"] - s["out"]
-        ax.text(101, y, f"{s['in']} in, {dropped} dropped", va="center", fontsize=8)
     handles = [plt.Rectangle((0, 0), 1, 1, color=kept_color)] + [plt.Rectangle((0, 0), 1, 1, color=colors[r]) for r in reasons]
-    ax.legend(handles, ["kept"] + [f"rejected: {r}" for r in reasons], fontsize=8, loc="upper left", bbox_to_anchor=(1.17, 1))
-    ax.set_yticks(range(len(stages)), [f"{s['stage']} ({s['unit']})" for s in stages][::-1])
+    ax.legend(handles, ["kept"] + [f"rejected: {r}" for r in reasons], fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
+    ax.set_yticks(range(len(stages)), [f"{s['stage']} ({s['unit']})\n{s['in']} in, {s['in'] - s['out']} dropped" for s in stages][::-1],
+                  fontsize=9)
     ax.set_xlim(0, 100)
     ax.set_xlabel("% of the stage's input (shards summed)")
     ax.set_title("Data funnel: what each stage kept and why it dropped the rest")

@@ -139,6 +139,7 @@ class Handler(BaseHTTPRequestHandler):
     server: ChatServer
     protocol_version = "HTTP/1.1"
     server_version = "llama-pipe"
+    timeout = 300  # seconds a socket may stall (a client that stops reading or sending is dropped)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's name
         log.info("%s %s", self.address_string(), format % args)
