@@ -140,7 +140,7 @@ def test_web_page_is_served(server) -> None:
     assert "/v1/chat/completions" in page and 'id="prompt"' in page
 
 
-def test_serve_command_starts_answers_and_stops_on_ctrl_c(tiny_hf_model_dir) -> None:
+def test_serve_command_starts_answers_and_stops_cleanly_on_sigterm(tiny_hf_model_dir) -> None:
     import os
     import re
     import signal
@@ -158,9 +158,21 @@ def test_serve_command_starts_answers_and_stops_on_ctrl_c(tiny_hf_model_dir) -> 
         assert url, f"unexpected first line: {line!r}"
         with urllib.request.urlopen(url.group(1) + "/v1/models", timeout=30) as r:
             assert json.load(r)["data"][0]["id"] == "cli-model"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert "stopped" in proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_concurrent_requests_are_serialised_and_all_answered(client: openai.OpenAI) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(seed: int) -> str:
+        r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=1.0, seed=seed)
+        return r.choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(ask, range(4)))
+    assert parallel == [ask(s) for s in range(4)]

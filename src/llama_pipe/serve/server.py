@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -311,6 +312,11 @@ def run(args: argparse.Namespace) -> int:
     model = load_chat_model(Path(args.model), args.adapter, settings.device, settings.template, settings.model_id)
     server = ChatServer(model, settings)
     print(f"serve: {model.model_id} at {server.url}/v1 (web chat: {server.url}/); Ctrl-C stops", flush=True)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM (docker stop, systemd, kill) ends like Ctrl-C
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
