@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
@@ -49,6 +50,7 @@ def chat_loop(
 ) -> list[Message]:
     """The interactive loop; ``read`` is ``input`` in a terminal. Returns the last conversation."""
     history: list[Message] = []
+    turns = 0
     out.write(f"chatting with {model.model_id} ({model.template.name}); /reset starts over, /exit or Ctrl-D quits\n")
     while True:
         try:
@@ -71,7 +73,9 @@ def chat_loop(
             out.write(f"(the conversation no longer fits the {model.context_length}-token context; /reset to start over)\n")
             continue
         out.write("assistant> ")
-        res = reply(model, history, params, out, system)
+        turns += 1  # with --seed, reply n uses seed + n: reproducible sessions, not one repeated draw
+        turn_params = params if params.seed is None else replace(params, seed=params.seed + turns)
+        res = reply(model, history, turn_params, out, system)
         if res.finish_reason == "length":
             out.write("(reply cut at max_tokens)\n")
 
