@@ -246,8 +246,9 @@ def broken_records(rng: random.Random, good: list[dict[str, Any]]) -> list[Any]:
     ]
 
 
-def build() -> list[Any]:
-    rng = random.Random(SEED)
+def build(seed: int = SEED) -> list[Any]:
+    """The sample's records; another ``seed`` gives another sample of the same shape (benchmarks)."""
+    rng = random.Random(seed)
     plan = ["en"] * 52 + ["zh"] * 20 + ["de"] * 4 + ["fr"] * 4 + ["es"] * 4 + ["ja"] * 3 + ["ko"] * 3
     rng.shuffle(plan)
     records = []

@@ -137,7 +137,7 @@ class FilterLangSettings:
     seed: int = opt(0, "langdetect seed (makes detection deterministic)")
     min_chars: int = opt(10, "text shorter than this (code removed) is labelled 'unknown'", minimum=0)
     keep_unknown: bool = opt(False, "keep conversations whose language cannot be detected")
-    max_chars: int = opt(2000, "detect on at most this many characters of a conversation's text (code removed)", minimum=100)
+    max_chars: int = opt(1000, "detect on at most this many characters of a conversation's text (code removed)", minimum=100)
     workers: int = opt(0, "processes to use; 0 = all cores", minimum=0)
 
 

@@ -60,6 +60,99 @@ def matches(lang: str, codes: list[str]) -> bool:
 _CFG: FilterLangSettings | None = None
 
 
+_VECTORS: dict[str, Any] = {}
+_NORMAL: dict[str, str] = {}
+
+
+def _ngrams(text: str, known: dict[str, Any]) -> list[str]:
+    """langdetect's ``Detector._extract_ngrams`` (same n-grams, same order), with the per-character
+    normalisation memoised and the ``NGram`` object inlined."""
+    from langdetect.utils.ngram import NGram
+
+    normal = _NORMAL
+    out: list[str] = []
+    grams, capital = " ", False
+    for ch in text:
+        c = normal.get(ch)
+        if c is None:
+            c = normal[ch] = NGram.normalize(ch)
+        last = grams[-1]
+        if last == " ":
+            grams, capital = " ", False
+            if c == " ":
+                continue
+        elif len(grams) >= 3:
+            grams = grams[1:]
+        grams += c
+        if c.isupper():
+            if last.isupper():
+                capital = True
+        else:
+            capital = False
+        if capital:
+            continue
+        if c != " " and c in known:
+            out.append(c)
+        n = len(grams)
+        if n >= 2:
+            w = grams[-2:]
+            if w in known:
+                out.append(w)
+            if n >= 3:
+                w = grams[-3:]
+                if w in known:
+                    out.append(w)
+    return out
+
+
+def _detector() -> Any:
+    """A langdetect ``Detector`` whose inner loop runs on numpy vectors.
+
+    langdetect's ``_detect_block`` multiplies a 55-language probability list by one n-gram's
+    profile per iteration in a Python loop, and builds its n-grams through an object per text.
+    This subclass runs the same algorithm - same n-grams in the same order, same seeded random
+    draws, same convergence test - with those loops replaced by numpy operations and an inlined,
+    memoised n-gram extractor (:func:`_ngrams`). A test checks it agrees with langdetect.
+    """
+    import numpy as np
+    from langdetect.detector import Detector
+    from langdetect.detector_factory import _factory  # type: ignore[attr-defined]
+    from langdetect.lang_detect_exception import ErrorCode, LangDetectException
+
+    class NumpyDetector(Detector):  # type: ignore[misc]
+        def _detect_block(self) -> None:
+            self.cleaning_text()
+            known = self.word_lang_prob_map
+            ngrams = _ngrams(self.text, known)
+            if not ngrams:
+                raise LangDetectException(ErrorCode.CantDetectError, "No features in text.")
+            vectors = _VECTORS
+
+            def vec(w: str) -> Any:
+                v = vectors.get(w)
+                if v is None:
+                    v = vectors[w] = np.asarray(known[w], dtype=np.float64)
+                return v
+
+            total = np.zeros(len(self.langlist))
+            self.random.seed(self.seed)
+            for _ in range(self.n_trial):
+                prob = np.asarray(self._init_probability(), dtype=np.float64)
+                weight = (self.alpha + self.random.gauss(0.0, 1.0) * self.ALPHA_WIDTH) / self.BASE_FREQ
+                i = 0
+                while True:
+                    prob *= weight + vec(self.random.choice(ngrams))
+                    if i % 5 == 0:
+                        prob /= prob.sum()
+                        if prob.max() > self.CONV_THRESHOLD or i >= self.ITERATION_LIMIT:
+                            break
+                    i += 1
+                total += prob / self.n_trial
+            self.langprob = total.tolist()
+
+    return NumpyDetector(_factory)
+
+
 def _init(cfg: FilterLangSettings) -> None:
     """Load langdetect's profiles once per process and fix its seed."""
     global _CFG
@@ -83,7 +176,6 @@ def detect_language(text: str, min_chars: int) -> str:
     a product name ("我叫Gitclone，是git-cloner开发的模型") is classified from the Latin n-grams
     as Vietnamese, Italian or Catalan.
     """
-    from langdetect.detector_factory import _factory  # type: ignore[attr-defined]
     from langdetect.lang_detect_exception import LangDetectException
 
     if len(text.strip()) < min_chars:
@@ -92,7 +184,7 @@ def detect_language(text: str, min_chars: int) -> str:
     if cjk and cjk > len(_LATIN_WORD.findall(text)):
         text = _LATIN_WORD.sub(" ", text)
     try:
-        detector = _factory.create()
+        detector = _detector()
         detector.append(text)
         return str(detector.detect())
     except LangDetectException:

@@ -3,8 +3,9 @@
 Two paths, chosen per turn:
 
 * **HTML** (the value starts with a tag such as ``<div class="markdown prose ...">``, optionally
-  after a "1 / 2" regenerate counter): code blocks are cut out first, the rest goes through
-  markdownify, then the code comes back as fenced blocks. A ChatGPT code block
+  after a "1 / 2" regenerate counter): code blocks are cut out first, the rest is converted by
+  :mod:`llama_pipe.data.html_fast` (ChatGPT's markup subset, ~10x faster) or, for any other
+  element, by markdownify; then the code comes back as fenced blocks. A ChatGPT code block
   (``<pre><div ...><span>LANG</span><button>...Copy code</button></div><div><code class="language-LANG">``)
   becomes ``\\`\\`\\`LANG`` + the code + ``\\`\\`\\```; the code is the ``<code>`` element's text with
   highlighter tags removed and entities decoded, so it is byte-exact with what the user saw.
@@ -25,6 +26,8 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Iterator
+
+from llama_pipe.data import html_fast
 
 # Element names that count as "an HTML tag" (stray angle brackets such as List<String> or a<b do not).
 HTML_TAGS = frozenset(
@@ -211,10 +214,19 @@ def _extract_code(pre_inner: str) -> tuple[str, str]:
     return lang or "text", code
 
 
-def html_to_markdown(value: str) -> str:
-    """Rendered ChatGPT HTML -> markdown (see the module docstring)."""
+def _markdownify(html_text: str) -> str:
     import markdownify
 
+    try:
+        return str(markdownify.markdownify(html_text, **_MD_OPTIONS))
+    except RecursionError:
+        raise ConversionError("html_too_deep", "HTML nested too deeply to convert") from None
+    except (AssertionError, ValueError) as exc:  # bs4.ParserRejectedMarkup is a ValueError subclass
+        raise ConversionError("html_parse_error", f"{type(exc).__name__}: {exc}"[:200]) from None
+
+
+def html_to_markdown(value: str) -> str:
+    """Rendered ChatGPT HTML -> markdown (see the module docstring)."""
     value = _COUNTER_HTML.sub("", value, count=1)
     blocks: list[str] = []
 
@@ -227,12 +239,13 @@ def html_to_markdown(value: str) -> str:
 
     rest = _PRE.sub(cut, value)
     try:
-        md = markdownify.markdownify(rest, **_MD_OPTIONS)
-    except RecursionError:
-        raise ConversionError("html_too_deep", "HTML nested too deeply to convert") from None
-    except (AssertionError, ValueError) as exc:  # bs4.ParserRejectedMarkup is a ValueError subclass
-        raise ConversionError("html_parse_error", f"{type(exc).__name__}: {exc}"[:200]) from None
+        md = html_fast.convert(rest)
+    except html_fast.TooDeep as exc:
+        raise ConversionError("html_too_deep", f"HTML nested too deeply to convert ({exc})") from None
+    except html_fast.Unsupported:
+        md = _markdownify(rest)
     md = _COPY_CHARS.sub("", md)
+
     md = _BLANKS.sub("\n\n", md.replace("\r\n", "\n"))
     md = protect_tags(md).strip()
 

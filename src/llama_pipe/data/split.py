@@ -17,9 +17,10 @@ Accounting unit: **pairs**. ``in`` = pairs read, ``out`` = pairs written inside 
 ``rejected`` = pairs rejected (a malformed record counts as ``max(1, turns // 2)`` pairs).
 The stats also give ``records_in``, ``chunks_out``, ``pairs_truncated`` and ``max_chunk_tokens``.
 
-Speed: pair lengths are first estimated in tokenizer batches (each pair alone), chunks are planned
-from the estimates, then every planned chunk is measured exactly in batches; a record whose planned
-chunk overflows is re-planned pair by pair with exact measurements.
+Speed: every record is tokenized whole once, in batches; one that fits is done. For a longer one
+the token offsets give each pair's share, chunks are planned from the shares, then every planned
+chunk is measured exactly in batches; a record whose planned chunk overflows is re-planned pair
+by pair with exact measurements.
 """
 
 from __future__ import annotations
@@ -62,10 +63,7 @@ class Splitter:
         self._header: dict[str | None, int] = {}
 
     def render(self, pairs: list[tuple[str, str]], system: str | None) -> str:
-        msgs = []
-        for q, a in pairs:
-            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        return self.template.render(msgs, system=system)[0]
+        return self._render_spans(pairs, system)[0]
 
     def lengths(self, texts: list[str], special: bool = True) -> list[int]:
         out: list[int] = []
@@ -89,14 +87,35 @@ class Splitter:
         return (r.pairs[j][0], r.cut[j]) if j in r.cut else r.pairs[j]
 
     def plan(self, recs: list[_Rec]) -> None:
-        """Fill ``chunks`` (and ``long``/``cut``) of each record; every chunk fits exactly."""
+        """Fill ``chunks`` (and ``long``/``cut``) of each record; every chunk fits exactly.
+
+        Each record is rendered and tokenized whole once; a record that fits is one chunk (its
+        length is exact). For a longer one, the token offsets give each pair's share of that
+        tokenization, chunks are planned from those shares and then measured exactly.
+        """
         limit = self.cfg.max_length
-        texts = [self.render([p], "") for r in recs for p in r.pairs]
-        est = iter(self.lengths(texts, special=False))
-        for r in recs:
-            r.est = [next(est) for _ in r.pairs]
+        rendered = [self._render_spans(r.pairs, r.system) for r in recs]
+        long_recs: list[_Rec] = []
+        for b_start in range(0, len(recs), self.cfg.batch_size):
+            b_recs = recs[b_start : b_start + self.cfg.batch_size]
+            b_text = rendered[b_start : b_start + self.cfg.batch_size]
+            enc = self.tok([t for t, _ in b_text], add_special_tokens=True, return_offsets_mapping=True)
+            for r, (_, spans), ids, offsets in zip(b_recs, b_text, enc["input_ids"], enc["offset_mapping"]):
+                if len(ids) <= limit:
+                    r.chunks, r.sizes = [list(range(len(r.pairs)))], [len(ids)]
+                    continue
+                ends = [e for _, e in spans]  # a pair ends where its gpt turn (and end-of-turn) ends
+                r.est = [0] * len(r.pairs)
+                j = 0
+                for start, _ in offsets:
+                    while j < len(ends) - 1 and start >= ends[j]:
+                        j += 1
+                    r.est[j] += 1
+                long_recs.append(r)
+        for r in long_recs:
             head, cur, size = self.header(r.system), [], 0
             for j, n in enumerate(r.est):
+                n = n if j else max(0, n - head)  # the first pair's share includes the header
                 if cur and size + n > limit:
                     r.chunks.append(cur)
                     cur, size = [], 0
@@ -104,13 +123,19 @@ class Splitter:
                 size += n if size else head + n
             if cur:
                 r.chunks.append(cur)
-        planned = [(r, c) for r in recs for c in r.chunks]
+        planned = [(r, c) for r in long_recs for c in r.chunks]
         sizes = self.lengths([self.render([r.pairs[j] for j in c], r.system) for r, c in planned])
         for (r, _), n in zip(planned, sizes):
             r.sizes.append(n)
-        for r in recs:
+        for r in long_recs:
             if any(n > limit for n in r.sizes):
                 self._replan(r)
+
+    def _render_spans(self, pairs: list[tuple[str, str]], system: str | None) -> tuple[str, list[tuple[int, int]]]:
+        msgs = []
+        for q, a in pairs:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return self.template.render(msgs, system=system)
 
     def _replan(self, r: _Rec) -> None:
         """Exact greedy packing for a record whose estimated plan overflowed."""
