@@ -168,7 +168,9 @@ class LoraSettings:
     r: int = opt(8, "rank", minimum=1)
     alpha: int = opt(16, "scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)", minimum=1)
     dropout: float = opt(0.05, "dropout on the adapter input", minimum=0, maximum=1)
-    target_modules: list[str] = opt(["q_proj", "v_proj"], "module names to adapt, or ['all-linear']", minLength=1)
+    target_modules: list[str] = opt(
+        ["all-linear"], "module names to adapt (e.g. [q_proj, v_proj]), or ['all-linear'] (every linear layer but lm_head)", minLength=1
+    )
     rslora: bool = opt(False, "rank-stabilised scaling")
     dora: bool = opt(False, "weight-decomposed LoRA (DoRA)")
 
@@ -186,19 +188,19 @@ class TrainSettings:
     packing: bool = opt(True, "pack several conversations into one row (no attention across them)")
     micro_batch_size: int = opt(4, "rows per forward pass", minimum=1)
     grad_accum: int = opt(1, "micro-batches per optimiser step", minimum=1)
-    lr: float = opt(2e-3, "peak learning rate", exclusiveMinimum=0)
+    lr: float = opt(1e-2, "peak learning rate (1e-2 suits the tiny demo model; use ~2e-4 for LoRA on a real 7B)", exclusiveMinimum=0)
     weight_decay: float = opt(0.0, "AdamW weight decay", minimum=0)
-    warmup_steps: int = opt(5, "linear warm-up steps", minimum=0)
+    warmup_steps: int = opt(3, "linear warm-up steps", minimum=0)
     min_lr_ratio: float = opt(0.1, "cosine schedule ends at lr * this", minimum=0, maximum=1)
-    max_steps: Optional[int] = opt(60, "optimiser steps; null trains for `epochs`", minimum=1)
+    max_steps: Optional[int] = opt(30, "optimiser steps; null trains for `epochs`", minimum=1)
     epochs: float = opt(1.0, "epochs when max_steps is null", exclusiveMinimum=0)
     max_grad_norm: float = opt(1.0, "gradient clipping; 0 disables", minimum=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
         "auto", "compute precision; auto = bf16 on a GPU that supports it, else fp32"
     )
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass")
-    eval_every: int = opt(20, "validation loss every N steps (and at start and end)", minimum=1)
-    save_every: int = opt(20, "checkpoint every N steps", minimum=1)
+    eval_every: int = opt(10, "validation loss every N steps (and at start and end)", minimum=1)
+    save_every: int = opt(10, "checkpoint every N steps", minimum=1)
     keep_checkpoints: int = opt(2, "checkpoints kept (oldest deleted)", minimum=1)
     resume: Literal["auto", "never"] = opt("auto", "continue from the newest valid checkpoint")
     on_nonfinite: Literal["stop", "skip"] = opt("stop", "a NaN/inf loss: stop naming the step, or skip that step")
