@@ -210,3 +210,17 @@ def test_bad_adapters_are_clear_errors(tiny_hf_model_dir: Path, adapters: dict[s
     assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(foreign), "-o", str(out)]) == 2
     assert "match no module" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_full_model_run_is_the_starting_point(tiny_hf_model_dir: Path, adapters: dict[str, Path], tmp_path: Path, tokenizer) -> None:
+    """train.mode full leaves a whole model in the run directory: it replaces the base, later adapters apply on top."""
+    from peft import PeftModel
+
+    full = tmp_path / "full"
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapters["a"]), "-o", str(full)]) == 0
+    out = tmp_path / "merged"
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(full), "--adapter", str(adapters["b"]), "-o", str(out)]) == 0
+    ref = PeftModel.from_pretrained(load(full), str(adapters["b"])).eval()
+    assert (logits(load(out), tokenizer) - logits(ref, tokenizer)).abs().max() < 1e-4
+    assert json.loads((out / "llama_pipe.json").read_text())["full_model"] == str(full)
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapters["b"]), "--adapter", str(full), "-o", str(tmp_path / "x")]) == 2

@@ -51,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- inputs
 
 
+def is_full_model(path: Path) -> bool:
+    """A model directory (``config.json``, weights) rather than a peft adapter."""
+    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
+
+
 def check_adapter_dir(path: str | Path) -> Path:
     """Validate a peft adapter directory; return its safetensors weights file."""
     path = Path(path)
@@ -271,25 +276,35 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, MergeAdapterSettings, "merge_adapter")
     log.info("merge-adapter settings:\n%s", describe(settings))
     adapters = [Path(a) for a in [*args.adapter, *settings.extra_adapters]]
-    for a in adapters:  # fail fast, before loading anything big
-        check_adapter_dir(a)
     base, out = Path(args.base), Path(args.output)
+    full = None
+    if adapters and is_full_model(adapters[0]):
+        # train.mode full: the run directory is a whole model; it replaces the base weights.
+        full, adapters = adapters[0], adapters[1:]
+        log.info("%s is a fully fine-tuned model, not an adapter: it is the starting point", full)
+    for a in adapters:  # fail fast, before loading anything big
+        if is_full_model(a):
+            raise InputError(f"{a}: a full model (no adapter_config.json) can only be the first --adapter")
+        check_adapter_dir(a)
     t0 = time.time()
-    tokenizer = load_tokenizer(base)
-    model = load_float_base(base)
+    start = full or base
+    tokenizer = load_tokenizer(start)
+    model = load_float_base(start)
     model, tokenizer = apply_adapters(model, tokenizer, adapters)
-    template_name = pick_template(settings.template, [base, *adapters], tokenizer)
+    dirs = [base, *([full] if full else []), *adapters]
+    template_name = pick_template(settings.template, dirs, tokenizer)
     model = model.to(getattr(torch, settings.dtype))
     sidecar = {
-        "system_prompt": recorded_system_prompt(adapters),
+        "system_prompt": recorded_system_prompt(dirs[1:]),
         "base": str(base),
+        "full_model": str(full) if full else None,
         "adapters": [{"path": str(a), "sha256": sha256_file(a / "adapter_model.safetensors")} for a in adapters],
         "dtype": settings.dtype,
     }
     tmp = new_tmp_dir(out)
     try:
         write_model_dir(model, tokenizer, template_name, tmp, settings.max_shard_size, sidecar)
-        copy_sentencepiece(tokenizer, [base, *adapters], tmp)
+        copy_sentencepiece(tokenizer, dirs, tmp)
         if settings.format == "meta":
             write_meta(model, tmp)
     except BaseException:
@@ -299,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     print(
-        f"merge-adapter: {len(adapters)} adapter(s) into {base} -> {out} ({n_params / 1e6:.2f}M params, "
+        f"merge-adapter: {len(adapters)} adapter(s) into {start} -> {out} ({n_params / 1e6:.2f}M params, "
         f"{settings.dtype}, {len(shards)} shard(s), template {template_name}{', + meta' if settings.format == 'meta' else ''}) "
         f"in {time.time() - t0:.1f}s"
     )
