@@ -160,3 +160,47 @@ def test_shared_real_samples(tmp_path: Path, shared_data: Path) -> None:
                 assert not html_tags_outside_code(t["value"])
                 # plain text is not reflowed: the cleaned turn is the original, stripped
                 assert t["value"] == orig["value"].strip()
+
+
+@pytest.mark.parametrize(
+    ("html", "expected"),
+    [
+        ("<ul><li>a<ul><li>b</li><li>c</li></ul></li><li>d</li></ul>", "- a\n  - b\n  - c\n- d"),
+        ('<ol start="3"><li><p>first</p><p>second</p></li><li>x</li></ol>', "3. first\n\n   second\n4. x"),
+        ("<blockquote><p>quoted</p><p>two</p></blockquote>", "> quoted\n>\n> two"),
+        ("<h2>Title &amp; more</h2><hr><p>x</p>", "## Title & more\n\n---\n\nx"),
+        ("<table><tr><td>a|b</td><td>c</td></tr></table>", "|  |  |\n| --- | --- |\n| a\\|b | c |"),
+        ('<p>Use <code>a`b</code> and <img src="i.png" alt="pic"> <del>old</del></p>', "Use `` a`b `` and ![pic](i.png) ~~old~~"),
+    ],
+)
+def test_fast_converter_markup(html: str, expected: str) -> None:
+    from llama_pipe.data import html_fast
+
+    assert html_fast.convert(html) == expected
+
+
+def test_unknown_markup_falls_back_to_markdownify() -> None:
+    from llama_pipe.data import html_fast
+
+    html = DIV + "<dl><dt>term</dt><dd>definition</dd></dl><p>after</p></div>"
+    with pytest.raises(html_fast.Unsupported):
+        html_fast.convert(html)
+    md = to_markdown(html)
+    assert "term" in md and "definition" in md and "after" in md and not html_tags_outside_code(md)
+
+
+def test_fast_converter_agrees_with_markdownify_on_the_sample(sample: Path) -> None:
+    """On every HTML turn of the sample the fast path gives markdownify's markdown."""
+    from llama_pipe.data import html_fast
+    from llama_pipe.data.markdown import _markdownify, is_html
+
+    n = 0
+    for rec in json.loads(sample.read_text()):
+        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
+            continue
+        for t in rec["conversations"]:
+            v = t.get("value") if isinstance(t, dict) else None
+            if isinstance(v, str) and is_html(v) and "<pre" not in v:
+                n += 1
+                assert html_fast.convert(v) == _markdownify(v).strip().replace("  \n", "\n")
+    assert n > 100

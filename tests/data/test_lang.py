@@ -87,3 +87,22 @@ def test_short_chinese_with_latin_names_is_chinese(tmp_path: Path) -> None:
     out = tmp_path / "f.jsonl"
     assert cli("filter-lang", write_jsonl(tmp_path / "in.jsonl", recs), "-o", out, "--keep", "zh") == 0
     assert [r["lang"] for r in read_jsonl(out)] == ["zh-cn"] * 3
+
+
+def test_numpy_detector_agrees_with_langdetect(tmp_path: Path, sample: Path) -> None:
+    from langdetect import DetectorFactory
+    from langdetect.detector_factory import _factory
+
+    from llama_pipe.config import FilterLangSettings
+    from llama_pipe.data import lang as L
+
+    assert cli("clean", sample, "-o", tmp_path / "clean.jsonl") == 0
+    texts = [L.prose(r, 1000) for r in read_jsonl(tmp_path / "clean.jsonl")]
+    texts += [EN, ZH_CN, ZH_TW, DE, KO]
+    L._init(FilterLangSettings())
+    ours, theirs = [], []
+    for t in texts:
+        for detector, out in ((L._detector(), ours), (_factory.create(), theirs)):
+            detector.append(t)
+            out.append(detector.detect())
+    assert DetectorFactory.seed == 0 and ours == theirs
