@@ -72,6 +72,13 @@ def make_accelerator(settings: TrainSettings) -> tuple[Any, str]:
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
         gradient_accumulation_steps=settings.grad_accum,
     )
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is not None:  # no dataloader is prepared, so DeepSpeed's "auto" values come from us
+        ds = plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = settings.micro_batch_size
+        ds["gradient_accumulation_steps"] = settings.grad_accum
+        ds["gradient_clipping"] = settings.max_grad_norm
+        ds["train_batch_size"] = settings.micro_batch_size * settings.grad_accum * acc.num_processes
     return acc, precision
 
 

@@ -1,0 +1,52 @@
+"""CUDA paths of training (run on the device; skipped on CPU): bf16 autocast, bitsandbytes
+4-bit/8-bit on the GPU, peak memory from torch.cuda, and the same output contract."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from llama_pipe.config import LoraSettings, TrainSettings
+from llama_pipe.train.loop import train
+
+pytestmark = pytest.mark.gpu
+
+
+def _settings(**kw) -> TrainSettings:
+    s = TrainSettings(max_seq_len=256, micro_batch_size=4, max_steps=10, lr=1e-2, warmup_steps=2, eval_every=10,
+                      save_every=5, lora=LoraSettings(r=8, alpha=16), device="cuda")
+    return replace(s, **kw)
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora", "int8", "full"])
+def test_modes_on_cuda(mode, tmp_path, tiny_hf_model_dir, data_files) -> None:
+    lr = 1e-3 if mode == "full" else 1e-2
+    summary = train(tiny_hf_model_dir, *data_files, tmp_path / mode, _settings(mode=mode, lr=lr))
+    assert summary["precision"] == "bf16" and summary["device"].startswith("cuda")
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    rows = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert all(r["peak_mem_kind"] == "cuda_max_allocated" and r["peak_mem_bytes"] > 0 for r in steps)
+    assert all(r["tokens_per_s"] > 0 for r in steps)
+
+
+def test_qlora_uses_bf16_compute_and_nf4_on_cuda(tiny_hf_model_dir) -> None:
+    import bitsandbytes as bnb
+
+    from llama_pipe.train.model import build_model
+
+    model = build_model(tiny_hf_model_dir, _settings(mode="qlora"), torch.device("cuda:0"), "bf16")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.compute_dtype == torch.bfloat16 for m in layers)
+    assert all(m.weight.quant_state.quant_type == "nf4" and m.weight.quant_state.nested for m in layers)
+    assert all(m.weight.device.type == "cuda" for m in layers)
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, tiny_hf_model_dir, data_files) -> None:
+    a = train(tiny_hf_model_dir, *data_files, tmp_path / "a", _settings(max_steps=3, lora=LoraSettings(dropout=0.0)))
+    b = train(tiny_hf_model_dir, *data_files, tmp_path / "b",
+              _settings(max_steps=3, lora=LoraSettings(dropout=0.0), gradient_checkpointing=True))
+    assert b["val_loss_after"] == pytest.approx(a["val_loss_after"], abs=2e-2)  # bf16 noise
