@@ -97,6 +97,8 @@ def test_client_errors_are_4xx_json(client: openai.OpenAI) -> None:
         ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', 400, "content"),
         ("POST", "/v1/chat/completions", b'{"messages": [{"role": "assistant", "content": "hi"}]}', 400, "last message"),
         ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}', 400, "max_tokens"),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, "temperature"),
+        ("POST", "/v1/chat/completions", b"[" * 3000, 400, "not valid JSON"),
         ("POST", "/v1/chat/completions", b"x" * 5000, 413, "exceeds the limit"),
         ("POST", "/v1/completions", b"{}", 404, "no route"),
         ("GET", "/nope", None, 404, "no route"),

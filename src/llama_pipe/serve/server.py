@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -47,7 +48,7 @@ def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(400, f"'{key}' must be a number", key)
-    if value > hi or value < lo or (lo_open and value == lo):
+    if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
         raise ApiError(400, f"'{key}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", key)
     return float(value)
 
@@ -195,6 +196,8 @@ class Handler(BaseHTTPRequestHandler):
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
 
     # ------------------------------------------------------------------ routes
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
