@@ -89,6 +89,9 @@ def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, prec
 
     base_dir = Path(base_dir)
     _check_base_dir(base_dir)
+    device = torch.device(device)
+    # bitsandbytes layers are placed at load time: a GPU index (the local rank's) or "cpu".
+    placement: Any = (device.index or 0) if device.type == "cuda" else "cpu"
     dtype = compute_dtype(precision)
     kwargs: dict[str, Any] = {
         "attn_implementation": settings.attn_implementation,
@@ -103,11 +106,11 @@ def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, prec
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["dtype"] = dtype if precision != "fp32" else torch.float32
-        kwargs["device_map"] = {"": device}
+        kwargs["device_map"] = {"": placement}
     elif mode == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["dtype"] = torch.float16 if str(device).startswith("cuda") else torch.float32
-        kwargs["device_map"] = {"": device}
+        kwargs["dtype"] = torch.float16 if device.type == "cuda" else torch.float32
+        kwargs["device_map"] = {"": placement}
     elif mode == "lora":
         kwargs["dtype"] = dtype  # frozen base in the compute dtype; peft keeps the adapter in fp32
     else:  # full: fp32 master weights, autocast provides the low-precision compute
