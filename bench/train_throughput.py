@@ -90,7 +90,9 @@ CASES: dict[str, Case] = {
     "abl_no_kernels": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("kernels",)),
     "abl_no_fused_loss": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("fused_loss",)),
     "abl_no_offload": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("offload_checkpoints",)),
-    "abl_compile": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("compile_mlp",)),
+    "abl_no_compile": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("compile_mlp",)),
+    "abl_no_autocast": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("adapter_autocast",)),
+    "abl_nf4_fp32_frozen": Case("qlora", 64, tuple(ALL), 1024, 8, dropout=0.0, disable=("bf16_frozen_weights",)),
     "abl_nf4_none": Case("qlora", 64, tuple(ALL), 1024, 8, dropout=0.0, kernels="none"),
 }
 GROUPS = {
@@ -98,11 +100,10 @@ GROUPS = {
              "nf4_r64all_s1024_b8", "nf4_r64all_s1024_b8_d0", "nf4_r64all_s2048_b1", "nf4_r16all_s2048_b1"],
     "real": ["real_packed", "real_packed_nokernels", "real_padmax_plain"],
     "tiny": ["tiny_lora", "tiny_qlora", "tiny_int8"],
-    "smoke": ["bf16_r16all_s1024_b8_d0", "abl_none", "nf4_r64all_s1024_b8_d0", "abl_nf4_none", "real_packed",
-              "abl_no_offload", "abl_no_kernels", "abl_no_fused_loss", "nf4_r64all_s2048_b1"],
-    "exp": ["bf16_r16all_s1024_b8_d0", "nf4_r64all_s1024_b8_d0", "abl_no_offload", "real_padmax_plain",
-            "nf4_r64all_s2048_b1", "abl_compile"],
-    "ablation": ["abl_none", "abl_no_kernels", "abl_no_fused_loss", "abl_no_offload", "abl_nf4_none"],
+    "exp2": ["bf16_r16all_s1024_b8_d0", "nf4_r64all_s1024_b8_d0", "bf16_r16all_s1024_b8", "real_packed",
+             "abl_no_autocast", "abl_nf4_fp32_frozen", "abl_no_compile"],
+    "ablation": ["abl_none", "abl_no_kernels", "abl_no_fused_loss", "abl_no_offload", "abl_no_autocast",
+                 "abl_no_compile", "abl_nf4_none", "abl_nf4_fp32_frozen"],
 }
 PEER_CASES = [P_BF16_QV, P_INT8, P_BF16_ALL, P_NF4]
 UNSLOTH_CASES = [U_BF16, U_NF4, U_BF16 + "_d05", U_NF4 + "_d05"]
@@ -204,8 +205,7 @@ def run_ours(case: Case) -> dict[str, Any]:
     loss_fn = causal_lm_loss_sum
     report = "kernels: none"
     if case.kernels != "none":
-        # "compile_mlp" is off by default, so naming it in ``disable`` turns it on (an experiment).
-        opts = fast.replace(fast.FastOptions(), **{k: k == "compile_mlp" for k in case.disable})
+        opts = fast.replace(fast.FastOptions(), **{k: False for k in case.disable})
         fast.apply(acc.unwrap_model(model), opts)
         loss_fn = fast.causal_lm_loss_sum
         report = fast.report(acc.unwrap_model(model)).describe()

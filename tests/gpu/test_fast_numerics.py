@@ -68,7 +68,12 @@ def _build(model_dir: Path, mode: str, fast: bool):
     if fast:
         apply(m, "auto")
         rep = report(m)
-        for lever in ("fused_loss", "kernels", "varlen_attention", "offload_checkpoints"):
+        expected = ["fused_loss", "kernels", "varlen_attention", "offload_checkpoints", "compile_mlp"]
+        if mode != "int8":  # LLM.int8 computes in fp16: no bf16 autocast
+            expected += ["adapter_autocast"]
+        if mode == "nf4":
+            expected += ["bf16_frozen_weights"]
+        for lever in expected:
             assert rep.levers[lever].startswith("on"), rep.describe()
     m.train()
     return m
