@@ -16,7 +16,7 @@ TEXT = "USER: What is the capital of France? ASSISTANT: Paris is the capital.</s
 
 
 def make_adapter(
-    base_dir: Path, out: Path, seed: int, targets: list[str], quantized: bool = False, extra_tokens: int = 0
+    base_dir: Path, out: Path, seed: int, targets: list[str], quantized: bool = False, extra_tokens: int = 0, **lora: object
 ) -> Path:
     """A peft LoRA adapter with random non-zero lora_B (so merging changes the logits), saved like our trainer."""
     from peft import LoraConfig, get_peft_model
@@ -38,7 +38,7 @@ def make_adapter(
         model.resize_token_embeddings(len(tok))
         save_modules = ["embed_tokens", "lm_head"]
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, modules_to_save=save_modules)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, modules_to_save=save_modules, **lora)
     peft_model = get_peft_model(model, cfg)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -125,6 +125,18 @@ def test_qlora_adapter_merges_into_float_base(tiny_hf_model_dir: Path, tmp_path:
     assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapter), "-o", str(out)]) == 0
     ref = PeftModel.from_pretrained(load(tiny_hf_model_dir), str(adapter)).eval()
     assert (logits(load(out), tokenizer) - logits(ref, tokenizer)).abs().max() < 1e-4
+
+
+def test_dora_and_rslora_adapters_merge_exactly(tiny_hf_model_dir: Path, tmp_path: Path, tokenizer) -> None:
+    from peft import PeftModel
+
+    adapter = make_adapter(tiny_hf_model_dir, tmp_path / "dora", 6, ["q_proj", "v_proj", "down_proj"], use_dora=True, use_rslora=True)
+    out = tmp_path / "merged"
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapter), "-o", str(out)]) == 0
+    ref = PeftModel.from_pretrained(load(tiny_hf_model_dir), str(adapter)).eval()
+    ref_logits = logits(ref, tokenizer)
+    assert (ref_logits - logits(load(tiny_hf_model_dir), tokenizer)).abs().max() > 1e-2
+    assert (logits(load(out), tokenizer) - ref_logits).abs().max() < 1e-4
 
 
 def test_larger_tokenizer_resizes_and_is_copied(tiny_hf_model_dir: Path, tmp_path: Path, tokenizer) -> None:
