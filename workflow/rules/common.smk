@@ -97,11 +97,14 @@ def gpus(section):
 
 
 def clean_threads():
-    """Processes per clean job: clean.workers, or (0 = all cores) the cores spread over the shards."""
+    """Processes per clean job: clean.workers, or 2 when it is 0 ("all cores").
+
+    One clean job runs per shard, so "all cores" per job would oversubscribe the machine; the
+    shards are what spreads clean over cores and nodes. Snakemake caps threads at --cores; change
+    it per run with --set-threads clean=N.
+    """
     workers = config["clean"]["workers"]
-    if workers > 0:
-        return workers
-    return max(1, (workflow.cores or 1) // N_SHARDS)
+    return workers if workers > 0 else 2
 
 
 def stage_outputs(stage):
