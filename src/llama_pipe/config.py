@@ -223,6 +223,9 @@ class MergeAdapterSettings:
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the merged weights")
     max_shard_size: str = opt("2GB", "largest safetensors shard", pattern=r"^[0-9]+(\.[0-9]+)?\s*[KMGT]?i?B$")
     format: Literal["hf", "meta"] = opt("hf", "'meta' also writes consolidated.*.pth + params.json")
+    template: Optional[Literal["vicuna_v1.1", "llama-2", "chatml"]] = opt(
+        None, "chat template; null: the one recorded with the model (llama_pipe.json, else the tokenizer's Jinja), else vicuna_v1.1"
+    )
 
 
 @dataclass
@@ -235,11 +238,11 @@ class EvalSettings:
     temperature: float = opt(0.7, "sampling temperature (0 = greedy)", minimum=0)
     top_p: float = opt(0.9, "nucleus sampling", exclusiveMinimum=0, maximum=1)
     seed: int = opt(0, "sampling seed")
+    batch_size: int = opt(8, "rows per perplexity batch", minimum=1)
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to evaluate")
     template: Optional[Literal["vicuna_v1.1", "llama-2", "chatml"]] = opt(
         None, "chat template; null: the one recorded with the model (llama_pipe.json, else the tokenizer's Jinja), else vicuna_v1.1"
     )
-    batch_size: int = opt(8, "rows per perplexity batch", minimum=1)
-    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to evaluate")
 
 
 @dataclass
@@ -251,10 +254,13 @@ class ServeSettings:
     max_tokens: int = opt(512, "upper bound on a request's max_tokens", minimum=1)
     max_request_bytes: int = opt(1_000_000, "requests with a larger body get 413", minimum=1024)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run the model")
-
+    temperature: float = opt(0.7, "default sampling temperature (0 = greedy); a request may override it", minimum=0, maximum=2)
+    top_p: float = opt(0.9, "default nucleus sampling; a request may override it", exclusiveMinimum=0, maximum=1)
+    model_id: Optional[str] = opt(None, "model name reported by /v1/models; null: the model directory's name")
     template: Optional[Literal["vicuna_v1.1", "llama-2", "chatml"]] = opt(
         None, "chat template; null: the one recorded with the model (llama_pipe.json, else the tokenizer's Jinja), else vicuna_v1.1"
     )
+
 
 # ----------------------------------------------------------------------------- the whole file
 
@@ -266,12 +272,6 @@ class Config:
     base: BaseSettings = opt(BaseSettings, "base weights")
     convert: ConvertSettings = opt(ConvertSettings, "Meta -> Hugging Face conversion")
     data: DataSettings = opt(DataSettings, "raw inputs and sharding")
-    temperature: float = opt(0.7, "default sampling temperature (0 = greedy); a request may override it", minimum=0, maximum=2)
-    top_p: float = opt(0.9, "default nucleus sampling; a request may override it", exclusiveMinimum=0, maximum=1)
-    model_id: Optional[str] = opt(None, "model name reported by /v1/models; null: the model directory's name")
-    template: Optional[Literal["vicuna_v1.1", "llama-2", "chatml"]] = opt(
-        None, "chat template; null: the one recorded with the model (llama_pipe.json, else the tokenizer's Jinja), else vicuna_v1.1"
-    )
     merge: MergeSettings = opt(MergeSettings, "merge stage")
     clean: CleanSettings = opt(CleanSettings, "clean stage")
     filter_lang: FilterLangSettings = opt(FilterLangSettings, "filter-lang stage")
