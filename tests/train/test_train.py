@@ -188,3 +188,23 @@ def test_nonfinite_loss_skip_drops_only_that_step(tmp_path, tiny_hf_model_dir, d
     assert [r["step"] for r in rows if r.get("skipped")] == [3]
     assert summary["val_loss_after"] < summary["val_loss_before"]
     assert all(torch.isfinite(t).all() for t in _adapter(tmp_path / "skip").values())
+
+
+def test_dora_rslora_with_gradient_checkpointing(tmp_path, tiny_hf_model_dir, data_files) -> None:
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], rslora=True, dora=True)
+    plain = train(tiny_hf_model_dir, *data_files, tmp_path / "a", _settings(max_steps=2, lora=lora, save_every=100))
+    ckpt = train(tiny_hf_model_dir, *data_files, tmp_path / "b",
+                 _settings(max_steps=2, lora=lora, save_every=100, gradient_checkpointing=True))
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["use_dora"] and cfg["use_rslora"] and set(cfg["target_modules"]) == {"q_proj", "v_proj", "down_proj"}
+    assert any("lora_magnitude_vector" in k for k in _adapter(tmp_path / "a"))
+    # Recomputing activations changes nothing but memory.
+    _assert_same_adapter(tmp_path / "b", tmp_path / "a", atol=1e-6)
+    assert ckpt["val_loss_after"] == pytest.approx(plain["val_loss_after"], abs=1e-6)
+
+
+def test_unknown_target_module_is_a_config_error(tmp_path, tiny_hf_model_dir, data_files) -> None:
+    from llama_pipe.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="train.lora"):
+        train(tiny_hf_model_dir, *data_files, tmp_path / "x", _settings(lora=LoraSettings(target_modules=["qkv_proj"])))
