@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     import shutil
 
     import torch
+    from transformers import AutoConfig
 
     from llama_pipe.merge_adapter import commit_dir, load_float_base, new_tmp_dir, pick_template, recorded_system_prompt
     from llama_pipe.serve.generate import ChatModel, pick_device
@@ -165,8 +166,6 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(tuned)
     template = get_template(pick_template(settings.template, [tuned], tokenizer))
     system = recorded_system_prompt([tuned])
-    from transformers import AutoConfig
-
     configs = []
     for path in (base, tuned):
         if not (path / "config.json").is_file():
