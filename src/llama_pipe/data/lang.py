@@ -220,6 +220,7 @@ def filter_file(inp: str | Path, out: str | Path, cfg: FilterLangSettings,
     items = list(read_records(inp))
     objs = [None if isinstance(obj, InvalidLine) else obj for _, obj in items]
     workers = min(resolve_workers(cfg.workers), max(1, len(objs) // BATCH))
+    _init(cfg)  # load the profiles once here; forked workers inherit them
     langs = pool_map(_detect_batch, batched(objs, BATCH), workers, initializer=_init, initargs=(cfg,))
     detected: dict[str, int] = {}
     with StageWriter("filter_lang", out, rejects, stats) as w:

@@ -61,6 +61,24 @@ class Splitter:
         self.cfg = cfg
         self.template: ChatTemplate = get_template(cfg.template)
         self._header: dict[str | None, int] = {}
+        self._backend = self._rust_backend(tokenizer)
+
+    @staticmethod
+    def _rust_backend(tok: Any) -> Any:
+        """The Rust ``tokenizers.Tokenizer`` behind a fast HF tokenizer, when it gives the same ids.
+
+        Batches go straight to it (``encode_batch_fast`` skips offsets and the HF wrapper, ~40%
+        less time); a probe on a few texts, with and without special tokens, guards equality.
+        """
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None or not hasattr(backend, "encode_batch_fast"):
+            return None
+        probe = ["Hello there.", " USER: hi ASSISTANT: yo</s>", "你好，世界 <|im_end|>\n", ""]
+        for special in (True, False):
+            ours = [e.ids for e in backend.encode_batch_fast(probe, add_special_tokens=special)]
+            if ours != [list(x) for x in tok(probe, add_special_tokens=special)["input_ids"]]:
+                return None
+        return backend
 
     def render(self, pairs: list[tuple[str, str]], system: str | None) -> str:
         return self._render_spans(pairs, system)[0]
@@ -68,8 +86,18 @@ class Splitter:
     def lengths(self, texts: list[str], special: bool = True) -> list[int]:
         out: list[int] = []
         for b in batched(texts, self.cfg.batch_size):
-            out += [len(ids) for ids in self.tok(b, add_special_tokens=special)["input_ids"]]
+            if self._backend is not None:
+                out += [len(e.ids) for e in self._backend.encode_batch_fast(b, add_special_tokens=special)]
+            else:
+                out += [len(ids) for ids in self.tok(b, add_special_tokens=special)["input_ids"]]
         return out
+
+    def _with_offsets(self, texts: list[str]) -> list[tuple[int, list[tuple[int, int]]]]:
+        """(token count, character offsets of each token) for each text, special tokens added."""
+        if self._backend is not None:
+            return [(len(e.ids), e.offsets) for e in self._backend.encode_batch(texts, add_special_tokens=True)]
+        enc = self.tok(texts, add_special_tokens=True, return_offsets_mapping=True)
+        return [(len(ids), offs) for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
 
     def header(self, system: str | None) -> int:
         """Tokens a chunk has beyond its pairs alone (BOS, system prompt), estimated once per system."""
@@ -99,10 +127,10 @@ class Splitter:
         for b_start in range(0, len(recs), self.cfg.batch_size):
             b_recs = recs[b_start : b_start + self.cfg.batch_size]
             b_text = rendered[b_start : b_start + self.cfg.batch_size]
-            enc = self.tok([t for t, _ in b_text], add_special_tokens=True, return_offsets_mapping=True)
-            for r, (_, spans), ids, offsets in zip(b_recs, b_text, enc["input_ids"], enc["offset_mapping"]):
-                if len(ids) <= limit:
-                    r.chunks, r.sizes = [list(range(len(r.pairs)))], [len(ids)]
+            encoded = self._with_offsets([t for t, _ in b_text])
+            for r, (_, spans), (n_tokens, offsets) in zip(b_recs, b_text, encoded):
+                if n_tokens <= limit:
+                    r.chunks, r.sizes = [list(range(len(r.pairs)))], [n_tokens]
                     continue
                 ends = [e for _, e in spans]  # a pair ends where its gpt turn (and end-of-turn) ends
                 r.est = [0] * len(r.pairs)
