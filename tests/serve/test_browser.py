@@ -84,3 +84,5 @@ def test_chat_page_streams_a_reply(browser, slow_server) -> None:
     browser.find_element(By.ID, "send").click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.error"))
     assert "exceeds this server's limit" in browser.find_element(By.CSS_SELECTOR, ".msg.error").text
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 1, "no empty reply bubble is left behind"
+    browser.save_screenshot(str(ARTIFACTS / "chat_page_error.png"))
