@@ -77,7 +77,7 @@ def test_chat_page_streams_a_reply(browser, slow_server) -> None:
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 1000
     print(f"screenshot: {shot}")
 
-    # A second turn carries the history, and a server-side error shows as an error bubble.
+    # A request the server refuses (max_tokens over its limit) shows its message in an error bubble.
     browser.find_element(By.ID, "max-tokens").clear()
     browser.find_element(By.ID, "max-tokens").send_keys("100000")
     box.send_keys("And a second question?")
