@@ -28,6 +28,9 @@ new MutationObserver(() => {
   const a = document.querySelector('.msg.assistant');
   if (a && window.__seen[window.__seen.length - 1] !== a.textContent) window.__seen.push(a.textContent);
 }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+window.__bodies = [];
+const realFetch = window.fetch;
+window.fetch = (url, opts) => { if (opts && opts.body) window.__bodies.push(JSON.parse(opts.body)); return realFetch(url, opts); };
 """
 
 
@@ -86,3 +89,14 @@ def test_chat_page_streams_a_reply(browser, slow_server) -> None:
     assert "exceeds this server's limit" in browser.find_element(By.CSS_SELECTOR, ".msg.error").text
     assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 1, "no empty reply bubble is left behind"
     browser.save_screenshot(str(ARTIFACTS / "chat_page_error.png"))
+
+    # The next message is sent with the whole conversation so far (the failed turn left out).
+    browser.find_element(By.ID, "max-tokens").clear()
+    browser.find_element(By.ID, "max-tokens").send_keys("5")
+    box.send_keys("Third message")
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.msg.assistant[data-done="true"]')) == 2)
+    last = browser.execute_script("return window.__bodies")[-1]
+    assert [m["role"] for m in last["messages"]] == ["user", "assistant", "user"]
+    assert last["messages"][1]["content"] == reply and last["messages"][2]["content"] == "Third message"
+    assert last["stream"] is True and last["model"] == "tiny-slow"
