@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -125,8 +126,11 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_hf_model_dir, data_f
     one = train(tiny_hf_model_dir, *data_files, tmp_path / "one", s1)
     s2 = replace(s1, grad_accum=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:  # a free port, so parallel test runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
            str(BIN / "llama-pipe"), "train", "--base", str(tiny_hf_model_dir), "--train-data", str(data_files[0]),
            "--val-data", str(data_files[1]), "-o", str(tmp_path / "two"), "--device", "cpu", *_flags(s2)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -13,7 +13,8 @@
 * :class:`StepPlan` decides which rows every optimiser step uses from the step number alone
   (a seeded permutation per epoch), so the data position of a checkpoint is just its step.
 * :func:`collate` right-pads rows of a micro-batch; pads carry label ``-100`` and, because
-  attention is causal and pads come last, no real token ever sees one.
+  attention is causal and pads come last, no real token ever sees one. ``n_tokens`` counts the
+  real (non-pad) tokens, for throughput figures.
 """
 
 from __future__ import annotations
@@ -227,4 +228,5 @@ def collate(rows: Sequence[Row], pad_id: int, pad_to_multiple_of: int = 8) -> di
         pos[i, :n] = torch.tensor(r.position_ids)
         packed = r.position_ids.count(0) > 1
         pos[i, n:] = torch.arange(length - n) if packed else torch.arange(n, length)
-    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+    real = torch.tensor(sum(len(r) for r in rows))
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "n_tokens": real}

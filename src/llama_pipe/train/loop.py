@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import TrainSettings
+from llama_pipe.records import InputError
 from llama_pipe.settings import ConfigError, add_settings_arguments, describe, settings_from_args, to_dict
 
 log = logging.getLogger("llama_pipe.train")
@@ -173,6 +174,11 @@ def train(
 
     t_start = time.time()
     base, train_path, val_path, out = Path(base), Path(train_path), Path(val_path), Path(out)
+    if not (base / "config.json").is_file():
+        raise InputError(
+            f"{base}: not a Hugging Face model directory (no config.json); --base must be the output of "
+            "`llama-pipe convert` (results/hf_base) or a downloaded HF model"
+        )
     acc, precision = make_accelerator(settings)
     main = acc.is_main_process
     if not main:

@@ -105,7 +105,7 @@ def train_step(ctx: StepContext, micro_batches: Sequence[dict[str, Any]], global
         last = j == len(micro_batches) - 1
         acc.sync_gradients = last  # accelerate's optimizer wrapper (and DeepSpeed) step only when True
         batch = {k: v.to(acc.device) for k, v in batch.items()}
-        tokens += int(batch["input_ids"].numel())
+        tokens += int(batch["n_tokens"]) if "n_tokens" in batch else int(batch["input_ids"].numel())
         with contextlib.nullcontext() if last else acc.no_sync(model):
             with acc.autocast():
                 loss_sum, _ = ctx.loss_fn(model, batch)
