@@ -106,3 +106,20 @@ def test_numpy_detector_agrees_with_langdetect(tmp_path: Path, sample: Path) -> 
             detector.append(t)
             out.append(detector.detect())
     assert DetectorFactory.seed == 0 and ours == theirs
+
+
+def test_ngram_extractor_matches_langdetect(tmp_path: Path, sample: Path) -> None:
+    from langdetect.detector_factory import init_factory
+
+    from llama_pipe.data import lang as L
+
+    init_factory()
+    assert cli("clean", sample, "-o", tmp_path / "clean.jsonl") == 0
+    texts = [L.prose(r, 1000) for r in read_jsonl(tmp_path / "clean.jsonl")]
+    texts += ["ABC def GHI jkl", "Hello World  two  spaces ", "ÀÉÎ õü ß 123 !!", "カタカナ ひらがな 漢字", "x", " ", "ŞȚș țara", "aB Cd EFg"]
+    from langdetect.detector_factory import _factory as factory  # bound after init_factory
+
+    for t in texts:
+        d = factory.create()
+        d.append(t)
+        assert L._ngrams(d.text, d.word_lang_prob_map) == d._extract_ngrams(), t[:60]
