@@ -49,11 +49,14 @@ def main(argv: list[str]) -> int:
         out = Path(flag(rest, "-o"))
         for i in range(int(flag(rest, "--n"))):
             write(out / f"shard-{i:03d}.jsonl", text)
-        stage_files(str(out / "shard.jsonl"), text)
+        write(out / "shard.stats.json", json.dumps({"in": 1, "out": 1, "rejected": {}}))
+        write(out / "shard.rejects.jsonl", "")
     elif stage == "gather":
+        train = Path(flag(rest, "--train"))
         write(flag(rest, "--val"), text)
-        stage_files(str(Path(flag(rest, "--train")).with_name("gather.jsonl")), text)
-        write(flag(rest, "--train"), text)
+        write(train.with_name("gather.stats.json"), json.dumps({"in": 1, "out": 1, "rejected": {}}))
+        write(train.with_name("gather.rejects.jsonl"), "")
+        write(train, text)
     elif stage in ("convert", "train", "merge-adapter", "eval"):
         out = Path(flag(rest, "-o"))
         write(out / "metrics.json", text)

@@ -32,6 +32,8 @@ def test_merged_jsonl_is_temp_and_its_absence_rebuilds_nothing(completed_run: Pa
     assert sorted(p.name for p in (completed_run / "results/shard").iterdir()) == [
         "shard-000.jsonl",
         "shard-001.jsonl",
+        "shard.rejects.jsonl",
+        "shard.stats.json",
     ]
     assert planned(completed_run) == {}
 
