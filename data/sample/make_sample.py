@@ -177,7 +177,7 @@ def english_answer(topic: str, rng: random.Random, with_code: bool) -> str:
         lang, code = rng.choice(CODE)
         blocks.append(p("Here is an example:"))
         blocks.append(code_block(lang, code, rng))
-        blocks.append(p(f"Run it and compare the output with the comment; the <code> tags show literal text."))
+        blocks.append(p("Run it and compare the output with the comment; the <code> tags show literal text."))
         blocks[-1] = blocks[-1].replace("&lt;code&gt;", "<code>&lt;code&gt;</code>")
     if rng.random() < 0.3:
         name, url = rng.choice(LINKS)

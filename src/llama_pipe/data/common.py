@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import get_context
 from typing import Any, TypeVar
 
-from llama_pipe.records import Record
 
 T = TypeVar("T")
 R = TypeVar("R")
