@@ -24,6 +24,11 @@ if BASE_IS_TINY:
 
 else:
 
+    # Runs where snakemake runs (the login node on a cluster): compute nodes often have no
+    # internet access, and a download needs bandwidth, not cores.
+    localrules:
+        download,
+
     rule download:
         output:
             directory("results/base"),
