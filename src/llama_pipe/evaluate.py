@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoConfig
 
-    from llama_pipe.merge_adapter import commit_dir, load_float_base, new_tmp_dir, pick_template, recorded_system_prompt
+    from llama_pipe.merge_adapter import check_model_dir, commit_dir, load_float_base, new_tmp_dir, pick_template, recorded_system_prompt
     from llama_pipe.serve.generate import ChatModel, pick_device
     from llama_pipe.templates import get_template
     from llama_pipe.weights.tokenizer import load_tokenizer
@@ -162,14 +162,14 @@ def run(args: argparse.Namespace) -> int:
     base, tuned, val, out = Path(args.base), Path(args.tuned), Path(args.val), Path(args.output)
     t0 = time.time()
     device = pick_device(settings.device)
+    check_model_dir(base, "base model")
+    check_model_dir(tuned, "tuned model")
     questions = read_questions(settings.questions, settings.max_questions)
     tokenizer = load_tokenizer(tuned)
     template = get_template(pick_template(settings.template, [tuned], tokenizer))
     system = recorded_system_prompt([tuned])
     configs = []
     for path in (base, tuned):
-        if not (path / "config.json").is_file():
-            raise InputError(f"{path}: not a Hugging Face model directory (no config.json)")
         configs.append(AutoConfig.from_pretrained(str(path)))
     max_len = min(int(getattr(c, "max_position_embeddings", 2048)) for c in configs)
     rows, counts = encode_val(val, tokenizer, template, system, max_len)

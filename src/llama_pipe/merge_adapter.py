@@ -51,6 +51,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- inputs
 
 
+def check_model_dir(path: str | Path, what: str = "model") -> Path:
+    """A Hugging Face model directory (config.json + weights + tokenizer), or a clear InputError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: {what} directory not found")
+    if not (path / "config.json").is_file():
+        hint = " (it looks like a peft adapter: pass it with --adapter)" if (path / "adapter_config.json").is_file() else ""
+        raise InputError(f"{path}: not a Hugging Face model directory (no config.json){hint}; expected e.g. results/hf_base or results/merged")
+    return path
+
+
 def is_full_model(path: Path) -> bool:
     """A model directory (``config.json``, weights) rather than a peft adapter."""
     return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
@@ -106,9 +117,7 @@ def load_float_base(base: str | Path, device: str = "cpu") -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    base = Path(base)
-    if not (base / "config.json").is_file():
-        raise InputError(f"{base}: not a Hugging Face model directory (no config.json); run `llama-pipe convert` first")
+    base = check_model_dir(base)
     cfg = AutoConfig.from_pretrained(str(base))
     if getattr(cfg, "quantization_config", None):
         raise InputError(
@@ -286,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
         if is_full_model(a):
             raise InputError(f"{a}: a full model (no adapter_config.json) can only be the first --adapter")
         check_adapter_dir(a)
+    check_model_dir(base, "base model")
     t0 = time.time()
     start = full or base
     tokenizer = load_tokenizer(start)

@@ -133,3 +133,11 @@ def test_chat_applies_an_adapter_on_the_fly(tiny_hf_model_dir, tmp_path, capsys:
     plain = capsys.readouterr().out
     assert main([*base, "--adapter", str(adapter)]) == 0
     assert capsys.readouterr().out != plain
+
+
+def test_chat_bad_model_directories_are_clear(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["chat", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "model directory not found" in capsys.readouterr().err
+    (tmp_path / "adapter_config.json").write_text("{}")
+    assert main(["chat", str(tmp_path), "--prompt", "x"]) == 2
+    assert "pass it with --adapter" in capsys.readouterr().err

@@ -191,13 +191,14 @@ def load_chat_model(
     from llama_pipe.merge_adapter import (
         apply_adapters,
         check_adapter_dir,
+        check_model_dir,
         load_float_base,
         pick_template,
         recorded_system_prompt,
     )
     from llama_pipe.weights.tokenizer import load_tokenizer
 
-    model_dir = Path(model_dir)
+    model_dir = check_model_dir(model_dir)
     for a in adapters:
         check_adapter_dir(a)
     dev = pick_device(device)
