@@ -50,3 +50,9 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, tiny_hf_model_dir,
     b = train(tiny_hf_model_dir, *data_files, tmp_path / "b",
               _settings(max_steps=3, lora=LoraSettings(dropout=0.0), gradient_checkpointing=True))
     assert b["val_loss_after"] == pytest.approx(a["val_loss_after"], abs=2e-2)  # bf16 noise
+
+
+def test_fp16_with_grad_scaler(tmp_path, tiny_hf_model_dir, data_files) -> None:
+    summary = train(tiny_hf_model_dir, *data_files, tmp_path / "fp16", _settings(precision="fp16"))
+    assert summary["precision"] == "fp16"
+    assert summary["val_loss_after"] < summary["val_loss_before"]
