@@ -91,11 +91,11 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(settings: TrainSettings, base: Path, train_path: Path, world_size: int) -> str:
+def fingerprint(settings: TrainSettings, base: Path, train_path: Path, val_path: Path, world_size: int) -> str:
     """Identifies what a checkpoint was computed from: settings, data, base config, process count."""
     s = {k: v for k, v in to_dict(settings).items() if k not in _NOT_IN_FINGERPRINT}
     base_cfg = (base / "config.json").read_text(encoding="utf-8") if (base / "config.json").is_file() else ""
-    blob = json.dumps([s, _file_digest(train_path), base_cfg, world_size], sort_keys=True)
+    blob = json.dumps([s, _file_digest(train_path), _file_digest(val_path), base_cfg, world_size], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -216,7 +216,7 @@ def train(
     ctx = StepContext(acc, model, optimizer, scheduler, settings.max_grad_norm, settings.on_nonfinite, loss_fn or causal_lm_loss_sum)
 
     root = checkpoint_root(out)
-    fp = fingerprint(settings, base, train_path, acc.num_processes)
+    fp = fingerprint(settings, base, train_path, val_path, acc.num_processes)
     ckpt = Checkpointer(acc, root, settings.keep_checkpoints, fp)
     metrics = Metrics(root / "metrics.jsonl", main)
     start, val_before, resumed_from = 0, None, 0
