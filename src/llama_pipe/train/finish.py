@@ -45,15 +45,18 @@ def write_output(
         tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-        if settings.mode == "full":
-            expected = {k: v for k, v in state_dict.items()}
-            n = verify_full(tmp, expected)
-        else:
-            from peft import get_peft_model_state_dict
+        try:
+            unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+            if settings.mode == "full":
+                n = verify_full(tmp, dict(state_dict))
+            else:
+                from peft import get_peft_model_state_dict
 
-            expected = get_peft_model_state_dict(unwrapped, state_dict=state_dict)
-            n = verify_adapter(tmp, base, expected, settings.trust_remote_code)
+                expected = get_peft_model_state_dict(unwrapped, state_dict=state_dict)
+                n = verify_adapter(tmp, base, expected, settings.trust_remote_code)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # no half-written run directory is left behind
+            raise
         log.info("verified %d saved tensors in %s", n, tmp)
         tokenizer.chat_template = template.chat_template
         tokenizer.save_pretrained(str(tmp))
@@ -72,10 +75,12 @@ def write_output(
         if metrics.exists():
             shutil.copyfile(metrics, tmp / "metrics.jsonl")
         write_json(tmp / "summary.json", {k: v for k, v in summary.items() if k != "is_main"})
-        if (root / "checkpoints").is_dir():
-            (root / "checkpoints").rename(tmp / "checkpoints")
-        else:
-            (tmp / "checkpoints").mkdir()
+        # The run directory goes into place first, then the checkpoints move into it: a kill in
+        # between leaves them in <OUT>.ckpt, where the next run resumes from them.
         replace_dir(tmp, out)
+        if (root / "checkpoints").is_dir():
+            (root / "checkpoints").rename(out / "checkpoints")
+        else:
+            (out / "checkpoints").mkdir()
         shutil.rmtree(root, ignore_errors=True)
     acc.wait_for_everyone()
