@@ -170,37 +170,37 @@ def test_trust_remote_code_is_off_by_default_and_never_hard_coded() -> None:
     assert not offenders, f"trust_remote_code=True hard-coded at {offenders}"
 
 
-def test_trust_remote_code_enabled_is_warned(caplog: pytest.LogCaptureFixture) -> None:
-    """Turning it on is logged as a warning that names the setting."""
+@pytest.mark.slow
+def test_trust_remote_code_enabled_is_warned(
+    tiny_hf_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A one-step training run with ``trust_remote_code: true`` logs a WARNING that names the
+    setting; the same run without it does not."""
     h.require_stage("train")
     import logging
 
-    from llama_pipe.config import TrainSettings
+    from llama_pipe.config import LoraSettings, TrainSettings
+    from llama_pipe.train.loop import train
 
-    warn = _find_remote_code_warner()
-    with caplog.at_level(logging.WARNING):
-        warn(TrainSettings(trust_remote_code=True))
-    assert any("trust_remote_code" in r.getMessage() and r.levelno >= logging.WARNING for r in caplog.records), caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        warn(TrainSettings())
-    assert not any("trust_remote_code" in r.getMessage() for r in caplog.records), caplog.text
+    data = tmp_path / "d.jsonl"
+    data.write_text((h.CORPUS / "crlf.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
 
+    def run(flag: bool) -> list[str]:
+        from accelerate.state import AcceleratorState, GradientState
 
-def _find_remote_code_warner():  # type: ignore[no-untyped-def]
-    """The train package's function that warns about trust_remote_code (by convention
-    ``warn_trust_remote_code(settings)``); fail with a clear message if there is none."""
-    import importlib
-    import pkgutil
+        caplog.clear()
+        settings = TrainSettings(trust_remote_code=flag, max_steps=1, max_seq_len=256, micro_batch_size=1,
+                                 eval_every=1, save_every=1, warmup_steps=0, lora=LoraSettings(r=2, alpha=4), device="cpu")
+        try:
+            with caplog.at_level(logging.WARNING):
+                train(tiny_hf_model_dir, data, data, tmp_path / f"run-{flag}", settings)
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "trust_remote_code" in r.getMessage()]
 
-    import llama_pipe.train as train_pkg
-
-    for mod in pkgutil.iter_modules(train_pkg.__path__):
-        m = importlib.import_module(f"llama_pipe.train.{mod.name}")
-        fn = getattr(m, "warn_trust_remote_code", None)
-        if callable(fn):
-            return fn
-    pytest.fail("no llama_pipe.train.*.warn_trust_remote_code(settings): enabling trust_remote_code is not warned")
+    assert not run(False)
+    assert run(True), "training with trust_remote_code=true logged no warning naming the setting"
 
 
 # ----------------------------------------------------------------------------- shell quoting
@@ -217,6 +217,7 @@ def _workspace(tmp_path: Path) -> Path:
     ws.mkdir()
     shutil.copy(REPO / "Snakefile", ws / "Snakefile")
     shutil.copytree(REPO / "workflow", ws / "workflow")
+    shutil.copytree(REPO / "envs", ws / "envs")
     shutil.copy(REPO / "config.yaml", ws / "config.yaml")
     evil = EVIL
     data = ws / f"in{evil}.json"
@@ -243,7 +244,8 @@ def test_config_values_reach_shell_quoted(tmp_path: Path) -> None:
         env=h.set_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    commands = [line.strip() for line in proc.stdout.splitlines() if line.strip().startswith("llama-pipe ")]
+    commands = [line.strip().removeprefix("Shell command:").strip() for line in proc.stdout.splitlines()]
+    commands = [c for c in commands if c.startswith("llama-pipe ")]
     assert commands, proc.stdout[-2000:]
     evil = EVIL
     seen = 0
@@ -253,6 +255,17 @@ def test_config_values_reach_shell_quoted(tmp_path: Path) -> None:
         seen += sum(evil in t for t in tokens)
     assert seen >= 2, f"the evil values did not reach the commands at all: {commands}"
     assert not marker.exists()
+
+    # And for real: merge, shard and clean run with the hostile input path and blocked word.
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "snakemake"), "results/clean/shard-000.jsonl", "--cores", "1",
+         "--configfile", "evil.yaml"],
+        cwd=ws, capture_output=True, text=True, timeout=300,
+        env=h.set_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (ws / "results" / "clean" / "shard-000.jsonl").is_file()
+    assert not marker.exists(), "a config value was executed by the shell"
 
 
 # ----------------------------------------------------------------------------- the server
