@@ -212,3 +212,31 @@ def test_unknown_target_module_is_a_config_error(tmp_path, tiny_hf_model_dir, da
 
     with pytest.raises(ConfigError, match="train.lora"):
         train(tiny_hf_model_dir, *data_files, tmp_path / "x", _settings(lora=LoraSettings(target_modules=["qkv_proj"])))
+
+
+def test_adapter_verification_catches_bad_adapters(reference_run, tmp_path, tiny_hf_model_dir) -> None:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from llama_pipe.train.output import VerificationError, verify_adapter
+
+    out, _ = reference_run
+    good = _adapter(out)
+    assert verify_adapter(out, tiny_hf_model_dir, good) == len(good)
+    changed = dict(good)
+    key = next(k for k in good if ".lora_A." in k)
+    changed[key] = good[key] + 1e-3
+    with pytest.raises(VerificationError, match="differs from the trained value"):
+        verify_adapter(out, tiny_hf_model_dir, changed)
+    with pytest.raises(VerificationError, match="missing"):
+        verify_adapter(out, tiny_hf_model_dir, {**good, key.replace("layers.0", "layers.9"): good[key]})
+    # An adapter whose B matrix never moved from its zero init is refused.
+    zero_dir = tmp_path / "zero"
+    shutil.copytree(out, zero_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    zeroed = dict(good)
+    bkey = next(k for k in good if ".lora_B." in k)
+    zeroed[bkey] = torch.zeros_like(good[bkey])
+    save_file(zeroed, str(zero_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(VerificationError, match="all zeros"):
+        verify_adapter(zero_dir, tiny_hf_model_dir, zeroed)
