@@ -201,6 +201,8 @@ def train(
     total = plan.total_steps(settings.max_steps, settings.epochs)
     log.info("%d training rows (packing %s), %d rows per step, %d steps (%.2f epochs)",
              len(rows), settings.packing, plan.global_rows, total, plan.epoch_of(total))
+    if len(rows) < plan.global_rows:
+        log.warning("only %d training rows for %d rows per step: every step repeats rows", len(rows), plan.global_rows)
     pad = tokenizer.pad_token_id
     my_val = val_rows[acc.process_index :: acc.num_processes]
     val_batches = [collate(my_val[i : i + settings.micro_batch_size], pad) for i in range(0, len(my_val), settings.micro_batch_size)]
