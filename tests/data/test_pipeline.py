@@ -51,3 +51,22 @@ def test_merge_shard_clean_filter_split_gather(tmp_path: Path, sample: Path, sha
     assert set(langs) <= {"en", "zh-cn", "zh-tw"} and langs["zh-cn"] > 400 and langs["en"] > 700
     ids = [r["id"] for r in tr + va]
     assert len(ids) == len(set(ids))
+
+
+def test_settings_come_from_config_file_and_flags_override(tmp_path: Path, sample: Path) -> None:
+    import json
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("filter_lang:\n  keep: [de]\nclean:\n  min_chars: 0\n")
+    clean = tmp_path / "c.jsonl"
+    assert cli("clean", sample, "-o", clean, "--config", cfg) == 0
+    out = tmp_path / "f.jsonl"
+    assert cli("filter-lang", clean, "-o", out, "--config", cfg) == 0
+    assert {r["lang"] for r in read_jsonl(out)} == {"de"}
+    assert cli("filter-lang", clean, "-o", out, "--config", cfg, "--keep", "fr") == 0
+    assert {r["lang"] for r in read_jsonl(out)} == {"fr"}
+    assert json.loads((tmp_path / "c.stats.json").read_text())["rejected"].get("too_short") is None
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("clean:\n  min_turns: 0\n")
+    assert cli("clean", sample, "-o", tmp_path / "x.jsonl", "--config", bad) == 2
+    assert not (tmp_path / "x.jsonl").exists()
