@@ -186,6 +186,8 @@ def train(
     if acc.distributed_type == DistributedType.DEEPSPEED and settings.on_nonfinite == "skip":
         raise ConfigError("train.on_nonfinite: 'skip' is not supported under DeepSpeed (its engine steps by itself)")
     log.info("train settings:\n%s", describe(settings))
+    if settings.trust_remote_code:
+        log.warning("train.trust_remote_code is true: Python code shipped with %s will run in this process", base)
     log.info("device %s, %d process(es), precision %s, %s", acc.device, acc.num_processes, precision, acc.distributed_type)
 
     set_seed(settings.seed)
