@@ -275,3 +275,26 @@ def test_manifest_is_complete() -> None:
             assert (h.CORPUS / name).is_file(), name
         if c["level"] == "file":
             assert c.get("message"), c
+
+
+def test_guarantees_doc_is_in_sync() -> None:
+    """docs/guarantees.md lists every corpus case, and every test it names exists."""
+    import ast
+    import re as _re
+
+    from tests.conftest import REPO
+
+    doc = (REPO / "docs" / "guarantees.md").read_text(encoding="utf-8")
+    for c in h.manifest()["cases"]:
+        assert f"`{c['name']}`" in doc, f"docs/guarantees.md does not list corpus case {c['name']}"
+    defined = set()
+    for path in (REPO / "tests").rglob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_"):
+                defined.add(node.name)
+    named = set(_re.findall(r"\b(test_[a-z0-9_]+)\b", doc)) - {"test_corpus", "test_property", "test_security",
+                                                               "test_interrupt", "test_weights_integrity", "test_train",
+                                                               "test_checkpoint", "test_download", "test_convert",
+                                                               "test_server", "test_quoting"}
+    missing = sorted(named - defined)
+    assert not missing, f"docs/guarantees.md names tests that do not exist: {missing}"
