@@ -37,11 +37,11 @@ def test_unrenderable_record_names_file_and_record(tmp_path, tokenizer) -> None:
         load_examples(f, tokenizer, get_template("vicuna_v1.1"), 128)
 
 
-def _loss(model, rows, pad_id) -> tuple[float, int]:
+def _loss(model, rows, pad_id, flatten: bool = False) -> tuple[float, int]:
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(rows), 3):
-            s, n = causal_lm_loss_sum(model, collate(rows[i : i + 3], pad_id))
+            s, n = causal_lm_loss_sum(model, collate(rows[i : i + 3], pad_id, flatten=flatten))
             total, count = total + float(s), count + int(n)
     return total, count
 
@@ -68,6 +68,9 @@ def test_packed_loss_equals_unpacked_loss(tiny_hf_model_dir, tokenizer, chat_rec
     got_sum, got_n = _loss(model, packed, tokenizer.pad_token_id)
     assert got_n == ref_n
     assert got_sum == pytest.approx(ref_sum, rel=1e-6)
+    # The flattened (1, total) layout used with flash-attention is the same computation.
+    flat_sum, flat_n = _loss(model, packed, tokenizer.pad_token_id, flatten=True)
+    assert flat_n == ref_n and flat_sum == pytest.approx(ref_sum, rel=1e-6)
     # Control: the same packed rows without restarting positions (attention leaks across
     # conversations) give a different loss, so the equality above is not vacuous.
     for r in packed:

@@ -56,3 +56,32 @@ def test_fp16_with_grad_scaler(tmp_path, tiny_hf_model_dir, data_files) -> None:
     summary = train(tiny_hf_model_dir, *data_files, tmp_path / "fp16", _settings(precision="fp16"))
     assert summary["precision"] == "fp16"
     assert summary["val_loss_after"] < summary["val_loss_before"]
+
+
+def test_flash_attention_packed_rows_do_not_attend_across(tiny_hf_model_dir, tokenizer, chat_records) -> None:
+    """flash-attention sees packed rows flattened to (1, total); the loss equals the unpacked one."""
+    pytest.importorskip("flash_attn")
+    from transformers import AutoModelForCausalLM
+
+    from llama_pipe.templates import get_template
+    from llama_pipe.train.dataset import collate, encode_record, pack_examples
+    from llama_pipe.train.step import causal_lm_loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(tiny_hf_model_dir), attn_implementation="flash_attention_2", dtype=torch.bfloat16
+    ).cuda().eval()
+    t = get_template("vicuna_v1.1")
+    examples = [encode_record({"conversations": r["conversations"][:2]}, tokenizer, t, "Be brief.") for r in chat_records[:16]]
+    examples = [type(e)(e.input_ids[:200], e.labels[:200]) for e in examples]
+
+    def total(rows, flatten):
+        s = 0.0
+        with torch.no_grad():
+            for i in range(0, len(rows), 4):
+                batch = {k: v.cuda() for k, v in collate(rows[i : i + 4], tokenizer.pad_token_id, flatten=flatten).items()}
+                s += float(causal_lm_loss_sum(model, batch)[0])
+        return s
+
+    ref = total(pack_examples(examples, 512, packing=False), flatten=False)
+    got = total(pack_examples(examples, 512, packing=True), flatten=True)
+    assert got == pytest.approx(ref, rel=2e-3)  # bf16

@@ -208,14 +208,24 @@ class StepPlan:
         return step * self.global_rows / self.n_rows
 
 
-def collate(rows: Sequence[Row], pad_id: int, pad_to_multiple_of: int = 8) -> dict[str, Any]:
+def collate(rows: Sequence[Row], pad_id: int, pad_to_multiple_of: int = 8, flatten: bool = False) -> dict[str, Any]:
     """Right-padded tensors ``input_ids``, ``labels``, ``position_ids`` for one micro-batch.
 
     Pad positions start again at 0 in a packed row (a separate, ignored "conversation") and
     continue the count in an unpacked row (so an unpacked batch is never mistaken for a packed one).
+
+    ``flatten`` puts all rows end to end in one row of shape ``(1, total)`` with no padding.
+    flash-attention needs this: transformers 5 only treats restarting ``position_ids`` as
+    separate sequences when the batch size is 1 (``_is_packed_sequence``), so a ``(B, L)``
+    packed batch would attend across conversations there.
     """
     import torch
 
+    if flatten:
+        ids = torch.tensor([[t for r in rows for t in r.input_ids]], dtype=torch.long)
+        labels = torch.tensor([[t for r in rows for t in r.labels]], dtype=torch.long)
+        pos = torch.tensor([[t for r in rows for t in r.position_ids]], dtype=torch.long)
+        return {"input_ids": ids, "labels": labels, "position_ids": pos, "n_tokens": torch.tensor(ids.numel())}
     longest = max(len(r) for r in rows)
     length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)

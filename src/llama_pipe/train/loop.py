@@ -207,7 +207,9 @@ def train(
         log.warning("only %d training rows for %d rows per step: every step repeats rows", len(rows), plan.global_rows)
     pad = tokenizer.pad_token_id
     my_val = val_rows[acc.process_index :: acc.num_processes]
-    val_batches = [collate(my_val[i : i + settings.micro_batch_size], pad) for i in range(0, len(my_val), settings.micro_batch_size)]
+    flat = settings.attn_implementation == "flash_attention_2"  # see dataset.collate
+    val_batches = [collate(my_val[i : i + settings.micro_batch_size], pad, flatten=flat)
+                   for i in range(0, len(my_val), settings.micro_batch_size)]
 
     model = build_model(base, settings, acc.device, precision)
     trainable, n_params = count_parameters(model)
@@ -249,7 +251,7 @@ def train(
     for step in range(start, total):
         ids = plan.step_rows(step)
         global_targets = sum(rows[i].n_targets for i in ids)
-        micro = [collate([rows[i] for i in mb], pad) for mb in plan.rank_micro_batches(step, acc.process_index)]
+        micro = [collate([rows[i] for i in mb], pad, flatten=flat) for mb in plan.rank_micro_batches(step, acc.process_index)]
         t0 = time.perf_counter()
         res = train_step(ctx, micro, global_targets, step + 1)
         dt = time.perf_counter() - t0
