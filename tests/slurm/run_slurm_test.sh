@@ -14,7 +14,7 @@
 #      /etc/slurm/slurm.conf from tests/slurm/slurm.conf.in (removed again at the end; a machine
 #      that has its own slurm.conf is skipped); state, spool and logs in a temporary directory
 #   3. local run: the whole DAG in a copy of the workflow (profiles/local); a second dry-run must
-#      have nothing to do
+#      have nothing to do; `snakemake --report` must embed every PNG of results/report
 #   4. SLURM run: results/train/<run> (base, convert, merge, shard, clean, filter_lang, split,
 #      gather, train) in another copy, through profiles/slurm
 #   5. checks: every submitted job (ids from snakemake's log) is COMPLETED with exit code 0:0 in
@@ -151,6 +151,16 @@ grep -E "^[0-9]+ of [0-9]+ steps \(100%\) done" "$WORK/log/local-snakemake.log"
 (cd "$WORK/local" && "$PY" -m snakemake --profile profiles/local -n --configfile "$TEST_CONFIG" -- ${LOCAL_TARGETS:-} 2>&1) \
     | grep -q "Nothing to be done" || fail "a second local run would re-run jobs"
 say "local: second run has nothing to do"
+if [ -z "${LOCAL_TARGETS:-}" ]; then
+    (cd "$WORK/local" && "$PY" -m snakemake --report "$WORK/report.html" --configfile "$TEST_CONFIG" \
+        >"$WORK/log/local-report.log" 2>&1) || { tail -20 "$WORK/log/local-report.log"; fail "snakemake --report failed"; }
+    pngs="$(cd "$WORK/local/results/report" && ls -- *.png)"
+    [ -n "$pngs" ] || fail "results/report has no PNG plots"
+    for png in $pngs; do
+        grep -q "Adding $png" "$WORK/log/local-report.log" || fail "snakemake --report did not embed $png"
+    done
+    say "local: snakemake --report embeds $(echo "$pngs" | tr '\n' ' ')"
+fi
 
 # ------------------------------------------------------------------ 4. SLURM run
 copy_workflow "$WORK/slurm"
