@@ -1,6 +1,8 @@
-# Fine-tuning and adapter merge. results/train/<run>/ holds the adapter, metrics.jsonl and the
-# checkpoints (resume: auto continues from them); results/merged/ is the product - neither is
-# temp().
+# Fine-tuning and adapter merge. results/train/<run>/ holds the adapter and metrics.jsonl;
+# results/merged/ is the product - neither is temp(). While train runs, its checkpoints live in
+# results/train/<run>.ckpt/, outside the declared output: Snakemake deletes a job's outputs
+# before it starts, and a re-run after a failure (or --retries on a cluster) must find them to
+# continue (train.resume: auto; a checkpoint of other settings is not resumed).
 
 
 rule train:
