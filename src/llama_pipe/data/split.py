@@ -32,7 +32,7 @@ from typing import Any
 
 from llama_pipe.config import SplitSettings
 from llama_pipe.data.common import alternates, batched, conversation_problem, log_settings, progress
-from llama_pipe.records import InvalidLine, Record, StageWriter, read_records
+from llama_pipe.records import InputError, InvalidLine, Record, StageWriter, read_records
 from llama_pipe.settings import add_settings_arguments, settings_from_args
 from llama_pipe.templates import ChatTemplate, get_template
 
@@ -282,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
     log_settings("split", cfg, input=args.input, output=args.output, tokenizer=args.tokenizer)
     tok = load_tokenizer(args.tokenizer)
     if not getattr(tok, "is_fast", False):
-        raise SystemExit(f"llama-pipe split: error: {args.tokenizer}: a fast tokenizer (tokenizer.json) is needed")
+        raise InputError(f"{args.tokenizer}: not a fast tokenizer (no tokenizer.json); split needs one for batched, offset-aware tokenization")
     w = split_file(args.input, args.output, tok, cfg, args.rejects, args.stats)
     print(w.summary() + f"; records in={w.extra['records_in']} chunks out={w.extra['chunks_out']}")
     return 0
