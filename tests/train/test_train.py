@@ -119,6 +119,31 @@ def test_sigkill_then_resume_gives_the_same_adapter(reference_run, tmp_path, tin
     assert summary["val_loss_before"] == ref_summary["val_loss_before"]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))  # no duplicated steps
+    assert summary["train_tokens"] == ref_summary["train_tokens"]
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes(reference_run, tmp_path, tiny_hf_model_dir, data_files) -> None:
+    ref_out, _ = reference_run
+    out = tmp_path / "run"
+    s = _settings(save_every=100)  # no periodic checkpoint: the one written on SIGTERM is all there is
+    cmd = [str(BIN / "llama-pipe"), "train", "--base", str(tiny_hf_model_dir), "--train-data", str(data_files[0]),
+           "--val-data", str(data_files[1]), "-o", str(out), *_flags(s)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    live = checkpoint_root(out) / "metrics.jsonl"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if live.exists() and any('"loss"' in x for x in live.read_text().splitlines()):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM after step" in err
+    saved = sorted(p.name for p in (checkpoint_root(out) / "checkpoints").iterdir())
+    assert len(saved) == 1 and not out.exists()
+    summary = train(tiny_hf_model_dir, *data_files, out, s)
+    assert summary["resumed_from"] == int(saved[0].split("-")[1]) >= 1
+    _assert_same_adapter(out, ref_out, atol=1e-6)
 
 
 def test_two_process_ddp_matches_one_process(tmp_path, tiny_hf_model_dir, data_files) -> None:

@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     except (NonFiniteLoss, VerificationError) as exc:
         print(f"llama-pipe train: error: {exc} (checkpoints kept in {args.output}.ckpt)", file=sys.stderr)
         return 1
+    except StoppedBySignal as exc:
+        print(f"llama-pipe train: {exc}", file=sys.stderr)
+        return 143
     if summary.get("is_main", True):
         print(
             f"train: {summary['steps']} steps ({summary['mode']}), val loss {summary['val_loss_before']:.4f} -> "
@@ -134,6 +137,46 @@ def peak_memory(device_type: str) -> tuple[int, str]:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"
+
+
+class StoppedBySignal(RuntimeError):
+    """SIGTERM arrived (Slurm time limit, Snakemake cancel); a checkpoint was written first."""
+
+
+class StopRequest:
+    """Turns SIGTERM into "finish this step, checkpoint, exit" (all processes stop at the same step)."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.previous: Any = None
+
+    @classmethod
+    def install(cls) -> StopRequest:
+        import signal
+        import threading
+
+        req = cls()
+        if threading.current_thread() is threading.main_thread():
+            req.previous = signal.signal(signal.SIGTERM, req._handle)
+        return req
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.flag = True
+
+    def requested(self, acc: Any) -> bool:
+        if acc.num_processes == 1:
+            return self.flag
+        import torch
+
+        t = torch.tensor([1.0 if self.flag else 0.0], device=acc.device)
+        return bool(acc.reduce(t, reduction="sum").item() > 0)
+
+    def restore(self) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
 
 
 @dataclass
@@ -225,11 +268,12 @@ def train(
     fp = fingerprint(settings, base, train_path, val_path, acc.num_processes)
     ckpt = Checkpointer(acc, root, settings.keep_checkpoints, fp)
     metrics = Metrics(root / "metrics.jsonl", main)
-    start, val_before, resumed_from = 0, None, 0
+    start, val_before, resumed_from, tokens_before = 0, None, 0, 0
     found = ckpt.latest() if settings.resume == "auto" else None
     if found is not None:
         state = ckpt.load(found, model)
         start, val_before, resumed_from = int(state["step"]), state["val_loss_before"], int(state["step"])
+        tokens_before = int(state.get("train_tokens", 0))
         metrics.restart_at(start)
         log.info("resumed from %s (step %d of %d)", found, start, total)
     else:
@@ -246,34 +290,42 @@ def train(
         val_before = evaluate(ctx, val_batches)
         metrics.write({"step": 0, "val_loss": val_before})
         log.info("validation loss before training: %.4f", val_before)
-    val_loss, tokens_total = val_before, 0
+    val_loss, tokens_total = val_before, tokens_before
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=None if main else True)
-    for step in range(start, total):
-        ids = plan.step_rows(step)
-        global_targets = sum(rows[i].n_targets for i in ids)
-        micro = [collate([rows[i] for i in mb], pad, flatten=flat) for mb in plan.rank_micro_batches(step, acc.process_index)]
-        t0 = time.perf_counter()
-        res = train_step(ctx, micro, global_targets, step + 1)
-        dt = time.perf_counter() - t0
-        tokens_total += res.tokens
-        mem, mem_kind = peak_memory(device_type)
-        row = {"step": step + 1, "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
-               "tokens_per_s": res.tokens / dt if dt > 0 else None, "target_tokens": res.target_tokens,
-               "peak_mem_bytes": mem, "peak_mem_kind": mem_kind, "epoch": round(plan.epoch_of(step + 1), 4)}
-        if res.skipped:
-            row["skipped"] = True
-            log.warning("step %d: non-finite loss or gradient, step skipped (train.on_nonfinite: skip)", step + 1)
-        metrics.write(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{res.loss:.4f}", val=f"{val_loss:.4f}")
-        if (step + 1) % settings.eval_every == 0 or step + 1 == total:
-            val_loss = evaluate(ctx, val_batches)
-            metrics.write({"step": step + 1, "val_loss": val_loss})
-            log.info("step %d: loss %.4f, val loss %.4f", step + 1, res.loss, val_loss)
-        if (step + 1) % settings.save_every == 0 and step + 1 < total:
-            ckpt.save(step + 1, model, {"rows_consumed": (step + 1) * plan.global_rows,
-                                        "epoch": plan.epoch_of(step + 1), "val_loss_before": val_before})
-    bar.close()
+    stop = StopRequest.install()
+    try:
+        for step in range(start, total):
+            ids = plan.step_rows(step)
+            global_targets = sum(rows[i].n_targets for i in ids)
+            micro = [collate([rows[i] for i in mb], pad, flatten=flat) for mb in plan.rank_micro_batches(step, acc.process_index)]
+            t0 = time.perf_counter()
+            res = train_step(ctx, micro, global_targets, step + 1)
+            dt = time.perf_counter() - t0
+            tokens_total += res.tokens
+            mem, mem_kind = peak_memory(device_type)
+            row = {"step": step + 1, "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
+                   "tokens_per_s": res.tokens / dt if dt > 0 else None, "target_tokens": res.target_tokens,
+                   "peak_mem_bytes": mem, "peak_mem_kind": mem_kind, "epoch": round(plan.epoch_of(step + 1), 4)}
+            if res.skipped:
+                row["skipped"] = True
+                log.warning("step %d: non-finite loss or gradient, step skipped (train.on_nonfinite: skip)", step + 1)
+            metrics.write(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{res.loss:.4f}", val=f"{val_loss:.4f}")
+            if (step + 1) % settings.eval_every == 0 or step + 1 == total:
+                val_loss = evaluate(ctx, val_batches)
+                metrics.write({"step": step + 1, "val_loss": val_loss})
+                log.info("step %d: loss %.4f, val loss %.4f", step + 1, res.loss, val_loss)
+            stopping = stop.requested(acc)
+            if ((step + 1) % settings.save_every == 0 and step + 1 < total) or stopping:
+                ckpt.save(step + 1, model, {"rows_consumed": (step + 1) * plan.global_rows, "epoch": plan.epoch_of(step + 1),
+                                            "val_loss_before": val_before, "train_tokens": tokens_total})
+            if stopping:
+                raise StoppedBySignal(f"stopped by SIGTERM after step {step + 1} of {total}; checkpoint saved in {root}, "
+                                      "run the same command again to resume")
+    finally:
+        stop.restore()
+        bar.close()
     if start == total:  # resumed from the last step's checkpoint: nothing left but the final eval
         val_loss = evaluate(ctx, val_batches)
     summary = {
