@@ -156,16 +156,39 @@ def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[Record]:
-    """Records of a JSONL file written by a previous stage (strict: any bad line is an InputError)."""
+    """Records of a JSONL file written by a previous stage (strict: any bad line is an InputError,
+    and so is a line that is not UTF-8 or holds an unpaired surrogate escape)."""
     path = Path(path)
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed below; bytes so a bad byte is found by line
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, expected a .jsonl file") from None
+    with fh:
+        offset = 0
+        for n, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(
+                    f"{path}: line {n}: not UTF-8 text: invalid byte 0x{raw[exc.start]:02x} at byte offset "
+                    f"{offset + exc.start}; re-encode the file as UTF-8"
+                ) from None
+            offset += len(raw)
+            if n == 1 and line.startswith("\ufeff"):
+                line = line[1:]
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InputError(f"{path}: line {n}: not valid JSON ({exc.msg}); was it written by llama-pipe?") from None
+            if _SURROGATE_ESCAPE.search(line):
+                problem = _text_problem(obj)
+                if problem:
+                    raise InputError(f"{path}: line {n}: {problem}")
+            yield obj
 
 
 # ----------------------------------------------------------------------------- writing
