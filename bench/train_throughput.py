@@ -90,7 +90,6 @@ CASES: dict[str, Case] = {
     "abl_no_kernels": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("kernels",)),
     "abl_no_fused_loss": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("fused_loss",)),
     "abl_no_offload": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("offload_checkpoints",)),
-    "abl_no_compile": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("compile_mlp",)),
     "abl_no_autocast": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("adapter_autocast",)),
     "abl_nf4_fp32_frozen": Case("qlora", 64, tuple(ALL), 1024, 8, dropout=0.0, disable=("bf16_frozen_weights",)),
     "abl_nf4_none": Case("qlora", 64, tuple(ALL), 1024, 8, dropout=0.0, kernels="none"),
@@ -100,10 +99,8 @@ GROUPS = {
              "nf4_r64all_s1024_b8", "nf4_r64all_s1024_b8_d0", "nf4_r64all_s2048_b1", "nf4_r16all_s2048_b1"],
     "real": ["real_packed", "real_packed_nokernels", "real_padmax_plain"],
     "tiny": ["tiny_lora", "tiny_qlora", "tiny_int8"],
-    "exp2": ["bf16_r16all_s1024_b8_d0", "nf4_r64all_s1024_b8_d0", "bf16_r16all_s1024_b8", "real_packed",
-             "abl_no_autocast", "abl_nf4_fp32_frozen", "abl_no_compile"],
     "ablation": ["abl_none", "abl_no_kernels", "abl_no_fused_loss", "abl_no_offload", "abl_no_autocast",
-                 "abl_no_compile", "abl_nf4_none", "abl_nf4_fp32_frozen"],
+                 "abl_nf4_none", "abl_nf4_fp32_frozen"],
 }
 PEER_CASES = [P_BF16_QV, P_INT8, P_BF16_ALL, P_NF4]
 UNSLOTH_CASES = [U_BF16, U_NF4, U_BF16 + "_d05", U_NF4 + "_d05"]
@@ -413,7 +410,7 @@ def orchestrate(out: Path, groups: list[str], budget_s: float, only: list[str]) 
             rc, so, se = _sub([sys.executable, str(peer_script), name], min(150, left()), env)
         elif kind == "unsloth":
             uenv = dict(env, PYTHONPATH=os.pathsep.join(p for p in ("/tmp/site_unsloth", env.get("PYTHONPATH", "")) if p))
-            rc, so, se = _sub([sys.executable, str(PEER_DIR / "peer_unsloth.py"), name], min(240, left()), uenv)
+            rc, so, se = _sub([sys.executable, str(PEER_DIR / "peer_unsloth.py"), name], min(200, left()), uenv)
         else:
             rc, so, se = _sub([sys.executable, __file__, "case", name], min(200, left()), env)
             if rc == 0:
