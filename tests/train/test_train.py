@@ -76,6 +76,7 @@ def test_lora_run_writes_the_contracted_directory(reference_run, tiny_hf_model_d
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 4, 8]
     assert train_rows[0]["lr"] < train_rows[1]["lr"]  # warm-up
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+    assert (out / "checkpoints" / "step-00000006" / "adapter" / "adapter_model.safetensors").is_file()
     cfg = json.loads((out / "train_config.json").read_text())
     assert cfg["train"]["lora"]["r"] == 4 and cfg["base"] == str(tiny_hf_model_dir)
     # The adapter is a working peft adapter that changes the base model's output.

@@ -3,7 +3,8 @@
 A checkpoint is a directory ``<OUT>.ckpt/checkpoints/step-00000040/`` holding
 
 * ``trainable.safetensors`` - the trainable parameters only (the adapter, or every weight in mode
-  ``full``); under FSDP/DeepSpeed accelerate writes its own sharded model files instead,
+  ``full``), what resume loads; under FSDP/DeepSpeed accelerate writes its own sharded model files
+  instead; with an adapter also ``adapter/`` (a peft adapter directory, to evaluate that step),
 * accelerate's ``save_state`` files: optimiser (``optimizer.bin``), grad scaler, every process's
   RNG states (``random_states_<rank>.pkl``: python, numpy, torch CPU and CUDA) and the LR
   scheduler (``custom_checkpoint_0.pkl``),
@@ -173,7 +174,10 @@ class Checkpointer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             if self.own_weights:
-                save_file(trainable_state_dict(acc.unwrap_model(model)), str(tmp / TRAINABLE))
+                unwrapped = acc.unwrap_model(model)
+                save_file(trainable_state_dict(unwrapped), str(tmp / TRAINABLE))
+                if hasattr(unwrapped, "peft_config"):  # also a plain peft adapter, to evaluate this step
+                    unwrapped.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
             body = {**state, "step": step, "fingerprint": self.fingerprint}
             (tmp / TRAINER_STATE).write_text(json.dumps(body, indent=1), encoding="utf-8")
             write_manifest(tmp)
