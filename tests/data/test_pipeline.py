@@ -70,3 +70,16 @@ def test_settings_come_from_config_file_and_flags_override(tmp_path: Path, sampl
     bad.write_text("clean:\n  min_turns: 0\n")
     assert cli("clean", sample, "-o", tmp_path / "x.jsonl", "--config", bad) == 2
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_sharded_clean_equals_unsharded_clean(tmp_path: Path, sample: Path) -> None:
+    merged = tmp_path / "m.jsonl"
+    assert cli("merge", sample, "-o", merged) == 0
+    assert cli("clean", merged, "-o", tmp_path / "all.jsonl") == 0
+    assert cli("shard", merged, "--n", 3, "-o", tmp_path / "shard") == 0
+    kept: set[str] = set()
+    for k in range(3):
+        out = tmp_path / f"c{k}.jsonl"
+        assert cli("clean", tmp_path / "shard" / f"shard-{k:03d}.jsonl", "-o", out) == 0
+        kept |= {r["id"] for r in read_jsonl(out)}
+    assert kept == {r["id"] for r in read_jsonl(tmp_path / "all.jsonl")}

@@ -1,8 +1,11 @@
 """``llama-pipe shard`` (scatter) and ``llama-pipe gather`` (train/validation assignment).
 
 ``shard IN --n N -o DIR`` writes ``DIR/shard-000.jsonl`` ... ``DIR/shard-(N-1).jsonl``: a record
-goes to shard ``blake2b(id) mod N``, so the assignment depends on the id alone (adding records
-never moves others) and is the same on every machine and Python version. ``DIR/shard.stats.json``
+goes to shard ``blake2b(key) mod N`` where the key is its first human turn (stripped; the id when it
+has none). So conversations that ``clean`` would drop as duplicate first exchanges always meet in
+the same shard (merge already removed duplicate ids across the whole input), the assignment
+depends on the record alone (adding records never moves others), and it is the same on every
+machine and Python version. ``DIR/shard.stats.json``
 and ``DIR/shard.rejects.jsonl`` account for every input record; the directory appears atomically.
 
 ``gather IN [IN ...] --train T --val V`` concatenates the inputs in the order given and sends a
@@ -40,9 +43,19 @@ from llama_pipe.settings import add_settings_arguments, settings_from_args
 _CHUNK_SUFFIX = re.compile(r"_\d+$")
 
 
-def shard_of(rid: str, n: int) -> int:
-    """Shard index of an id: stable across runs, machines and Python versions."""
-    return int.from_bytes(hashlib.blake2b(rid.encode("utf-8"), digest_size=8).digest(), "big") % n
+def shard_key(rec: dict[str, Any]) -> str:
+    """What a record is sharded by: its first human turn, stripped (else its id)."""
+    conv = rec.get("conversations")
+    if isinstance(conv, list):
+        for turn in conv:
+            if isinstance(turn, dict) and turn.get("from") == "human" and isinstance(turn.get("value"), str):
+                return "h:" + turn["value"].strip()
+    return "i:" + str(rec.get("id"))
+
+
+def shard_of(key: str, n: int) -> int:
+    """Shard index of a key: stable across runs, machines and Python versions."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") % n
 
 
 def base_id(rid: str) -> str:
@@ -96,7 +109,7 @@ def shard_file(inp: str | Path, n: int, out_dir: str | Path) -> dict[str, Any]:
                     continue
                 assert rid is not None
                 seen.add(rid)
-                k = shard_of(rid, n)
+                k = shard_of(shard_key(obj), n)
                 files[k].write(dumps(obj) + "\n")
                 counts[k] += 1
         for f in files:
