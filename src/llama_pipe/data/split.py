@@ -200,9 +200,10 @@ class Splitter:
                     else:
                         hi = mid - 1
                 r.cut[j] = a[:lo].rstrip()
-                return True
+                if r.cut[j]:
+                    return True
             del r.cut[j]
-            r.long[j] = f"pair {j} is {alone} tokens and its human turn alone exceeds max_length={limit}"
+            r.long[j] = f"pair {j} is {alone} tokens; its human turn alone leaves no room for an answer within max_length={limit}"
         else:
             r.long[j] = f"pair {j} is {alone} tokens > max_length={limit} (on_long_pair: reject)"
         return False
