@@ -156,8 +156,8 @@ def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[Record]:
-    """Records of a JSONL file written by a previous stage (strict: any bad line is an InputError,
-    and so is a line that is not UTF-8 or holds an unpaired surrogate escape)."""
+    """Records of a JSONL file written by a previous stage (strict: any bad line is an InputError:
+    not JSON, not an object, not UTF-8, or holding an unpaired surrogate escape)."""
     path = Path(path)
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed below; bytes so a bad byte is found by line
@@ -184,6 +184,11 @@ def iter_jsonl(path: str | Path) -> Iterator[Record]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InputError(f"{path}: line {n}: not valid JSON ({exc.msg}); was it written by llama-pipe?") from None
+            if not isinstance(obj, dict):
+                raise InputError(
+                    f"{path}: line {n}: a JSON {type(obj).__name__}, expected an object (one record per line); "
+                    "was it written by llama-pipe?"
+                )
             if _SURROGATE_ESCAPE.search(line):
                 problem = _text_problem(obj)
                 if problem:
