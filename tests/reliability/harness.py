@@ -71,9 +71,21 @@ class Run:
     stats: list[Path] = field(default_factory=list)
 
 
-def stage_argv(stage: str, inputs: list[Path], out_dir: Path, tokenizer_dir: Path | None) -> tuple[list[str], list[Path], list[Path]]:
-    """The command line of a data stage per the stage contracts, its outputs and stats files."""
+def stage_argv(stage: str, inputs: list[Path], out_dir: Path, tokenizer_dir: Path | None,
+               model_dir: Path | None = None) -> tuple[list[str], list[Path], list[Path]]:
+    """The command line of a stage that reads records (per the stage contracts), its outputs and
+    stats files. ``model_dir`` (train, eval): a tiny HF model used as base (and tuned model)."""
     ins = [str(p) for p in inputs]
+    if stage == "train":
+        assert model_dir is not None
+        run = out_dir / "run"
+        return ["train", "--base", str(model_dir), "--train-data", ins[0], "--val-data", ins[0], "-o", str(run),
+                "--max-steps", "1", "--device", "cpu", "--max-seq-len", "128"], [run], []
+    if stage == "eval":
+        assert model_dir is not None
+        ev = out_dir / "eval"
+        return ["eval", "--base", str(model_dir), "--tuned", str(model_dir), "--val", ins[0], "-o", str(ev),
+                "--device", "cpu", "--max-questions", "1", "--max-new-tokens", "4"], [ev], []
     out = out_dir / f"{stage}.jsonl"
     stats = out_dir / f"{stage}.stats.json"
     if stage == "merge":
@@ -107,9 +119,9 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 
 def run_stage(stage: str, inputs: list[Path], out_dir: Path, capsys: pytest.CaptureFixture[str],
-              tokenizer_dir: Path | None = None, extra: list[str] | None = None) -> Run:
+              tokenizer_dir: Path | None = None, extra: list[str] | None = None, model_dir: Path | None = None) -> Run:
     out_dir.mkdir(parents=True, exist_ok=True)
-    argv, outs, stats = stage_argv(stage, inputs, out_dir, tokenizer_dir)
+    argv, outs, stats = stage_argv(stage, inputs, out_dir, tokenizer_dir, model_dir)
     rc, err = run_cli(argv + (extra or []), capsys)
     return Run(stage, argv, rc, err, outs, stats)
 

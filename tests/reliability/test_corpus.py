@@ -89,6 +89,30 @@ def test_file_level_case(c: dict[str, Any], stage: str, tmp_path: Path, capsys: 
     h.check_clean_failure(run, c["message"], before, tmp_path)
 
 
+MODEL_STAGES = [(c, s) for c in h.cases_for("test_file_level_case") for s in ("train", "eval")]
+
+
+@pytest.fixture()
+def _fresh_accelerate():  # noqa: PT004 - train builds an Accelerator per run
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.mark.parametrize(("c", "stage"), MODEL_STAGES, ids=_ids(MODEL_STAGES))
+def test_file_level_case_training_stages(c: dict[str, Any], stage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         tiny_hf_model_dir: Path, _fresh_accelerate: None) -> None:
+    """train and eval read their data strictly (it is written by gather): a bad data file is
+    exit 2 naming the file, not a traceback, and no run or eval directory appears."""
+    h.require_stage(stage)
+    inputs = _inputs(c, tmp_path / "in")
+    before = h.files_under(tmp_path)
+    run = h.run_stage(stage, inputs, tmp_path / "out", capsys, model_dir=tiny_hf_model_dir)
+    h.check_clean_failure(run, [inputs[0].name], before, tmp_path)
+
+
 # ----------------------------------------------------------------------------- record-level errors
 
 
