@@ -82,8 +82,9 @@ def test_fastchat_copy_code_leftovers_in_plain_text() -> None:
     assert fenced_blocks(md) == [("python", "print('hi')\n")] and "Copy code" not in md
 
 
-def test_deep_nesting_is_a_reject_not_a_crash() -> None:
-    deep = DIV + "<div>" * 3000 + "<p>deep</p>" + "</div>" * 3000 + "</div>"
+@pytest.mark.parametrize("lead", ["", "<dl><dt>x</dt></dl>"])  # fast path, markdownify fallback
+def test_deep_nesting_is_a_reject_not_a_crash(lead: str) -> None:
+    deep = DIV + lead + "<div>" * 3000 + "<p>deep</p>" + "</div>" * 3000 + "</div>"
     res = clean_record({"id": "d", "conversations": turns("q?", deep)}, CleanSettings())
     assert res.record is None and res.reason == "html_too_deep"
 
