@@ -14,7 +14,8 @@
 #      /etc/slurm/slurm.conf from tests/slurm/slurm.conf.in (removed again at the end; a machine
 #      that has its own slurm.conf is skipped); state, spool and logs in a temporary directory
 #   3. local run: the whole DAG in a copy of the workflow (profiles/local); a second dry-run must
-#      have nothing to do; `snakemake --report` must embed every PNG of results/report
+#      have nothing to do; `snakemake --report` must embed every PNG of results/report; changing
+#      filter_lang.keep must plan filter_lang and its descendants only
 #   4. SLURM run: results/train/<run> (base, convert, merge, shard, clean, filter_lang, split,
 #      gather, train) in another copy, through profiles/slurm
 #   5. checks: every submitted job (ids from snakemake's log) is COMPLETED with exit code 0:0 in
@@ -159,7 +160,17 @@ if [ -z "${LOCAL_TARGETS:-}" ]; then
     for png in $pngs; do
         grep -q "Adding $png" "$WORK/log/local-report.log" || fail "snakemake --report did not embed $png"
     done
-    say "local: snakemake --report embeds $(echo "$pngs" | tr '\n' ' ')"
+    say "local: snakemake --report embeds" $pngs
+    # A partial re-run plan on the real stages' metadata: filter_lang and what follows only.
+    plan="$(cd "$WORK/local" && "$PY" -m snakemake --profile profiles/local -n --configfile "$TEST_CONFIG" \
+        --config 'filter_lang={"keep": ["en"]}' 2>&1 | "$PY" -c '
+import sys
+sys.path.insert(0, sys.argv[1])
+from workflow_helpers import job_counts
+print(" ".join(f"{rule}={n}" for rule, n in sorted(job_counts(sys.stdin.read()).items())))' "$REPO/tests/workflow")"
+    want="all=1 eval=1 filter_lang=2 gather=1 merge_adapter=1 report=1 split=2 train=1"
+    [ "$plan" = "$want" ] || fail "changing filter_lang.keep plans '$plan', expected '$want'"
+    say "local: changing filter_lang.keep re-runs only $plan"
 fi
 
 # ------------------------------------------------------------------ 4. SLURM run
