@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import ast
 import re
-import tomllib
 
 import pytest
 import yaml
 from packaging.requirements import Requirement
 from workflow_helpers import REPO
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
 
 ENVS = ("data", "train")
 # Needed by the process that runs snakemake, not inside a job's environment.
