@@ -74,6 +74,10 @@ def _read_text(path: Path) -> str:
 _SURROGATE_ESCAPE = re.compile(r"\\[uU][dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
+# Python's json parser recurses once per nesting level and gives up near the interpreter's limit.
+_TOO_DEEP = "JSON nested too deeply to read (arrays/objects inside each other ~1000 levels or more)"
+
+
 def _text_problem(obj: Any) -> str | None:
     """Why ``obj`` cannot be written back as UTF-8 JSON (a lone surrogate), or None."""
     try:
@@ -113,6 +117,8 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         raise InputError(
             f"{path}: {what}: {exc.msg} at line {exc.lineno} column {exc.colno} (char {exc.pos})"
         ) from None
+    except RecursionError:
+        raise InputError(f"{path}: {_TOO_DEEP}; as JSON lines, only the offending records would be rejected") from None
     if isinstance(data, dict):
         raise InputError(
             f"{path}: a JSON object at the top level; expected a list of records "
@@ -144,6 +150,9 @@ def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
             continue
         try:
             obj = json.loads(line)
+        except RecursionError:
+            yield f"{path}:line {n}", InvalidLine(line, _TOO_DEEP)
+            continue
         except json.JSONDecodeError as exc:
             if n - 1 == last and not text.endswith("\n"):
                 raise InputError(
@@ -184,6 +193,8 @@ def iter_jsonl(path: str | Path) -> Iterator[Record]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InputError(f"{path}: line {n}: not valid JSON ({exc.msg}); was it written by llama-pipe?") from None
+            except RecursionError:
+                raise InputError(f"{path}: line {n}: {_TOO_DEEP}") from None
             if not isinstance(obj, dict):
                 raise InputError(
                     f"{path}: line {n}: a JSON {type(obj).__name__}, expected an object (one record per line); "
