@@ -39,6 +39,15 @@ def _inputs(c: dict[str, Any], dest: Path) -> list[Path]:
         d = dest / "a-directory.json"
         d.mkdir()
         return [d]
+    if gen in ("deep_json_list", "deep_json_line"):
+        deep = '{"id": "deep-json", "conversations": ' + "[" * 100_000 + "]" * 100_000 + "}"
+        if gen == "deep_json_list":
+            path = dest / "deep_json.json"
+            path.write_text("[" + deep + "]", encoding="utf-8")
+        else:
+            path = dest / "deep_json.jsonl"
+            path.write_text(json.dumps(_small()) + "\n" + deep + "\n", encoding="utf-8")
+        return [path]
     if gen == "huge_turn":
         return [_write(dest / "huge_turn.json", [_small(), _huge()])]
     if gen == "deep_html":
