@@ -78,6 +78,13 @@ _SURROGATE_ESCAPE = re.compile(r"\\[uU][dD][89a-fA-F][0-9a-fA-F]{2}")
 _TOO_DEEP = "JSON nested too deeply to read (arrays/objects inside each other ~1000 levels or more)"
 
 
+def _unreadable(exc: Exception) -> str:
+    """Why valid-looking JSON could not be parsed: too deep, or a number Python refuses to convert."""
+    if isinstance(exc, RecursionError):
+        return _TOO_DEEP
+    return f"unreadable JSON value: {str(exc).split(';')[0]}"
+
+
 def _text_problem(obj: Any) -> str | None:
     """Why ``obj`` cannot be written back as UTF-8 JSON (a lone surrogate), or None."""
     try:
@@ -117,8 +124,8 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         raise InputError(
             f"{path}: {what}: {exc.msg} at line {exc.lineno} column {exc.colno} (char {exc.pos})"
         ) from None
-    except RecursionError:
-        raise InputError(f"{path}: {_TOO_DEEP}; as JSON lines, only the offending records would be rejected") from None
+    except (RecursionError, ValueError) as exc:
+        raise InputError(f"{path}: {_unreadable(exc)}; as JSON lines, only the offending records would be rejected") from None
     if isinstance(data, dict):
         raise InputError(
             f"{path}: a JSON object at the top level; expected a list of records "
@@ -150,15 +157,15 @@ def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
             continue
         try:
             obj = json.loads(line)
-        except RecursionError:
-            yield f"{path}:line {n}", InvalidLine(line, _TOO_DEEP)
-            continue
         except json.JSONDecodeError as exc:
             if n - 1 == last and not text.endswith("\n"):
                 raise InputError(
                     f"{path}: truncated: last line {n} is incomplete JSON ({exc.msg} at column {exc.colno})"
                 ) from None
             yield f"{path}:line {n}", InvalidLine(line, f"{exc.msg} at column {exc.colno}")
+            continue
+        except (RecursionError, ValueError) as exc:
+            yield f"{path}:line {n}", InvalidLine(line, _unreadable(exc))
             continue
         problem = _text_problem(obj) if _SURROGATE_ESCAPE.search(line) else None
         yield f"{path}:line {n}", InvalidLine(line, problem) if problem else obj
@@ -193,8 +200,8 @@ def iter_jsonl(path: str | Path) -> Iterator[Record]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InputError(f"{path}: line {n}: not valid JSON ({exc.msg}); was it written by llama-pipe?") from None
-            except RecursionError:
-                raise InputError(f"{path}: line {n}: {_TOO_DEEP}") from None
+            except (RecursionError, ValueError) as exc:
+                raise InputError(f"{path}: line {n}: {_unreadable(exc)}") from None
             if not isinstance(obj, dict):
                 raise InputError(
                     f"{path}: line {n}: a JSON {type(obj).__name__}, expected an object (one record per line); "
