@@ -54,7 +54,8 @@ RECORD = st.one_of(
     conversation(),
     conversation(),
     st.fixed_dictionaries(
-        {"id": st.one_of(st.text(min_size=1, max_size=12), st.just("../x"), st.integers())},
+        {"id": st.one_of(st.text(min_size=1, max_size=12), st.just("../x"), st.integers(), st.booleans(),
+                         st.floats(), st.none(), st.lists(st.integers(), max_size=2))},
         optional={"conversations": st.lists(TURN, min_size=0, max_size=6), "system": TEXT},
     ),
     st.fixed_dictionaries({"conversations": st.lists(TURN, min_size=1, max_size=4)}),
@@ -74,14 +75,25 @@ def _run(argv: list[str]) -> tuple[int, str]:
 
 @pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(records=st.lists(RECORD, min_size=1, max_size=12), as_jsonl=st.booleans())
-def test_random_records_keep_the_invariants(records: list[Any], as_jsonl: bool, tokenizer_dir: Path) -> None:
+@given(records=st.lists(RECORD, min_size=1, max_size=12), as_jsonl=st.booleans(),
+       garbage=st.lists(st.tuples(st.integers(min_value=0, max_value=12), st.text(min_size=1, max_size=20)), max_size=2))
+def test_random_records_keep_the_invariants(
+    records: list[Any], as_jsonl: bool, garbage: list[tuple[int, str]], tokenizer_dir: Path
+) -> None:
+    """``garbage``: lines of random text put between the JSON lines (JSONL input only)."""
     h.require_stage(*h.PIPELINE)
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
+        n_garbage = 0
         if as_jsonl:
+            lines = [json.dumps(r) for r in records]
+            for pos, text in garbage:
+                text = text.replace("\n", " ").replace("\r", " ")
+                if text.strip():
+                    lines.insert(min(pos, len(lines)), text)
+                    n_garbage += 1
             inp = root / "in.jsonl"
-            inp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+            inp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         else:
             inp = root / "in.json"
             inp.write_text(json.dumps(records), encoding="utf-8")
@@ -96,7 +108,7 @@ def test_random_records_keep_the_invariants(records: list[Any], as_jsonl: bool, 
             for n, rec in enumerate(out):
                 h.check_record(rec, f"{stage}#{n}", strict=stage != "merge")
             if stage == "merge":
-                assert stats["in"] == len(records), stats
+                assert stats["in"] == len(records) + n_garbage, stats
             elif stage == "split":  # split counts pairs
                 assert stats["in"] == sum(len(r["conversations"]) // 2 for r in prev_out), stats
             else:
