@@ -110,28 +110,33 @@ STAGES: dict[str, tuple[list[str], list[tuple[str, str]]]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_dir: Path) -> Path:
-    """A LoRA adapter (q_proj, v_proj, r=4, non-zero B) that fits the tiny base's shapes."""
+def make_adapter(model_dir: Path, out: Path, base_name: str | None = None) -> Path:
+    """Save a LoRA adapter (q_proj, v_proj, r=4, non-zero B, seeded) for ``model_dir``'s shapes."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_hf_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
-    out = tmp_path_factory.mktemp("adapter") / "adapter"
     peft_model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
-    # Point the adapter at the workspace's base (same shapes): peft probes the recorded base's
-    # vocabulary, and the fixture base's differs from the converted one.
-    cfg = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
-    cfg["base_model_name_or_path"] = "results/hf_base"
-    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    if base_name is not None:
+        cfg = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+        cfg["base_model_name_or_path"] = base_name
+        (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     return out
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_dir: Path) -> Path:
+    """An adapter that fits the workspace's converted base (same shapes as the tiny fixture
+    model). It names ``results/hf_base`` as its base: peft probes the recorded base's vocabulary,
+    and the fixture model's differs from the converted one."""
+    return make_adapter(tiny_hf_model_dir, tmp_path_factory.mktemp("adapter") / "adapter", "results/hf_base")
 
 
 def _workspace(root: Path, adapter: Path, shared_data: Path) -> Path:

@@ -130,6 +130,75 @@ def test_malicious_pickle_as_hf_weights_is_refused(
     h.check_clean_failure(h.Run("convert", argv, rc, err), ["pytorch_model.bin"], before, tmp_path)
 
 
+MODEL_STAGES = ["train", "merge-adapter", "eval", "serve"]
+_HOSTILE_BASE_RUNS: dict[str, tuple[int, str, bool]] = {}
+
+
+def _run_on_hostile_base(stage: str, tiny_hf_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, bool]:
+    """Give ``stage`` a base directory whose only weights are a hostile ``pytorch_model.bin``;
+    return (exit code, stderr, whether the payload ran). Cached: two tests read each result."""
+    import shutil
+
+    if stage in _HOSTILE_BASE_RUNS:
+        return _HOSTILE_BASE_RUNS[stage]
+    h.require_stage(stage)
+    marker = tmp_path / "pwned-by-base-bin"
+    base = tmp_path / "hf_in"
+    shutil.copytree(tiny_hf_model_dir, base)
+    for f in base.glob("*.safetensors*"):
+        f.unlink()
+    plant_pickle(base / "pytorch_model.bin", marker, "model.embed_tokens.weight")
+    data = tmp_path / "d.jsonl"
+    data.write_text((h.CORPUS / "crlf.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    adapter = tmp_path / "adapter"
+    argv = {
+        "train": ["train", "--base", str(base), "--train-data", str(data), "--val-data", str(data), "-o", str(tmp_path / "run"),
+                  "--max-steps", "1", "--device", "cpu"],
+        "merge-adapter": ["merge-adapter", "--base", str(base), "--adapter", str(adapter), "-o", str(tmp_path / "merged")],
+        "eval": ["eval", "--base", str(base), "--tuned", str(base), "--val", str(data), "-o", str(tmp_path / "eval"),
+                 "--device", "cpu"],
+        "serve": ["serve", str(base), "--port", "0", "--device", "cpu"],
+    }[stage]
+    if stage == "merge-adapter":  # a valid adapter, so that the base is what gets loaded
+        from tests.reliability.test_interrupt import make_adapter
+
+        make_adapter(tiny_hf_model_dir, adapter)
+    try:
+        rc, err = h.run_cli(argv, capsys)
+    except Exception as exc:  # noqa: BLE001 - an uncaught error is a result here, not a test error
+        import traceback
+
+        rc, err = 1, "Traceback (uncaught in main)\n" + "".join(traceback.format_exception(exc))
+    finally:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    _HOSTILE_BASE_RUNS[stage] = (rc, err, marker.exists())
+    return _HOSTILE_BASE_RUNS[stage]
+
+
+@pytest.mark.parametrize("stage", MODEL_STAGES)
+def test_malicious_pickle_as_base_never_runs(
+    stage: str, live_payload_check: None, tiny_hf_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every stage that loads a model, given a base whose weights are a hostile
+    ``pytorch_model.bin``: the payload never runs and the stage fails."""
+    rc, err, ran = _run_on_hostile_base(stage, tiny_hf_model_dir, tmp_path, capsys)
+    assert not ran, f"the pickled payload in the base's pytorch_model.bin RAN ({stage})"
+    assert rc != 0, f"{stage} accepted a pickled base"
+
+
+@pytest.mark.parametrize("stage", MODEL_STAGES)
+def test_malicious_pickle_as_base_is_a_clear_error(
+    stage: str, live_payload_check: None, tiny_hf_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """... and says so: exit 2 naming the refused file, not an UnpicklingError traceback."""
+    rc, err, _ = _run_on_hostile_base(stage, tiny_hf_model_dir, tmp_path, capsys)
+    assert rc == 2 and "Traceback" not in err, f"{stage}: exit {rc}: {err.strip().splitlines()[-1][:300] if err.strip() else ''}"
+    assert "pytorch_model.bin" in err, f"{stage}: the message does not name the refused file: {err[-800:]}"
+
+
 def test_every_torch_load_is_weights_only() -> None:
     """Static guard: every ``torch.load(`` call in the package passes ``weights_only=True``."""
     offenders = []
