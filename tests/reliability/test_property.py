@@ -1,4 +1,5 @@
-"""Property test: random ShareGPT-shaped records through merge -> clean -> filter-lang -> split.
+"""Property test: random ShareGPT-shaped records through merge -> clean -> filter-lang -> split
+(-> gather).
 
 For every generated input, every stage exits 0 (a record-level problem is a reject, never a
 crash), each stage's stats satisfy ``in == out + sum(rejected)``, each stage reads exactly what
@@ -26,6 +27,7 @@ SNIPPETS = st.sampled_from([
     "<script>alert(1)</script>", "&lt;tag&gt; &amp; &nbsp;", "\x00", "   ", "\n\n", "```python\nprint(1)\n```",
     "你好，请问今天天气怎么样？", "안녕하세요, 반갑습니다.", "Bonjour, comment allez-vous aujourd'hui ?",
     "<div><div><span>nested</span></div>", "Too many requests in 1 hour. Try again later.", "OpenAI", "\ud83d\ude00",
+    "line\u2028separator", "next\u0085line", "carriage\rreturn", "tab\there", "\ufeffbom inside",
 ])
 TEXT = st.one_of(
     st.lists(SNIPPETS, min_size=0, max_size=4).map(" ".join),
@@ -115,3 +117,11 @@ def test_random_records_keep_the_invariants(
                 assert stats["in"] == prev_stats["out"] == len(prev_out), (prev_stats, stats)
             assert not h.stray_temp_files(root), h.stray_temp_files(root)
             current, prev_stats, prev_out = outs[0], stats, out
+        # gather: the kept chunks go to train or val, none lost
+        argv, outs, stats_files = h.stage_argv("gather", [current], root / "gather", tokenizer_dir)
+        (root / "gather").mkdir()
+        rc, err = _run(argv)
+        assert rc == 0, f"gather exited {rc}: {err[-1500:]}"
+        stats = h.check_stats(stats_files[0])
+        assert stats["in"] == len(prev_out) and stats["train"] + stats["val"] == stats["lines_out"], stats
+        assert len(h.read_jsonl(outs[0])) + len(h.read_jsonl(outs[1])) == stats["lines_out"], stats
