@@ -282,6 +282,23 @@ def test_sigkill_then_rerun_is_byte_identical(stage: str, killed_run: dict[str, 
 
 
 @pytest.mark.slow
+def test_stats_invariant_in_every_stats_file_of_the_dag(killed_run: dict[str, object]) -> None:
+    """Every ``*.stats.json`` the DAG wrote (uninterrupted and killed-and-re-run alike) says
+    ``in == out + sum(rejected)``, and each data stage reads what the one before kept."""
+    for tree in (killed_run["expected"], killed_run["got"]):
+        assert isinstance(tree, dict)
+        stats = {name: json.loads(data) for name, data in tree.items() if name.endswith(".stats.json")}
+        assert len(stats) >= 1 + 1 + 3 * len(SHARDS) + 1, sorted(stats)  # merge, shard, 3 x shards, gather
+        for name, st in stats.items():
+            assert st["in"] == st["out"] + sum(st["rejected"].values()), (name, st)
+        assert stats["results/shard/shard.stats.json"]["in"] == stats["results/merge/merged.stats.json"]["out"]
+        for s in SHARDS:
+            clean = stats[f"results/clean/shard-{s}.stats.json"]
+            lang = stats[f"results/filter-lang/shard-{s}.stats.json"]
+            assert lang["in"] == clean["out"], (clean, lang)
+
+
+@pytest.mark.slow
 def test_kills_landed_while_stages_were_writing(killed_run: dict[str, object]) -> None:
     """The test is only as good as its kills: most must hit a stage while its temporary output
     existed (not during start-up or after the rename)."""
