@@ -86,6 +86,12 @@ def stage_argv(stage: str, inputs: list[Path], out_dir: Path, tokenizer_dir: Pat
         ev = out_dir / "eval"
         return ["eval", "--base", str(model_dir), "--tuned", str(model_dir), "--val", ins[0], "-o", str(ev),
                 "--device", "cpu", "--max-questions", "1", "--max-new-tokens", "4"], [ev], []
+    if stage == "eval-questions":  # the bad file as eval's MT-bench questions, with good validation data
+        assert model_dir is not None
+        ev = out_dir / "eval"
+        return ["eval", "--base", str(model_dir), "--tuned", str(model_dir), "--val", str(CORPUS / "crlf.jsonl"),
+                "--questions", ins[0], "-o", str(ev), "--device", "cpu", "--max-questions", "1",
+                "--max-new-tokens", "4"], [ev], []
     out = out_dir / f"{stage}.jsonl"
     stats = out_dir / f"{stage}.stats.json"
     if stage == "merge":
@@ -209,7 +215,7 @@ def check_clean_failure(run: Run, message: list[str], before: set[Path], root: P
     """A stage that refused its input: exit 2, one clear line naming the file, nothing written."""
     assert run.rc == 2, f"llama-pipe {' '.join(run.argv)}: expected exit 2, got {run.rc}; stderr:\n{run.err[-3000:]}"
     assert "Traceback" not in run.err, run.err
-    assert f"llama-pipe {run.stage}: error:" in run.err, run.err
+    assert f"llama-pipe {run.argv[0]}: error:" in run.err, run.err
     for part in message:
         assert part in run.err, f"{run.stage}: message lacks {part!r}: {run.err.strip()}"
     after = files_under(root)

@@ -98,7 +98,7 @@ def test_file_level_case(c: dict[str, Any], stage: str, tmp_path: Path, capsys: 
     h.check_clean_failure(run, c["message"], before, tmp_path)
 
 
-MODEL_STAGES = [(c, s) for c in h.cases_for("test_file_level_case") for s in ("train", "eval")]
+MODEL_STAGES = [(c, s) for c in h.cases_for("test_file_level_case") for s in ("train", "eval", "eval-questions")]
 
 
 @pytest.fixture()
@@ -114,8 +114,9 @@ def _fresh_accelerate():  # noqa: PT004 - train builds an Accelerator per run
 def test_file_level_case_training_stages(c: dict[str, Any], stage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                          tiny_hf_model_dir: Path, _fresh_accelerate: None) -> None:
     """train and eval read their data strictly (it is written by gather): a bad data file is
-    exit 2 naming the file, not a traceback, and no run or eval directory appears."""
-    h.require_stage(stage)
+    exit 2 naming the file, not a traceback, and no run or eval directory appears. The same for
+    a bad file given as eval's MT-bench questions (``eval-questions``)."""
+    h.require_stage(stage.removesuffix("-questions"))
     inputs = _inputs(c, tmp_path / "in")
     before = h.files_under(tmp_path)
     run = h.run_stage(stage, inputs, tmp_path / "out", capsys, model_dir=tiny_hf_model_dir)
