@@ -86,6 +86,18 @@ def stage_argv(stage: str, inputs: list[Path], out_dir: Path, tokenizer_dir: Pat
         ev = out_dir / "eval"
         return ["eval", "--base", str(model_dir), "--tuned", str(model_dir), "--val", ins[0], "-o", str(ev),
                 "--device", "cpu", "--max-questions", "1", "--max-new-tokens", "4"], [ev], []
+    if stage in ("report-stats", "report-metrics"):  # the bad file as one of report's inputs
+        good_metrics, good_eval = out_dir / "good-metrics.jsonl", out_dir / "good-eval.json"
+        good_metrics.parent.mkdir(parents=True, exist_ok=True)
+        good_metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5, "val_loss": 1.7}\n', encoding="utf-8")
+        good_eval.write_text('{"base_ppl": 10.0, "tuned_ppl": 5.0}\n', encoding="utf-8")
+        metrics = ins[0] if stage == "report-metrics" else str(good_metrics)
+        stats = [str(out_dir / "good.stats.json")] if stage == "report-metrics" else ins
+        if stage == "report-metrics":
+            (out_dir / "good.stats.json").write_text('{"stage": "merge", "unit": "records", "in": 2, "out": 1, '
+                                                      '"rejected": {"duplicate_id": 1}}\n', encoding="utf-8")
+        rep = out_dir / "report"
+        return ["report", "--train-metrics", metrics, "--stats", *stats, "--eval", str(good_eval), "-o", str(rep)], [rep], []
     if stage == "eval-questions":  # the bad file as eval's MT-bench questions, with good validation data
         assert model_dir is not None
         ev = out_dir / "eval"

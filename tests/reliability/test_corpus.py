@@ -98,7 +98,8 @@ def test_file_level_case(c: dict[str, Any], stage: str, tmp_path: Path, capsys: 
     h.check_clean_failure(run, c["message"], before, tmp_path)
 
 
-MODEL_STAGES = [(c, s) for c in h.cases_for("test_file_level_case") for s in ("train", "eval", "eval-questions")]
+MODEL_STAGES = [(c, s) for c in h.cases_for("test_file_level_case")
+                for s in ("train", "eval", "eval-questions", "report-stats", "report-metrics")]
 
 
 @pytest.fixture()
@@ -115,9 +116,13 @@ def test_file_level_case_training_stages(c: dict[str, Any], stage: str, tmp_path
                                          tiny_hf_model_dir: Path, _fresh_accelerate: None) -> None:
     """train and eval read their data strictly (it is written by gather): a bad data file is
     exit 2 naming the file, not a traceback, and no run or eval directory appears. The same for
-    a bad file given as eval's MT-bench questions (``eval-questions``)."""
-    h.require_stage(stage.removesuffix("-questions"))
+    a bad file given as eval's MT-bench questions (``eval-questions``) and as report's stats file
+    or training metrics (``report-stats``, ``report-metrics``)."""
+    h.require_stage(stage.split("-")[0])
     inputs = _inputs(c, tmp_path / "in")
+    (tmp_path / "out").mkdir()
+    argv_outs = h.stage_argv(stage, inputs, tmp_path / "out", None, tiny_hf_model_dir)  # writes report's good inputs
+    del argv_outs
     before = h.files_under(tmp_path)
     run = h.run_stage(stage, inputs, tmp_path / "out", capsys, model_dir=tiny_hf_model_dir)
     h.check_clean_failure(run, [inputs[0].name], before, tmp_path)
