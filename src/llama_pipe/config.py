@@ -151,10 +151,10 @@ class SplitSettings:
     )
     batch_size: int = opt(256, "texts per fast-tokenizer batch", minimum=1)
     template: Literal["vicuna_v1.1", "llama-2", "chatml"] = opt(
-        "vicuna_v1.1", "chat template chunks are measured with (keep equal to train.template)"
+        "vicuna_v1.1", "chat template chunks are measured with, when split runs by hand (the workflow passes train.template)"
     )
     system_prompt: Optional[str] = opt(
-        None, "system prompt counted in each chunk when a record has none; null uses the template's default (keep equal to train.system_prompt)"
+        None, "system prompt counted in each chunk when a record has none; null uses the template's default (the workflow passes train.system_prompt)"
     )
 
 

@@ -65,6 +65,20 @@ def flags(section, only=None, skip=()):
     return lambda wildcards: text
 
 
+def split_flags():
+    """split's flags, measuring chunks with the template the trainer renders them with.
+
+    ``split.template`` / ``split.system_prompt`` exist for running split by hand; in the
+    workflow they always follow ``train.template`` / ``train.system_prompt``, so the two can
+    never disagree (a chunk that fits ``split.max_length`` fits the trainer's rendering too).
+    """
+    data = dict(config["split"])
+    data["template"] = config["train"]["template"]
+    data["system_prompt"] = config["train"]["system_prompt"]
+    text = shell_args(data, SECTIONS["split"])
+    return lambda wildcards: text
+
+
 # ---------------------------------------------------------------- scatter / gather
 
 N_SHARDS = config["data"]["shards"]

@@ -106,7 +106,7 @@ rule split:
         mem_mb=2000,
         runtime=60,
     params:
-        args=flags("split"),
+        args=split_flags(),
     shell:
         "llama-pipe split {input.data:q} -o {output.data:q} --tokenizer {input.tokenizer:q}"
         " {params.args} > {log:q} 2>&1"
