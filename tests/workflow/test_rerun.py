@@ -58,6 +58,13 @@ def test_merged_jsonl_is_temp_and_its_absence_rebuilds_nothing(completed_run: Pa
         ),
         pytest.param("split", "max_length", 256, {"split": 2} | dict.fromkeys(AFTER_GATHER, 1), id="split.max_length"),
         pytest.param("data", "val_fraction", 0.2, AFTER_GATHER, id="data.val_fraction"),
+        pytest.param(
+            "train",
+            "template",
+            "chatml",
+            {"split": 2} | dict.fromkeys(AFTER_GATHER, 1),
+            id="train.template (split measures with it)",
+        ),
         pytest.param("eval", "max_new_tokens", 16, {"eval", "report", "all"}, id="eval.max_new_tokens"),
         pytest.param(
             "convert",
