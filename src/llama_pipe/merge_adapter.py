@@ -19,7 +19,6 @@ refused.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import MergeAdapterSettings
-from llama_pipe.records import InputError, write_json_atomic
+from llama_pipe.records import InputError, file_digest, write_json_atomic
 from llama_pipe.settings import add_settings_arguments, describe, settings_from_args
 
 log = logging.getLogger(__name__)
@@ -102,14 +101,6 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_float_base(base: str | Path, device: str = "cpu") -> Any:
@@ -308,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
         "system_prompt": recorded_system_prompt(dirs[1:]),
         "base": str(base),
         "full_model": str(full) if full else None,
-        "adapters": [{"path": str(a), "sha256": sha256_file(a / "adapter_model.safetensors")} for a in adapters],
+        "adapters": [{"path": str(a), "sha256": file_digest(a / "adapter_model.safetensors")} for a in adapters],
         "dtype": settings.dtype,
     }
     tmp = new_tmp_dir(out)

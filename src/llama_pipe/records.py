@@ -13,6 +13,7 @@ the stage finishes; ``in == out + sum(rejected)`` is checked before they do.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -212,6 +213,15 @@ def iter_jsonl(path: str | Path) -> Iterator[Record]:
                 if problem:
                     raise InputError(f"{path}: line {n}: {problem}")
             yield obj
+
+
+def file_digest(path: str | Path, algo: str = "sha256", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file (``sha256``, ``md5``, ...), read in chunks."""
+    h = hashlib.new(algo)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- writing

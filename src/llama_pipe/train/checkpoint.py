@@ -19,7 +19,6 @@ directory without the ``.tmp`` suffix was fully written; the manifest then catch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,8 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+from llama_pipe.records import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,6 @@ def checkpoint_root(out: str | Path) -> Path:
     """Where a run's checkpoints and live metrics live while it is not finished: ``<OUT>.ckpt``."""
     out = Path(out)
     return out.with_name(out.name + ".ckpt")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,7 +61,7 @@ def write_manifest(ckpt: Path) -> None:
         if p.is_file() and p.name != MANIFEST:
             with open(p, "rb+") as fh:
                 os.fsync(fh.fileno())
-            files[p.relative_to(ckpt).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+            files[p.relative_to(ckpt).as_posix()] = {"size": p.stat().st_size, "sha256": file_digest(p)}
     tmp = ckpt / (MANIFEST + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump({"files": files}, fh, indent=1)
@@ -96,7 +89,7 @@ def verify_checkpoint(ckpt: Path, fingerprint: str | None = None) -> str | None:
         size = p.stat().st_size
         if size != meta.get("size"):
             return f"{rel} has {size} bytes, the manifest says {meta.get('size')}"
-        if _sha256(p) != meta.get("sha256"):
+        if file_digest(p) != meta.get("sha256"):
             return f"{rel} does not match its sha256"
     if fingerprint is not None and state.get("fingerprint") != fingerprint:
         return "made by a different configuration, data, base or process count"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import TrainSettings
-from llama_pipe.records import InputError
+from llama_pipe.records import InputError, file_digest
 from llama_pipe.settings import ConfigError, add_settings_arguments, describe, settings_from_args, to_dict
 
 log = logging.getLogger("llama_pipe.train")
@@ -86,19 +86,11 @@ def make_accelerator(settings: TrainSettings) -> tuple[Any, str]:
     return acc, precision
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fingerprint(settings: TrainSettings, base: Path, train_path: Path, val_path: Path, world_size: int) -> str:
     """Identifies what a checkpoint was computed from: settings, data, base config, process count."""
     s = {k: v for k, v in to_dict(settings).items() if k not in _NOT_IN_FINGERPRINT}
     base_cfg = (base / "config.json").read_text(encoding="utf-8") if (base / "config.json").is_file() else ""
-    blob = json.dumps([s, _file_digest(train_path), _file_digest(val_path), base_cfg, world_size], sort_keys=True)
+    blob = json.dumps([s, file_digest(train_path), file_digest(val_path), base_cfg, world_size], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

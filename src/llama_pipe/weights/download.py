@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import BaseSettings
-from llama_pipe.records import InputError
+from llama_pipe.records import InputError, file_digest
 from llama_pipe.settings import ConfigError, add_settings_arguments, describe, settings_from_args
 from llama_pipe.weights import meta
 from llama_pipe.weights.fetch import fetch, file_url, new_session, redact
@@ -88,12 +88,12 @@ def download_release(base_url: str, out_dir: Path, settings: BaseSettings, sessi
     for name in sorted(sums):
         algo, want = sums[name]
         dest = partial / name
-        if dest.is_file() and meta.file_digest(dest, algo) == want:
+        if dest.is_file() and file_digest(dest, algo) == want:
             log.info("%s: already downloaded and verified", name)
             continue
         dest.unlink(missing_ok=True)
         size = fetch(session, urls[name], dest, **opts)
-        got = meta.file_digest(dest, algo)
+        got = file_digest(dest, algo)
         if got != want:
             dest.replace(dest.with_name(dest.name + ".corrupt"))
             bad.append(f"{name} ({algo} {got}, expected {want})")

@@ -17,7 +17,6 @@ How Meta's model-parallel code splits each weight across ranks (fairscale layers
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -29,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.records import InputError
+from llama_pipe.records import InputError, file_digest
 
 PARAMS = "params.json"
 CHECKLIST = "checklist.chk"
@@ -241,15 +240,6 @@ def load_shard(path: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- checksums
-
-
-def file_digest(path: Path, algo: str = "md5", chunk: int = 1 << 20) -> str:
-    """Hex digest of a file, read in chunks."""
-    h = hashlib.new(algo)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def checklist_text(directory: Path, names: Iterable[str], algo: str = "md5") -> str:
