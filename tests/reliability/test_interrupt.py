@@ -238,10 +238,17 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory, adapter_dir: Path, shar
     final = _snakemake(ws)
     assert final.wait(timeout=300) == 0, _failure(ws)
     assert reference.wait(timeout=300) == 0, _failure(ref)
-    return {
+    return KilledRun({
         "seed": seed, "landed": landed, "at_kill": at_kill, "expected": _tree(ref), "got": _tree(ws),
         "leftovers": sorted(str(p.relative_to(ws)) for p in (ws / "results").rglob("*") if ".tmp" in p.name),
-    }
+    })
+
+
+class KilledRun(dict):  # type: ignore[type-arg]
+    """The kill run's results; a short repr keeps failure reports readable (no file bytes)."""
+
+    def __repr__(self) -> str:
+        return f"KilledRun(seed={self['seed']}, landed={self['landed']}, files={len(self['expected'])})"
 
 
 def _stage_files(stage: str, names: list[str]) -> list[str]:
