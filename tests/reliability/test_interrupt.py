@@ -7,12 +7,13 @@ shard -> gather; merge-adapter over the converted base). The whole process group
 its job) is killed, so Snakemake itself never gets to clean up: on the next run it must find the
 job's output missing or marked incomplete.
 
-One uninterrupted reference run, then for each stage in DAG order: start Snakemake, wait for the
-stage's temporary output to appear (the stage is writing), wait a seeded random fraction of the
-time that stage spent writing in the reference run, SIGKILL the group, ``snakemake --unlock``.
-After the last kill a final run completes the DAG and every output file is compared byte for
-byte. Seed: ``RELIABILITY_SEED`` (default 0). Training's own kill/resume equality (adapter equal
-within 1e-6) is proven by the trainer's tests; see docs/guarantees.md.
+An uninterrupted reference run (in the background), and a second workspace where, for each stage
+in DAG order, Snakemake is started on that stage's targets (re-running whatever the previous kill
+left incomplete), the stage's temporary output is awaited (the stage is writing), a seeded random
+0-40 ms pass, and the process group gets SIGKILL, then ``snakemake --unlock``. A final run
+completes the DAG and every output file is compared byte for byte with the reference. Seed:
+``RELIABILITY_SEED`` (default 0). Training's own kill/resume equality (adapter equal within 1e-6)
+is proven by the trainer's tests; see docs/guarantees.md.
 """
 
 from __future__ import annotations
