@@ -205,3 +205,25 @@ def test_fast_converter_agrees_with_markdownify_on_the_sample(sample: Path) -> N
                 n += 1
                 assert html_fast.convert(v) == _markdownify(v).strip().replace("  \n", "\n")
     assert n > 100
+
+
+def test_control_characters_are_removed() -> None:
+    """NUL and other control characters never reach the output; VT/FF/NEL become line breaks;
+    tab, newline, CR and non-control characters (U+2028, emoji) stay."""
+    assert to_markdown("a\x00b\x01c\x7fd\x9fe") == "abcde"
+    assert to_markdown("one\x0ctwo\x85three\x0bfour") == "one\ntwo\nthree\nfour"
+    assert to_markdown("tab\there\r\nline\u2028sep \U0001f600") == "tab\there\r\nline\u2028sep \U0001f600"
+    assert to_markdown(DIV + "<p>Yes\x00 &amp; no&#12;</p></div>") == "Yes & no"
+    assert to_markdown("\x00\x00") == ""
+    rec = {"id": "n", "conversations": [{"from": "human", "value": "\x00\x00"}, {"from": "gpt", "value": "a reply"}]}
+    assert clean_record(rec, CleanSettings()).reason == "empty_turn"
+
+
+def test_script_and_style_are_dropped_with_their_content() -> None:
+    html = (DIV + "<style>.x{color:red}</style><script>alert('a')</script><p>Hello <b>you</b>.</p>"
+            '<SCRIPT type="text/javascript">document.cookie="c"</SCRIPT><p>Bye.</p><script>never closed</div>')
+    assert to_markdown(html) == "Hello **you**.\n\nBye."
+    # markup markdownify converts (a form element) goes the same way
+    assert to_markdown("<div><form><p>x</p></form><script>alert(1)</script><style>p{}</style></div>") == "x"
+    # in plain text it is the user's own text: kept, the tags put in code
+    assert to_markdown("What does <script>alert(1)</script> do?") == "What does `<script>`alert(1)`</script>` do?"

@@ -123,3 +123,15 @@ def test_ngram_extractor_matches_langdetect(tmp_path: Path, sample: Path) -> Non
         d = factory.create()
         d.append(t)
         assert L._ngrams(d.text, d.word_lang_prob_map) == d._extract_ngrams(), t[:60]
+
+
+def test_mostly_english_with_chinese_and_korean_quotes_is_english(tmp_path: Path) -> None:
+    """CJK text is counted in words (2 Han characters, or one run of Hangul syllables, a word), so
+    an English conversation quoting Chinese and Korean is not detected without its English."""
+    rec = {"id": "mixed", "conversations": turns(
+        "Can you translate 'good morning' into Chinese and Korean? 请用中文和韩语回答。",
+        "In Chinese it is 早上好 (zǎoshang hǎo); in Korean 좋은 아침입니다. Bonjour en français.",
+        "谢谢！那么'晚安'怎么说？", "晚安 (wǎn'ān) in Chinese, 안녕히 주무세요 in Korean.")}
+    out = tmp_path / "f.jsonl"
+    assert cli("filter-lang", write_jsonl(tmp_path / "in.jsonl", [rec]), "-o", out) == 0
+    assert [r["lang"] for r in read_jsonl(out)] == ["en"]

@@ -108,3 +108,23 @@ def test_malformed_file_exits_2_and_writes_nothing(tmp_path: Path, capsys: pytes
 def test_missing_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli("merge", tmp_path / "nope.json", "-o", tmp_path / "m.jsonl") == 2
     assert "nope.json" in capsys.readouterr().err
+
+
+def test_id_types(tmp_path: Path) -> None:
+    """Integer ids become strings, missing/null/blank ids get an auto id, any other type is bad_id;
+    a non-string system prompt is bad_record (never silently dropped or passed on)."""
+    recs = [{"id": 7, "conversations": turns("q7", "a")},
+            {"id": None, "conversations": turns("qn", "a")},
+            {"id": " ", "conversations": turns("qb", "a")},
+            {"id": ["x", "y"], "conversations": turns("ql", "a")},
+            {"id": 1.5, "conversations": turns("qf", "a")},
+            {"id": True, "conversations": turns("qt", "a")},
+            {"id": {"k": 1}, "conversations": turns("qd", "a")},
+            {"id": "s", "system": ["not", "text"], "conversations": turns("qs", "a")}]
+    out = tmp_path / "m.jsonl"
+    assert cli("merge", write_jsonl(tmp_path / "in.jsonl", recs), "-o", out) == 0
+    ids = [r["id"] for r in read_jsonl(out)]
+    assert ids[0] == "7" and len(ids) == 3 and all(i.startswith("auto-") for i in ids[1:])
+    assert stats_of(out)["rejected"] == {"bad_id": 4, "bad_record": 1}
+    rejects = read_jsonl(tmp_path / "m.rejects.jsonl")
+    assert any("list" in r["detail"] for r in rejects) and any("'system'" in r["detail"] for r in rejects)

@@ -78,3 +78,12 @@ def test_gather_tiny_data_still_has_validation(tmp_path: Path) -> None:
     train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     assert cli("gather", inp, "--train", train, "--val", val, "--val-fraction", "0.01") == 0
     assert len(read_jsonl(train)) == 1 and len(read_jsonl(val)) == 1
+
+
+def test_gather_rejects_records_without_turns(tmp_path: Path) -> None:
+    recs = _recs(3) + [{"id": "empty", "conversations": []}, {"id": "none", "conversations": None}]
+    inp = write_jsonl(tmp_path / "s.jsonl", recs)
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    assert cli("gather", inp, "--train", train, "--val", val) == 0
+    assert len(read_jsonl(train)) + len(read_jsonl(val)) == 3
+    assert stats_of(train, "gather.stats.json")["rejected"] == {"malformed_record": 2}

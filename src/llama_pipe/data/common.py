@@ -20,8 +20,8 @@ log = logging.getLogger("llama_pipe.data")
 def conversation_problem(rec: Any) -> str | None:
     """Why ``rec`` is not a well-formed llama-pipe record (``None`` when it is).
 
-    Well-formed: an object with a string ``id`` and a list ``conversations`` of objects with
-    string ``from`` in human/gpt and string ``value``. Order and alternation are not checked here.
+    Well-formed: an object with a string ``id`` and a non-empty list ``conversations`` of objects
+    with string ``from`` in human/gpt and string ``value``. Order and alternation are not checked here.
     """
     if not isinstance(rec, dict):
         return f"record is a {type(rec).__name__}, expected an object"
@@ -30,6 +30,8 @@ def conversation_problem(rec: Any) -> str | None:
     conv = rec.get("conversations")
     if not isinstance(conv, list):
         return "missing 'conversations' list"
+    if not conv:
+        return "'conversations' is empty"
     for i, turn in enumerate(conv):
         if not isinstance(turn, dict):
             return f"turn {i} is not an object"

@@ -5,7 +5,7 @@ code blocks and inline code removed, limited to the first ``max_chars`` characte
 randomised; ``DetectorFactory.seed`` (the ``seed`` setting) makes every detection a pure function of
 its text, so the result does not depend on record order or the number of workers. Text shorter than
 ``min_chars`` (after code removal) or that langdetect cannot classify is ``unknown``. A text with
-more CJK characters than Latin words is detected without its Latin words (see
+more CJK words than Latin words is detected without its Latin words (see
 :func:`detect_language`).
 
 Every kept record gets a ``lang`` field (langdetect's code: ``en``, ``de``, ``zh-cn``, ``zh-tw``,
@@ -166,23 +166,33 @@ def _init(cfg: FilterLangSettings) -> None:
     init_factory()
 
 
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+_HAN_KANA = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_HANGUL_WORD = re.compile(r"[\uac00-\ud7af]+")
 _LATIN_WORD = re.compile(r"[A-Za-z\u00c0-\u024f]+")
+
+
+def cjk_words(text: str) -> float:
+    """Words of CJK script in ``text``: two Han/kana characters count as a word (Chinese and
+    Japanese words average about two characters), a run of Hangul syllables as one (Korean puts
+    spaces between words)."""
+    return len(_HAN_KANA.findall(text)) / 2 + len(_HANGUL_WORD.findall(text))
 
 
 def detect_language(text: str, min_chars: int) -> str:
     """langdetect's code for ``text`` (``unknown`` when too short or undetectable).
 
-    Mixed-script rule: when a text has more CJK characters (Han, kana, Hangul) than Latin-script
-    words, the Latin words are removed before detection. Without it, a short Chinese sentence with
-    a product name ("我叫Gitclone，是git-cloner开发的模型") is classified from the Latin n-grams
-    as Vietnamese, Italian or Catalan.
+    Mixed-script rule: when a text has more CJK words (:func:`cjk_words`) than Latin-script words,
+    the Latin words are removed before detection. Without it, a short Chinese sentence with a
+    product name ("我叫Gitclone，是git-cloner开发的模型") is classified from the Latin n-grams as
+    Vietnamese, Italian or Catalan. Counting words rather than characters keeps a mostly English
+    conversation that quotes some Chinese and Korean English (counting characters, the 37 CJK
+    characters outweighed 26 English words and the Korean n-grams won).
     """
     from langdetect.lang_detect_exception import LangDetectException
 
     if len(text.strip()) < min_chars:
         return UNKNOWN
-    cjk = len(_CJK.findall(text))
+    cjk = cjk_words(text)
     if cjk and cjk > len(_LATIN_WORD.findall(text)):
         text = _LATIN_WORD.sub(" ", text)
     try:

@@ -15,7 +15,9 @@ Two paths, chosen per turn:
   FastChat runs markdownify here too, which collapses blank lines and backslash-escapes ``_`` and
   ``*``; llama-pipe does not.
 
-On both paths: a fence without a language gets ``text`` (every code block names its language),
+``<script>`` and ``<style>`` elements of an HTML turn are dropped with their content. On both paths
+control characters are removed (NUL, C0 except tab/LF/CR, DEL, C1; VT/FF/NEL become newlines), a
+fence without a language gets ``text`` (every code block names its language),
 and any HTML tag left outside code (``use a <div> here``) is put in inline code, so no tag
 survives outside code. :func:`html_tags_outside_code` and :func:`fence_languages` are the checks
 the tests (and users) run on the output.
@@ -53,6 +55,10 @@ _EMPTY_COPY_CODE = re.compile(r"```(.*?)Copy code\s*```")
 _FENCE_LINE = re.compile(r"^( {0,3})(`{3,}|~{3,})([^\n]*)$", re.M)
 _INLINE_CODE = re.compile(r"(`+)(?!`)(.+?)(?<!`)\1(?!`)", re.S)
 _BLANKS = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
+_SCRIPT_STYLE = re.compile(r"<(script|style)\b[^>]*>.*?(?:</\1\s*>|\Z)", re.S | re.I)
+# C0 controls except tab, LF, CR; DEL; C1 controls. VT, FF and NEL (U+0085) are line breaks.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_LINE_BREAK_CONTROLS = {"\x0b": "\n", "\x0c": "\n", "\x85": "\n"}
 _PLACEHOLDER = "LLAMAPIPECODEBLOCK{}X"
 _PLACEHOLDER_LINE = re.compile(r"^(.*?)LLAMAPIPECODEBLOCK(\d+)X(.*)$", re.M)
 
@@ -77,8 +83,22 @@ def is_html(value: str) -> bool:
 
 
 def to_markdown(value: str) -> str:
-    """Clean one turn (either path); raises :class:`ConversionError`."""
-    return html_to_markdown(value) if is_html(value) else plain_to_markdown(value)
+    """Clean one turn (either path); raises :class:`ConversionError`.
+
+    Control characters are removed before and after conversion (:func:`strip_controls`), so no
+    NUL byte or other control character reaches the output (entities such as ``&#12;`` included).
+    """
+    value = strip_controls(value)
+    md = html_to_markdown(value) if is_html(value) else plain_to_markdown(value)
+    return strip_controls(md).strip()
+
+
+def strip_controls(text: str) -> str:
+    """``text`` without control characters: C0 (except tab, LF, CR), DEL and C1 are removed;
+    vertical tab, form feed and NEL (U+0085) become a newline."""
+    if not _CONTROL.search(text):
+        return text
+    return _CONTROL.sub(lambda m: _LINE_BREAK_CONTROLS.get(m.group(0), ""), text)
 
 
 # ----------------------------------------------------------------------------- code regions
@@ -228,6 +248,8 @@ def _markdownify(html_text: str) -> str:
 def html_to_markdown(value: str) -> str:
     """Rendered ChatGPT HTML -> markdown (see the module docstring)."""
     value = _COUNTER_HTML.sub("", value, count=1)
+    if "<s" in value or "<S" in value:
+        value = _SCRIPT_STYLE.sub("", value)  # not content: dropped with the element
     blocks: list[str] = []
 
     def cut(m: re.Match[str]) -> str:

@@ -10,8 +10,10 @@ Each input record becomes ``{"id", ["system",] "conversations": [{"from": "human
 * Alpaca ``{"instruction", "input", "output"}`` -> one human turn (instruction, a blank line and
   the input when there is one) and one gpt turn.
 
-A record without an id gets ``auto-<16 hex digits of sha1 of its content>`` (identical content,
-identical id, so exact copies are caught as duplicates). Other keys are not carried over.
+A record without an id (missing, null or blank) gets ``auto-<16 hex digits of sha1 of its
+content>`` (identical content, identical id, so exact copies are caught as duplicates); an integer
+id becomes its decimal string; any other id type (a list, an object, a float, a boolean) is
+rejected as ``bad_id``. Other keys are not carried over.
 Duplicate ids are dropped (the first is kept, or every copy with ``dedupe: reject_all``).
 """
 
@@ -90,7 +92,9 @@ def normalise(obj: Any) -> Record:
     system: str | None = None
     if "conversations" in obj:
         turns = _turns(obj["conversations"], "from", "value")
-        if isinstance(obj.get("system"), str) and obj["system"]:
+        if obj.get("system") is not None and not isinstance(obj["system"], str):
+            raise RecordProblem("bad_record", f"'system' is {type(obj['system']).__name__}, expected a string")
+        if obj.get("system"):
             system = obj["system"]
     elif "messages" in obj:
         turns = _turns(obj["messages"], "role", "content")
@@ -115,7 +119,9 @@ def normalise(obj: Any) -> Record:
     rid = obj.get("id")
     if isinstance(rid, int) and not isinstance(rid, bool):
         rid = str(rid)
-    if not isinstance(rid, str) or not rid.strip():
+    elif rid is not None and not isinstance(rid, str):
+        raise RecordProblem("bad_id", f"id is {type(rid).__name__} {json.dumps(rid)[:40]}, expected a string or an integer")
+    if rid is None or not rid.strip():
         digest = hashlib.sha1(json.dumps([system, turns], ensure_ascii=False).encode("utf-8")).hexdigest()
         rid = f"auto-{digest[:16]}"
     rec: Record = {"id": rid}
