@@ -119,3 +119,52 @@ def test_underestimated_plan_is_repacked_exactly(tmp_path: Path, tokenizer: Any,
     chunks = read_jsonl(out)
     assert len(chunks) > 1 and all(trainer_len(tokenizer, c) <= 300 for c in chunks)
     assert [t for c in chunks for t in c["conversations"]] == recs[0]["conversations"]
+
+
+def _odd_texts(sample: Path) -> list[str]:
+    import json
+
+    texts = ["", " ", "  two leading spaces", "trailing  ", "<s>bos in text</s> and <unk>", "<|im_start|>user\nhi<|im_end|>\n",
+             "tab\tand\nnewlines\r\n", "你好，世界 😀 ñ café", "\u2028\ufeff", "x" * 3000, "Ｆｕｌｌｗｉｄｔｈ ｔｅｘｔ"]
+    recs = [r for r in json.loads(sample.read_text(encoding="utf-8"))[:40]
+            if isinstance(r, dict) and isinstance(r.get("conversations"), list)]
+    for name in ("vicuna_v1.1", "llama-2", "chatml"):
+        for r in recs:
+            try:
+                texts.append(get_template(name).render(to_messages(r))[0])
+            except Exception:  # noqa: BLE001 - the sample's broken records
+                continue
+    return texts
+
+
+def test_rust_only_tokenizer_gives_the_transformers_ids(tmp_path: Path, tokenizer_dir: Path, tokenizer: Any) -> None:
+    """split loads tokenizer.json with the tokenizers library alone only where that is exact."""
+    import json
+    import shutil
+
+    from llama_pipe.data.rust_tokenizer import load_rust_tokenizer, why_not_rust
+    from tests.data.conftest import SAMPLE
+
+    texts = _odd_texts(SAMPLE)
+    resaved = tmp_path / "resaved"  # as convert writes it: loaded and saved by transformers
+    tokenizer.save_pretrained(resaved)
+    for d in (tokenizer_dir, resaved):
+        assert why_not_rust(d) is None
+        rust = load_rust_tokenizer(d)
+        assert rust is not None
+        for special in (True, False):
+            ours = [e.ids for e in rust.encode_batch(texts, add_special_tokens=special)]
+            assert ours == [list(x) for x in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+    # settings under which transformers changes the pipeline: declined (split then loads through transformers)
+    for key, value in (("add_eos_token", True), ("legacy", True), ("tokenizer_class", "GPT2Tokenizer")):
+        d = tmp_path / key
+        shutil.copytree(tokenizer_dir, d)
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        (d / "tokenizer_config.json").write_text(json.dumps({**cfg, key: value}))
+        assert load_rust_tokenizer(d) is None and key in why_not_rust(d)
+    d = tmp_path / "prepend"
+    shutil.copytree(tokenizer_dir, d)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["pre_tokenizer"]["prepend_scheme"] = "always"
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    assert load_rust_tokenizer(d) is None and "pre_tokenizer" in why_not_rust(d)

@@ -17,7 +17,8 @@ Accounting unit: **pairs**. ``in`` = pairs read, ``out`` = pairs written inside 
 ``rejected`` = pairs rejected (a malformed record counts as ``max(1, turns // 2)`` pairs).
 The stats also give ``records_in``, ``chunks_out``, ``pairs_truncated`` and ``max_chunk_tokens``.
 
-Speed: every record is tokenized whole once, in batches; one that fits is done. For a longer one
+Speed: the tokenizer is loaded with the ``tokenizers`` library alone when that is known to give
+the transformers ids (:mod:`llama_pipe.data.rust_tokenizer`); every record is tokenized whole once, in batches; one that fits is done. For a longer one
 the token offsets give each pair's share, chunks are planned from the shares, then every planned
 chunk is measured exactly in batches; a record whose planned chunk overflows is re-planned pair
 by pair with exact measurements.
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import SplitSettings
-from llama_pipe.data.common import alternates, batched, conversation_problem, log_settings, progress
+from llama_pipe.data.common import alternates, batched, conversation_problem, log, log_settings, progress
 from llama_pipe.records import InputError, InvalidLine, Record, StageWriter, read_records
 from llama_pipe.settings import add_settings_arguments, settings_from_args
 from llama_pipe.templates import ChatTemplate, get_template
@@ -70,6 +71,10 @@ class Splitter:
         Batches go straight to it (``encode_batch_fast`` skips offsets and the HF wrapper, ~40%
         less time); a probe on a few texts, with and without special tokens, guards equality.
         """
+        from tokenizers import Tokenizer
+
+        if isinstance(tok, Tokenizer):  # loaded by rust_tokenizer.load_rust_tokenizer: the ids are the HF ids
+            return tok
         backend = getattr(tok, "backend_tokenizer", None)
         if backend is None or not hasattr(backend, "encode_batch_fast"):
             return None
@@ -276,13 +281,27 @@ def split_file(inp: str | Path, out: str | Path, tokenizer: Any, cfg: SplitSetti
     return w
 
 
-def run(args: argparse.Namespace) -> int:
+def load_split_tokenizer(path: str | Path) -> Any:
+    """The tokenizer split measures with: the Rust tokenizer alone when it is known to give the
+    transformers ids (:mod:`llama_pipe.data.rust_tokenizer`, ~2 s less start-up), else
+    :func:`llama_pipe.weights.tokenizer.load_tokenizer`."""
+    from llama_pipe.data.rust_tokenizer import load_rust_tokenizer, why_not_rust
+
+    tok = load_rust_tokenizer(path)
+    if tok is not None:
+        log.info("split: tokenizer loaded with the tokenizers library alone")
+        return tok
     from llama_pipe.weights.tokenizer import load_tokenizer
 
+    log.info("split: tokenizer loaded through transformers (%s)", why_not_rust(path))
+    return load_tokenizer(path)
+
+
+def run(args: argparse.Namespace) -> int:
     cfg = settings_from_args(args, SplitSettings, "split")
     log_settings("split", cfg, input=args.input, output=args.output, tokenizer=args.tokenizer)
-    tok = load_tokenizer(args.tokenizer)
-    if not getattr(tok, "is_fast", False):
+    tok = load_split_tokenizer(args.tokenizer)
+    if not getattr(tok, "is_fast", True):
         raise InputError(f"{args.tokenizer}: not a fast tokenizer (no tokenizer.json); split needs one for batched, offset-aware tokenization")
     w = split_file(args.input, args.output, tok, cfg, args.rejects, args.stats)
     print(w.summary() + f"; records in={w.extra['records_in']} chunks out={w.extra['chunks_out']}")
