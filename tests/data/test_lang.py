@@ -99,6 +99,9 @@ def test_numpy_detector_agrees_with_langdetect(tmp_path: Path, sample: Path) -> 
     assert cli("clean", sample, "-o", tmp_path / "clean.jsonl") == 0
     texts = [L.prose(r, 1000) for r in read_jsonl(tmp_path / "clean.jsonl")]
     texts += [EN, ZH_CN, ZH_TW, DE, KO]
+    # ambiguous texts, where trials disagree and detection must run them all
+    texts += ["Ciao hello bonjour hola", "Das ist gut, that is good", "no sí oui", "Salut ok merci bien danke",
+              "我叫Gitclone，是git-cloner开发的模型", "banco casa porta mesa", "Mi piace la pizza, I like it"]
     L._init(FilterLangSettings())
     ours, theirs = [], []
     for t in texts:
@@ -135,3 +138,21 @@ def test_mostly_english_with_chinese_and_korean_quotes_is_english(tmp_path: Path
     out = tmp_path / "f.jsonl"
     assert cli("filter-lang", write_jsonl(tmp_path / "in.jsonl", [rec]), "-o", out) == 0
     assert [r["lang"] for r in read_jsonl(out)] == ["en"]
+
+
+def test_trials_stop_only_when_the_top_language_is_decided() -> None:
+    import numpy as np
+
+    from llama_pipe.data.lang import _decided
+
+    # after 4 of 7 trials all for language 0, the other 3 cannot overtake it
+    assert _decided(np.array([4 / 7, 0.0, 0.0]), 3 / 7)
+    # 3 of 7: the remaining 3 could all go to language 1 (a tie at best, but not decided)
+    assert not _decided(np.array([3 / 7, 0.0, 0.0]), 4 / 7)
+    assert _decided(np.array([3.9 / 7, 0.1 / 7, 0.0]), 3 / 7)  # 3.8/7 ahead of the second, 3/7 to come
+    assert not _decided(np.array([3.4 / 7, 0.6 / 7, 0.0]), 3 / 7)  # 2.8/7 ahead: the rest could overturn it
+    assert not _decided(np.array([2 / 7, 2 / 7, 0.0]), 3 / 7)
+    assert not _decided(np.array([1.0, 0.0]), 0.0)  # nothing left to skip
+    total = np.array([0.2, 0.5, 0.3])
+    _decided(total, 0.1)
+    assert total.tolist() == [0.2, 0.5, 0.3]  # not modified

@@ -114,7 +114,8 @@ def _detector() -> Any:
     profile per iteration in a Python loop, and builds its n-grams through an object per text.
     This subclass runs the same algorithm - same n-grams in the same order, same seeded random
     draws, same convergence test - with those loops replaced by numpy operations and an inlined,
-    memoised n-gram extractor (:func:`_ngrams`). A test checks it agrees with langdetect.
+    memoised n-gram extractor (:func:`_ngrams`), and stops after the trials that already decide
+    the top language (:func:`_decided`). A test checks it agrees with langdetect.
     """
     import numpy as np
     from langdetect.detector import Detector
@@ -138,21 +139,45 @@ def _detector() -> Any:
 
             total = np.zeros(len(self.langlist))
             self.random.seed(self.seed)
-            for _ in range(self.n_trial):
+            randbelow = self.random._randbelow  # what random.choice calls: the same draws
+            n = len(ngrams)
+            for trial in range(1, self.n_trial + 1):
                 prob = np.asarray(self._init_probability(), dtype=np.float64)
                 weight = (self.alpha + self.random.gauss(0.0, 1.0) * self.ALPHA_WIDTH) / self.BASE_FREQ
                 i = 0
                 while True:
-                    prob *= weight + vec(self.random.choice(ngrams))
+                    prob *= weight + vec(ngrams[randbelow(n)])
                     if i % 5 == 0:
                         prob /= prob.sum()
                         if prob.max() > self.CONV_THRESHOLD or i >= self.ITERATION_LIMIT:
                             break
                     i += 1
                 total += prob / self.n_trial
+                if _decided(total, (self.n_trial - trial) / self.n_trial):
+                    total *= self.n_trial / trial
+                    break
             self.langprob = total.tolist()
 
     return NumpyDetector(_factory)
+
+
+def _decided(total: Any, remaining: float) -> bool:
+    """True when the trials still to run cannot change the top language.
+
+    Every trial ends on a normalised probability vector and adds it divided by ``n_trial``, so the
+    ``remaining`` trials add at most ``remaining`` in all: once the leader is ahead of every other
+    language by more than that, the final ranking's first language (all that ``detect`` returns)
+    is already fixed. With 7 trials this takes at least 4 agreeing ones; it saves the other 3
+    whenever they agree (almost always), with the same answer as running all 7.
+    """
+    if remaining <= 0:
+        return False
+    top = int(total.argmax())
+    lead = total[top]
+    total[top] = -1.0
+    second = total.max()
+    total[top] = lead
+    return bool(lead - second > remaining + 1e-9)
 
 
 def _init(cfg: FilterLangSettings) -> None:
