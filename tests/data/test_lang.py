@@ -156,3 +156,28 @@ def test_trials_stop_only_when_the_top_language_is_decided() -> None:
     total = np.array([0.2, 0.5, 0.3])
     _decided(total, 0.1)
     assert total.tolist() == [0.2, 0.5, 0.3]  # not modified
+
+
+def test_cld2_detector_spells_codes_as_langdetect(tmp_path: Path) -> None:
+    """detector: cld2 gives the same labels on clear texts, so keep/skip lists mean the same."""
+    import pytest
+
+    pytest.importorskip("pycld2")
+    from llama_pipe.data.lang import detect_cld2
+
+    assert detect_cld2("text with a lone \ud83d surrogate") == "unknown"  # not encodable: unknown, not a crash
+    inp = write_jsonl(tmp_path / "in.jsonl", _records())
+    out = tmp_path / "f.jsonl"
+    assert cli("filter-lang", inp, "-o", out, "--keep", "[]", "--keep-unknown", "true", "--detector", "cld2") == 0
+    kept = {r["id"]: r["lang"] for r in read_jsonl(out)}
+    assert kept == {"en": "en", "zhcn": "zh-cn", "zhtw": "zh-tw", "de": "de", "ko": "ko", "zhcode": "zh-cn",
+                    "short": "unknown"}
+
+
+def test_cld2_without_pycld2_is_a_config_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pycld2", None)  # import fails as if not installed
+    inp = write_jsonl(tmp_path / "in.jsonl", _records())
+    assert cli("filter-lang", inp, "-o", tmp_path / "f.jsonl", "--detector", "cld2") == 2
+    assert "pycld2" in capsys.readouterr().err and not (tmp_path / "f.jsonl").exists()

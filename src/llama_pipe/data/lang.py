@@ -8,6 +8,10 @@ its text, so the result does not depend on record order or the number of workers
 more CJK words than Latin words is detected without its Latin words (see
 :func:`detect_language`).
 
+``detector: cld2`` uses pycld2 (the detector FastChat's optional_clean uses through polyglot)
+instead: compiled, about 10x faster, deterministic without a seed; its codes are spelt as
+langdetect's (``zh-cn``, ``zh-tw``, ``he``) so keep/skip lists mean the same with either.
+
 Every kept record gets a ``lang`` field (langdetect's code: ``en``, ``de``, ``zh-cn``, ``zh-tw``,
 ...). ``keep`` and ``skip`` entries match a code exactly or by its primary subtag, so ``zh``
 matches ``zh-cn`` and ``zh-tw``; an empty ``keep`` keeps every language not in ``skip``.
@@ -181,14 +185,35 @@ def _decided(total: Any, remaining: float) -> bool:
 
 
 def _init(cfg: FilterLangSettings) -> None:
-    """Load langdetect's profiles once per process and fix its seed."""
+    """Load langdetect's profiles once per process and fix its seed (nothing to load for cld2)."""
     global _CFG
+    _CFG = cfg
+    if cfg.detector == "cld2":
+        return
     from langdetect import DetectorFactory
     from langdetect.detector_factory import init_factory
 
-    _CFG = cfg
     DetectorFactory.seed = cfg.seed
     init_factory()
+
+
+# cld2 codes that langdetect spells differently (so keep/skip lists work with either detector)
+CLD2_CODES = {"zh": "zh-cn", "zh-hant": "zh-tw", "iw": "he", "un": UNKNOWN, "xxx": UNKNOWN}
+
+
+def detect_cld2(text: str) -> str:
+    """pycld2's top language for ``text`` in langdetect's spelling (``zh-cn``/``zh-tw``), or ``unknown``.
+
+    cld2 is deterministic (no seed). Text it cannot take (e.g. a lone surrogate) is ``unknown``.
+    """
+    import pycld2
+
+    try:
+        _, _, details = pycld2.detect(text)
+    except (pycld2.error, UnicodeError, ValueError):
+        return UNKNOWN
+    code = str(details[0][1]).lower() if details else "un"
+    return CLD2_CODES.get(code, code)
 
 
 _HAN_KANA = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -203,8 +228,9 @@ def cjk_words(text: str) -> float:
     return len(_HAN_KANA.findall(text)) / 2 + len(_HANGUL_WORD.findall(text))
 
 
-def detect_language(text: str, min_chars: int) -> str:
-    """langdetect's code for ``text`` (``unknown`` when too short or undetectable).
+def detect_language(text: str, min_chars: int, detector: str = "langdetect") -> str:
+    """The language code of ``text`` (``unknown`` when too short or undetectable), by langdetect
+    or, with ``detector="cld2"``, by :func:`detect_cld2`.
 
     Mixed-script rule: when a text has more CJK words (:func:`cjk_words`) than Latin-script words,
     the Latin words are removed before detection. Without it, a short Chinese sentence with a
@@ -220,6 +246,8 @@ def detect_language(text: str, min_chars: int) -> str:
     cjk = cjk_words(text)
     if cjk and cjk > len(_LATIN_WORD.findall(text)):
         text = _LATIN_WORD.sub(" ", text)
+    if detector == "cld2":
+        return detect_cld2(text)
     try:
         detector = _detector()
         detector.append(text)
@@ -235,7 +263,7 @@ def _detect_batch(batch: list[Any]) -> list[str | None]:
         if rec is None or conversation_problem(rec):
             out.append(None)
         else:
-            out.append(detect_language(prose(rec, _CFG.max_chars), _CFG.min_chars))
+            out.append(detect_language(prose(rec, _CFG.max_chars), _CFG.min_chars, _CFG.detector))
     return out
 
 
@@ -254,6 +282,12 @@ def filter_file(inp: str | Path, out: str | Path, cfg: FilterLangSettings,
         overlap = [c for c in cfg.keep if matches(c, cfg.skip)]
         if overlap:
             raise ConfigError(f"filter_lang: {overlap} are in both keep and skip")
+    if cfg.detector == "cld2":
+        try:
+            import pycld2  # noqa: F401
+        except ImportError:
+            raise ConfigError("filter_lang.detector: cld2 needs the pycld2 package (pip install pycld2, or "
+                              "llama-pipe[cld2]); or use detector: langdetect") from None
     items = list(read_records(inp))
     objs = [None if isinstance(obj, InvalidLine) else obj for _, obj in items]
     workers = min(resolve_workers(cfg.workers), max(1, len(objs) // BATCH))
