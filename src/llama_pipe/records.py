@@ -232,13 +232,49 @@ def dumps(record: Any) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_dead_temps(path: str | Path) -> list[Path]:
+    """Delete temporaries of ``path`` (``.NAME.<pid>.<random>.tmp``) whose writer no longer runs.
+
+    A writer killed with SIGKILL cannot clean up; the next writer of the same output does. A
+    temporary whose pid is alive (a concurrent writer, or a reused pid) is left alone.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+    removed = []
+    try:
+        entries = list(path.parent.iterdir())
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
 class AtomicFile:
-    """A text file written to a temporary name in the same directory and renamed on commit."""
+    """A text file written to a temporary name in the same directory and renamed on commit.
+
+    The temporary is ``.NAME.<pid>.<random>.tmp``; temporaries of ``NAME`` left by killed
+    writers are removed when the next one starts (:func:`remove_dead_temps`).
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        remove_dead_temps(self.path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.{os.getpid()}.", suffix=".tmp", dir=self.path.parent)
         self.tmp = Path(tmp)
         self.fh: TextIO = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
 
