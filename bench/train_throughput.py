@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PEER_DIR = REPO / ".peer"
@@ -304,13 +304,11 @@ def run_padmax_plain(case: Case) -> dict[str, Any]:
         tokens += n
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
-    return dict(
-        tok_per_s=round(tokens / dt), s_per_step=round(dt / TIMED, 3),
-        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
-        load_s=round(load_s, 1), loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
-        tokens_per_step=round(tokens / TIMED), fast_path="plain transformers+peft, pad to max",
-    )
+    return {
+        "tok_per_s": round(tokens / dt), "s_per_step": round(dt / TIMED, 3), **_memory(),
+        "load_s": round(load_s, 1), "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
+        "tokens_per_step": round(tokens / TIMED), "fast_path": "plain transformers+peft, pad to max",
+    }
 
 
 def run_case(name: str) -> dict[str, Any]:
@@ -350,15 +348,15 @@ def versions() -> dict[str, Any]:
     v["cuda"] = torch.version.cuda
     try:
         v["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                     capture_output=True, text=True, timeout=20).stdout.strip()
+                                     capture_output=True, text=True, timeout=20, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         v["driver"] = None
     return v
 
 
-def _sub(cmd: list[str], timeout: float, env: Optional[dict[str, str]] = None) -> tuple[int, str, str]:
+def _sub(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     try:
-        r = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True, env=env)
+        r = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True, env=env, check=False)
         return r.returncode, r.stdout, r.stderr
     except subprocess.TimeoutExpired as e:
         return 124, str(e.stdout or ""), f"timeout after {timeout:.0f} s"
@@ -367,15 +365,13 @@ def _sub(cmd: list[str], timeout: float, env: Optional[dict[str, str]] = None) -
 def orchestrate(out: Path, groups: list[str], budget_s: float, only: list[str]) -> None:
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "bench.log", "a")
-
     def left() -> float:
         return budget_s - (time.time() - t_start)
 
     def note(msg: str) -> None:
         print(msg, flush=True)
-        log.write(msg + "\n")
-        log.flush()
+        with open(out / "bench.log", "a") as log:
+            log.write(msg + "\n")
 
     env = dict(os.environ, OUT=str(out / "peer"), PYTHONUNBUFFERED="1")
     (out / "peer").mkdir(exist_ok=True)
@@ -438,9 +434,9 @@ def _load(path: Path) -> dict[str, dict[str, Any]]:
 
 def summarize(out: Path, vers: dict[str, Any]) -> str:
     ours, peers = _load(out / "ours.jsonl"), _load(out / "peer" / "results.jsonl")
-    lines = [f"GPU {vers.get('gpu')}, driver {vers.get('driver')}, torch {vers.get('torch')}, transformers "
-             f"{vers.get('transformers')}, peft {vers.get('peft')}, bitsandbytes {vers.get('bitsandbytes')}, "
-             f"liger-kernel {vers.get('liger-kernel')}", "",
+    lines = [(f"GPU {vers.get('gpu')}, driver {vers.get('driver')}, torch {vers.get('torch')}, transformers "
+              f"{vers.get('transformers')}, peft {vers.get('peft')}, bitsandbytes {vers.get('bitsandbytes')}, "
+              f"liger-kernel {vers.get('liger-kernel')}"), "",
              "| case | dropout | ours tok/s | ours peak GiB | HF+peft tok/s (GiB) | x HF+peft | unsloth tok/s (GiB) | x unsloth |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in ours.items():
@@ -454,13 +450,13 @@ def summarize(out: Path, vers: dict[str, Any]) -> str:
         lines.append(f"| {name} | {r['dropout']} | {r['tok_per_s']:,} | {r['peak_gib']} | {pf} | {px} | {uf} | {ux} |")
     if "real_packed" in ours and "real_padmax_plain" in ours:
         a, b = ours["real_packed"], ours["real_padmax_plain"]
-        lines += ["", f"real lengths: packed+fast {a['tok_per_s']:,} useful tok/s vs pad-to-max plain "
-                  f"{b['tok_per_s']:,}: {a['tok_per_s'] / b['tok_per_s']:.2f}x"]
+        lines += ["", (f"real lengths: packed+fast {a['tok_per_s']:,} useful tok/s vs pad-to-max plain "
+                       f"{b['tok_per_s']:,}: {a['tok_per_s'] / b['tok_per_s']:.2f}x")]
     lines += ["", "peers:"] + [f"- {k}: {v['tok_per_s']:,} tok/s, {v['peak_gib']} GiB, loss {v.get('loss')}" for k, v in peers.items()]
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("all", help="run groups of cases (peers first) and print the table")

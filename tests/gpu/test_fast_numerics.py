@@ -48,7 +48,7 @@ def _build(model_dir: Path, mode: str, fast: bool):
 
     from llama_pipe.train.fast import apply, report
 
-    kw = dict(dtype=torch.bfloat16, attn_implementation="sdpa", device_map={"": 0})
+    kw = {"dtype": torch.bfloat16, "attn_implementation": "sdpa", "device_map": {"": 0}}
     if mode == "nf4":
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16

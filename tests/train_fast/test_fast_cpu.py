@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from llama_pipe.train.fast import FastOptions, apply, report
-from llama_pipe.train.fast.loss import fused_linear_cross_entropy, reference_causal_lm_loss
+from llama_pipe.train.fast.loss import (
+    fused_linear_cross_entropy,
+    reference_causal_lm_loss,
+)
 
 
 def _case(seed: int, n_tokens: int = 37, hidden: int = 24, vocab: int = 101, dtype=torch.float64):
@@ -87,8 +90,12 @@ def test_none_reports_off(tiny_hf_model_dir) -> None:
     m = _tiny_lora(tiny_hf_model_dir, 0.0)
     apply(m, "none")
     assert "off" in report(m).describe()
-    with pytest.raises(ValueError, match="auto' or 'none"):
+    with pytest.raises(ValueError, match="'auto', 'auto-fp32' or 'none'"):
         apply(m, "fast")
+    from llama_pipe.train.fast import options_for
+
+    assert options_for("auto").bf16_frozen_weights and not options_for("auto-fp32").bf16_frozen_weights
+    assert options_for("none") is None
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

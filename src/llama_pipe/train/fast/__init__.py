@@ -34,26 +34,30 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import torch
 
-from llama_pipe.train.fast.loss import causal_lm_loss_sum, fused_linear_cross_entropy, reference_causal_lm_loss
+from llama_pipe.train.fast.loss import (
+    causal_lm_loss_sum,
+    fused_linear_cross_entropy,
+    reference_causal_lm_loss,
+)
 
 __all__ = [
     "FastOptions",
     "FastReport",
     "apply",
-    "report",
-    "options_for",
     "causal_lm_loss_sum",
     "fused_linear_cross_entropy",
+    "options_for",
     "reference_causal_lm_loss",
+    "report",
 ]
 
 log = logging.getLogger(__name__)
 
-KernelsSetting = Literal["auto", "none"]
+KernelsSetting = Literal["auto", "auto-fp32", "none"]
 
 
 @dataclass(frozen=True)
@@ -72,15 +76,23 @@ class FastOptions:
     cpu: bool = False
 
 
-def options_for(setting: Union[str, FastOptions]) -> Optional[FastOptions]:
-    """``"auto"`` -> every lever, ``"none"`` -> None (leave the model alone)."""
+def options_for(setting: str | FastOptions) -> FastOptions | None:
+    """The levers for a ``train.kernels`` value.
+
+    ``"auto"``: every lever. ``"auto-fp32"``: every lever except ``bf16_frozen_weights`` (a
+    4-bit base keeps peft's fp32 embeddings/norms/head and fp32 residual stream, as the plain
+    path does; slower and more memory, see docs/benchmarks.md). ``"none"``: None (leave the
+    model alone).
+    """
     if isinstance(setting, FastOptions):
         return setting
     if setting == "auto":
         return FastOptions()
+    if setting == "auto-fp32":
+        return FastOptions(bf16_frozen_weights=False)
     if setting == "none":
         return None
-    raise ValueError(f"train.kernels must be 'auto' or 'none', got {setting!r}")
+    raise ValueError(f"train.kernels must be 'auto', 'auto-fp32' or 'none', got {setting!r}")
 
 
 @dataclass
@@ -140,7 +152,7 @@ def _skip_input_cast_under_autocast(base: torch.nn.Module) -> int:
                 continue
             plain = module._cast_input_dtype
 
-            def cast(self: torch.nn.Module, x, dtype, _plain=plain):  # noqa: ANN001, ANN202
+            def cast(self: torch.nn.Module, x, dtype, _plain=plain):
                 if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
                     return x
                 return _plain(x, dtype)
@@ -171,7 +183,7 @@ def _wrap_autocast(base: torch.nn.Module, dtype: torch.dtype) -> None:
         return
 
     @functools.wraps(inner)
-    def forward(self: torch.nn.Module, *args, **kwargs):  # noqa: ANN001, ANN202
+    def forward(self: torch.nn.Module, *args, **kwargs):
         if torch.is_autocast_enabled("cuda"):
             return inner(*args, **kwargs)
         with torch.autocast("cuda", dtype=dtype):
@@ -181,12 +193,13 @@ def _wrap_autocast(base: torch.nn.Module, dtype: torch.dtype) -> None:
     base.forward = types.MethodType(forward, base)
 
 
-def apply(model: torch.nn.Module, kernels: Union[KernelsSetting, FastOptions] = "auto") -> torch.nn.Module:
+def apply(model: torch.nn.Module, kernels: KernelsSetting | FastOptions = "auto") -> torch.nn.Module:
     """Patch ``model`` (a transformers causal LM, or a peft model around one) in place.
 
     Returns the same model; ``report(model)`` tells what was applied (also logged at INFO).
     """
-    from llama_pipe.train.fast import attention, kernels as kern, offload
+    from llama_pipe.train.fast import attention, offload
+    from llama_pipe.train.fast import kernels as kern
     from llama_pipe.train.fast.loss import patch_fused_loss, supports_fused_loss
 
     opts = options_for(kernels)
@@ -201,7 +214,7 @@ def apply(model: torch.nn.Module, kernels: Union[KernelsSetting, FastOptions] = 
     cpu_ok = on_gpu or opts.cpu
     dtype = _compute_dtype(base)
 
-    def lever(name: str, wanted: bool, reason_off: Optional[str]) -> bool:
+    def lever(name: str, wanted: bool, reason_off: str | None) -> bool:
         if not wanted:
             rep.levers[name] = "off (not requested)"
             return False

@@ -15,7 +15,7 @@ transformers' SDPA path unchanged.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -48,7 +48,7 @@ def document_boundaries(position_ids: torch.Tensor, batch: int, seq: int) -> tup
     return cu, max_len
 
 
-def packed_causal_mask(position_ids: torch.Tensor, batch: int, seq: int) -> Optional[torch.Tensor]:
+def packed_causal_mask(position_ids: torch.Tensor, batch: int, seq: int) -> torch.Tensor | None:
     """A (B, 1, S, S) boolean mask: causal and within one document; None when each row is one document."""
     pos = position_ids.expand(batch, seq)
     start = torch.zeros_like(pos, dtype=torch.int32)
@@ -61,7 +61,7 @@ def packed_causal_mask(position_ids: torch.Tensor, batch: int, seq: int) -> Opti
     return (same & causal).unsqueeze(1)
 
 
-def _varlen_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: Optional[float]) -> torch.Tensor:
+def _varlen_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
     params = _cache.get("params")
@@ -88,10 +88,10 @@ def varlen_attention_forward(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
+    attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
-    scaling: Optional[float] = None,
-    position_ids: Optional[torch.Tensor] = None,
+    scaling: float | None = None,
+    position_ids: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-interface function: (B, H, S, D) in, (B, S, H, D) out."""
@@ -120,7 +120,7 @@ def varlen_attention_forward(
     return out.view(b, s, hq, d), None
 
 
-def varlen_mask(*args: Any, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> Optional[torch.Tensor]:
+def varlen_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
     """Mask-interface function: no mask for unpadded rows (documents come from position_ids),
     transformers' SDPA mask when there is padding (the attention then takes the SDPA path)."""
     if attention_mask is None or (attention_mask.ndim == 2 and bool(attention_mask.all())):
@@ -142,5 +142,5 @@ def install(model: torch.nn.Module) -> None:
         if setter is None:
             raise AttributeError
         setter(NAME)
-    except Exception:  # older/other transformers: set the config field directly
+    except (AttributeError, ValueError, KeyError, ImportError):  # other transformers: set the config field
         model.config._attn_implementation = NAME

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import types
 import weakref
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 
-def liger_unavailable_reason() -> Optional[str]:
+def liger_unavailable_reason() -> str | None:
     """None when liger-kernel can run here, else why not."""
     if not torch.cuda.is_available():
         return "no CUDA GPU"
@@ -25,7 +25,7 @@ def liger_unavailable_reason() -> Optional[str]:
         return "GPU older than sm80"
     try:
         import liger_kernel.transformers.functional  # noqa: F401
-    except Exception as e:  # ImportError, or triton missing/broken
+    except (ImportError, RuntimeError, OSError) as e:  # not installed, or triton missing/broken
         return f"liger-kernel not importable ({type(e).__name__}: {e}); pip install 'llama-pipe[gpu]'"
     return None
 
@@ -55,7 +55,7 @@ def _bind(module: torch.nn.Module, fn: Any) -> None:
 #: cos tensors made by the rotary modules of patched models (id -> tensor, weakly held): the
 #: module-level RoPE wrapper uses liger only for these, so an unpatched model in the same process
 #: keeps transformers' function, and a layer's recompute sees the same function as its forward.
-_LIGER_COS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+_LIGER_COS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
 
 def _rotary_forward(self: torch.nn.Module, x: torch.Tensor, position_ids: torch.Tensor, *args: Any, **kwargs: Any):

@@ -14,7 +14,7 @@ rounding; ``tests/gpu/test_fast_cpu.py`` checks loss and gradients against it.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,9 +94,9 @@ def fused_linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    num_items_in_batch: Optional[int | torch.Tensor] = None,
-    shift_labels: Optional[torch.Tensor] = None,
-    chunk_tokens: Optional[int] = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy of ``hidden @ weight.T`` against ``labels``, logits never whole.
 
@@ -125,7 +125,7 @@ def fused_linear_cross_entropy(
 
 
 def reference_causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Optional[int | torch.Tensor] = None
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
 ) -> torch.Tensor:
     """The plain path's loss on full logits (what transformers' ``ForCausalLMLoss`` computes)."""
     shift = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
@@ -137,13 +137,13 @@ def reference_causal_lm_loss(
 
 def _fused_causal_lm_forward(
     self: torch.nn.Module,
-    input_ids: Optional[torch.Tensor] = None,
-    attention_mask: Optional[torch.Tensor] = None,
-    position_ids: Optional[torch.Tensor] = None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
     past_key_values: Any = None,
-    inputs_embeds: Optional[torch.Tensor] = None,
-    labels: Optional[torch.Tensor] = None,
-    use_cache: Optional[bool] = None,
+    inputs_embeds: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    use_cache: bool | None = None,
     logits_to_keep: int | torch.Tensor = 0,
     **kwargs: Any,
 ) -> Any:
@@ -180,7 +180,7 @@ def _fused_causal_lm_forward(
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
 
 
-def supports_fused_loss(model: torch.nn.Module) -> Optional[str]:
+def supports_fused_loss(model: torch.nn.Module) -> str | None:
     """None when :func:`patch_fused_loss` can patch ``model``, else the reason it cannot."""
     lm_head = getattr(model, "lm_head", None)
     if type(lm_head) is not torch.nn.Linear or lm_head.bias is not None:

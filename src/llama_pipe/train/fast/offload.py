@@ -15,7 +15,8 @@ re-entrant checkpoint (the CPU test checks gradients against no checkpointing).
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -23,23 +24,23 @@ import torch
 class _Stash:
     """One layer input: on the host (CUDA case) or kept as is (CPU case)."""
 
-    __slots__ = ("kept", "host", "device", "loaded", "ready", "prev", "__weakref__")
+    __slots__ = ("__weakref__", "device", "host", "kept", "loaded", "prev", "ready")
 
     def __init__(self) -> None:
-        self.kept: Optional[torch.Tensor] = None
-        self.host: Optional[torch.Tensor] = None
-        self.device: Optional[torch.device] = None
-        self.loaded: Optional[torch.Tensor] = None
-        self.ready: Optional[torch.cuda.Event] = None
-        self.prev: Optional[weakref.ref[_Stash]] = None
+        self.kept: torch.Tensor | None = None
+        self.host: torch.Tensor | None = None
+        self.device: torch.device | None = None
+        self.loaded: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+        self.prev: weakref.ref[_Stash] | None = None
 
 
 class HostOffloader:
     """Moves tensors to pinned host memory and back on one side stream, prefetching in reverse."""
 
     def __init__(self) -> None:
-        self._stream: Optional[torch.cuda.Stream] = None
-        self._last: Optional[weakref.ref[_Stash]] = None
+        self._stream: torch.cuda.Stream | None = None
+        self._last: weakref.ref[_Stash] | None = None
         self.bytes_offloaded = 0
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
@@ -141,7 +142,7 @@ def make_checkpoint_fn(offloader: HostOffloader) -> Callable[..., torch.Tensor]:
     return checkpoint
 
 
-def install(model: torch.nn.Module, offloader: Optional[HostOffloader] = None) -> int:
+def install(model: torch.nn.Module, offloader: HostOffloader | None = None) -> int:
     """Use offloaded checkpointing in every checkpointed decoder layer of ``model``; returns the count.
 
     Only layers whose checkpointing is already on (``gradient_checkpointing_enable()``) change.
