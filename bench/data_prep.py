@@ -13,6 +13,7 @@ Stages, each a separate command as a user runs them (interpreter start-up includ
 | merge | merge.py |
 | clean | clean_sharegpt.py |
 | filter-lang --keep [] --skip ko | optional_clean.py --skip-lang ko |
+| filter-lang ... --detector cld2 (when pycld2 is installed) | (the same) |
 | split --max-length L | split_long_conversation.py --max-length L |
 | gather (val_fraction 0.1) | split_train_test.py --ratio 0.9 |
 
@@ -44,6 +45,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+CLD2 = "filter-lang (detector: cld2)"
 FSCHAT_PKGS = ["markdownify", "beautifulsoup4", "tqdm", "transformers", "sentencepiece", "protobuf", "numpy",
                "polyglot", "pycld2", "pyicu"]
 
@@ -134,6 +136,9 @@ def run_llama_pipe(inp: Path, work: Path, tok: Path, max_length: int) -> dict[st
     t["clean"] = (count(d / "merged.jsonl"), sh([*lp, "clean", str(d / "merged.jsonl"), "-o", str(d / "clean.jsonl")], env=env))
     t["filter-lang"] = (count(d / "clean.jsonl"), sh([*lp, "filter-lang", str(d / "clean.jsonl"), "-o", str(d / "lang.jsonl"),
                                                        "--keep", "[]", "--skip", "ko"], env=env))
+    if importlib.util.find_spec("pycld2") is not None:  # the optional compiled detector, same input
+        t[CLD2] = (count(d / "clean.jsonl"), sh([*lp, "filter-lang", str(d / "clean.jsonl"), "-o", str(d / "lang_cld2.jsonl"),
+                                                 "--keep", "[]", "--skip", "ko", "--detector", "cld2"], env=env))
     t["split"] = (count(d / "lang.jsonl"), sh([*lp, "split", str(d / "lang.jsonl"), "-o", str(d / "split.jsonl"),
                                                "--tokenizer", str(tok), "--max-length", str(max_length)], env=env))
     t["train/val"] = (count(d / "split.jsonl"), sh([*lp, "gather", str(d / "split.jsonl"), "--train", str(d / "train.jsonl"),
@@ -218,13 +223,17 @@ def table(lp: dict[str, tuple[int, float, float]], fc: dict[str, tuple[int, floa
             "| llama-pipe CPU s | FastChat CPU s | CPU speed-up | llama-pipe conv/s (wall) |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for stage in lp:
-        (ln, lw, lc), (fn, fw, fcpu) = lp[stage], fc[stage]
+        (ln, lw, lc), (fn, fw, fcpu) = lp[stage], fc["filter-lang" if stage == CLD2 else stage]
         rows.append(f"| {stage} | {ln} / {fn} | {lw:.2f} | {fw:.2f} | {fw / lw:.1f}x | {lc:.2f} | {fcpu:.2f} | "
                     f"{fcpu / lc:.1f}x | {ln / lw:,.0f} |")
-    lw, fw = sum(v[1] for v in lp.values()), sum(v[1] for v in fc.values())
-    lc, fcpu = sum(v[2] for v in lp.values()), sum(v[2] for v in fc.values())
-    rows.append(f"| **end to end** | {n} | {lw:.2f} | {fw:.2f} | **{fw / lw:.1f}x** | {lc:.2f} | {fcpu:.2f} | "
-                f"**{fcpu / lc:.1f}x** | {n / lw:,.0f} |")
+    fw, fcpu = sum(v[1] for v in fc.values()), sum(v[2] for v in fc.values())
+    variants = [("**end to end** (default: langdetect)", [k for k in lp if k != CLD2])]
+    if CLD2 in lp:
+        variants.append(("**end to end, detector: cld2**", [k for k in lp if k != "filter-lang"]))
+    for label, keys in variants:
+        lw, lc = sum(lp[k][1] for k in keys), sum(lp[k][2] for k in keys)
+        rows.append(f"| {label} | {n} | {lw:.2f} | {fw:.2f} | **{fw / lw:.1f}x** | {lc:.2f} | {fcpu:.2f} | "
+                    f"**{fcpu / lc:.1f}x** | {n / lw:,.0f} |")
     return rows
 
 

@@ -92,7 +92,7 @@ class Splitter:
         out: list[int] = []
         for b in batched(texts, self.cfg.batch_size):
             if self._backend is not None:
-                out += [len(e.ids) for e in self._backend.encode_batch_fast(b, add_special_tokens=special)]
+                out += [len(e) for e in self._backend.encode_batch_fast(b, add_special_tokens=special)]
             else:
                 out += [len(ids) for ids in self.tok(b, add_special_tokens=special)["input_ids"]]
         return out
@@ -100,7 +100,7 @@ class Splitter:
     def _with_offsets(self, texts: list[str]) -> list[tuple[int, list[tuple[int, int]]]]:
         """(token count, character offsets of each token) for each text, special tokens added."""
         if self._backend is not None:
-            return [(len(e.ids), e.offsets) for e in self._backend.encode_batch(texts, add_special_tokens=True)]
+            return [(len(e), e.offsets) for e in self._backend.encode_batch(texts, add_special_tokens=True)]
         enc = self.tok(texts, add_special_tokens=True, return_offsets_mapping=True)
         return [(len(ids), offs) for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
 
