@@ -243,24 +243,43 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_dead_temps(path: str | Path) -> list[Path]:
-    """Delete temporaries of ``path`` (``.NAME.<pid>.<random>.tmp``) whose writer no longer runs.
+    """Delete temporaries of output ``path`` whose writer no longer runs: files
+    ``.NAME.<pid>.<random>.tmp`` (:class:`AtomicFile`) and directories ``NAME.tmp-<pid>-<random>``
+    (:func:`new_temp_dir`).
 
     A writer killed with SIGKILL cannot clean up; the next writer of the same output does. A
     temporary whose pid is alive (a concurrent writer, or a reused pid) is left alone.
     """
+    import shutil
+
     path = Path(path)
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
-    removed = []
+    name = re.escape(path.name)
+    file_re = re.compile(rf"^\.{name}\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+    dir_re = re.compile(rf"^{name}\.tmp-(\d+)-[A-Za-z0-9_]+$")
+    removed: list[Path] = []
     try:
         entries = list(path.parent.iterdir())
     except FileNotFoundError:
         return removed
     for entry in entries:
-        m = pattern.match(entry.name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        m = file_re.match(entry.name) or dir_re.match(entry.name)
+        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
             entry.unlink(missing_ok=True)
-            removed.append(entry)
+        removed.append(entry)
     return removed
+
+
+def new_temp_dir(out: str | Path) -> Path:
+    """A fresh ``OUT.tmp-<pid>-<random>`` directory beside ``out`` (same file system, so renaming
+    it to ``out`` is atomic), after removing the ones killed writers of ``out`` left behind."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(out)
+    return Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent))
 
 
 class AtomicFile:
