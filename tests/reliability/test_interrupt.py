@@ -331,3 +331,36 @@ def test_no_temporary_files_survive_kill_and_rerun(killed_run: dict[str, object]
     """After kills mid-write and a completed re-run, no ``*.tmp*`` remains (a killed 13 GB
     convert must not leave 13 GB behind for good)."""
     assert not killed_run["leftovers"], f"temporary files left after kill + successful re-run: {killed_run['leftovers']}"
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_next_writer_removes_temporaries_of_a_killed_writer(kind: str, tmp_path: Path) -> None:
+    """The shared writers (records.AtomicFile, records.new_temp_dir): a writer SIGKILLed while
+    writing leaves its temporary; the next writer of the same output removes it, and leaves alone
+    the temporary of a writer that is still running."""
+    out = tmp_path / ("out.jsonl" if kind == "file" else "hf_base")
+    make = (f"f = AtomicFile({str(out)!r}); f.fh.write('partial'); f.fh.flush(); print(f.tmp, flush=True)"
+            if kind == "file" else f"t = new_temp_dir({str(out)!r}); (t / 'w').write_text('partial'); print(t, flush=True)")
+    code = f"from llama_pipe.records import AtomicFile, new_temp_dir\n{make}\nimport time; time.sleep(120)"
+    killed = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    alive = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        killed_tmp, alive_tmp = Path(killed.stdout.readline().strip()), Path(alive.stdout.readline().strip())  # type: ignore[union-attr]
+        assert killed_tmp.exists() and alive_tmp.exists()
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        from llama_pipe.records import AtomicFile, new_temp_dir
+
+        if kind == "file":
+            f = AtomicFile(out)
+            f.fh.write("complete\n")
+            f.commit()
+        else:
+            new_temp_dir(out).rename(out)
+        assert not killed_tmp.exists(), "the killed writer's temporary survived the next write"
+        assert alive_tmp.exists(), "a running writer's temporary was removed"
+    finally:
+        for proc in (killed, alive):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
