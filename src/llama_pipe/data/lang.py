@@ -286,8 +286,8 @@ def filter_file(inp: str | Path, out: str | Path, cfg: FilterLangSettings,
         try:
             import pycld2  # noqa: F401
         except ImportError:
-            raise ConfigError("filter_lang.detector: cld2 needs the pycld2 package (pip install pycld2, or "
-                              "llama-pipe[cld2]); or use detector: langdetect") from None
+            raise ConfigError("filter_lang.detector: cld2 needs the pycld2 package (pip install pycld2); "
+                              "or use detector: langdetect") from None
     items = list(read_records(inp))
     objs = [None if isinstance(obj, InvalidLine) else obj for _, obj in items]
     workers = min(resolve_workers(cfg.workers), max(1, len(objs) // BATCH))
