@@ -335,3 +335,15 @@ def test_config_values_reach_shell_quoted(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (ws / "results" / "clean" / "shard-000.jsonl").is_file()
     assert not marker.exists(), "a config value was executed by the shell"
+
+
+@pytest.mark.parametrize("name", [".", "..", "../x", "a/b", "/tmp/x", ""])
+def test_run_name_cannot_escape_results(name: str) -> None:
+    """``train.run`` becomes the path ``results/train/<run>``: a name that is not one plain path
+    component (``..`` would make the train output ``results/`` itself) is a config error."""
+    from llama_pipe.config import TrainSettings
+    from llama_pipe.settings import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="run"):
+        from_dict(TrainSettings, {"run": name}, root="train")
+
