@@ -192,6 +192,25 @@ class Metrics:
                 fh.write(json.dumps(row) + "\n")
 
 
+def apply_fast_path(acc: Any, model: Any, settings: TrainSettings) -> Any:
+    """Patch the prepared model with ``train.kernels`` (GPU only); returns its loss function or None.
+
+    Must run after the model is on its device and gradient checkpointing is enabled. Left off
+    under several processes: the fast path has only been measured and tested on one GPU.
+    """
+    if settings.kernels == "none" or acc.device.type != "cuda":
+        return None
+    if acc.num_processes > 1:
+        log.info("train.kernels=%s left off: the fast path is single-process only for now", settings.kernels)
+        return None
+    from llama_pipe.train import fast
+
+    inner = acc.unwrap_model(model)
+    fast.apply(inner, settings.kernels)
+    log.info("fast path: %s", fast.report(inner).describe())
+    return fast.causal_lm_loss_sum
+
+
 def train(
     base: Path, train_path: Path, val_path: Path, out: Path, settings: TrainSettings, loss_fn: Any = None
 ) -> dict[str, Any]:
@@ -253,6 +272,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(total, settings.warmup_steps, settings.min_lr_ratio))
     model, optimizer = acc.prepare(model, optimizer)
     acc.register_for_checkpointing(scheduler)
+    loss_fn = loss_fn or apply_fast_path(acc, model, settings)
     model.train()
     ctx = StepContext(acc, model, optimizer, scheduler, settings.max_grad_norm, settings.on_nonfinite, loss_fn or causal_lm_loss_sum)
 
