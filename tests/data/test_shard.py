@@ -87,3 +87,20 @@ def test_gather_rejects_records_without_turns(tmp_path: Path) -> None:
     assert cli("gather", inp, "--train", train, "--val", val) == 0
     assert len(read_jsonl(train)) + len(read_jsonl(val)) == 3
     assert stats_of(train, "gather.stats.json")["rejected"] == {"malformed_record": 2}
+
+
+def test_shard_removes_directories_of_killed_runs(tmp_path: Path) -> None:
+    """A SIGKILLed shard leaves ``DIR.tmp-<pid>-*``; the next run removes it (not a live process's)."""
+    import os
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"out.tmp-{dead.pid}-abc123"
+    (stale / "x").mkdir(parents=True)
+    live = tmp_path / f"out.tmp-{os.getppid()}-def456"
+    live.mkdir()
+    inp = write_jsonl(tmp_path / "m.jsonl", _recs(4))
+    assert cli("shard", inp, "--n", 2, "-o", tmp_path / "out") == 0
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.jsonl", "out", live.name])

@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import re
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from llama_pipe.records import (
     InvalidLine,
     StageWriter,
     dumps,
+    new_temp_dir,
     read_records,
     write_json_atomic,
 )
@@ -84,8 +84,7 @@ def shard_file(inp: str | Path, n: int, out_dir: str | Path) -> dict[str, Any]:
         raise InputError(f"--n must be at least 1, got {n}")
     out_dir = Path(out_dir)
     items = list(read_records(inp))  # a malformed file fails here, before anything is written
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = new_temp_dir(out_dir)  # also removes the DIR.tmp-<pid>-* of killed runs
     try:
         files = [open(tmp / f"shard-{i:03d}.jsonl", "w", encoding="utf-8", newline="\n") for i in range(n)]
         counts = [0] * n
@@ -120,7 +119,7 @@ def shard_file(inp: str | Path, n: int, out_dir: str | Path) -> dict[str, Any]:
             raise RuntimeError("shard: accounting error; nothing written")
         write_json_atomic(tmp / "shard.stats.json", stats)
         if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))
+            old = new_temp_dir(out_dir)  # holds the previous DIR until it is deleted
             out_dir.rename(old / "x")
             tmp.rename(out_dir)
             shutil.rmtree(old, ignore_errors=True)
