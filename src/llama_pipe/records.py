@@ -53,13 +53,13 @@ def _stem(path: Path) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, what: str = "file") -> str:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
+        raise InputError(f"{path}: {what} not found") from None
     except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, expected a .json or .jsonl file") from None
+        raise InputError(f"{path}: is a directory, expected a .json or .jsonl {what}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -213,6 +213,18 @@ def iter_jsonl(path: str | Path) -> Iterator[Record]:
                 if problem:
                     raise InputError(f"{path}: line {n}: {problem}")
             yield obj
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """One JSON document (a stats or metrics file), strictly: any problem is an InputError naming it."""
+    path = Path(path)
+    text = _read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: {what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except (RecursionError, ValueError) as exc:
+        raise InputError(f"{path}: {what}: {_unreadable(exc)}") from None
 
 
 def file_digest(path: str | Path, algo: str = "sha256", chunk: int = 1 << 20) -> str:

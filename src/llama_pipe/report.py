@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import json
 import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.records import InputError, iter_jsonl
+from llama_pipe.records import InputError, iter_jsonl, read_json
 
 STAGE_ORDER = ["merge", "shard", "clean", "filter_lang", "split", "gather"]
 
@@ -35,15 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def _load_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: {what} not found") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: {what} is not valid JSON ({exc})") from None
 
 
 def read_losses(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -67,7 +57,7 @@ def funnel(stats_paths: list[Path]) -> list[dict[str, Any]]:
     """One entry per stage (pipeline order), shards summed: stage, unit, in, out, rejected, files."""
     stages: dict[str, dict[str, Any]] = {}
     for p in stats_paths:
-        s = _load_json(p, "stats file")
+        s = read_json(p, "stats file")
         if not isinstance(s, dict) or not {"stage", "in", "out"} <= s.keys():
             raise InputError(f"{p}: not a stage stats file (needs 'stage', 'in', 'out')")
         e = stages.setdefault(s["stage"], {"stage": s["stage"], "unit": s.get("unit", "records"), "in": 0, "out": 0,
@@ -220,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     train, val = read_losses(Path(args.train_metrics))
     stages = funnel([Path(p) for p in args.stats])
     ev_path = Path(args.eval)
-    ev = _load_json(ev_path, "eval metrics")
+    ev = read_json(ev_path, "eval metrics")
     if not isinstance(ev, dict) or not {"base_ppl", "tuned_ppl"} <= ev.keys():
         raise InputError(f"{ev_path}: no base_ppl/tuned_ppl; expected the metrics.json written by `llama-pipe eval`")
     answers_path = ev_path.with_name("answers.jsonl")
