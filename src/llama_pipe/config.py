@@ -182,7 +182,7 @@ class LoraSettings:
 class TrainSettings:
     """``train``: LoRA / QLoRA / 8-bit / full fine-tuning."""
 
-    run: str = opt("default", "run name: outputs go to results/train/<run>/", pattern=r"^[A-Za-z0-9_.-]+$")
+    run: str = opt("default", "run name: outputs go to results/train/<run>/", pattern=r"^(?!\.\.?$)[A-Za-z0-9_.-]+$")
     mode: Literal["lora", "qlora", "int8", "full"] = opt("lora", "what is trained and how the base is stored")
     template: Literal["vicuna_v1.1", "llama-2", "chatml"] = opt("vicuna_v1.1", "chat template")
     system_prompt: Optional[str] = opt(None, "system prompt override; null uses the template's default")

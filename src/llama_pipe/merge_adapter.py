@@ -30,6 +30,7 @@ from typing import Any
 from llama_pipe.config import MergeAdapterSettings
 from llama_pipe.records import InputError, file_digest, write_json_atomic
 from llama_pipe.settings import add_settings_arguments, describe, settings_from_args
+from llama_pipe.weights.hf import safetensors_files
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def check_model_dir(path: str | Path, what: str = "model") -> Path:
     if not (path / "config.json").is_file():
         hint = " (it looks like a peft adapter: pass it with --adapter)" if (path / "adapter_config.json").is_file() else ""
         raise InputError(f"{path}: not a Hugging Face model directory (no config.json){hint}; expected e.g. results/hf_base or results/merged")
+    safetensors_files(path)
     return path
 
 
@@ -115,7 +117,7 @@ def load_float_base(base: str | Path, device: str = "cpu") -> Any:
             f"{base}: the checkpoint is quantised ({cfg.quantization_config.get('quant_method', '?')}); merging needs the "
             "float base the adapter was trained over (the hf_base directory), not a 4/8-bit copy"
         )
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, device_map=device)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, device_map=device, use_safetensors=True)
     model.eval()
     return model
 

@@ -69,11 +69,14 @@ def lora_config(lora: LoraSettings) -> Any:
 
 
 def _check_base_dir(base_dir: Path) -> None:
+    from llama_pipe.weights.hf import safetensors_files
+
     if not (base_dir / "config.json").is_file():
         raise InputError(
             f"{base_dir}: no config.json; --base must be a Hugging Face model directory "
             "(the output of `llama-pipe convert`, or a downloaded HF repo)"
         )
+    safetensors_files(base_dir)
 
 
 def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, precision: str) -> Any:
@@ -96,6 +99,7 @@ def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, prec
     kwargs: dict[str, Any] = {
         "attn_implementation": settings.attn_implementation,
         "trust_remote_code": settings.trust_remote_code,
+        "use_safetensors": True,
     }
     mode = settings.mode
     if mode == "qlora":

@@ -111,7 +111,8 @@ def download_repo(repo_id: str, out_dir: Path, revision: str | None = None) -> l
     return names
 
 
-def _weight_files(src: Path) -> list[str]:
+def safetensors_files(src: Path) -> list[str]:
+    """The safetensors weight files of an HF model dir; pickled-only weights are refused (InputError)."""
     index = src / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -128,7 +129,7 @@ def _weight_files(src: Path) -> list[str]:
     pickles = sorted(p.name for p in src.iterdir() if p.suffix in (".bin", ".pth", ".pt"))
     if pickles:
         raise InputError(
-            f"{src}: only pickled weights ({pickles[:3]}); llama-pipe passes through safetensors only. Convert them "
+            f"{src}: only pickled weights ({pickles[:3]}); llama-pipe loads safetensors only (a pickle can run code). Convert them "
             "with a trusted tool, or fetch the repo's safetensors"
         )
     raise InputError(f"{src}: config.json but no model.safetensors or model.safetensors.index.json")
@@ -146,7 +147,7 @@ def validate_hf_dir(src: Path) -> dict[str, Any]:
         config = AutoConfig.from_pretrained(str(src), trust_remote_code=False)
     except Exception as exc:  # transformers raises many types here
         raise InputError(f"{src / 'config.json'}: not a usable model config ({exc})") from None
-    files = _weight_files(src)
+    files = safetensors_files(src)
     found: dict[str, tuple[int, ...]] = {}
     for f in files:
         try:
