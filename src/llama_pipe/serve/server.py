@@ -194,10 +194,10 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length)
         try:
             return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(400, f"the body is not valid JSON: {exc}") from None
         except RecursionError:
             raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an over-long integer literal
+            raise ApiError(400, f"the body is not valid JSON: {str(exc).split(';')[0]}") from None
 
     # ------------------------------------------------------------------ routes
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
