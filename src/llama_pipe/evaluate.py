@@ -152,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoConfig
 
-    from llama_pipe.merge_adapter import check_model_dir, commit_dir, load_float_base, new_tmp_dir, pick_template, recorded_system_prompt
+    from llama_pipe.merge_adapter import check_model_dir, load_float_base, pick_template, recorded_system_prompt
+    from llama_pipe.records import commit_dir, new_temp_dir
     from llama_pipe.serve.generate import ChatModel, pick_device
     from llama_pipe.templates import get_template
     from llama_pipe.weights.tokenizer import load_tokenizer
@@ -202,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         "models": {"base": str(base), "tuned": str(tuned)}, "val": str(val), "device": device, "seconds": round(time.time() - t0, 2),
         "settings": to_dict(settings),
     }
-    tmp = new_tmp_dir(out)
+    tmp = new_temp_dir(out)
     try:
         write_json_atomic(tmp / "metrics.json", metrics)
         (tmp / "answers.jsonl").write_text("".join(dumps(a) + "\n" for a in answers), encoding="utf-8")

@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import MergeAdapterSettings
-from llama_pipe.records import InputError, file_digest, write_json_atomic
+from llama_pipe.records import InputError, commit_dir, file_digest, new_temp_dir, write_json_atomic
 from llama_pipe.settings import add_settings_arguments, describe, settings_from_args
 from llama_pipe.weights.hf import safetensors_files
 
@@ -217,25 +216,6 @@ def recorded_system_prompt(dirs: list[Path]) -> str | None:
 # ----------------------------------------------------------------------------- output
 
 
-def new_tmp_dir(out: Path) -> Path:
-    """A fresh ``OUT.tmp-<pid>-<time>`` beside ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{int(time.time() * 1000)}")
-    tmp.mkdir()
-    return tmp
-
-
-def commit_dir(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by the finished ``tmp`` (old one moved aside first, then deleted)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}-{int(time.time() * 1000)}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_model_dir(model: Any, tokenizer: Any, template_name: str, out: Path, max_shard_size: str, sidecar: dict[str, Any]) -> None:
     """Save model (safetensors shards), tokenizer with chat template, generation config and sidecar into ``out``."""
     from transformers import GenerationConfig
@@ -304,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
         "adapters": [{"path": str(a), "sha256": file_digest(a / "adapter_model.safetensors")} for a in adapters],
         "dtype": settings.dtype,
     }
-    tmp = new_tmp_dir(out)
+    tmp = new_temp_dir(out)
     try:
         write_model_dir(model, tokenizer, template_name, tmp, settings.max_shard_size, sidecar)
         copy_sentencepiece(tokenizer, dirs, tmp)

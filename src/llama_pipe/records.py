@@ -294,6 +294,31 @@ def new_temp_dir(out: str | Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent))
 
 
+def commit_dir(tmp: str | Path, out: str | Path) -> None:
+    """Move a finished ``tmp`` (from :func:`new_temp_dir`) into place at ``out``.
+
+    An older ``out`` is first moved into another temporary directory (removed afterwards, or by
+    the next writer if this one is killed in between), so ``out`` is always either the old or the
+    new complete directory. Permissions follow the umask (mkdtemp makes directories private).
+    """
+    import shutil
+
+    tmp, out = Path(tmp), Path(out)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    for f in tmp.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o666 & ~umask)
+    old: Path | None = None
+    if out.exists() or out.is_symlink():
+        old = new_temp_dir(out)
+        os.replace(out, old / "x")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 class AtomicFile:
     """A text file written to a temporary name in the same directory and renamed on commit.
 

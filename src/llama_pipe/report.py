@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from llama_pipe.merge_adapter import commit_dir, new_tmp_dir
+    from llama_pipe.records import commit_dir, new_temp_dir
 
     train, val = read_losses(Path(args.train_metrics))
     stages = funnel([Path(p) for p in args.stats])
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     answers_path = ev_path.with_name("answers.jsonl")
     answers = list(iter_jsonl(answers_path)) if answers_path.is_file() else []
     out = Path(args.output)
-    tmp = new_tmp_dir(out)
+    tmp = new_temp_dir(out)
     try:
         plot_loss(train, val, tmp / "loss.png")
         plot_funnel(stages, tmp / "funnel.png")

@@ -34,6 +34,7 @@ from llama_pipe.records import (
     InvalidLine,
     StageWriter,
     dumps,
+    commit_dir,
     new_temp_dir,
     read_records,
     write_json_atomic,
@@ -118,13 +119,7 @@ def shard_file(inp: str | Path, n: int, out_dir: str | Path) -> dict[str, Any]:
         if stats["in"] != stats["out"] + sum(rejected.values()):  # pragma: no cover - a bug guard
             raise RuntimeError("shard: accounting error; nothing written")
         write_json_atomic(tmp / "shard.stats.json", stats)
-        if out_dir.exists():
-            old = new_temp_dir(out_dir)  # holds the previous DIR until it is deleted
-            out_dir.rename(old / "x")
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

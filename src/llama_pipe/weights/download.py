@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import BaseSettings
-from llama_pipe.records import InputError, file_digest
+from llama_pipe.records import InputError, commit_dir, file_digest
 from llama_pipe.settings import ConfigError, add_settings_arguments, describe, settings_from_args
 from llama_pipe.weights import meta
 from llama_pipe.weights.fetch import fetch, file_url, new_session, redact
@@ -107,7 +107,7 @@ def download_release(base_url: str, out_dir: Path, settings: BaseSettings, sessi
         )
     for leftover in partial.glob("*.corrupt"):
         leftover.unlink()
-    meta.commit_dir(partial, out_dir)
+    commit_dir(partial, out_dir)
     return sorted(sums)
 
 

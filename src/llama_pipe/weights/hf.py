@@ -10,8 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.records import InputError
-from llama_pipe.weights import meta
+from llama_pipe.records import InputError, commit_dir, new_temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +95,17 @@ def download_repo(repo_id: str, out_dir: Path, revision: str | None = None) -> l
             "weights (they can run code when loaded). Use a repo with safetensors, or a Meta release URL"
         )
     if offline:  # files of the cache (symlinks into its blobs): copy them out
-        tmp = meta.temp_dir_for(out_dir)
+        tmp = new_temp_dir(out_dir)
         try:
             for n in names:
                 shutil.copyfile(local_path / n, tmp / n)
-            meta.commit_dir(tmp, out_dir)
+            commit_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     else:
         shutil.rmtree(partial / ".cache", ignore_errors=True)
-        meta.commit_dir(partial, out_dir)
+        commit_dir(partial, out_dir)
     log.info("huggingface_hub %s fetched %d file(s)", huggingface_hub.__version__, len(names))
     return names
 
@@ -184,7 +183,7 @@ def pass_through(src: Path, out_dir: Path, settings: Any) -> dict[str, Any]:
     from llama_pipe.templates import get_template
 
     info = validate_hf_dir(src)
-    tmp = meta.temp_dir_for(out_dir)
+    tmp = new_temp_dir(out_dir)
     try:
         names = [p.name for p in sorted(src.iterdir()) if p.is_file() and wanted(p.name)]
         for n in names:
@@ -199,7 +198,7 @@ def pass_through(src: Path, out_dir: Path, settings: Any) -> dict[str, Any]:
             from transformers import GenerationConfig
 
             GenerationConfig.from_model_config(info["config"]).save_pretrained(tmp)
-        meta.commit_dir(tmp, out_dir)
+        commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,11 +18,8 @@ How Meta's model-parallel code splits each weight across ranks (fairscale layers
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -293,26 +290,3 @@ def verify_checklist(directory: Path, checklist: str = CHECKLIST, digests: bool 
 
 
 # ----------------------------------------------------------------------------- atomic directories
-
-
-def temp_dir_for(out: Path) -> Path:
-    """A fresh ``OUT.tmp-*`` directory beside ``out`` (same file system, so rename is atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-
-
-def commit_dir(tmp: Path, out: Path) -> None:
-    """Move a finished ``tmp`` into place at ``out``, replacing an older ``out`` if present."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp (and some writers) make things private
-    for f in tmp.rglob("*"):
-        if f.is_file() and not f.is_symlink():
-            os.chmod(f, 0o666 & ~umask)
-    old: Path | None = None
-    if out.exists() or out.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "x")
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
