@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,8 @@ from typing import Any
 from llama_pipe.config import TrainSettings
 from llama_pipe.settings import to_dict
 from llama_pipe.templates import ChatTemplate
-from llama_pipe.train.output import replace_dir, verify_adapter, verify_full, write_json
+from llama_pipe.records import commit_dir, new_temp_dir
+from llama_pipe.train.output import verify_adapter, verify_full, write_json
 
 log = logging.getLogger("llama_pipe.train")
 
@@ -42,9 +42,7 @@ def write_output(
     state_dict = acc.get_state_dict(model)
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
-        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = new_temp_dir(out)
         try:
             unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
             if settings.mode == "full":
@@ -77,7 +75,7 @@ def write_output(
         write_json(tmp / "summary.json", {k: v for k, v in summary.items() if k != "is_main"})
         # The run directory goes into place first, then the checkpoints move into it: a kill in
         # between leaves them in <OUT>.ckpt, where the next run resumes from them.
-        replace_dir(tmp, out)
+        commit_dir(tmp, out)
         if (root / "checkpoints").is_dir():
             (root / "checkpoints").rename(out / "checkpoints")
         else:
