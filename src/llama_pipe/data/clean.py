@@ -31,6 +31,7 @@ from typing import Any
 
 from llama_pipe.config import CleanSettings
 from llama_pipe.data.common import (
+    add_output_arguments,
     alternates,
     batched,
     conversation_problem,
@@ -127,9 +128,7 @@ def _clean_batch(batch: list[Any]) -> list[Outcome]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="IN", help="JSONL (or a ShareGPT .json list)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="cleaned JSONL")
-    parser.add_argument("--rejects", metavar="FILE", help="rejects JSONL (default: OUT with .rejects.jsonl)")
-    parser.add_argument("--stats", metavar="FILE", help="stats JSON (default: OUT with .stats.json)")
+    add_output_arguments(parser, "cleaned JSONL")
     add_settings_arguments(parser, CleanSettings, "clean")
 
 

@@ -47,6 +47,13 @@ def alternates(conv: list[dict[str, Any]]) -> bool:
     return all(t["from"] == ROLES[i % 2] for i, t in enumerate(conv))
 
 
+def add_output_arguments(parser: Any, output_help: str) -> None:
+    """``-o OUT`` plus the ``--rejects`` / ``--stats`` overrides every data stage takes."""
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help=output_help)
+    parser.add_argument("--rejects", metavar="FILE", help="rejects JSONL (default: OUT with .rejects.jsonl)")
+    parser.add_argument("--stats", metavar="FILE", help="stats JSON (default: OUT with .stats.json)")
+
+
 def resolve_workers(workers: int) -> int:
     """``0`` means every core this process may use."""
     if workers > 0:

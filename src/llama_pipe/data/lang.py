@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import FilterLangSettings
-from llama_pipe.data.common import batched, conversation_problem, log_settings, pool_map, progress, resolve_workers
+from llama_pipe.data.common import add_output_arguments, batched, conversation_problem, log_settings, pool_map, progress, resolve_workers
 from llama_pipe.data.markdown import code_regions
 from llama_pipe.records import InvalidLine, StageWriter, read_records
 from llama_pipe.settings import ConfigError, add_settings_arguments, settings_from_args
@@ -269,9 +269,7 @@ def _detect_batch(batch: list[Any]) -> list[str | None]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="IN", help="JSONL written by clean")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="filtered JSONL (records get 'lang')")
-    parser.add_argument("--rejects", metavar="FILE", help="rejects JSONL (default: OUT with .rejects.jsonl)")
-    parser.add_argument("--stats", metavar="FILE", help="stats JSON (default: OUT with .stats.json)")
+    add_output_arguments(parser, "filtered JSONL (records get 'lang')")
     add_settings_arguments(parser, FilterLangSettings, "filter_lang")
 
 

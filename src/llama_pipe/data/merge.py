@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import MergeSettings
-from llama_pipe.data.common import log_settings, progress
+from llama_pipe.data.common import add_output_arguments, log_settings, progress
 from llama_pipe.records import InputError, InvalidLine, Record, StageWriter, read_records
 from llama_pipe.settings import add_settings_arguments, settings_from_args
 
@@ -142,9 +142,7 @@ def _leading_system(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="IN", help="ShareGPT/OpenAI/Alpaca .json (list) or .jsonl files, merged in this order")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="merged JSONL")
-    parser.add_argument("--rejects", metavar="FILE", help="rejects JSONL (default: OUT with .rejects.jsonl)")
-    parser.add_argument("--stats", metavar="FILE", help="stats JSON (default: OUT with .stats.json)")
+    add_output_arguments(parser, "merged JSONL")
     add_settings_arguments(parser, MergeSettings, "merge")
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import SplitSettings
-from llama_pipe.data.common import alternates, batched, conversation_problem, log, log_settings, progress
+from llama_pipe.data.common import add_output_arguments, alternates, batched, conversation_problem, log, log_settings, progress
 from llama_pipe.records import InputError, InvalidLine, Record, StageWriter, read_records
 from llama_pipe.settings import add_settings_arguments, settings_from_args
 from llama_pipe.templates import ChatTemplate, get_template
@@ -228,10 +228,8 @@ def _prepare(obj: Any, cfg: SplitSettings) -> _Rec | str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="IN", help="JSONL written by filter-lang (or clean)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="JSONL of chunks")
+    add_output_arguments(parser, "JSONL of chunks")
     parser.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory (the converted HF base)")
-    parser.add_argument("--rejects", metavar="FILE", help="rejects JSONL (default: OUT with .rejects.jsonl)")
-    parser.add_argument("--stats", metavar="FILE", help="stats JSON (default: OUT with .stats.json)")
     add_settings_arguments(parser, SplitSettings, "split")
 
 
