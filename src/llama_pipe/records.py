@@ -245,13 +245,20 @@ def dumps(record: Any) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs. A zombie does not: a killed writer whose orphaned
+    process waits to be reaped (which a container's init may take seconds to do) is dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's live process
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            state = fh.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):  # no /proc (not Linux) or it just went away
+        return True
+    return state not in ("Z", "X")
 
 
 def remove_dead_temps(path: str | Path) -> list[Path]:
