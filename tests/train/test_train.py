@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from llama_pipe.config import LoraSettings, TrainSettings
-from llama_pipe.train.checkpoint import checkpoint_root
+from llama_pipe.records import InputError
+from llama_pipe.train.checkpoint import checkpoint_root, write_manifest
 from llama_pipe.train.loop import train
 from llama_pipe.train.step import NonFiniteLoss, causal_lm_loss_sum
 
@@ -93,6 +94,16 @@ def test_lora_run_writes_the_contracted_directory(reference_run, tiny_hf_model_d
     assert not torch.allclose(before, after)
 
 
+class _Payload:
+    """Unpickling this creates a file: proof that a loader ran a pickle without weights_only."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, ...]]:
+        return (os.system, (f"touch {self.path}",))
+
+
 def test_sigkill_then_resume_gives_the_same_adapter(reference_run, tmp_path, tiny_hf_model_dir, data_files) -> None:
     ref_out, ref_summary = reference_run
     out = tmp_path / "run"
@@ -113,6 +124,18 @@ def test_sigkill_then_resume_gives_the_same_adapter(reference_run, tmp_path, tin
     data = bytearray(victim.read_bytes())
     data[-5] ^= 0x55
     victim.write_bytes(bytes(data))
+    # Someone who can write the checkpoint directory plants a pickle where accelerate would look
+    # for registered objects, with a manifest that vouches for it: resume must never unpickle it.
+    marker = tmp_path / "payload-ran"
+    torch.save(_Payload(str(marker)), ckpts / "step-00000002" / "custom_checkpoint_0.pkl")
+    (ckpts / "step-00000002" / "manifest.json").unlink()
+    write_manifest(ckpts / "step-00000002")
+    with pytest.raises(InputError, match="step-00000002: cannot restore"):
+        train(tiny_hf_model_dir, *data_files, out, s)
+    assert not marker.exists(), "resume unpickled a planted file"
+    (ckpts / "step-00000002" / "custom_checkpoint_0.pkl").unlink()
+    (ckpts / "step-00000002" / "manifest.json").unlink()
+    write_manifest(ckpts / "step-00000002")
     summary = train(tiny_hf_model_dir, *data_files, out, s)
     assert summary["resumed_from"] == 2
     _assert_same_adapter(out, ref_out, atol=1e-6)

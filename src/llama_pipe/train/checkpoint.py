@@ -6,10 +6,11 @@ A checkpoint is a directory ``<OUT>.ckpt/checkpoints/step-00000040/`` holding
   ``full``), what resume loads; under FSDP/DeepSpeed accelerate writes its own sharded model files
   instead; with an adapter also ``adapter/`` (a peft adapter directory, to evaluate that step),
 * accelerate's ``save_state`` files: optimiser (``optimizer.bin``), grad scaler, every process's
-  RNG states (``random_states_<rank>.pkl``: python, numpy, torch CPU and CUDA) and the LR
-  scheduler (``custom_checkpoint_0.pkl``),
-* ``trainer_state.json`` - step, rows consumed, epoch, the run fingerprint and the validation
-  loss before training,
+  RNG states (``random_states_<rank>.pkl``: python, numpy, torch CPU and CUDA), all read back
+  with ``weights_only=True``,
+* ``trainer_state.json`` - step, rows consumed, epoch, the LR scheduler's state, the run
+  fingerprint and the validation loss before training (JSON: nothing in a checkpoint is
+  unpickled without ``weights_only``),
 * ``manifest.json`` - size and sha256 of every other file, written last.
 
 It is written as ``.step-00000040.tmp`` and renamed into place once complete, so a checkpoint
@@ -27,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.records import file_digest
+from llama_pipe.records import InputError, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +196,14 @@ class Checkpointer:
         return Path(choice[0]) if choice[0] else None
 
     def load(self, ckpt: Path, model: Any) -> dict[str, Any]:
-        """Restore optimiser, scheduler, scaler, RNG and trainable weights; return the trainer state."""
-        self.acc.load_state(str(ckpt))
+        """Restore optimiser, scaler, RNG and trainable weights; return the trainer state (scheduler included)."""
+        try:
+            self.acc.load_state(str(ckpt))
+        except (RuntimeError, ValueError, OSError) as exc:  # e.g. a foreign custom_checkpoint_*.pkl
+            raise InputError(
+                f"{ckpt}: cannot restore this checkpoint ({str(exc).splitlines()[0]}); "
+                "move it aside to resume from an older one, or set train.resume: never"
+            ) from exc
         if self.own_weights:
             load_trainable(self.acc.unwrap_model(model), ckpt / TRAINABLE)
         return json.loads((ckpt / TRAINER_STATE).read_text(encoding="utf-8"))

@@ -271,7 +271,9 @@ def train(
     optimizer = make_optimizer(model, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(total, settings.warmup_steps, settings.min_lr_ratio))
     model, optimizer = acc.prepare(model, optimizer)
-    acc.register_for_checkpointing(scheduler)
+    # The scheduler's state goes into trainer_state.json, not through accelerate's
+    # register_for_checkpointing: accelerate reloads registered objects with an unrestricted
+    # pickle (weights_only=False), which would run code planted in a checkpoint directory.
     loss_fn = loss_fn or apply_fast_path(acc, model, settings)
     model.train()
     ctx = StepContext(acc, model, optimizer, scheduler, settings.max_grad_norm, settings.on_nonfinite, loss_fn or causal_lm_loss_sum)
@@ -284,6 +286,7 @@ def train(
     found = ckpt.latest() if settings.resume == "auto" else None
     if found is not None:
         state = ckpt.load(found, model)
+        scheduler.load_state_dict(state["scheduler"])
         start, val_before, resumed_from = int(state["step"]), state["val_loss_before"], int(state["step"])
         tokens_before = int(state.get("train_tokens", 0))
         metrics.restart_at(start)
@@ -331,7 +334,8 @@ def train(
             stopping = stop.requested(acc)
             if ((step + 1) % settings.save_every == 0 and step + 1 < total) or stopping:
                 ckpt.save(step + 1, model, {"rows_consumed": (step + 1) * plan.global_rows, "epoch": plan.epoch_of(step + 1),
-                                            "val_loss_before": val_before, "train_tokens": tokens_total})
+                                            "val_loss_before": val_before, "train_tokens": tokens_total,
+                                            "scheduler": scheduler.state_dict()})
             if stopping:
                 raise StoppedBySignal(f"stopped by SIGTERM after step {step + 1} of {total}; checkpoint saved in {root}, "
                                       "run the same command again to resume")
