@@ -97,7 +97,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     if not names & {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"}:
         raise InputError(
             f"{path}: no tokenizer files (expected tokenizer.json, tokenizer_config.json or tokenizer.model); "
-            "point --tokenizer at the converted model directory"
+            "use the converted model directory (e.g. results/hf_base), which holds them"
         )
     if "tokenizer.json" not in names and "tokenizer.model" in names:
         return hf_tokenizer_from_sentencepiece(path / "tokenizer.model")
