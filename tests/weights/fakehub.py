@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+from tests.weights.httpserver import running
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -96,12 +97,5 @@ class _Handler(BaseHTTPRequestHandler):
 
 @contextmanager
 def fake_hub(repo_id: str, root: Path) -> Iterator[FakeHub]:
-    hub = FakeHub(repo_id, root)
-    thread = threading.Thread(target=hub.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
+    with running(FakeHub(repo_id, root)) as hub:
         yield hub
-    finally:
-        hub.shutdown()
-        hub.server_close()
-        thread.join(timeout=5)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TypeVar
 
 
 class ReleaseServer(ThreadingHTTPServer):
@@ -82,9 +83,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+S = TypeVar("S", bound=ThreadingHTTPServer)
+
+
 @contextmanager
-def serve(root: Path) -> Iterator[ReleaseServer]:
-    server = ReleaseServer(root)
+def running(server: S) -> Iterator[S]:
+    """Serve ``server`` on a background thread for the duration of the block, then close it."""
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:
@@ -93,3 +97,9 @@ def serve(root: Path) -> Iterator[ReleaseServer]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@contextmanager
+def serve(root: Path) -> Iterator[ReleaseServer]:
+    with running(ReleaseServer(root)) as server:
+        yield server
