@@ -92,3 +92,16 @@ def test_step_plan_covers_each_row_once_per_epoch_and_splits_ranks() -> None:
     assert plan.total_steps(None, 2.0) == 4 and plan.total_steps(5, 2.0) == 5
     # Stateless: a fresh plan (as after a resume) gives the same rows for a step.
     assert StepPlan(24, 2, 3, 2, 7).step_rows(5) == plan.step_rows(5)
+
+
+@pytest.mark.parametrize("n_rows, world, micro", [(5, 2, 2), (1, 2, 4), (7, 3, 1), (8, 2, 4)])
+def test_eval_batches_are_equal_per_rank_and_count_every_target_once(n_rows, world, micro) -> None:
+    """Under FSDP/ZeRO-3 each eval forward is collective: a rank with fewer batches would hang."""
+    from llama_pipe.train.dataset import Row, rank_eval_batches
+
+    rows = [Row(list(range(1, 4 + i)), [IGNORE_INDEX] + list(range(2, 4 + i)), list(range(3 + i))) for i in range(n_rows)]
+    per_rank = [rank_eval_batches(rows, r, world, micro, pad_id=0) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1
+    assert len(per_rank[0]) == -(-(-(-n_rows // world)) // micro)
+    targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for bs in per_rank for b in bs)
+    assert targets == sum(r.n_targets for r in rows)

@@ -208,6 +208,23 @@ class StepPlan:
         return step * self.global_rows / self.n_rows
 
 
+def rank_eval_batches(rows: Sequence[Row], rank: int, world: int, micro: int, pad_id: int, flatten: bool = False) -> list[dict[str, Any]]:
+    """Process ``rank``'s share of the validation rows as micro-batches; every rank gets as many.
+
+    Under FSDP and DeepSpeed ZeRO-3 every forward pass gathers weights from all processes, so a
+    process with one batch fewer would leave the others waiting forever. A rank whose share is
+    short runs filler batches: a copy of the first row with every label ignored (adds nothing
+    to the loss sum or the token count).
+    """
+    mine = list(rows[rank::world])
+    batches = [collate(mine[i : i + micro], pad_id, flatten=flatten) for i in range(0, len(mine), micro)]
+    if rows:
+        per_rank = -(-len(rows) // world)
+        filler = Row(list(rows[0].input_ids), [IGNORE_INDEX] * len(rows[0]), list(rows[0].position_ids))
+        batches += [collate([filler], pad_id, flatten=flatten) for _ in range(-(-per_rank // micro) - len(batches))]
+    return batches
+
+
 def collate(rows: Sequence[Row], pad_id: int, pad_to_multiple_of: int = 8, flatten: bool = False) -> dict[str, Any]:
     """Right-padded tensors ``input_ids``, ``labels``, ``position_ids`` for one micro-batch.
 

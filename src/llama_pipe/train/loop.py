@@ -221,7 +221,7 @@ def train(
 
     from llama_pipe.templates import get_template
     from llama_pipe.train.checkpoint import Checkpointer, checkpoint_root
-    from llama_pipe.train.dataset import StepPlan, collate, load_examples, pack_examples
+    from llama_pipe.train.dataset import StepPlan, collate, load_examples, pack_examples, rank_eval_batches
     from llama_pipe.train.model import build_model, count_parameters
     from llama_pipe.train.step import StepContext, causal_lm_loss_sum, evaluate, train_step
     from llama_pipe.weights.tokenizer import load_tokenizer
@@ -260,10 +260,8 @@ def train(
     if len(rows) < plan.global_rows:
         log.warning("only %d training rows for %d rows per step: every step repeats rows", len(rows), plan.global_rows)
     pad = tokenizer.pad_token_id
-    my_val = val_rows[acc.process_index :: acc.num_processes]
     flat = settings.attn_implementation == "flash_attention_2"  # see dataset.collate
-    val_batches = [collate(my_val[i : i + settings.micro_batch_size], pad, flatten=flat)
-                   for i in range(0, len(my_val), settings.micro_batch_size)]
+    val_batches = rank_eval_batches(val_rows, acc.process_index, acc.num_processes, settings.micro_batch_size, pad, flat)
 
     model = build_model(base, settings, acc.device, precision)
     trainable, n_params = count_parameters(model)
