@@ -319,8 +319,10 @@ def orchestrate(out: Path, models: list[str], budget_s: float, work: Path, only:
     import torch
 
     t_end = time.time() + budget_s
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = work / "logs"  # one log per case, bundled into <out>/logs.tar.gz at the end
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     env_info = {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                 "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     for pkg in ("transformers", "peft", "accelerate", "bitsandbytes", "deepspeed"):
@@ -358,6 +360,7 @@ def orchestrate(out: Path, models: list[str], budget_s: float, work: Path, only:
     text = f"{json.dumps(env_info)}\n\n{table(list(rows.values()))}\n"
     (out / "multi_gpu.md").write_text(text)
     (out / "multi_gpu.json").write_text(json.dumps({"env": env_info, "rows": rows}, indent=1))
+    shutil.make_archive(str(out / "logs"), "gztar", root_dir=logs)
     print(text, flush=True)
     bad = [n for n, r in rows.items() if r.get("rc") != 0 or not r.get("adapter_ok") or not r.get("loss_ok", True)]
     print("FAILED: " + ", ".join(bad) if bad else "all cases passed", flush=True)
