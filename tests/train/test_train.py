@@ -289,3 +289,25 @@ def test_adapter_verification_catches_bad_adapters(reference_run, tmp_path, tiny
     save_file(zeroed, str(zero_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(VerificationError, match="all zeros"):
         verify_adapter(zero_dir, tiny_hf_model_dir, zeroed)
+
+
+def test_adapter_verification_runs_on_one_process_of_a_zero3_run(reference_run, tiny_hf_model_dir, monkeypatch) -> None:
+    """Under ZeRO-3 transformers builds models inside deepspeed.zero.Init, a collective; the
+    check runs on the main process alone and must not enter it (it hung a 2-GPU run once)."""
+    import weakref
+
+    from transformers.integrations import deepspeed as hf_ds
+
+    from llama_pipe.train.output import verify_adapter
+
+    class Zero3:  # what accelerate registers with transformers for a ZeRO-3 run
+        def is_zero3(self) -> bool:
+            return True
+
+    registered = Zero3()
+    monkeypatch.setattr(hf_ds, "_hf_deepspeed_config_weak_ref", weakref.ref(registered))
+    assert hf_ds.is_deepspeed_zero3_enabled()
+    out, _ = reference_run
+    good = _adapter(out)
+    assert verify_adapter(out, tiny_hf_model_dir, good) == len(good)
+    assert hf_ds.is_deepspeed_zero3_enabled()  # the run's registration is restored afterwards

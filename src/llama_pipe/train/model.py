@@ -171,7 +171,7 @@ def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as stored elements x 2."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 leaves each process an empty placeholder
         if p.__class__.__name__ == "Params4bit":
             n *= 2
         total += n

@@ -9,8 +9,10 @@ Before the rename the saved weights are read back and compared with the trained 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +42,12 @@ def verify_adapter(adapter_dir: Path, base_dir: Path, expected: dict[str, Any], 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
+    with _no_zero3_init(), torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     _materialise_without_memory(base)
     try:
-        model = PeftModel.from_pretrained(base, str(adapter_dir))
+        with _no_zero3_init():
+            model = PeftModel.from_pretrained(base, str(adapter_dir))
     except Exception as exc:  # peft raises many types on a broken adapter
         raise VerificationError(f"{adapter_dir}: PeftModel.from_pretrained failed: {exc}") from exc
     loaded = get_peft_model_state_dict(model)
@@ -61,6 +64,27 @@ def verify_adapter(adapter_dir: Path, base_dir: Path, expected: dict[str, Any], 
         if ".lora_B." in name and not bool(tensor.detach().abs().sum() > 0):
             raise VerificationError(f"{adapter_dir}: {name} is all zeros after training (the module never learned)")
     return len(loaded)
+
+
+@contextlib.contextmanager
+def _no_zero3_init() -> Iterator[None]:
+    """Build models as plain modules even while a DeepSpeed ZeRO-3 run is registered with transformers.
+
+    Under ZeRO-3, transformers creates every model inside ``deepspeed.zero.Init``, which
+    partitions the new weights across processes: a collective. The check runs on the main
+    process alone, so there the other processes would never join and the run would hang.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:  # pragma: no cover - transformers without the DeepSpeed integration
+        yield
+        return
+    saved = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def _materialise_without_memory(model: Any) -> None:
