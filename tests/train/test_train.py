@@ -311,3 +311,21 @@ def test_adapter_verification_runs_on_one_process_of_a_zero3_run(reference_run, 
     good = _adapter(out)
     assert verify_adapter(out, tiny_hf_model_dir, good) == len(good)
     assert hf_ds.is_deepspeed_zero3_enabled()  # the run's registration is restored afterwards
+
+
+def test_low_precision_rope_buffers_are_restored_to_fp32(tiny_hf_model_dir) -> None:
+    """ZeRO-3 loading (deepspeed.zero.Init) creates RoPE's inv_freq in bf16; training must not use that."""
+    from transformers import AutoModelForCausalLM
+
+    from llama_pipe.train.model import restore_fp32_rope
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_hf_model_dir))
+    rot = model.model.rotary_emb
+    exact = rot.inv_freq.clone()
+    assert exact.dtype == torch.float32 and restore_fp32_rope(model) == 0
+    rot.inv_freq = rot.inv_freq.to(torch.bfloat16)  # what zero.Init leaves behind
+    rot.original_inv_freq = rot.original_inv_freq.to(torch.bfloat16)
+    assert not torch.equal(rot.inv_freq.float(), exact)
+    assert restore_fp32_rope(model) == 1
+    assert rot.inv_freq.dtype == rot.original_inv_freq.dtype == torch.float32
+    assert torch.equal(rot.inv_freq, exact) and torch.equal(rot.original_inv_freq, exact)
