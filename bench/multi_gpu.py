@@ -53,10 +53,11 @@ class Case:
     model: str  # tiny | 7b
     strategy: str  # single | ddp | fsdp | deepspeed_zero2 | deepspeed_zero3
     mode: str  # lora | qlora
+    fast: bool = False  # train.kernels auto (the GPU fast path) instead of none
 
     @property
     def name(self) -> str:
-        return f"{self.model}_{self.strategy}_{self.mode}"
+        return f"{self.model}_{self.strategy}_{self.mode}{'_fast' if self.fast else ''}"
 
     @property
     def nproc(self) -> int:
@@ -64,7 +65,7 @@ class Case:
 
     @property
     def reference(self) -> str:
-        return f"{self.model}_single_{self.mode}"
+        return f"{self.model}_single_{self.mode}{'_fast' if self.fast else ''}"
 
 
 # qlora runs under DDP only: FSDP and ZeRO-3 would need bitsandbytes' quant_storage set to the
@@ -75,7 +76,8 @@ CASES = {
         ("deepspeed_zero3", "lora"), ("single", "qlora"), ("ddp", "qlora")]],
     "7b": [Case("7b", s, m) for s, m in [
         ("single", "lora"), ("ddp", "lora"), ("deepspeed_zero3", "lora"), ("fsdp", "lora"),
-        ("single", "qlora"), ("ddp", "qlora")]],
+        ("single", "qlora"), ("ddp", "qlora")]]
+    + [Case("7b", s, m, fast=True) for s, m in [("single", "lora"), ("ddp", "lora"), ("single", "qlora"), ("ddp", "qlora")]],
 }
 # Loss agreement with one GPU: fp32 tiny runs differ only by reduction order; bf16 7B runs by
 # bf16 rounding of differently ordered sums (and ZeRO's bf16 gradient all-reduce).
@@ -84,11 +86,11 @@ ADAPTER_MIN_COS = {"tiny": 0.999, "7b": 0.99}
 CASE_TIMEOUT_S = {"tiny": 150, "7b": 300}  # a hung collective costs this much, not the whole budget
 
 
-def model_flags(model: str, mode: str, nproc: int, device: str = "cuda") -> list[str]:
+def model_flags(model: str, mode: str, nproc: int, device: str = "cuda", fast: bool = False) -> list[str]:
     """Train flags of one case; the global batch is 8 rows whatever the process count."""
     common = ["--micro_batch_size", "4", "--grad_accum", str(2 // nproc), "--max_steps", "8",
               "--eval_every", "1000", "--save_every", "1000", "--warmup_steps", "0", "--lora.dropout", "0",
-              "--kernels", "none", "--resume", "never", "--device", device]
+              "--kernels", "auto" if fast else "none", "--resume", "never", "--device", device]
     if model == "tiny":
         return common + ["--precision", "fp32", "--lr", "1e-2", "--lora.r", "8", "--lora.alpha", "16"]
     r, alpha = ("16", "32") if mode == "lora" else ("64", "16")
@@ -235,7 +237,7 @@ def _peft_loaded(run: Path, base: Path) -> dict[str, Any] | None:
 
 def launch_cmd(case: Case, base: Path, train: Path, val: Path, out: Path, port: int, device: str = "cuda") -> list[str]:
     flags = ["--base", str(base), "--train-data", str(train), "--val-data", str(val), "-o", str(out),
-             "--mode", case.mode, *model_flags(case.model, case.mode, case.nproc, device)]
+             "--mode", case.mode, *model_flags(case.model, case.mode, case.nproc, device, case.fast)]
     if case.strategy == "single":
         return [sys.executable, "-m", "llama_pipe.train.loop", *flags]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / f"{case.strategy}.yaml"),
@@ -285,7 +287,7 @@ def compare(rows: dict[str, dict[str, Any]], work: Path, bases: dict[str, Path])
     for name, row in rows.items():
         if row.get("rc") != 0:
             continue
-        case = Case(row["model"], row["strategy"], row["mode"])
+        case = Case(row["model"], row["strategy"], row["mode"], row.get("fast", False))
         ref = rows.get(case.reference)
         if ref and ref.get("losses") and case.strategy != "single":
             rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(row["losses"], ref["losses"]))

@@ -195,13 +195,18 @@ class Metrics:
 def apply_fast_path(acc: Any, model: Any, settings: TrainSettings) -> Any:
     """Patch the prepared model with ``train.kernels`` (GPU only); returns its loss function or None.
 
-    Must run after the model is on its device and gradient checkpointing is enabled. Left off
-    under several processes: the fast path has only been measured and tested on one GPU.
+    Must run after the model is on its device and gradient checkpointing is enabled. On one
+    GPU and under DDP (every process holds the whole model and the loss is computed inside the
+    wrapped forward); left off under FSDP and DeepSpeed, whose sharded parameters it was never
+    checked with.
     """
+    from accelerate.utils import DistributedType
+
     if settings.kernels == "none" or acc.device.type != "cuda":
         return None
-    if acc.num_processes > 1:
-        log.info("train.kernels=%s left off: the fast path is single-process only for now", settings.kernels)
+    if acc.num_processes > 1 and acc.distributed_type != DistributedType.MULTI_GPU:
+        log.info("train.kernels=%s left off: the fast path runs on one GPU or under DDP, not under %s",
+                 settings.kernels, acc.distributed_type)
         return None
     from llama_pipe.train import fast
 
