@@ -215,7 +215,7 @@ class TrainSettings:
     kernels: Literal["auto", "auto-fp32", "none"] = opt(
         "auto",
         "GPU fast path (fused chunked loss, liger kernels, varlen attention for packed rows, host-offloaded "
-        "checkpoints, bf16 frozen weights for 4-bit bases); no-op on CPU and under several processes; "
+        "checkpoints, bf16 frozen weights for 4-bit bases) on one GPU or under DDP; no-op on CPU, FSDP, DeepSpeed; "
         "auto-fp32 keeps a 4-bit base's embeddings/norms/head fp32; none = plain transformers+peft",
     )
     trust_remote_code: bool = opt(False, "allow model code from the checkpoint to run (never implicit)")
