@@ -168,3 +168,67 @@ def test_rust_only_tokenizer_gives_the_transformers_ids(tmp_path: Path, tokenize
     tj["pre_tokenizer"]["prepend_scheme"] = "always"
     (d / "tokenizer.json").write_text(json.dumps(tj))
     assert load_rust_tokenizer(d) is None and "pre_tokenizer" in why_not_rust(d)
+
+
+def _giant_records() -> list[dict]:
+    giant = _words(60_000, 3)  # ~400 kB: a pasted log or file dump in one turn
+    return [
+        {"id": "g", "conversations": turns("short question", "short answer", "paste", giant,
+                                           "last question", "last answer", "and then?", "fine")},
+        {"id": "gh", "conversations": turns(giant, "ok")},  # the human turn alone is too long
+        {"id": "plain", "conversations": turns(*[_words(12, i) for i in range(8)])},
+    ]
+
+
+@pytest.mark.parametrize("mode", ["reject", "truncate"])
+def test_giant_turn_is_bounded_not_tokenized_and_output_unchanged(tmp_path: Path, tokenizer: Any, mode: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pair that provably exceeds max_length is handled without tokenizing it, with the same
+    chunks, cuts and rejects as when every pair is measured."""
+    from llama_pipe.config import SplitSettings
+    from llama_pipe.data import split as split_mod
+
+    inp = write_jsonl(tmp_path / "in.jsonl", _giant_records())
+    cfg = SplitSettings(max_length=256, on_long_pair=mode)
+    longest: list[int] = [0]
+    lengths, offsets = split_mod.Splitter.lengths, split_mod.Splitter._with_offsets
+
+    def spy_lengths(self, texts, special=True):
+        longest[0] = max([longest[0], *map(len, texts)])
+        return lengths(self, texts, special)
+
+    def spy_offsets(self, texts):
+        longest[0] = max([longest[0], *map(len, texts)])
+        return offsets(self, texts)
+
+    monkeypatch.setattr(split_mod.Splitter, "lengths", spy_lengths)
+    monkeypatch.setattr(split_mod.Splitter, "_with_offsets", spy_offsets)
+    fast = split_mod.split_file(inp, tmp_path / "fast.jsonl", tokenizer, cfg, tmp_path / "fast.rej.jsonl")
+    assert longest[0] < 20_000  # the 400 kB turn never reached the tokenizer
+
+    monkeypatch.setattr(split_mod.Splitter, "_char_bound", lambda self: None)  # measure everything
+    slow = split_mod.split_file(inp, tmp_path / "slow.jsonl", tokenizer, cfg, tmp_path / "slow.rej.jsonl")
+    assert longest[0] > 300_000
+    assert read_jsonl(tmp_path / "fast.jsonl") == read_jsonl(tmp_path / "slow.jsonl")
+    rej_fast, rej_slow = read_jsonl(tmp_path / "fast.rej.jsonl"), read_jsonl(tmp_path / "slow.rej.jsonl")
+    assert [(r["id"], r["reason"], r["record"]) for r in rej_fast] == [(r["id"], r["reason"], r["record"]) for r in rej_slow]
+    assert all("max_length=256" in r["detail"] for r in rej_fast)
+    assert fast.n_in == slow.n_in == fast.n_out + sum(fast.rejected.values())
+    assert (fast.n_out, fast.extra) == (slow.n_out, slow.extra)
+    if mode == "truncate":
+        assert fast.extra["pairs_truncated"] == 1
+        chunk = next(c for c in read_jsonl(tmp_path / "fast.jsonl") if c["conversations"][0]["value"] == "paste")
+        assert 200 < trainer_len(tokenizer, chunk) <= 256
+
+
+def test_bound_is_never_above_the_token_count(tokenizer: Any) -> None:
+    """The character bound that lets split skip tokenizing must be a true lower bound."""
+    from llama_pipe.config import SplitSettings
+    from llama_pipe.data.split import Splitter
+
+    sp = Splitter(tokenizer, SplitSettings())
+    assert sp._bound is not None  # the bundled sentencepiece BPE has byte fallback
+    texts = [_words(500, 1), "   spaced    out   " * 50, "你好，世界。" * 300, "x" * 5000, "<s></s>" * 100,
+             "ΑΒΓ déjà vu naïve café — “quotes” …" * 60, "\n\n".join(_words(40, i) for i in range(20)), ""]
+    for t in texts:
+        assert sp.min_tokens(t) <= sp.lengths([t], special=False)[0]

@@ -22,6 +22,14 @@ the transformers ids (:mod:`llama_pipe.data.rust_tokenizer`); every record is to
 the token offsets give each pair's share, chunks are planned from the shares, then every planned
 chunk is measured exactly in batches; a record whose planned chunk overflows is re-planned pair
 by pair with exact measurements.
+
+Giant turns are not tokenized: a text has at least (its non-whitespace characters after the
+tokenizer's normaliser) / (the longest vocabulary entry) tokens, as long as the tokenizer can
+neither drop a character nor stand one token for an unknown run of them (BPE with byte
+fallback, or byte-level BPE; otherwise the bound is not used). A pair whose bound already
+exceeds ``max_length`` is rejected (or, in ``truncate``, its gpt turn first cut to the longest
+prefix whose bound fits) without tokenizing the whole of it: a 10 MB turn costs a linear scan,
+not a BPE pass over 10 MB. The chunks around it come out as if it had been measured.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ class _Rec:
     sizes: list[int] = field(default_factory=list)  # exact tokens of each chunk
     long: dict[int, str] = field(default_factory=dict)  # pair index -> reject detail
     cut: dict[int, str] = field(default_factory=dict)  # pair index -> truncated gpt value
+    over: dict[int, int] = field(default_factory=dict)  # pair index -> lower bound on its tokens (> max_length)
 
 
 class Splitter:
@@ -63,6 +72,7 @@ class Splitter:
         self.template: ChatTemplate = get_template(cfg.template)
         self._header: dict[str | None, int] = {}
         self._backend = self._rust_backend(tokenizer)
+        self._bound = self._char_bound()
 
     @staticmethod
     def _rust_backend(tok: Any) -> Any:
@@ -84,6 +94,51 @@ class Splitter:
             if ours != [list(x) for x in tok(probe, add_special_tokens=special)["input_ids"]]:
                 return None
         return backend
+
+    def _char_bound(self) -> tuple[Any, int] | None:
+        """(normaliser or None, longest vocabulary entry in characters) when "non-whitespace
+        characters / longest entry" bounds a text's token count from below; else None."""
+        import json
+
+        backend = self._backend if self._backend is not None else getattr(self.tok, "backend_tokenizer", None)
+        if backend is None or not hasattr(backend, "to_str"):
+            return None
+        spec = json.loads(backend.to_str())
+        model = spec.get("model") or {}
+        byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+        if model.get("type") != "BPE" or not (model.get("byte_fallback") or byte_level):
+            return None  # an unknown token may stand for a whole run of characters, or characters may be dropped
+        vocab = model.get("vocab") or {}
+        longest = max([len(t) for t in vocab] + [len(t.get("content", "")) for t in spec.get("added_tokens") or []] + [1])
+        return backend.normalizer, longest
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on the tokens of ``text`` (0 when no bound is known); linear time."""
+        if self._bound is None:
+            return 0
+        normalizer, longest = self._bound
+        if normalizer is not None:
+            text = normalizer.normalize_str(text)
+        chars = len(text) - sum(text.count(c) for c in " \t\n\r\x0b\x0c")
+        return -(-chars // longest)
+
+    def _pair_bound(self, r: _Rec, pair: tuple[str, str]) -> int:
+        return self.min_tokens(self.render([pair], r.system))
+
+    def find_oversized(self, r: _Rec) -> None:
+        """Mark in ``r.over`` the pairs that provably exceed ``max_length`` without tokenizing them.
+
+        Only pairs longer than ``max_length`` characters are looked at: shorter ones are cheap to
+        tokenize, and a bound of at most one token per character rarely proves them too long.
+        """
+        limit = self.cfg.max_length
+        if self._bound is None:
+            return
+        for j, (q, a) in enumerate(r.pairs):
+            if len(q) + len(a) > limit:
+                bound = self._pair_bound(r, (q, a))
+                if bound > limit:
+                    r.over[j] = bound
 
     def render(self, pairs: list[tuple[str, str]], system: str | None) -> str:
         return self._render_spans(pairs, system)[0]
@@ -127,6 +182,12 @@ class Splitter:
         tokenization, chunks are planned from those shares and then measured exactly.
         """
         limit = self.cfg.max_length
+        for r in recs:
+            self.find_oversized(r)
+        for r in recs:
+            if r.over:  # never tokenize the giant pair: exact greedy packing around it
+                self._replan(r)
+        recs = [r for r in recs if not r.over]
         rendered = [self._render_spans(r.pairs, r.system) for r in recs]
         long_recs: list[_Rec] = []
         for b_start in range(0, len(recs), self.cfg.batch_size):
@@ -176,13 +237,13 @@ class Splitter:
         r.chunks = []
         cur: list[int] = []
         for j in range(len(r.pairs)):
-            if cur and self.exact(r, cur + [j]) <= limit:
+            if cur and j not in r.over and self.exact(r, cur + [j]) <= limit:
                 cur.append(j)
                 continue
             if cur:
                 r.chunks.append(cur)
                 cur = []
-            if self.exact(r, [j]) <= limit or self._fit_long(r, j):
+            if (j not in r.over and self.exact(r, [j]) <= limit) or self._fit_long(r, j):
                 cur = [j]
         if cur:
             r.chunks.append(cur)
@@ -191,12 +252,20 @@ class Splitter:
     def _fit_long(self, r: _Rec, j: int) -> bool:
         """A pair too long alone: truncate its gpt turn if allowed (True), else mark it rejected."""
         limit = self.cfg.max_length
-        alone = self.exact(r, [j])
         q, a = r.pairs[j]
+        alone = f"at least {r.over[j]}" if j in r.over else str(self.exact(r, [j]))
         if self.cfg.on_long_pair == "truncate":
             r.cut[j] = ""
-            if self.exact(r, [j]) <= limit:
+            if self._pair_bound(r, (q, "")) <= limit and self.exact(r, [j]) <= limit:
                 lo, hi = 0, len(a)  # the longest prefix of the gpt turn that fits
+                if j in r.over:  # first by the bound (linear scans), so no giant prefix is tokenized
+                    while lo < hi:
+                        mid = (lo + hi + 1) // 2
+                        if self._pair_bound(r, (q, a[:mid])) <= limit:
+                            lo = mid
+                        else:
+                            hi = mid - 1
+                    lo, hi = 0, lo
                 while lo < hi:
                     mid = (lo + hi + 1) // 2
                     r.cut[j] = a[:mid]
