@@ -225,6 +225,24 @@ class TrainSettings:
 
 
 @dataclass
+class LaunchSettings:
+    """How the workflow starts the train job: one process, or several under ``accelerate launch``."""
+
+    processes: int = opt(
+        1, "training processes, one per GPU; above 1 the train rule runs `accelerate launch` (and asks for that many GPUs)",
+        minimum=1,
+    )
+    accelerate_config: str = opt(
+        "configs/accelerate/ddp.yaml",
+        "accelerate config for processes > 1 (relative to the workflow directory): ddp.yaml for lora/qlora, "
+        "fsdp.yaml to shard the base, deepspeed_zero3.yaml (needs deepspeed)",
+        minLength=1,
+    )
+    main_process_port: int = opt(29500, "rendezvous port of the processes; change it to run two trainings on one node",
+                                 minimum=1, maximum=65535)
+
+
+@dataclass
 class MergeAdapterSettings:
     """``merge-adapter``: fold adapters into a float copy of the base."""
 
@@ -286,6 +304,7 @@ class Config:
     filter_lang: FilterLangSettings = opt(FilterLangSettings, "filter-lang stage")
     split: SplitSettings = opt(SplitSettings, "split stage")
     train: TrainSettings = opt(TrainSettings, "train stage")
+    launch: LaunchSettings = opt(LaunchSettings, "how the workflow starts training (one process or accelerate launch)")
     merge_adapter: MergeAdapterSettings = opt(MergeAdapterSettings, "merge-adapter stage")
     eval: EvalSettings = opt(EvalSettings, "eval stage")
     serve: ServeSettings = opt(ServeSettings, "serve and chat")
@@ -300,6 +319,7 @@ SECTIONS: dict[str, type] = {
     "filter_lang": FilterLangSettings,
     "split": SplitSettings,
     "train": TrainSettings,
+    "launch": LaunchSettings,
     "merge_adapter": MergeAdapterSettings,
     "eval": EvalSettings,
     "serve": ServeSettings,

@@ -75,6 +75,22 @@ def test_cuda_devices_ask_the_scheduler_for_gpus(fresh_workflow: Path) -> None:
     assert "gpu" not in resources(cuda["clean"][0])
 
 
+def test_launch_processes_runs_train_under_accelerate_launch(fresh_workflow: Path) -> None:
+    one = job_blocks(dry_run(fresh_workflow, "-p"))["train"][0]
+    assert "llama-pipe train --base" in one and "accelerate" not in one
+    out = dry_run(fresh_workflow, "-p", "--resources", "gpu=4", "--config", 'train={"device": "cuda"}',
+                  'launch={"processes": 4, "accelerate_config": "configs/accelerate/fsdp.yaml"}')
+    block = job_blocks(out)["train"][0]
+    assert resources(block)["gpu"] == "4"
+    accel = fresh_workflow / "configs" / "accelerate" / "fsdp.yaml"
+    assert str(accel) in block  # an input: editing the file re-runs training
+    assert (f"accelerate launch --config_file {accel} --num_processes 4 --main_process_port 29500 "
+            "--module llama_pipe.train.loop --base results/hf_base") in out
+    missing = snakemake(fresh_workflow, "-n", "--config", 'launch={"processes": 2, "accelerate_config": "nope.yaml"}',
+                        check=False)
+    assert missing.returncode != 0 and "nope.yaml" in missing.stdout + missing.stderr
+
+
 def test_slurm_profile_sends_gpu_rules_to_the_gpu_partition(fresh_workflow: Path) -> None:
     out = snakemake(fresh_workflow, "-n", "--profile", "profiles/slurm").stdout
     blocks = job_blocks(out)

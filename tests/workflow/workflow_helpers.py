@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "profiles", "envs", "data")
+WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "profiles", "envs", "data", "configs")
 FAKE = Path(__file__).with_name("fake_llama_pipe.py")
 
 

@@ -102,12 +102,51 @@ BASE_IS_TINY = config["base"]["source"] == "tiny"
 
 
 def gpus(section):
-    """GPUs a job of this section asks the scheduler for: 1 when its device is 'cuda', else 0.
+    """GPUs a job of this section asks the scheduler for: 0 unless its device is 'cuda'; then 1,
+    or launch.processes for train.
 
     'auto' asks for none (it uses a GPU only where the node happens to have one); a cluster
     profile may still give a rule GPUs through set-resources.
     """
-    return 1 if config[section].get("device") == "cuda" else 0
+    if config[section].get("device") != "cuda":
+        return 0
+    return config["launch"]["processes"] if section == "train" else 1
+
+
+def accelerate_config():
+    """launch.accelerate_config as a path ([] with one process): an input of train, so an edit of
+    that file re-runs training and a missing one fails before the job starts."""
+    if config["launch"]["processes"] == 1:
+        return []
+    accel = config["launch"]["accelerate_config"]
+    if not os.path.isabs(accel):
+        accel = os.path.join(
+            os.path.dirname(os.path.abspath(workflow.main_snakefile)), accel
+        )
+    return [accel]
+
+
+def train_command():
+    """The command that starts training: ``llama-pipe train``, or for launch.processes > 1
+    ``accelerate launch`` of the same stage (``-m llama_pipe.train.loop`` takes train's flags).
+    """
+    launch = config["launch"]
+    if launch["processes"] == 1:
+        return "llama-pipe train"
+    return shlex.join(
+        [
+            "accelerate",
+            "launch",
+            "--config_file",
+            accelerate_config()[0],
+            "--num_processes",
+            str(launch["processes"]),
+            "--main_process_port",
+            str(launch["main_process_port"]),
+            "--module",
+            "llama_pipe.train.loop",
+        ]
+    )
 
 
 def clean_threads():

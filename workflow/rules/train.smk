@@ -10,6 +10,7 @@ rule train:
         base=BASE_TARGET,
         train=DATA_TARGETS[0],
         val=DATA_TARGETS[1],
+        accelerate_config=accelerate_config(),
     output:
         run=directory(TRAIN_TARGET),
     log:
@@ -22,9 +23,11 @@ rule train:
         runtime=240,
         gpu=gpus("train"),
     params:
+        # llama-pipe train, or accelerate launch of it (config launch.processes > 1)
+        command=lambda wildcards: train_command(),
         args=flags("train"),
     shell:
-        "llama-pipe train --base {input.base:q} --train-data {input.train:q}"
+        "{params.command} --base {input.base:q} --train-data {input.train:q}"
         " --val-data {input.val:q} -o {output.run:q} {params.args} > {log:q} 2>&1"
 
 
