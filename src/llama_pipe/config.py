@@ -193,6 +193,12 @@ class TrainSettings:
     grad_accum: int = opt(1, "micro-batches per optimiser step", minimum=1)
     lr: float = opt(1e-2, "peak learning rate (1e-2 suits the tiny demo model; use ~2e-4 for LoRA on a real 7B)", exclusiveMinimum=0)
     weight_decay: float = opt(0.0, "AdamW weight decay", minimum=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = opt(
+        "adamw",
+        "adamw (torch); adamw_8bit keeps both moment estimates in 8 bits (bitsandbytes, blockwise; tensors of "
+        ">= 4096 elements), a quarter of the fp32 state memory; paged_adamw_8bit also lets them page to host "
+        "memory under pressure (CUDA only). 8-bit ones run on one process or under DDP",
+    )
     warmup_steps: int = opt(3, "linear warm-up steps", minimum=0)
     min_lr_ratio: float = opt(0.1, "cosine schedule ends at lr * this", minimum=0, maximum=1)
     max_steps: Optional[int] = opt(30, "optimiser steps; null trains for `epochs`", minimum=1)

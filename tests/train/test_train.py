@@ -329,3 +329,38 @@ def test_low_precision_rope_buffers_are_restored_to_fp32(tiny_hf_model_dir) -> N
     assert restore_fp32_rope(model) == 1
     assert rot.inv_freq.dtype == rot.original_inv_freq.dtype == torch.float32
     assert torch.equal(rot.inv_freq, exact) and torch.equal(rot.original_inv_freq, exact)
+
+
+def test_8bit_adamw_trains_and_resumes_exactly(tmp_path, tiny_hf_model_dir, data_files) -> None:
+    """train.optimizer: adamw_8bit keeps 8-bit moments, learns, and resumes from its checkpoint."""
+    import shutil
+
+    s = _settings(optimizer="adamw_8bit", max_steps=4, save_every=2, eval_every=4, lr=1e-2,
+                  lora=LoraSettings(r=64, alpha=64, dropout=0.0))  # lora_B of the MLP: 192 x 64 >= 4096 elements
+    a = tmp_path / "a"
+    summary = train(tiny_hf_model_dir, *data_files, a, s)
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    state = torch.load(a / "checkpoints" / "step-00000002" / "optimizer.bin", weights_only=True)["state"]
+
+    def moments(d):  # bitsandbytes nests them under its own key
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from moments(v)
+            elif k in ("state1", "state2"):
+                yield v
+
+    assert torch.uint8 in {m.dtype for st in state.values() for m in moments(st)}  # the big tensors' moments are 8-bit
+
+    b = tmp_path / "b"  # a run that stopped after step 2, then resumed
+    shutil.copytree(a / "checkpoints" / "step-00000002", checkpoint_root(b) / "checkpoints" / "step-00000002")
+    resumed = train(tiny_hf_model_dir, *data_files, b, s)
+    assert resumed["resumed_from"] == 2
+    _assert_same_adapter(b, a, atol=1e-6)
+
+
+def test_paged_optimizer_needs_a_gpu(tmp_path, tiny_hf_model_dir, data_files) -> None:
+    from llama_pipe.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="paged_adamw_8bit"):
+        train(tiny_hf_model_dir, *data_files, tmp_path / "p", _settings(optimizer="paged_adamw_8bit", device="cpu"))
+    assert not (tmp_path / "p").exists()

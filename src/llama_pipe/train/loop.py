@@ -109,7 +109,8 @@ def lr_lambda_for(total: int, warmup: int, min_ratio: float) -> Any:
 
 
 def make_optimizer(model: Any, settings: TrainSettings) -> Any:
-    """AdamW; weight decay on matrices only (not on norms, biases or DoRA magnitudes)."""
+    """AdamW (``train.optimizer``: torch's, or bitsandbytes' 8-bit / paged 8-bit); weight decay on
+    matrices only (not on norms, biases or DoRA magnitudes)."""
     import torch
 
     decay, no_decay = [], []
@@ -117,7 +118,30 @@ def make_optimizer(model: Any, settings: TrainSettings) -> Any:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr, betas=(0.9, 0.999), eps=1e-8)
+    groups = [g for g in groups if g["params"]]
+    kwargs = {"lr": settings.lr, "betas": (0.9, 0.999), "eps": 1e-8}
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    import bitsandbytes as bnb
+
+    if settings.optimizer == "paged_adamw_8bit":
+        return bnb.optim.PagedAdamW8bit(groups, **kwargs)
+    return bnb.optim.AdamW8bit(groups, **kwargs)
+
+
+def check_optimizer(settings: TrainSettings, acc: Any) -> None:
+    """Refuse optimizer choices that cannot run here, before any weights are loaded."""
+    from accelerate.utils import DistributedType
+
+    if settings.optimizer == "adamw":
+        return
+    if settings.optimizer == "paged_adamw_8bit" and acc.device.type != "cuda":
+        raise ConfigError("train.optimizer: paged_adamw_8bit pages through CUDA memory; use adamw_8bit or adamw on CPU")
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(
+            f"train.optimizer: {settings.optimizer} runs on one process or under DDP; under {acc.distributed_type} "
+            "the optimiser state is sharded by the launcher (use adamw)"
+        )
 
 
 def peak_memory(device_type: str) -> tuple[int, str]:
@@ -244,6 +268,7 @@ def train(
         logging.getLogger().setLevel(logging.WARNING)
     if acc.distributed_type == DistributedType.DEEPSPEED and settings.on_nonfinite == "skip":
         raise ConfigError("train.on_nonfinite: 'skip' is not supported under DeepSpeed (its engine steps by itself)")
+    check_optimizer(settings, acc)
     log.info("train settings:\n%s", describe(settings))
     if settings.trust_remote_code:
         log.warning("train.trust_remote_code is true: Python code shipped with %s will run in this process", base)
