@@ -170,7 +170,11 @@ def restore_fp32_rope(model: Any) -> int:
         inv = module._buffers.get("inv_freq")
         if inv is None or inv.dtype == torch.float32 or not hasattr(module, "config"):
             continue
-        fresh = type(module)(module.config)
+        try:
+            fresh = type(module)(module.config)
+        except (TypeError, ValueError) as exc:  # a rotary class built differently: leave it, say so
+            log.warning("rotary embedding %s keeps a %s inv_freq (cannot rebuild it: %s)", type(module).__name__, inv.dtype, exc)
+            continue
         for name, buf in fresh.named_buffers(recurse=False):
             if name in module._buffers:
                 module._buffers[name] = buf.to(inv.device)
