@@ -16,9 +16,12 @@ alone (:func:`check_adapter`): every LoRA module of every layer present with the
 finite, trained (B not all zero), loadable with ``PeftModel.from_pretrained`` with the values
 of the file, and close to the one-GPU adapter. Usage on the 2-GPU machine::
 
-    python bench/multi_gpu.py all --out $OUT [--models tiny,7b] [--budget-s 540]
+    python bench/multi_gpu.py all --out $OUT [--models tiny,7b] [--cases NAME,...] [--budget-s 540]
     python bench/multi_gpu.py check RUN_DIR --base BASE_DIR [--reference RUN_DIR]
 
+The ``7b`` cases ending in ``_fast`` run with ``train.kernels: auto`` (the GPU fast path, under
+DDP for two GPUs) against a one-GPU fast-path reference. All cases together take longer than one
+10-minute device call: split them with ``--cases`` (docs/benchmarks.md gives the calls made).
 NCCL's NVLink multicast stays off in every launched process (NCCL_NVLS_ENABLE=0).
 """
 
