@@ -364,3 +364,32 @@ def test_paged_optimizer_needs_a_gpu(tmp_path, tiny_hf_model_dir, data_files) ->
     with pytest.raises(ConfigError, match="paged_adamw_8bit"):
         train(tiny_hf_model_dir, *data_files, tmp_path / "p", _settings(optimizer="paged_adamw_8bit", device="cpu"))
     assert not (tmp_path / "p").exists()
+
+
+def test_two_process_ddp_resumes_from_its_checkpoint(tmp_path, tiny_hf_model_dir, data_files) -> None:
+    """A 2-process run restarted from its step-2 checkpoint ends with the uninterrupted run's adapter."""
+    import shutil
+
+    s = _settings(grad_accum=1, max_steps=4, save_every=2, eval_every=4, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(out: Path) -> subprocess.CompletedProcess[str]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+               str(BIN / "llama-pipe"), "train", "--base", str(tiny_hf_model_dir), "--train-data", str(data_files[0]),
+               "--val-data", str(data_files[1]), "-o", str(out), "--device", "cpu", *_flags(s)]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res
+
+    launch(tmp_path / "full")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000002",
+                    checkpoint_root(resumed) / "checkpoints" / "step-00000002")
+    res = launch(resumed)
+    assert "resumed from step 2" in res.stdout
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from"] == 2
+    _assert_same_adapter(resumed, tmp_path / "full", atol=1e-6)
