@@ -55,6 +55,7 @@ class Case:
     dropout: float = 0.05
     kernels: str = "auto"
     disable: tuple[str, ...] = ()  # fast-path levers turned off (ablation)
+    enable: tuple[str, ...] = ()  # opt-in fast-path levers turned on
     data: str = "fixed"  # fixed | real (ShareGPT-like lengths, packed) | padmax (plain HF+peft, pad to max)
     model: str = "7b"  # 7b | tiny
     optimizer: str = "adamw"  # train.optimizer
@@ -72,6 +73,8 @@ U_BF16, U_NF4 = "unsloth_bf16_r16all_s1024_b8_ckpt", "unsloth_qlora_nf4_r64all_s
 CASES: dict[str, Case] = {
     "bf16_r8qv_s512_b14": Case("lora", 8, tuple(QV), 512, 14, peer=P_BF16_QV),
     "int8_r8qv_s512_b14": Case("int8", 8, tuple(QV), 512, 14, peer=P_INT8),
+    # The opt-in int8_dequant lever (bf16 GEMMs over per-layer dequantized weights; not yet run on a GPU).
+    "int8_r8qv_s512_b14_dequant": Case("int8", 8, tuple(QV), 512, 14, enable=("int8_dequant",), peer=P_INT8),
     "bf16_r16all_s1024_b8": Case("lora", 16, tuple(ALL), 1024, 8, peer=P_BF16_ALL, unsloth=U_BF16 + "_d05"),
     "bf16_r16all_s1024_b8_d0": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, peer=P_BF16_ALL, unsloth=U_BF16),
     "nf4_r64all_s1024_b8": Case("qlora", 64, tuple(ALL), 1024, 8, peer=P_NF4, unsloth=U_NF4 + "_d05"),
@@ -99,7 +102,7 @@ CASES: dict[str, Case] = {
     "abl_nf4_none": Case("qlora", 64, tuple(ALL), 1024, 8, dropout=0.0, kernels="none"),
 }
 GROUPS = {
-    "ours": ["bf16_r8qv_s512_b14", "int8_r8qv_s512_b14", "bf16_r16all_s1024_b8", "bf16_r16all_s1024_b8_d0",
+    "ours": ["bf16_r8qv_s512_b14", "int8_r8qv_s512_b14", "int8_r8qv_s512_b14_dequant", "bf16_r16all_s1024_b8", "bf16_r16all_s1024_b8_d0",
              "nf4_r64all_s1024_b8", "nf4_r64all_s1024_b8_d0", "nf4_r64all_s2048_b1", "nf4_r16all_s2048_b1",
              "nf4_r64all_s2048_b1_adam8bit"],
     "real": ["real_packed", "real_packed_nokernels", "real_padmax_plain"],
@@ -208,7 +211,7 @@ def run_ours(case: Case) -> dict[str, Any]:
     loss_fn = causal_lm_loss_sum
     report = "kernels: none"
     if case.kernels != "none":
-        opts = fast.replace(fast.FastOptions(), **{k: False for k in case.disable})
+        opts = fast.replace(fast.FastOptions(), **{k: False for k in case.disable}, **{k: True for k in case.enable})
         fast.apply(acc.unwrap_model(model), opts)
         loss_fn = fast.causal_lm_loss_sum
         report = fast.report(acc.unwrap_model(model)).describe()

@@ -43,10 +43,14 @@ def _batch(seq: int = 512):
 
 
 def _build(model_dir: Path, mode: str, fast: bool):
+    """``mode``: bf16 | nf4 | int8 | int8_dequant (an int8 base with the opt-in int8_dequant lever)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    from llama_pipe.train.fast import apply, report
+    from llama_pipe.train.fast import FastOptions, apply, report
+
+    dequant = mode == "int8_dequant"
+    mode = "int8" if dequant else mode
 
     kw = {"dtype": torch.bfloat16, "attn_implementation": "sdpa", "device_map": {"": 0}}
     if mode == "nf4":
@@ -66,13 +70,15 @@ def _build(model_dir: Path, mode: str, fast: bool):
     torch.manual_seed(1)
     m = get_peft_model(m, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=ALL, init_lora_weights=False))
     if fast:
-        apply(m, "auto")
+        apply(m, FastOptions(int8_dequant=dequant))
         rep = report(m)
         expected = ["fused_loss", "kernels", "varlen_attention", "offload_checkpoints"]
-        if mode != "int8":  # LLM.int8 computes in fp16: no bf16 autocast
+        if mode != "int8" or dequant:  # LLM.int8 computes in fp16: no bf16 autocast
             expected += ["adapter_autocast"]
-        if mode == "nf4":
+        if mode == "nf4" or dequant:
             expected += ["bf16_frozen_weights"]
+        if dequant:
+            expected += ["int8_dequant"]
         for lever in expected:
             assert rep.levers[lever].startswith("on"), rep.describe()
     m.train()
@@ -86,10 +92,10 @@ def _loss_and_grads(m, batch) -> tuple[float, dict[str, torch.Tensor]]:
     return float(out.loss), grads
 
 
-@pytest.mark.parametrize("mode", ["bf16", "nf4", "int8"])
+@pytest.mark.parametrize("mode", ["bf16", "nf4", "int8", "int8_dequant"])
 def test_fast_path_matches_plain_peft(model_dir: Path, mode: str) -> None:
     batch = _batch()
-    plain = _build(model_dir, mode, fast=False)
+    plain = _build(model_dir, "int8" if mode == "int8_dequant" else mode, fast=False)
     ref_loss, ref = _loss_and_grads(plain, batch)
     del plain
     torch.cuda.empty_cache()

@@ -150,3 +150,67 @@ def test_loss_sum_contract_matches_trainer_default(tiny_hf_model_dir) -> None:
     assert int(n0) == int(n1) == int((labels[:, 1:] != -100).sum())
     torch.testing.assert_close(s0, ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(s1, ref, rtol=1e-5, atol=1e-4)
+
+
+def _tiny_int8_lora(model_dir):
+    """The trainer's int8 mode on CPU: bitsandbytes LLM.int8 base + LoRA (r4 all-linear, B non-zero)."""
+    from llama_pipe.config import LoraSettings, TrainSettings
+    from llama_pipe.train.model import build_model
+
+    torch.manual_seed(0)
+    s = TrainSettings(mode="int8", device="cpu", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    m = build_model(model_dir, s, "cpu", "fp32")
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    return m
+
+
+def test_int8_dequant_matches_llm_int8_and_keeps_only_int8_for_backward(tiny_hf_model_dir) -> None:
+    """The int8_dequant lever: same loss and LoRA gradients as bitsandbytes' LLM.int8 path (within
+    LLM.int8's own activation-quantization error), and no dense weight kept for the backward."""
+    import bitsandbytes as bnb
+
+    from llama_pipe.train.fast import int8
+
+    plain = _tiny_int8_lora(tiny_hf_model_dir)
+    ids, labels = _batch(plain.config.vocab_size)
+    plain.train()
+    ref = plain(input_ids=ids, labels=labels).loss
+    ref.backward()
+    ref_grads = _lora_grads(plain)
+
+    fast = _tiny_int8_lora(tiny_hf_model_dir)
+    apply(fast, FastOptions(cpu=True, int8_dequant=True, fused_loss=False, offload_checkpoints=False))
+    assert report(fast).levers["int8_dequant"] == "on (14 layers in torch.float32)"
+    layer = fast.get_base_model().model.layers[0].mlp.down_proj.base_layer
+    assert isinstance(layer, bnb.nn.Linear8bitLt) and layer.weight.dtype == torch.int8
+    # One layer exactly: the dense weight is int8 * row scale / 127.
+    x = torch.randn(3, layer.in_features)
+    w = layer.weight.data.float() * (int8._scales(layer).float() / 127).unsqueeze(1)
+    torch.testing.assert_close(layer(x), x @ w.T)
+    # What autograd keeps for the backward: nothing dense of the weight's shape in float.
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x.requires_grad_())
+    assert not any(t.is_floating_point() and t.shape == layer.weight.shape for t in saved)
+
+    fast.train()
+    out = fast(input_ids=ids, labels=labels)
+    out.loss.backward()
+    assert abs(out.loss.item() - ref.item()) / ref.item() < 1e-2
+    grads = _lora_grads(fast)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        cos = torch.nn.functional.cosine_similarity(grads[name].flatten(), g.flatten(), dim=0)
+        assert cos > 0.99, (name, float(cos))
+    assert all(p.grad is None for n, p in fast.named_parameters() if not p.requires_grad)
+
+
+def test_int8_dequant_is_opt_in(tiny_hf_model_dir) -> None:
+    from llama_pipe.train.fast import options_for
+
+    assert not options_for("auto").int8_dequant  # not yet measured on a GPU
+    m = _tiny_lora(tiny_hf_model_dir, 0.0)
+    apply(m, FastOptions(cpu=True, int8_dequant=True))
+    assert report(m).levers["int8_dequant"] == "off (no 8-bit layers)"

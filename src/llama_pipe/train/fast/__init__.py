@@ -20,6 +20,10 @@ around it) in place and reports what it changed:
   embeddings, norms and head of a 4-bit model) are stored in bf16, so the residual stream stays
   bf16 between nf4 layers instead of being cast at every layer (and 0.5 GiB less memory at 7B);
 
+- ``int8_dequant`` (opt-in, ``FastOptions(int8_dequant=True)``): an 8-bit base's layers run as
+  dense GEMMs over weights dequantized per layer instead of LLM.int8 matmuls (:mod:`.int8`);
+  CPU-tested, not yet measured on a GPU, so ``"auto"`` leaves it off.
+
 ``torch.compile`` of the decoder MLPs was measured and left out: +4% tok/s on the 7B bf16 case,
 but together with liger's SwiGLU kernel it produced wrong adapter gradients (torch 2.11; see
 docs/benchmarks.md).
@@ -72,6 +76,9 @@ class FastOptions:
     #: frozen fp32 weights (embeddings, norms, head upcast by prepare_model_for_kbit_training)
     #: stored in bf16, so the residual stream stays bf16 between the nf4 layers.
     bf16_frozen_weights: bool = True
+    #: 8-bit base layers as dense GEMMs over weights dequantized per layer (:mod:`.int8`) instead
+    #: of LLM.int8 matmuls. Off in "auto" until it has been measured on a GPU (CPU-tested only).
+    int8_dequant: bool = False
     #: allow the levers that also run on CPU (fused loss, checkpoint function) on a CPU model.
     cpu: bool = False
 
@@ -79,10 +86,10 @@ class FastOptions:
 def options_for(setting: str | FastOptions) -> FastOptions | None:
     """The levers for a ``train.kernels`` value.
 
-    ``"auto"``: every lever. ``"auto-fp32"``: every lever except ``bf16_frozen_weights`` (a
-    4-bit base keeps peft's fp32 embeddings/norms/head and fp32 residual stream, as the plain
-    path does; slower and more memory, see docs/benchmarks.md). ``"none"``: None (leave the
-    model alone).
+    ``"auto"``: every lever but ``int8_dequant`` (not yet measured on a GPU). ``"auto-fp32"``:
+    the same except ``bf16_frozen_weights`` (a 4-bit base keeps peft's fp32 embeddings/norms/head
+    and fp32 residual stream, as the plain path does; slower and more memory, see
+    docs/benchmarks.md). ``"none"``: None (leave the model alone).
     """
     if isinstance(setting, FastOptions):
         return setting
@@ -127,8 +134,8 @@ def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
         name = type(module).__name__
         if name == "Linear4bit" and getattr(module, "compute_dtype", None) is not None:
             return module.compute_dtype
-        if name == "Linear8bitLt":
-            return torch.float16
+        if name == "Linear8bitLt":  # LLM.int8 runs in fp16 unless the int8_dequant lever chose a dtype
+            return getattr(module, "_llama_pipe_int8_dtype", None) or torch.float16
         if isinstance(module, torch.nn.Linear) and module.weight.dtype.is_floating_point and not module.weight.requires_grad:
             return module.weight.dtype
     return next(model.parameters()).dtype
@@ -212,7 +219,6 @@ def apply(model: torch.nn.Module, kernels: KernelsSetting | FastOptions = "auto"
     device = _model_device(base)
     on_gpu = device.type == "cuda"
     cpu_ok = on_gpu or opts.cpu
-    dtype = _compute_dtype(base)
 
     def lever(name: str, wanted: bool, reason_off: str | None) -> bool:
         if not wanted:
@@ -223,6 +229,17 @@ def apply(model: torch.nn.Module, kernels: KernelsSetting | FastOptions = "auto"
             return False
         rep.levers[name] = "on"
         return True
+
+    has_int8 = any(type(m).__name__ == "Linear8bitLt" for m in base.modules())
+    int8_off = None if has_int8 else "no 8-bit layers"
+    if int8_off is None and not cpu_ok:
+        int8_off = "CPU model"
+    if lever("int8_dequant", opts.int8_dequant, int8_off):
+        from llama_pipe.train.fast import int8
+
+        int8_dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+        rep.levers["int8_dequant"] = f"on ({int8.install(base, int8_dtype)} layers in {int8_dtype})"
+    dtype = _compute_dtype(base)
 
     if lever("fused_loss", opts.fused_loss, supports_fused_loss(base) or (None if cpu_ok else "CPU model")):
         patch_fused_loss(base)
