@@ -76,7 +76,7 @@ class ConvertSettings:
     )
     context_length: Optional[int] = opt(
         None,
-        "max_position_embeddings of the converted model; null: params.json's max_seq_len, else 4096 (LLaMA-2)",
+        "max_position_embeddings of the converted model; null: params.json's max_seq_len, else 8192 for LLaMA-3 (tiktoken tokenizer), 4096 otherwise",
         minimum=16,
     )
     verify_checksums: bool = opt(

@@ -153,11 +153,15 @@ def test_replicated_weights_that_differ_are_refused(make_meta, tmp_path: Path) -
         convert(meta_dir, tmp_path / "hf", ConvertSettings())
 
 
-def test_a_tiktoken_tokenizer_is_refused_clearly(make_meta, tmp_path: Path) -> None:
+def test_a_damaged_tokenizer_model_is_refused_clearly(make_meta, tmp_path: Path) -> None:
     meta_dir = make_meta(n_shards=1)
-    (meta_dir / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n")  # LLaMA-3's format
-    with pytest.raises(InputError, match="not a usable sentencepiece model.*tiktoken"):
+    (meta_dir / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n")  # tiktoken format, 3 tokens only
+    with pytest.raises(InputError, match="single bytes have no token"):
         convert(meta_dir, tmp_path / "hf", ConvertSettings())
+    (meta_dir / "tokenizer.model").write_bytes(b"\x08\x01garbage")
+    with pytest.raises(InputError, match="neither a usable sentencepiece model.*nor a tiktoken BPE file"):
+        convert(meta_dir, tmp_path / "hf", ConvertSettings())
+    assert not (tmp_path / "hf").exists()
 
 
 def test_checklist_catches_flipped_bytes_and_a_missing_last_shard(make_meta, tmp_path: Path) -> None:

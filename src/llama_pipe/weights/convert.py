@@ -40,6 +40,7 @@ from llama_pipe.weights import meta
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 4096  # LLaMA-2; params.json of Meta's releases does not record it
+LLAMA3_CONTEXT = 8192  # LLaMA-3 (recognised by its tiktoken tokenizer)
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
@@ -130,10 +131,16 @@ def _same_names(shards: list[dict[str, Any]], paths: list[Path]) -> None:
 
 
 def _load_tokenizer(tok_file: Path, chat_template: str) -> Any:
+    """The HF tokenizer for a Meta ``tokenizer.model``: sentencepiece (LLaMA-1/2) or tiktoken (LLaMA-3)."""
     import sentencepiece as spm
 
-    from llama_pipe.weights.tokenizer import hf_tokenizer_from_sentencepiece
+    from llama_pipe.weights.tiktoken_bpe import hf_tokenizer_from_tiktoken, is_tiktoken_file
+    from llama_pipe.weights.tokenizer import check_tokenizer, hf_tokenizer_from_sentencepiece
 
+    if is_tiktoken_file(tok_file):
+        tok = hf_tokenizer_from_tiktoken(tok_file, chat_template=chat_template)
+        check_tokenizer(tok, str(tok_file))
+        return tok
     try:
         spm.SentencePieceProcessor(model_file=str(tok_file))
         return hf_tokenizer_from_sentencepiece(tok_file, chat_template=chat_template)
@@ -141,8 +148,8 @@ def _load_tokenizer(tok_file: Path, chat_template: str) -> Any:
         raise
     except Exception as exc:  # sentencepiece / protobuf / transformers errors
         raise InputError(
-            f"{tok_file}: not a usable sentencepiece model ({type(exc).__name__}: {str(exc)[:200]}); "
-            "LLaMA-3's tiktoken tokenizer is not supported here: download the Hugging Face release instead"
+            f"{tok_file}: neither a usable sentencepiece model (LLaMA-1/2: {type(exc).__name__}: {str(exc)[:200]}) "
+            "nor a tiktoken BPE file (LLaMA-3); is it damaged?"
         ) from None
 
 
@@ -208,6 +215,7 @@ def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> di
     from transformers import GenerationConfig, LlamaConfig
 
     from llama_pipe.templates import end_of_turn_ids, get_template
+    from llama_pipe.weights.tiktoken_bpe import is_tiktoken_file
 
     limit = parse_size(settings.max_shard_size)
     params = meta.MetaParams.read(meta_dir / meta.PARAMS)
@@ -276,7 +284,8 @@ def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> di
             num_attention_heads=params.n_heads,
             num_key_value_heads=params.kv_heads,
             head_dim=params.head_dim,
-            max_position_embeddings=settings.context_length or params.max_seq_len or DEFAULT_CONTEXT,
+            max_position_embeddings=settings.context_length or params.max_seq_len
+            or (LLAMA3_CONTEXT if is_tiktoken_file(tok_file) else DEFAULT_CONTEXT),
             rms_norm_eps=params.norm_eps,
             rope_parameters={"rope_type": "default", "rope_theta": float(params.rope_theta)},
             bos_token_id=tok.bos_token_id,

@@ -82,7 +82,7 @@ def hf_tokenizer_from_sentencepiece(model_file: str | Path, chat_template: str |
         tok.pad_token = tok.unk_token
     if chat_template is not None:
         tok.chat_template = chat_template
-    _check(tok, str(model_file))
+    check_tokenizer(tok, str(model_file))
     return tok
 
 
@@ -100,18 +100,38 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
             "use the converted model directory (e.g. results/hf_base), which holds them"
         )
     if "tokenizer.json" not in names and "tokenizer.model" in names:
+        from llama_pipe.weights.tiktoken_bpe import hf_tokenizer_from_tiktoken, is_tiktoken_file
+
+        if is_tiktoken_file(path / "tokenizer.model"):  # LLaMA-3's Meta release
+            tok = hf_tokenizer_from_tiktoken(path / "tokenizer.model")
+            check_tokenizer(tok, str(path))
+            return tok
         return hf_tokenizer_from_sentencepiece(path / "tokenizer.model")
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types here
         raise InputError(f"{path}: cannot load tokenizer: {exc}") from exc
     if tok.pad_token is None:
-        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
-    _check(tok, str(path))
+        tok.pad_token = _spare_pad(tok)
+    check_tokenizer(tok, str(path))
     return tok
 
 
-def _check(tok: Any, where: str) -> None:
+def _spare_pad(tok: Any) -> str:
+    """A pad token for a tokenizer without one: ``<unk>``, else an unused special token (LLaMA-3's
+    ``<|finetune_right_pad_id|>`` or a ``reserved`` one), else the EOS (refused by the check)."""
+    if tok.unk_token is not None:
+        return tok.unk_token
+    specials = [t for t in tok.get_added_vocab() if t not in (tok.bos_token, tok.eos_token)]
+    for word in ("pad", "reserved"):
+        for t in sorted(specials, key=lambda t: tok.convert_tokens_to_ids(t)):
+            if word in t:
+                return t
+    return tok.eos_token
+
+
+def check_tokenizer(tok: Any, where: str) -> None:
+    """Refuse a tokenizer training cannot use (too small, no EOS, a pad equal to the EOS label)."""
     if len(tok) < 260:
         raise InputError(f"{where}: tokenizer has only {len(tok)} tokens; the tokenizer files are incomplete")
     if tok.eos_token_id is None:
