@@ -97,3 +97,36 @@ def tiny_hf_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: P
         if f.is_file():
             shutil.copy(f, out / f.name)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiktoken_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LLaMA-3-format tiktoken ``tokenizer.model``: a byte-level BPE of 3,000 ranks trained on
+    the bundled sample (``<base64 bytes> <rank>`` lines, every single byte present)."""
+    import base64
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from llama_pipe.weights.tiktoken_bpe import _byte_chars
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "sample" / "sharegpt_sample.json"
+    texts = [t["value"] for r in json.loads(sample.read_text(encoding="utf-8")) if isinstance(r, dict)
+             for t in r.get("conversations") or [] if isinstance(t, dict) and isinstance(t.get("value"), str)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=3000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    to_byte = {c: b for b, c in _byte_chars().items()}
+    ranks = sorted(((bytes(to_byte[c] for c in t), i) for t, i in tok.get_vocab().items()), key=lambda x: x[1])
+    out = tmp_path_factory.mktemp("tiktoken") / "tokenizer.model"
+    out.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for t, i in ranks), encoding="ascii")
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(tiktoken_model: Path):
+    """A LLaMA-3-style tokenizer (tiktoken BPE -> tokenizer.json, LLaMA-3.0 special tokens)."""
+    from llama_pipe.weights.tiktoken_bpe import hf_tokenizer_from_tiktoken
+
+    return hf_tokenizer_from_tiktoken(tiktoken_model)

@@ -37,11 +37,31 @@ def test_vicuna_text_is_fastchats_format() -> None:
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 @pytest.mark.parametrize("conv", range(len(CONVS)))
-def test_render_matches_jinja_chat_template(tokenizer, name: str, conv: int) -> None:
+def test_render_matches_jinja_chat_template(request, name: str, conv: int) -> None:
+    tokenizer = _tokenizer(request, name)
     t = get_template(name)
     text, _ = t.render(CONVS[conv])
     jinja = tokenizer.apply_chat_template(CONVS[conv], chat_template=t.chat_template, tokenize=False)
     assert jinja == tokenizer.bos_token + text
+
+
+def _tokenizer(request: pytest.FixtureRequest, name: str):
+    """The tiny sentencepiece tokenizer, or for llama-3 a LLaMA-3-style one (its markers are its
+    special tokens)."""
+    return request.getfixturevalue("llama3_tokenizer" if name == "llama-3" else "tokenizer")
+
+
+def test_llama3_text_is_metas_format(llama3_tokenizer) -> None:
+    text, spans = get_template("llama-3").render(CONVS[1])
+    assert text == (
+        "<|start_header_id|>system<|end_header_id|>\n\nYou answer briefly.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n请用中文回答：天空是什么颜色？<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n天空通常是蓝色的。<|eot_id|>"
+    )
+    assert [text[s:e] for s, e in spans] == ["天空通常是蓝色的。<|eot_id|>"]
+    ids = llama3_tokenizer(text)["input_ids"]
+    for marker in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"):  # one special token each
+        assert ids.count(llama3_tokenizer.convert_tokens_to_ids(marker)) == 3
 
 
 def _runs(labels: list[int]) -> list[tuple[int, int]]:
@@ -57,7 +77,8 @@ def _runs(labels: list[int]) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 @pytest.mark.parametrize("conv", range(len(CONVS)))
-def test_label_mask_is_exactly_the_assistant_tokens(tokenizer, name: str, conv: int) -> None:
+def test_label_mask_is_exactly_the_assistant_tokens(request, name: str, conv: int) -> None:
+    tokenizer = _tokenizer(request, name)
     t = get_template(name)
     text, spans = t.render(CONVS[conv])
     ids, labels = tokenize_with_labels(tokenizer, text, spans)

@@ -1,10 +1,13 @@
 """Chat templates: render a conversation to text, and know which characters the model learns.
 
-Three formats, each written out exactly:
+Four formats, each written out exactly:
 
 * ``vicuna_v1.1`` - FastChat's: ``SYSTEM USER: hi ASSISTANT: hello</s>USER: ...``
 * ``llama-2``     - Meta's: ``[INST] <<SYS>>\\nSYSTEM\\n<</SYS>>\\n\\nhi [/INST] hello </s><s>[INST] ...``
 * ``chatml``      - ``<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\nhello<|im_end|>\\n``
+* ``llama-3``     - Meta's: ``<|start_header_id|>user<|end_header_id|>\\n\\nhi<|eot_id|><|start_header_id|>
+  assistant<|end_header_id|>\\n\\nhello<|eot_id|>`` (for a LLaMA-3 tokenizer, whose special tokens
+  these are)
 
 ``render`` returns the text (without the leading BOS, which the tokenizer adds) and the
 character spans the loss is computed on: every assistant reply plus its end-of-turn marker.
@@ -95,6 +98,14 @@ class ChatTemplate:
                 else:
                     add(" ")
                     add(f"{content} </s>", target=True)
+            elif self.name == "llama-3":
+                if i == 0 and system:
+                    add(f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>")
+                add(f"<|start_header_id|>{role}<|end_header_id|>\n\n")
+                if role == "user":
+                    add(f"{content}<|eot_id|>")
+                else:
+                    add(f"{content}<|eot_id|>", target=True)
             else:  # chatml
                 if i == 0 and system:
                     add(f"<|im_start|>system\n{system}<|im_end|>\n")
@@ -111,6 +122,8 @@ class ChatTemplate:
                 add("ASSISTANT:")
             elif self.name == "chatml":
                 add("<|im_start|>assistant\n")
+            elif self.name == "llama-3":
+                add("<|start_header_id|>assistant<|end_header_id|>\n\n")
         return "".join(parts), spans
 
 
@@ -148,10 +161,19 @@ _CHATML_JINJA = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
+_LLAMA3_JINJA = (
+    "{{- bos_token -}}"
+    "{%- for m in messages -%}"
+    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
+
 TEMPLATES: dict[str, ChatTemplate] = {
     "vicuna_v1.1": ChatTemplate("vicuna_v1.1", VICUNA_SYSTEM, "</s>", _VICUNA_JINJA),
     "llama-2": ChatTemplate("llama-2", "", "</s>", _LLAMA2_JINJA),
     "chatml": ChatTemplate("chatml", "", "<|im_end|>", _CHATML_JINJA),
+    "llama-3": ChatTemplate("llama-3", "", "<|eot_id|>", _LLAMA3_JINJA),
 }
 
 
@@ -194,7 +216,7 @@ def tokenize_with_labels(
 
 
 def end_of_turn_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:
-    """Token ids that end generation for this template (eos, plus <|im_end|> for chatml)."""
+    """Token ids that end generation for this template (eos, plus <|im_end|> / <|eot_id|> where a token)."""
     ids = {tokenizer.eos_token_id}
     tid = tokenizer.convert_tokens_to_ids(template.end_of_turn)
     if isinstance(tid, int) and tid != tokenizer.unk_token_id:
