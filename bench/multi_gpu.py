@@ -220,16 +220,12 @@ def check_adapter(run: Path, base: Path, reference: Path | None = None) -> dict[
 
 def _peft_loaded(run: Path, base: Path) -> dict[str, Any] | None:
     """The adapter tensors as peft loads them onto a memory-free (meta-shaped) copy of ``base``."""
-    from llama_pipe.train.output import _materialise_without_memory
-    import torch
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base)))
-    _materialise_without_memory(model)
+    from llama_pipe.train.output import load_adapter_on_empty_base
+
     try:
-        peft_model = PeftModel.from_pretrained(model, str(run))
+        peft_model = load_adapter_on_empty_base(run, AutoConfig.from_pretrained(str(base)))
     except Exception:  # noqa: BLE001 - any failure to load is the finding
         return None
     return {k: v for k, v in peft_model.state_dict().items() if ".lora_" in k}

@@ -106,3 +106,11 @@ def test_label_mask_is_exactly_the_assistant_tokens(request, name: str, conv: in
 
 def test_pad_is_not_eos(tokenizer) -> None:
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_config_offers_exactly_the_templates_there_are() -> None:
+    from typing import get_args
+
+    from llama_pipe.config import TemplateName
+
+    assert sorted(get_args(TemplateName)) == sorted(TEMPLATES)

@@ -15,6 +15,9 @@ from typing import Any, Literal, Optional
 
 from llama_pipe.settings import ConfigError, dataclass_schema, from_dict, opt, validate
 
+#: The chat templates of llama_pipe.templates (a test checks the two lists agree).
+TemplateName = Literal["vicuna_v1.1", "llama-2", "chatml", "llama-3"]
+
 # ----------------------------------------------------------------------------- base weights
 
 
@@ -71,7 +74,7 @@ class ConvertSettings:
 
     max_shard_size: str = opt("2GB", "largest safetensors shard (e.g. '500MB', '10GB')", pattern=r"^[0-9]+(\.[0-9]+)?\s*[KMGT]?i?B$")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the written weights")
-    template: Literal["vicuna_v1.1", "llama-2", "chatml", "llama-3"] = opt(
+    template: TemplateName = opt(
         "vicuna_v1.1", "chat template stored with the tokenizer"
     )
     context_length: Optional[int] = opt(
@@ -153,7 +156,7 @@ class SplitSettings:
         "reject", "a single pair longer than max_length: reject it with a reason, or truncate its gpt turn"
     )
     batch_size: int = opt(256, "texts per fast-tokenizer batch", minimum=1)
-    template: Literal["vicuna_v1.1", "llama-2", "chatml", "llama-3"] = opt(
+    template: TemplateName = opt(
         "vicuna_v1.1", "chat template chunks are measured with, when split runs by hand (the workflow passes train.template)"
     )
     system_prompt: Optional[str] = opt(
@@ -184,7 +187,7 @@ class TrainSettings:
 
     run: str = opt("default", "run name: outputs go to results/train/<run>/", pattern=r"^(?!\.\.?$)[A-Za-z0-9_.-]+$")
     mode: Literal["lora", "qlora", "int8", "full"] = opt("lora", "what is trained and how the base is stored")
-    template: Literal["vicuna_v1.1", "llama-2", "chatml", "llama-3"] = opt("vicuna_v1.1", "chat template")
+    template: TemplateName = opt("vicuna_v1.1", "chat template")
     system_prompt: Optional[str] = opt(None, "system prompt override; null uses the template's default")
     lora: LoraSettings = opt(LoraSettings, "adapter settings (modes lora, qlora, int8)")
     max_seq_len: int = opt(512, "longest training row in tokens", minimum=16)
@@ -256,7 +259,7 @@ class MergeAdapterSettings:
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the merged weights")
     max_shard_size: str = opt("2GB", "largest safetensors shard", pattern=r"^[0-9]+(\.[0-9]+)?\s*[KMGT]?i?B$")
     format: Literal["hf", "meta"] = opt("hf", "'meta' also writes consolidated.*.pth + params.json")
-    template: Optional[Literal["vicuna_v1.1", "llama-2", "chatml", "llama-3"]] = opt(
+    template: Optional[TemplateName] = opt(
         None, "chat template; null: the one recorded with the model (llama_pipe.json, else the tokenizer's Jinja), else vicuna_v1.1"
     )
 
@@ -273,7 +276,7 @@ class EvalSettings:
     seed: int = opt(0, "sampling seed")
     batch_size: int = opt(8, "rows per perplexity batch", minimum=1)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to evaluate")
-    template: Optional[Literal["vicuna_v1.1", "llama-2", "chatml", "llama-3"]] = opt(
+    template: Optional[TemplateName] = opt(
         None, "chat template; null: the one recorded with the model (llama_pipe.json, else the tokenizer's Jinja), else vicuna_v1.1"
     )
 
@@ -290,7 +293,7 @@ class ServeSettings:
     temperature: float = opt(0.7, "default sampling temperature (0 = greedy); a request may override it", minimum=0, maximum=2)
     top_p: float = opt(0.9, "default nucleus sampling; a request may override it", exclusiveMinimum=0, maximum=1)
     model_id: Optional[str] = opt(None, "model name reported by /v1/models; null: the model directory's name")
-    template: Optional[Literal["vicuna_v1.1", "llama-2", "chatml", "llama-3"]] = opt(
+    template: Optional[TemplateName] = opt(
         None, "chat template; null: the one recorded with the model (llama_pipe.json, else the tokenizer's Jinja), else vicuna_v1.1"
     )
 

@@ -37,4 +37,3 @@ def make_meta(tmp_path: Path, tokenizer_dir: Path) -> Callable[..., Path]:
         return out
 
     return build
-

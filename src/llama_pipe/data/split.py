@@ -184,7 +184,6 @@ class Splitter:
         limit = self.cfg.max_length
         for r in recs:
             self.find_oversized(r)
-        for r in recs:
             if r.over:  # never tokenize the giant pair: exact greedy packing around it
                 self._replan(r)
         recs = [r for r in recs if not r.over]

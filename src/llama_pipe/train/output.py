@@ -37,17 +37,12 @@ def verify_adapter(adapter_dir: Path, base_dir: Path, expected: dict[str, Any], 
     zeros (B starts at zero, so an all-zero B means that module never trained or was not saved).
     Returns the number of tensors checked.
     """
-    import torch
-    from peft import PeftModel, get_peft_model_state_dict
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from peft import get_peft_model_state_dict
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
-    with _no_zero3_init(), torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    _materialise_without_memory(base)
     try:
-        with _no_zero3_init():
-            model = PeftModel.from_pretrained(base, str(adapter_dir))
+        model = load_adapter_on_empty_base(adapter_dir, config, trust_remote_code)
     except Exception as exc:  # peft raises many types on a broken adapter
         raise VerificationError(f"{adapter_dir}: PeftModel.from_pretrained failed: {exc}") from exc
     loaded = get_peft_model_state_dict(model)
@@ -64,6 +59,22 @@ def verify_adapter(adapter_dir: Path, base_dir: Path, expected: dict[str, Any], 
         if ".lora_B." in name and not bool(tensor.detach().abs().sum() > 0):
             raise VerificationError(f"{adapter_dir}: {name} is all zeros after training (the module never learned)")
     return len(loaded)
+
+
+def load_adapter_on_empty_base(adapter_dir: Path, config: Any, trust_remote_code: bool = False) -> Any:
+    """``PeftModel.from_pretrained`` of ``adapter_dir`` onto the architecture of the base's
+    ``config`` with no base weights read: the base is built on the meta device and given
+    zero-memory values, so this costs only the adapter's size. Raises whatever peft raises on a
+    broken adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with _no_zero3_init(), torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    _materialise_without_memory(base)
+    with _no_zero3_init():
+        return PeftModel.from_pretrained(base, str(adapter_dir))
 
 
 @contextlib.contextmanager

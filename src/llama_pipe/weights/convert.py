@@ -134,16 +134,13 @@ def _load_tokenizer(tok_file: Path, chat_template: str) -> Any:
     """The HF tokenizer for a Meta ``tokenizer.model``: sentencepiece (LLaMA-1/2) or tiktoken (LLaMA-3)."""
     import sentencepiece as spm
 
-    from llama_pipe.weights.tiktoken_bpe import hf_tokenizer_from_tiktoken, is_tiktoken_file
-    from llama_pipe.weights.tokenizer import check_tokenizer, hf_tokenizer_from_sentencepiece
+    from llama_pipe.weights.tiktoken_bpe import is_tiktoken_file
+    from llama_pipe.weights.tokenizer import hf_tokenizer_from_meta
 
-    if is_tiktoken_file(tok_file):
-        tok = hf_tokenizer_from_tiktoken(tok_file, chat_template=chat_template)
-        check_tokenizer(tok, str(tok_file))
-        return tok
     try:
-        spm.SentencePieceProcessor(model_file=str(tok_file))
-        return hf_tokenizer_from_sentencepiece(tok_file, chat_template=chat_template)
+        if not is_tiktoken_file(tok_file):
+            spm.SentencePieceProcessor(model_file=str(tok_file))
+        return hf_tokenizer_from_meta(tok_file, chat_template=chat_template)
     except InputError:
         raise
     except Exception as exc:  # sentencepiece / protobuf / transformers errors

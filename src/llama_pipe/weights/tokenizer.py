@@ -86,6 +86,17 @@ def hf_tokenizer_from_sentencepiece(model_file: str | Path, chat_template: str |
     return tok
 
 
+def hf_tokenizer_from_meta(model_file: str | Path, chat_template: str | None = None) -> Any:
+    """The HF tokenizer for a Meta ``tokenizer.model``: LLaMA-3's tiktoken file, else sentencepiece (LLaMA-1/2)."""
+    from llama_pipe.weights.tiktoken_bpe import hf_tokenizer_from_tiktoken, is_tiktoken_file
+
+    if is_tiktoken_file(Path(model_file)):
+        tok = hf_tokenizer_from_tiktoken(model_file, chat_template=chat_template)
+        check_tokenizer(tok, str(model_file))
+        return tok
+    return hf_tokenizer_from_sentencepiece(model_file, chat_template=chat_template)
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     """Load a tokenizer directory (HF files, or only ``tokenizer.model``) and sanity-check it."""
     from transformers import AutoTokenizer
@@ -100,13 +111,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
             "use the converted model directory (e.g. results/hf_base), which holds them"
         )
     if "tokenizer.json" not in names and "tokenizer.model" in names:
-        from llama_pipe.weights.tiktoken_bpe import hf_tokenizer_from_tiktoken, is_tiktoken_file
-
-        if is_tiktoken_file(path / "tokenizer.model"):  # LLaMA-3's Meta release
-            tok = hf_tokenizer_from_tiktoken(path / "tokenizer.model")
-            check_tokenizer(tok, str(path))
-            return tok
-        return hf_tokenizer_from_sentencepiece(path / "tokenizer.model")
+        return hf_tokenizer_from_meta(path / "tokenizer.model")
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types here
