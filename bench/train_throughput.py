@@ -100,6 +100,8 @@ CASES: dict[str, Case] = {
     "abl_no_autocast": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("adapter_autocast",)),
     "abl_nf4_fp32_frozen": Case("qlora", 64, tuple(ALL), 1024, 8, dropout=0.0, disable=("bf16_frozen_weights",)),
     "abl_nf4_none": Case("qlora", 64, tuple(ALL), 1024, 8, dropout=0.0, kernels="none"),
+    "abl_no_fused_lora": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("fused_lora",)),
+    "abl_nf4_no_fused_lora": Case("qlora", 64, tuple(ALL), 1024, 8, dropout=0.0, disable=("fused_lora",)),
 }
 GROUPS = {
     "ours": ["bf16_r8qv_s512_b14", "int8_r8qv_s512_b14", "int8_r8qv_s512_b14_dequant", "bf16_r16all_s1024_b8", "bf16_r16all_s1024_b8_d0",
@@ -108,7 +110,7 @@ GROUPS = {
     "real": ["real_packed", "real_packed_nokernels", "real_padmax_plain"],
     "tiny": ["tiny_lora", "tiny_qlora", "tiny_int8"],
     "ablation": ["abl_none", "abl_no_kernels", "abl_no_fused_loss", "abl_no_offload", "abl_no_autocast",
-                 "abl_nf4_none", "abl_nf4_fp32_frozen"],
+                 "abl_nf4_none", "abl_nf4_fp32_frozen", "abl_no_fused_lora", "abl_nf4_no_fused_lora"],
 }
 PEER_CASES = [P_BF16_QV, P_INT8, P_BF16_ALL, P_NF4]
 UNSLOTH_CASES = [U_BF16, U_NF4, U_BF16 + "_d05", U_NF4 + "_d05"]
@@ -195,7 +197,7 @@ def run_ours(case: Case) -> dict[str, Any]:
 
     from llama_pipe.train import fast
     from llama_pipe.train.dataset import collate, pack_examples
-    from llama_pipe.train.loop import make_accelerator, make_optimizer
+    from llama_pipe.train.loop import fused_adamw_ok, make_accelerator, make_optimizer
     from llama_pipe.train.model import build_model
     from llama_pipe.train.step import StepContext, causal_lm_loss_sum, train_step
 
@@ -204,7 +206,7 @@ def run_ours(case: Case) -> dict[str, Any]:
     acc, precision = make_accelerator(settings)
     t0 = time.time()
     model = build_model(base, settings, acc.device, precision)
-    optimizer = make_optimizer(model, settings)
+    optimizer = make_optimizer(model, settings, fused=fused_adamw_ok(acc))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     model, optimizer = acc.prepare(model, optimizer)
     model.train()

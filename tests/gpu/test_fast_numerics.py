@@ -77,6 +77,8 @@ def _build(model_dir: Path, mode: str, fast: bool):
             expected += ["adapter_autocast"]
         if mode == "nf4" or dequant:
             expected += ["bf16_frozen_weights"]
+        if mode != "int8" or dequant:  # LLM.int8 layers keep peft's forward
+            assert rep.levers["fused_lora"] == f"on ({4 * len(ALL)} layers)", rep.describe()
         if dequant:
             expected += ["int8_dequant"]
         for lever in expected:

@@ -101,7 +101,9 @@ def test_none_reports_off(tiny_hf_model_dir) -> None:
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_cpu_fast_path_matches_plain_loss_and_lora_grads(tiny_hf_model_dir, dropout: float) -> None:
     """Fused loss + the offloading checkpoint function (recompute only on CPU) against plain peft,
-    with checkpointing on; dropout > 0 checks that the recompute replays the same dropout masks."""
+    with checkpointing on; dropout > 0 checks that the recompute replays the same dropout masks
+    (there without the fused LoRA layers, which draw their masks differently from peft's
+    dropout; tests/train_fast/test_fused_lora.py checks those)."""
     plain = _tiny_lora(tiny_hf_model_dir, dropout)
     ids, labels = _batch(plain.config.vocab_size)
     plain.train()
@@ -112,9 +114,10 @@ def test_cpu_fast_path_matches_plain_loss_and_lora_grads(tiny_hf_model_dir, drop
 
     fast = _tiny_lora(tiny_hf_model_dir, dropout)
     fast.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    apply(fast, FastOptions(cpu=True))
+    apply(fast, FastOptions(cpu=True, fused_lora=dropout == 0.0))
     rep = report(fast)
     assert rep.on("fused_loss") and rep.levers["offload_checkpoints"].startswith("on (2 layers")
+    assert rep.levers["fused_lora"] == ("on (14 layers)" if dropout == 0.0 else "off (not requested)")
     fast.train()
     torch.manual_seed(7)
     out = fast(input_ids=ids, labels=labels)

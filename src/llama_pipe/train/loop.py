@@ -108,9 +108,19 @@ def lr_lambda_for(total: int, warmup: int, min_ratio: float) -> Any:
     return f
 
 
-def make_optimizer(model: Any, settings: TrainSettings) -> Any:
+def fused_adamw_ok(acc: Any) -> bool:
+    """Whether torch's fused (single-kernel) AdamW applies: CUDA, one process or DDP. It updates
+    in place, where the default multi-tensor AdamW allocates temporaries the size of all trainable
+    parameters (0.6 GiB for r64 all-linear adapters at 7B); FSDP/DeepSpeed keep the default."""
+    from accelerate.utils import DistributedType
+
+    return acc.device.type == "cuda" and acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU)
+
+
+def make_optimizer(model: Any, settings: TrainSettings, fused: bool = False) -> Any:
     """AdamW (``train.optimizer``: torch's, or bitsandbytes' 8-bit / paged 8-bit); weight decay on
-    matrices only (not on norms, biases or DoRA magnitudes)."""
+    matrices only (not on norms, biases or DoRA magnitudes). ``fused``: torch's AdamW as its
+    fused kernel (see :func:`fused_adamw_ok`)."""
     import torch
 
     decay, no_decay = [], []
@@ -121,7 +131,7 @@ def make_optimizer(model: Any, settings: TrainSettings) -> Any:
     groups = [g for g in groups if g["params"]]
     kwargs = {"lr": settings.lr, "betas": (0.9, 0.999), "eps": 1e-8}
     if settings.optimizer == "adamw":
-        return torch.optim.AdamW(groups, **kwargs)
+        return torch.optim.AdamW(groups, **kwargs, fused=True) if fused else torch.optim.AdamW(groups, **kwargs)
     import bitsandbytes as bnb
 
     if settings.optimizer == "paged_adamw_8bit":
@@ -296,7 +306,7 @@ def train(
     model = build_model(base, settings, acc.device, precision)
     trainable, n_params = count_parameters(model)
     log.info("mode %s: %d trainable of %d parameters (%.3f%%)", settings.mode, trainable, n_params, 100 * trainable / max(n_params, 1))
-    optimizer = make_optimizer(model, settings)
+    optimizer = make_optimizer(model, settings, fused=fused_adamw_ok(acc))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(total, settings.warmup_steps, settings.min_lr_ratio))
     model, optimizer = acc.prepare(model, optimizer)
     # The scheduler's state goes into trainer_state.json, not through accelerate's

@@ -16,6 +16,8 @@ around it) in place and reports what it changed:
   the adapters are fp32 (peft's default; the trainer's accelerate autocast does the same), and
   peft's fp32 copy of every adapted layer's input is skipped under autocast (autocast would
   cast it straight back to bf16: same values, two full copies saved per layer and pass);
+- ``fused_lora``: each peft LoRA linear runs as one autograd function with the adapter's scale
+  and add folded into the GEMMs (:mod:`.lora`; plain torch, so it runs on CPU too);
 - ``bf16_frozen_weights``: frozen fp32 weights (``prepare_model_for_kbit_training`` upcasts the
   embeddings, norms and head of a 4-bit model) are stored in bf16, so the residual stream stays
   bf16 between nf4 layers instead of being cast at every layer (and 0.5 GiB less memory at 7B);
@@ -73,6 +75,8 @@ class FastOptions:
     varlen_attention: bool = True
     offload_checkpoints: bool = True
     adapter_autocast: bool = True
+    #: every single-adapter LoRA linear as one autograd function, scale and add fused (:mod:`.lora`).
+    fused_lora: bool = True
     #: frozen fp32 weights (embeddings, norms, head upcast by prepare_model_for_kbit_training)
     #: stored in bf16, so the residual stream stays bf16 between the nf4 layers.
     bf16_frozen_weights: bool = True
@@ -270,6 +274,13 @@ def apply(model: torch.nn.Module, kernels: KernelsSetting | FastOptions = "auto"
         _wrap_autocast(base, torch.bfloat16)
         n = _skip_input_cast_under_autocast(base)
         rep.levers["adapter_autocast"] = f"on ({n} adapted layers skip the fp32 input copy)"
+    lora_off = None if cpu_ok else "CPU model"
+    if lora_off is None and not ad:
+        lora_off = "no LoRA adapters"
+    if lever("fused_lora", opts.fused_lora, lora_off):
+        from llama_pipe.train.fast import lora
+
+        rep.levers["fused_lora"] = f"on ({lora.install(base)} layers)"
     bf_off = ac_off if ac_off else None
     if bf_off is None and not any(p.dtype == torch.float32 and not p.requires_grad for p in base.parameters()):
         bf_off = "no frozen fp32 weights"
