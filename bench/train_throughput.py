@@ -248,6 +248,13 @@ def run_ours(case: Case) -> dict[str, Any]:
     mem = _memory()
     if os.environ.get("BENCH_PROFILE"):
         _profile(lambda: train_step(ctx, [batches[-1][0]], batches[-1][2], WARMUP + TIMED + 1), case)
+    if os.environ.get("BENCH_MEMORY"):
+        try:
+            _memory_at_peak(lambda: train_step(ctx, [batches[-1][0]], batches[-1][2], WARMUP + TIMED + 1), case,
+                            _tensor_labels(acc.unwrap_model(model), optimizer))
+        except Exception as exc:  # a diagnostic: the measured row still counts
+            with open(os.environ["BENCH_MEMORY"], "a") as f:
+                f.write(f"==== {case}: memory report failed: {exc!r}\n")
     return dict(
         tok_per_s=round(tokens / dt), s_per_step=round(dt / TIMED, 3), **mem,
         load_s=round(load_s, 1), loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
@@ -266,6 +273,73 @@ def _profile(step: Any, case: Case) -> None:
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=35, max_name_column_width=70)
     with open(os.environ["BENCH_PROFILE"], "a") as f:
         f.write(f"==== {case}\n{table}\n")
+
+
+def _tensor_labels(model: Any, optimizer: Any) -> dict[int, str]:
+    """data_ptr -> what it is, for the tensors that live across steps."""
+    labels: dict[int, str] = {}
+    for p in model.parameters():
+        labels[p.data_ptr()] = "adapter weights" if p.requires_grad else "frozen weights"
+    for state in getattr(optimizer, "state", {}).values():
+        for v in state.values():
+            if hasattr(v, "data_ptr") and getattr(v, "is_cuda", False):
+                labels[v.data_ptr()] = "optimizer state"
+    return labels
+
+
+def _memory_at_peak(step: Any, case: Case, labels: dict[int, str], top: int = 25) -> None:
+    """One more step with CUDA's allocator history on: what was allocated at the step's peak,
+    grouped by the Python frames that allocated it, appended to $BENCH_MEMORY."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    step()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    events = [e for trace in snap["device_traces"] for e in trace if e["action"] in ("alloc", "free_completed")]
+    # Blocks allocated before recording started have no alloc event: find them (alive at the end,
+    # or freed during the step) to know what was live when the step began.
+    in_trace: set[int] = set()
+    live: dict[int, tuple[int, str]] = {}
+    for e in events:
+        if e["action"] == "alloc":
+            in_trace.add(e["addr"])
+        elif e["addr"] in in_trace:
+            in_trace.discard(e["addr"])
+        else:
+            live[e["addr"]] = (e["size"], labels.get(e["addr"], "before the step, freed in it"))
+    for seg in snap["segments"]:
+        for blk in seg["blocks"]:
+            if blk["state"] == "active_allocated" and blk["address"] not in in_trace:
+                live[blk["address"]] = (blk["size"], labels.get(blk["address"], "before the step, kept"))
+    cur = peak = sum(size for size, _ in live.values())
+    peak_at, sizes = -1, {}
+    for i, e in enumerate(events):  # first pass: when is the peak
+        if e["action"] == "alloc":
+            sizes[e["addr"]] = e["size"]
+            cur += e["size"]
+            if cur > peak:
+                peak, peak_at = cur, i
+        else:
+            cur -= sizes.pop(e["addr"], live.get(e["addr"], (0, ""))[0])
+    for e in events[: peak_at + 1]:  # second pass: what is live then
+        if e["action"] == "alloc":
+            frames = [f for f in e.get("frames", []) if "/torch/" not in f["filename"]]
+            where = "; ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames[:3]) or "?"
+            live[e["addr"]] = (e["size"], where)
+        else:
+            live.pop(e["addr"], None)
+    by_site: dict[str, list[int]] = {}
+    for size, where in live.values():
+        by_site.setdefault(where, []).append(size)
+    rows = sorted(by_site.items(), key=lambda kv: -sum(kv[1]))
+    lines = [f"==== {case.mode} r{case.r} {case.seq}x{case.bs} {case.optimizer}: peak {peak / 2**30:.3f} GiB "
+             f"(max_memory_allocated {torch.cuda.max_memory_allocated() / 2**30:.3f}), event {peak_at} of {len(events)}"]
+    lines += [f"{sum(sz) / 2**20:10.1f} MiB  x{len(sz):<5} {where}" for where, sz in rows[:top]]
+    with open(os.environ["BENCH_MEMORY"], "a") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def run_padmax_plain(case: Case) -> dict[str, Any]:

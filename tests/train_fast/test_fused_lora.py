@@ -167,6 +167,12 @@ def test_int8_base_is_fused_only_under_int8_dequant(tiny_hf_model_dir) -> None:
     m = build_model(tiny_hf_model_dir, s, "cpu", "fp32")
     apply(m, FastOptions(cpu=True, int8_dequant=True))
     assert report(m).levers["fused_lora"] == f"on ({report(m).levers['int8_dequant'].split()[1].strip('(')} layers)"
+    # The levers that follow see the dequantized layers' dtype, not LLM.int8's fp16 (peft's wrapper
+    # of an 8-bit layer shares the base class's name and must not be taken for it).
+    from llama_pipe.train.fast import _compute_dtype
+
+    assert _compute_dtype(plain.get_base_model()) == torch.float16
+    assert _compute_dtype(m.get_base_model()) == torch.float32  # int8_dequant's dtype on CPU
     layer = m.get_base_model().model.layers[0].mlp.down_proj
     saved: list[torch.Tensor] = []
     x = torch.randn(3, layer.in_features, requires_grad=True)

@@ -135,6 +135,8 @@ def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
     fp16 for LLM.int8, else the dtype of the (frozen) linear weights. Not the embedding's dtype:
     ``prepare_model_for_kbit_training`` keeps embeddings and norms in fp32."""
     for module in model.modules():
+        if hasattr(module, "base_layer"):  # a peft LoRA wrapper (peft names some after their base class)
+            continue
         name = type(module).__name__
         if name == "Linear4bit" and getattr(module, "compute_dtype", None) is not None:
             return module.compute_dtype
