@@ -326,8 +326,8 @@ def _memory_at_peak(step: Any, case: Case, labels: dict[int, str], top: int = 25
             cur -= sizes.pop(e["addr"], live.get(e["addr"], (0, ""))[0])
     for e in events[: peak_at + 1]:  # second pass: what is live then
         if e["action"] == "alloc":
-            frames = [f for f in e.get("frames", []) if "/torch/" not in f["filename"]]
-            where = "; ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames[:3]) or "?"
+            frames = [f for f in e.get("frames", []) if f["filename"].endswith(".py") and "/torch/" not in f["filename"]]
+            where = "; ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames[:4]) or "no Python frame"
             live[e["addr"]] = (e["size"], where)
         else:
             live.pop(e["addr"], None)
