@@ -59,6 +59,7 @@ class Case:
     data: str = "fixed"  # fixed | real (ShareGPT-like lengths, packed) | padmax (plain HF+peft, pad to max)
     model: str = "7b"  # 7b | tiny
     optimizer: str = "adamw"  # train.optimizer
+    in_backward: bool = False  # train.optimizer_in_backward (with max_grad_norm 0)
     peer: str = ""  # the peer case this compares with ("" = none)
     unsloth: str = ""
 
@@ -72,18 +73,21 @@ U_BF16, U_NF4 = "unsloth_bf16_r16all_s1024_b8_ckpt", "unsloth_qlora_nf4_r64all_s
 
 CASES: dict[str, Case] = {
     "bf16_r8qv_s512_b14": Case("lora", 8, tuple(QV), 512, 14, peer=P_BF16_QV),
+    # kernels auto: the int8_dequant lever (bf16 GEMMs over per-layer dequantized weights) ...
     "int8_r8qv_s512_b14": Case("int8", 8, tuple(QV), 512, 14, peer=P_INT8),
-    # The opt-in int8_dequant lever (bf16 GEMMs over per-layer dequantized weights; not yet run on a GPU).
-    "int8_r8qv_s512_b14_dequant": Case("int8", 8, tuple(QV), 512, 14, enable=("int8_dequant",), peer=P_INT8),
+    # ... and without it: bitsandbytes' LLM.int8 matmuls under the rest of the fast path.
+    "int8_r8qv_s512_b14_llmint8": Case("int8", 8, tuple(QV), 512, 14, disable=("int8_dequant",), peer=P_INT8),
     "bf16_r16all_s1024_b8": Case("lora", 16, tuple(ALL), 1024, 8, peer=P_BF16_ALL, unsloth=U_BF16 + "_d05"),
     "bf16_r16all_s1024_b8_d0": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, peer=P_BF16_ALL, unsloth=U_BF16),
     "nf4_r64all_s1024_b8": Case("qlora", 64, tuple(ALL), 1024, 8, peer=P_NF4, unsloth=U_NF4 + "_d05"),
     "nf4_r64all_s1024_b8_d0": Case("qlora", 64, tuple(ALL), 1024, 8, dropout=0.0, peer=P_NF4, unsloth=U_NF4),
     "nf4_r64all_s2048_b1": Case("qlora", 64, tuple(ALL), 2048, 1),
     "nf4_r16all_s2048_b1": Case("qlora", 16, tuple(ALL), 2048, 1),
-    # The same with 8-bit AdamW moments (not yet run on a GPU). Not the paged variant: it takes
+    # The same with 8-bit AdamW moments. Not the paged variant: it takes
     # CUDA managed memory, which the device machines ask us not to use.
     "nf4_r64all_s2048_b1_adam8bit": Case("qlora", 64, tuple(ALL), 2048, 1, optimizer="adamw_8bit"),
+    # ... and updated in the backward pass, so all adapter gradients never exist at once.
+    "nf4_r64all_s2048_b1_adam8bit_inbwd": Case("qlora", 64, tuple(ALL), 2048, 1, optimizer="adamw_8bit", in_backward=True),
     # Real length distribution: llama-pipe packing (+ fast path) vs FastChat's pad-to-max collation.
     "real_packed": Case("lora", 16, tuple(ALL), 2048, 4, data="real"),
     "real_packed_nokernels": Case("lora", 16, tuple(ALL), 2048, 4, data="real", kernels="none"),
@@ -104,9 +108,9 @@ CASES: dict[str, Case] = {
     "abl_nf4_no_fused_lora": Case("qlora", 64, tuple(ALL), 1024, 8, dropout=0.0, disable=("fused_lora",)),
 }
 GROUPS = {
-    "ours": ["bf16_r8qv_s512_b14", "int8_r8qv_s512_b14", "int8_r8qv_s512_b14_dequant", "bf16_r16all_s1024_b8", "bf16_r16all_s1024_b8_d0",
+    "ours": ["bf16_r8qv_s512_b14", "int8_r8qv_s512_b14", "int8_r8qv_s512_b14_llmint8", "bf16_r16all_s1024_b8", "bf16_r16all_s1024_b8_d0",
              "nf4_r64all_s1024_b8", "nf4_r64all_s1024_b8_d0", "nf4_r64all_s2048_b1", "nf4_r16all_s2048_b1",
-             "nf4_r64all_s2048_b1_adam8bit"],
+             "nf4_r64all_s2048_b1_adam8bit", "nf4_r64all_s2048_b1_adam8bit_inbwd"],
     "real": ["real_packed", "real_packed_nokernels", "real_padmax_plain"],
     "tiny": ["tiny_lora", "tiny_qlora", "tiny_int8"],
     "ablation": ["abl_none", "abl_no_kernels", "abl_no_fused_loss", "abl_no_offload", "abl_no_autocast",
@@ -155,6 +159,8 @@ def _settings(case: Case) -> Any:
         precision="bf16" if _cuda() else "fp32",
         lr=2e-5,
         optimizer=case.optimizer,
+        optimizer_in_backward=case.in_backward,
+        max_grad_norm=0.0 if case.in_backward else 1.0,
         device="cuda" if _cuda() else "cpu",  # CPU only for a smoke run of the tiny cases
     )
 
@@ -197,8 +203,9 @@ def run_ours(case: Case) -> dict[str, Any]:
 
     from llama_pipe.train import fast
     from llama_pipe.train.dataset import collate, pack_examples
-    from llama_pipe.train.loop import fused_adamw_ok, make_accelerator, make_optimizer
+    from llama_pipe.train.loop import make_accelerator
     from llama_pipe.train.model import build_model
+    from llama_pipe.train.optim import fused_adamw_ok, make_optimizer
     from llama_pipe.train.step import StepContext, causal_lm_loss_sum, train_step
 
     settings = _settings(case)
@@ -280,10 +287,12 @@ def _tensor_labels(model: Any, optimizer: Any) -> dict[int, str]:
     labels: dict[int, str] = {}
     for p in model.parameters():
         labels[p.data_ptr()] = "adapter weights" if p.requires_grad else "frozen weights"
-    for state in getattr(optimizer, "state", {}).values():
-        for v in state.values():
-            if hasattr(v, "data_ptr") and getattr(v, "is_cuda", False):
-                labels[v.data_ptr()] = "optimizer state"
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    for inner in getattr(opt, "inner", [opt]):  # train.optimizer_in_backward: one per tensor
+        for state in inner.state.values():
+            for v in state.values():
+                if hasattr(v, "data_ptr") and getattr(v, "is_cuda", False):
+                    labels[v.data_ptr()] = "optimizer state"
     return labels
 
 

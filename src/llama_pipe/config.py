@@ -202,6 +202,12 @@ class TrainSettings:
         ">= 4096 elements), a quarter of the fp32 state memory; paged_adamw_8bit also lets them page to host "
         "memory under pressure (CUDA only). 8-bit ones run on one process or under DDP",
     )
+    optimizer_in_backward: bool = opt(
+        False,
+        "update each trainable tensor as soon as its gradient is complete and free that gradient (all "
+        "gradients never exist at once: less peak memory, e.g. 0.6 GiB for r64 all-linear adapters at 7B); "
+        "needs max_grad_norm 0, grad_accum 1, on_nonfinite stop and one process",
+    )
     warmup_steps: int = opt(3, "linear warm-up steps", minimum=0)
     min_lr_ratio: float = opt(0.1, "cosine schedule ends at lr * this", minimum=0, maximum=1)
     max_steps: Optional[int] = opt(30, "optimiser steps; null trains for `epochs`", minimum=1)
@@ -224,7 +230,8 @@ class TrainSettings:
     kernels: Literal["auto", "auto-fp32", "none"] = opt(
         "auto",
         "GPU fast path (fused chunked loss, liger kernels, varlen attention for packed rows, host-offloaded "
-        "checkpoints, bf16 frozen weights for 4-bit bases) on one GPU or under DDP; no-op on CPU, FSDP, DeepSpeed; "
+        "checkpoints, fused LoRA layers, bf16 GEMMs over dequantized int8 weights, bf16 frozen weights for 4-bit "
+        "bases) on one GPU or under DDP; no-op on CPU, FSDP, DeepSpeed; "
         "auto-fp32 keeps a 4-bit base's embeddings/norms/head fp32; none = plain transformers+peft",
     )
     trust_remote_code: bool = opt(False, "allow model code from the checkpoint to run (never implicit)")

@@ -43,7 +43,8 @@ def _batch(seq: int = 512):
 
 
 def _build(model_dir: Path, mode: str, fast: bool):
-    """``mode``: bf16 | nf4 | int8 | int8_dequant (an int8 base with the opt-in int8_dequant lever)."""
+    """``mode``: bf16 | nf4 | int8 (fast path without the int8_dequant lever: LLM.int8 matmuls) |
+    int8_dequant (an int8 base with the fast path's default int8_dequant lever)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 

@@ -394,22 +394,3 @@ def test_two_process_ddp_resumes_from_its_checkpoint(tmp_path, tiny_hf_model_dir
     assert json.loads((resumed / "summary.json").read_text())["resumed_from"] == 2
     _assert_same_adapter(resumed, tmp_path / "full", atol=1e-6)
 
-
-def test_fused_adamw_only_on_cuda_single_process_or_ddp() -> None:
-    """torch's fused AdamW (no parameter-sized temporaries) where it applies; the default elsewhere."""
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
-    from llama_pipe.train.loop import fused_adamw_ok, make_optimizer
-
-    def acc(device: str, kind: DistributedType) -> SimpleNamespace:
-        return SimpleNamespace(device=torch.device(device), distributed_type=kind)
-
-    assert fused_adamw_ok(acc("cuda", DistributedType.NO)) and fused_adamw_ok(acc("cuda", DistributedType.MULTI_GPU))
-    assert not fused_adamw_ok(acc("cuda", DistributedType.FSDP))
-    assert not fused_adamw_ok(acc("cuda", DistributedType.DEEPSPEED))
-    assert not fused_adamw_ok(acc("cpu", DistributedType.NO))
-    model = torch.nn.Linear(4, 4)
-    assert make_optimizer(model, _settings(), fused=True).defaults["fused"] is True
-    assert not make_optimizer(model, _settings()).defaults["fused"]

@@ -210,10 +210,10 @@ def test_int8_dequant_matches_llm_int8_and_keeps_only_int8_for_backward(tiny_hf_
     assert all(p.grad is None for n, p in fast.named_parameters() if not p.requires_grad)
 
 
-def test_int8_dequant_is_opt_in(tiny_hf_model_dir) -> None:
+def test_int8_dequant_is_on_in_auto_and_needs_8bit_layers(tiny_hf_model_dir) -> None:
     from llama_pipe.train.fast import options_for
 
-    assert not options_for("auto").int8_dequant  # not yet measured on a GPU
+    assert options_for("auto").int8_dequant and options_for("auto-fp32").int8_dequant
     m = _tiny_lora(tiny_hf_model_dir, 0.0)
     apply(m, FastOptions(cpu=True, int8_dequant=True))
     assert report(m).levers["int8_dequant"] == "off (no 8-bit layers)"

@@ -23,6 +23,7 @@ from typing import Any
 from llama_pipe.config import TrainSettings
 from llama_pipe.records import InputError, file_digest
 from llama_pipe.settings import ConfigError, add_settings_arguments, describe, settings_from_args, to_dict
+from llama_pipe.train.optim import check_optimizer, fused_adamw_ok, make_optimizer
 
 log = logging.getLogger("llama_pipe.train")
 
@@ -106,52 +107,6 @@ def lr_lambda_for(total: int, warmup: int, min_ratio: float) -> Any:
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
-
-
-def fused_adamw_ok(acc: Any) -> bool:
-    """Whether torch's fused (single-kernel) AdamW applies: CUDA, one process or DDP. It updates
-    in place, where the default multi-tensor AdamW allocates temporaries the size of all trainable
-    parameters (0.6 GiB for r64 all-linear adapters at 7B); FSDP/DeepSpeed keep the default."""
-    from accelerate.utils import DistributedType
-
-    return acc.device.type == "cuda" and acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU)
-
-
-def make_optimizer(model: Any, settings: TrainSettings, fused: bool = False) -> Any:
-    """AdamW (``train.optimizer``: torch's, or bitsandbytes' 8-bit / paged 8-bit); weight decay on
-    matrices only (not on norms, biases or DoRA magnitudes). ``fused``: torch's AdamW as its
-    fused kernel (see :func:`fused_adamw_ok`)."""
-    import torch
-
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    kwargs = {"lr": settings.lr, "betas": (0.9, 0.999), "eps": 1e-8}
-    if settings.optimizer == "adamw":
-        return torch.optim.AdamW(groups, **kwargs, fused=True) if fused else torch.optim.AdamW(groups, **kwargs)
-    import bitsandbytes as bnb
-
-    if settings.optimizer == "paged_adamw_8bit":
-        return bnb.optim.PagedAdamW8bit(groups, **kwargs)
-    return bnb.optim.AdamW8bit(groups, **kwargs)
-
-
-def check_optimizer(settings: TrainSettings, acc: Any) -> None:
-    """Refuse optimizer choices that cannot run here, before any weights are loaded."""
-    from accelerate.utils import DistributedType
-
-    if settings.optimizer == "adamw":
-        return
-    if settings.optimizer == "paged_adamw_8bit" and acc.device.type != "cuda":
-        raise ConfigError("train.optimizer: paged_adamw_8bit pages through CUDA memory; use adamw_8bit or adamw on CPU")
-    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ConfigError(
-            f"train.optimizer: {settings.optimizer} runs on one process or under DDP; under {acc.distributed_type} "
-            "the optimiser state is sharded by the launcher (use adamw)"
-        )
 
 
 def peak_memory(device_type: str) -> tuple[int, str]:

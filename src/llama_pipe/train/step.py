@@ -125,9 +125,13 @@ def train_step(ctx: StepContext, micro_batches: Sequence[dict[str, Any]], global
             local_loss += value
             acc.backward(loss_sum * scale)
     grad_norm = float("nan")
+    in_backward = getattr(ctx.optimizer, "optimizer", ctx.optimizer)  # accelerate wraps it
+    in_backward = in_backward if hasattr(in_backward, "take_grad_norm") else None
     if not skipped:
         known = True
-        if ctx.max_grad_norm > 0:
+        if in_backward is not None:  # train.optimizer_in_backward: the hooks have updated already
+            grad_norm = in_backward.take_grad_norm()
+        elif ctx.max_grad_norm > 0:
             norm = acc.clip_grad_norm_(model.parameters(), ctx.max_grad_norm)
             known = norm is not None  # None under DeepSpeed, which clips inside its engine
             grad_norm = float(norm) if known else float("nan")
@@ -135,6 +139,11 @@ def train_step(ctx: StepContext, micro_batches: Sequence[dict[str, Any]], global
             grad_norm = _grad_norm(model)
         # fp16: the grad scaler handles an overflow by skipping the step itself.
         if known and not math.isfinite(grad_norm) and acc.scaler is None:
+            if in_backward is not None:
+                raise NonFiniteLoss(
+                    f"step {step}: the gradient norm is not finite ({grad_norm}) and train.optimizer_in_backward "
+                    "already applied it: the run stops here (its last checkpoint is intact); lower train.lr"
+                )
             if ctx.on_nonfinite == "stop":
                 raise NonFiniteLoss(
                     f"step {step}: the gradient norm is not finite ({grad_norm}); lower train.lr or set "
