@@ -156,16 +156,17 @@ def test_nf4_base_matches_peft_qlora_layer() -> None:
 
 
 def test_int8_base_is_fused_only_under_int8_dequant(tiny_hf_model_dir) -> None:
-    """LLM.int8 layers keep peft's forward; with int8_dequant they are fused and keep no dense weight."""
+    """LLM.int8 layers keep peft's forward; with int8_dequant (on by default) they are fused and keep
+    no dense weight."""
     from llama_pipe.config import LoraSettings, TrainSettings
     from llama_pipe.train.model import build_model
 
     s = TrainSettings(mode="int8", device="cpu", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     plain = build_model(tiny_hf_model_dir, s, "cpu", "fp32")
-    apply(plain, FastOptions(cpu=True))
+    apply(plain, FastOptions(cpu=True, int8_dequant=False))
     assert report(plain).levers["fused_lora"] == "on (0 layers)"
     m = build_model(tiny_hf_model_dir, s, "cpu", "fp32")
-    apply(m, FastOptions(cpu=True, int8_dequant=True))
+    apply(m, FastOptions(cpu=True))
     assert report(m).levers["fused_lora"] == f"on ({report(m).levers['int8_dequant'].split()[1].strip('(')} layers)"
     # The levers that follow see the dequantized layers' dtype, not LLM.int8's fp16 (peft's wrapper
     # of an 8-bit layer shares the base class's name and must not be taken for it).
