@@ -296,17 +296,11 @@ def _tensor_labels(model: Any, optimizer: Any) -> dict[int, str]:
     return labels
 
 
-def _memory_at_peak(step: Any, case: Case, labels: dict[int, str], top: int = 25) -> None:
-    """One more step with CUDA's allocator history on: what was allocated at the step's peak,
-    grouped by the Python frames that allocated it, appended to $BENCH_MEMORY."""
-    import torch
-
-    torch.cuda.synchronize()
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
-    step()
-    torch.cuda.synchronize()
-    snap = torch.cuda.memory._snapshot()
-    torch.cuda.memory._record_memory_history(enabled=None)
+def live_at_peak(snap: dict[str, Any], labels: dict[int, str]) -> tuple[int, int, int, list[tuple[str, list[int]]]]:
+    """Replay a CUDA allocator snapshot (``torch.cuda.memory._snapshot()`` taken after recording one
+    step): returns the peak bytes, the index of the alloc/free event where it was reached, the
+    number of those events, and what was live then as ``(where, block sizes)`` groups, largest first. ``where`` is the allocating Python
+    frames, or ``labels[address]`` for blocks that predate the recording (weights, optimizer state)."""
     events = [e for trace in snap["device_traces"] for e in trace if e["action"] in ("alloc", "free_completed")]
     # Blocks allocated before recording started have no alloc event: find them (alive at the end,
     # or freed during the step) to know what was live when the step began.
@@ -324,7 +318,7 @@ def _memory_at_peak(step: Any, case: Case, labels: dict[int, str], top: int = 25
             if blk["state"] == "active_allocated" and blk["address"] not in in_trace:
                 live[blk["address"]] = (blk["size"], labels.get(blk["address"], "before the step, kept"))
     cur = peak = sum(size for size, _ in live.values())
-    peak_at, sizes = -1, {}
+    peak_at, sizes = -1, {a: sz for a, (sz, _) in live.items()}
     for i, e in enumerate(events):  # first pass: when is the peak
         if e["action"] == "alloc":
             sizes[e["addr"]] = e["size"]
@@ -332,7 +326,7 @@ def _memory_at_peak(step: Any, case: Case, labels: dict[int, str], top: int = 25
             if cur > peak:
                 peak, peak_at = cur, i
         else:
-            cur -= sizes.pop(e["addr"], live.get(e["addr"], (0, ""))[0])
+            cur -= sizes.pop(e["addr"], 0)
     for e in events[: peak_at + 1]:  # second pass: what is live then
         if e["action"] == "alloc":
             frames = [f for f in e.get("frames", []) if f["filename"].endswith(".py") and "/torch/" not in f["filename"]]
@@ -343,9 +337,24 @@ def _memory_at_peak(step: Any, case: Case, labels: dict[int, str], top: int = 25
     by_site: dict[str, list[int]] = {}
     for size, where in live.values():
         by_site.setdefault(where, []).append(size)
-    rows = sorted(by_site.items(), key=lambda kv: -sum(kv[1]))
-    lines = [f"==== {case.mode} r{case.r} {case.seq}x{case.bs} {case.optimizer}: peak {peak / 2**30:.3f} GiB "
-             f"(max_memory_allocated {torch.cuda.max_memory_allocated() / 2**30:.3f}), event {peak_at} of {len(events)}"]
+    return peak, peak_at, len(events), sorted(by_site.items(), key=lambda kv: -sum(kv[1]))
+
+
+def _memory_at_peak(step: Any, case: Case, labels: dict[int, str], top: int = 25) -> None:
+    """One more step with CUDA's allocator history on; what was live at its peak (see
+    :func:`live_at_peak`) is appended to $BENCH_MEMORY."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    step()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    peak, peak_at, n_events, rows = live_at_peak(snap, labels)
+    opt = case.optimizer + (" in-backward" if case.in_backward else "")
+    lines = [f"==== {case.mode} r{case.r} {case.seq}x{case.bs} {opt}: peak {peak / 2**30:.3f} GiB "
+             f"(max_memory_allocated {torch.cuda.max_memory_allocated() / 2**30:.3f}), event {peak_at} of {n_events}"]
     lines += [f"{sum(sz) / 2**20:10.1f} MiB  x{len(sz):<5} {where}" for where, sz in rows[:top]]
     with open(os.environ["BENCH_MEMORY"], "a") as f:
         f.write("\n".join(lines) + "\n")

@@ -1,0 +1,51 @@
+"""bench/train_throughput.py's helpers that run without a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tt():
+    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench" / "train_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["train_throughput"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _frames(name: str) -> list[dict]:
+    return [{"filename": "/x/site-packages/torch/autograd/function.py", "line": 1, "name": "apply"},
+            {"filename": f"/repo/src/{name}.py", "line": 7, "name": name}, {"filename": "??", "line": 0, "name": "c++"}]
+
+
+def test_live_at_peak_replays_the_step_from_the_blocks_that_predate_it(tt) -> None:
+    """A weight (kept) and a gradient from the previous step (freed during this one) predate the
+    recording; the step allocates activations, frees some, and peaks before the last free."""
+    snap = {
+        "segments": [{"address": 0, "blocks": [
+            {"address": 0, "size": 1000, "state": "active_allocated"},  # weight, alive throughout
+            {"address": 5000, "size": 30, "state": "active_allocated"},  # allocated in the step, kept
+        ]}],
+        "device_traces": [[
+            {"action": "free_completed", "addr": 2000, "size": 200},  # last step's gradient
+            {"action": "alloc", "addr": 3000, "size": 500, "frames": _frames("forward")},
+            {"action": "alloc", "addr": 4000, "size": 300, "frames": _frames("backward")},
+            {"action": "free_requested", "addr": 3000, "size": 500},  # not a free yet: ignored
+            {"action": "free_completed", "addr": 3000, "size": 500},
+            {"action": "alloc", "addr": 5000, "size": 30, "frames": _frames("backward")},
+            {"action": "free_completed", "addr": 4000, "size": 300},
+        ]],
+    }
+    peak, at, n, rows = tt.live_at_peak(snap, {0: "frozen weights"})
+    assert n == 6
+    # 1000 + 200 at the start; the gradient goes (1000); +500; +300 = 1800 at event 2, the peak
+    assert (peak, at) == (1800, 2)
+    assert dict(rows) == {"frozen weights": [1000], "forward.py:7 forward": [500], "backward.py:7 backward": [300]}
+    assert rows[0][0] == "frozen weights"
