@@ -23,7 +23,7 @@ around it) in place and reports what it changed:
   bf16 between nf4 layers instead of being cast at every layer (and 0.5 GiB less memory at 7B);
 
 - ``int8_dequant``: an 8-bit base's layers run as dense bf16 GEMMs over weights dequantized per
-  layer instead of LLM.int8 matmuls (:mod:`.int8`; 3.9x LLM.int8's speed on the 7B case, and
+  layer instead of LLM.int8 matmuls (:mod:`.int8`; ~3.9x LLM.int8's speed on the 7B case, and
   numerically closer to the unquantized model, see docs/benchmarks.md).
 
 ``torch.compile`` of the decoder MLPs was measured and left out: +4% tok/s on the 7B bf16 case,
