@@ -206,7 +206,7 @@ class TrainSettings:
         False,
         "update each trainable tensor as soon as its gradient is complete and free that gradient (all "
         "gradients never exist at once: less peak memory, e.g. 0.6 GiB for r64 all-linear adapters at 7B); "
-        "needs max_grad_norm 0, grad_accum 1, on_nonfinite stop and one process",
+        "needs max_grad_norm 0, grad_accum 1, on_nonfinite stop, precision other than fp16 and one process",
     )
     warmup_steps: int = opt(3, "linear warm-up steps", minimum=0)
     min_lr_ratio: float = opt(0.1, "cosine schedule ends at lr * this", minimum=0, maximum=1)

@@ -6,24 +6,18 @@ passed a ZeRO-3 adapter saved from one rank's empty shards would make that table
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.bench.loader import load_bench
 
 
 @pytest.fixture(scope="module")
 def mg():
-    spec = importlib.util.spec_from_file_location("multi_gpu", REPO / "bench" / "multi_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["multi_gpu"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("multi_gpu")
 
 
 def _adapter(base: Path, out: Path, targets: list[str], r: int = 4) -> Path:

@@ -102,7 +102,12 @@ def test_in_backward_resumes_exactly_from_its_checkpoint(tmp_path, tiny_hf_model
 
 
 def test_in_backward_refuses_what_needs_every_gradient_first(tmp_path, tiny_hf_model_dir, data_files) -> None:
-    s = _settings(optimizer_in_backward=True, max_grad_norm=1.0, grad_accum=2, on_nonfinite="skip")
+    s = _settings(optimizer_in_backward=True, max_grad_norm=1.0, grad_accum=2, on_nonfinite="skip", precision="fp16")
+    with pytest.raises(ConfigError) as err:
+        check_optimizer(s, _acc("cuda"))
+    for need in ("max_grad_norm: 0", "grad_accum: 1", "on_nonfinite: stop", "precision bf16 or fp32"):
+        assert need in str(err.value)
+    s = replace(s, precision="auto")
     with pytest.raises(ConfigError) as err:
         train(tiny_hf_model_dir, *data_files, tmp_path / "x", s)
     for need in ("max_grad_norm: 0", "grad_accum: 1", "on_nonfinite: stop"):

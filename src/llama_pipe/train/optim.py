@@ -6,7 +6,7 @@ gradients of all adapters never exist together: at 7B with r64 all-linear adapte
 0.6 GiB of fp32 gradients less at the peak, which sits at the end of the backward pass. The
 update is the same AdamW update; what it gives up is what needs every gradient before any
 update: clipping by the global norm, gradient accumulation over micro-batches, and DDP's
-all-reduce (one process only). Each tensor gets its own optimiser instance; one
+all-reduce (one process only), and fp16's gradient scaler. Each tensor gets its own optimiser instance; one
 :class:`InBackwardOptimizer` presents them to the trainer, the LR scheduler and checkpoints as a
 single optimiser with one parameter group per tensor.
 """
@@ -75,6 +75,8 @@ def check_optimizer(settings: TrainSettings, acc: Any) -> None:
             needs.append(f"grad_accum: 1 (it is {settings.grad_accum})")
         if settings.on_nonfinite != "stop":
             needs.append("on_nonfinite: stop (a step cannot be skipped after its updates ran)")
+        if settings.precision == "fp16":
+            needs.append("precision bf16 or fp32 (fp16's gradient scaler unscales at the optimiser step)")
         if acc.num_processes != 1:
             needs.append(f"one process (there are {acc.num_processes}: DDP reduces gradients after the hooks)")
         if needs:
