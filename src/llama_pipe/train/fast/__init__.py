@@ -83,7 +83,8 @@ class FastOptions:
     #: 8-bit base layers as dense GEMMs over weights dequantized per layer (:mod:`.int8`) instead
     #: of LLM.int8 matmuls (the int8 weights stay what is stored).
     int8_dequant: bool = True
-    #: allow the levers that also run on CPU (fused loss, checkpoint function) on a CPU model.
+    #: allow the levers that also run on CPU (fused loss, checkpoint function, fused LoRA, int8
+    #: dequantization) on a CPU model.
     cpu: bool = False
 
 

@@ -157,8 +157,6 @@ def install(model: nn.Module) -> int:
             continue
         if getattr(module, "_llama_pipe_peft_forward", None) is not None or _fusable(module) is not None:
             continue
-        if not isinstance(module.get_base_layer(), nn.Linear):
-            continue
         module._llama_pipe_peft_forward = module.forward
         module.forward = types.MethodType(_fused_forward, module)
         n += 1
