@@ -299,8 +299,9 @@ def _tensor_labels(model: Any, optimizer: Any) -> dict[int, str]:
 def live_at_peak(snap: dict[str, Any], labels: dict[int, str]) -> tuple[int, int, int, list[tuple[str, list[int]]]]:
     """Replay a CUDA allocator snapshot (``torch.cuda.memory._snapshot()`` taken after recording one
     step): returns the peak bytes, the index of the alloc/free event where it was reached, the
-    number of those events, and what was live then as ``(where, block sizes)`` groups, largest first. ``where`` is the allocating Python
-    frames, or ``labels[address]`` for blocks that predate the recording (weights, optimizer state)."""
+    number of those events, and what was live then as ``(where, block sizes)`` groups, largest
+    first. ``where`` is the allocating Python frames, or ``labels[address]`` for blocks that
+    predate the recording (weights, optimizer state)."""
     events = [e for trace in snap["device_traces"] for e in trace if e["action"] in ("alloc", "free_completed")]
     # Blocks allocated before recording started have no alloc event: find them (alive at the end,
     # or freed during the step) to know what was live when the step began.
