@@ -256,23 +256,14 @@ class Splitter:
         if self.cfg.on_long_pair == "truncate":
             r.cut[j] = ""
             if self._pair_bound(r, (q, "")) <= limit and self.exact(r, [j]) <= limit:
-                lo, hi = 0, len(a)  # the longest prefix of the gpt turn that fits
+                def fits_exactly(n: int) -> bool:
+                    r.cut[j] = a[:n]
+                    return self.exact(r, [j]) <= limit
+
+                hi = len(a)  # the longest prefix of the gpt turn that fits
                 if j in r.over:  # first by the bound (linear scans), so no giant prefix is tokenized
-                    while lo < hi:
-                        mid = (lo + hi + 1) // 2
-                        if self._pair_bound(r, (q, a[:mid])) <= limit:
-                            lo = mid
-                        else:
-                            hi = mid - 1
-                    lo, hi = 0, lo
-                while lo < hi:
-                    mid = (lo + hi + 1) // 2
-                    r.cut[j] = a[:mid]
-                    if self.exact(r, [j]) <= limit:
-                        lo = mid
-                    else:
-                        hi = mid - 1
-                r.cut[j] = a[:lo].rstrip()
+                    hi = _longest_prefix(hi, lambda n: self._pair_bound(r, (q, a[:n])) <= limit)
+                r.cut[j] = a[: _longest_prefix(hi, fits_exactly)].rstrip()
                 if r.cut[j]:
                     return True
             del r.cut[j]
@@ -280,6 +271,19 @@ class Splitter:
         else:
             r.long[j] = f"pair {j} is {alone} tokens > max_length={limit} (on_long_pair: reject)"
         return False
+
+
+def _longest_prefix(hi: int, fits: Any) -> int:
+    """The largest n in [0, hi] with ``fits(n)``, for a ``fits`` true up to some n and false after
+    (n = 0 is taken to fit); binary search."""
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _prepare(obj: Any, cfg: SplitSettings) -> _Rec | str:
