@@ -116,7 +116,8 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         super().__init__(params, dict(self.inner[0].defaults))
         self.param_groups = [opt.param_groups[0] for opt in self.inner]
         self._sq: torch.Tensor | None = None
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(opt)) for p, opt in zip(params, self.inner)]
+        for p, opt in zip(params, self.inner):
+            p.register_post_accumulate_grad_hook(self._hook(opt))
 
     def _hook(self, opt: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
         def step_now(p: torch.Tensor) -> None:
@@ -132,7 +133,6 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         sq, self._sq = self._sq, None
         return 0.0 if sq is None else float(sq.sqrt())
 
-    @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # the hooks already stepped
         return closure() if closure is not None else None
 
@@ -158,8 +158,3 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             st = state_dict["state"].get(i, state_dict["state"].get(str(i)))
             opt.load_state_dict({"state": {0: st} if st is not None else {}, "param_groups": [{**group, "params": [0]}]})
         self.param_groups = [opt.param_groups[0] for opt in self.inner]
-
-    def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []

@@ -125,8 +125,8 @@ def train_step(ctx: StepContext, micro_batches: Sequence[dict[str, Any]], global
             local_loss += value
             acc.backward(loss_sum * scale)
     grad_norm = float("nan")
-    in_backward = getattr(ctx.optimizer, "optimizer", ctx.optimizer)  # accelerate wraps it
-    in_backward = in_backward if hasattr(in_backward, "take_grad_norm") else None
+    opt = getattr(ctx.optimizer, "optimizer", ctx.optimizer)  # accelerate wraps it
+    in_backward = opt if hasattr(opt, "take_grad_norm") else None
     if not skipped:
         known = True
         if in_backward is not None:  # train.optimizer_in_backward: the hooks have updated already
