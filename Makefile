@@ -19,14 +19,14 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --cores $(CORES) --profile profiles/local
+	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --cores $(CORES) --profile profiles/default
 
 test: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests
 
 lint: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --lint
-	PATH=$(abspath $(VENV))/bin:$$PATH snakefmt --check Snakefile workflow/rules
+	PATH=$(abspath $(VENV))/bin:$$PATH snakefmt --check workflow/Snakefile workflow/rules
 
 schema: setup
 	$(VENV)/bin/llama-pipe schema --write

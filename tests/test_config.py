@@ -25,7 +25,7 @@ from tests.conftest import REPO
 
 
 def test_repo_config_validates_and_loads() -> None:
-    cfg = load_config(REPO / "config.yaml")
+    cfg = load_config(REPO / "config" / "config.yaml")
     assert isinstance(cfg, Config)
     assert cfg.base.source == "tiny"
 
@@ -38,7 +38,7 @@ def test_schema_file_is_generated_from_dataclasses() -> None:
 
 
 def test_every_config_yaml_key_is_documented_in_schema() -> None:
-    raw = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
+    raw = yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
     schema = config_schema()
     for section, values in raw.items():
         props = schema["properties"][section]["properties"]

@@ -284,10 +284,8 @@ def _workspace(tmp_path: Path) -> Path:
 
     ws = tmp_path / "ws"
     ws.mkdir()
-    shutil.copy(REPO / "Snakefile", ws / "Snakefile")
     shutil.copytree(REPO / "workflow", ws / "workflow")
-    shutil.copytree(REPO / "envs", ws / "envs")
-    shutil.copy(REPO / "config.yaml", ws / "config.yaml")
+    shutil.copytree(REPO / "config", ws / "config")
     evil = EVIL
     data = ws / f"in{evil}.json"
     data.write_text((h.CORPUS / "bom.json").read_text(encoding="utf-8-sig"), encoding="utf-8")

@@ -13,7 +13,7 @@
 #   2. start munged (unless one already answers), then slurmctld and slurmd with a one-node
 #      /etc/slurm/slurm.conf from tests/slurm/slurm.conf.in (removed again at the end; a machine
 #      that has its own slurm.conf is skipped); state, spool and logs in a temporary directory
-#   3. local run: the whole DAG in a copy of the workflow (profiles/local); a second dry-run must
+#   3. local run: the whole DAG in a copy of the workflow (profiles/default); a second dry-run must
 #      have nothing to do; `snakemake --report` must embed every PNG of results/report; changing
 #      filter_lang.keep must plan filter_lang and its descendants only
 #   4. SLURM run: results/train/<run> (base, convert, merge, shard, clean, filter_lang, split,
@@ -131,25 +131,25 @@ sinfo
 copy_workflow() {
     mkdir -p "$1"
     local name
-    for name in Snakefile config.yaml workflow profiles envs data; do
+    for name in workflow config profiles data configs; do
         cp -r "$REPO/$name" "$1/"
     done
 }
 VENV_BIN="$(dirname "$PY")"
 export PATH="$VENV_BIN:$PATH"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-RUN_NAME="$("$PY" -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); print(((c or {}).get("train") or {}).get("run", "default"))' "$REPO/config.yaml")"
+RUN_NAME="$("$PY" -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); print(((c or {}).get("train") or {}).get("run", "default"))' "$REPO/config/config.yaml")"
 TRAIN_TARGET="results/train/$RUN_NAME"
 
 copy_workflow "$WORK/local"
-say "local run of the whole DAG (profiles/local)"
+say "local run of the whole DAG (profiles/default)"
 # shellcheck disable=SC2086 # LOCAL_TARGETS is a list of targets
-(cd "$WORK/local" && "$PY" -m snakemake --profile profiles/local --cores "$CPUS" \
+(cd "$WORK/local" && "$PY" -m snakemake --profile profiles/default --cores "$CPUS" \
     --configfile "$TEST_CONFIG" -- ${LOCAL_TARGETS:-} >"$WORK/log/local-snakemake.log" 2>&1) \
     || { tail -40 "$WORK/log/local-snakemake.log"; fail "the local run failed"; }
 grep -E "^[0-9]+ of [0-9]+ steps \(100%\) done" "$WORK/log/local-snakemake.log"
 # shellcheck disable=SC2086
-(cd "$WORK/local" && "$PY" -m snakemake --profile profiles/local -n --configfile "$TEST_CONFIG" -- ${LOCAL_TARGETS:-} 2>&1) \
+(cd "$WORK/local" && "$PY" -m snakemake --profile profiles/default -n --configfile "$TEST_CONFIG" -- ${LOCAL_TARGETS:-} 2>&1) \
     | grep -q "Nothing to be done" || fail "a second local run would re-run jobs"
 say "local: second run has nothing to do"
 if [ -z "${LOCAL_TARGETS:-}" ]; then
@@ -162,7 +162,7 @@ if [ -z "${LOCAL_TARGETS:-}" ]; then
     done
     say "local: snakemake --report embeds" $pngs
     # A partial re-run plan on the real stages' metadata: filter_lang and what follows only.
-    plan="$(cd "$WORK/local" && "$PY" -m snakemake --profile profiles/local -n --configfile "$TEST_CONFIG" \
+    plan="$(cd "$WORK/local" && "$PY" -m snakemake --profile profiles/default -n --configfile "$TEST_CONFIG" \
         --config 'filter_lang={"keep": ["en"]}' 2>&1 | "$PY" -c '
 import sys
 sys.path.insert(0, sys.argv[1])

@@ -14,7 +14,7 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("workflow-run")
     workdir = copy_workflow(root / "repo")
     bin_dir = fake_bin(root / "bin")
-    snakemake(workdir, "--profile", "profiles/local", "--cores", "2", bin_dir=bin_dir)
+    snakemake(workdir, "--profile", "profiles/default", "--cores", "2", bin_dir=bin_dir)
     return workdir
 
 

@@ -27,7 +27,7 @@ WHOLE_DAG = {
 
 
 def dry_run(workdir: Path, *args: str) -> str:
-    return snakemake(workdir, "-n", "--profile", "profiles/local", *args).stdout
+    return snakemake(workdir, "-n", "--profile", "profiles/default", *args).stdout
 
 
 def job_blocks(output: str) -> dict[str, list[str]]:
@@ -132,6 +132,6 @@ def test_rule_files_are_snakefmt_formatted() -> None:
     snakefmt = Path(sys.executable).with_name("snakefmt")
     if not snakefmt.exists():
         pytest.skip("snakefmt is not installed (pip install -e '.[test]')")
-    proc = subprocess.run([str(snakefmt), "--check", "Snakefile", "workflow/rules"], cwd=REPO,
+    proc = subprocess.run([str(snakefmt), "--check", "workflow/Snakefile", "workflow/rules"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -41,7 +41,7 @@ def pyproject_requirements() -> dict[str, Requirement]:
 
 
 def env_requirements(group: str) -> dict[str, Requirement]:
-    env = yaml.safe_load((REPO / "envs" / f"{group}.yaml").read_text(encoding="utf-8"))
+    env = yaml.safe_load((REPO / "workflow" / "envs" / f"{group}.yaml").read_text(encoding="utf-8"))
     pip = [dep["pip"] for dep in env["dependencies"] if isinstance(dep, dict) and "pip" in dep]
     assert len(pip) == 1, f"envs/{group}.yaml: expected one pip: section"
     conda = [dep for dep in env["dependencies"] if isinstance(dep, str)]
@@ -91,8 +91,8 @@ def test_data_env_has_what_the_data_stages_import() -> None:
 
 def test_every_rule_names_an_existing_env() -> None:
     rules = "".join(p.read_text(encoding="utf-8") for p in sorted((REPO / "workflow/rules").glob("*.smk")))
-    named = set(re.findall(r'conda:\s*\n\s*"\.\./\.\./envs/(\w+)\.yaml"', rules))
+    named = set(re.findall(r'conda:\s*\n\s*"\.\./envs/(\w+)\.yaml"', rules))
     assert named == set(ENVS)
     assert rules.count("conda:") == rules.count("shell:")
     for group in ENVS:
-        assert (REPO / "envs" / f"{group}.post-deploy.sh").is_file()
+        assert (REPO / "workflow" / "envs" / f"{group}.post-deploy.sh").is_file()

@@ -17,7 +17,7 @@ AFTER_GATHER = {"gather"} | AFTER_TRAIN
 
 
 def planned(workdir: Path) -> dict[str, int]:
-    return job_counts(snakemake(workdir, "-n", "--profile", "profiles/local").stdout)
+    return job_counts(snakemake(workdir, "-n", "--profile", "profiles/default").stdout)
 
 
 def test_second_run_does_nothing(completed_run: Path) -> None:

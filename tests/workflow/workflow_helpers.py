@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "profiles", "envs", "data", "configs")
+WORKFLOW_FILES = ("workflow", "config", "profiles", "data", "configs")
 FAKE = Path(__file__).with_name("fake_llama_pipe.py")
 
 
@@ -37,7 +37,7 @@ def copy_workflow(dest: Path) -> Path:
         else:
             shutil.copy2(src, dest / name)
     # eval.questions may not be bundled yet on a partial checkout; the DAG only needs the file.
-    questions = dest / yaml.safe_load((dest / "config.yaml").read_text())["eval"]["questions"]
+    questions = dest / yaml.safe_load((dest / "config" / "config.yaml").read_text())["eval"]["questions"]
     if not questions.exists():
         questions.parent.mkdir(parents=True, exist_ok=True)
         questions.write_text('{"question_id": 1, "category": "x", "turns": ["hi"]}\n')
@@ -83,8 +83,8 @@ def job_counts(output: str) -> dict[str, int]:
 
 @contextmanager
 def edited_config(workdir: Path, section: str, key: str, value: object) -> Iterator[None]:
-    """Change one key of ``workdir/config.yaml`` (as a user would), restore it afterwards."""
-    path = workdir / "config.yaml"
+    """Change one key of ``workdir/config/config.yaml`` (as a user would), restore it afterwards."""
+    path = workdir / "config" / "config.yaml"
     original = path.read_text(encoding="utf-8")
     data = yaml.safe_load(original)
     node = data[section]

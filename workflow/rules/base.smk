@@ -12,7 +12,7 @@ if BASE_IS_TINY:
         log:
             "logs/make_base/make_base.log",
         conda:
-            "../../envs/train.yaml"
+            "../envs/train.yaml"
         threads: 1
         resources:
             mem_mb=2000,
@@ -35,7 +35,7 @@ else:
         log:
             "logs/download/download.log",
         conda:
-            "../../envs/train.yaml"
+            "../envs/train.yaml"
         threads: 1
         resources:
             mem_mb=2000,
@@ -54,7 +54,7 @@ rule convert:
     log:
         "logs/convert/convert.log",
     conda:
-        "../../envs/train.yaml"
+        "../envs/train.yaml"
     threads: 1
     resources:
         # about one copy of the model in memory (float32 7B: ~27 GB)

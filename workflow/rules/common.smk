@@ -120,9 +120,7 @@ def accelerate_config():
         return []
     accel = config["launch"]["accelerate_config"]
     if not os.path.isabs(accel):
-        accel = os.path.join(
-            os.path.dirname(os.path.abspath(workflow.main_snakefile)), accel
-        )
+        accel = os.path.join(os.path.dirname(workflow.basedir), accel)
     return [accel]
 
 

@@ -18,7 +18,7 @@ rule merge:
     log:
         "logs/merge/merge.log",
     conda:
-        "../../envs/data.yaml"
+        "../envs/data.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -39,7 +39,7 @@ rule shard:
     log:
         "logs/shard/shard.log",
     conda:
-        "../../envs/data.yaml"
+        "../envs/data.yaml"
     threads: 1
     resources:
         mem_mb=1000,
@@ -60,7 +60,7 @@ rule clean:
     log:
         "logs/clean/shard-{shard}.log",
     conda:
-        "../../envs/data.yaml"
+        "../envs/data.yaml"
     threads: clean_threads()
     resources:
         mem_mb=2000,
@@ -80,7 +80,7 @@ rule filter_lang:
     log:
         "logs/filter_lang/shard-{shard}.log",
     conda:
-        "../../envs/data.yaml"
+        "../envs/data.yaml"
     threads: 1
     resources:
         mem_mb=1000,
@@ -100,7 +100,7 @@ rule split:
     log:
         "logs/split/shard-{shard}.log",
     conda:
-        "../../envs/data.yaml"
+        "../envs/data.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -123,7 +123,7 @@ rule gather:
     log:
         "logs/gather/gather.log",
     conda:
-        "../../envs/data.yaml"
+        "../envs/data.yaml"
     threads: 1
     resources:
         mem_mb=2000,

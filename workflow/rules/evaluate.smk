@@ -13,7 +13,7 @@ rule eval:
     log:
         "logs/eval/eval.log",
     conda:
-        "../../envs/train.yaml"
+        "../envs/train.yaml"
     threads: 2
     resources:
         mem_mb=8000,
@@ -41,7 +41,7 @@ rule report:
     log:
         "logs/report/report.log",
     conda:
-        "../../envs/train.yaml"
+        "../envs/train.yaml"
     threads: 1
     resources:
         mem_mb=1000,

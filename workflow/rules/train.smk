@@ -16,7 +16,7 @@ rule train:
     log:
         f"logs/train/{RUN}.log",
     conda:
-        "../../envs/train.yaml"
+        "../envs/train.yaml"
     threads: 2
     resources:
         mem_mb=8000,
@@ -41,7 +41,7 @@ rule merge_adapter:
     log:
         "logs/merge_adapter/merge_adapter.log",
     conda:
-        "../../envs/train.yaml"
+        "../envs/train.yaml"
     threads: 1
     resources:
         # a float copy of the base plus the adapters
