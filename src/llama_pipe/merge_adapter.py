@@ -30,6 +30,7 @@ from llama_pipe.config import MergeAdapterSettings
 from llama_pipe.records import InputError, commit_dir, file_digest, new_temp_dir, write_json_atomic
 from llama_pipe.settings import add_settings_arguments, describe, settings_from_args
 from llama_pipe.weights.hf import safetensors_files
+from llama_pipe.weights.validate import check_adapter_weights, check_model_weights
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def check_model_dir(path: str | Path, what: str = "model") -> Path:
     if not (path / "config.json").is_file():
         hint = " (it looks like a peft adapter: pass it with --adapter)" if (path / "adapter_config.json").is_file() else ""
         raise InputError(f"{path}: not a Hugging Face model directory (no config.json){hint}; expected e.g. results/hf_base or results/merged")
-    safetensors_files(path)
+    check_model_weights(path, safetensors_files(path))  # headers and config.json, before any allocation
     return path
 
 
@@ -87,6 +88,7 @@ def check_adapter_dir(path: str | Path) -> Path:
                 "safetensors only. Re-save it with peft's save_pretrained(..., safe_serialization=True)"
             )
         raise InputError(f"{path}: adapter_model.safetensors not found")
+    check_adapter_weights(path)  # header and r, before peft allocates the layers
     return weights
 
 

@@ -218,7 +218,9 @@ def train(
     from llama_pipe.train.dataset import StepPlan, collate, load_examples, pack_examples, rank_eval_batches
     from llama_pipe.train.model import build_model, count_parameters
     from llama_pipe.train.step import StepContext, causal_lm_loss_sum, evaluate, train_step
+    from llama_pipe.weights.hf import safetensors_files
     from llama_pipe.weights.tokenizer import load_tokenizer
+    from llama_pipe.weights.validate import check_model_weights
 
     t_start = time.time()
     base, train_path, val_path, out = Path(base), Path(train_path), Path(val_path), Path(out)
@@ -227,6 +229,7 @@ def train(
             f"{base}: not a Hugging Face model directory (no config.json); --base must be the output of "
             "`llama-pipe convert` (results/hf_base) or a downloaded HF model"
         )
+    check_model_weights(base, safetensors_files(base))  # lying headers / absurd config.json: exit 2 before anything loads
     acc, precision = make_accelerator(settings)
     main = acc.is_main_process
     if not main:

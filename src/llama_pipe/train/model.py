@@ -70,13 +70,14 @@ def lora_config(lora: LoraSettings) -> Any:
 
 def _check_base_dir(base_dir: Path) -> None:
     from llama_pipe.weights.hf import safetensors_files
+    from llama_pipe.weights.validate import check_model_weights
 
     if not (base_dir / "config.json").is_file():
         raise InputError(
             f"{base_dir}: no config.json; --base must be a Hugging Face model directory "
             "(the output of `llama-pipe convert`, or a downloaded HF repo)"
         )
-    safetensors_files(base_dir)
+    check_model_weights(base_dir, safetensors_files(base_dir))  # headers and config.json, before any allocation
 
 
 def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, precision: str) -> Any:
