@@ -18,12 +18,16 @@ import re
 
 MAX_DEPTH = 200
 
+# Linear in the text: a tag's attributes end at the next "<" or ">" (quoted values stop at their
+# closing quote), so an unclosed "<p " costs the distance to the next "<", not to the end of the
+# text; an unclosed comment runs to the end of the text (as in a browser), once.
 _TOKEN = re.compile(
-    r"<(/?)([A-Za-z][A-Za-z0-9]*)((?:[^>\"']|\"[^\"]*\"|'[^']*')*)>|(<!--.*?-->|<![^>]*>)|([^<]+)|(<)", re.S
+    r"<(/?)([A-Za-z][A-Za-z0-9]*)((?:[^<>\"']|\"[^\"<]*\"|'[^'<]*')*)>|(<!--.*?(?:-->|\Z)|<![^<>]*>)|([^<]+)|(<)", re.S
 )
 _ATTR = {name: re.compile(rf"\b{name}\s*=\s*(?:\"([^\"]*)\"|'([^']*)'|([^\s>]+))", re.I) for name in ("href", "src", "alt", "title", "start")}
 _WS = re.compile(r"[ \t\n\r\f]+")
 _BLANKS = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
+_START = re.compile(r"[0-9]{1,9}")
 _SUBLIST = re.compile(r"\n\n(?=(?:- |\d+\. ))")  # a nested list follows its item's text directly
 
 VOID = {"br", "hr", "img", "wbr", "input", "meta", "link", "col", "area", "source", "track"}
@@ -40,6 +44,20 @@ class Unsupported(Exception):
 
 class TooDeep(Exception):
     """Nesting deeper than :data:`MAX_DEPTH`."""
+
+
+class TooLarge(Exception):
+    """The markdown would be longer than the ``max_chars`` given to :func:`convert` (a table whose
+    rows are padded to its widest row, or deeply indented lists, can grow far beyond the input)."""
+
+
+# The output bound of the :func:`convert` call in progress (one call at a time per process).
+_max_chars: int | None = None
+
+
+def _bounded(size: int, what: str) -> None:
+    if _max_chars is not None and size > _max_chars:
+        raise TooLarge(f"{what} would be at least {size} characters, over the limit of {_max_chars}")
 
 
 class Node:
@@ -111,7 +129,8 @@ def _wrap(mark: str, inner: str) -> str:
 
 def _list(node: Node, ordered: bool) -> str:
     start = node.attr("start") if ordered else None
-    n = int(start) if start and start.isdigit() else 1
+    # ASCII digits only ("²".isdigit() is true), and few enough that int() takes them
+    n = int(start) if start and _START.fullmatch(start) else 1
     items = []
     for c in node.children:
         if isinstance(c, str):
@@ -122,6 +141,7 @@ def _list(node: Node, ordered: bool) -> str:
         body = _SUBLIST.sub("\n", _blocks(c)) if c.tag == "li" else _render(c).strip()
         items.append((prefix, body))
         n += c.tag == "li"
+    _bounded(sum(len(p) + len(b) + (len(p) + 1) * b.count("\n") for p, b in items), "a list")
     lines = []
     for prefix, body in items:
         pad = " " * len(prefix)
@@ -159,6 +179,7 @@ def _table(node: Node) -> str:
     if not rows:
         return ""
     width = max(len(r) for r in rows)
+    _bounded(sum(len(c) for r in rows for c in r) + (len(rows) + 2) * (3 * width + 2), "a table")
     rows = [r + [""] * (width - len(r)) for r in rows]
     if not header_cells:
         rows.insert(0, [""] * width)
@@ -214,12 +235,17 @@ def _render(node: Node) -> str:
     raise Unsupported(tag)  # pragma: no cover - parse() only admits SUPPORTED tags
 
 
-def convert(text: str) -> str:
-    """Markdown for ``text``; raises :class:`Unsupported` or :class:`TooDeep`."""
+def convert(text: str, max_chars: int | None = None) -> str:
+    """Markdown for ``text``; raises :class:`Unsupported`, :class:`TooDeep`, or :class:`TooLarge`
+    when a table or list would make it longer than ``max_chars`` (checked before building them)."""
+    global _max_chars
     root = parse(text)
+    _max_chars = max_chars
     try:
         md = _inline(root)
     except RecursionError:
         raise TooDeep("nesting too deep to render") from None
+    finally:
+        _max_chars = None
     md = "\n".join(line.rstrip() for line in md.split("\n"))
     return _BLANKS.sub("\n\n", md).strip()

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from llama_pipe.data import html_fast
 
@@ -44,23 +44,30 @@ _TAG = re.compile(r"</?([A-Za-z][A-Za-z0-9]*)(?:\s[^<>]*)?/?>")
 _COUNTER_HTML = re.compile(r"^\s*\d+\s*/\s*\d+\s*(?=<)")
 _COUNTER_GLUED = re.compile(r"^\d+ / \d+(?=\S)")
 _STARTS_WITH_TAG = re.compile(r"^\s*<([A-Za-z][A-Za-z0-9]*)[\s>/]")
-_PRE = re.compile(r"<pre\b[^>]*>(.*?)</pre\s*>", re.S | re.I)
-_CODE = re.compile(r"<code\b([^>]*)>(.*?)</code\s*>", re.S | re.I)
+# Every pattern below runs in time linear in its input: no unbounded repetition may backtrack
+# across a later "<" (an unclosed tag ends at the next one), and element bodies are found by a
+# forward search for the closing tag (:func:`_elements`), never by a lazy ``.*?`` per opening.
+_PRE_OPEN = re.compile(r"<pre\b[^<>]*>", re.I)
+_PRE_CLOSE = re.compile(r"</pre\s*>", re.I)
+_CODE_OPEN = re.compile(r"<code\b([^<>]*)>", re.I)
+_CODE_CLOSE = re.compile(r"</code\s*>", re.I)
 _LANG_CLASS = re.compile(r"language-([\w+#.-]+)")
-_HEADER_LANG = re.compile(r"<span\b[^>]*>([^<]*)</span>", re.I)
-_ANY_TAG = re.compile(r"<[^>]*>")
+_HEADER_LANG = re.compile(r"<span\b[^<>]*>([^<]*)</span>", re.I)
+_ANY_TAG = re.compile(r"<[^<>]*>")
 _COPY_CHARS = re.compile(r"Copy\d+ chars / \d+ words")
-_COPY_CODE_LANG = re.compile(r"```\s*(.*?)(?:Copy code)+(.+?)\s*?```", re.S)  # FastChat's shape
-_EMPTY_COPY_CODE = re.compile(r"```(.*?)Copy code\s*```")
 _FENCE_LINE = re.compile(r"^( {0,3})(`{3,}|~{3,})([^\n]*)$", re.M)
-_INLINE_CODE = re.compile(r"(`+)(?!`)(.+?)(?<!`)\1(?!`)", re.S)
+_TICKS = re.compile(r"`+")
 _BLANKS = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
-_SCRIPT_STYLE = re.compile(r"<(script|style)\b[^>]*>.*?(?:</\1\s*>|\Z)", re.S | re.I)
+_SCRIPT_STYLE_OPEN = re.compile(r"<(script|style)\b[^<>]*>", re.I)
+_SCRIPT_STYLE_CLOSE = {"script": re.compile(r"</script\s*>", re.I), "style": re.compile(r"</style\s*>", re.I)}
 # C0 controls except tab, LF, CR; DEL; C1 controls. VT, FF and NEL (U+0085) are line breaks.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _LINE_BREAK_CONTROLS = {"\x0b": "\n", "\x0c": "\n", "\x85": "\n"}
-_PLACEHOLDER = "LLAMAPIPECODEBLOCK{}X"
-_PLACEHOLDER_LINE = re.compile(r"^(.*?)LLAMAPIPECODEBLOCK(\d+)X(.*)$", re.M)
+# A code block cut out of an HTML turn is held by a NUL-delimited mark while the rest is converted.
+# NUL is removed from the input first and no entity decodes to it, so user text cannot forge one.
+_PLACEHOLDER = "\x00CODEBLOCK{}\x00"
+_PLACEHOLDER_LINE = re.compile(r"^([^\n\x00]*)\x00CODEBLOCK(\d+)\x00([^\n]*)$", re.M)
+_PLACEHOLDER_ANY = re.compile(r"\x00CODEBLOCK(\d+)\x00")
 
 _MD_OPTIONS = dict(
     heading_style="atx", bullets="-", escape_asterisks=False, escape_underscores=False, escape_misc=False,
@@ -82,15 +89,19 @@ def is_html(value: str) -> bool:
     return bool(m and m.group(1).lower() in HTML_TAGS)
 
 
-def to_markdown(value: str) -> str:
-    """Clean one turn (either path); raises :class:`ConversionError`.
+def to_markdown(value: str, max_chars: int | None = None) -> str:
+    """Clean one turn (either path); raises :class:`ConversionError` (``too_large`` when the
+    markdown would be longer than ``max_chars``; tables and lists are checked before they are built).
 
     Control characters are removed before and after conversion (:func:`strip_controls`), so no
     NUL byte or other control character reaches the output (entities such as ``&#12;`` included).
     """
     value = strip_controls(value)
-    md = html_to_markdown(value) if is_html(value) else plain_to_markdown(value)
-    return strip_controls(md).strip()
+    md = html_to_markdown(value, max_chars) if is_html(value) else plain_to_markdown(value)
+    md = strip_controls(md).strip()
+    if max_chars is not None and len(md) > max_chars:
+        raise ConversionError("too_large", f"cleaned turn is {len(md)} characters, over the limit of {max_chars}")
+    return md
 
 
 def strip_controls(text: str) -> str:
@@ -136,8 +147,43 @@ def code_regions(text: str) -> list[tuple[int, int]]:
 
 
 def _inline_regions(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
-    for m in _INLINE_CODE.finditer(text, start, end):
-        yield m.start(), m.end()
+    """Inline code spans in ``text[start:end]``: a run of N backticks up to the next run of exactly
+    N backticks (CommonMark's rule), found in one pass over the runs (linear in the text)."""
+    runs = [(m.start(), m.end()) for m in _TICKS.finditer(text, start, end)]
+    partner: list[int | None] = [None] * len(runs)
+    later: dict[int, int] = {}
+    for i in range(len(runs) - 1, -1, -1):
+        n = runs[i][1] - runs[i][0]
+        partner[i] = later.get(n)
+        later[n] = i
+    i = 0
+    while i < len(runs):
+        j = partner[i]
+        if j is None:
+            i += 1
+            continue
+        yield runs[i][0], runs[j][1]
+        i = j + 1
+
+
+def _elements(text: str, opening: re.Pattern[str], closing: Callable[[re.Match[str]], re.Pattern[str]],
+              ) -> Iterator[tuple[re.Match[str], int, int]]:
+    """``(opening match, body end, element end)`` of each element, left to right, without overlap.
+
+    An element whose closing tag never comes runs to the end of the text (body end = element end =
+    ``len(text)``) and is the last one. One forward search per element: linear in the text.
+    """
+    pos = 0
+    while True:
+        m = opening.search(text, pos)
+        if m is None:
+            return
+        c = closing(m).search(text, m.end())
+        if c is None:
+            yield m, len(text), len(text)
+            return
+        yield m, c.start(), c.end()
+        pos = c.end()
 
 
 def _outside_code(text: str) -> Iterator[tuple[int, int]]:
@@ -216,9 +262,10 @@ def _extract_code(pre_inner: str) -> tuple[str, str]:
     """(language, code) of one ``<pre>`` element's inner HTML."""
     lang = ""
     head, code_html = pre_inner, None
-    cm = _CODE.search(pre_inner)
-    if cm:
-        head, code_html = pre_inner[: cm.start()], cm.group(2)
+    code = next(_elements(pre_inner, _CODE_OPEN, lambda m: _CODE_CLOSE), None)
+    if code is not None and code[1] < len(pre_inner):  # a closed <code> element
+        cm = code[0]
+        head, code_html = pre_inner[: cm.start()], pre_inner[cm.end() : code[1]]
         lm = _LANG_CLASS.search(cm.group(1))
         if lm:
             lang = lm.group(1)
@@ -234,6 +281,22 @@ def _extract_code(pre_inner: str) -> tuple[str, str]:
     return lang or "text", code
 
 
+def _cut_elements(text: str, opening: re.Pattern[str], closing: Callable[[re.Match[str]], re.Pattern[str]],
+                  replace: Callable[[str], str], closed_only: bool = False) -> str:
+    """``text`` with each element (see :func:`_elements`) replaced by ``replace(its body)``;
+    ``closed_only``: an element that is never closed is left as it is."""
+    out: list[str] = []
+    pos = 0
+    for m, body_end, end in _elements(text, opening, closing):
+        if closed_only and body_end == len(text):
+            break
+        out.append(text[pos : m.start()])
+        out.append(replace(text[m.end() : body_end]))
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def _markdownify(html_text: str) -> str:
     import markdownify
 
@@ -245,23 +308,26 @@ def _markdownify(html_text: str) -> str:
         raise ConversionError("html_parse_error", f"{type(exc).__name__}: {exc}"[:200]) from None
 
 
-def html_to_markdown(value: str) -> str:
+def html_to_markdown(value: str, max_chars: int | None = None) -> str:
     """Rendered ChatGPT HTML -> markdown (see the module docstring)."""
-    value = _COUNTER_HTML.sub("", value, count=1)
-    if "<s" in value or "<S" in value:
-        value = _SCRIPT_STYLE.sub("", value)  # not content: dropped with the element
+    value = _COUNTER_HTML.sub("", value, count=1).replace("\x00", "")
+    if "<s" in value or "<S" in value:  # not content: dropped with the element (to the end if unclosed)
+        value = _cut_elements(value, _SCRIPT_STYLE_OPEN, lambda m: _SCRIPT_STYLE_CLOSE[m.group(1).lower()],
+                              lambda body: "")
     blocks: list[str] = []
 
-    def cut(m: re.Match[str]) -> str:
-        lang, code = _extract_code(m.group(1))
+    def cut(body: str) -> str:
+        lang, code = _extract_code(body)
         if not code.strip():
             return ""  # FastChat drops empty code blocks too
         blocks.append(_fence(lang, code))
         return f"<p>{_PLACEHOLDER.format(len(blocks) - 1)}</p>"
 
-    rest = _PRE.sub(cut, value)
+    rest = _cut_elements(value, _PRE_OPEN, lambda m: _PRE_CLOSE, cut, closed_only=True)
     try:
-        md = html_fast.convert(rest)
+        md = html_fast.convert(rest, max_chars)
+    except html_fast.TooLarge as exc:
+        raise ConversionError("too_large", str(exc)) from None
     except html_fast.TooDeep as exc:
         raise ConversionError("html_too_deep", f"HTML nested too deeply to convert ({exc})") from None
     except html_fast.Unsupported:
@@ -275,8 +341,9 @@ def html_to_markdown(value: str) -> str:
         before, k, after = m.group(1), int(m.group(2)), m.group(3)
         lines = [before.rstrip()] if before.strip() else []
         lines.append(blocks[k])
-        if after.strip():
-            lines.append(after.strip())
+        after = _PLACEHOLDER_ANY.sub(lambda n: "\n" + blocks[int(n.group(1))] + "\n", after).strip()
+        if after:
+            lines.append(after)
         return "\n".join(lines)
 
     return _PLACEHOLDER_LINE.sub(put, md) if blocks else md
@@ -290,7 +357,64 @@ def plain_to_markdown(value: str) -> str:
     text = _COUNTER_GLUED.sub("", value, count=1)
     if "Copy" in text:
         text = _COPY_CHARS.sub("", text)
-        text = _EMPTY_COPY_CODE.sub("", text)
-        text = _COPY_CODE_LANG.sub(lambda m: _fence(m.group(1).strip() or "text", m.group(2).strip("\n")), text)
+        text = _drop_empty_copy_code(text)
+        text = _fix_copy_code(text)
     text = _label_bare_fences(text)
     return protect_tags(text).strip()
+
+
+_COPY = "Copy code"
+_SPACE_RUN = re.compile(r"\s*")
+
+
+def _drop_empty_copy_code(text: str) -> str:
+    """Remove FastChat's empty copy-code blocks: three backticks, anything on the same line, "Copy
+    code", optional whitespace, three backticks. One pass over the "Copy code" marks: each search
+    moves forward, so the cost is linear in the text."""
+    out: list[str] = []
+    pos = 0  # text before pos is final
+    line_start = scanned = 0  # newlines before `scanned` are reflected in line_start
+    ticks_from, ticks_at = -1, -1  # cached: the first ``` at or after ticks_from
+    c = text.find(_COPY)
+    while c >= 0:
+        nl = text.rfind("\n", scanned, c)
+        if nl >= 0:
+            line_start = nl + 1
+        scanned = c
+        lo = max(pos, line_start)
+        if not (0 <= ticks_from <= lo and (ticks_at < 0 or ticks_at >= lo)):
+            ticks_from, ticks_at = lo, text.find("```", lo)
+        close = _SPACE_RUN.match(text, c + len(_COPY)).end()  # type: ignore[union-attr]
+        if 0 <= ticks_at and ticks_at + 3 <= c and text.startswith("```", close):
+            out.append(text[pos:ticks_at])
+            pos = scanned = close + 3
+            c = text.find(_COPY, pos)
+            continue
+        c = text.find(_COPY, c + len(_COPY))
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _fix_copy_code(text: str) -> str:
+    """FastChat's leftover ``\u0060\u0060\u0060LANGCopy codeCODE\u0060\u0060\u0060`` -> a fenced block of LANG (``text``
+    when none): the language runs to the first "Copy code" (repeats are skipped), the code to the
+    next three backticks. Each block is found by forward searches only (linear)."""
+    out: list[str] = []
+    pos = 0
+    while True:
+        s = text.find("```", pos)
+        c = text.find(_COPY, s + 3) if s >= 0 else -1
+        if c < 0:
+            break
+        e = c
+        while text.startswith(_COPY, e):
+            e += len(_COPY)
+        close = text.find("```", e + 1)
+        if close < 0:
+            break
+        code = text[e:close].rstrip() or text[e:close]
+        out.append(text[pos:s])
+        out.append(_fence(text[s + 3 : c].strip() or "text", code.strip("\n")))
+        pos = close + 3
+    out.append(text[pos:])
+    return "".join(out)
