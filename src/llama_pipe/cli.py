@@ -28,6 +28,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "gather": ("llama_pipe.data.shard", "gather shards into train/validation JSONL"),
     "train": ("llama_pipe.train.loop", "LoRA / QLoRA / 8-bit / full fine-tuning"),
     "merge-adapter": ("llama_pipe.merge_adapter", "merge adapters (in order) into a float copy of the base"),
+    "export": ("llama_pipe.weights.gguf_export", "merged HF model -> one GGUF file for llama.cpp (f16, q8_0, f32)"),
     "eval": ("llama_pipe.evaluate", "perplexity base vs tuned and sample generations"),
     "report": ("llama_pipe.report", "plots: loss curve, data funnel, perplexity"),
     "chat": ("llama_pipe.serve.chat", "chat with a model in the terminal"),

@@ -1,0 +1,164 @@
+"""The tokenizer part of a GGUF file (``tokenizer.ggml.*`` keys) from a Hugging Face tokenizer.
+
+Two kinds are written, the two llama-pipe produces:
+
+* ``llama`` (sentencepiece, byte fallback): LLaMA-1/2 and the embedded tiny model. Pieces,
+  scores and types come from ``tokenizer.model`` when the directory has a sentencepiece one;
+  otherwise from ``tokenizer.json``, whose ids are the sentencepiece ids, scored ``-id`` (the
+  order sentencepiece's BPE merges in).
+* ``gpt2`` (byte-level BPE): SmolLM2, LLaMA-3. Vocabulary and merges from ``tokenizer.json``, and
+  ``tokenizer.ggml.pre`` naming the llama.cpp pre-tokenizer that splits text like the HF one.
+
+Ids past the tokenizer's last one, up to the embedding's rows, become unused ``[PAD<id>]``
+tokens (llama.cpp wants one token per row).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.records import InputError
+
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _pre_parts(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    pre = spec.get("pre_tokenizer") or {}
+    return list(pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else ([pre] if pre else [])
+
+
+def bpe_pre_name(spec: dict[str, Any], where: str) -> str:
+    """The llama.cpp pre-tokenizer (``tokenizer.ggml.pre``) equal to a byte-level HF one."""
+    from llama_pipe.weights.tiktoken_bpe import LLAMA3_PATTERN
+
+    parts = _pre_parts(spec)
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
+        if (parts[0].get("pattern") or {}).get("Regex") == LLAMA3_PATTERN:
+            return "llama-bpe"
+    raise InputError(
+        f"{where}: byte-level pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:200]} has no llama.cpp "
+        "equivalent export knows (GPT-2, SmolLM and LLaMA-3 splitting are supported)"
+    )
+
+
+def _adds_space_prefix(spec: dict[str, Any]) -> bool:
+    """Whether the sentencepiece-style tokenizer puts "▁" before the text (llama.cpp's add_space_prefix)."""
+    for part in _pre_parts(spec):
+        if part.get("type") == "Metaspace":
+            return part.get("prepend_scheme", "always") != "never" and part.get("add_prefix_space", True)
+    norm = spec.get("normalizer") or {}
+    norms = norm.get("normalizers") or [norm]
+    return any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in norms)
+
+
+def _token_table(spec: dict[str, Any], n_vocab: int, where: str) -> tuple[list[str], dict[int, bool]]:
+    """Token text per id (gaps -> ``[PAD<id>]``) and {added id: special?}."""
+    table: dict[int, str] = {int(i): t for t, i in spec["model"]["vocab"].items()}
+    added: dict[int, bool] = {}
+    for a in spec.get("added_tokens") or []:
+        table[int(a["id"])] = a["content"]
+        added[int(a["id"])] = bool(a.get("special"))
+    top = max(table) + 1
+    if top > n_vocab:
+        raise InputError(f"{where}: the tokenizer has ids up to {top - 1} but the embedding has only {n_vocab} rows")
+    return [table.get(i, f"[PAD{i}]") for i in range(n_vocab)], added
+
+
+def _sentencepiece_file(model_dir: Path) -> Path | None:
+    from llama_pipe.weights.tiktoken_bpe import is_tiktoken_file
+
+    f = model_dir / "tokenizer.model"
+    return f if f.is_file() and not is_tiktoken_file(f) else None
+
+
+def _spm_scores_types(model_dir: Path, tokens: list[str], added: dict[int, bool], unk: int | None) -> tuple[list[float], list[int]]:
+    import gguf
+
+    T = gguf.TokenType
+    scores = [-float(i) for i in range(len(tokens))]
+    types = [int(T.NORMAL)] * len(tokens)
+    sp_file = _sentencepiece_file(model_dir)
+    known = 0
+    if sp_file is not None:
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_file))
+        known = min(sp.vocab_size(), len(tokens))
+        for i in range(known):
+            if sp.id_to_piece(i) != tokens[i]:
+                raise InputError(f"{sp_file}: piece {i} is {sp.id_to_piece(i)!r} but tokenizer.json has {tokens[i]!r}")
+            scores[i] = float(sp.get_score(i))
+            types[i] = int(T.UNKNOWN if sp.is_unknown(i) else T.CONTROL if sp.is_control(i)
+                           else T.BYTE if sp.is_byte(i) else T.UNUSED if sp.is_unused(i) else T.NORMAL)
+    for i in range(known, len(tokens)):
+        if i == unk:
+            types[i] = int(T.UNKNOWN)
+        elif i in added:
+            types[i] = int(T.CONTROL if added[i] else T.USER_DEFINED)
+        elif BYTE_PIECE.fullmatch(tokens[i]):
+            types[i] = int(T.BYTE)
+        elif tokens[i] == f"[PAD{i}]":
+            types[i] = int(T.UNUSED)
+        if types[i] != int(T.NORMAL):
+            scores[i] = 0.0
+    return scores, types
+
+
+def add_tokenizer(writer: Any, model_dir: Path, n_vocab: int) -> dict[str, Any]:
+    """Write the ``tokenizer.ggml.*`` keys for ``model_dir``'s tokenizer; returns a summary."""
+    import gguf
+
+    from llama_pipe.weights.tokenizer import load_tokenizer
+
+    T = gguf.TokenType
+    tok = load_tokenizer(model_dir)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise InputError(f"{model_dir}: the tokenizer has no tokenizer.json form; export needs a fast tokenizer")
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise InputError(f"{model_dir}: tokenizer model {model.get('type')!r}; export supports BPE tokenizers (sentencepiece or byte-level)")
+    tokens, added = _token_table(spec, n_vocab, str(model_dir))
+    if model.get("byte_fallback"):
+        kind = "llama"
+        scores, types = _spm_scores_types(model_dir, tokens, added, tok.unk_token_id)
+        writer.add_tokenizer_model(kind)
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(_adds_space_prefix(spec))
+    elif any(p.get("type") == "ByteLevel" for p in _pre_parts(spec)):
+        kind = "gpt2"
+        writer.add_tokenizer_model(kind)
+        writer.add_tokenizer_pre(bpe_pre_name(spec, str(model_dir)))
+        writer.add_token_list(tokens)
+        types = [int(T.CONTROL if added[i] else T.USER_DEFINED) if i in added
+                 else int(T.UNUSED) if tokens[i] == f"[PAD{i}]" else int(T.NORMAL) for i in range(len(tokens))]
+        writer.add_token_types(types)
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []])
+    else:
+        raise InputError(f"{model_dir}: a BPE tokenizer that is neither sentencepiece-style (byte fallback) nor byte-level")
+    for key, value in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unk", tok.unk_token_id), ("pad", tok.pad_token_id)):
+        if value is not None:
+            getattr(writer, f"add_{key}_token_id")(int(value))
+    probe = tok("a").input_ids
+    writer.add_add_bos_token(bool(probe) and tok.bos_token_id is not None and probe[0] == tok.bos_token_id)
+    writer.add_add_eos_token(bool(probe) and tok.eos_token_id is not None and probe[-1] == tok.eos_token_id)
+    for eot in ("<|eot_id|>", "<|im_end|>", "<|end|>"):
+        if eot in tokens and tokens.index(eot) != tok.eos_token_id:
+            writer.add_eot_token_id(tokens.index(eot))
+            break
+    template = tok.chat_template
+    if isinstance(template, str) and template:
+        writer.add_chat_template(template)
+    return {"tokenizer": kind, "tokens": len(tokens), "chat_template": isinstance(template, str) and bool(template)}

