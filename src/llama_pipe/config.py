@@ -322,6 +322,30 @@ class ServeSettings:
     template: Optional[TemplateName] = opt(
         None, "chat template; null: the one recorded with the model (llama_pipe.json, else the tokenizer's Jinja), else vicuna_v1.1"
     )
+    listen_backlog: int = opt(
+        128, "connections the OS queues while the server is busy accepting (Python's default of 5 resets bursts)", minimum=1, maximum=65535
+    )
+    max_connections: int = opt(
+        64, "open connections served at once; a connection beyond it gets 503 (JSON, Retry-After) and is closed", minimum=1
+    )
+    max_queue: int = opt(
+        16, "requests waiting for the model (one generates at a time); a request beyond it gets 503 (JSON, Retry-After)", minimum=0
+    )
+    queue_timeout: float = opt(
+        120, "seconds a request may wait for the model before it gets 503 (JSON, Retry-After)", exclusiveMinimum=0, maximum=3600
+    )
+    request_timeout: float = opt(
+        20, "seconds a client has to send a whole request (headers and body; also the idle limit of a kept-alive connection "
+        "and of any one stalled write); a slower client gets 408 and is disconnected", exclusiveMinimum=0, maximum=300
+    )
+    allowed_hosts: list[str] = opt(
+        [], "Host header names accepted besides IP addresses and localhost (e.g. a LAN name when host is 0.0.0.0); "
+        "'*' accepts any (turns off the DNS-rebinding guard)"
+    )
+    allowed_origins: list[str] = opt(
+        [], "browser origins besides the server's own page allowed to call the API (e.g. 'http://localhost:3000'); "
+        "'*' allows any web page to drive generation"
+    )
 
 
 # ----------------------------------------------------------------------------- the whole file

@@ -124,7 +124,7 @@ def test_client_that_disconnects_mid_stream_does_not_block_the_server(slow_serve
     host, port = slow_server.server_address[:2]
     body = json.dumps({"messages": HELLO, "stream": True, "max_tokens": 64}).encode()
     with socket.create_connection((host, port), timeout=30) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         assert b"200 OK" in s.recv(4096)
     # The generation lock was released: the next request is answered.

@@ -99,10 +99,13 @@ class ChatModel:
                 if params.temperature <= 0:
                     nxt = int(torch.argmax(logits))
                 else:
-                    probs = torch.softmax(logits / params.temperature, dim=-1)
+                    # Shift the best logit to 0 before dividing: a tiny temperature (1e-300) sends the
+                    # others to -inf instead of every logit to +-inf (NaN); its limit is greedy.
+                    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
                     if params.top_p < 1.0:
                         sorted_p, order = torch.sort(probs, descending=True)
                         outside = torch.cumsum(sorted_p, 0) - sorted_p >= params.top_p
+                        outside[0] = False  # the most likely token always stays (top_p 1e-300 is 0 in float32)
                         sorted_p[outside] = 0.0
                         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
                     nxt = int(torch.multinomial(probs, 1, generator=gen))

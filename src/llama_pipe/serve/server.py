@@ -3,9 +3,12 @@
 Endpoints: ``GET /`` (the chat page), ``GET /v1/models``, ``POST /v1/chat/completions`` (JSON, or
 server-sent events with ``"stream": true``), ``GET /health``. Standard library only
 (``ThreadingHTTPServer``); requests are parsed concurrently but generation is serialised with a
-lock (one model, one batch). Every bad request gets a 4xx and an OpenAI-style JSON error body
-(``{"error": {"message", "type", "param", "code"}}``); an unexpected failure is logged and answered
-with a 500, and the server keeps running. Binds 127.0.0.1 unless told otherwise.
+lock (one model, one batch) behind a bounded queue. Every bad request gets a 4xx and an
+OpenAI-style JSON error body (``{"error": {"message", "type", "param", "code"}}``), also the
+ones http.server itself refuses (an unknown method is 405 with ``Allow``); a full server answers
+503 with ``Retry-After``; an unexpected failure is logged and answered with a 500, and the server
+keeps running. Binds 127.0.0.1 unless told otherwise; Host and Origin are checked
+(:mod:`llama_pipe.serve.limits`).
 """
 
 from __future__ import annotations
@@ -13,120 +16,54 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
+import select
 import signal
+import socket
 import threading
 import time
 import uuid
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import ServeSettings
+from llama_pipe.serve.api import ApiError, parse_chat_request
 from llama_pipe.serve.generate import ChatModel, Completion, SamplingParams
+from llama_pipe.serve.limits import (
+    RETRY_AFTER_S,
+    ConnectionGate,
+    Deadlines,
+    GenerationQueue,
+    host_allowed,
+    origin_allowed,
+    refuse_connection,
+)
 from llama_pipe.settings import add_settings_arguments, describe, settings_from_args
+
+__all__ = ["ApiError", "ChatServer", "Handler", "parse_chat_request"]
 
 log = logging.getLogger(__name__)
 
-
-class ApiError(Exception):
-    """A request error: HTTP status plus the OpenAI error fields."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-
-def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ApiError(400, f"'{key}' must be a number", key)
-    if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
-        raise ApiError(400, f"'{key}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", key)
-    return float(value)
-
-
-def _content(msg: dict[str, Any], i: int) -> str:
-    content = msg.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # [{"type": "text", "text": "..."}]
-        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if len(texts) == len(content) and all(isinstance(t, str) for t in texts):
-            return "".join(texts)  # type: ignore[arg-type]
-    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
-
-
-def parse_chat_request(body: Any, model: ChatModel, settings: ServeSettings) -> tuple[list[dict[str, str]], SamplingParams, bool, bool]:
-    """Validate a chat-completions body: (messages, sampling params, stream, include_usage)."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    name = body.get("model")
-    if name is not None and name != model.model_id:
-        raise ApiError(404, f"model {name!r} is not served here; this server serves {model.model_id!r}", "model", "model_not_found")
-    raw = body.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
-    messages: list[dict[str, str]] = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict):
-            raise ApiError(400, f"messages[{i}] must be an object", f"messages[{i}]")
-        role = {"developer": "system"}.get(m.get("role"), m.get("role"))
-        if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role must be system, user or assistant, got {m.get('role')!r}", f"messages[{i}].role")
-        if role == "system" and i != 0:
-            raise ApiError(400, "only the first message may be a system message", f"messages[{i}].role")
-        messages.append({"role": role, "content": _content(m, i)})
-    if messages[-1]["role"] != "user":
-        raise ApiError(400, "the last message must be from the user", "messages")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = settings.max_tokens
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ApiError(400, "'max_tokens' must be a positive integer", "max_tokens")
-    if max_tokens > settings.max_tokens:
-        raise ApiError(400, f"'max_tokens' {max_tokens} exceeds this server's limit of {settings.max_tokens}", "max_tokens")
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "only n=1 is supported", "n")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
-        raise ApiError(400, "'stop' must be a string or a list of at most 4 strings", "stop")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, "'seed' must be an integer", "seed")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false", "stream")
-    opts = body.get("stream_options") or {}
-    include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-    params = SamplingParams(
-        max_new_tokens=max_tokens,
-        temperature=_number(body, "temperature", settings.temperature, 0.0, 2.0),
-        top_p=_number(body, "top_p", settings.top_p, 0.0, 1.0, lo_open=True),
-        seed=seed,
-        stop=tuple(stop),
-    )
-    return messages, params, stream, include_usage
+ALLOW = "GET, HEAD, POST, OPTIONS"
+MAX_REFUSING = 32  # threads answering 503 to connections over the limit; beyond it they are just closed
 
 
 class ChatServer(ThreadingHTTPServer):
-    """The HTTP server: holds the model, the settings and the generation lock."""
+    """The HTTP server: holds the model, the settings, the generation lock and the limits."""
 
     daemon_threads = True
 
     def __init__(self, model: ChatModel, settings: ServeSettings) -> None:
         self.model = model
         self.settings = settings
-        self.lock = threading.Lock()
+        self.queue = GenerationQueue(settings.max_queue, settings.queue_timeout)
+        self.gate = ConnectionGate(settings.max_connections)
+        self.refusing = threading.BoundedSemaphore(MAX_REFUSING)
+        self.deadlines = Deadlines(settings.request_timeout)
         self.page = resources.files("llama_pipe.serve").joinpath("static/index.html").read_bytes()
+        self.request_queue_size = settings.listen_backlog  # listen() backlog, used by server_activate
         super().__init__((settings.host, settings.port), Handler)
 
     @property
@@ -134,38 +71,115 @@ class ChatServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.gate.enter():
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.gate.leave()
+                raise
+            return
+        if self.refusing.acquire(blocking=False):
+            threading.Thread(target=self._refuse, args=(request,), daemon=True).start()
+        else:
+            self.shutdown_request(request)
+
+    def _refuse(self, request: socket.socket) -> None:
+        try:
+            refuse_connection(request, self.settings.max_connections)
+            self.shutdown_request(request)
+        finally:
+            self.refusing.release()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.gate.leave()
+
+    def server_close(self) -> None:
+        self.deadlines.close()
+        super().server_close()
+
+    def generation_slot(self) -> Any:
+        """Hold the model for one generation (a context manager); 503 when the queue is full."""
+        return self.queue.slot()
+
 
 class Handler(BaseHTTPRequestHandler):
-    """One request. Errors become JSON; nothing propagates to the server loop."""
+    """One connection. Errors become JSON; nothing propagates to the server loop."""
 
     server: ChatServer
     protocol_version = "HTTP/1.1"
     server_version = "llama-pipe"
-    timeout = 300  # seconds a socket may stall (a client that stops reading or sending is dropped)
+    error_content_type = "application/json"
+
+    def setup(self) -> None:
+        self.timeout = self.server.settings.request_timeout  # any one stalled read or write
+        super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's name
         log.info("%s %s", self.address_string(), format % args)
 
+    def handle_one_request(self) -> None:
+        """Wait (at most request_timeout) for a request to begin, then give it request_timeout to
+        arrive whole: a watchdog answers 408 and disconnects a client that trickles it in."""
+        poll = select.poll()
+        poll.register(self.connection, select.POLLIN)
+        if not poll.poll(self.timeout * 1000):
+            self.close_connection = True  # an idle kept-alive connection: closed quietly
+            return
+        self.cors_origin: str | None = None
+        self.server.deadlines.arm(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.deadlines.disarm(self.connection)
+
     # ------------------------------------------------------------------ plumbing
-    def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+    def _send(self, status: int, body: bytes, ctype: str = "application/json", headers: dict[str, str] | None = None) -> None:
+        self.server.deadlines.disarm(self.connection)
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Content-Type-Options", "nosniff")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self._cors_headers()
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"))
+    def _cors_headers(self) -> None:
+        if getattr(self, "cors_origin", None):
+            self.send_header("Access-Control-Allow-Origin", self.cors_origin)  # type: ignore[arg-type]
+            self.send_header("Vary", "Origin")
+
+    def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), headers=headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (bad request line, headers too long, unknown method) as JSON."""
+        self.close_connection = True
+        if code == HTTPStatus.NOT_IMPLEMENTED:  # no do_<METHOD>
+            err = ApiError(405, f"method {self.command!r:.40} not allowed; use {ALLOW}", code="method_not_allowed", headers={"Allow": ALLOW})
+        else:
+            err = ApiError(code, message or HTTPStatus(code).phrase, code=HTTPStatus(code).name.lower())
+        try:
+            self._json(err.status, err.body(), err.headers)
+        except OSError:
+            pass
 
     def _guard(self, fn: Any) -> None:
         try:
+            self._check_caller()
+            if self.command != "POST":
+                self.server.deadlines.disarm(self.connection)  # no body to wait for
             fn()
         except ApiError as exc:
-            self._json(exc.status, exc.body())
+            self._json(exc.status, exc.body(), exc.headers)
         except (BrokenPipeError, ConnectionResetError):
             log.info("client went away")
         except Exception:  # noqa: BLE001 - the server must answer and keep running
@@ -175,6 +189,21 @@ class Handler(BaseHTTPRequestHandler):
                 self._json(500, ApiError(500, "internal server error (see the server log)").body())
             except OSError:
                 pass
+
+    def _check_caller(self) -> None:
+        """Host must name this server (DNS rebinding); Origin, when a browser sends one, must be
+        this server's own page or listed in serve.allowed_origins."""
+        s = self.server.settings
+        host, origin = self.headers.get("Host"), self.headers.get("Origin")
+        if not host_allowed(host, s.allowed_hosts):
+            self.close_connection = True
+            raise ApiError(403, f"Host {host!r:.100} is not this server; add it to serve.allowed_hosts to accept it", code="host_not_allowed")
+        if not origin_allowed(origin, host, s.allowed_origins):
+            self.close_connection = True
+            raise ApiError(403, f"requests from the web page at {origin!r:.100} are not allowed; add its origin to "
+                                "serve.allowed_origins to allow it", code="origin_not_allowed")
+        if origin is not None and host is not None and origin.strip().lower().split("://", 1)[-1] != host.strip().lower():
+            self.cors_origin = origin.strip()  # an allowed cross-origin page may read the reply
 
     def _read_json(self) -> Any:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -191,7 +220,13 @@ class Handler(BaseHTTPRequestHandler):
         if length > self.server.settings.max_request_bytes:
             self.close_connection = True  # the unread body must not be taken for the next request
             raise ApiError(413, f"request body of {length} bytes exceeds the limit of {self.server.settings.max_request_bytes}")
+        ctype = self.headers.get_content_type() if "Content-Type" in self.headers else None
+        if ctype != "application/json" and not (ctype or "").endswith("+json"):
+            self.close_connection = True
+            raise ApiError(415, f"the body must be JSON sent with Content-Type: application/json (got {ctype or 'no Content-Type'})",
+                           code="unsupported_media_type")
         raw = self.rfile.read(length)
+        self.server.deadlines.disarm(self.connection)
         try:
             return json.loads(raw.decode("utf-8"))
         except RecursionError:
@@ -220,12 +255,26 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._guard(self._post)
 
+    def do_OPTIONS(self) -> None:  # noqa: N802 - a CORS preflight (only origins allowed by _check_caller get here)
+        self._guard(self._options)
+
+    def _options(self) -> None:
+        self.send_response(204)
+        self.send_header("Allow", ALLOW)
+        if self.cors_origin:
+            self.send_header("Access-Control-Allow-Methods", ALLOW)
+            self.send_header("Access-Control-Allow-Headers", "Content-Type, Authorization")
+            self.send_header("Access-Control-Max-Age", "600")
+        self._cors_headers()
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def _other(self) -> None:
         self._guard(self._not_allowed)
 
     def _not_allowed(self) -> None:
         self.close_connection = True
-        raise ApiError(405, f"method {self.command} not allowed")
+        raise ApiError(405, f"method {self.command} not allowed; use {ALLOW}", code="method_not_allowed", headers={"Allow": ALLOW})
 
     do_PUT = do_DELETE = do_PATCH = _other
 
@@ -243,7 +292,7 @@ class Handler(BaseHTTPRequestHandler):
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         res = Completion()
         if not stream:
-            with self.server.lock:
+            with self.server.generation_slot():
                 for _ in model.stream(prompt, params, res):
                     pass
             self._json(200, {
@@ -256,12 +305,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def _stream(self, prompt: list[int], params: SamplingParams, res: Completion, cid: str, created: int, include_usage: bool) -> None:
         model = self.server.model
-        self.close_connection = True  # the event stream ends when the connection closes
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
 
         def event(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> None:
             chunk: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model.model_id,
@@ -271,7 +314,14 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
             self.wfile.flush()
 
-        with self.server.lock:
+        with self.server.generation_slot():  # a full queue is a plain 503, before the 200 is sent
+            self.close_connection = True  # the event stream ends when the connection closes
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-cache")
+            self._cors_headers()
+            self.send_header("Connection", "close")
+            self.end_headers()
             event({"role": "assistant", "content": ""})
             pieces = model.stream(prompt, params, res)
             try:
