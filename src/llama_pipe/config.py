@@ -115,7 +115,9 @@ class MergeSettings:
     """``merge``: validate, normalise roles, drop duplicate ids."""
 
     dedupe: Literal["first", "reject_all"] = opt(
-        "first", "on a duplicate id keep the first record ('first') or reject every copy ('reject_all')"
+        "first", "on a duplicate id keep the first record ('first') or reject every copy ('reject_all'); a record "
+        "whose id was already used by a different conversation from another file is not a duplicate: it is kept "
+        "as '<file stem>:<id>'"
     )
 
 
@@ -135,6 +137,15 @@ class CleanSettings:
         "drop_first_gpt",
         "a conversation that starts with a gpt turn: drop that turn ('drop_first_gpt', FastChat) or reject it",
     )
+    time_budget: float = opt(
+        10.0, "seconds one record may take to clean; a slower one is rejected as too_slow instead of stalling its "
+        "shard (0 = no limit; normal records take milliseconds)", minimum=0,
+    )
+    max_growth: float = opt(
+        4.0, "reject a record (too_large) when cleaning would make one of its turns longer than this many times the "
+        "turn's input plus 10,000 characters (table padding, list indentation); checked before the text is built",
+        minimum=1,
+    )
     workers: int = opt(0, "processes to use; 0 = all cores", minimum=0)
 
 
@@ -142,12 +153,19 @@ class CleanSettings:
 class FilterLangSettings:
     """``filter-lang``: one langdetect language per conversation."""
 
-    keep: list[str] = opt(["en", "zh"], "keep only these languages (ISO 639-1, 'zh' matches zh-cn/zh-tw); empty keeps all")
+    keep: list[str] = opt(
+        ["en", "zh"], "keep only these languages (ISO 639-1, 'zh' matches zh-cn/zh-tw); empty keeps all. When a "
+        "run gives skip but no keep (neither flag nor config file), keep is empty: --skip ko alone keeps every "
+        "other language"
+    )
     skip: list[str] = opt([], "drop these languages")
     seed: int = opt(0, "langdetect seed (makes detection deterministic)")
     min_chars: int = opt(10, "text shorter than this (code removed) is labelled 'unknown'", minimum=0)
     keep_unknown: bool = opt(False, "keep conversations whose language cannot be detected")
     max_chars: int = opt(1000, "detect on at most this many characters of a conversation's text (code removed)", minimum=100)
+    time_budget: float = opt(
+        10.0, "seconds one record may take to detect; a slower one is rejected as too_slow (0 = no limit)", minimum=0,
+    )
     workers: int = opt(0, "processes to use; 0 = all cores", minimum=0)
     detector: Literal["langdetect", "cld2"] = opt(
         "langdetect", "language detector: langdetect (seeded, pure Python) or cld2 (pycld2, compiled, ~10x faster; pip install pycld2)"

@@ -30,6 +30,11 @@ class InputError(Exception):
     """A whole input is unusable (the stage exits with code 2). The message names file and place."""
 
 
+class OutputError(InputError):
+    """An output could not be written (a directory in the way, a full disk): exit code 2, and
+    nothing of the stage's outputs is left behind (the older versions, if any, stay as they were)."""
+
+
 def rejects_path(out: str | Path) -> Path:
     """Default rejects file beside an output: ``x.jsonl`` -> ``x.rejects.jsonl``."""
     out = Path(out)
@@ -53,13 +58,56 @@ def _stem(path: Path) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
+def check_input_file(path: str | Path, what: str = "file") -> Path:
+    """``path`` if it is a readable regular file, else an :class:`InputError` naming it.
+
+    Checked before opening: opening a FIFO would block until a writer appears (forever, in a
+    pipeline), and a symbolic-link loop or a missing permission should say so, not "not found".
+    """
+    import errno
+    import stat
+
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise InputError(f"{path}: {what} not found") from None
+        if exc.errno == errno.ELOOP:
+            raise InputError(f"{path}: symbolic link loop (the link points back to itself); fix or remove the link") from None
+        raise InputError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{path}: is a directory, expected a .json or .jsonl {what}")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+        raise InputError(f"{path}: is {kind}; give a regular .json or .jsonl {what} (copy the stream to a file first)")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: cannot read the {what}: permission denied")
+    return path
+
+
+def _not_utf8_family(raw: bytes) -> str | None:
+    """Why ``raw`` is evidently UTF-16/UTF-32 text (a byte-order mark, or NUL bytes in place of the
+    high bytes of ASCII characters), or None. Raw NUL bytes are never valid JSON anyway."""
+    for bom, name in ((b"\x00\x00\xfe\xff", "UTF-32-BE"), (b"\xff\xfe\x00\x00", "UTF-32-LE"),
+                      (b"\xfe\xff", "UTF-16-BE"), (b"\xff\xfe", "UTF-16-LE")):
+        if raw.startswith(bom):
+            return f"starts with a {name} byte-order mark"
+    head = raw[:4096]
+    if head and head.count(0) * 4 >= len(head):
+        return f"{head.count(0)} of its first {len(head)} bytes are NUL (UTF-16 or UTF-32 text?)"
+    return None
+
+
 def _read_text(path: Path, what: str = "file") -> str:
+    check_input_file(path, what)
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, expected a .json or .jsonl {what}") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    wide = _not_utf8_family(raw)
+    if wide:
+        raise InputError(f"{path}: not UTF-8 text: {wide}; re-encode the file as UTF-8")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -78,11 +126,65 @@ _SURROGATE_ESCAPE = re.compile(r"\\[uU][dD][89a-fA-F][0-9a-fA-F]{2}")
 # Python's json parser recurses once per nesting level and gives up near the interpreter's limit.
 _TOO_DEEP = "JSON nested too deeply to read (arrays/objects inside each other ~1000 levels or more)"
 
+# A record nested deeper than this is rejected as ``too_deep`` when read: a conversation needs 4
+# levels, and writing one nested ~1000 levels (its reject line included) would exceed Python's
+# recursion limit in every later stage.
+MAX_DEPTH = 100
+
+
+class _NonFinite:
+    """What ``NaN``/``Infinity`` parse to: found by :func:`_value_problem`, never written."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, parse_constant=_NonFinite)
+
+
+def _value_problem(obj: Any, check_depth: bool, check_constants: bool) -> tuple[str, str] | None:
+    """``(reason, detail)`` when ``obj`` nests deeper than :data:`MAX_DEPTH` (``too_deep``) or holds
+    a NaN/Infinity (``invalid_json``: not JSON, and no JSON writer could pass it on). Iterative."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            if check_constants and isinstance(node, _NonFinite):
+                return "invalid_json", f"{node.name} is not valid JSON (only finite numbers are)"
+            continue
+        if check_depth and depth > MAX_DEPTH:
+            return "too_deep", f"record nests arrays/objects more than {MAX_DEPTH} levels deep"
+        stack.extend((c, depth + 1) for c in children)
+    return None
+
+
+def _screen(obj: Any, text: str) -> tuple[str, str] | None:
+    """The problems of a parsed record that make it unwritable, checked only when its text could
+    hold them (cheap substring counts first): too deep, NaN/Infinity, a lone surrogate."""
+    deep = text.count("[") + text.count("{") > MAX_DEPTH
+    constants = "NaN" in text or "Infinity" in text
+    if deep or constants:
+        problem = _value_problem(obj, deep, constants)
+        if problem:
+            return problem
+    if _SURROGATE_ESCAPE.search(text):
+        surrogate = _text_problem(obj)
+        if surrogate:
+            return "invalid_json", surrogate
+    return None
+
 
 def _unreadable(exc: Exception) -> str:
     """Why valid-looking JSON could not be parsed: too deep, or a number Python refuses to convert."""
     if isinstance(exc, RecursionError):
         return _TOO_DEEP
+    if isinstance(exc, TypeError):  # a NaN/Infinity inside an object key position cannot happen; defensive
+        return "unreadable JSON value"
     return f"unreadable JSON value: {str(exc).split(';')[0]}"
 
 
@@ -119,7 +221,7 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         yield from _read_jsonl(path, text)
         return
     try:
-        data = json.loads(text)
+        data = _loads(text)
     except json.JSONDecodeError as exc:
         what = "truncated" if exc.pos >= len(text.rstrip()) else "not valid JSON"
         raise InputError(
@@ -134,18 +236,39 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         )
     if not isinstance(data, list):
         raise InputError(f"{path}: top-level JSON is a {type(data).__name__}; expected a list of records")
-    check = _SURROGATE_ESCAPE.search(text) is not None
+    suspect = _suspect(text)
     for i, obj in enumerate(data):
-        problem = _text_problem(obj) if check else None
-        yield f"{path}[#{i}]", InvalidLine(json.dumps(obj), problem) if problem else obj
+        problem = _screen(obj, _SUSPECT) if suspect else None
+        yield f"{path}[#{i}]", InvalidLine(_safe_text(obj), problem[1], problem[0]) if problem else obj
+
+
+# Stands in for a .json list's text when screening its records one by one: the whole text already
+# showed that some record may be deep, hold NaN/Infinity or a surrogate escape, so check them all.
+_SUSPECT = "[" * (MAX_DEPTH + 1) + "NaN \\ud800"
+
+
+def _suspect(text: str) -> bool:
+    return (text.count("[") + text.count("{") > MAX_DEPTH or "NaN" in text or "Infinity" in text
+            or _SURROGATE_ESCAPE.search(text) is not None)
+
+
+def _safe_text(obj: Any) -> str:
+    """``obj`` as JSON text for a reject line, or a note when it cannot be written (too deep)."""
+    try:
+        return json.dumps(obj, default=lambda o: o.name if isinstance(o, _NonFinite) else str(o))
+    except (RecursionError, ValueError):
+        return "<record not shown: nested too deeply to write back>"
 
 
 class InvalidLine:
-    """A JSONL line that did not parse; carried to the stage so it can be rejected, not lost."""
+    """A record that cannot be passed on (a JSONL line that did not parse, a record nested too
+    deeply or holding NaN/Infinity or a lone surrogate), carried to the stage so it can be rejected
+    with ``reason`` rather than lost. ``text`` is what the rejects file shows of it."""
 
-    def __init__(self, text: str, error: str) -> None:
+    def __init__(self, text: str, error: str, reason: str = "invalid_json") -> None:
         self.text = text
         self.error = error
+        self.reason = reason
 
 
 def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
@@ -157,7 +280,7 @@ def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = _loads(line)
         except json.JSONDecodeError as exc:
             if n - 1 == last and not text.endswith("\n"):
                 raise InputError(
@@ -166,22 +289,21 @@ def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
             yield f"{path}:line {n}", InvalidLine(line, f"{exc.msg} at column {exc.colno}")
             continue
         except (RecursionError, ValueError) as exc:
-            yield f"{path}:line {n}", InvalidLine(line, _unreadable(exc))
+            reason = "too_deep" if isinstance(exc, RecursionError) else "invalid_json"
+            yield f"{path}:line {n}", InvalidLine(line, _unreadable(exc), reason)
             continue
-        problem = _text_problem(obj) if _SURROGATE_ESCAPE.search(line) else None
-        yield f"{path}:line {n}", InvalidLine(line, problem) if problem else obj
+        problem = _screen(obj, line)
+        yield f"{path}:line {n}", InvalidLine(line, problem[1], problem[0]) if problem else obj
 
 
 def iter_jsonl(path: str | Path) -> Iterator[Record]:
     """Records of a JSONL file written by a previous stage (strict: any bad line is an InputError:
     not JSON, not an object, not UTF-8, or holding an unpaired surrogate escape)."""
-    path = Path(path)
+    path = check_input_file(path)
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed below; bytes so a bad byte is found by line
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, expected a .jsonl file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the file: {exc.strerror or exc}") from None
     with fh:
         offset = 0
         for n, raw in enumerate(fh, start=1):
@@ -198,7 +320,7 @@ def iter_jsonl(path: str | Path) -> Iterator[Record]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = _loads(line)
             except json.JSONDecodeError as exc:
                 raise InputError(f"{path}: line {n}: not valid JSON ({exc.msg}); was it written by llama-pipe?") from None
             except (RecursionError, ValueError) as exc:
@@ -208,10 +330,9 @@ def iter_jsonl(path: str | Path) -> Iterator[Record]:
                     f"{path}: line {n}: a JSON {type(obj).__name__}, expected an object (one record per line); "
                     "was it written by llama-pipe?"
                 )
-            if _SURROGATE_ESCAPE.search(line):
-                problem = _text_problem(obj)
-                if problem:
-                    raise InputError(f"{path}: line {n}: {problem}")
+            problem = _screen(obj, line)
+            if problem:
+                raise InputError(f"{path}: line {n}: {problem[1]}")
             yield obj
 
 
@@ -321,7 +442,13 @@ def commit_dir(tmp: str | Path, out: str | Path) -> None:
     if out.exists() or out.is_symlink():
         old = new_temp_dir(out)
         os.replace(out, old / "x")
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:  # put the older directory back: out is the old one or the new one, never none
+            os.replace(old / "x", out)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -330,27 +457,92 @@ class AtomicFile:
     """A text file written to a temporary name in the same directory and renamed on commit.
 
     The temporary is ``.NAME.<pid>.<random>.tmp``; temporaries of ``NAME`` left by killed
-    writers are removed when the next one starts (:func:`remove_dead_temps`).
+    writers are removed when the next one starts (:func:`remove_dead_temps`). For several files
+    that must appear together, :meth:`finish` each one and rename them with :func:`commit_files`.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise OutputError(f"{self.path}: is a directory; give a file path for the output")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_temps(self.path)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.{os.getpid()}.", suffix=".tmp", dir=self.path.parent)
         self.tmp = Path(tmp)
         self.fh: TextIO = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
 
+    def finish(self) -> None:
+        """Flush and sync the temporary to disk and close it (a full disk raises here)."""
+        if not self.fh.closed:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+
     def commit(self) -> None:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
+        self.finish()
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
+        """Remove the temporary. Never raises: closing may fail again on a full disk (the buffered
+        rest cannot be written), and the temporary goes either way."""
         if not self.fh.closed:
-            self.fh.close()
-        self.tmp.unlink(missing_ok=True)
+            try:
+                self.fh.close()
+            except OSError:
+                pass
+        try:
+            self.tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def commit_files(files: list[AtomicFile]) -> None:
+    """Rename several finished temporaries into place, all or none.
+
+    Every file is first finished (written and synced: a full disk fails here, before anything is
+    renamed). Each existing target is hard-linked to a backup name, then the temporaries are
+    renamed one by one; if a rename fails, the targets renamed so far get their old versions back
+    (or are removed when there were none) and the error is raised. So after any failure every
+    target is as it was before.
+    """
+    try:
+        for f in files:
+            f.finish()
+    except BaseException:
+        for f in files:
+            f.abort()
+        raise
+    backups: list[tuple[Path, Path | None]] = []
+    done: list[tuple[Path, Path | None]] = []
+    try:
+        for f in files:
+            backup = None
+            if f.path.is_file():
+                backup = f.path.with_name(f".{f.path.name}.{os.getpid()}.old.tmp")
+                backup.unlink(missing_ok=True)
+                os.link(f.path, backup)
+            backups.append((f.path, backup))
+        for f, (target, backup) in zip(files, backups):
+            os.replace(f.tmp, target)
+            done.append((target, backup))
+    except BaseException:
+        for target, backup in done:
+            try:
+                if backup is not None:
+                    os.replace(backup, target)
+                else:
+                    target.unlink(missing_ok=True)
+            except OSError:
+                pass
+        for f in files:
+            f.abort()
+        for _, backup in backups:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+        raise
+    for _, backup in backups:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -359,10 +551,16 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     try:
         json.dump(obj, f.fh, ensure_ascii=False, indent=2)
         f.fh.write("\n")
+        f.commit()
     except BaseException:
         f.abort()
         raise
-    f.commit()
+
+
+def _write_failure(stage: str, path: Path, exc: OSError) -> OutputError:
+    where = exc.filename if isinstance(exc.filename, str) and not exc.filename.endswith(".tmp") else path
+    return OutputError(f"{where}: cannot write the {stage} output: {exc.strerror or exc}; nothing was written "
+                       "(older outputs, if any, are unchanged)")
 
 
 class StageWriter:
@@ -370,7 +568,11 @@ class StageWriter:
 
     Use as a context manager; on an exception nothing is left behind. ``count_in`` is called
     once per input unit, then each unit ends in exactly one ``keep`` or ``reject`` (``keep`` may
-    be called with ``counts=False`` for extra output lines such as split chunks).
+    be called with ``counts=False`` for extra output lines such as split chunks). A stage with a
+    second output (gather's validation file) opens it with :meth:`add_output`; it is committed
+    with the others. Every file is written to a temporary first; only when all of them are
+    complete on disk are they renamed (:func:`commit_files`). A write failure (a full disk, a
+    directory where an output should be) is an :class:`OutputError` (exit 2) naming the path.
     """
 
     def __init__(
@@ -393,11 +595,34 @@ class StageWriter:
         self.extra: dict[str, Any] = {}
         self._out: AtomicFile | None = None
         self._rej: AtomicFile | None = None
+        self._more: list[AtomicFile] = []
+
+    def _open(self, path: Path) -> AtomicFile:
+        try:
+            return AtomicFile(path)
+        except OSError as exc:
+            self._abort()
+            raise _write_failure(self.stage, path, exc) from None
+        except OutputError:
+            self._abort()
+            raise
 
     def __enter__(self) -> StageWriter:
-        self._out = AtomicFile(self.out_path)
-        self._rej = AtomicFile(self.rejects_path)
+        paths = [self.out_path, self.rejects_path, self.stats_path]
+        if len({p.resolve() for p in paths}) < len(paths):
+            raise OutputError(f"{self.out_path}: the output, --rejects and --stats paths must differ")
+        for p in paths:
+            if p.is_dir():
+                raise OutputError(f"{p}: is a directory; give a file path for the {self.stage} output")
+        self._out = self._open(self.out_path)
+        self._rej = self._open(self.rejects_path)
         return self
+
+    def add_output(self, path: str | Path) -> TextIO:
+        """A further output file, committed together with the others."""
+        f = self._open(Path(path))
+        self._more.append(f)
+        return f.fh
 
     def count_in(self, n: int = 1) -> None:
         self.n_in += n
@@ -416,11 +641,14 @@ class StageWriter:
         if detail:
             row["detail"] = detail
         row["record"] = record.text if isinstance(record, InvalidLine) else record
-        line = dumps(row)
         try:
+            line = dumps(row)
             line.encode("utf-8")
         except UnicodeEncodeError:  # text no UTF-8 can hold (lone surrogates): keep it, \u-escaped
             line = json.dumps(row, separators=(",", ":"))
+        except (RecursionError, ValueError):  # nested too deeply (or NaN): the reason still counts
+            row["record"] = _safe_text(record)
+            line = dumps(row)
         self._rej.fh.write(line + "\n")
         self.rejected[reason] += count
 
@@ -435,23 +663,46 @@ class StageWriter:
             **self.extra,
         }
 
+    def _abort(self) -> None:
+        for f in (self._out, self._rej, *self._more):
+            if f is not None:
+                f.abort()
+
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         assert self._out is not None and self._rej is not None
         if exc_type is not None:
-            self._out.abort()
-            self._rej.abort()
+            self._abort()
+            if isinstance(exc, OSError):
+                raise _write_failure(self.stage, self.out_path, exc) from None
             return
         total = self.n_out + sum(self.rejected.values())
         if total != self.n_in:
-            self._out.abort()
-            self._rej.abort()
+            self._abort()
             raise RuntimeError(
                 f"{self.stage}: accounting error: in={self.n_in} but out+rejected={total}; nothing written"
             )
-        # The output is renamed last: its presence means the rejects and stats are complete too.
-        self._rej.commit()
-        write_json_atomic(self.stats_path, self.stats())
-        self._out.commit()
+        # All temporaries complete on disk first, then renamed together (rolled back on failure).
+        try:
+            stats = AtomicFile(self.stats_path)
+        except OSError as exc:
+            self._abort()
+            raise _write_failure(self.stage, self.stats_path, exc) from None
+        except OutputError:
+            self._abort()
+            raise
+        files = [self._rej, stats, *self._more, self._out]
+        try:
+            json.dump(self.stats(), stats.fh, ensure_ascii=False, indent=2)
+            stats.fh.write("\n")
+            commit_files(files)
+        except OSError as exc:
+            for f in files:
+                f.abort()
+            raise _write_failure(self.stage, self.out_path, exc) from None
+        except BaseException:
+            for f in files:
+                f.abort()
+            raise
 
     def summary(self) -> str:
         rej = ", ".join(f"{k}={v}" for k, v in sorted(self.rejected.items())) or "none"

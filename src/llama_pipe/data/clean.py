@@ -8,8 +8,10 @@ Per record, in this order (the reject reason in brackets):
    [first_turn_not_human]; a trailing human turn is dropped; then fewer than 2 turns [too_few_turns];
 3. roles alternate human, gpt, ... [non_alternating_roles];
 4. every turn -> markdown (:mod:`llama_pipe.data.markdown`) [html_too_deep, html_parse_error];
-5. the conversation is cut before its first empty turn (FastChat does the same), to an even number
-   of turns; nothing left [empty_turn];
+   a turn whose markdown would be longer than ``max_growth`` x its input + 10,000 characters
+   [too_large] (checked before a table or list is built, so memory stays bounded);
+5. the conversation is cut before its first empty (or whitespace-only) turn (FastChat does the
+   same), to an even number of turns; nothing left [empty_turn];
 6. a gpt turn that starts with a blocked reply ("Too many requests in 1 hour...") [blocked_reply]
    or contains a blocked word, case-insensitively [blocked_word];
 7. fewer than ``min_turns`` turns [too_few_turns] or fewer than ``min_chars`` characters in all
@@ -18,7 +20,11 @@ Per record, in this order (the reject reason in brackets):
    exchange as an earlier kept conversation [duplicate_first_exchange] (as FastChat).
 
 Steps 1-7 run in a process pool on batches of records; results come back in input order, so the
-output does not depend on the number of workers. Step 8 runs in the main process.
+output does not depend on the number of workers. Step 8 runs in the main process. Steps 1-7 of
+one record have ``time_budget`` seconds; a record that takes longer is rejected [too_slow] (a
+SIGALRM timer interrupts it) rather than stalling its shard. Every step is linear in the size of
+the record, so only a machine far slower than expected reaches the budget. A record nested more
+than 100 levels deep is rejected when read [too_deep], NaN/Infinity as [invalid_json].
 """
 
 from __future__ import annotations
@@ -39,12 +45,15 @@ from llama_pipe.data.common import (
     pool_map,
     progress,
     resolve_workers,
+    TooSlow,
+    within_budget,
 )
 from llama_pipe.data.markdown import ConversionError, to_markdown
 from llama_pipe.records import InvalidLine, Record, StageWriter, read_records
 from llama_pipe.settings import add_settings_arguments, settings_from_args
 
 BATCH = 32
+GROWTH_SLACK = 10_000  # characters a turn may grow by beyond max_growth x its length (too_large)
 
 
 @dataclass
@@ -82,10 +91,10 @@ def clean_record(rec: Any, cfg: CleanSettings) -> Outcome:
     new: list[dict[str, str]] = []
     for i, turn in enumerate(conv):
         try:
-            value = to_markdown(turn["value"])
+            value = to_markdown(turn["value"], max_chars=int(cfg.max_growth * len(turn["value"])) + GROWTH_SLACK)
         except ConversionError as exc:
             return Outcome(None, exc.reason, f"turn {i}: {exc}")
-        if not value or not value[0].isprintable():
+        if not value:  # empty or whitespace only (a turn of U+200B, U+200F or U+FEFF is text)
             notes.append("cut_at_empty_turn")
             break
         new.append({"from": turn["from"], "value": value})
@@ -121,9 +130,17 @@ def _init(cfg: CleanSettings) -> None:
     _CFG = cfg
 
 
+def clean_within_budget(rec: Any, cfg: CleanSettings) -> Outcome:
+    """:func:`clean_record` limited to ``cfg.time_budget`` seconds (``too_slow`` beyond it)."""
+    try:
+        return within_budget(cfg.time_budget, clean_record, rec, cfg)
+    except TooSlow:
+        return Outcome(None, "too_slow", f"cleaning took longer than time_budget={cfg.time_budget:g} s")
+
+
 def _clean_batch(batch: list[Any]) -> list[Outcome]:
     assert _CFG is not None
-    return [clean_record(obj, _CFG) for obj in batch]
+    return [clean_within_budget(obj, _CFG) for obj in batch]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,7 +164,7 @@ def clean_file(inp: str | Path, out: str | Path, cfg: CleanSettings,
         for (where, obj), res in progress(zip(items, flat), "clean", total=len(items)):
             w.count_in()
             if isinstance(obj, InvalidLine):
-                w.reject(obj, "invalid_json", f"{where}: {obj.error}")
+                w.reject(obj, obj.reason, f"{where}: {obj.error}")
                 continue
             if res.record is None:
                 w.reject(obj, res.reason, f"{where}: {res.detail}")

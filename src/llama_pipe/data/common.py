@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import get_context
 from typing import Any, TypeVar
@@ -20,13 +23,16 @@ log = logging.getLogger("llama_pipe.data")
 def conversation_problem(rec: Any) -> str | None:
     """Why ``rec`` is not a well-formed llama-pipe record (``None`` when it is).
 
-    Well-formed: an object with a string ``id`` and a non-empty list ``conversations`` of objects
-    with string ``from`` in human/gpt and string ``value``. Order and alternation are not checked here.
+    Well-formed: an object with a string ``id``, a ``system`` that is a string when present (and
+    not null), and a non-empty list ``conversations`` of objects with string ``from`` in human/gpt
+    and string ``value``. Order and alternation are not checked here.
     """
     if not isinstance(rec, dict):
         return f"record is a {type(rec).__name__}, expected an object"
     if not isinstance(rec.get("id"), str) or not rec["id"]:
         return "missing or non-string 'id'"
+    if rec.get("system") is not None and not isinstance(rec["system"], str):
+        return f"'system' is {type(rec['system']).__name__}, expected a string"
     conv = rec.get("conversations")
     if not isinstance(conv, list):
         return "missing 'conversations' list"
@@ -45,6 +51,41 @@ def conversation_problem(rec: Any) -> str | None:
 def alternates(conv: list[dict[str, Any]]) -> bool:
     """True when turns go human, gpt, human, gpt, ... from the first one."""
     return all(t["from"] == ROLES[i % 2] for i, t in enumerate(conv))
+
+
+class TooSlow(Exception):
+    """A record used up its time budget (:func:`time_budget`)."""
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise TooSlow()
+
+
+def _can_alarm() -> bool:
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+
+def within_budget(seconds: float, func: Callable[..., R], *args: Any) -> R:
+    """``func(*args)``, interrupted with :class:`TooSlow` after ``seconds`` of wall time.
+
+    A SIGALRM timer on the calling (main) thread: Python code and regular-expression matching are
+    interrupted; the few microseconds of setting the timer are all a normal record pays. ``0``
+    means no limit, and so does a call from another thread (signals reach only the main thread).
+    A timer set by someone else (a test timeout) is put back afterwards, less the time used.
+    """
+    if seconds <= 0 or not _can_alarm():
+        return func(*args)
+    outer = signal.getitimer(signal.ITIMER_REAL)[0]
+    started = time.monotonic()
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return func(*args)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        if outer > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(1e-3, outer - (time.monotonic() - started)))
 
 
 def add_output_arguments(parser: Any, output_help: str) -> None:

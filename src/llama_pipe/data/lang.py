@@ -14,7 +14,12 @@ langdetect's (``zh-cn``, ``zh-tw``, ``he``) so keep/skip lists mean the same wit
 
 Every kept record gets a ``lang`` field (langdetect's code: ``en``, ``de``, ``zh-cn``, ``zh-tw``,
 ...). ``keep`` and ``skip`` entries match a code exactly or by its primary subtag, so ``zh``
-matches ``zh-cn`` and ``zh-tw``; an empty ``keep`` keeps every language not in ``skip``.
+matches ``zh-cn`` and ``zh-tw``; an empty ``keep`` keeps every language not in ``skip``. A run
+that gives ``skip`` but no ``keep`` (neither as a flag nor in its ``--config`` file) keeps every
+language not skipped: the default ``keep: [en, zh]`` is the pipeline's, written in config.yaml.
+
+Detection of one record has ``time_budget`` seconds (``too_slow`` beyond it); the text it reads is
+bounded by ``max_chars`` before code is removed (:func:`prose`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import FilterLangSettings
-from llama_pipe.data.common import add_output_arguments, batched, conversation_problem, log_settings, pool_map, progress, resolve_workers
+from llama_pipe.data.common import (
+    TooSlow,
+    add_output_arguments,
+    batched,
+    conversation_problem,
+    log_settings,
+    pool_map,
+    progress,
+    resolve_workers,
+    within_budget,
+)
 from llama_pipe.data.markdown import code_regions
 from llama_pipe.records import InvalidLine, StageWriter, read_records
 from llama_pipe.settings import ConfigError, add_settings_arguments, settings_from_args
@@ -34,21 +49,37 @@ UNKNOWN = "unknown"
 BATCH = 32
 
 
+def _without_code(value: str) -> str:
+    if "`" not in value and "~~~" not in value:
+        return value
+    pieces, pos = [], 0
+    for s, e in code_regions(value):
+        pieces.append(value[pos:s])
+        pos = e
+    pieces.append(value[pos:])
+    return " ".join(pieces)
+
+
 def prose(rec: dict[str, Any], max_chars: int) -> str:
-    """A conversation's text without code, at most ``max_chars`` characters."""
+    """A conversation's text without code, at most ``max_chars`` characters.
+
+    ``max_chars`` bounds the work too: code is removed from a growing prefix of each turn
+    (``max_chars``, then 4x as much, ...) until the prefix gives enough prose or is the whole turn,
+    so a 10 MB turn costs a few times ``max_chars``, not a scan of 10 MB. (A code span opened
+    inside a prefix and closed beyond it is removed to the prefix's end.)
+    """
     parts: list[str] = []
     size = 0
     for turn in rec["conversations"]:
-        value = turn["value"]
-        if "`" in value or "~~~" in value:
-            pieces, pos = [], 0
-            for s, e in code_regions(value):
-                pieces.append(value[pos:s])
-                pos = e
-            pieces.append(value[pos:])
-            value = " ".join(pieces)
-        parts.append(value)
-        size += len(value) + 1
+        value, need = turn["value"], max_chars - size
+        window = need
+        while True:
+            text = _without_code(value[:window])
+            if len(text) >= need or window >= len(value):
+                break
+            window *= 4
+        parts.append(text)
+        size += len(text) + 1
         if size >= max_chars:
             break
     return "\n".join(parts)[:max_chars]
@@ -256,14 +287,24 @@ def detect_language(text: str, min_chars: int, detector: str = "langdetect") -> 
         return UNKNOWN
 
 
+TOO_SLOW = "too_slow"  # what _detect_batch returns for a record over its time budget
+
+
+def _detect_one(rec: dict[str, Any], cfg: FilterLangSettings) -> str:
+    return detect_language(prose(rec, cfg.max_chars), cfg.min_chars, cfg.detector)
+
+
 def _detect_batch(batch: list[Any]) -> list[str | None]:
     assert _CFG is not None
     out: list[str | None] = []
     for rec in batch:
         if rec is None or conversation_problem(rec):
             out.append(None)
-        else:
-            out.append(detect_language(prose(rec, _CFG.max_chars), _CFG.min_chars, _CFG.detector))
+            continue
+        try:
+            out.append(within_budget(_CFG.time_budget, _detect_one, rec, _CFG))
+        except TooSlow:
+            out.append(TOO_SLOW)
     return out
 
 
@@ -297,10 +338,13 @@ def filter_file(inp: str | Path, out: str | Path, cfg: FilterLangSettings,
         for (where, obj), lang in progress(zip(items, flat), "filter-lang", total=len(items)):
             w.count_in()
             if isinstance(obj, InvalidLine):
-                w.reject(obj, "invalid_json", f"{where}: {obj.error}")
+                w.reject(obj, obj.reason, f"{where}: {obj.error}")
                 continue
             if lang is None:
                 w.reject(obj, "malformed_record", f"{where}: {conversation_problem(obj)}")
+                continue
+            if lang == TOO_SLOW:
+                w.reject(obj, "too_slow", f"{where}: detection took longer than time_budget={cfg.time_budget:g} s")
                 continue
             detected[lang] = detected.get(lang, 0) + 1
             if lang == UNKNOWN:
@@ -319,8 +363,22 @@ def filter_file(inp: str | Path, out: str | Path, cfg: FilterLangSettings,
     return w
 
 
+def skip_only(args: argparse.Namespace) -> bool:
+    """True when this run sets ``skip`` but not ``keep``, neither by flag nor in its config file."""
+    from llama_pipe.config import load_raw_config
+
+    given = {k[len("setting:"):] for k in vars(args) if k.startswith("setting:")}
+    if getattr(args, "config", None):
+        given |= set((load_raw_config(args.config).get("filter_lang") or {}).keys())
+    return "skip" in given and "keep" not in given
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = settings_from_args(args, FilterLangSettings, "filter_lang")
+    if skip_only(args):
+        # "--skip ko" alone means "everything but Korean": the default keep list (en, zh) is the
+        # pipeline's choice, written in config.yaml, not a filter a hand-run --skip should add.
+        cfg.keep = []
     log_settings("filter-lang", cfg, input=args.input, output=args.output)
     w = filter_file(args.input, args.output, cfg, args.rejects, args.stats)
     print(w.summary())

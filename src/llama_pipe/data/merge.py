@@ -13,8 +13,15 @@ Each input record becomes ``{"id", ["system",] "conversations": [{"from": "human
 A record without an id (missing, null or blank) gets ``auto-<16 hex digits of sha1 of its
 content>`` (identical content, identical id, so exact copies are caught as duplicates); an integer
 id becomes its decimal string; any other id type (a list, an object, a float, a boolean) is
-rejected as ``bad_id``. Other keys are not carried over.
-Duplicate ids are dropped (the first is kept, or every copy with ``dedupe: reject_all``).
+rejected as ``bad_id``. Other keys are not carried over; a ``system`` that is not a string
+is rejected (``bad_record``).
+
+Ids across files (:func:`resolve_ids`): a record whose id was already used is a duplicate
+(``duplicate_id``: the first is kept, or every copy with ``dedupe: reject_all``) when it is the
+same conversation (same system and turns) or comes from the same file; a different conversation
+from another file keeps its place as ``<file stem>:<id>`` (e.g. ``gitcloner_dummy_en:identity_0``),
+so files that each number their records from ``identity_0`` merge without losing any. The stats
+count these as ``renamed``.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any
 
 from llama_pipe.config import MergeSettings
 from llama_pipe.data.common import add_output_arguments, log_settings, progress
-from llama_pipe.records import InputError, InvalidLine, Record, StageWriter, read_records
+from llama_pipe.records import InvalidLine, Record, StageWriter, check_input_file, read_records
 from llama_pipe.settings import add_settings_arguments, settings_from_args
 
 HUMAN = {"human", "user"}
@@ -90,10 +97,10 @@ def normalise(obj: Any) -> Record:
     if not isinstance(obj, dict):
         raise RecordProblem("not_an_object", f"record is a {type(obj).__name__}, expected an object")
     system: str | None = None
+    if obj.get("system") is not None and not isinstance(obj["system"], str):
+        raise RecordProblem("bad_record", f"'system' is {type(obj['system']).__name__}, expected a string")
     if "conversations" in obj:
         turns = _turns(obj["conversations"], "from", "value")
-        if obj.get("system") is not None and not isinstance(obj["system"], str):
-            raise RecordProblem("bad_record", f"'system' is {type(obj['system']).__name__}, expected a string")
         if obj.get("system"):
             system = obj["system"]
     elif "messages" in obj:
@@ -146,36 +153,94 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(parser, MergeSettings, "merge")
 
 
+def content_digest(rec: Record) -> str:
+    """What makes two records with one id the same conversation: system and turns (not the id)."""
+    body = json.dumps([rec.get("system"), rec["conversations"]], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha1(body.encode("utf-8")).hexdigest()
+
+
+def resolve_ids(recs: list[tuple[int, Record] | None], stems: list[str]) -> list[tuple[str, str | None]]:
+    """For each normalised record ``(file index, record)`` (None: rejected earlier), in order:
+    ``(final id, None)`` when it is kept, or ``(id, why)`` when it duplicates an earlier record.
+
+    * the first record with an id keeps it;
+    * a later one with the same system and turns is a duplicate, from whichever file;
+    * a later one with different content from another file is a different conversation that
+      happens to reuse the id (FastChat's and git-cloner's files both use ``identity_0``...): it is
+      kept as ``<file stem>:<id>`` (``<file stem>-<file number>:<id>`` if that is taken too);
+    * a later one with different content from the same file is a duplicate: a file's own ids must
+      be unique, and its file name cannot tell the two apart.
+    """
+    owner: dict[str, tuple[int, str]] = {}
+    out: list[tuple[str, str | None]] = []
+    for item in recs:
+        if item is None:
+            out.append(("", None))
+            continue
+        fi, rec = item
+        rid, digest = rec["id"], content_digest(rec)
+        if rid not in owner:
+            owner[rid] = (fi, digest)
+            out.append((rid, None))
+            continue
+        ofi, odigest = owner[rid]
+        if odigest == digest:
+            out.append((rid, "the same conversation was seen before"))
+            continue
+        if ofi == fi:
+            out.append((rid, "seen before in the same file, with different content"))
+            continue
+        for name in (f"{stems[fi]}:{rid}", f"{stems[fi]}-{fi + 1}:{rid}"):
+            if name not in owner:
+                owner[name] = (fi, digest)
+                out.append((name, None))
+                break
+            if owner[name][1] == digest:
+                out.append((name, "the same conversation was seen before"))
+                break
+        else:
+            out.append((rid, "seen before, and its file-namespaced ids are taken too"))
+    return out
+
+
 def merge_files(inputs: list[str | Path], out: str | Path, settings: MergeSettings,
                 rejects: str | Path | None = None, stats: str | Path | None = None) -> StageWriter:
     """Run the stage; returns the finished writer (its ``stats()`` are on disk)."""
     # Read every file first: a malformed file aborts before anything is written.
-    items: list[tuple[str, Any]] = []
-    for path in inputs:
-        items.extend(read_records(path))
-    ids: Counter[str] = Counter()
-    if settings.dedupe == "reject_all":
-        for _, obj in items:
-            if isinstance(obj, dict) and isinstance(obj.get("id"), (str, int)) and not isinstance(obj.get("id"), bool):
-                ids[str(obj["id"])] += 1
-    seen: set[str] = set()
+    items: list[tuple[int, str, Any]] = []
+    for fi, path in enumerate(inputs):
+        items.extend((fi, where, obj) for where, obj in read_records(path))
+    stems = [Path(p).name.split(".")[0] or Path(p).name for p in inputs]
+    normalised: list[Record | RecordProblem | None] = []
+    for _, _, obj in items:
+        if isinstance(obj, InvalidLine):
+            normalised.append(None)
+            continue
+        try:
+            normalised.append(normalise(obj))
+        except RecordProblem as p:
+            normalised.append(p)
+    ids = resolve_ids([(fi, r) if isinstance(r, dict) else None for (fi, _, _), r in zip(items, normalised)], stems)
+    group: Counter[str] = Counter(rid for rid, _ in ids if rid)  # records claiming each id
     with StageWriter("merge", out, rejects, stats) as w:
-        for where, obj in progress(items, "merge"):
+        for (_, where, obj), rec, (rid, dup) in progress(list(zip(items, normalised, ids)), "merge"):
             w.count_in()
             if isinstance(obj, InvalidLine):
-                w.reject(obj, "invalid_json", f"{where}: {obj.error}")
+                w.reject(obj, obj.reason, f"{where}: {obj.error}")
                 continue
-            try:
-                rec = normalise(obj)
-            except RecordProblem as p:
-                w.reject(obj, p.reason, f"{where}: {p.detail}")
+            if isinstance(rec, RecordProblem):
+                w.reject(obj, rec.reason, f"{where}: {rec.detail}")
                 continue
-            rid = rec["id"]
-            if rid in seen or ids[rid] > 1:
-                w.reject(obj, "duplicate_id", f"{where}: id {rid!r} " + ("seen before" if rid in seen else f"occurs {ids[rid]} times"))
-                seen.add(rid)
+            assert rec is not None
+            if dup is not None:
+                w.reject(obj, "duplicate_id", f"{where}: id {rid!r}: {dup}")
                 continue
-            seen.add(rid)
+            if settings.dedupe == "reject_all" and group[rid] > 1:
+                w.reject(obj, "duplicate_id", f"{where}: id {rid!r} occurs {group[rid]} times (dedupe: reject_all)")
+                continue
+            if rid != rec["id"]:
+                w.extra["renamed"] = w.extra.get("renamed", 0) + 1
+                rec = {**rec, "id": rid}
             w.keep(rec)
         w.extra["inputs"] = [str(p) for p in inputs]
     return w
@@ -185,8 +250,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, MergeSettings, "merge")
     log_settings("merge", settings, inputs=args.inputs, output=args.output)
     for p in args.inputs:
-        if not Path(p).exists():
-            raise InputError(f"{p}: file not found")
+        check_input_file(p)
     w = merge_files(args.inputs, args.output, settings, args.rejects, args.stats)
     print(w.summary())
     return 0

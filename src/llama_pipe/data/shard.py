@@ -29,9 +29,9 @@ from typing import Any
 from llama_pipe.config import DataSettings
 from llama_pipe.data.common import conversation_problem, log_settings, progress, record_id
 from llama_pipe.records import (
-    AtomicFile,
     InputError,
     InvalidLine,
+    OutputError,
     StageWriter,
     dumps,
     commit_dir,
@@ -85,7 +85,12 @@ def shard_file(inp: str | Path, n: int, out_dir: str | Path) -> dict[str, Any]:
         raise InputError(f"--n must be at least 1, got {n}")
     out_dir = Path(out_dir)
     items = list(read_records(inp))  # a malformed file fails here, before anything is written
-    tmp = new_temp_dir(out_dir)  # also removes the DIR.tmp-<pid>-* of killed runs
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a directory; shard writes a directory of shards")
+    try:
+        tmp = new_temp_dir(out_dir)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot create the shard directory: {exc.strerror or exc}") from None  # also removes the DIR.tmp-<pid>-* of killed runs
     try:
         files = [open(tmp / f"shard-{i:03d}.jsonl", "w", encoding="utf-8", newline="\n") for i in range(n)]
         counts = [0] * n
@@ -96,7 +101,7 @@ def shard_file(inp: str | Path, n: int, out_dir: str | Path) -> dict[str, Any]:
                 rid = record_id(obj)
                 reason = detail = ""
                 if isinstance(obj, InvalidLine):
-                    reason, detail = "invalid_json", obj.error
+                    reason, detail = obj.reason, obj.error
                 elif rid is None:
                     reason, detail = "missing_id", "record has no string id"
                 elif rid in seen:
@@ -105,7 +110,11 @@ def shard_file(inp: str | Path, n: int, out_dir: str | Path) -> dict[str, Any]:
                     rejected[reason] += 1
                     row = {"id": rid, "stage": "shard", "reason": reason, "detail": f"{where}: {detail}",
                            "record": obj.text if isinstance(obj, InvalidLine) else obj}
-                    rej.write(dumps(row) + "\n")
+                    try:
+                        line = dumps(row)
+                    except (RecursionError, ValueError):  # defensive: read_records screens depth
+                        line = dumps({**row, "record": str(row["record"])[:1000]})
+                    rej.write(line + "\n")
                     continue
                 assert rid is not None
                 seen.add(rid)
@@ -120,6 +129,10 @@ def shard_file(inp: str | Path, n: int, out_dir: str | Path) -> dict[str, Any]:
             raise RuntimeError("shard: accounting error; nothing written")
         write_json_atomic(tmp / "shard.stats.json", stats)
         commit_dir(tmp, out_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{out_dir}: cannot write the shards: {exc.strerror or exc}; nothing was written "
+                          "(an older directory, if any, is unchanged)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -160,42 +173,40 @@ def gather_files(inputs: list[str | Path], train: str | Path, val: str | Path, s
     to_val = {b for b, u in scores.items() if u < settings.val_fraction}
     if settings.val_fraction > 0 and not to_val and len(scores) >= 2:
         to_val = {min(scores, key=lambda b: (scores[b], b))}
-    # Pass 2: write.
-    vf = AtomicFile(val)
+    # Pass 2: write. The validation file is one more output of the writer: train, val, rejects and
+    # stats are renamed into place together, or (on any failure) none of them.
+    if val.resolve() == train.resolve():
+        raise InputError(f"{val}: --train and --val must be different files")
     n_train = n_val = 0
-    try:
-        with StageWriter("gather", train, rejects or train.with_name("gather.rejects.jsonl"),
-                         stats or train.with_name("gather.stats.json")) as w:
-            seen: set[str] = set()
-            for where, obj in progress(items, "gather"):
-                w.count_in()
-                if isinstance(obj, InvalidLine):
-                    w.reject(obj, "invalid_json", f"{where}: {obj.error}")
-                    continue
-                problem = conversation_problem(obj)
-                if problem:
-                    w.reject(obj, "malformed_record", f"{where}: {problem}")
-                    continue
-                rid = obj["id"]
-                if rid in seen:
-                    w.reject(obj, "duplicate_id", f"{where}: id {rid!r} seen before")
-                    continue
-                seen.add(rid)
-                if base_id(rid) in to_val:
-                    vf.fh.write(dumps(obj) + "\n")
-                    w.n_out += 1
-                    w.lines_out += 1
-                    n_val += 1
-                else:
-                    w.keep(obj)
-                    n_train += 1
-            w.extra.update(train=n_train, val=n_val, val_path=str(val), val_fraction=settings.val_fraction,
-                           seed=settings.seed, conversations_val=len(to_val),
-                           conversations_train=len(scores) - len(to_val))
-    except BaseException:
-        vf.abort()
-        raise
-    vf.commit()
+    with StageWriter("gather", train, rejects or train.with_name("gather.rejects.jsonl"),
+                     stats or train.with_name("gather.stats.json")) as w:
+        vf = w.add_output(val)
+        seen: set[str] = set()
+        for where, obj in progress(items, "gather"):
+            w.count_in()
+            if isinstance(obj, InvalidLine):
+                w.reject(obj, obj.reason, f"{where}: {obj.error}")
+                continue
+            problem = conversation_problem(obj)
+            if problem:
+                w.reject(obj, "malformed_record", f"{where}: {problem}")
+                continue
+            rid = obj["id"]
+            if rid in seen:
+                w.reject(obj, "duplicate_id", f"{where}: id {rid!r} seen before")
+                continue
+            seen.add(rid)
+            if base_id(rid) in to_val:
+                vf.write(dumps(obj) + "\n")
+                w.n_out += 1
+                w.lines_out += 1
+                n_val += 1
+            else:
+                w.keep(obj)
+                n_train += 1
+        w.extra.update(train=n_train, val=n_val, val_path=str(val), val_fraction=settings.val_fraction,
+                       seed=settings.seed, conversations_val=len(to_val),
+                       conversations_train=len(scores) - len(to_val))
     return w
 
 

@@ -321,7 +321,8 @@ def split_file(inp: str | Path, out: str | Path, tokenizer: Any, cfg: SplitSetti
                     conv = obj.get("conversations") if isinstance(obj, dict) else None
                     units = max(1, len(conv) // 2) if isinstance(conv, list) else 1
                     w.count_in(units)
-                    w.reject(obj, "malformed_record", f"{where}: {prep}", count=units)
+                    reason = obj.reason if isinstance(obj, InvalidLine) and obj.reason != "invalid_json" else "malformed_record"
+                    w.reject(obj, reason, f"{where}: {prep}", count=units)
                     continue
                 w.count_in(len(prep.pairs))
                 ready.append(prep)
