@@ -14,7 +14,12 @@ character spans the loss is computed on: every assistant reply plus its end-of-t
 ``tokenize_with_labels`` maps those spans onto tokens through the fast tokenizer's offset
 mapping, so the label mask is exactly aligned with the tokens the model sees at inference
 (no per-segment tokenisation, hence no "tokenization mismatch"). Each template also carries a
-Jinja ``chat_template`` for Hugging Face / vLLM that produces the same text.
+Jinja ``chat_template`` for Hugging Face / vLLM that produces the same text; written with a model
+it is :meth:`ChatTemplate.jinja_for` that tokenizer (a leading ``bos_token`` only where the
+tokenizer itself adds one, so ``apply_chat_template(..., tokenize=True)`` gives the training ids).
+
+A model that ships its own Jinja template is rendered with it (``template: model``, or ``auto``
+when the Jinja is none of the four): :mod:`llama_pipe.model_template`.
 """
 
 from __future__ import annotations
@@ -52,6 +57,15 @@ class ChatTemplate:
     default_system: str
     end_of_turn: str  # the string that ends an assistant turn (and generation)
     chat_template: str  # Jinja for tokenizer_config.json
+
+    def jinja_for(self, tokenizer: Any) -> str:
+        """The Jinja to store with ``tokenizer``: without the leading ``bos_token`` when the
+        tokenizer does not add a BOS itself (training's ids have none; SmolLM2's BOS is
+        ``<|im_start|>``, which would otherwise be rendered twice)."""
+        bos = "{{- bos_token -}}"
+        if self.chat_template.startswith(bos) and not adds_bos(tokenizer):
+            return self.chat_template[len(bos):]
+        return self.chat_template
 
     def render(
         self,
@@ -177,11 +191,50 @@ TEMPLATES: dict[str, ChatTemplate] = {
 }
 
 
-def get_template(name: str) -> ChatTemplate:
-    try:
+#: Template choices beyond the built-ins: the model's own Jinja, or "own if any, else built-in".
+MODEL = "model"
+AUTO = "auto"
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer(text)`` (add_special_tokens=True) puts a BOS in front."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos and ids[1:] == tokenizer("a", add_special_tokens=False)["input_ids"]
+
+
+def builtin_for(tokenizer: Any) -> str | None:
+    """The built-in template whose Jinja the tokenizer carries (either variant), else None."""
+    jinja = getattr(tokenizer, "chat_template", None)
+    if not isinstance(jinja, str):
+        return None
+    for name, tpl in TEMPLATES.items():
+        if jinja in (tpl.chat_template, tpl.jinja_for(tokenizer)):
+            return name
+    return None
+
+
+def get_template(name: str, tokenizer: Any = None) -> ChatTemplate:
+    """A built-in template by name; ``model``: the tokenizer's own Jinja; ``auto``: the
+    tokenizer's own Jinja when it has one that is not a built-in's, else that built-in, else
+    ``vicuna_v1.1``. ``model`` and ``auto`` need the tokenizer."""
+    if name in TEMPLATES:
         return TEMPLATES[name]
-    except KeyError:
-        raise ValueError(f"unknown chat template {name!r}; choose one of {sorted(TEMPLATES)}") from None
+    if name not in (MODEL, AUTO):
+        raise ValueError(f"unknown chat template {name!r}; choose one of {sorted(TEMPLATES)}, {MODEL!r} or {AUTO!r}")
+    if tokenizer is None:
+        raise ValueError(f"chat template {name!r} needs the model's tokenizer")
+    from llama_pipe.model_template import model_template
+
+    if name == AUTO:
+        own = builtin_for(tokenizer)
+        if own is not None:
+            return TEMPLATES[own]
+        if not getattr(tokenizer, "chat_template", None):
+            return TEMPLATES["vicuna_v1.1"]
+    return model_template(tokenizer)
 
 
 def tokenize_with_labels(

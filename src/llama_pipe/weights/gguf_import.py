@@ -1,0 +1,266 @@
+"""``llama-pipe convert MODEL.gguf -o HF_DIR``: a llama.cpp GGUF file -> Hugging Face ``LlamaForCausalLM``.
+
+What happens, in order:
+
+1. Metadata and tensors are read with the ``gguf`` library (memory-mapped). Only
+   ``general.architecture: llama`` with a byte-level BPE tokenizer (``tokenizer.ggml.model: gpt2``)
+   is accepted; anything else is an :class:`InputError` naming the file and the value.
+2. Every tensor is dequantized to float32 (``gguf.quants.dequantize``: Q4_0, Q4_1, Q8_0, K-quants,
+   F16, ...) and renamed (``blk.N.attn_q.weight`` -> ``model.layers.N.self_attn.q_proj.weight``).
+3. llama.cpp's converter permutes each head's q/k rows from Hugging Face's rotate-half layout to
+   interleaved pairs; the inverse (:func:`llama_pipe.weights.convert.permute_for_rotary`, the same
+   reordering a Meta checkpoint needs) is applied with ``head_count`` for q and ``head_count_kv``
+   for k.
+4. ``LlamaConfig`` comes from the metadata (layers, widths, heads, ``rope.freq_base``,
+   ``layer_norm_rms_epsilon``, ``context_length``, vocabulary; embeddings are tied when the file
+   has no ``output.weight``). The plain ``LlamaForCausalLM`` is built on the meta device, the state
+   dict is loaded into it (strict: every name and shape must match) and ``save_pretrained`` writes
+   safetensors in ``convert.dtype``.
+5. The tokenizer: vocabulary and merges from ``tokenizer.ggml.tokens`` / ``merges``, control tokens
+   as special tokens, the pre-tokenizer named by ``tokenizer.ggml.pre``, BOS/EOS/UNK/PAD ids, a
+   BOS prepended only when ``tokenizer.ggml.add_bos_token`` says so; the model's own chat template
+   (``tokenizer.chat_template``), else ``convert.template``'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.config import ConvertSettings
+from llama_pipe.records import InputError, commit_dir, new_temp_dir, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+#: tokenizer.ggml.pre -> (split digits one by one first, regex of the byte-level split)
+PRE_TOKENIZERS: dict[str, tuple[bool, str]] = {
+    "default": (False, GPT2_SPLIT),
+    "gpt2": (False, GPT2_SPLIT),
+    "smollm": (True, GPT2_SPLIT),  # SmolLM/SmolLM2: Digits(individual_digits) then GPT-2's ByteLevel split
+    "llama-bpe": (False, LLAMA3_SPLIT),
+    "llama3": (False, LLAMA3_SPLIT),
+}
+CONTROL = 3  # llama.cpp token type of special tokens such as <|im_start|>
+USER_DEFINED = 4
+
+_LAYER = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def hf_name(gguf_name: str) -> str:
+    """The Hugging Face ``LlamaForCausalLM`` name of a llama.cpp tensor (KeyError if none)."""
+    fixed = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    if gguf_name in fixed:
+        return fixed[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight" and parts[2] in _LAYER:
+        return f"model.layers.{parts[1]}.{_LAYER[parts[2]]}.weight"
+    raise KeyError(gguf_name)
+
+
+class GGUFModel:
+    """Metadata and tensors of one GGUF file, with the checks a LLaMA conversion needs."""
+
+    def __init__(self, path: Path) -> None:
+        from gguf import GGUFReader
+
+        self.path = path
+        try:
+            self.reader = GGUFReader(str(path))
+        except Exception as exc:  # gguf raises ValueError / struct errors on damaged files
+            raise InputError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {str(exc)[:200]})") from None
+        arch = self.get("general.architecture")
+        if arch != "llama":
+            raise InputError(f"{path}: general.architecture is {arch!r}; only 'llama' (LlamaForCausalLM) GGUF files are converted")
+        scaling = self.get("llama.rope.scaling.type", "none")
+        if scaling not in ("none", None):
+            raise InputError(f"{path}: llama.rope.scaling.type {scaling!r} is not supported (only unscaled RoPE)")
+
+    def get(self, key: str, default: Any = ...) -> Any:
+        field = self.reader.fields.get(key)
+        if field is None:
+            if default is ...:
+                raise InputError(f"{self.path}: metadata key {key!r} is missing")
+            return default
+        return field.contents()
+
+    def config_kwargs(self) -> dict[str, Any]:
+        names = {t.name for t in self.reader.tensors}
+        dim = int(self.get("llama.embedding_length"))
+        heads = int(self.get("llama.attention.head_count"))
+        tokens = self.get("tokenizer.ggml.tokens")
+        return dict(
+            vocab_size=int(self.get("llama.vocab_size", len(tokens))),
+            hidden_size=dim,
+            intermediate_size=int(self.get("llama.feed_forward_length")),
+            num_hidden_layers=int(self.get("llama.block_count")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(self.get("llama.attention.head_count_kv", heads)),
+            head_dim=int(self.get("llama.attention.key_length", dim // heads)),
+            max_position_embeddings=int(self.get("llama.context_length", 4096)),
+            rms_norm_eps=float(self.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_parameters={"rope_type": "default", "rope_theta": float(self.get("llama.rope.freq_base", 10000.0))},
+            tie_word_embeddings="output.weight" not in names,
+        )
+
+    def state_dict(self, cfg: dict[str, Any], dtype: Any) -> dict[str, Any]:
+        """Every tensor dequantized, renamed, q/k un-permuted, cast to ``dtype``."""
+        import numpy as np
+        import torch
+        from gguf.quants import dequantize
+
+        from llama_pipe.weights.convert import permute_for_rotary
+
+        out: dict[str, Any] = {}
+        for t in self.reader.tensors:
+            if t.name == "rope_freqs.weight":
+                continue  # recomputed from rope_theta (only written by scaled-RoPE models, refused above)
+            try:
+                name = hf_name(t.name)
+            except KeyError:
+                raise InputError(f"{self.path}: tensor {t.name!r} has no LlamaForCausalLM counterpart") from None
+            shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists the fastest-varying dimension first
+            values = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+            w = torch.from_numpy(values.copy())
+            if name.endswith("q_proj.weight"):
+                w = permute_for_rotary(w, cfg["num_attention_heads"])
+            elif name.endswith("k_proj.weight"):
+                w = permute_for_rotary(w, cfg["num_key_value_heads"])
+            out[name] = w.to(dtype)
+        return out
+
+
+def build_tokenizer(g: GGUFModel, chat_template: str | None) -> Any:
+    """A ``PreTrainedTokenizerFast`` from the GGUF's byte-level BPE vocabulary."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    kind = g.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise InputError(f"{g.path}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') tokenizers are converted")
+    pre = g.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise InputError(f"{g.path}: tokenizer.ggml.pre {pre!r} is not known here (known: {sorted(PRE_TOKENIZERS)})")
+    tokens: list[str] = list(g.get("tokenizer.ggml.tokens"))
+    types: list[int] = list(g.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    merges = [tuple(m.split(" ", 1)) for m in g.get("tokenizer.ggml.merges")]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise InputError(f"{g.path}: tokenizer.ggml.tokens holds duplicate tokens")
+    tk = Tokenizer(BPE(vocab, merges, fuse_unk=False))
+    digits, split = PRE_TOKENIZERS[pre]
+    byte_level = [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    tk.pre_tokenizer = pre_tokenizers.Sequence(([pre_tokenizers.Digits(individual_digits=True)] if digits else []) + byte_level)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok, ty in zip(tokens, types) if ty == CONTROL])
+    tk.add_tokens([AddedToken(tok, special=False, normalized=False) for tok, ty in zip(tokens, types) if ty == USER_DEFINED])
+
+    def token(key: str) -> str | None:
+        i = g.get(f"tokenizer.ggml.{key}_token_id", None)
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    bos, eos, unk, pad = token("bos"), token("eos"), token("unknown"), token("padding")
+    if eos is None:
+        raise InputError(f"{g.path}: no tokenizer.ggml.eos_token_id")
+    post: list[Any] = [processors.ByteLevel(trim_offsets=False)]
+    if g.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        post.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]))
+    tk.post_processor = processors.Sequence(post)
+    if pad is None or pad == eos:
+        # The EOS ends every assistant reply and is a label: padding with it would mask it.
+        pad = unk if unk not in (None, eos) else None
+    hf = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
+                                 clean_up_tokenization_spaces=False)
+    if chat_template is not None:
+        hf.chat_template = chat_template
+    return hf
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path, settings: ConvertSettings) -> dict[str, Any]:
+    """Convert one GGUF file into an HF model directory; returns a summary."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from llama_pipe.model_template import model_template
+    from llama_pipe.templates import end_of_turn_ids, get_template
+
+    g = GGUFModel(gguf_file)
+    own = g.get("tokenizer.chat_template", None)
+    tok = build_tokenizer(g, own or None)
+    if not own:
+        tok.chat_template = get_template(settings.template).jinja_for(tok)
+    cfg = g.config_kwargs()
+    if settings.context_length:
+        cfg["max_position_embeddings"] = settings.context_length
+    if len(tok) != cfg["vocab_size"]:
+        raise InputError(f"{gguf_file}: the tokenizer has {len(tok)} tokens but llama.vocab_size is {cfg['vocab_size']}")
+    dtype = getattr(torch, settings.dtype)
+    state = g.state_dict(cfg, dtype)
+    config = LlamaConfig(**cfg, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config.architectures = ["LlamaForCausalLM"]
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+        raise InputError(
+            f"{gguf_file}: tensors do not fit the model the metadata describes: missing {missing[:3]}, "
+            f"unexpected {extra[:3]}, wrong shape {[(k, got[k], expected[k]) for k in wrong[:3]]}"
+        )
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    model.config.dtype = settings.dtype
+    template = model_template(tok) if own else get_template(settings.template)
+    eos_ids = end_of_turn_ids(tok, template)
+
+    tmp = new_temp_dir(out_dir)
+    try:
+        model.save_pretrained(str(tmp), max_shard_size=settings.max_shard_size)
+        GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=eos_ids[0] if len(eos_ids) == 1 else eos_ids,
+                         pad_token_id=tok.pad_token_id).save_pretrained(tmp)
+        tok.save_pretrained(str(tmp))
+        write_json_atomic(tmp / "gguf_source.json", {
+            "file": gguf_file.name,
+            "name": g.get("general.name", None),
+            "tensor_types": sorted({t.tensor_type.name for t in g.reader.tensors}),
+            "chat_template": "the model's own (tokenizer.chat_template)" if own else settings.template,
+        })
+        commit_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n = sum(v.numel() for k, v in state.items() if not (config.tie_word_embeddings and k == "lm_head.weight"))
+    return {"tensors": len(g.reader.tensors), "parameters": n, "vocab": len(tok),
+            "files": len(list(out_dir.glob("*.safetensors"))), "own_template": bool(own)}
+
+
+def find_gguf(src: Path) -> Path | None:
+    """``src`` itself when a ``.gguf`` file, else the only ``*.gguf`` in directory ``src`` (None: none)."""
+    if src.is_file():
+        return src if src.suffix == ".gguf" else None
+    found = sorted(src.glob("*.gguf"))
+    if len(found) > 1:
+        raise InputError(f"{src}: {len(found)} GGUF files ({[f.name for f in found]}); give the one to convert")
+    return found[0] if found else None
