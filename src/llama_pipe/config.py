@@ -217,19 +217,23 @@ class TrainSettings:
     lora: LoraSettings = opt(LoraSettings, "adapter settings (modes lora, qlora, int8)")
     max_seq_len: int = opt(512, "longest training row in tokens", minimum=16)
     packing: bool = opt(True, "pack several conversations into one row (no attention across them)")
-    micro_batch_size: int = opt(4, "rows per forward pass", minimum=1)
+    micro_batch_size: int = opt(
+        4, "rows per forward pass (memory: auto may split micro_batch_size x grad_accum, the rows of a step, into "
+        "smaller micro-batches; the step stays the same)", minimum=1,
+    )
     grad_accum: int = opt(1, "micro-batches per optimiser step", minimum=1)
     lr: float = opt(1e-2, "peak learning rate (1e-2 suits the tiny demo model; use ~2e-4 for LoRA on a real 7B)", exclusiveMinimum=0)
     weight_decay: float = opt(0.0, "AdamW weight decay", minimum=0)
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = opt(
-        "adamw",
+    optimizer: Optional[Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]] = opt(
+        None,
+        "null: chosen by the memory planner (memory: auto), adamw under memory: manual; "
         "adamw (torch); adamw_8bit keeps both moment estimates in 8 bits (bitsandbytes, blockwise; tensors of "
         ">= 4096 elements), a quarter of the fp32 state memory; paged_adamw_8bit also lets them page to host "
         "memory under pressure (CUDA only). 8-bit ones run on one process or under DDP",
     )
-    optimizer_in_backward: bool = opt(
-        False,
-        "update each trainable tensor as soon as its gradient is complete and free that gradient (all "
+    optimizer_in_backward: Optional[bool] = opt(
+        None,
+        "null: chosen by the memory planner (memory: auto), false under memory: manual; true: update each trainable tensor as soon as its gradient is complete and free that gradient (all "
         "gradients never exist at once: less peak memory, e.g. 0.6 GiB for r64 all-linear adapters at 7B); "
         "needs max_grad_norm 0, grad_accum 1, on_nonfinite stop, precision other than fp16 and one process",
     )
@@ -241,7 +245,20 @@ class TrainSettings:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
         "auto", "compute precision; auto = bf16 on a GPU that supports it, else fp32"
     )
-    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass")
+    gradient_checkpointing: Optional[bool] = opt(
+        None, "recompute activations in the backward pass; null: chosen by the memory planner (memory: auto, which "
+        "may also keep some layers' activations), false under memory: manual"
+    )
+    memory: Literal["auto", "manual"] = opt(
+        "auto",
+        "auto: before training, plan micro-batch split, gradient checkpointing and optimiser state to the fastest "
+        "plan whose predicted peak fits gpu_memory_gib with a margin (logged), and after an out-of-memory error step "
+        "the plan down once and resume from the last checkpoint; manual: the settings as given",
+    )
+    gpu_memory_gib: Optional[float] = opt(
+        None, "memory the planner may plan for, in GiB; null: the detected card (on CPU: the system memory available)",
+        exclusiveMinimum=0,
+    )
     eval_every: int = opt(10, "validation loss every N steps (and at start and end)", minimum=1)
     save_every: int = opt(10, "checkpoint every N steps", minimum=1)
     keep_checkpoints: int = opt(2, "checkpoints kept (oldest deleted)", minimum=1)

@@ -10,25 +10,32 @@ from the newest valid checkpoint (``resume: auto``).
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import TrainSettings
 from llama_pipe.records import InputError, file_digest
 from llama_pipe.settings import ConfigError, add_settings_arguments, describe, settings_from_args, to_dict
+from llama_pipe.train.memory import Planned, is_oom, keep_layers, plan_run, step_down
 from llama_pipe.train.optim import check_optimizer, fused_adamw_ok, make_optimizer
+from llama_pipe.train.runstate import Metrics, StoppedBySignal, StopRequest, peak_memory
+
+__all__ = ["Metrics", "StopRequest", "StoppedBySignal", "add_arguments", "peak_memory", "run", "train"]
 
 log = logging.getLogger("llama_pipe.train")
 
 # Settings that do not change what is computed, so a checkpoint stays usable when they change.
-_NOT_IN_FINGERPRINT = ("resume", "keep_checkpoints", "save_every", "eval_every", "run")
+# The memory plan (checkpointing, micro-batch split) changes how, not what; the planned optimiser goes in.
+_NOT_IN_FINGERPRINT = ("resume", "keep_checkpoints", "save_every", "eval_every", "run", "memory", "gpu_memory_gib",
+                       "gradient_checkpointing")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,78 +116,6 @@ def lr_lambda_for(total: int, warmup: int, min_ratio: float) -> Any:
     return f
 
 
-def peak_memory(device_type: str) -> tuple[int, str]:
-    """Peak bytes so far: CUDA ``max_memory_allocated`` on a GPU, the process's peak RSS on CPU."""
-    if device_type == "cuda":
-        import torch
-
-        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"
-
-
-class StoppedBySignal(RuntimeError):
-    """SIGTERM arrived (Slurm time limit, Snakemake cancel); a checkpoint was written first."""
-
-
-class StopRequest:
-    """Turns SIGTERM into "finish this step, checkpoint, exit" (all processes stop at the same step)."""
-
-    def __init__(self) -> None:
-        self.flag = False
-        self.previous: Any = None
-
-    @classmethod
-    def install(cls) -> StopRequest:
-        import signal
-        import threading
-
-        req = cls()
-        if threading.current_thread() is threading.main_thread():
-            req.previous = signal.signal(signal.SIGTERM, req._handle)
-        return req
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.flag = True
-
-    def requested(self, acc: Any) -> bool:
-        if acc.num_processes == 1:
-            return self.flag
-        import torch
-
-        t = torch.tensor([1.0 if self.flag else 0.0], device=acc.device)
-        return bool(acc.reduce(t, reduction="sum").item() > 0)
-
-    def restore(self) -> None:
-        import signal
-
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-            self.previous = None
-
-
-@dataclass
-class Metrics:
-    """Appends rows to ``metrics.jsonl`` on the main process; keeps the rows up to a resumed step."""
-
-    path: Path
-    enabled: bool
-
-    def restart_at(self, step: int) -> None:
-        if not self.enabled or not self.path.exists():
-            return
-        keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
-        tmp.replace(self.path)
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
-
-
 def apply_fast_path(acc: Any, model: Any, settings: TrainSettings) -> Any:
     """Patch the prepared model with ``train.kernels`` (GPU only); returns its loss function or None.
 
@@ -203,6 +138,14 @@ def apply_fast_path(acc: Any, model: Any, settings: TrainSettings) -> Any:
     fast.apply(inner, settings.kernels)
     log.info("fast path: %s", fast.report(inner).describe())
     return fast.causal_lm_loss_sum
+
+
+def describe_plan(planned: Planned) -> str:
+    """The plan in words (for logs and the summary)."""
+    if planned.plan is None:
+        s = planned.settings
+        return f"micro-batch {s.micro_batch_size} x {s.grad_accum}, checkpointing {s.gradient_checkpointing}, optimizer {s.optimizer}"
+    return planned.plan.describe(planned.layers)
 
 
 def train(
@@ -236,8 +179,12 @@ def train(
         logging.getLogger().setLevel(logging.WARNING)
     if acc.distributed_type == DistributedType.DEEPSPEED and settings.on_nonfinite == "skip":
         raise ConfigError("train.on_nonfinite: 'skip' is not supported under DeepSpeed (its engine steps by itself)")
+    user_settings = settings
+    sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    planned = plan_run(settings, base, acc.device.type, acc.num_processes, sharded)
+    settings = planned.settings
     check_optimizer(settings, acc)
-    log.info("train settings:\n%s", describe(settings))
+    log.info("train settings:\n%s", describe(user_settings))
     if settings.trust_remote_code:
         log.warning("train.trust_remote_code is true: Python code shipped with %s will run in this process", base)
     log.info("device %s, %d process(es), precision %s, %s", acc.device, acc.num_processes, precision, acc.distributed_type)
@@ -259,94 +206,131 @@ def train(
         log.warning("only %d training rows for %d rows per step: every step repeats rows", len(rows), plan.global_rows)
     pad = tokenizer.pad_token_id
     flat = settings.attn_implementation == "flash_attention_2"  # see dataset.collate
-    val_batches = rank_eval_batches(val_rows, acc.process_index, acc.num_processes, settings.micro_batch_size, pad, flat)
-
-    model = build_model(base, settings, acc.device, precision)
-    trainable, n_params = count_parameters(model)
-    log.info("mode %s: %d trainable of %d parameters (%.3f%%)", settings.mode, trainable, n_params, 100 * trainable / max(n_params, 1))
-    optimizer = make_optimizer(model, settings, fused=fused_adamw_ok(acc))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(total, settings.warmup_steps, settings.min_lr_ratio))
-    model, optimizer = acc.prepare(model, optimizer)
-    # The scheduler's state goes into trainer_state.json, not through accelerate's
-    # register_for_checkpointing: accelerate reloads registered objects with an unrestricted
-    # pickle (weights_only=False), which would run code planted in a checkpoint directory.
-    loss_fn = loss_fn or apply_fast_path(acc, model, settings)
-    model.train()
-    ctx = StepContext(acc, model, optimizer, scheduler, settings.max_grad_norm, settings.on_nonfinite, loss_fn or causal_lm_loss_sum)
 
     root = checkpoint_root(out)
-    fp = fingerprint(settings, base, train_path, val_path, acc.num_processes)
-    ckpt = Checkpointer(acc, root, settings.keep_checkpoints, fp)
-    metrics = Metrics(root / "metrics.jsonl", main)
-    start, val_before, resumed_from, tokens_before = 0, None, 0, 0
-    found = ckpt.latest() if settings.resume == "auto" else None
-    if found is not None:
-        state = ckpt.load(found, model)
-        scheduler.load_state_dict(state["scheduler"])
-        start, val_before, resumed_from = int(state["step"]), state["val_loss_before"], int(state["step"])
-        tokens_before = int(state.get("train_tokens", 0))
-        metrics.restart_at(start)
-        log.info("resumed from %s (step %d of %d)", found, start, total)
-    else:
-        if main and root.exists():
-            log.warning("starting fresh: removing %s (no valid checkpoint of this configuration there)", root)
-            shutil.rmtree(root)
-        acc.wait_for_everyone()
-        if main:
-            root.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint(replace(user_settings, optimizer=settings.optimizer, optimizer_in_backward=settings.optimizer_in_backward),
+                     base, train_path, val_path, acc.num_processes)
     device_type = "cuda" if acc.device.type == "cuda" else "cpu"
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    if val_before is None:
-        val_before = evaluate(ctx, val_batches)
-        metrics.write({"step": 0, "val_loss": val_before})
-        log.info("validation loss before training: %.4f", val_before)
-    val_loss, tokens_total = val_before, tokens_before
-    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=None if main else True)
-    stop = StopRequest.install()
+    progress = {"step": 0}
+
+    def attempt(run_plan: Planned, resume: str) -> tuple[Any, float, float, int, int, int, int]:
+        """Build, resume and train under one plan; returns the model and what the summary needs."""
+        settings = run_plan.settings
+        acc.gradient_accumulation_steps = settings.grad_accum
+        plan = StepPlan(len(rows), settings.micro_batch_size, settings.grad_accum, acc.num_processes, settings.seed)
+        val_batches = rank_eval_batches(val_rows, acc.process_index, acc.num_processes, settings.micro_batch_size, pad, flat)
+        model = build_model(base, settings, acc.device, precision)
+        if run_plan.plan is not None and settings.gradient_checkpointing:
+            keep_layers(model, run_plan.plan.keep_layers)
+        trainable, n_params = count_parameters(model)
+        log.info("mode %s: %d trainable of %d parameters (%.3f%%)", settings.mode, trainable, n_params, 100 * trainable / max(n_params, 1))
+        optimizer = make_optimizer(model, settings, fused=fused_adamw_ok(acc))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(total, settings.warmup_steps, settings.min_lr_ratio))
+        model, optimizer = acc.prepare(model, optimizer)
+        # The scheduler's state goes into trainer_state.json, not through accelerate's
+        # register_for_checkpointing: accelerate reloads registered objects with an unrestricted
+        # pickle (weights_only=False), which would run code planted in a checkpoint directory.
+        step_loss = loss_fn or apply_fast_path(acc, model, settings)
+        model.train()
+        ctx = StepContext(acc, model, optimizer, scheduler, settings.max_grad_norm, settings.on_nonfinite, step_loss or causal_lm_loss_sum)
+
+        ckpt = Checkpointer(acc, root, settings.keep_checkpoints, fp)
+        metrics = Metrics(root / "metrics.jsonl", main)
+        start, val_before, resumed_from, tokens_before = 0, None, 0, 0
+        found = ckpt.latest() if resume == "auto" else None
+        if found is not None:
+            state = ckpt.load(found, model)
+            scheduler.load_state_dict(state["scheduler"])
+            start, val_before, resumed_from = int(state["step"]), state["val_loss_before"], int(state["step"])
+            tokens_before = int(state.get("train_tokens", 0))
+            metrics.restart_at(start)
+            log.info("resumed from %s (step %d of %d)", found, start, total)
+        else:
+            if main and root.exists():
+                log.warning("starting fresh: removing %s (no valid checkpoint of this configuration there)", root)
+                shutil.rmtree(root)
+            acc.wait_for_everyone()
+            if main:
+                root.mkdir(parents=True, exist_ok=True)
+        if device_type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        if val_before is None:
+            val_before = evaluate(ctx, val_batches)
+            metrics.write({"step": 0, "val_loss": val_before})
+            log.info("validation loss before training: %.4f", val_before)
+        val_loss, tokens_total = val_before, tokens_before
+        bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=None if main else True)
+        stop = StopRequest.install()
+        try:
+            for step in range(start, total):
+                ids = plan.step_rows(step)
+                global_targets = sum(rows[i].n_targets for i in ids)
+                micro = [collate([rows[i] for i in mb], pad, flatten=flat) for mb in plan.rank_micro_batches(step, acc.process_index)]
+                progress["step"] = step + 1
+                t0 = time.perf_counter()
+                res = train_step(ctx, micro, global_targets, step + 1)
+                dt = time.perf_counter() - t0
+                tokens_total += res.tokens
+                mem, mem_kind = peak_memory(device_type)
+                row = {"step": step + 1, "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
+                       "tokens_per_s": res.tokens / dt if dt > 0 else None, "target_tokens": res.target_tokens,
+                       "peak_mem_bytes": mem, "peak_mem_kind": mem_kind, "epoch": round(plan.epoch_of(step + 1), 4)}
+                if res.skipped:
+                    row["skipped"] = True
+                    log.warning("step %d: non-finite loss or gradient, step skipped (train.on_nonfinite: skip)", step + 1)
+                metrics.write(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{res.loss:.4f}", val=f"{val_loss:.4f}")
+                if (step + 1) % settings.eval_every == 0 or step + 1 == total:
+                    val_loss = evaluate(ctx, val_batches)
+                    metrics.write({"step": step + 1, "val_loss": val_loss})
+                    log.info("step %d: loss %.4f, val loss %.4f", step + 1, res.loss, val_loss)
+                stopping = stop.requested(acc)
+                if ((step + 1) % settings.save_every == 0 and step + 1 < total) or stopping:
+                    ckpt.save(step + 1, model, {"rows_consumed": (step + 1) * plan.global_rows, "epoch": plan.epoch_of(step + 1),
+                                                "val_loss_before": val_before, "train_tokens": tokens_total,
+                                                "scheduler": scheduler.state_dict()})
+                if stopping:
+                    raise StoppedBySignal(f"stopped by SIGTERM after step {step + 1} of {total}; checkpoint saved in {root}, "
+                                          "run the same command again to resume")
+        finally:
+            stop.restore()
+            bar.close()
+        if start == total:  # resumed from the last step's checkpoint: nothing left but the final eval
+            val_loss = evaluate(ctx, val_batches)
+        return model, val_before, val_loss, tokens_total, resumed_from, trainable, n_params
+
     try:
-        for step in range(start, total):
-            ids = plan.step_rows(step)
-            global_targets = sum(rows[i].n_targets for i in ids)
-            micro = [collate([rows[i] for i in mb], pad, flatten=flat) for mb in plan.rank_micro_batches(step, acc.process_index)]
-            t0 = time.perf_counter()
-            res = train_step(ctx, micro, global_targets, step + 1)
-            dt = time.perf_counter() - t0
-            tokens_total += res.tokens
-            mem, mem_kind = peak_memory(device_type)
-            row = {"step": step + 1, "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
-                   "tokens_per_s": res.tokens / dt if dt > 0 else None, "target_tokens": res.target_tokens,
-                   "peak_mem_bytes": mem, "peak_mem_kind": mem_kind, "epoch": round(plan.epoch_of(step + 1), 4)}
-            if res.skipped:
-                row["skipped"] = True
-                log.warning("step %d: non-finite loss or gradient, step skipped (train.on_nonfinite: skip)", step + 1)
-            metrics.write(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{res.loss:.4f}", val=f"{val_loss:.4f}")
-            if (step + 1) % settings.eval_every == 0 or step + 1 == total:
-                val_loss = evaluate(ctx, val_batches)
-                metrics.write({"step": step + 1, "val_loss": val_loss})
-                log.info("step %d: loss %.4f, val loss %.4f", step + 1, res.loss, val_loss)
-            stopping = stop.requested(acc)
-            if ((step + 1) % settings.save_every == 0 and step + 1 < total) or stopping:
-                ckpt.save(step + 1, model, {"rows_consumed": (step + 1) * plan.global_rows, "epoch": plan.epoch_of(step + 1),
-                                            "val_loss_before": val_before, "train_tokens": tokens_total,
-                                            "scheduler": scheduler.state_dict()})
-            if stopping:
-                raise StoppedBySignal(f"stopped by SIGTERM after step {step + 1} of {total}; checkpoint saved in {root}, "
-                                      "run the same command again to resume")
-    finally:
-        stop.restore()
-        bar.close()
-    if start == total:  # resumed from the last step's checkpoint: nothing left but the final eval
-        val_loss = evaluate(ctx, val_batches)
+        model, val_before, val_loss, tokens_total, resumed_from, trainable, n_params = attempt(planned, settings.resume)
+        stepped = None
+    except Exception as exc:  # noqa: BLE001 - only an out-of-memory error is handled, the rest re-raised
+        stepped = step_down(planned) if is_oom(exc) and acc.num_processes == 1 else None
+        if stepped is None:
+            if is_oom(exc):
+                log.error("out of memory at step %d with %s; no smaller plan to step down to (train.memory: %s)",
+                          progress["step"], describe_plan(planned), settings.memory)
+            raise
+        log.warning("out of memory at step %d with %s (predicted %s); stepping the plan down once to %s (predicted %s) "
+                    "and resuming from the last checkpoint", progress["step"], describe_plan(planned),
+                    planned.prediction.describe() if planned.prediction else "?", describe_plan(stepped),
+                    stepped.prediction.describe() if stepped.prediction else "?")
+    if stepped is not None:
+        acc.free_memory()
+        gc.collect()
+        if device_type == "cuda":
+            torch.cuda.empty_cache()
+        planned, settings = stepped, stepped.settings
+        model, val_before, val_loss, tokens_total, resumed_from, trainable, n_params = attempt(planned, "auto")
+    memory_plan = {"plan": describe_plan(planned), "memory": settings.memory, "stepped_down": stepped is not None}
+    if planned.prediction is not None:
+        memory_plan.update(predicted_peak_bytes=planned.prediction.peak, budget_bytes=planned.budget)
     summary = {
         "run": settings.run, "mode": settings.mode, "steps": total, "resumed_from": resumed_from,
         "val_loss_before": val_before, "val_loss_after": val_loss, "train_tokens": tokens_total,
         "train_rows": len(rows), "val_rows": len(val_rows), "processes": acc.num_processes, "precision": precision,
         "device": str(acc.device), "trainable_params": trainable, "total_params": n_params,
         "peak_mem_bytes": peak_memory(device_type)[0], "wall_s": time.time() - t_start,
-        "data": {"train": vars(train_stats), "val": vars(val_stats)},
+        "data": {"train": vars(train_stats), "val": vars(val_stats)}, "memory_plan": memory_plan,
     }
     from llama_pipe.train.finish import write_output
 

@@ -42,7 +42,7 @@ def _param_groups(model: Any, settings: TrainSettings) -> list[dict[str, Any]]:
 
 def _factory(settings: TrainSettings, fused: bool) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer]:
     kwargs: dict[str, Any] = {"lr": settings.lr, "betas": (0.9, 0.999), "eps": 1e-8}
-    if settings.optimizer == "adamw":
+    if settings.optimizer in (None, "adamw"):  # None: unplanned (memory: manual resolves it to adamw)
         if fused:
             kwargs["fused"] = True
         return lambda groups: torch.optim.AdamW(groups, **kwargs)
@@ -81,7 +81,7 @@ def check_optimizer(settings: TrainSettings, acc: Any) -> None:
             needs.append(f"one process (there are {acc.num_processes}: DDP reduces gradients after the hooks)")
         if needs:
             raise ConfigError("train.optimizer_in_backward needs " + "; ".join(needs))
-    if settings.optimizer == "adamw":
+    if settings.optimizer in (None, "adamw"):  # None: unplanned (memory: manual resolves it to adamw)
         return
     if settings.optimizer == "paged_adamw_8bit" and acc.device.type != "cuda":
         raise ConfigError("train.optimizer: paged_adamw_8bit pages through CUDA memory; use adamw_8bit or adamw on CPU")

@@ -1,0 +1,80 @@
+"""What a training run keeps track of while it runs: peak memory, the live metrics file, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def peak_memory(device_type: str) -> tuple[int, str]:
+    """Peak bytes so far: CUDA ``max_memory_allocated`` on a GPU, the process's peak RSS on CPU."""
+    if device_type == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"
+
+
+class StoppedBySignal(RuntimeError):
+    """SIGTERM arrived (Slurm time limit, Snakemake cancel); a checkpoint was written first."""
+
+
+class StopRequest:
+    """Turns SIGTERM into "finish this step, checkpoint, exit" (all processes stop at the same step)."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.previous: Any = None
+
+    @classmethod
+    def install(cls) -> StopRequest:
+        import signal
+        import threading
+
+        req = cls()
+        if threading.current_thread() is threading.main_thread():
+            req.previous = signal.signal(signal.SIGTERM, req._handle)
+        return req
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.flag = True
+
+    def requested(self, acc: Any) -> bool:
+        if acc.num_processes == 1:
+            return self.flag
+        import torch
+
+        t = torch.tensor([1.0 if self.flag else 0.0], device=acc.device)
+        return bool(acc.reduce(t, reduction="sum").item() > 0)
+
+    def restore(self) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+
+@dataclass
+class Metrics:
+    """Appends rows to ``metrics.jsonl`` on the main process; keeps the rows up to a resumed step."""
+
+    path: Path
+    enabled: bool
+
+    def restart_at(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        tmp.replace(self.path)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
