@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -124,7 +125,7 @@ _SURROGATE_ESCAPE = re.compile(r"\\[uU][dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 # Python's json parser recurses once per nesting level and gives up near the interpreter's limit.
-_TOO_DEEP = "JSON nested too deeply to read (arrays/objects inside each other ~1000 levels or more)"
+_TOO_DEEP = "JSON nested too deeply to read (arrays/objects inside each other ~3000 levels or more)"
 
 # A record nested deeper than this is rejected as ``too_deep`` when read: a conversation needs 4
 # levels, and writing one nested ~1000 levels (its reject line included) would exceed Python's
@@ -140,7 +141,18 @@ class _NonFinite:
 
 
 def _loads(text: str) -> Any:
-    return json.loads(text, parse_constant=_NonFinite)
+    """``json.loads`` with NaN/Infinity as :class:`_NonFinite`, and headroom above the recursion
+    limit: whether a record nested some hundreds of levels parses must not depend on how deep the
+    caller's stack happens to be (it is then rejected as ``too_deep`` by :func:`_screen`)."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + _PARSE_HEADROOM)
+    try:
+        return json.loads(text, parse_constant=_NonFinite)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+_PARSE_HEADROOM = 2000
 
 
 def _value_problem(obj: Any, check_depth: bool, check_constants: bool) -> tuple[str, str] | None:
@@ -441,7 +453,11 @@ def commit_dir(tmp: str | Path, out: str | Path) -> None:
     old: Path | None = None
     if out.exists() or out.is_symlink():
         old = new_temp_dir(out)
-        os.replace(out, old / "x")
+        try:
+            os.replace(out, old / "x")
+        except BaseException:
+            shutil.rmtree(old, ignore_errors=True)
+            raise
     try:
         os.replace(tmp, out)
     except BaseException:

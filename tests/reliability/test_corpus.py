@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -47,6 +48,21 @@ def _inputs(c: dict[str, Any], dest: Path) -> list[Path]:
         else:
             path = dest / "deep_json.jsonl"
             path.write_text(json.dumps(_small()) + "\n" + deep + "\n", encoding="utf-8")
+        return [path]
+    if gen == "fifo":
+        path = dest / "a-fifo.jsonl"
+        os.mkfifo(path)  # no writer ever opens it: a stage that opens it would block forever
+        return [path]
+    if gen == "symlink_loop":
+        path = dest / "loop.jsonl"
+        path.symlink_to(dest / "loop2.jsonl")
+        (dest / "loop2.jsonl").symlink_to(path)
+        return [path]
+    if gen == "deep_value":
+        rec = json.dumps({"id": "deep-value", "meta": "DEEP", "conversations": _small()["conversations"]})
+        rec = rec.replace('"DEEP"', "[" * 987 + "]" * 987)  # 987 levels, built as text
+        path = dest / "deep_value.json"
+        path.write_text("[" + json.dumps(_small()) + ",\n" + rec + "]", encoding="utf-8")
         return [path]
     if gen == "huge_turn":
         return [_write(dest / "huge_turn.json", [_small(), _huge()])]
@@ -216,9 +232,28 @@ def _extra_checks(c: dict[str, Any], result: dict[str, Any], tmp_path: Path) -> 
         if check == "gpt_first_dropped":
             assert _turns(outs["clean"], "ro-gpt-first")[0]["from"] == "human"
         elif check == "duplicate_keeps_first":
+            # dup-1 of file A keeps its id; file B's different dup-1 is kept as dup_b:dup-1; file C's
+            # exact copy of file A's dup-1 is the one duplicate.
             assert "file A" in _turns(outs["merge"], "dup-1")[0]["value"]
+            assert "file B" in _turns(outs["merge"], "dup_b:dup-1")[0]["value"]
             rows = [r for r in result["rejects"]["merge"] if r["id"] == "dup-1"]
-            assert len(rows) == 1 and "dup" in rows[0]["reason"], rows
+            assert len(rows) == 1 and rows[0]["reason"] == "duplicate_id" and "dup_c.json" in rows[0]["detail"], rows
+        elif check == "placeholder_text_kept":
+            gpt = _turns(outs["clean"], "ph-literal")[1]["value"]
+            assert "LLAMAPIPECODEBLOCK7X and LLAMAPIPECODEBLOCK0X are plain text" in gpt, gpt
+            assert gpt.count("```") == 2 and 'print("hi")' in gpt, gpt
+        elif check == "list_start_ascii":
+            assert _turns(outs["clean"], "ol-sup")[1]["value"].startswith("1. red"), outs["clean"]
+            assert _turns(outs["clean"], "ol-digits")[1]["value"].startswith("1. first"), outs["clean"]
+            assert _turns(outs["clean"], "ol-ok")[1]["value"].startswith("3. boil"), outs["clean"]
+        elif check == "zero_width_kept":
+            for rid, ch in (("zw-200b", "\u200b"), ("zw-200f", "\u200f"), ("zw-feff", "\ufeff")):
+                assert _turns(outs["clean"], rid)[0]["value"].startswith(ch), rid
+        elif check == "rejects_are_json":  # strict JSON everywhere: no NaN/Infinity passed on
+            for kind in ("rejects", "outputs"):
+                for stage, rows in result[kind].items():
+                    for row in rows:
+                        json.loads(json.dumps(row), parse_constant=lambda c: pytest.fail(f"{stage} {kind}: {c}"))
         elif check == "no_script_or_style":
             text = json.dumps(outs["clean"], ensure_ascii=False)
             for bad in ("pwned-script", "pwned-cookie", "color:red", "<script", "<style"):
@@ -298,6 +333,7 @@ def test_bad_config(c: dict[str, Any], stage: str, tmp_path: Path, capsys: pytes
 
 def test_manifest_is_complete() -> None:
     """Every case names an existing input and a test that exists; at least 25 kinds."""
+    import tests.reliability.test_hostile_data as hd
     import tests.reliability.test_security as sec
     import tests.reliability.test_weights_integrity as wi
 
@@ -305,7 +341,7 @@ def test_manifest_is_complete() -> None:
     names = [c["name"] for c in m["cases"]]
     assert len(names) == len(set(names)), "duplicate case names"
     assert len(names) >= 25
-    tests = {n for mod in (globals(), vars(sec), vars(wi)) for n in mod if n.startswith("test_")}
+    tests = {n for mod in (globals(), vars(sec), vars(wi), vars(hd)) for n in mod if n.startswith("test_")}
     for c in m["cases"]:
         assert c["test"] in tests, f"{c['name']}: test {c['test']} does not exist"
         assert c["level"] in ("file", "record", "ok"), c

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import re
 import shutil
 from collections import Counter
@@ -121,7 +122,11 @@ def shard_file(inp: str | Path, n: int, out_dir: str | Path) -> dict[str, Any]:
                 k = shard_of(shard_key(obj), n)
                 files[k].write(dumps(obj) + "\n")
                 counts[k] += 1
-        for f in files:
+            rej.flush()
+            os.fsync(rej.fileno())
+        for f in files:  # on disk before the directory is renamed into place
+            f.flush()
+            os.fsync(f.fileno())
             f.close()
         stats = {"stage": "shard", "unit": "records", "in": len(items), "out": sum(counts),
                  "rejected": dict(sorted(rejected.items())), "shards": counts}
