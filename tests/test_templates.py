@@ -82,8 +82,9 @@ def test_label_mask_is_exactly_the_assistant_tokens(request, name: str, conv: in
     t = get_template(name)
     text, spans = t.render(CONVS[conv])
     ids, labels = tokenize_with_labels(tokenizer, text, spans)
-    # The ids are the inference tokenisation of the whole text (no per-segment tokenising).
-    assert ids == tokenizer(text)["input_ids"]
+    # The ids are the inference tokenisation of the whole text (no per-segment tokenising), as
+    # apply_chat_template makes it: "<s>" + text without special tokens (no "▁" after the BOS).
+    assert ids == tokenizer(tokenizer.bos_token + text, add_special_tokens=False)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and labels[0] == IGNORE_INDEX
     assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ids, labels))
     replies = [m["content"] for m in CONVS[conv] if m["role"] == "assistant"]
@@ -114,3 +115,128 @@ def test_config_offers_exactly_the_templates_there_are() -> None:
     from llama_pipe.config import TemplateName
 
     assert sorted(get_args(TemplateName)) == sorted(TEMPLATES)
+
+
+# ----------------------------------------------------------------------------- written with a model
+
+
+def _byte_level_tokenizer(tmp_path_factory: pytest.TempPathFactory, chat_template: str | None = None):  # type: ignore[no-untyped-def]
+    """A GGUF-converted byte-level tokenizer whose BOS is <|im_start|> and which adds no BOS (like SmolLM2)."""
+    from tests.weights.gguf_fixture import tiny_llama, write_gguf
+    from transformers import AutoTokenizer
+
+    from llama_pipe.config import ConvertSettings
+    from llama_pipe.weights.convert import convert
+
+    d = tmp_path_factory.mktemp("bytelevel")
+    write_gguf(tiny_llama(True), d / "t.gguf", chat_template=chat_template)
+    convert(d / "t.gguf", d / "hf", ConvertSettings())
+    return AutoTokenizer.from_pretrained(d / "hf")
+
+
+def _chat_ids(tokenizer, msgs) -> list[int]:  # type: ignore[no-untyped-def]
+    out = tokenizer.apply_chat_template(msgs, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _training_ids(tokenizer, template, msgs) -> tuple[list[int], list[int]]:  # type: ignore[no-untyped-def]
+    from llama_pipe.templates import to_messages
+    from llama_pipe.train.dataset import encode_record
+
+    system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+    turns = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in msgs if m["role"] != "system"]
+    record = {"conversations": turns, **({"system": system} if system else {})}
+    assert to_messages(record) == msgs
+    ex = encode_record(record, tokenizer, template, None)
+    return ex.input_ids, ex.labels
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level"])
+def test_written_jinja_gives_the_training_ids(request, tmp_path_factory, name: str, kind: str) -> None:  # type: ignore[no-untyped-def]
+    """The Jinja stored with a model renders, through apply_chat_template(tokenize=True), exactly
+    the ids training used - also for a tokenizer that adds no BOS and whose BOS is <|im_start|>
+    (the double-<|im_start|> bug)."""
+    tokenizer = _tokenizer(request, name) if kind == "sentencepiece" else _byte_level_tokenizer(tmp_path_factory)
+    template = get_template(name)
+    tokenizer.chat_template = template.jinja_for(tokenizer)
+    for conv in CONVS:
+        ids, _ = _training_ids(tokenizer, template, conv)
+        assert _chat_ids(tokenizer, conv) == ids, (name, conv)
+    if kind == "byte-level":
+        assert _chat_ids(tokenizer, CONVS[0])[:2] != [1, 1]
+
+
+def _check_model_template(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    template = get_template("auto", tokenizer)
+    assert template.name == "model"
+    eot = tokenizer.eos_token
+    for conv in CONVS:
+        ids, labels = _training_ids(tokenizer, template, conv)
+        assert _chat_ids(tokenizer, conv) == ids
+        runs = _runs(labels)
+        replies = [m["content"] for m in conv if m["role"] == "assistant"]
+        assert [tokenizer.decode(ids[s:e], skip_special_tokens=False) for s, e in runs] == [r + eot for r in replies]
+
+
+def test_model_template_masks_exactly_the_replies(tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    from tests.weights.test_gguf_import import CHATML
+
+    tokenizer = _byte_level_tokenizer(tmp_path_factory, CHATML)
+    _check_model_template(tokenizer)
+    # The generation prompt is the template's own.
+    text, _ = get_template("model", tokenizer).render(CONVS[2][:1], add_generation_prompt=True)
+    assert text == "<|im_start|>user\nCode?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_model_template_with_a_bos_adding_tokenizer(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """A template that writes bos_token, on a tokenizer that adds a BOS itself: one BOS, as apply_chat_template."""
+    tokenizer = __import__("copy").deepcopy(tokenizer)
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ '### ' + m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### assistant: ' }}{% endif %}"
+    )
+    _check_model_template(tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+    with pytest.raises(ValueError, match="adds a BOS but its chat template does not write one"):
+        get_template("model", tokenizer)
+
+
+def test_auto_picks_builtin_own_or_vicuna(request, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    tokenizer = __import__("copy").deepcopy(_tokenizer(request, "vicuna_v1.1"))
+    tokenizer.chat_template = get_template("llama-2").chat_template
+    assert get_template("auto", tokenizer).name == "llama-2"
+    tokenizer.chat_template = None
+    assert get_template("auto", tokenizer).name == "vicuna_v1.1"
+    with pytest.raises(ValueError, match="no chat template"):
+        get_template("model", tokenizer)
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        get_template("auto")
+
+
+def test_template_that_rewrites_earlier_turns_is_refused(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    tokenizer = __import__("copy").deepcopy(tokenizer)
+    # Drops every assistant reply but the last (as some reasoning templates drop past thoughts).
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+        "{{ m['role'] + ': ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    with pytest.raises(ValueError, match="name a built-in template"):
+        get_template("model", tokenizer).render(CONVS[0])
+
+
+@pytest.mark.slow
+def test_smollm2_own_template_gives_the_training_ids() -> None:
+    from transformers import AutoTokenizer
+
+    from tests.weights.smollm2 import smollm2
+
+    _, hf = smollm2()
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    _check_model_template(tokenizer)
+    # Without a system message SmolLM2's template inserts its own; a system_prompt replaces it.
+    text, _ = get_template("model", tokenizer).render(CONVS[0][:2])
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    text, _ = get_template("model", tokenizer).render(CONVS[0][:2], system="You are Llama Pipe.")
+    assert text.startswith("<|im_start|>system\nYou are Llama Pipe.<|im_end|>\n<|im_start|>user\n")

@@ -17,6 +17,9 @@ from llama_pipe.settings import ConfigError, dataclass_schema, from_dict, opt, v
 
 #: The chat templates of llama_pipe.templates (a test checks the two lists agree).
 TemplateName = Literal["vicuna_v1.1", "llama-2", "chatml", "llama-3"]
+#: A built-in, or the model's own Jinja ('model'), or 'auto': the model's own when it ships one
+#: that is none of the built-ins, else the built-in its Jinja is, else vicuna_v1.1.
+TemplateChoice = Literal["auto", "model", "vicuna_v1.1", "llama-2", "chatml", "llama-3"]
 
 # ----------------------------------------------------------------------------- base weights
 
@@ -181,8 +184,9 @@ class SplitSettings:
         "reject", "a single pair longer than max_length: reject it with a reason, or truncate its gpt turn"
     )
     batch_size: int = opt(256, "texts per fast-tokenizer batch", minimum=1)
-    template: TemplateName = opt(
-        "vicuna_v1.1", "chat template chunks are measured with, when split runs by hand (the workflow passes train.template)"
+    template: TemplateChoice = opt(
+        "auto", "chat template chunks are measured with, when split runs by hand (the workflow passes train.template); "
+        "auto/model as for train.template"
     )
     system_prompt: Optional[str] = opt(
         None, "system prompt counted in each chunk when a record has none; null uses the template's default (the workflow passes train.system_prompt)"
@@ -212,8 +216,15 @@ class TrainSettings:
 
     run: str = opt("default", "run name: outputs go to results/train/<run>/", pattern=r"^(?!\.\.?$)[A-Za-z0-9_.-]+$")
     mode: Literal["lora", "qlora", "int8", "full"] = opt("lora", "what is trained and how the base is stored")
-    template: TemplateName = opt("vicuna_v1.1", "chat template")
-    system_prompt: Optional[str] = opt(None, "system prompt override; null uses the template's default")
+    template: TemplateChoice = opt(
+        "auto", "chat template: auto = the model's own (tokenizer.chat_template) when it ships one that is not a "
+        "built-in's, else the built-in it is, else vicuna_v1.1; model = the model's own (an error if none); or a built-in "
+        "by name. The loss mask covers each assistant reply and its end-of-turn marker in that rendering"
+    )
+    system_prompt: Optional[str] = opt(
+        None, "system prompt override; null uses the template's default (a model's own template may insert one, "
+        "e.g. SmolLM2's 'You are a helpful AI assistant named SmolLM...')"
+    )
     lora: LoraSettings = opt(LoraSettings, "adapter settings (modes lora, qlora, int8)")
     max_seq_len: int = opt(512, "longest training row in tokens", minimum=16)
     packing: bool = opt(True, "pack several conversations into one row (no attention across them)")
@@ -308,8 +319,9 @@ class MergeAdapterSettings:
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the merged weights")
     max_shard_size: str = opt("2GB", "largest safetensors shard", pattern=r"^[0-9]+(\.[0-9]+)?\s*[KMGT]?i?B$")
     format: Literal["hf", "meta"] = opt("hf", "'meta' also writes consolidated.*.pth + params.json")
-    template: Optional[TemplateName] = opt(
-        None, "chat template; null: the one recorded with the model (llama_pipe.json, else the tokenizer's Jinja), else vicuna_v1.1"
+    template: Optional[TemplateChoice] = opt(
+        None, "chat template; null: the one recorded with the model (llama_pipe.json, train_config.json), else the "
+        "built-in the tokenizer's Jinja is, else the tokenizer's own Jinja ('model'), else vicuna_v1.1"
     )
 
 
@@ -337,8 +349,9 @@ class EvalSettings:
     seed: int = opt(0, "sampling seed")
     batch_size: int = opt(8, "rows per perplexity batch", minimum=1)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to evaluate")
-    template: Optional[TemplateName] = opt(
-        None, "chat template; null: the one recorded with the model (llama_pipe.json, else the tokenizer's Jinja), else vicuna_v1.1"
+    template: Optional[TemplateChoice] = opt(
+        None, "chat template; null: the one recorded with the model (llama_pipe.json, train_config.json), else the "
+        "built-in the tokenizer's Jinja is, else the tokenizer's own Jinja ('model'), else vicuna_v1.1"
     )
 
 
@@ -354,8 +367,9 @@ class ServeSettings:
     temperature: float = opt(0.7, "default sampling temperature (0 = greedy); a request may override it", minimum=0, maximum=2)
     top_p: float = opt(0.9, "default nucleus sampling; a request may override it", exclusiveMinimum=0, maximum=1)
     model_id: Optional[str] = opt(None, "model name reported by /v1/models; null: the model directory's name")
-    template: Optional[TemplateName] = opt(
-        None, "chat template; null: the one recorded with the model (llama_pipe.json, else the tokenizer's Jinja), else vicuna_v1.1"
+    template: Optional[TemplateChoice] = opt(
+        None, "chat template; null: the one recorded with the model (llama_pipe.json, train_config.json), else the "
+        "built-in the tokenizer's Jinja is, else the tokenizer's own Jinja ('model'), else vicuna_v1.1"
     )
     listen_backlog: int = opt(
         128, "connections the OS queues while the server is busy accepting (Python's default of 5 resets bursts)", minimum=1, maximum=65535

@@ -193,18 +193,21 @@ def recorded(dirs: list[Path], key: str) -> tuple[bool, Any]:
 
 
 def pick_template(explicit: str | None, dirs: list[Path], tokenizer: Any) -> str:
-    """Template name: explicit > recorded with the model (sidecar, train_config.json) > the tokenizer's Jinja > vicuna_v1.1."""
-    from llama_pipe.templates import TEMPLATES
+    """Template name: explicit > recorded with the model (sidecar, train_config.json) > the built-in the
+    tokenizer's Jinja is > the tokenizer's own Jinja (``model``) > vicuna_v1.1. ``auto`` (explicit or
+    recorded) resolves the same way from the tokenizer. Give the name and the tokenizer to ``get_template``."""
+    from llama_pipe.templates import AUTO, MODEL, TEMPLATES, builtin_for
 
-    if explicit:
+    if explicit and explicit != AUTO:
         return explicit
     found, name = recorded(dirs, "template")
-    if found and name in TEMPLATES:
+    if not explicit and found and (name in TEMPLATES or name == MODEL):
         return str(name)
-    jinja = getattr(tokenizer, "chat_template", None)
-    for name, tpl in TEMPLATES.items():
-        if jinja == tpl.chat_template:
-            return name
+    own = builtin_for(tokenizer)
+    if own is not None:
+        return own
+    if getattr(tokenizer, "chat_template", None):
+        return MODEL
     log.warning("no chat template recorded with the model; using vicuna_v1.1 (pass --template to choose)")
     return "vicuna_v1.1"
 
@@ -224,8 +227,8 @@ def write_model_dir(model: Any, tokenizer: Any, template_name: str, out: Path, m
 
     from llama_pipe.templates import end_of_turn_ids, get_template
 
-    template = get_template(template_name)
-    tokenizer.chat_template = template.chat_template
+    template = get_template(template_name, tokenizer)
+    tokenizer.chat_template = template.jinja_for(tokenizer)
     eos = end_of_turn_ids(tokenizer, template)
     model.config.eos_token_id = eos[0] if len(eos) == 1 else eos
     model.config.bos_token_id = tokenizer.bos_token_id

@@ -24,6 +24,7 @@ when the Jinja is none of the four): :mod:`llama_pipe.model_template`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -196,13 +197,23 @@ MODEL = "model"
 AUTO = "auto"
 
 
+_ADDS_BOS: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
 def adds_bos(tokenizer: Any) -> bool:
-    """Whether ``tokenizer(text)`` (add_special_tokens=True) puts a BOS in front."""
+    """Whether ``tokenizer(text)`` (add_special_tokens=True) puts a BOS in front (cached per tokenizer)."""
+    try:
+        return _ADDS_BOS[tokenizer]
+    except (KeyError, TypeError):
+        pass
     bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos and ids[1:] == tokenizer("a", add_special_tokens=False)["input_ids"]
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"] if bos is not None else []
+    found = bool(ids) and ids[0] == bos and ids[1:] == tokenizer("a", add_special_tokens=False)["input_ids"]
+    try:
+        _ADDS_BOS[tokenizer] = found
+    except TypeError:
+        pass
+    return found
 
 
 def builtin_for(tokenizer: Any) -> str | None:
@@ -225,7 +236,7 @@ def get_template(name: str, tokenizer: Any = None) -> ChatTemplate:
     if name not in (MODEL, AUTO):
         raise ValueError(f"unknown chat template {name!r}; choose one of {sorted(TEMPLATES)}, {MODEL!r} or {AUTO!r}")
     if tokenizer is None:
-        raise ValueError(f"chat template {name!r} needs the model's tokenizer")
+        raise ValueError(f"chat template {name!r} needs the model's tokenizer: call get_template(name, tokenizer)")
     from llama_pipe.model_template import model_template
 
     if name == AUTO:
@@ -242,11 +253,23 @@ def tokenize_with_labels(
 ) -> tuple[list[int], list[int]]:
     """Token ids of ``text`` (BOS added) and labels: the id inside a target span, else -100.
 
+    The ids are what ``apply_chat_template(..., tokenize=True)`` gives for the template's Jinja
+    (:meth:`ChatTemplate.jinja_for`): with a tokenizer that adds a BOS, ``bos_token + text``
+    tokenized without special tokens (a sentencepiece tokenizer then puts no "▁" after the BOS).
+
     A token is a target when it lies inside a span, or overlaps one on a non-space character
     (``▁Hello`` whose offsets include the separating space); a token that only covers the space
     before a span does not count.
     """
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    bos = tokenizer.bos_token if adds_bos(tokenizer) else None
+    if bos:
+        # As apply_chat_template tokenizes the Jinja's "bos_token + text": the BOS as text and
+        # add_special_tokens=False, so no sentencepiece dummy-prefix space follows the BOS.
+        text = bos + text
+        spans = [(s + len(bos), e + len(bos)) for s, e in spans]
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    else:
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     labels = [IGNORE_INDEX] * len(ids)
     if not spans:

@@ -69,7 +69,7 @@ class Splitter:
     def __init__(self, tokenizer: Any, cfg: SplitSettings) -> None:
         self.tok = tokenizer
         self.cfg = cfg
-        self.template: ChatTemplate = get_template(cfg.template)
+        self.template: ChatTemplate = get_template(cfg.template, tokenizer)
         self._header: dict[str | None, int] = {}
         self._backend = self._rust_backend(tokenizer)
         self._bound = self._char_bound()

@@ -215,4 +215,4 @@ def load_chat_model(
     dirs = [model_dir, *map(Path, adapters)]
     name = pick_template(template, dirs, tokenizer)
     log.info("model %s on %s, template %s", model_dir, dev, name)
-    return ChatModel(model, tokenizer, get_template(name), model_id or model_dir.resolve().name, recorded_system_prompt(dirs))
+    return ChatModel(model, tokenizer, get_template(name, tokenizer), model_id or model_dir.resolve().name, recorded_system_prompt(dirs))

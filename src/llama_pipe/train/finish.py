@@ -56,7 +56,7 @@ def write_output(
             shutil.rmtree(tmp, ignore_errors=True)  # no half-written run directory is left behind
             raise
         log.info("verified %d saved tensors in %s", n, tmp)
-        tokenizer.chat_template = template.chat_template
+        tokenizer.chat_template = template.jinja_for(tokenizer)
         tokenizer.save_pretrained(str(tmp))
         write_json(
             tmp / "train_config.json",

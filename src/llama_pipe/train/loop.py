@@ -191,7 +191,7 @@ def train(
 
     set_seed(settings.seed)
     tokenizer = load_tokenizer(base, trust_remote_code=settings.trust_remote_code)
-    template = get_template(settings.template)
+    template = get_template(settings.template, tokenizer)
     train_ex, train_stats = load_examples(train_path, tokenizer, template, settings.max_seq_len, settings.system_prompt)
     val_ex, val_stats = load_examples(val_path, tokenizer, template, settings.max_seq_len, settings.system_prompt)
     log.info("%s", train_stats.line())
