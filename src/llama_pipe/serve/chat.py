@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TextIO
 
 from llama_pipe.config import ServeSettings
+from llama_pipe.records import InputError
+from llama_pipe.serve.api import SEED_MAX, SEED_MIN
 from llama_pipe.serve.generate import ChatModel, Completion, SamplingParams
 from llama_pipe.settings import add_settings_arguments, describe, settings_from_args
 from llama_pipe.templates import Message
@@ -31,6 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="system prompt (default: the template's)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     add_settings_arguments(parser, ServeSettings, "serve")
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # bytes the locale could not decode arrive as lone surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def reply(model: ChatModel, history: list[Message], params: SamplingParams, out: TextIO, system: str | None = None) -> Completion:
@@ -58,6 +68,9 @@ def chat_loop(
         except EOFError:
             out.write("\n")
             return history
+        except UnicodeDecodeError:
+            out.write("(that line is not valid UTF-8 text; type it again)\n")
+            continue
         text = line.strip()
         if not text:
             continue
@@ -74,7 +87,7 @@ def chat_loop(
             continue
         out.write("assistant> ")
         turns += 1  # with --seed, reply n uses seed + n: reproducible sessions, not one repeated draw
-        turn_params = params if params.seed is None else replace(params, seed=params.seed + turns)
+        turn_params = params if params.seed is None else replace(params, seed=(params.seed + turns) % 2**64)
         res = reply(model, history, turn_params, out, system)
         if res.finish_reason == "length":
             out.write("(reply cut at max_tokens)\n")
@@ -85,6 +98,11 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args, ServeSettings, "serve")
     log.debug("chat settings:\n%s", describe(settings))
+    if args.seed is not None and not SEED_MIN <= args.seed <= SEED_MAX:
+        raise InputError(f"--seed {args.seed}: must be from -2**63 to 2**64-1")
+    for flag, text in (("--prompt", args.prompt), ("--system", args.system)):
+        if text is not None and not _is_text(text):
+            raise InputError(f"{flag}: not valid UTF-8 text (undecodable bytes in the argument)")
     model = load_chat_model(Path(args.model), args.adapter, settings.device, settings.template, settings.model_id)
     params = SamplingParams(max_new_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p, seed=args.seed)
     if args.prompt is not None:

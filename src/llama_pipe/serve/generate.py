@@ -99,9 +99,11 @@ class ChatModel:
                 if params.temperature <= 0:
                     nxt = int(torch.argmax(logits))
                 else:
-                    # Shift the best logit to 0 before dividing: a tiny temperature (1e-300) sends the
-                    # others to -inf instead of every logit to +-inf (NaN); its limit is greedy.
-                    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
+                    # In float64 (1e-300 is 0 in float32) and with the best logit shifted to 0 first: a
+                    # tiny temperature then sends the others to -inf, not every logit to +-inf (NaN),
+                    # and samples like greedy, its limit.
+                    scaled = (logits.double() - logits.max().double()) / params.temperature
+                    probs = torch.softmax(scaled, dim=-1)
                     if params.top_p < 1.0:
                         sorted_p, order = torch.sort(probs, descending=True)
                         outside = torch.cumsum(sorted_p, 0) - sorted_p >= params.top_p

@@ -163,6 +163,8 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (bad request line, headers too long, unknown method) as JSON."""
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # an unparsable request line: answer with a status line anyway
+            self.request_version = "HTTP/1.0"
         if code == HTTPStatus.NOT_IMPLEMENTED:  # no do_<METHOD>
             err = ApiError(405, f"method {self.command!r:.40} not allowed; use {ALLOW}", code="method_not_allowed", headers={"Allow": ALLOW})
         else:
