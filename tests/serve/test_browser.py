@@ -100,3 +100,74 @@ def test_chat_page_streams_a_reply(browser, slow_server) -> None:
     assert [m["role"] for m in last["messages"]] == ["user", "assistant", "user"]
     assert last["messages"][1]["content"] == reply and last["messages"][2]["content"] == "Third message"
     assert last["stream"] is True and last["model"] == "tiny-slow"
+
+
+# A page on another origin (here: another port) that tries to use the server three ways.
+FOREIGN_PAGE = """<!doctype html><html><body><script>
+window.__results = [];
+async function attack(u) {
+  const body = JSON.stringify({messages: [{role: "user", content: "hi"}], max_tokens: 2});
+  try { const r = await fetch(u + "/v1/chat/completions", {method: "POST", headers: {"Content-Type": "application/json"}, body});
+        window.__results.push("json:" + r.status + ":" + (await r.text()).length); }
+  catch (e) { window.__results.push("json:blocked"); }
+  try { const r = await fetch(u + "/v1/chat/completions", {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"}, body});
+        window.__results.push("simple:" + r.type); }
+  catch (e) { window.__results.push("simple:blocked"); }
+  try { const r = await fetch(u + "/v1/models"); window.__results.push("models:" + r.status); }
+  catch (e) { window.__results.push("models:blocked"); }
+}
+</script></body></html>"""
+
+
+def test_page_on_another_origin_cannot_drive_generation(browser, chat_model) -> None:
+    """A web page elsewhere (another origin) that fetches the API: the preflighted JSON request,
+    a no-preflight 'simple' text/plain POST and a GET of /v1/models are all refused; the model
+    never generates."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from llama_pipe.serve.generate import ChatModel
+    from tests.serve.conftest import start_server
+
+    calls: list[int] = []
+
+    class Counting(ChatModel):
+        def stream(self, *a, **k):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            return super().stream(*a, **k)
+
+    model = Counting(chat_model.model, chat_model.tokenizer, chat_model.template, "tiny")
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            data = FOREIGN_PAGE.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+    site = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    server, thread = start_server(model)
+    try:
+        browser.get(f"http://127.0.0.1:{site.server_address[1]}/")
+        browser.execute_script(f"attack({server.url!r});")
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(browser, 30).until(lambda d: len(d.execute_script("return window.__results")) == 3)
+        results = browser.execute_script("return window.__results")
+        assert results[0] == "json:blocked" and results[2] == "models:blocked", results
+        assert results[1] in ("simple:opaque", "simple:blocked"), results  # the reply is unreadable either way
+        assert not calls, "a page on another origin made the model generate"
+        # The server's own page still works against the same server.
+        browser.get(server.url + "/")
+        assert browser.execute_script("return fetch('/v1/models').then(r => r.status)") == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+        site.shutdown()
+        site.server_close()
