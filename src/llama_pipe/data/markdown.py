@@ -410,9 +410,11 @@ def _fix_copy_code(text: str) -> str:
         while text.startswith(_COPY, e):
             e += len(_COPY)
         close = text.find("```", e + 1)
+        if close < 0 and e - c >= 2 * len(_COPY) and text.startswith("```", e):
+            e, close = e - len(_COPY), e  # the last "Copy code" is the code (as FastChat's regex)
         if close < 0:
             break
-        code = text[e:close].rstrip() or text[e:close]
+        code = text[e] + text[e + 1 : close].rstrip()  # at least one character, then no trailing space
         out.append(text[pos:s])
         out.append(_fence(text[s + 3 : c].strip() or "text", code.strip("\n")))
         pos = close + 3
