@@ -13,9 +13,10 @@ The memory model (bytes, all pure arithmetic on the model's ``config.json`` shap
 * adapter weights (fp32), their gradients (none kept with in-backward updates) and the
   optimiser state (8 bytes per parameter for AdamW, 2 for 8-bit AdamW);
 * activations: ``act`` bytes per token per layer that keep what they saved for the backward,
-  plus the one layer being (re)computed and differentiated (``BWD_FACTOR * act``), plus the
-  inputs of recomputed layers when they stay on the device;
-* the loss: 2k-token fp32 logits chunks on the fast path, full logits without it.
+  plus the inputs of recomputed layers when they stay on the device;
+* the larger of two transients: the layer being (re)computed and differentiated
+  (``BWD_FACTOR * act``, plus its dequantized weights for a 4/8-bit base) and the loss
+  (2k-token fp32 logits chunks on the fast path, full logits without it).
 
 Constants were calibrated against ``torch.cuda.max_memory_allocated`` on an H200 (see
 docs/benchmarks.md, "Memory planner"). A plan fits when ``peak * (1 + MARGIN) + SLACK`` is within
@@ -31,9 +32,9 @@ GiB = 1024**3
 MARGIN = 0.10  # relative safety margin on the predicted peak
 SLACK = int(0.5 * GiB)  # allocator fragmentation (reserved above allocated)
 CUDA_CONTEXT = int(0.5 * GiB)  # taken by the CUDA context outside the allocator, per card
-BWD_FACTOR = 2.3  # one layer's backward: its saved activations + their gradients
-ACT_H = 6.0  # bf16 hidden-size tensors saved per token per layer (fast path) ...
-ACT_I = 3.0  # ... and intermediate-size ones (gate, up, the SwiGLU product)
+BWD_FACTOR = 1.8  # one layer's backward: its saved activations + their gradients
+ACT_H = 5.0  # bf16 hidden-size tensors saved per token per layer (fast path) ...
+ACT_I = 2.4  # ... and intermediate-size ones (gate, up, the SwiGLU product)
 PLAIN_ACT = 1.9  # activations without the fast path (kernels: none), relative to the fast path
 LOSS_CHUNK = 2048  # tokens per fused-loss chunk (llama_pipe.train.fast.loss)
 STEP_DOWN = 0.8  # after an OOM: retry with a plan predicted at most this fraction of the failed one
@@ -213,8 +214,12 @@ def predict(run: RunShape, plan: Plan) -> Prediction:
     parts["kept activations"] = plan.keep_layers * tokens * act
     recomputed = m.layers - plan.keep_layers
     parts["layer inputs"] = 0 if plan.offload or recomputed == 0 else recomputed * tokens * m.hidden * 2
-    parts["backward of a layer"] = int(BWD_FACTOR * tokens * act) + (2 * tokens * m.hidden * 2 if plan.offload else 0)
-    parts["loss"] = loss_bytes(run, tokens)
+    backward = int(BWD_FACTOR * tokens * act) + (2 * tokens * m.hidden * 2 if plan.offload else 0)
+    if run.mode in ("qlora", "int8"):  # the layer's weights dequantized to bf16 for its GEMMs
+        backward += 2 * max(a * b for a, b in m.linears().values()) * 2
+    # The loss's logit chunks live at the end of the forward, the layer's backward after it: the larger counts.
+    loss = loss_bytes(run, tokens)
+    parts["backward of a layer" if backward >= loss else "loss"] = max(backward, loss)
     return Prediction(parts)
 
 
