@@ -179,11 +179,12 @@ def train(
         logging.getLogger().setLevel(logging.WARNING)
     if acc.distributed_type == DistributedType.DEEPSPEED and settings.on_nonfinite == "skip":
         raise ConfigError("train.on_nonfinite: 'skip' is not supported under DeepSpeed (its engine steps by itself)")
+    check_optimizer(settings, acc)  # what the user fixed, as given
     user_settings = settings
     sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     planned = plan_run(settings, base, acc.device.type, acc.num_processes, sharded)
     settings = planned.settings
-    check_optimizer(settings, acc)
+    check_optimizer(settings, acc)  # and what the planner chose
     log.info("train settings:\n%s", describe(user_settings))
     if settings.trust_remote_code:
         log.warning("train.trust_remote_code is true: Python code shipped with %s will run in this process", base)
