@@ -53,11 +53,20 @@ def alternates(conv: list[dict[str, Any]]) -> bool:
     return all(t["from"] == ROLES[i % 2] for i, t in enumerate(conv))
 
 
-class TooSlow(Exception):
-    """A record used up its time budget (:func:`time_budget`)."""
+class TooSlow(BaseException):
+    """A record used up its time budget (:func:`within_budget`). A BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` in the code it interrupts can swallow it."""
+
+
+_fired = False
 
 
 def _alarm(signum: int, frame: Any) -> None:
+    # Re-armed before raising: an exception raised where Python cannot propagate it (inside a gc
+    # callback or a __del__) is swallowed, so another one follows 10 ms later.
+    global _fired
+    _fired = True
+    signal.setitimer(signal.ITIMER_REAL, 0.01)
     raise TooSlow()
 
 
@@ -75,17 +84,22 @@ def within_budget(seconds: float, func: Callable[..., R], *args: Any) -> R:
     """
     if seconds <= 0 or not _can_alarm():
         return func(*args)
+    global _fired
     outer = signal.getitimer(signal.ITIMER_REAL)[0]
     started = time.monotonic()
     old = signal.signal(signal.SIGALRM, _alarm)
+    _fired = False
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        return func(*args)
+        result = func(*args)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
         if outer > 0:
             signal.setitimer(signal.ITIMER_REAL, max(1e-3, outer - (time.monotonic() - started)))
+    if _fired:  # the budget ran out, but the exception was swallowed before the work ended
+        raise TooSlow()
+    return result
 
 
 def add_output_arguments(parser: Any, output_help: str) -> None:
