@@ -105,7 +105,9 @@ def refuse_connection(sock: socket.socket, limit: int) -> None:
         sock.sendall(error_bytes(503, "Service Unavailable", f"the server is at its limit of {limit} open connections; retry shortly",
                                  "server_busy", {"Retry-After": str(RETRY_AFTER_S)}))
         sock.shutdown(socket.SHUT_WR)
-        sock.recv(65536)  # drain what the client sent so that close() does not reset the connection
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end and sock.recv(65536):  # drain what the client sent (until it closes),
+            pass  # so that close() does not turn into a reset that could discard the 503
     except OSError:
         pass
 

@@ -134,11 +134,14 @@ def _size_fields(path: Path, cfg: dict[str, Any]) -> dict[str, int]:
         value = cfg.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(path, f"{key} must be a positive integer, got {value!r:.40}")
-        if not 1 <= value <= cap:
-            raise _fail(path, f"{key} = {value} is out of range (1 to {cap})")
-        found[key] = value
+        per_layer = isinstance(value, list) and bool(value)  # some architectures size each layer
+        for v in value if per_layer else [value]:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise _fail(path, f"{key} must be a positive integer, got {value!r:.40}")
+            if not 1 <= v <= cap:
+                raise _fail(path, f"{key} = {v} is out of range (1 to {cap})")
+        if not per_layer:
+            found[key] = value
     heads, kv = found.get("num_attention_heads"), found.get("num_key_value_heads")
     if heads and kv and heads % kv:
         raise _fail(path, f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
