@@ -82,9 +82,8 @@ def test_label_mask_is_exactly_the_assistant_tokens(request, name: str, conv: in
     t = get_template(name)
     text, spans = t.render(CONVS[conv])
     ids, labels = tokenize_with_labels(tokenizer, text, spans)
-    # The ids are the inference tokenisation of the whole text (no per-segment tokenising), as
-    # apply_chat_template makes it: "<s>" + text without special tokens (no "▁" after the BOS).
-    assert ids == tokenizer(tokenizer.bos_token + text, add_special_tokens=False)["input_ids"]
+    # The ids are the inference tokenisation of the whole text (no per-segment tokenising).
+    assert ids == tokenizer(text)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and labels[0] == IGNORE_INDEX
     assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ids, labels))
     replies = [m["content"] for m in CONVS[conv] if m["role"] == "assistant"]
@@ -193,10 +192,15 @@ def test_model_template_with_a_bos_adding_tokenizer(tokenizer) -> None:  # type:
     """A template that writes bos_token, on a tokenizer that adds a BOS itself: one BOS, as apply_chat_template."""
     tokenizer = __import__("copy").deepcopy(tokenizer)
     tokenizer.chat_template = (
-        "{{ bos_token }}{% for m in messages %}{{ '### ' + m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '### assistant: ' }}{% endif %}"
+        "{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant: ' }}{% endif %}"
     )
     _check_model_template(tokenizer)
+    # Text right after "<s>": the sentencepiece tokenizer's word prefix differs between BOS-added
+    # and BOS-in-text, so the ids could not agree: refused, naming the way out.
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ '### ' + m['content'] + eos_token }}{% endfor %}"
+    with pytest.raises(ValueError, match="name a built-in template"):
+        get_template("model", tokenizer)
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
     with pytest.raises(ValueError, match="adds a BOS but its chat template does not write one"):
         get_template("model", tokenizer)

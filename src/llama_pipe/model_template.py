@@ -13,7 +13,9 @@ built-in template.
 BOS: when the tokenizer adds a BOS by itself (``add_special_tokens=True``) and the template
 writes ``bos_token`` first, that leading BOS text is left out of ``render``'s text, so that
 ``tokenizer(text)`` and ``apply_chat_template(..., tokenize=True)`` give the same ids. A
-tokenizer that adds a BOS the template does not write (or adds anything else) is refused.
+tokenizer that adds a BOS the template does not write (or adds anything else), or whose ids for
+the text differ from apply_chat_template's on a probe conversation, is refused with a message
+saying to name a built-in template.
 """
 
 from __future__ import annotations
@@ -97,4 +99,14 @@ def model_template(tokenizer: Any) -> ModelTemplate:
                 "apply_chat_template would disagree; name a built-in template"
             )
         tpl = ModelTemplate(MODEL, "", eos, jinja, tokenizer, strip_bos=bos)
+    # The ids training makes of render()'s text must be apply_chat_template's (a sentencepiece
+    # tokenizer may put its word prefix after the BOS it adds but not after a "<s>" in the text).
+    rendered, _ = tpl.render(probe)
+    chat = tokenizer.apply_chat_template(probe, tokenize=True)
+    chat_ids = list(chat["input_ids"] if hasattr(chat, "keys") else chat)
+    if tokenizer(rendered, add_special_tokens=True)["input_ids"] != chat_ids:
+        raise ValueError(
+            "the tokenizer's own chat template gives other token ids through apply_chat_template than the "
+            "tokenizer gives its text (e.g. a word-prefix space after the BOS); name a built-in template"
+        )
     return tpl

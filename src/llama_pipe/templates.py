@@ -60,12 +60,24 @@ class ChatTemplate:
     chat_template: str  # Jinja for tokenizer_config.json
 
     def jinja_for(self, tokenizer: Any) -> str:
-        """The Jinja to store with ``tokenizer``: without the leading ``bos_token`` when the
-        tokenizer does not add a BOS itself (training's ids have none; SmolLM2's BOS is
-        ``<|im_start|>``, which would otherwise be rendered twice)."""
+        """The Jinja to store with ``tokenizer``, whose ``apply_chat_template(..., tokenize=True)``
+        gives exactly the training ids (``tokenize_with_labels``: the text, BOS added by the tokenizer).
+
+        No leading ``bos_token`` when the tokenizer adds no BOS (SmolLM2's BOS is ``<|im_start|>``,
+        which would otherwise be rendered twice). A sentencepiece tokenizer puts its "▁" word
+        prefix before the text when it adds the BOS itself but not after a ``<s>`` written in the
+        text (transformers' non-legacy LlamaTokenizer), so there the Jinja writes ``bos_token + ' '``
+        where the text starts with a word.
+        """
         bos = "{{- bos_token -}}"
-        if self.chat_template.startswith(bos) and not adds_bos(tokenizer):
-            return self.chat_template[len(bos):]
+        body = self.chat_template[len(bos):] if self.chat_template.startswith(bos) else self.chat_template
+        if not adds_bos(tokenizer):
+            return body
+        text, _ = self.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+        want = tokenizer(text, add_special_tokens=True)["input_ids"]
+        for prefix, jinja in (("", bos), (" ", "{{- bos_token + ' ' -}}")):
+            if tokenizer(tokenizer.bos_token + prefix + text, add_special_tokens=False)["input_ids"] == want:
+                return jinja + body
         return self.chat_template
 
     def render(
@@ -253,23 +265,11 @@ def tokenize_with_labels(
 ) -> tuple[list[int], list[int]]:
     """Token ids of ``text`` (BOS added) and labels: the id inside a target span, else -100.
 
-    The ids are what ``apply_chat_template(..., tokenize=True)`` gives for the template's Jinja
-    (:meth:`ChatTemplate.jinja_for`): with a tokenizer that adds a BOS, ``bos_token + text``
-    tokenized without special tokens (a sentencepiece tokenizer then puts no "▁" after the BOS).
-
     A token is a target when it lies inside a span, or overlaps one on a non-space character
     (``▁Hello`` whose offsets include the separating space); a token that only covers the space
     before a span does not count.
     """
-    bos = tokenizer.bos_token if adds_bos(tokenizer) else None
-    if bos:
-        # As apply_chat_template tokenizes the Jinja's "bos_token + text": the BOS as text and
-        # add_special_tokens=False, so no sentencepiece dummy-prefix space follows the BOS.
-        text = bos + text
-        spans = [(s + len(bos), e + len(bos)) for s, e in spans]
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    else:
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     labels = [IGNORE_INDEX] * len(ids)
     if not spans:

@@ -222,6 +222,7 @@ def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> di
     paths = meta.shard_paths(meta_dir)
     template = get_template(settings.template)
     tok = _load_tokenizer(tok_file, template.chat_template)
+    tok.chat_template = template.jinja_for(tok)  # apply_chat_template then gives the training ids
     shards = [meta.load_shard(p) for p in paths]
     _same_names(shards, paths)
     vocab = _vocab_rows(shards, params.dim, meta_dir)

@@ -193,7 +193,7 @@ def pass_through(src: Path, out_dir: Path, settings: Any) -> dict[str, Any]:
                 shutil.copy2(src / n, tmp / n)
         if info["tokenizer"].chat_template is None:
             log.info("%s has no chat template; adding %s", src, settings.template)
-            (tmp / "chat_template.jinja").write_text(get_template(settings.template).chat_template, encoding="utf-8")
+            (tmp / "chat_template.jinja").write_text(get_template(settings.template).jinja_for(info["tokenizer"]), encoding="utf-8")
         if not (tmp / "generation_config.json").exists():
             from transformers import GenerationConfig
 
