@@ -11,7 +11,7 @@ from llama_pipe.config import TrainSettings
 from llama_pipe.settings import to_dict
 from llama_pipe.templates import ChatTemplate
 from llama_pipe.records import commit_dir, new_temp_dir
-from llama_pipe.train.output import verify_adapter, verify_full, write_json
+from llama_pipe.train.output import record_base_path, verify_adapter, verify_full, write_json
 
 log = logging.getLogger("llama_pipe.train")
 
@@ -52,6 +52,7 @@ def write_output(
 
                 expected = get_peft_model_state_dict(unwrapped, state_dict=state_dict)
                 n = verify_adapter(tmp, base, expected, settings.trust_remote_code)
+                record_base_path(tmp, base)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # no half-written run directory is left behind
             raise

@@ -138,3 +138,19 @@ def verify_full(model_dir: Path, expected: dict[str, Any]) -> int:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def record_base_path(adapter_dir: Path, base_dir: Path) -> str:
+    """Write the base's absolute path as ``base_model_name_or_path`` in ``adapter_config.json``.
+
+    peft records the path the base was loaded from (``results/hf_base``, relative to wherever
+    the trainer ran); ``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` resolves it from
+    the caller's working directory, so a relative path breaks everywhere else. Returns the path.
+    """
+    cfg_path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = str(Path(base_dir).resolve())
+    tmp = cfg_path.with_name(cfg_path.name + ".tmp")
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(cfg_path)
+    return str(cfg["base_model_name_or_path"])
