@@ -4,6 +4,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CORES ?= 2
+# what this machine has in total (concurrent jobs stay within it)
+MEM_MB ?= 20000
+GPUS ?= 1
 TORCH ?= torch==2.13.0
 
 .PHONY: run test setup lint schema clean-results
@@ -19,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --cores $(CORES) --profile profiles/default
+	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --cores $(CORES) --resources mem_mb=$(MEM_MB) gpu=$(GPUS) --profile profiles/default
 
 test: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests

@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", nargs="+", required=True, metavar="JSON", help="*.stats.json files of the data stages (all shards)")
     parser.add_argument("--eval", required=True, metavar="JSON", help="metrics.json written by `llama-pipe eval`")
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="report directory (PNGs, report.md, report.html)")
+    parser.add_argument("--name", default=None, help="this run's name in the runs comparison (default: the run directory's name)")
+    parser.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
+                        help="an earlier run to compare with (results/<run>/ holding train/ and eval/); repeatable; "
+                             "adds runs.png and a table to report.md")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -201,6 +205,16 @@ def to_html(md: str, out_dir: Path) -> str:
     return f"<!doctype html><html><head><meta charset='utf-8'><title>llama-pipe report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
 
 
+def compare_runs(args: argparse.Namespace, train: list, val: list, ev: dict[str, Any], out_dir: Path) -> str:
+    """runs.png and the report.md section comparing this run with ``--compare`` runs."""
+    from llama_pipe.report_runs import markdown_table, parse_compare, plot_runs, read_run, summarise
+
+    name = args.name or Path(args.train_metrics).parent.parent.name
+    runs = [summarise(name, train, val, ev)] + [read_run(*parse_compare(c)) for c in args.compare]
+    plot_runs(runs, name, out_dir / "runs.png")
+    return "\n" + markdown_table(runs, name)
+
+
 def run(args: argparse.Namespace) -> int:
     import matplotlib
 
@@ -222,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
         plot_funnel(stages, tmp / "funnel.png")
         plot_perplexity(ev, tmp / "perplexity.png")
         md = markdown(train, val, stages, ev, answers)
+        if args.compare:
+            md += compare_runs(args, train, val, ev, tmp)
         (tmp / "report.md").write_text(md, encoding="utf-8")
         (tmp / "report.html").write_text(to_html(md, tmp), encoding="utf-8")
     except BaseException:

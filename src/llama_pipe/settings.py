@@ -111,9 +111,24 @@ def _format_error(err: Any, root: str) -> str:
     path = ".".join([root, *[str(p) for p in err.absolute_path]] if root else [str(p) for p in err.absolute_path])
     where = path or "(top level)"
     if err.validator == "additionalProperties":
-        return f"{where}: {err.message} (allowed keys: {', '.join(sorted(err.schema.get('properties', {})))})"
+        return _unknown_keys(err, path)
     expected = {k: err.schema[k] for k in ("type", "enum", *_SCHEMA_KEYS) if k in err.schema}
     return f"{where}: {err.message}; expected {expected}"
+
+
+def _unknown_keys(err: Any, path: str) -> str:
+    """One line per unknown key: its full path and the closest valid key (or the valid keys)."""
+    import difflib
+
+    valid = sorted(err.schema.get("properties", {}))
+    extra = [k for k in err.instance if k not in valid] if isinstance(err.instance, dict) else []
+    lines = []
+    for key in extra:
+        where = f"{path}.{key}" if path else str(key)
+        close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+        lines.append(f"{where}: unknown key; {hint}")
+    return "\n  ".join(lines) or f"{path or '(top level)'}: {err.message}"
 
 
 def validate(data: Any, cls: type, root: str = "") -> None:

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 same += 1
         print(f"  {sub}: {same} of {len(names_a)} files identical")
 
-    run = Path("results/train") / args.run
+    run = Path("results") / args.run / "train"
     adapters = sorted(p.name for p in (args.local / run).glob("*.safetensors"))
     if not adapters:
         problems.append(f"{run}: no *.safetensors in the local run")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The DAG on a real SLURM cluster: a one-node slurmctld + slurmd on this machine (Debian's
-# packages), the data stages and the tiny training submitted through `snakemake --profile
-# profiles/slurm`, every job checked COMPLETED, the outputs compared with a local run.
+# packages), every rule through to the report submitted through the SLURM profile as shipped
+# (profiles/slurm, derived only where a CPU-only test node must differ), every job checked
+# COMPLETED, the outputs compared with a local run. The test configuration is .test/config/.
 #
 #   bash tests/slurm/run_slurm_test.sh        # from the repository root, after `make setup`
 #
@@ -14,10 +15,12 @@
 #      /etc/slurm/slurm.conf from tests/slurm/slurm.conf.in (removed again at the end; a machine
 #      that has its own slurm.conf is skipped); state, spool and logs in a temporary directory
 #   3. local run: the whole DAG in a copy of the workflow (profiles/default); a second dry-run must
-#      have nothing to do; `snakemake --report` must embed every PNG of results/report; changing
+#      have nothing to do; `snakemake --report` must embed every PNG of results/<run>/report; changing
 #      filter_lang.keep must plan filter_lang and its descendants only
-#   4. SLURM run: results/train/<run> (base, convert, merge, shard, clean, filter_lang, split,
-#      gather, train) in another copy, through profiles/slurm
+#   4. SLURM run: the whole DAG (every rule through to the report) in another copy, through
+#      profiles/slurm-ci: profiles/slurm as shipped with only what a CPU-only one-node cluster
+#      must change (no GPUs, memory and threads capped at the node's); the job partitions, the
+#      set-resources blocks and show-failed-logs stay as shipped
 #   5. checks: every submitted job (ids from snakemake's log) is COMPLETED with exit code 0:0 in
 #      scontrol; the data and base outputs are byte-identical to the local run; the adapter
 #      tensors and training losses are equal within 1e-5; a second dry-run has nothing to do
@@ -27,7 +30,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PY="${PYTHON:-$REPO/.venv/bin/python}"
 HERE="$REPO/tests/slurm"
-TEST_CONFIG="$HERE/config.test.yaml"
+TEST_CONFIG="$REPO/.test/config/config.yaml"
 CTLD_PORT="${SLURM_TEST_CTLD_PORT:-16817}"
 SLURMD_PORT="${SLURM_TEST_SLURMD_PORT:-16818}"
 
@@ -139,7 +142,7 @@ VENV_BIN="$(dirname "$PY")"
 export PATH="$VENV_BIN:$PATH"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 RUN_NAME="$("$PY" -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); print(((c or {}).get("train") or {}).get("run", "default"))' "$REPO/config/config.yaml")"
-TRAIN_TARGET="results/train/$RUN_NAME"
+TRAIN_TARGET="results/$RUN_NAME/train"
 
 copy_workflow "$WORK/local"
 say "local run of the whole DAG (profiles/default)"
@@ -155,8 +158,8 @@ say "local: second run has nothing to do"
 if [ -z "${LOCAL_TARGETS:-}" ]; then
     (cd "$WORK/local" && "$PY" -m snakemake --report "$WORK/report.html" --configfile "$TEST_CONFIG" \
         >"$WORK/log/local-report.log" 2>&1) || { tail -20 "$WORK/log/local-report.log"; fail "snakemake --report failed"; }
-    pngs="$(cd "$WORK/local/results/report" && ls -- *.png)"
-    [ -n "$pngs" ] || fail "results/report has no PNG plots"
+    pngs="$(cd "$WORK/local/results/$RUN_NAME/report" && ls -- *.png)"
+    [ -n "$pngs" ] || fail "results/$RUN_NAME/report has no PNG plots"
     for png in $pngs; do
         grep -q "Adding $png" "$WORK/log/local-report.log" || fail "snakemake --report did not embed $png"
     done
@@ -175,13 +178,19 @@ fi
 
 # ------------------------------------------------------------------ 4. SLURM run
 copy_workflow "$WORK/slurm"
-say "SLURM run of the data stages and training (profiles/slurm)"
-# The profile unchanged, except: the test node has no GPU and less memory than a GPU node.
-(cd "$WORK/slurm" && "$PY" -m snakemake --profile profiles/slurm --jobs 4 \
-    --set-resources train:slurm_partition=gpu train:gpu=0 train:mem_mb=4000 train:cpus_per_task="$CPUS" \
+# The shipped profile, changed only where this node must differ: no GPUs, memory and threads
+# capped at the node's (the partitions, set-resources blocks and other options stay as shipped).
+"$PY" "$HERE/derive_profile.py" "$WORK/slurm/profiles/slurm/config.yaml" "$WORK/slurm/profiles/slurm-ci/config.yaml" \
+    --mem-mb "$MEM_MB" --cpus "$CPUS"
+say "SLURM run of the whole DAG (profiles/slurm-ci, derived from profiles/slurm):"
+diff "$WORK/slurm/profiles/slurm/config.yaml" "$WORK/slurm/profiles/slurm-ci/config.yaml" || true
+(cd "$WORK/slurm" && "$PY" -m snakemake --profile profiles/slurm-ci --jobs 4 \
     --slurm-init-seconds-before-status-checks 1 --seconds-between-status-checks 2 --slurm-keep-successful-logs \
-    --configfile "$TEST_CONFIG" -- "$TRAIN_TARGET" >"$WORK/log/slurm-snakemake.log" 2>&1) \
+    --configfile "$TEST_CONFIG" >"$WORK/log/slurm-snakemake.log" 2>&1) \
     || { tail -60 "$WORK/log/slurm-snakemake.log"; fail "the SLURM run failed"; }
+for rule in merge_adapter eval report; do
+    grep -qE "^rule $rule:" "$WORK/log/slurm-snakemake.log" || fail "rule $rule did not run on SLURM"
+done
 grep -E "submitted with SLURM jobid|steps \(100%\) done" "$WORK/log/slurm-snakemake.log"
 
 # ------------------------------------------------------------------ 5. checks
@@ -206,8 +215,8 @@ say "all $n_ids SLURM jobs COMPLETED"
 "$PY" "$HERE/compare_runs.py" "$WORK/local" "$WORK/slurm" --run "$RUN_NAME" \
     || fail "the SLURM outputs differ from the local run"
 
-(cd "$WORK/slurm" && "$PY" -m snakemake --profile profiles/slurm -n --configfile "$TEST_CONFIG" \
-    -- "$TRAIN_TARGET" 2>&1) | grep -q "Nothing to be done" \
+(cd "$WORK/slurm" && "$PY" -m snakemake --profile profiles/slurm-ci -n --configfile "$TEST_CONFIG" \
+    2>&1) | grep -q "Nothing to be done" \
     || fail "a second SLURM run would re-run jobs"
 say "SLURM: second run has nothing to do"
 say "PASSED"

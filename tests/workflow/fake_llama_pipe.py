@@ -4,7 +4,12 @@
 It follows the stage contracts in the README (which flag or positional is the output) and
 writes small files whose content is derived from the full command line, so a job's output
 changes exactly when its command does. Every call is appended to ``$FAKE_LLAMA_PIPE_CALLS``
-(one JSON argv per line) when that variable is set.
+(one JSON object per line: argv, and the thread variables the job got) when that variable is
+set. Like the real stages it takes options first and positional paths after ``--``: a positional
+before it is an error, as is an option value glued with ``=`` to a missing name.
+
+With ``$FAKE_TRAIN_PIDFILE`` set, ``train`` writes a partial output, its pid to that file and
+then waits to be killed (the stale-product test kills it with SIGKILL).
 """
 
 from __future__ import annotations
@@ -12,11 +17,26 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
 def flag(argv: list[str], name: str) -> str:
-    return argv[argv.index(name) + 1]
+    """The value of option ``name`` (``name value`` or ``name=value``), options before ``--`` only."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    for i, arg in enumerate(options):
+        if arg == name:
+            return options[i + 1]
+        if arg.startswith(name + "="):
+            return arg[len(name) + 1 :]
+    raise SystemExit(f"fake llama-pipe: missing option {name} in {argv}")
+
+
+def positionals(argv: list[str]) -> list[str]:
+    """The paths after ``--`` (the workflow always passes them there)."""
+    if "--" not in argv:
+        raise SystemExit(f"fake llama-pipe: no '--' before the positional paths in {argv}")
+    return argv[argv.index("--") + 1 :]
 
 
 def write(path: str | Path, text: str) -> None:
@@ -36,28 +56,38 @@ def stage_files(out: str, text: str) -> None:
 def main(argv: list[str]) -> int:
     calls = os.environ.get("FAKE_LLAMA_PIPE_CALLS")
     if calls:
+        threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS")}
         with open(calls, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(argv) + "\n")
+            fh.write(json.dumps({"argv": argv, "env": threads}) + "\n")
     stage, rest = argv[0], argv[1:]
     text = json.dumps(argv) + "\n"
     if stage in ("make-base", "download"):
-        positional = [a for a in rest if not a.startswith("-")]
-        write(Path(positional[0]) / "params.json", text)
+        write(Path(positionals(rest)[0]) / "params.json", text)
     elif stage in ("merge", "clean", "filter-lang", "split"):
+        positionals(rest)
         stage_files(flag(rest, "-o"), text)
     elif stage == "shard":
+        positionals(rest)
         out = Path(flag(rest, "-o"))
         for i in range(int(flag(rest, "--n"))):
             write(out / f"shard-{i:03d}.jsonl", text)
         write(out / "shard.stats.json", json.dumps({"in": 1, "out": 1, "rejected": {}}))
         write(out / "shard.rejects.jsonl", "")
     elif stage == "gather":
+        positionals(rest)
         train = Path(flag(rest, "--train"))
         write(flag(rest, "--val"), text)
         write(train.with_name("gather.stats.json"), json.dumps({"in": 1, "out": 1, "rejected": {}}))
         write(train.with_name("gather.rejects.jsonl"), "")
         write(train, text)
+    elif stage == "train" and os.environ.get("FAKE_TRAIN_PIDFILE"):
+        write(Path(flag(rest, "-o")) / "metrics.jsonl", text)  # half-written
+        write(os.environ["FAKE_TRAIN_PIDFILE"], str(os.getpid()))
+        while True:
+            time.sleep(1)
     elif stage in ("convert", "train", "merge-adapter", "eval"):
+        if stage == "convert":
+            positionals(rest)
         out = Path(flag(rest, "-o"))
         write(out / "metrics.json", text)
         write(out / "metrics.jsonl", text)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from workflow_helpers import REPO, job_counts, snakemake
 
 WHOLE_DAG = {
@@ -49,7 +50,7 @@ def resources(block: str) -> dict[str, str]:
 def test_default_target_is_the_report_through_every_stage(fresh_workflow: Path) -> None:
     out = dry_run(fresh_workflow)
     assert job_counts(out) == WHOLE_DAG
-    assert "output: results/report" in out
+    assert "output: results/default/report" in out
 
 
 def test_data_stages_scatter_over_data_shards(fresh_workflow: Path) -> None:
@@ -82,10 +83,10 @@ def test_launch_processes_runs_train_under_accelerate_launch(fresh_workflow: Pat
                   'launch={"processes": 4, "accelerate_config": "configs/accelerate/fsdp.yaml"}')
     block = job_blocks(out)["train"][0]
     assert resources(block)["gpu"] == "4"
-    accel = fresh_workflow / "configs" / "accelerate" / "fsdp.yaml"
-    assert str(accel) in block  # an input: editing the file re-runs training
+    accel = "configs/accelerate/fsdp.yaml"  # relative to the working directory, where it is
+    assert accel in block  # an input: editing the file re-runs training
     assert (f"accelerate launch --config_file {accel} --num_processes 4 --main_process_port 29500 "
-            "--module llama_pipe.train.loop --base results/hf_base") in out
+            "--module llama_pipe.train.loop --base=results/hf_base") in out
     missing = snakemake(fresh_workflow, "-n", "--config", 'launch={"processes": 2, "accelerate_config": "nope.yaml"}',
                         check=False)
     assert missing.returncode != 0 and "nope.yaml" in missing.stdout + missing.stderr
@@ -104,20 +105,65 @@ def test_invalid_config_fails_at_load_naming_the_key(fresh_workflow: Path) -> No
     proc = snakemake(fresh_workflow, "-n", "--config", 'train={"lora": {"r": 0}}', check=False)
     assert proc.returncode != 0
     message = proc.stdout + proc.stderr
-    assert "0 is less than the minimum of 1" in message, message
-    assert "instance['train']['lora']['r']" in message, message
+    assert "train.lora.r: 0 is less than the minimum of 1" in message, message
 
 
 def test_numbers_given_with_config_on_the_command_line_are_numbers(fresh_workflow: Path) -> None:
     # snakemake parses nested --config values as strings ("16"); the workflow reads them by schema.
-    out = dry_run(fresh_workflow, "-p", "--config", 'train={"lora": {"r": 16}, "packing": false}', "--", "results/train/default")
+    out = dry_run(fresh_workflow, "-p", "--config", 'train={"lora": {"r": 16}, "packing": false}', "--", "results/default/train")
     assert "--lora.r 16 " in out and "--packing false " in out
 
 
-def test_unknown_config_key_fails_at_load(fresh_workflow: Path) -> None:
+def test_unknown_config_key_fails_at_load_naming_the_closest_key(fresh_workflow: Path) -> None:
     proc = snakemake(fresh_workflow, "-n", "--config", 'clean={"blocked_wrods": ["x"]}', check=False)
     assert proc.returncode != 0
-    assert "blocked_wrods" in proc.stdout + proc.stderr
+    message = proc.stdout + proc.stderr
+    assert "clean.blocked_wrods: unknown key; did you mean 'blocked_words'?" in message, message
+    assert "properties" not in message and len(message.splitlines()) < 12, message  # no schema dump
+
+
+def test_cross_field_config_error_fails_at_load(fresh_workflow: Path) -> None:
+    # passes the schema (each value is valid), but train would refuse it inside its (GPU) job
+    proc = snakemake(fresh_workflow, "-n", "--config",
+                     'train={"optimizer_in_backward": true, "grad_accum": 2, "max_grad_norm": 0}', check=False)
+    assert proc.returncode != 0
+    message = proc.stdout + proc.stderr
+    assert "train.optimizer_in_backward needs grad_accum: 1 (it is 2)" in message, message
+    assert "rule train" not in message  # nothing was planned
+    ok = dry_run(fresh_workflow, "--config", 'train={"optimizer_in_backward": true, "max_grad_norm": 0}')
+    assert job_counts(ok)["train"] == 1
+
+
+def test_rule_all_asks_for_every_key_product(fresh_workflow: Path) -> None:
+    out = dry_run(fresh_workflow, "--config", 'train={"run": "r16"}')
+    block = job_blocks(out)["all"][0]
+    for product in ("results/data/train.jsonl", "results/data/val.jsonl", "results/hf_base", "results/r16/train",
+                    "results/r16/merged", "results/r16/eval", "results/r16/report"):
+        assert product in block, block
+
+
+def test_run_name_must_not_escape_results(fresh_workflow: Path) -> None:
+    for run in ("../x", "data"):
+        proc = snakemake(fresh_workflow, "-n", "--config", f'train={{"run": "{run}"}}', check=False)
+        assert proc.returncode != 0 and "train.run" in proc.stdout + proc.stderr
+
+
+def test_threads_follow_the_workers_settings(fresh_workflow: Path) -> None:
+    blocks = job_blocks(dry_run(fresh_workflow, "--cores", "8", "--config", 'filter_lang={"workers": 3}'))
+    assert re.search(r"^\s+threads: 3$", blocks["filter_lang"][0], re.M), blocks["filter_lang"][0]
+    assert re.search(r"^\s+threads: 2$", blocks["clean"][0], re.M)  # workers 0: 2 per shard job
+
+
+def test_slurm_profile_gives_train_its_cpus_as_threads(fresh_workflow: Path) -> None:
+    profile = yaml.safe_load((fresh_workflow / "profiles/slurm/config.yaml").read_text())
+    assert profile["set-threads"]["train"] == 8
+    assert all("cpus_per_task" not in res for res in profile["set-resources"].values())
+    assert profile["show-failed-logs"] is True
+    # retries on train only (it resumes from its newest checkpoint): a rule directive, not the profile's
+    assert "retries" not in profile
+    rules = "".join(p.read_text() for p in (fresh_workflow / "workflow/rules").glob("*.smk"))
+    assert re.findall(r"^\s+retries: (\d+)$", rules, re.M) == ["1"]
+    assert re.search(r"rule train:(?:(?!\nrule ).)*\n    retries: 1\n", rules, re.S)
 
 
 def test_lint_is_clean(fresh_workflow: Path) -> None:

@@ -1,7 +1,7 @@
 """The conda environments (``--sdm conda``) install what pyproject.toml declares, nothing else.
 
-Each ``envs/<group>.yaml`` lists pip requirements copied from pyproject.toml's dependencies;
-a requirement there must be one of pyproject's, with the same version specifier. Together the
+Each ``workflow/envs/<group>.yaml`` pins pip requirements that are pyproject.toml's
+dependencies: ``name==version``, a version pyproject's specifier allows. Together the
 environments cover every runtime dependency except the ones only the Snakemake driver needs.
 Each rule's ``conda:`` names one of these files, and the data group's environment holds what the
 data stages import.
@@ -56,7 +56,9 @@ def test_env_requirements_are_pyprojects(group: str) -> None:
     declared = pyproject_requirements()
     for key, req in env_requirements(group).items():
         assert key in declared, f"envs/{group}.yaml: {req} is not a dependency in pyproject.toml"
-        assert req.specifier == declared[key].specifier, (
+        pins = [s for s in req.specifier if s.operator == "=="]
+        assert len(pins) == 1 and len(req.specifier) == 1, f"envs/{group}.yaml: {req} is not pinned (name==version)"
+        assert declared[key].specifier.contains(pins[0].version), (
             f"envs/{group}.yaml: {req} but pyproject.toml says {declared[key]}"
         )
 
@@ -96,3 +98,59 @@ def test_every_rule_names_an_existing_env() -> None:
     assert rules.count("conda:") == rules.count("shell:")
     for group in ENVS:
         assert (REPO / "workflow" / "envs" / f"{group}.post-deploy.sh").is_file()
+
+
+def test_post_deploy_installs_the_workflow_checkout_from_snakemakes_copy(tmp_path) -> None:
+    """Snakemake runs a copy of the script under .snakemake/conda/, from the working directory:
+    it must install the checkout the Snakefile exported (LLAMA_PIPE_SOURCE), not the copy's
+    parent directory."""
+    import os
+    import shutil
+    import subprocess
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    log = tmp_path / "pip-args"
+    (fake_bin / "python").write_text(f'#!/bin/sh\necho "$@" > {log}\n')
+    (fake_bin / "python").chmod(0o755)
+    copy = tmp_path / "work" / ".snakemake" / "conda" / "0123abcd.post-deploy.sh"
+    copy.parent.mkdir(parents=True)
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "LLAMA_PIPE_SOURCE": str(REPO)}
+    for group in ENVS:
+        shutil.copy(REPO / "workflow" / "envs" / f"{group}.post-deploy.sh", copy)
+        proc = subprocess.run(["bash", str(copy)], cwd=tmp_path / "work", env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert log.read_text().split() == ["-m", "pip", "install", "--no-deps", str(REPO)]
+    # without the variable (not run by this workflow's Snakefile) it says so instead of guessing
+    del env["LLAMA_PIPE_SOURCE"]
+    proc = subprocess.run(["bash", str(copy)], cwd=tmp_path / "work", env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "LLAMA_PIPE_SOURCE" in proc.stderr
+
+
+def test_snakefile_loads_without_llama_pipe_installed(tmp_path) -> None:
+    """The Snakefile reads the settings code from its own checkout (src/), so Snakemake's
+    environment needs snakemake only: a dry-run where llama_pipe is not importable from
+    site-packages still plans the whole DAG."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from workflow_helpers import copy_workflow
+
+    workdir = copy_workflow(tmp_path / "repo")
+    shutil.copytree(REPO / "src" / "llama_pipe", workdir / "src" / "llama_pipe",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    hide = (
+        "import sys, importlib.machinery as m\n"
+        f"src = {str(REPO / 'src')!r}\n"
+        "sys.path[:] = [p for p in sys.path if p != src]\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()\n"
+        "                    and 'editable' not in getattr(f, '__name__', '').lower()]\n"
+        "import runpy; sys.argv = ['snakemake', '-n', '--cores', '1']\n"
+        "runpy.run_module('snakemake', run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", hide], cwd=workdir, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ""}, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rule train:" in proc.stdout

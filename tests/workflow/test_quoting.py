@@ -27,6 +27,9 @@ HOSTILE = [
     "语言 \\n tab\there",
 ]
 HOSTILE_INPUT = f"data/chats; touch {SENTINEL} 'x'.json"
+# inputs whose names look like options: without `--` before the paths, merge would read the first
+# as an unknown option and the second as a redirection of its stats file
+DASH_INPUTS = ["-notes.json", "--stats=x.json"]
 SYSTEM_PROMPT = f"You are helpful; $(touch {SENTINEL}) don't 'break'"
 
 
@@ -34,18 +37,19 @@ SYSTEM_PROMPT = f"You are helpful; $(touch {SENTINEL}) don't 'break'"
 def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[list[str]]]]:
     root = tmp_path_factory.mktemp("quoting")
     workdir = copy_workflow(root / "repo")
-    shutil.copy(workdir / "data/sample/sharegpt_sample.json", workdir / HOSTILE_INPUT)
+    for name in [HOSTILE_INPUT, *DASH_INPUTS]:
+        shutil.copy(workdir / "data/sample/sharegpt_sample.json", workdir / name)
     config = yaml.safe_load((workdir / "config" / "config.yaml").read_text(encoding="utf-8"))
-    config["data"]["inputs"] = [HOSTILE_INPUT]
+    config["data"]["inputs"] = [HOSTILE_INPUT, *DASH_INPUTS]
     config["clean"]["blocked_words"] = HOSTILE
     config["train"]["system_prompt"] = SYSTEM_PROMPT
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
     calls = root / "calls.jsonl"
-    snakemake(workdir, "--cores", "2", "results/train/default", bin_dir=fake_bin(root / "bin"),
+    snakemake(workdir, "--cores", "2", "results/default/train", bin_dir=fake_bin(root / "bin"),
               env={"FAKE_LLAMA_PIPE_CALLS": str(calls)})
     by_stage: dict[str, list[list[str]]] = {}
     for line in calls.read_text(encoding="utf-8").splitlines():
-        argv = json.loads(line)
+        argv = json.loads(line)["argv"]
         by_stage.setdefault(argv[0], []).append(argv[1:])
     return workdir, by_stage
 
@@ -71,7 +75,7 @@ def test_list_values_arrive_as_one_argument_each(recorded: tuple[Path, dict[str,
 def test_paths_and_strings_arrive_unchanged(recorded: tuple[Path, dict[str, list[list[str]]]]) -> None:
     _, calls = recorded
     (merge,) = calls["merge"]
-    assert merge[0] == HOSTILE_INPUT
+    assert merge[merge.index("--") + 1 :] == [HOSTILE_INPUT, "./-notes.json", "./--stats=x.json"]
     (train,) = calls["train"]
     assert value_after(train, "--system_prompt") == SYSTEM_PROMPT
 
@@ -86,3 +90,16 @@ def test_real_stage_parsers_read_the_values_back(recorded: tuple[Path, dict[str,
     assert settings_from_args(clean_args, CleanSettings, "clean").blocked_words == HOSTILE
     train_args = build_parser("train").parse_args(["train", *calls["train"][0]])
     assert settings_from_args(train_args, TrainSettings, "train").system_prompt == SYSTEM_PROMPT
+
+
+def test_paths_that_look_like_options_stay_paths(recorded: tuple[Path, dict[str, list[list[str]]]]) -> None:
+    from llama_pipe.cli import build_parser
+
+    _, calls = recorded
+    args = build_parser("merge").parse_args(["merge", *calls["merge"][0]])
+    assert args.inputs == [HOSTILE_INPUT, "./-notes.json", "./--stats=x.json"]
+    assert args.stats is None  # not redirected by an input's name
+    # every data stage gets its positional paths after `--` (the fake stage refuses them before)
+    for stage in ("merge", "shard", "clean", "filter-lang", "split", "gather"):
+        for argv in calls[stage]:
+            assert "--" in argv and not argv[-1].startswith("-"), (stage, argv)

@@ -28,7 +28,7 @@ def test_merged_jsonl_is_temp_and_its_absence_rebuilds_nothing(completed_run: Pa
     # The product and the per-stage outputs stay; the merged copy of the inputs is gone.
     assert not (completed_run / "results/merge/merged.jsonl").exists()
     assert (completed_run / "results/merge/merged.stats.json").is_file()
-    assert (completed_run / "results/merged").is_dir()
+    assert (completed_run / "results/default/merged").is_dir()
     assert sorted(p.name for p in (completed_run / "results/shard").iterdir()) == [
         "shard-000.jsonl",
         "shard-001.jsonl",
@@ -65,6 +65,9 @@ def test_merged_jsonl_is_temp_and_its_absence_rebuilds_nothing(completed_run: Pa
             {"split": 2} | dict.fromkeys(AFTER_GATHER, 1),
             id="train.template (split measures with it)",
         ),
+        pytest.param("filter_lang", "workers", 1, {}, id="filter_lang.workers (performance only)"),
+        pytest.param("clean", "workers", 1, {}, id="clean.workers (performance only)"),
+        pytest.param("split", "batch_size", 16, {}, id="split.batch_size (performance only)"),
         pytest.param("eval", "max_new_tokens", 16, {"eval", "report", "all"}, id="eval.max_new_tokens"),
         pytest.param(
             "convert",

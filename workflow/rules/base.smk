@@ -20,7 +20,7 @@ if BASE_IS_TINY:
         params:
             args=flags("base", only=("tiny", "tokenizer_corpus")),
         shell:
-            "llama-pipe make-base {output:q} {params.args} > {log:q} 2>&1"
+            "llama-pipe make-base {params.args} -- {output:q} > {log:q} 2>&1"
 
 else:
 
@@ -45,7 +45,7 @@ else:
         params:
             args=flags("base", skip=("tiny", "tokenizer_corpus")),
         shell:
-            "llama-pipe download {output:q} {params.args} > {log:q} 2>&1"
+            "llama-pipe download {params.args} -- {output:q} > {log:q} 2>&1"
 
 
 rule convert:
@@ -55,6 +55,8 @@ rule convert:
         directory("results/hf_base"),
     log:
         "logs/convert/convert.log",
+    benchmark:
+        "benchmarks/convert.tsv"
     conda:
         "../envs/train.yaml"
     threads: 1
@@ -65,4 +67,4 @@ rule convert:
     params:
         args=flags("convert"),
     shell:
-        "llama-pipe convert {input:q} -o {output:q} {params.args} > {log:q} 2>&1"
+        "llama-pipe convert -o {output:q} {params.args} -- {input:q} > {log:q} 2>&1"

@@ -2,14 +2,29 @@
 # settings -> flags bridge, the shard list, the run name, resources, and the targets.
 
 import os
+import re
 import shlex
+import sys
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 import yaml
 
+# The checkout the workflow comes from (workflow/Snakefile's parent): shipped defaults (sample
+# data, accelerate configs, the default config) are found there, whatever the working directory.
+WORKFLOW_ROOT = os.path.dirname(os.path.abspath(workflow.basedir))
+# The settings code is read from that checkout, so Snakemake's own environment (e.g. with
+# --sdm conda) needs only snakemake (which brings pyyaml and jsonschema), not llama-pipe.
+if os.path.isdir(os.path.join(WORKFLOW_ROOT, "src", "llama_pipe")):
+    sys.path.insert(0, os.path.join(WORKFLOW_ROOT, "src"))
+# The conda post-deploy scripts run from a copy under .snakemake/conda/: they install llama-pipe
+# from here (they inherit Snakemake's environment).
+os.environ.update(LLAMA_PIPE_SOURCE=WORKFLOW_ROOT)
+
 from llama_pipe.config import SECTIONS, Config, config_schema, yaml_loader
-from llama_pipe.settings import from_dict, shell_args, to_dict
+from llama_pipe.config_checks import config_errors
+from llama_pipe.settings import ConfigError, from_dict, shell_args, to_dict
 
 min_version("9.0")
 
@@ -43,9 +58,58 @@ def typed_cli_values(data, schema):
 # flags, so a setting's default is part of a rule's params too: a changed value - in config.yaml,
 # via --config, or a changed default in the code - changes the params and re-runs that rule and
 # everything downstream of it.
+#
+# Errors are one line per bad key (an unknown key names the closest valid one) and include the
+# cross-field checks the stages make (llama_pipe.config_checks), so a bad combination fails here,
+# before any job is queued, not inside a GPU job.
 config.update(typed_cli_values(dict(config), config_schema()))
+try:
+    _settings = from_dict(Config, config)
+    _errors = config_errors(_settings)
+    if _errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_errors))
+except ConfigError as exc:
+    raise WorkflowError(f"config: {exc}; fix config/config.yaml or --config") from None
 validate(config, "../schemas/config.schema.yaml")
-config.update(to_dict(from_dict(Config, config)))
+config.update(to_dict(_settings))
+
+
+# ---------------------------------------------------------------- paths
+
+# Settings that name files. A relative path is read against the working directory; one that is
+# not there but is shipped with the workflow (the sample data, questions, tokenizer corpus,
+# configs/accelerate/*.yaml) is read from the workflow's checkout, so `snakemake -s
+# path/workflow/Snakefile` and `--directory elsewhere` work with the defaults.
+PATH_SETTINGS = (
+    ("base", "tokenizer_corpus"),
+    ("data", "inputs"),
+    ("eval", "questions"),
+    ("launch", "accelerate_config"),
+    ("merge_adapter", "extra_adapters"),
+)
+
+
+def resolve_path(path):
+    """``path`` as given, or the workflow's shipped file when only that one exists.
+
+    A relative path that starts with '-' gets './' in front, so no stage reads it as an option.
+    """
+    if not isinstance(path, str) or os.path.isabs(path):
+        return path
+    if path.startswith("-"):
+        path = os.path.join(".", path)
+    if os.path.exists(path):
+        return path
+    shipped = os.path.join(WORKFLOW_ROOT, path)
+    return shipped if os.path.exists(shipped) else path
+
+
+for _section, _key in PATH_SETTINGS:
+    _value = config[_section].get(_key)
+    if isinstance(_value, list):
+        config[_section][_key] = [resolve_path(v) for v in _value]
+    elif _value is not None:
+        config[_section][_key] = resolve_path(_value)
 
 
 def flags(section, only=None, skip=()):
@@ -73,6 +137,8 @@ def split_flags():
     never disagree (a chunk that fits ``split.max_length`` fits the trainer's rendering too).
     """
     data = dict(config["split"])
+    # performance only: passed as a resource, so it re-runs nothing
+    del data["batch_size"]
     data["template"] = config["train"]["template"]
     data["system_prompt"] = config["train"]["system_prompt"]
     text = shell_args(data, SECTIONS["split"])
@@ -98,6 +164,22 @@ def shard_paths(stage, suffix=".jsonl"):
 # ---------------------------------------------------------------- names and resources
 
 RUN = config["train"]["run"]
+# Directories of results/ shared by every run; a run's own products live in results/<run>/.
+SHARED_DIRS = (
+    "base",
+    "hf_base",
+    "merge",
+    "shard",
+    "clean",
+    "filter_lang",
+    "split",
+    "data",
+)
+if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", RUN) or RUN in SHARED_DIRS:
+    raise WorkflowError(
+        f"config: train.run {RUN!r} must be a plain name (letters, digits, '.', '_', '-') and not "
+        f"one of the shared result directories ({', '.join(SHARED_DIRS)})"
+    )
 BASE_IS_TINY = config["base"]["source"] == "tiny"
 
 
@@ -118,10 +200,7 @@ def accelerate_config():
     that file re-runs training and a missing one fails before the job starts."""
     if config["launch"]["processes"] == 1:
         return []
-    accel = config["launch"]["accelerate_config"]
-    if not os.path.isabs(accel):
-        accel = os.path.join(os.path.dirname(workflow.basedir), accel)
-    return [accel]
+    return [config["launch"]["accelerate_config"]]
 
 
 def train_command():
@@ -147,14 +226,16 @@ def train_command():
     )
 
 
-def clean_threads():
-    """Processes per clean job: clean.workers, or 2 when it is 0 ("all cores").
+def worker_threads(section):
+    """Threads of a per-shard job with a ``workers`` setting (clean, filter_lang): ``workers``,
+    or 2 when it is 0 ("all cores"); the rule passes ``--workers {threads}``.
 
-    One clean job runs per shard, so "all cores" per job would oversubscribe the machine; the
-    shards are what spreads clean over cores and nodes. Snakemake caps threads at --cores; change
-    it per run with --set-threads clean=N.
+    One job runs per shard, so "all cores" per job would oversubscribe the machine; the shards
+    are what spreads the stage over cores and nodes. Snakemake caps threads at --cores; change it
+    per run with --set-threads clean=N. ``workers`` is not a param: a performance-only knob
+    re-runs nothing.
     """
-    workers = config["clean"]["workers"]
+    workers = config[section]["workers"]
     return workers if workers > 0 else 2
 
 
@@ -171,9 +252,40 @@ def stage_outputs(stage):
 
 DATA_TARGETS = ["results/data/train.jsonl", "results/data/val.jsonl"]
 BASE_TARGET = "results/hf_base"
-TRAIN_TARGET = f"results/train/{RUN}"
-MERGED_TARGET = "results/merged"
-REPORT_TARGET = "results/report"
+RUN_DIR = f"results/{RUN}"
+TRAIN_TARGET = f"{RUN_DIR}/train"
+MERGED_TARGET = f"{RUN_DIR}/merged"
+EVAL_TARGET = f"{RUN_DIR}/eval"
+REPORT_TARGET = f"{RUN_DIR}/report"
+# The default target's inputs: every key product, not only the report. A product a failed or killed
+# job removed (the train run after kill -9 or scancel) is then missing from the targets and is
+# planned again, with everything downstream of it, even while an older report still exists.
+KEY_PRODUCTS = [
+    *DATA_TARGETS,
+    BASE_TARGET,
+    TRAIN_TARGET,
+    MERGED_TARGET,
+    EVAL_TARGET,
+    REPORT_TARGET,
+]
+
+
+def other_runs():
+    """Earlier runs (results/<run>/ with train metrics and eval metrics) the report compares
+    with this one: name -> directory. Found when the DAG is built, so a new run changes the
+    report's input set and the report of an older run is redone when that run is asked for.
+    """
+    runs = {}
+    if os.path.isdir("results"):
+        for name in sorted(os.listdir("results")):
+            path = os.path.join("results", name)
+            if name == RUN or name in SHARED_DIRS:
+                continue
+            if os.path.isfile(
+                os.path.join(path, "train", "metrics.jsonl")
+            ) and os.path.isfile(os.path.join(path, "eval", "metrics.json")):
+                runs[name] = path
+    return runs
 
 
 def stats_files():

@@ -26,7 +26,7 @@ rule merge:
     params:
         args=flags("merge"),
     shell:
-        "llama-pipe merge {input:q} -o {output.data:q} {params.args} > {log:q} 2>&1"
+        "llama-pipe merge -o {output.data:q} {params.args} -- {input:q} > {log:q} 2>&1"
 
 
 rule shard:
@@ -49,7 +49,7 @@ rule shard:
         outdir=lambda wildcards, output: os.path.dirname(output.stats),
         n=N_SHARDS,
     shell:
-        "llama-pipe shard {input:q} --n {params.n} -o {params.outdir:q} > {log:q} 2>&1"
+        "llama-pipe shard --n {params.n} -o {params.outdir:q} -- {input:q} > {log:q} 2>&1"
 
 
 rule clean:
@@ -61,15 +61,15 @@ rule clean:
         "logs/clean/shard-{shard}.log",
     conda:
         "../envs/data.yaml"
-    threads: clean_threads()
+    threads: worker_threads("clean")
     resources:
         mem_mb=2000,
         runtime=60,
     params:
         args=flags("clean", skip=("workers",)),
     shell:
-        "llama-pipe clean {input:q} -o {output.data:q} --workers {threads}"
-        " {params.args} > {log:q} 2>&1"
+        "llama-pipe clean -o {output.data:q} --workers {threads} {params.args}"
+        " -- {input:q} > {log:q} 2>&1"
 
 
 rule filter_lang:
@@ -81,14 +81,15 @@ rule filter_lang:
         "logs/filter_lang/shard-{shard}.log",
     conda:
         "../envs/data.yaml"
-    threads: 1
+    threads: worker_threads("filter_lang")
     resources:
         mem_mb=1000,
         runtime=60,
     params:
-        args=flags("filter_lang"),
+        args=flags("filter_lang", skip=("workers",)),
     shell:
-        "llama-pipe filter-lang {input:q} -o {output.data:q} {params.args} > {log:q} 2>&1"
+        "llama-pipe filter-lang -o {output.data:q} --workers {threads} {params.args}"
+        " -- {input:q} > {log:q} 2>&1"
 
 
 rule split:
@@ -105,11 +106,15 @@ rule split:
     resources:
         mem_mb=2000,
         runtime=60,
+        # texts per tokenizer batch: a performance-only knob, so not a param (re-runs nothing)
+        batch_size=config["split"]["batch_size"],
     params:
         args=split_flags(),
     shell:
-        "llama-pipe split {input.data:q} -o {output.data:q} --tokenizer {input.tokenizer:q}"
-        " {params.args} > {log:q} 2>&1"
+        # the fast tokenizer's thread pool (Rayon) gets the job's threads
+        "RAYON_NUM_THREADS={threads} llama-pipe split -o {output.data:q}"
+        " --tokenizer {input.tokenizer:q} {params.args} --batch_size {resources.batch_size}"
+        " -- {input.data:q} > {log:q} 2>&1"
 
 
 rule gather:
@@ -131,5 +136,5 @@ rule gather:
     params:
         args=flags("data", only=("val_fraction", "seed")),
     shell:
-        "llama-pipe gather {input:q} --train {output.train:q} --val {output.val:q}"
-        " {params.args} > {log:q} 2>&1"
+        "llama-pipe gather --train {output.train:q} --val {output.val:q} {params.args}"
+        " -- {input:q} > {log:q} 2>&1"

@@ -1,5 +1,6 @@
-# Evaluation (base vs tuned perplexity, sample answers) and the report. The report's PNGs are
-# registered with report(...), so `snakemake --report report.html` embeds them.
+# Evaluation (base vs tuned perplexity, sample answers) and the report of this run (compared with
+# the earlier runs under results/). The report's PNGs are registered with report(...), one caption
+# each, so `snakemake --report report.html` embeds them.
 
 
 rule eval:
@@ -7,11 +8,14 @@ rule eval:
         base=BASE_TARGET,
         tuned=MERGED_TARGET,
         val=DATA_TARGETS[1],
-        questions=config["eval"]["questions"],
+        # eval.questions null: the held-out set bundled with the package
+        questions=config["eval"]["questions"] or [],
     output:
-        directory("results/eval"),
+        directory(EVAL_TARGET),
     log:
-        "logs/eval/eval.log",
+        f"logs/{RUN}/eval.log",
+    benchmark:
+        f"benchmarks/{RUN}/eval.tsv"
     conda:
         "../envs/train.yaml"
     threads: 2
@@ -22,30 +26,41 @@ rule eval:
     params:
         args=flags("eval"),
     shell:
-        "llama-pipe eval --base {input.base:q} --tuned {input.tuned:q} --val {input.val:q}"
+        "llama-pipe eval --base={input.base:q} --tuned={input.tuned:q} --val={input.val:q}"
         " -o {output:q} {params.args} > {log:q} 2>&1"
 
 
 rule report:
     input:
         run=TRAIN_TARGET,
-        eval="results/eval",
+        eval=EVAL_TARGET,
         stats=stats_files(),
+        # earlier runs' results/<run>/ directories, compared in the report
+        others=list(other_runs().values()),
     output:
         report(
             directory(REPORT_TARGET),
             patterns=["{name}.png"],
             caption="../report/plots.rst",
             category="llama-pipe",
+            subcategory=RUN,
         ),
     log:
-        "logs/report/report.log",
+        f"logs/{RUN}/report.log",
     conda:
         "../envs/train.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        # --compare NAME=DIR per earlier run (this run is compared with them)
+        compare=lambda wildcards: " ".join(
+            shlex.quote(f"--compare={name}={path}")
+            for name, path in other_runs().items()
+        ),
+        run=RUN,
     shell:
-        "llama-pipe report --train-metrics {input.run:q}/metrics.jsonl --stats {input.stats:q}"
-        " --eval {input.eval:q}/metrics.json -o {output:q} > {log:q} 2>&1"
+        "llama-pipe report --train-metrics={input.run:q}/metrics.jsonl --eval={input.eval:q}/metrics.json"
+        " -o {output:q} --name={params.run:q} {params.compare} --stats {input.stats:q}"
+        " > {log:q} 2>&1"

@@ -24,10 +24,10 @@ rule export_gguf:
         MERGED_TARGET,
     output:
         "results/export/model.{type}.gguf",
-    wildcard_constraints:
-        type="f16|q8_0|f32",
     log:
         "logs/export/{type}.log",
+    wildcard_constraints:
+        type="f16|q8_0|f32",
     conda:
         "../envs/train.yaml"
     threads: 1

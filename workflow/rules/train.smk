@@ -1,6 +1,6 @@
-# Fine-tuning and adapter merge. results/train/<run>/ holds the adapter and metrics.jsonl;
-# results/merged/ is the product - neither is temp(). While train runs, its checkpoints live in
-# results/train/<run>.ckpt/, outside the declared output: Snakemake deletes a job's outputs
+# Fine-tuning and adapter merge. results/<run>/train/ holds the adapter and metrics.jsonl;
+# results/<run>/merged/ is the product - neither is temp(). While train runs, its checkpoints live
+# in results/<run>/train.ckpt/, outside the declared output: Snakemake deletes a job's outputs
 # before it starts, and a re-run after a failure (or --retries on a cluster) must find them to
 # continue (train.resume: auto; a checkpoint of other settings is not resumed).
 
@@ -14,9 +14,16 @@ rule train:
     output:
         run=directory(TRAIN_TARGET),
     log:
-        f"logs/train/{RUN}.log",
+        f"logs/{RUN}/train.log",
+    benchmark:
+        f"benchmarks/{RUN}/train.tsv"
+    # one more attempt (node failure, preemption, scancel): train resumes from its newest
+    # checkpoint. The only rule with retries: elsewhere a failure is reported at once.
+    retries: 1
     conda:
         "../envs/train.yaml"
+    # Snakemake gives the job OMP_NUM_THREADS={threads} (torch's CPU threads); a cluster profile
+    # raises it with set-threads (the SLURM plugin asks for that many CPUs per task).
     threads: 2
     resources:
         mem_mb=8000,
@@ -27,8 +34,8 @@ rule train:
         command=lambda wildcards: train_command(),
         args=flags("train"),
     shell:
-        "{params.command} --base {input.base:q} --train-data {input.train:q}"
-        " --val-data {input.val:q} -o {output.run:q} {params.args} > {log:q} 2>&1"
+        "{params.command} --base={input.base:q} --train-data={input.train:q}"
+        " --val-data={input.val:q} -o {output.run:q} {params.args} > {log:q} 2>&1"
 
 
 rule merge_adapter:
@@ -39,7 +46,9 @@ rule merge_adapter:
     output:
         directory(MERGED_TARGET),
     log:
-        "logs/merge_adapter/merge_adapter.log",
+        f"logs/{RUN}/merge_adapter.log",
+    benchmark:
+        f"benchmarks/{RUN}/merge_adapter.tsv"
     conda:
         "../envs/train.yaml"
     threads: 1
@@ -51,9 +60,9 @@ rule merge_adapter:
     params:
         # the adapters, in order: the trained one, then merge_adapter.extra_adapters
         adapters=lambda wildcards, input: " ".join(
-            f"--adapter {shlex.quote(path)}" for path in [input.adapter, *input.extra]
+            shlex.quote(f"--adapter={path}") for path in [input.adapter, *input.extra]
         ),
         args=flags("merge_adapter", skip=("extra_adapters",)),
     shell:
-        "llama-pipe merge-adapter --base {input.base:q} {params.adapters}"
+        "llama-pipe merge-adapter --base={input.base:q} {params.adapters}"
         " -o {output:q} {params.args} > {log:q} 2>&1"

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from llama_pipe.config import TrainSettings
+from llama_pipe.config_checks import train_errors
 from llama_pipe.settings import ConfigError
 
 
@@ -67,20 +68,10 @@ def check_optimizer(settings: TrainSettings, acc: Any) -> None:
     """Refuse optimiser choices that cannot run here, before any weights are loaded."""
     from accelerate.utils import DistributedType
 
-    if settings.optimizer_in_backward:
-        needs = []
-        if settings.max_grad_norm > 0:
-            needs.append(f"max_grad_norm: 0 (clipping needs every gradient first; it is {settings.max_grad_norm})")
-        if settings.grad_accum != 1:
-            needs.append(f"grad_accum: 1 (it is {settings.grad_accum})")
-        if settings.on_nonfinite != "stop":
-            needs.append("on_nonfinite: stop (a step cannot be skipped after its updates ran)")
-        if settings.precision == "fp16":
-            needs.append("precision bf16 or fp32 (fp16's gradient scaler unscales at the optimiser step)")
-        if acc.num_processes != 1:
-            needs.append(f"one process (there are {acc.num_processes}: DDP reduces gradients after the hooks)")
-        if needs:
-            raise ConfigError("train.optimizer_in_backward needs " + "; ".join(needs))
+    # the same cross-field checks the workflow runs when the Snakefile loads
+    errors = train_errors(settings, processes=acc.num_processes)
+    if errors:
+        raise ConfigError("\n  ".join(errors))
     if settings.optimizer in (None, "adamw"):  # None: unplanned (memory: manual resolves it to adamw)
         return
     if settings.optimizer == "paged_adamw_8bit" and acc.device.type != "cuda":

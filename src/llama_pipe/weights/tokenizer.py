@@ -78,6 +78,11 @@ def hf_tokenizer_from_sentencepiece(model_file: str | Path, chat_template: str |
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copyfile(model_file, Path(tmp) / "tokenizer.model")
         tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False, legacy=False)
+    # from_pretrained records how it was loaded (local_files_only follows HF_HUB_OFFLINE): not
+    # settings of the tokenizer, and saved they would make the converted files depend on the
+    # environment.
+    for key in ("local_files_only", "cache_dir", "token"):
+        tok.init_kwargs.pop(key, None)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token
     if chat_template is not None:

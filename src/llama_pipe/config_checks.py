@@ -1,0 +1,56 @@
+"""Checks that span several settings (the JSON schema checks each value on its own).
+
+Each check is one function of the settings alone, so the same rule holds where it is called:
+``workflow/rules/common.smk`` calls :func:`check_config` when the Snakefile loads (a bad
+combination fails before any job is queued), and the stages call the per-section functions
+(``llama-pipe train`` calls :func:`train_errors`) when run by hand.
+"""
+
+from __future__ import annotations
+
+from llama_pipe.config import Config, TrainSettings
+from llama_pipe.settings import ConfigError
+
+
+def train_errors(settings: TrainSettings, processes: int = 1) -> list[str]:
+    """Combinations of ``train`` settings that cannot run, one message each (empty: fine).
+
+    ``processes`` is the number of training processes (``launch.processes`` in the workflow,
+    the launcher's process count in the stage).
+    """
+    errors: list[str] = []
+    if settings.optimizer_in_backward:
+        needs = []
+        if settings.max_grad_norm > 0:
+            needs.append(f"max_grad_norm: 0 (clipping needs every gradient first; it is {settings.max_grad_norm})")
+        if settings.grad_accum != 1:
+            needs.append(f"grad_accum: 1 (it is {settings.grad_accum})")
+        if settings.on_nonfinite != "stop":
+            needs.append("on_nonfinite: stop (a step cannot be skipped after its updates ran)")
+        if settings.precision == "fp16":
+            needs.append("precision bf16 or fp32 (fp16's gradient scaler unscales at the optimiser step)")
+        if processes != 1:
+            needs.append(f"one process (there are {processes}: DDP reduces gradients after the hooks)")
+        if needs:
+            errors.append("train.optimizer_in_backward needs " + "; ".join(needs))
+    targets = list(settings.lora.target_modules)
+    if "all-linear" in targets and len(targets) > 1:
+        errors.append("train.lora.target_modules: 'all-linear' cannot be combined with module names")
+    if settings.device == "cpu" and settings.precision == "fp16":
+        errors.append("train.precision: fp16 needs a CUDA device (train.device is cpu; use fp32 or bf16)")
+    if settings.device == "cpu" and settings.optimizer == "paged_adamw_8bit":
+        errors.append("train.optimizer: paged_adamw_8bit pages through CUDA memory (train.device is cpu); use adamw_8bit or adamw")
+    return errors
+
+
+def config_errors(cfg: Config) -> list[str]:
+    """Every cross-field error of a whole configuration, one message each."""
+    return train_errors(cfg.train, processes=cfg.launch.processes)
+
+
+def check_config(cfg: Config, where: str = "") -> None:
+    """Raise :class:`ConfigError` listing every cross-field error of ``cfg`` (prefixed ``where: ``)."""
+    errors = config_errors(cfg)
+    if errors:
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(prefix + "\n  ".join(errors))
