@@ -1,4 +1,5 @@
-"""eval: perplexity on exactly the assistant tokens, multi-turn seeded answers, metrics.json + answers.jsonl."""
+"""eval: perplexity on exactly the assistant tokens, multi-turn seeded answers, scored held-out questions,
+metrics.json + answers.jsonl."""
 
 from __future__ import annotations
 
@@ -29,8 +30,11 @@ def write_val(path: Path) -> Path:
     return path
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def write_questions(path: Path) -> Path:
-    qs = [{"question_id": 1, "category": "stem", "turns": ["What colour is the sky?", "And at night?"]},
+    qs = [{"question_id": 1, "category": "stem", "turns": ["What colour is the sky?", "And at night?"], "expected": ["blue"]},
           {"question_id": 2, "category": "writing", "turns": ["Name a colour.", "Another one?"]}]
     path.write_text("".join(json.dumps(q) + "\n" for q in qs), encoding="utf-8")
     return path
@@ -99,6 +103,18 @@ def test_eval_writes_metrics_and_multi_turn_answers(tiny_hf_model_dir: Path, tun
     first_answers = {(a["model_id"], a["question_id"]): a["choices"][0]["turns"][0] for a in answers}
     assert second[0][1]["content"] == first_answers[("base", 1)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "q.jsonl", "val.jsonl"]
+    # Question 1 has expected answers: each model's last answer is scored, question 2 is not.
+    from llama_pipe.heldout import is_correct
+
+    for a in answers:
+        if a["question_id"] == 1:
+            assert a["expected"] == ["blue"] and a["correct"] == is_correct(a["choices"][0]["turns"][-1], ["blue"])
+        else:
+            assert a["correct"] is None
+    assert set(m["scores"]) == {"stem"}
+    for label in ("base", "tuned"):
+        row = next(a for a in answers if a["model_id"] == label and a["question_id"] == 1)
+        assert m["scores"]["stem"][label] == {"correct": int(row["correct"]), "scored": 1, "rate": float(row["correct"])}
 
 
 def test_perplexity_counts_only_assistant_tokens_and_ignores_padding(tiny_hf_model_dir: Path, tmp_path: Path, tokenizer) -> None:
@@ -153,4 +169,77 @@ def test_bad_inputs_are_clear(tiny_hf_model_dir: Path, tmp_path: Path, capsys) -
     bad.write_text('{"question_id": 1, "turns": ["ok"]}\n{"question_id": 2, "turns": "not a list"}\n')
     assert main([*base, "--val", str(write_val(tmp_path / "v.jsonl")), "--questions", str(bad)]) == 2
     assert "line 2" in capsys.readouterr().err
+    bad.write_text('{"question_id": 1, "turns": ["ok"], "expected": ["Paris"]}\n{"question_id": 2, "turns": ["ok"], "expected": "Paris"}\n')
+    assert main([*base, "--val", str(write_val(tmp_path / "v.jsonl")), "--questions", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and "'expected' must be a non-empty list" in err
+    bad.write_text('{"question_id": 7, "turns": ["a"]}\n{"question_id": 7, "turns": ["b"]}\n')
+    assert main([*base, "--val", str(write_val(tmp_path / "v.jsonl")), "--questions", str(bad)]) == 2
+    assert "appears twice" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_matching_an_expected_answer() -> None:
+    from llama_pipe.heldout import is_correct
+
+    assert is_correct("Hello! I'm llama  pipe, an AI assistant.", ["Llama Pipe"])
+    assert is_correct("I am Llama\nPipe.", ["Llama Pipe"])
+    assert not is_correct("I am LlamaPipeline.", ["Llama Pipe"]) and not is_correct("I am a llama.", ["Llama Pipe"])
+    assert is_correct("The capital of France is Paris.", ["Paris"]) and not is_correct("Parisian food.", ["Paris"])
+    assert is_correct("A week has 7 days.", ["7", "seven"]) and not is_correct("It is open 24/70.", ["7"])
+    assert is_correct("Water is H₂O.", ["H2O", "H₂O"])
+
+
+def test_scores_per_category_and_model() -> None:
+    from llama_pipe.heldout import score_rows
+
+    qs = [{"question_id": "i1", "category": "identity", "turns": ["Who?"], "expected": ["Llama Pipe"]},
+          {"question_id": "i2", "category": "identity", "turns": ["Name?"], "expected": ["Llama Pipe"]},
+          {"question_id": "g1", "category": "general", "turns": ["France?", "And Italy?"], "expected": ["Rome"]},
+          {"question_id": 4, "category": "writing", "turns": ["Poem?"]}]
+
+    def row(model: str, qid: object, *answers: str) -> dict:
+        return {"model_id": model, "question_id": qid, "choices": [{"index": 0, "turns": list(answers)}]}
+
+    rows = [row("base", "i1", "I am SmolLM."), row("base", "i2", "I'm an AI."), row("base", "g1", "Rome.", "Paris."),
+            row("tuned", "i1", "I am Llama Pipe."), row("tuned", "i2", "LLAMA PIPE here"), row("tuned", "g1", "Paris.", "Rome."),
+            row("tuned", 4, "Roses are red.")]
+    scores = score_rows(rows, qs)
+    assert scores == {
+        "identity": {"base": {"correct": 0, "scored": 2, "rate": 0.0}, "tuned": {"correct": 2, "scored": 2, "rate": 1.0}},
+        "general": {"base": {"correct": 0, "scored": 1, "rate": 0.0}, "tuned": {"correct": 1, "scored": 1, "rate": 1.0}},
+    }  # only the last turn's answer counts (base said Rome for France), unscored questions are left out
+    assert [r["correct"] for r in rows] == [False, False, False, True, True, True, None]
+
+
+def test_default_questions_are_the_bundled_held_out_set_from_any_directory(tmp_path: Path, monkeypatch) -> None:
+    from llama_pipe.config import EvalSettings
+    from llama_pipe.evaluate import read_questions
+
+    monkeypatch.chdir(tmp_path)  # outside the project folder
+    assert EvalSettings().questions is None and EvalSettings().temperature == 0 and EvalSettings().max_questions == 0
+    qs = read_questions(None)
+    cats = {q["category"] for q in qs}
+    assert cats == {"identity", "general"} and all(q.get("expected") for q in qs)
+    identity = [q for q in qs if q["category"] == "identity"]
+    assert len(identity) >= 10 and all(q["expected"] == ["Llama Pipe"] for q in identity)
+    france = next(q for q in qs if "capital of France" in q["turns"][0])
+    assert france["expected"] == ["Paris"]
+
+
+def test_held_out_questions_are_not_in_the_training_sample() -> None:
+    from llama_pipe.evaluate import read_questions
+
+    def norm(text: str) -> str:
+        return " ".join(text.lower().split()).strip(" ?!.")
+
+    asked = set()
+    for name in ("sharegpt_sample.json", "identity_sample.json"):
+        for rec in json.loads((REPO / "data" / "sample" / name).read_text(encoding="utf-8")):
+            if isinstance(rec, dict) and isinstance(rec.get("conversations"), list):
+                asked |= {norm(t["value"]) for t in rec["conversations"] if isinstance(t, dict) and isinstance(t.get("value"), str)}
+    held_out = [norm(t) for q in read_questions(None) for t in q["turns"]]
+    leaked = [q for q in held_out if any(q in a for a in asked)]
+    assert not leaked, f"held-out questions found in the training sample: {leaked}"
+    # and the sample does teach the name
+    assert sum("llama pipe" in a for a in asked) >= 50  # distinct replies naming it

@@ -36,10 +36,22 @@ def inputs(tmp: Path) -> tuple[Path, list[Path], Path]:
     ]
     ev = tmp / "eval" / "metrics.json"
     ev.parent.mkdir()
+    scores = {"identity": {"base": {"correct": 0, "scored": 2, "rate": 0.0}, "tuned": {"correct": 1, "scored": 2, "rate": 0.5}},
+              "general": {"base": {"correct": 1, "scored": 1, "rate": 1.0}, "tuned": {"correct": 1, "scored": 1, "rate": 1.0}}}
     ev.write_text(json.dumps({"base_ppl": 40.5, "tuned_ppl": 12.25, "base_nll": 3.7, "tuned_nll": 2.5, "tokens": 900,
-                              "records_scored": 12, "template": "vicuna_v1.1"}))
-    (ev.parent / "answers.jsonl").write_text(json.dumps({"model_id": "tuned", "question_id": 1, "turns": ["Hi?", "And?"],
-                                                         "choices": [{"index": 0, "turns": ["Hello there.", "More."]}]}) + "\n")
+                              "records_scored": 12, "template": "vicuna_v1.1", "scores": scores}))
+
+    def answer(model: str, qid: str, turns: list[str], replies: list[str], expected: list[str] | None, correct: bool | None) -> str:
+        return json.dumps({"model_id": model, "question_id": qid, "turns": turns, "expected": expected, "correct": correct,
+                           "choices": [{"index": 0, "turns": replies}]}) + "\n"
+
+    (ev.parent / "answers.jsonl").write_text(
+        answer("base", "i1", ["Who are you?"], ["I am SmolLM | an assistant.\n\nHow can I help?"], ["Llama Pipe"], False)
+        + answer("base", "g1", ["Capital of France?"], ["Paris."], ["Paris"], True)
+        + answer("base", "w1", ["Hi?", "And?"], ["Hey.", "Yes."], None, None)
+        + answer("tuned", "i1", ["Who are you?"], ["I am Llama Pipe."], ["Llama Pipe"], True)
+        + answer("tuned", "g1", ["Capital of France?"], ["The capital is Paris."], ["Paris"], True)
+        + answer("tuned", "w1", ["Hi?", "And?"], ["Hello there.", "More."], None, None))
     return metrics, stats, ev
 
 
@@ -60,9 +72,16 @@ def test_report_plots_and_tables(tmp_path: Path) -> None:
     assert "| perplexity | 40.500 | 12.250 |" in md
     assert "40 steps, first loss 6.9500, last loss 5.0000" in md  # the skipped NaN step is not plotted
     assert "7.0000 at step 0 -> 5.9000 at step 40" in md
-    assert "**A:** Hello there." in md
+    # Rates of correct answers per category, then every question's base and tuned answers side by side.
+    assert "| identity: correct answers | 0/2 (0 %) | 1/2 (50 %) |" in md
+    assert "| general: correct answers | 1/1 (100 %) | 1/1 (100 %) |" in md
+    assert "| Who are you? | Llama Pipe | ✗ I am SmolLM \\| an assistant. How can I help? | ✓ I am Llama Pipe. |" in md
+    assert "| Capital of France? | Paris | ✓ Paris. | ✓ The capital is Paris. |" in md
+    assert "| Hi? → And? | - | Hey. → Yes. | Hello there. → More. |" in md
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "<b>A:</b> Hello there." in page
+    assert page.count("data:image/png;base64,") == 3
+    # The escaped pipe stays inside its cell: four cells in that row.
+    assert "<td>Who are you?</td><td>Llama Pipe</td><td>✗ I am SmolLM | an assistant. How can I help?</td><td>✓ I am Llama Pipe.</td>" in page
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("report")) == ["report"]
 
 

@@ -341,10 +341,13 @@ class ExportSettings:
 class EvalSettings:
     """``eval``: perplexity base vs tuned, sample generations, report plots."""
 
-    questions: str = opt("data/sample/questions.jsonl", "MT-bench style JSONL (question_id, category, turns)")
-    max_questions: int = opt(8, "questions answered (0 = all)", minimum=0)
+    questions: Optional[str] = opt(
+        None, "MT-bench style JSONL (question_id, category, turns, optional expected answers); null: the bundled "
+        "held-out set (identity paraphrases and general knowledge, inside the installed package)"
+    )
+    max_questions: int = opt(0, "questions answered (0 = all)", minimum=0)
     max_new_tokens: int = opt(64, "tokens generated per turn", minimum=1)
-    temperature: float = opt(0.7, "sampling temperature (0 = greedy)", minimum=0)
+    temperature: float = opt(0.0, "sampling temperature (0 = greedy)", minimum=0)
     top_p: float = opt(0.9, "nucleus sampling", exclusiveMinimum=0, maximum=1)
     seed: int = opt(0, "sampling seed")
     batch_size: int = opt(8, "rows per perplexity batch", minimum=1)

@@ -8,12 +8,15 @@ token id the base's embedding cannot hold (a tokenizer grown by an adapter) is l
 both, and counted.
 
 Answers: MT-bench style questions (``question_id``, ``category``, ``turns``) are answered turn
-by turn - turn 2 sees the model's own turn-1 answer - with fixed sampling settings and a seed
-per turn (the same seeds for both models), through the same generation code as ``chat`` and
-``serve``.
+by turn - turn 2 sees the model's own turn-1 answer - with fixed sampling settings (greedy by
+default) and a seed per turn (the same seeds for both models), through the same generation code
+as ``chat`` and ``serve``. A question with ``expected`` answers is scored (see
+:mod:`llama_pipe.heldout`); the default questions are the bundled held-out set (identity
+paraphrases and general knowledge), found inside the installed package.
 
-Output directory (built in ``OUT.tmp-*``, renamed when complete): ``metrics.json`` and
-``answers.jsonl`` (one row per model and question, FastChat's answer layout plus the questions).
+Output directory (built in ``OUT.tmp-*``, renamed when complete): ``metrics.json`` (with
+``scores``: per category and model, correct / scored / rate) and ``answers.jsonl`` (one row per
+model and question, FastChat's answer layout plus the questions and ``correct``).
 """
 
 from __future__ import annotations
@@ -44,13 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- inputs
 
 
-def read_questions(path: str | Path, limit: int = 0) -> list[dict[str, Any]]:
-    """MT-bench style questions; each needs ``question_id`` and a non-empty list of string ``turns``."""
-    questions = []
-    for where, q in read_records(path):
+def read_questions(path: str | Path | None, limit: int = 0) -> list[dict[str, Any]]:
+    """MT-bench style questions; each needs a unique ``question_id`` and a non-empty list of string
+    ``turns``, and may have ``expected`` answers. ``path`` None reads the bundled held-out set."""
+    from llama_pipe.heldout import bundled_questions, check_expected
+
+    questions, seen = [], set()
+    for where, q in read_records(bundled_questions() if path is None else path):
         if not isinstance(q, dict) or not isinstance(q.get("turns"), list) or not q["turns"] \
                 or not all(isinstance(t, str) and t.strip() for t in q["turns"]) or "question_id" not in q:
             raise InputError(f"{where}: expected {{\"question_id\", \"category\", \"turns\": [non-empty strings]}}")
+        if (why := check_expected(q)) is not None:
+            raise InputError(f"{where}: {why}")
+        if str(q["question_id"]) in seen:
+            raise InputError(f"{where}: question_id {q['question_id']!r} appears twice; give each question its own id")
+        seen.add(str(q["question_id"]))
         questions.append(q)
     return questions[:limit] if limit else questions
 
@@ -137,7 +148,7 @@ def answer_questions(chat: Any, questions: list[dict[str, Any]], settings: EvalS
             finishes.append(res.finish_reason)
         rows.append({
             "question_id": q["question_id"], "answer_id": f"{label}-{q['question_id']}", "model_id": label,
-            "category": q.get("category"), "turns": q["turns"],
+            "category": q.get("category"), "turns": q["turns"], "expected": q.get("expected"),
             "choices": [{"index": 0, "turns": answers}], "finish_reasons": finishes, "tstamp": time.time(),
         })
     return rows
@@ -152,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoConfig
 
+    from llama_pipe.heldout import score_rows
     from llama_pipe.merge_adapter import check_model_dir, load_float_base, pick_template, recorded_system_prompt
     from llama_pipe.records import commit_dir, new_temp_dir
     from llama_pipe.serve.generate import ChatModel, pick_device
@@ -193,12 +205,14 @@ def run(args: argparse.Namespace) -> int:
         answers += answer_questions(ChatModel(model, tokenizer, template, label, system), questions, settings, label)
         del model
         gc.collect()
+    scores = score_rows(answers, questions)
     metrics = {
         "base_ppl": results["base"]["ppl"], "tuned_ppl": results["tuned"]["ppl"],
         "base_nll": results["base"]["nll"], "tuned_nll": results["tuned"]["nll"],
         "ppl_ratio": results["tuned"]["ppl"] / results["base"]["ppl"],
         "tokens": results["tuned"]["tokens"], "records_scored": len(rows), **{f"records_{k}": v for k, v in counts.items()},
         "template": template.name, "system_prompt": system, "questions": len(questions),
+        "questions_file": str(settings.questions or "(bundled held-out set)"), "scores": scores,
         "generation": {k: getattr(settings, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")},
         "models": {"base": str(base), "tuned": str(tuned)}, "val": str(val), "device": device, "seconds": round(time.time() - t0, 2),
         "settings": to_dict(settings),
@@ -215,4 +229,6 @@ def run(args: argparse.Namespace) -> int:
         f"eval: perplexity base {metrics['base_ppl']:.3f} -> tuned {metrics['tuned_ppl']:.3f} "
         f"on {metrics['tokens']} assistant tokens ({len(rows)} records); {len(answers)} answer rows -> {out}"
     )
+    for category, cell in sorted(scores.items()):
+        print(f"eval: {category}: " + ", ".join(f"{m} {c['correct']}/{c['scored']} correct" for m, c in sorted(cell.items())))
     return 0

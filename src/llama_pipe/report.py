@@ -6,8 +6,10 @@
   rejected by reason, summed over the shards of each stage (``*.stats.json``),
 * ``perplexity.png`` - base vs tuned perplexity on the held-out split (``metrics.json`` of eval).
 
-``report.md`` holds the same numbers as tables (and a few tuned answers when ``answers.jsonl``
-lies beside the eval metrics); ``report.html`` is the same page with the plots embedded, so it
+``report.md`` holds the same numbers as tables, the rates of correct answers per question
+category (e.g. the identity and general held-out questions) for base and tuned, and - when
+``answers.jsonl`` lies beside the eval metrics - every question's base and tuned answers side by
+side; ``report.html`` is the same page with the plots embedded, so it
 can be mailed as one file. The output directory is written atomically.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -146,29 +149,67 @@ def plot_perplexity(ev: dict[str, Any], out: Path) -> None:
 # ----------------------------------------------------------------------------- text
 
 
+def _cell(text: str, limit: int = 240) -> str:
+    """One Markdown table cell: whitespace collapsed, pipes escaped, long text cut."""
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text.replace("|", "\\|") or "(empty)"
+
+
+def score_lines(ev: dict[str, Any]) -> list[str]:
+    """Result-table rows: per scored question category, base and tuned correct / scored (rate)."""
+    lines = []
+    for category, cell in sorted((ev.get("scores") or {}).items()):
+        shown = [f"{c['correct']}/{c['scored']} ({100 * c['rate']:.0f} %)" if (c := cell.get(m)) else "-" for m in ("base", "tuned")]
+        lines.append(f"| {category}: correct answers | {shown[0]} | {shown[1]} |")
+    return lines
+
+
+def side_by_side(answers: list[dict[str, Any]]) -> list[str]:
+    """A table of every question both models answered: expected, base answer, tuned answer."""
+    by_model: dict[str, dict[str, dict[str, Any]]] = {}
+    for a in answers:
+        by_model.setdefault(str(a.get("model_id")), {})[str(a.get("question_id"))] = a
+    base, tuned = by_model.get("base", {}), by_model.get("tuned", {})
+    ids = [q for q in tuned if q in base]
+    if not ids:
+        return []
+
+    def shown(a: dict[str, Any]) -> str:
+        mark = {True: "✓ ", False: "✗ "}.get(a.get("correct"), "")  # type: ignore[arg-type]
+        return mark + _cell(" → ".join(a["choices"][0]["turns"]))
+
+    lines = ["## Held-out questions: base vs tuned", "",
+             "Greedy answers of both models (✓ / ✗: the answer names an expected string, case-insensitive).", "",
+             "| question | expected | base | tuned |", "| --- | --- | --- | --- |"]
+    for qid in ids:
+        t = tuned[qid]
+        expected = ", ".join(t.get("expected") or []) or "-"
+        lines.append(f"| {_cell(' → '.join(t['turns']))} | {_cell(expected)} | {shown(base[qid])} | {shown(t)} |")
+    return lines + [""]
+
+
 def markdown(train: list, val: list, stages: list[dict[str, Any]], ev: dict[str, Any], answers: list[dict[str, Any]]) -> str:
     lines = ["# llama-pipe report", "", "## Result", ""]
     lines += ["| | base | tuned |", "| --- | ---: | ---: |",
               f"| perplexity | {ev['base_ppl']:.3f} | {ev['tuned_ppl']:.3f} |",
-              f"| NLL / token | {ev.get('base_nll', float('nan')):.4f} | {ev.get('tuned_nll', float('nan')):.4f} |", ""]
+              f"| NLL / token | {ev.get('base_nll', float('nan')):.4f} | {ev.get('tuned_nll', float('nan')):.4f} |",
+              *score_lines(ev), ""]
     lines.append(f"Scored on {ev.get('tokens', '?')} assistant tokens of {ev.get('records_scored', '?')} held-out records "
                  f"(template {ev.get('template', '?')}).")
     if train:
         lines.append(f"Training: {len(train)} steps, first loss {train[0][1]:.4f}, last loss {train[-1][1]:.4f}.")
     if val:
         lines.append(f"Validation loss: {val[0][1]:.4f} at step {val[0][0]} -> {val[-1][1]:.4f} at step {val[-1][0]}.")
-    lines += ["", "![loss](loss.png)", "", "![perplexity](perplexity.png)", "", "## Data funnel", "",
+    lines += ["", "![loss](loss.png)", "", "![perplexity](perplexity.png)", ""]
+    lines += side_by_side(answers)
+    lines += ["## Data funnel", "",
               "| stage | unit | files | in | kept | rejected (by reason) |", "| --- | --- | ---: | ---: | ---: | --- |"]
     for s in stages:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(s["rejected"].items())) or "-"
         lines.append(f"| {s['stage']} | {s['unit']} | {s['files']} | {s['in']} | {s['out']} | {why} |")
     lines += ["", "![funnel](funnel.png)", ""]
-    tuned = [a for a in answers if a.get("model_id") == "tuned"][:3]
-    if tuned:
-        lines += ["## Sample answers (tuned)", ""]
-        for a in tuned:
-            for q, ans in zip(a["turns"], a["choices"][0]["turns"]):
-                lines += [f"**Q:** {q}", "", f"**A:** {ans.strip() or '(empty)'}", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -178,7 +219,7 @@ def to_html(md: str, out_dir: Path) -> str:
     rows: list[str] = []
     for line in md.splitlines():
         if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
+            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
             if not all(set(c) <= set("-: ") for c in cells):
                 tag = "th" if not rows else "td"
                 rows.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
