@@ -383,3 +383,13 @@ def test_chat_refuses_out_of_range_seed_and_undecodable_prompt(tiny_hf_model_dir
         argv = ["chat", str(tiny_hf_model_dir), "--device", "cpu", "--max-tokens", "2", "--prompt", "hi", *extra]
         rc, err = h.run_cli(argv, capsys)
         assert rc == 2 and "Traceback" not in err and words in err, err
+
+
+def test_pipelined_requests_are_all_answered(small_server) -> None:  # type: ignore[no-untyped-def]
+    """Two requests sent back to back on one connection (HTTP/1.1 pipelining) both get answers:
+    the wait for a next request also looks at what is already buffered."""
+    req = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", small_server.server_address[1]), timeout=10) as s:
+        s.sendall(req + req + b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        data, took = _read_until_closed(s, 10)
+    assert data.count(b"HTTP/1.1 200") == 3 and took < 5, data

@@ -126,7 +126,7 @@ class Handler(BaseHTTPRequestHandler):
         arrive whole: a watchdog answers 408 and disconnects a client that trickles it in."""
         poll = select.poll()
         poll.register(self.connection, select.POLLIN)
-        if not poll.poll(self.timeout * 1000):
+        if not self._buffered() and not poll.poll(self.timeout * 1000):
             self.close_connection = True  # an idle kept-alive connection: closed quietly
             return
         self.cors_origin: str | None = None
@@ -135,6 +135,16 @@ class Handler(BaseHTTPRequestHandler):
             super().handle_one_request()
         finally:
             self.server.deadlines.disarm(self.connection)
+
+    def _buffered(self) -> bool:
+        """Whether a (pipelined) request is already read into rfile's buffer, where poll cannot see it."""
+        self.connection.settimeout(0.0)  # peek without waiting: an empty socket reads as no data
+        try:
+            return bool(self.rfile.peek(1))  # type: ignore[attr-defined]
+        except OSError:
+            return True  # let the request loop meet the error
+        finally:
+            self.connection.settimeout(self.timeout)
 
     # ------------------------------------------------------------------ plumbing
     def _send(self, status: int, body: bytes, ctype: str = "application/json", headers: dict[str, str] | None = None) -> None:
