@@ -195,8 +195,6 @@ def _unreadable(exc: Exception) -> str:
     """Why valid-looking JSON could not be parsed: too deep, or a number Python refuses to convert."""
     if isinstance(exc, RecursionError):
         return _TOO_DEEP
-    if isinstance(exc, TypeError):  # a NaN/Infinity inside an object key position cannot happen; defensive
-        return "unreadable JSON value"
     return f"unreadable JSON value: {str(exc).split(';')[0]}"
 
 
@@ -216,10 +214,12 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     """Yield ``(where, obj)`` for each record of a ``.json`` list or a ``.jsonl`` file.
 
     ``where`` names the record's place (``file:line N`` or ``file[#i]``) for reject details.
-    A JSONL line that is not valid JSON, or a record whose text holds an unpaired surrogate
-    escape (``"\\ud83d"``), is yielded as an :class:`InvalidLine` so the stage can reject it; an
-    unreadable or truncated file raises :class:`InputError`, and so does an empty file unless it
-    is a ``.jsonl`` (zero lines: zero records).
+    A JSONL line that is not valid JSON, or a record that holds an unpaired surrogate escape
+    (``"\\ud83d"``) or NaN/Infinity, or nests more than :data:`MAX_DEPTH` levels, is yielded as an
+    :class:`InvalidLine` (``reason`` ``invalid_json`` or ``too_deep``) so the stage can reject it;
+    an unusable file (see :func:`check_input_file`; not UTF-8, e.g. UTF-16; truncated) raises
+    :class:`InputError`, and so does an empty file unless it is a ``.jsonl`` (zero lines: zero
+    records).
     """
     path = Path(path)
     text = _read_text(path)
