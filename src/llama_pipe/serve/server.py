@@ -112,7 +112,6 @@ class Handler(BaseHTTPRequestHandler):
     server: ChatServer
     protocol_version = "HTTP/1.1"
     server_version = "llama-pipe"
-    error_content_type = "application/json"
 
     def setup(self) -> None:
         self.timeout = self.server.settings.request_timeout  # any one stalled read or write
