@@ -203,7 +203,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def orchestrate(out: Path, budget_s: float, what: list[str]) -> None:
+def orchestrate(out: Path, budget_s: float, what: list[str], only: list[int] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     make_7b()
@@ -212,7 +212,7 @@ def orchestrate(out: Path, budget_s: float, what: list[str]) -> None:
     if "calibrate" in what:
         jobs += [["calibrate", m] for m in ("qlora", "lora", "int8")]
     if "cards" in what:
-        jobs += [["card", str(i)] for i in range(len(CARDS))]
+        jobs += [["card", str(i)] for i in (only if only is not None else range(len(CARDS)))]
     rows: list[dict[str, Any]] = []
     for job in jobs:
         left = budget_s - (time.time() - t0)
@@ -242,6 +242,7 @@ def main() -> None:
     ap.add_argument("arg", nargs="?")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/out")))
     ap.add_argument("--budget-s", type=float, default=540)
+    ap.add_argument("--cards", default=None, help="comma-separated CARDS indices (default: all)")
     a = ap.parse_args()
     if a.what == "card":
         mode, gib, extra = CARDS[int(a.arg)]
@@ -250,7 +251,8 @@ def main() -> None:
         for row in run_calibrate(a.arg):
             print(json.dumps(row), flush=True)
     else:
-        orchestrate(a.out, a.budget_s, ["calibrate", "cards"] if a.what == "all" else [a.what])
+        only = [int(x) for x in a.cards.split(",")] if a.cards else None
+        orchestrate(a.out, a.budget_s, ["calibrate", "cards"] if a.what == "all" else [a.what], only)
 
 
 if __name__ == "__main__":
