@@ -19,7 +19,7 @@ The memory model (bytes, all pure arithmetic on the model's ``config.json`` shap
   (2k-token fp32 logits chunks on the fast path, full logits without it).
 
 Constants were calibrated against ``torch.cuda.max_memory_allocated`` on an H200 (see
-docs/benchmarks.md, "Memory planner"). A plan fits when ``peak * (1 + MARGIN) + SLACK`` is within
+docs/benchmarks.md, "the memory planner"). A plan fits when ``peak * (1 + MARGIN) + SLACK`` is within
 the budget; among those, the one with the lowest modelled step time wins.
 """
 
