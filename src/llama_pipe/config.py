@@ -85,7 +85,8 @@ class ConvertSettings:
     max_shard_size: str = opt("2GB", "largest safetensors shard (e.g. '500MB', '10GB')", pattern=r"^[0-9]+(\.[0-9]+)?\s*[KMGT]?i?B$")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the written weights")
     template: TemplateName = opt(
-        "vicuna_v1.1", "chat template stored with the tokenizer"
+        "vicuna_v1.1", "chat template stored with the tokenizer of a Meta checkpoint, or of a GGUF / HF model that ships "
+        "none (a GGUF's own tokenizer.chat_template is kept)"
     )
     context_length: Optional[int] = opt(
         None,
