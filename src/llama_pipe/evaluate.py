@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     check_model_dir(tuned, "tuned model")
     questions = read_questions(settings.questions, settings.max_questions)
     tokenizer = load_tokenizer(tuned)
-    template = get_template(pick_template(settings.template, [tuned], tokenizer))
+    template = get_template(pick_template(settings.template, [tuned], tokenizer), tokenizer)
     system = recorded_system_prompt([tuned])
     configs = []
     for path in (base, tuned):
