@@ -215,7 +215,7 @@ class LoraSettings:
 class TrainSettings:
     """``train``: LoRA / QLoRA / 8-bit / full fine-tuning."""
 
-    run: str = opt("default", "run name: outputs go to results/train/<run>/", pattern=r"^(?!\.\.?$)[A-Za-z0-9_.-]+$")
+    run: str = opt("default", "run name: the workflow writes this run's products to results/<run>/ (train, merged, eval, report)", pattern=r"^(?!\.\.?$)[A-Za-z0-9_.-]+$")
     mode: Literal["lora", "qlora", "int8", "full"] = opt("lora", "what is trained and how the base is stored")
     template: TemplateChoice = opt(
         "auto", "chat template: auto = the model's own (tokenizer.chat_template) when it ships one that is not a "
@@ -334,7 +334,7 @@ class ExportSettings:
     type: Literal["f16", "q8_0", "f32"] = opt("f16", "tensor type: f16, q8_0 (8-bit blocks of 32) or f32; norm weights stay f32")
     name: Optional[str] = opt(None, "general.name written into the file; null: the model directory's name")
     all_types: list[Literal["f16", "q8_0", "f32"]] = opt(
-        [], "workflow only: types the default target also exports (results/export/model.<type>.gguf); empty: none"
+        [], "workflow only: types the default target also exports (results/<run>/export/model.<type>.gguf); empty: none"
     )
 
 

@@ -58,7 +58,7 @@ def check_model_dir(path: str | Path, what: str = "model") -> Path:
         raise InputError(f"{path}: {what} directory not found")
     if not (path / "config.json").is_file():
         hint = " (it looks like a peft adapter: pass it with --adapter)" if (path / "adapter_config.json").is_file() else ""
-        raise InputError(f"{path}: not a Hugging Face model directory (no config.json){hint}; expected e.g. results/hf_base or results/merged")
+        raise InputError(f"{path}: not a Hugging Face model directory (no config.json){hint}; expected e.g. results/hf_base or results/default/merged")
     check_model_weights(path, safetensors_files(path))  # headers and config.json, before any allocation
     return path
 

@@ -142,6 +142,17 @@ def test_rule_all_asks_for_every_key_product(fresh_workflow: Path) -> None:
         assert product in block, block
 
 
+def test_gguf_exports_belong_to_their_run(fresh_workflow: Path) -> None:
+    """export.all_types adds the run's GGUF files to the default target, under results/<run>/export,
+    so a sweep's runs keep their own exports; one file can also be asked for by name."""
+    out = dry_run(fresh_workflow, "--config", 'train={"run": "r16"}', 'export={"all_types": ["f16", "q8_0"]}')
+    exports = job_blocks(out)["export_gguf"]
+    assert sorted(re.search(r"output: (\S+)", block).group(1) for block in exports) == [
+        "results/r16/export/model.f16.gguf", "results/r16/export/model.q8_0.gguf"]
+    one = job_blocks(dry_run(fresh_workflow, "--", "results/default/export/model.q8_0.gguf"))
+    assert len(one["export_gguf"]) == 1 and "results/default/merged" in one["export_gguf"][0]
+
+
 def test_run_name_must_not_escape_results(fresh_workflow: Path) -> None:
     for run in ("../x", "data"):
         proc = snakemake(fresh_workflow, "-n", "--config", f'train={{"run": "{run}"}}', check=False)

@@ -1,10 +1,12 @@
 # Optional: the merged model as GGUF files for llama.cpp (llama-pipe export; docs/serving.md).
-# `snakemake export` writes results/export/model.<type>.gguf for each type in export.all_types,
-# or export.type when that list is empty; `snakemake results/export/model.q8_0.gguf` writes one.
+# `snakemake export` writes results/<run>/export/model.<type>.gguf for each type in
+# export.all_types, or export.type when that list is empty;
+# `snakemake results/default/export/model.q8_0.gguf` writes one.
 # The default target (rule all) includes only the types listed in export.all_types ([] by default).
 
 EXPORT_TYPES = config["export"]["all_types"]
-EXPORT_TARGETS = expand("results/export/model.{type}.gguf", type=EXPORT_TYPES)
+EXPORT_DIR = f"{RUN_DIR}/export"
+EXPORT_TARGETS = expand(f"{EXPORT_DIR}/model.{{type}}.gguf", type=EXPORT_TYPES)
 
 
 localrules:
@@ -14,7 +16,7 @@ localrules:
 rule export:
     input:
         expand(
-            "results/export/model.{type}.gguf",
+            f"{EXPORT_DIR}/model.{{type}}.gguf",
             type=EXPORT_TYPES or [config["export"]["type"]],
         ),
 
@@ -23,9 +25,9 @@ rule export_gguf:
     input:
         MERGED_TARGET,
     output:
-        "results/export/model.{type}.gguf",
+        f"{EXPORT_DIR}/model.{{type}}.gguf",
     log:
-        "logs/export/{type}.log",
+        f"logs/{RUN}/export/{{type}}.log",
     wildcard_constraints:
         type="f16|q8_0|f32",
     conda:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="Hugging Face model directory (e.g. results/merged or results/hf_base)")
+    parser.add_argument("model", metavar="MODEL", help="Hugging Face model directory (e.g. results/default/merged or results/hf_base)")
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR", help="peft adapter applied on the fly (repeatable, in order)")
     parser.add_argument("--prompt", default=None, help="answer this one message and exit")
     parser.add_argument("--system", default=None, help="system prompt (default: the template's)")

@@ -363,7 +363,7 @@ def _usage(res: Completion) -> dict[str, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="Hugging Face model directory (e.g. results/merged)")
+    parser.add_argument("model", metavar="MODEL", help="Hugging Face model directory (e.g. results/default/merged)")
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR", help="peft adapter merged in memory before serving (repeatable)")
     add_settings_arguments(parser, ServeSettings, "serve")
 

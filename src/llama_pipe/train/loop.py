@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, type=Path, metavar="HF_DIR", help="Hugging Face base model directory (with tokenizer)")
     parser.add_argument("--train-data", required=True, type=Path, metavar="TRAIN", help="training JSONL (from `llama-pipe gather`)")
     parser.add_argument("--val-data", required=True, type=Path, metavar="VAL", help="validation JSONL")
-    parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="run directory (results/train/<run>)")
+    parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="run directory (the workflow's is results/<run>/train)")
     add_settings_arguments(parser, TrainSettings, "train")
 
 

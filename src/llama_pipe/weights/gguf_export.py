@@ -74,7 +74,7 @@ def read_shape(model_dir: Path) -> ModelShape:
     """config.json of a LlamaForCausalLM, or an InputError naming what is wrong."""
     cfg_file = model_dir / "config.json"
     if not cfg_file.is_file():
-        raise InputError(f"{model_dir}: no config.json; export needs a Hugging Face model directory (e.g. results/merged)")
+        raise InputError(f"{model_dir}: no config.json; export needs a Hugging Face model directory (e.g. results/default/merged)")
     try:
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -82,7 +82,7 @@ def read_shape(model_dir: Path) -> ModelShape:
     if cfg.get("model_type") != "llama":
         raise InputError(
             f"{cfg_file}: model_type {cfg.get('model_type')!r}; export writes the llama architecture only "
-            "(a LlamaForCausalLM directory such as results/merged)"
+            "(a LlamaForCausalLM directory such as results/default/merged)"
         )
     rope = dict(cfg.get("rope_parameters") or {})
     scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -200,7 +200,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, settings: ExportSettings
 
     src, dest = Path(model_dir), Path(out)
     if not src.is_dir():
-        raise InputError(f"{src}: not a directory; export needs a Hugging Face model directory (e.g. results/merged)")
+        raise InputError(f"{src}: not a directory; export needs a Hugging Face model directory (e.g. results/default/merged)")
     if settings.format != "gguf":
         raise InputError(f"--format {settings.format}: only gguf is supported")
     shape = read_shape(src)
@@ -249,8 +249,8 @@ def _umask() -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face LLaMA directory (e.g. results/merged)")
-    parser.add_argument("-o", "--out", required=True, metavar="OUT", help="file to write (e.g. results/export/model.f16.gguf)")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face LLaMA directory (e.g. results/default/merged)")
+    parser.add_argument("-o", "--out", required=True, metavar="OUT", help="file to write (e.g. results/default/export/model.f16.gguf)")
     add_settings_arguments(parser, ExportSettings, "export")
 
 
