@@ -337,7 +337,7 @@ def test_config_values_reach_shell_quoted(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", [".", "..", "../x", "a/b", "/tmp/x", ""])
 def test_run_name_cannot_escape_results(name: str) -> None:
-    """``train.run`` becomes the path ``results/train/<run>``: a name that is not one plain path
+    """``train.run`` names the directory ``results/<run>``: a name that is not one plain path
     component (``..`` would make the train output ``results/`` itself) is a config error."""
     from llama_pipe.config import TrainSettings
     from llama_pipe.settings import ConfigError, from_dict
