@@ -45,8 +45,9 @@ CARDS: list[tuple[str, float, dict[str, Any]]] = [
     ("lora", 0, {"lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "max_seq_len": 1024, "micro_batch_size": 8}),
 ]
 CALIBRATE = [(4, 0), (4, 8), (4, 32), (1, 32), (2, 16)]  # (micro-batch, layers kept)
-# unsloth's default (its recomputing checkpointing) on the same shapes, call D5 of 2026-11-30 (docs/benchmarks.md)
-UNSLOTH_D5 = {("qlora", 64): 12280, ("lora", 16): 12641}
+# unsloth's default (its recomputing checkpointing) on the same shapes, call M3 of 2026-12-01 (docs/benchmarks.md);
+# for a same-call ratio run `bench/train_throughput.py all --groups unsloth` in the same device call
+UNSLOTH_REF = {("qlora", 64): 12380, ("lora", 16): 12793}
 
 
 def make_7b() -> None:
@@ -196,10 +197,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         out.append(f"| {r['mode']}{shape} | {r['card_gib']} | {r['plan']} | {'yes' if r.get('fits') else '**OOM**'} | {tok} | "
                    f"{r.get('predicted_gib')} | {r.get('peak_gib')} | {err} |")
     for r in rows:
-        ref = UNSLOTH_D5.get((r.get("mode"), r.get("r")))
+        ref = UNSLOTH_REF.get((r.get("mode"), r.get("r")))
         if r.get("kind") == "card" and ref and r.get("tok_per_s"):
             out.append(f"\n{r['mode']} r{r['r']} on the whole card: {r['tok_per_s']:,} tok/s = {r['tok_per_s'] / ref:.2f}x "
-                       f"unsloth's {ref:,} (call D5, 2026-11-30, another machine)")
+                       f"unsloth's {ref:,} (call M3, 2026-12-01)")
     return "\n".join(out)
 
 
