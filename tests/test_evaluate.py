@@ -78,13 +78,13 @@ def test_eval_writes_metrics_and_multi_turn_answers(tiny_hf_model_dir: Path, tun
     from llama_pipe.serve import generate
 
     seen: list[list[dict]] = []
-    original = generate.ChatModel.complete
+    original = generate.ChatModel.prompt_ids
 
-    def spy(self, messages, params, system=None):
+    def spy(self, messages, system=None):
         seen.append([dict(m) for m in messages])
-        return original(self, messages, params, system)
+        return original(self, messages, system)
 
-    monkeypatch.setattr(generate.ChatModel, "complete", spy)
+    monkeypatch.setattr(generate.ChatModel, "prompt_ids", spy)
     out = tmp_path / "eval"
     argv = ["eval", "--base", str(tiny_hf_model_dir), "--tuned", str(tuned_dir), "--val", str(write_val(tmp_path / "val.jsonl")),
             "-o", str(out), "--questions", str(write_questions(tmp_path / "q.jsonl")), "--max-new-tokens", "8",

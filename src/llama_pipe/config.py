@@ -351,7 +351,7 @@ class EvalSettings:
     temperature: float = opt(0.0, "sampling temperature (0 = greedy)", minimum=0)
     top_p: float = opt(0.9, "nucleus sampling", exclusiveMinimum=0, maximum=1)
     seed: int = opt(0, "sampling seed")
-    batch_size: int = opt(8, "rows per perplexity batch", minimum=1)
+    batch_size: int = opt(8, "rows per perplexity batch, and questions answered together per forward pass", minimum=1)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to evaluate")
     template: Optional[TemplateChoice] = opt(
         None, "chat template; null: the one recorded with the model (llama_pipe.json, train_config.json), else the "

@@ -124,34 +124,45 @@ def nll_sum(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, ba
 
 
 def answer_questions(chat: Any, questions: list[dict[str, Any]], settings: EvalSettings, label: str) -> list[dict[str, Any]]:
-    """Multi-turn answers: each turn sees the model's previous answers."""
+    """Multi-turn answers: each turn sees the model's previous answers.
+
+    Turn by turn, the questions still going are answered together, ``settings.batch_size`` per
+    forward pass; each question's turn keeps its own seed, so the answers do not depend on the
+    batching beyond float rounding.
+    """
     from tqdm import tqdm
 
     from llama_pipe.serve.generate import SamplingParams
 
-    rows = []
-    for qi, q in enumerate(tqdm(questions, desc=f"answers ({label})", unit="question", disable=None)):
-        history: list[dict[str, str]] = []
-        answers, finishes = [], []
-        for ti, turn in enumerate(q["turns"]):
-            history.append({"role": "user", "content": turn})
-            params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                                    top_p=settings.top_p, seed=settings.seed * 100_003 + qi * 101 + ti)
-            try:
-                res = chat.complete(history, params)
-            except InputError as exc:  # the conversation outgrew the context
-                answers.append("")
-                finishes.append(f"error: {exc}")
-                break
-            history.append({"role": "assistant", "content": res.text})
-            answers.append(res.text)
-            finishes.append(res.finish_reason)
-        rows.append({
+    histories: list[list[dict[str, str]]] = [[] for _ in questions]
+    answers: list[list[str]] = [[] for _ in questions]
+    finishes: list[list[str | None]] = [[] for _ in questions]
+    going = set(range(len(questions)))
+    with tqdm(total=sum(len(q["turns"]) for q in questions), desc=f"answers ({label})", unit="turn", disable=None) as bar:
+        for ti in range(max((len(q["turns"]) for q in questions), default=0)):
+            asked = [qi for qi in sorted(going) if ti < len(questions[qi]["turns"])]
+            for qi in asked:
+                histories[qi].append({"role": "user", "content": questions[qi]["turns"][ti]})
+            params = [SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                     top_p=settings.top_p, seed=settings.seed * 100_003 + qi * 101 + ti) for qi in asked]
+            done = chat.complete_batch([histories[qi] for qi in asked], params, settings.batch_size, bar.update)
+            for qi, res in zip(asked, done):
+                if res.error is not None:  # the conversation outgrew the context: the question ends here
+                    answers[qi].append("")
+                    finishes[qi].append(f"error: {res.error}")
+                    going.discard(qi)
+                    continue
+                histories[qi].append({"role": "assistant", "content": res.text})
+                answers[qi].append(res.text)
+                finishes[qi].append(res.finish_reason)
+    return [
+        {
             "question_id": q["question_id"], "answer_id": f"{label}-{q['question_id']}", "model_id": label,
             "category": q.get("category"), "turns": q["turns"], "expected": q.get("expected"),
-            "choices": [{"index": 0, "turns": answers}], "finish_reasons": finishes, "tstamp": time.time(),
-        })
-    return rows
+            "choices": [{"index": 0, "turns": answers[qi]}], "finish_reasons": finishes[qi], "tstamp": time.time(),
+        }
+        for qi, q in enumerate(questions)
+    ]
 
 
 # ----------------------------------------------------------------------------- the stage

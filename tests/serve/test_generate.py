@@ -63,6 +63,29 @@ def test_max_new_tokens_gives_finish_reason_length(chat_model: ChatModel) -> Non
     assert "".join(out) == chat_model.tokenizer.decode(m.script[:3])
 
 
+def test_batched_replies_equal_one_at_a_time(chat_model: ChatModel) -> None:
+    """eval answers its questions in left-padded batches: each row's reply (greedy, or sampled
+    with its own seed) is the one ``complete`` gives alone, rows stop on their own, and a prompt
+    with no room left in the context is reported on its row without stopping the others."""
+    convs = [[{"role": "user", "content": c}] for c in
+             ("Hi", "Tell me a long story about a dragon and a knight.", "2+2?", "What is the capital of France, please?")]
+    for params in ([SamplingParams(max_new_tokens=n, temperature=0) for n in (12, 5, 12, 9)],
+                   [SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=s) for s in (1, 2, 3, 4)],
+                   [SamplingParams(max_new_tokens=16, temperature=0, stop=(s,)) for s in ("e", "a", "o", "t")]):
+        alone = [chat_model.complete(c, p) for c, p in zip(convs, params)]
+        seen: list[int] = []
+        together = chat_model.complete_batch(convs, params, batch_size=3, on_done=seen.append)
+        assert sum(seen) == len(convs)
+        assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+        assert [r.text for r in together] == [r.text for r in alone]
+        assert [(r.finish_reason, r.completion_tokens, r.prompt_tokens) for r in together] == \
+            [(r.finish_reason, r.completion_tokens, r.prompt_tokens) for r in alone]
+    too_long = [{"role": "user", "content": "word " * (chat_model.context_length + 10)}]
+    out = chat_model.complete_batch([too_long, convs[0]], [SamplingParams(max_new_tokens=4, temperature=0)] * 2)
+    assert out[0].error and "context" in out[0].error and out[0].text == ""
+    assert out[1].error is None and out[1].token_ids == chat_model.complete(convs[0], SamplingParams(max_new_tokens=4, temperature=0)).token_ids
+
+
 def test_greedy_and_tiny_top_p_agree_and_follow_argmax(chat_model: ChatModel) -> None:
     msgs = [{"role": "user", "content": "Tell me a story."}]
     greedy = chat_model.complete(msgs, SamplingParams(max_new_tokens=12, temperature=0))

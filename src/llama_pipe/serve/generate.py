@@ -10,7 +10,7 @@ trailing prefix of a stop string are held back until the next token decides them
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ class Completion:
     completion_tokens: int = 0
     pieces: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # generated ids, end-of-turn excluded
+    error: str | None = None  # complete_batch: why this row was not generated (prompt over the context)
 
 
 def pick_device(wanted: str) -> str:
@@ -86,31 +87,22 @@ class ChatModel:
         text, _ = self.template.render(messages, system=system if system is not None else self.system, add_generation_prompt=True)
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
-    def _tokens(self, prompt: list[int], params: SamplingParams, budget: int) -> Iterator[int]:
+    def _generator(self, params: SamplingParams) -> Any:
         import torch
 
         gen = torch.Generator(device=self.device)
         gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        return gen
+
+    def _tokens(self, prompt: list[int], params: SamplingParams, budget: int) -> Iterator[int]:
+        import torch
+
+        gen = self._generator(params)
         ids = torch.tensor([prompt], device=self.device)
         with torch.inference_mode():
             out = self.model(input_ids=ids, use_cache=True)
             for _ in range(budget):
-                logits = out.logits[0, -1].float()
-                if params.temperature <= 0:
-                    nxt = int(torch.argmax(logits))
-                else:
-                    # In float64 (1e-300 is 0 in float32) and with the best logit shifted to 0 first: a
-                    # tiny temperature then sends the others to -inf, not every logit to +-inf (NaN),
-                    # and samples like greedy, its limit.
-                    scaled = (logits.double() - logits.max().double()) / params.temperature
-                    probs = torch.softmax(scaled, dim=-1)
-                    if params.top_p < 1.0:
-                        sorted_p, order = torch.sort(probs, descending=True)
-                        outside = torch.cumsum(sorted_p, 0) - sorted_p >= params.top_p
-                        outside[0] = False  # the most likely token always stays (top_p 1e-300 is 0 in float32)
-                        sorted_p[outside] = 0.0
-                        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-                    nxt = int(torch.multinomial(probs, 1, generator=gen))
+                nxt = _pick(out.logits[0, -1], params, gen)
                 yield nxt
                 if nxt in self.stop_ids:
                     return
@@ -135,6 +127,10 @@ class ChatModel:
         budget = min(params.max_new_tokens, self.context_length - len(prompt))
         if budget <= 0:
             raise InputError(f"the prompt has {len(prompt)} tokens; the model's context is {self.context_length}")
+        yield from self._assemble(self._tokens(prompt, params, budget), params, res)
+
+    def _assemble(self, tokens: Iterable[int], params: SamplingParams, res: Completion) -> Iterator[str]:
+        """Text pieces from generated token ids (the body of :meth:`stream`), filling ``res``."""
         stops = [s for s in params.stop if s]
         ids = res.token_ids
         start = read = 0  # window: ids[start:read] is decoded already, ids[read:] is not
@@ -142,7 +138,7 @@ class ChatModel:
         sent = 0
         cut = False  # ended by a stop string
         res.finish_reason = "length"
-        for tok in self._tokens(prompt, params, budget):
+        for tok in tokens:
             res.completion_tokens += 1
             if tok in self.stop_ids:
                 res.finish_reason = "stop"
@@ -181,6 +177,103 @@ class ChatModel:
         for _ in self.stream(self.prompt_ids(messages, system), params, res):
             pass
         return res
+
+    def complete_batch(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        params: Sequence[SamplingParams],
+        batch_size: int = 8,
+        on_done: Callable[[int], None] | None = None,
+    ) -> list[Completion]:
+        """Whole replies to several conversations, ``batch_size`` prompts per forward pass.
+
+        Prompts of similar length are batched together, left-padded (attention mask and position
+        ids say where each row starts); every row samples with its own ``params`` and seeded
+        generator through the same :func:`_pick` as :meth:`stream`, and its tokens are turned
+        into text by the same code, stop strings included: the result equals :meth:`complete`'s up
+        to float rounding of the padded batch. A prompt that leaves no room in the context gets
+        ``error`` set and no text. ``on_done(n)`` is called as batches finish (progress bars).
+        """
+        if len(params) != len(conversations):
+            raise ValueError("one SamplingParams per conversation")
+        prompts = [self.prompt_ids(c) for c in conversations]
+        results = [Completion(prompt_tokens=len(p)) for p in prompts]
+        todo = []
+        for i, p in enumerate(prompts):
+            if min(params[i].max_new_tokens, self.context_length - len(p)) <= 0:
+                results[i].error = f"the prompt has {len(p)} tokens; the model's context is {self.context_length}"
+            else:
+                todo.append(i)
+        todo.sort(key=lambda i: len(prompts[i]))
+        step = max(1, batch_size)
+        for start in range(0, len(todo), step):
+            rows = todo[start : start + step]
+            for i, tokens in zip(rows, self._generate_rows([prompts[i] for i in rows], [params[i] for i in rows])):
+                for _ in self._assemble(tokens, params[i], results[i]):
+                    pass
+            if on_done is not None:
+                on_done(len(rows))
+        return results
+
+    def _generate_rows(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+        """One left-padded batch: each row's tokens (its end of turn included) until every row stopped."""
+        import torch
+
+        dev = self.device
+        width = max(len(p) for p in prompts)
+        pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=dev)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=dev)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.tensor(p, device=dev)
+            mask[r, width - len(p):] = 1
+        gens = [self._generator(pr) for pr in params]
+        budgets = [min(pr.max_new_tokens, self.context_length - len(p)) for pr, p in zip(params, prompts)]
+        tokens: list[list[int]] = [[] for _ in prompts]
+        live = [True] * len(prompts)
+        with torch.inference_mode():
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            last = positions[:, -1:]
+            while True:
+                nxt = [pad] * len(prompts)
+                for r in range(len(prompts)):
+                    if live[r]:
+                        nxt[r] = _pick(out.logits[r, -1], params[r], gens[r])
+                        tokens[r].append(nxt[r])
+                        live[r] = nxt[r] not in self.stop_ids and len(tokens[r]) < budgets[r]
+                if not any(live):
+                    return tokens
+                last = last + 1
+                mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=torch.long, device=dev)], dim=1)
+                out = self.model(
+                    input_ids=torch.tensor(nxt, device=dev).unsqueeze(1),
+                    attention_mask=mask,
+                    position_ids=last,
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
+                )
+
+
+def _pick(row_logits: Any, params: SamplingParams, gen: Any) -> int:
+    """The next token from one row's logits: argmax at temperature 0, else temperature + top-p."""
+    import torch
+
+    logits = row_logits.float()
+    if params.temperature <= 0:
+        return int(torch.argmax(logits))
+    # In float64 (1e-300 is 0 in float32) and with the best logit shifted to 0 first: a tiny
+    # temperature then sends the others to -inf, not every logit to +-inf (NaN), and samples like
+    # greedy, its limit.
+    scaled = (logits.double() - logits.max().double()) / params.temperature
+    probs = torch.softmax(scaled, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        outside = torch.cumsum(sorted_p, 0) - sorted_p >= params.top_p
+        outside[0] = False  # the most likely token always stays (top_p 1e-300 is 0 in float32)
+        sorted_p[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 def load_chat_model(
