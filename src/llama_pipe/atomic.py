@@ -3,7 +3,8 @@ target, renamed into place, and the clean-up of temporaries a killed writer left
 
 * :class:`AtomicFile` - one file, written to ``.NAME.<pid>.<random>.tmp`` and renamed;
 * :func:`commit_files` - several finished AtomicFiles renamed together, rolled back on failure;
-* :func:`new_temp_dir` / :func:`commit_dir` - a directory built beside its target and swapped in;
+* :func:`atomic_dir` - a directory built beside its target and swapped in (a context manager over
+  :func:`new_temp_dir` and :func:`commit_dir`; the temporary is removed on any failure);
 * :func:`remove_dead_temps` - temporaries whose writer process is gone.
 
 (:mod:`llama_pipe.records` re-exports these names.)
@@ -14,7 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -50,8 +54,6 @@ def remove_dead_temps(path: str | Path) -> list[Path]:
     A writer killed with SIGKILL cannot clean up; the next writer of the same output does. A
     temporary whose pid is alive (a concurrent writer, or a reused pid) is left alone.
     """
-    import shutil
-
     path = Path(path)
     name = re.escape(path.name)
     file_re = re.compile(rf"^\.{name}\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
@@ -89,8 +91,6 @@ def commit_dir(tmp: str | Path, out: str | Path) -> None:
     the next writer if this one is killed in between), so ``out`` is always either the old or the
     new complete directory. Permissions follow the umask (mkdtemp makes directories private).
     """
-    import shutil
-
     tmp, out = Path(tmp), Path(out)
     umask = os.umask(0)
     os.umask(umask)
@@ -115,6 +115,27 @@ def commit_dir(tmp: str | Path, out: str | Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(out: str | Path) -> Iterator[Path]:
+    """Build directory ``out`` whole or not at all::
+
+        with atomic_dir(out) as tmp:
+            (tmp / "a.json").write_text(...)
+
+    The body writes into a fresh temporary sibling (:func:`new_temp_dir`); when it finishes, the
+    temporary is renamed into place (:func:`commit_dir`). On any exception (KeyboardInterrupt
+    included), in the body or in the commit, the temporary is removed and the exception goes on;
+    an older ``out`` stays as it was.
+    """
+    tmp = new_temp_dir(out)
+    try:
+        yield tmp
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class AtomicFile:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import MergeAdapterSettings
-from llama_pipe.records import InputError, commit_dir, file_digest, new_temp_dir, write_json_atomic
+from llama_pipe.atomic import atomic_dir, write_json_atomic
+from llama_pipe.records import InputError, file_digest
 from llama_pipe.settings import add_settings_arguments, describe, settings_from_args
 from llama_pipe.weights.hf import safetensors_files
 from llama_pipe.weights.validate import check_adapter_weights, check_model_weights
@@ -289,16 +290,11 @@ def run(args: argparse.Namespace) -> int:
         "adapters": [{"path": str(a), "sha256": file_digest(a / "adapter_model.safetensors")} for a in adapters],
         "dtype": settings.dtype,
     }
-    tmp = new_temp_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         write_model_dir(model, tokenizer, template_name, tmp, settings.max_shard_size, sidecar)
         copy_sentencepiece(tokenizer, dirs, tmp)
         if settings.format == "meta":
             write_meta(model, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    commit_dir(tmp, out)
     n_params = sum(p.numel() for p in model.parameters())
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     print(

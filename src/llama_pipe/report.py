@@ -19,7 +19,6 @@ import argparse
 import base64
 import html
 import re
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -260,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from llama_pipe.records import commit_dir, new_temp_dir
+    from llama_pipe.atomic import atomic_dir
 
     train, val = read_losses(Path(args.train_metrics))
     stages = funnel([Path(p) for p in args.stats])
@@ -271,8 +270,7 @@ def run(args: argparse.Namespace) -> int:
     answers_path = ev_path.with_name("answers.jsonl")
     answers = list(iter_jsonl(answers_path)) if answers_path.is_file() else []
     out = Path(args.output)
-    tmp = new_temp_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         plot_loss(train, val, tmp / "loss.png")
         plot_funnel(stages, tmp / "funnel.png")
         plot_perplexity(ev, tmp / "perplexity.png")
@@ -281,10 +279,6 @@ def run(args: argparse.Namespace) -> int:
             md += compare_runs(args, train, val, ev, tmp)
         (tmp / "report.md").write_text(md, encoding="utf-8")
         (tmp / "report.html").write_text(to_html(md, tmp), encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    commit_dir(tmp, out)
     print(f"report: loss ({len(train)} train / {len(val)} val points), funnel ({len(stages)} stages), "
           f"perplexity {ev['base_ppl']:.3f} -> {ev['tuned_ppl']:.3f} -> {out}")
     return 0

@@ -371,3 +371,26 @@ def test_next_writer_removes_temporaries_of_a_killed_writer(kind: str, tmp_path:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.mark.parametrize("failure", [None, KeyboardInterrupt, OSError])
+def test_atomic_dir_is_all_or_nothing(failure: type[BaseException] | None, tmp_path: Path) -> None:
+    """``atomic_dir``, which every directory-writing stage uses: on success the new directory
+    replaces the old one whole; on any exception in the body (an interrupt included) the older
+    directory stays as it was and no temporary is left beside it."""
+    from llama_pipe.atomic import atomic_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old", encoding="utf-8")
+    try:
+        with atomic_dir(out) as tmp:
+            assert tmp.parent == out.parent and tmp != out
+            (tmp / "new.txt").write_text("new", encoding="utf-8")
+            if failure is not None:
+                raise failure("stop")
+    except (KeyboardInterrupt, OSError):
+        assert failure is not None
+    expected = ["new.txt"] if failure is None else ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "a temporary was left behind"
