@@ -6,8 +6,6 @@ target, renamed into place, and the clean-up of temporaries a killed writer left
 * :func:`atomic_dir` - a directory built beside its target and swapped in (a context manager over
   :func:`new_temp_dir` and :func:`commit_dir`; the temporary is removed on any failure);
 * :func:`remove_dead_temps` - temporaries whose writer process is gone.
-
-(:mod:`llama_pipe.records` re-exports these names.)
 """
 
 from __future__ import annotations
@@ -22,11 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-
-def _output_error(message: str) -> Exception:
-    from llama_pipe.records import OutputError  # records imports this module at its top
-
-    return OutputError(message)
+from llama_pipe.errors import OutputError
 
 
 def _pid_alive(pid: int) -> bool:
@@ -149,7 +143,7 @@ class AtomicFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if self.path.is_dir():
-            raise _output_error(f"{self.path}: is a directory; give a file path for the output")
+            raise OutputError(f"{self.path}: is a directory; give a file path for the output")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_temps(self.path)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.{os.getpid()}.", suffix=".tmp", dir=self.path.parent)

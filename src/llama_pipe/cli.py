@@ -59,8 +59,7 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from llama_pipe.records import InputError
-    from llama_pipe.settings import ConfigError
+    from llama_pipe.errors import ConfigError, InputError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     stage = next((a for a in argv if not a.startswith("-")), None)

@@ -29,9 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import EvalSettings
-from llama_pipe.records import InputError, dumps, iter_jsonl, read_records, write_json_atomic
-from llama_pipe.settings import add_settings_arguments, describe, settings_from_args, to_dict
+from llama_pipe.atomic import write_json_atomic
+from llama_pipe.config import EvalSettings, settings_from_args
+from llama_pipe.errors import InputError
+from llama_pipe.records import dumps, iter_jsonl, read_records
+from llama_pipe.settings import add_settings_arguments, describe, to_dict
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import MergeAdapterSettings
 from llama_pipe.atomic import atomic_dir, write_json_atomic
-from llama_pipe.records import InputError, file_digest
-from llama_pipe.settings import add_settings_arguments, describe, settings_from_args
+from llama_pipe.config import MergeAdapterSettings, settings_from_args
+from llama_pipe.errors import InputError
+from llama_pipe.records import file_digest
+from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.weights.hf import safetensors_files
 from llama_pipe.weights.validate import check_adapter_weights, check_model_weights
 

@@ -23,7 +23,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.records import InputError, iter_jsonl, read_json
+from llama_pipe.errors import InputError
+from llama_pipe.records import iter_jsonl, read_json
 
 STAGE_ORDER = ["merge", "shard", "clean", "filter_lang", "split", "gather"]
 

@@ -321,7 +321,8 @@ def test_disk_full_leaves_nothing(stage: str, nth: int, tmp_path: Path, capsys: 
 def test_abort_survives_a_failing_close(tmp_path: Path) -> None:
     """A full disk makes the buffered rest fail again on close: abort still removes the
     temporaries and does not raise, and the stage's error is one OutputError."""
-    from llama_pipe.records import OutputError, StageWriter
+    from llama_pipe.errors import OutputError
+    from llama_pipe.stage_writer import StageWriter
 
     class FullDisk:
         closed = False

@@ -82,8 +82,7 @@ def test_paths_and_strings_arrive_unchanged(recorded: tuple[Path, dict[str, list
 
 def test_real_stage_parsers_read_the_values_back(recorded: tuple[Path, dict[str, list[list[str]]]]) -> None:
     from llama_pipe.cli import build_parser
-    from llama_pipe.config import CleanSettings, TrainSettings
-    from llama_pipe.settings import settings_from_args
+    from llama_pipe.config import CleanSettings, TrainSettings, settings_from_args
 
     _, calls = recorded
     clean_args = build_parser("clean").parse_args(["clean", *calls["clean"][0]])

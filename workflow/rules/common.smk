@@ -24,7 +24,8 @@ os.environ.update(LLAMA_PIPE_SOURCE=WORKFLOW_ROOT)
 
 from llama_pipe.config import SECTIONS, Config, config_schema, yaml_loader
 from llama_pipe.config_checks import config_errors
-from llama_pipe.settings import ConfigError, from_dict, shell_args, to_dict
+from llama_pipe.errors import ConfigError
+from llama_pipe.settings import from_dict, shell_args, to_dict
 
 min_version("9.0")
 

@@ -26,19 +26,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir
-from llama_pipe.config import DataSettings
+from llama_pipe.atomic import atomic_dir, write_json_atomic
+from llama_pipe.config import DataSettings, settings_from_args
 from llama_pipe.data.common import conversation_problem, log_settings, progress, record_id
-from llama_pipe.records import (
-    InputError,
-    InvalidLine,
-    OutputError,
-    StageWriter,
-    dumps,
-    read_records,
-    write_json_atomic,
-)
-from llama_pipe.settings import add_settings_arguments, settings_from_args
+from llama_pipe.errors import InputError, OutputError
+from llama_pipe.records import InvalidLine, dumps, read_records
+from llama_pipe.settings import add_settings_arguments
+from llama_pipe.stage_writer import StageWriter
 
 _CHUNK_SUFFIX = re.compile(r"_\d+$")
 

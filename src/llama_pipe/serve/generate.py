@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.records import InputError
+from llama_pipe.errors import InputError
 from llama_pipe.templates import ChatTemplate, Message, end_of_turn_ids, get_template
 
 log = logging.getLogger(__name__)

@@ -33,10 +33,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import ConvertSettings
 from llama_pipe.atomic import atomic_dir
-from llama_pipe.records import InputError
-from llama_pipe.settings import add_settings_arguments, describe, settings_from_args
+from llama_pipe.config import ConvertSettings, settings_from_args
+from llama_pipe.errors import InputError
+from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.weights import meta
 
 log = logging.getLogger(__name__)

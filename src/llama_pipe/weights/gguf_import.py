@@ -28,9 +28,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import ConvertSettings
 from llama_pipe.atomic import atomic_dir, write_json_atomic
-from llama_pipe.records import InputError
+from llama_pipe.config import ConvertSettings
+from llama_pipe.errors import InputError
 
 log = logging.getLogger(__name__)
 

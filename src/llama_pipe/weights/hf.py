@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.atomic import atomic_dir, commit_dir
-from llama_pipe.records import InputError
+from llama_pipe.errors import InputError
 
 log = logging.getLogger(__name__)
 

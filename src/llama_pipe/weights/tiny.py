@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.atomic import atomic_dir
-from llama_pipe.config import BaseSettings
-from llama_pipe.records import InputError, InvalidLine, read_records
-from llama_pipe.settings import ConfigError, add_settings_arguments, describe, settings_from_args
+from llama_pipe.config import BaseSettings, settings_from_args
+from llama_pipe.errors import ConfigError, InputError
+from llama_pipe.records import InvalidLine, read_records
+from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.weights import meta
 
 log = logging.getLogger(__name__)
