@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
 
     from llama_pipe.atomic import atomic_dir
     from llama_pipe.heldout import score_rows
-    from llama_pipe.merge_adapter import check_model_dir, load_float_base, pick_template, recorded_system_prompt
+    from llama_pipe.model_dir import check_model_dir, load_float_base, pick_template, recorded_system_prompt
     from llama_pipe.serve.generate import ChatModel, pick_device
     from llama_pipe.templates import get_template
     from llama_pipe.weights.tokenizer import load_tokenizer

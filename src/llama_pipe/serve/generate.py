@@ -193,7 +193,7 @@ def load_chat_model(
     """Load a float model directory (optionally merging peft adapters on the fly) for chatting."""
     import torch
 
-    from llama_pipe.merge_adapter import (
+    from llama_pipe.model_dir import (
         apply_adapters,
         check_adapter_dir,
         check_model_dir,
