@@ -25,8 +25,7 @@ from typing import Any
 
 from llama_pipe.errors import InputError
 from llama_pipe.records import iter_jsonl, read_json
-
-STAGE_ORDER = ["merge", "shard", "clean", "filter_lang", "split", "gather"]
+from llama_pipe.stages import DATA_STAGES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +60,8 @@ def read_losses(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, fl
 
 
 def funnel(stats_paths: list[Path]) -> list[dict[str, Any]]:
-    """One entry per stage (pipeline order), shards summed: stage, unit, in, out, rejected, files."""
+    """One entry per stage (pipeline order: :data:`llama_pipe.stages.DATA_STAGES`), shards summed:
+    stage, unit, in, out, rejected, files."""
     stages: dict[str, dict[str, Any]] = {}
     for p in stats_paths:
         s = read_json(p, "stats file")
@@ -73,7 +73,7 @@ def funnel(stats_paths: list[Path]) -> list[dict[str, Any]]:
         e["out"] += int(s["out"])
         e["rejected"].update({k: int(v) for k, v in (s.get("rejected") or {}).items()})
         e["files"] += 1
-    rank = {name: i for i, name in enumerate(STAGE_ORDER)}
+    rank = {st.rule: i for i, st in enumerate(DATA_STAGES)}
     return sorted(stages.values(), key=lambda e: rank.get(e["stage"], len(rank)))
 
 
