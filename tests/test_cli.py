@@ -7,16 +7,17 @@ import sys
 
 import pytest
 
-from llama_pipe.cli import STAGES, main
+from llama_pipe.cli import main
+from llama_pipe.stages import BY_NAME
 
 
 def test_help_lists_every_stage() -> None:
     out = subprocess.run([sys.executable, "-m", "llama_pipe.cli", "--help"], capture_output=True, text=True, check=True)
-    for name in STAGES:
+    for name in BY_NAME:
         assert name in out.stdout
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
+@pytest.mark.parametrize("stage", sorted(BY_NAME))
 def test_stage_help(stage: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([stage, "--help"])

@@ -10,17 +10,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llama_pipe.config import SECTIONS, Config, TrainSettings, config_schema, load_config, load_raw_config
-from llama_pipe.schema_cmd import REFERENCE_PATH, SCHEMA_PATH, render_reference, render_schema
-from llama_pipe.settings import (
-    ConfigError,
-    add_settings_arguments,
-    from_dict,
+from llama_pipe.config import (
+    SECTIONS,
+    Config,
+    TrainSettings,
+    config_schema,
+    load_config,
+    load_raw_config,
     settings_from_args,
-    settings_to_argv,
-    shell_args,
-    to_dict,
 )
+from llama_pipe.errors import ConfigError
+from llama_pipe.schema_cmd import REFERENCE_PATH, SCHEMA_PATH, render_reference, render_schema
+from llama_pipe.settings import add_settings_arguments, from_dict, settings_to_argv, shell_args, to_dict
 from tests.conftest import REPO
 
 

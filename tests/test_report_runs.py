@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llama_pipe.cli import main
-from llama_pipe.records import StageWriter
+from llama_pipe.stage_writer import StageWriter
 
 
 def inputs(tmp: Path) -> tuple[Path, list[Path], Path]:

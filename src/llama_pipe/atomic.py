@@ -3,10 +3,9 @@ target, renamed into place, and the clean-up of temporaries a killed writer left
 
 * :class:`AtomicFile` - one file, written to ``.NAME.<pid>.<random>.tmp`` and renamed;
 * :func:`commit_files` - several finished AtomicFiles renamed together, rolled back on failure;
-* :func:`new_temp_dir` / :func:`commit_dir` - a directory built beside its target and swapped in;
+* :func:`atomic_dir` - a directory built beside its target and swapped in (a context manager over
+  :func:`new_temp_dir` and :func:`commit_dir`; the temporary is removed on any failure);
 * :func:`remove_dead_temps` - temporaries whose writer process is gone.
-
-(:mod:`llama_pipe.records` re-exports these names.)
 """
 
 from __future__ import annotations
@@ -14,15 +13,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-
-def _output_error(message: str) -> Exception:
-    from llama_pipe.records import OutputError  # records imports this module at its top
-
-    return OutputError(message)
+from llama_pipe.errors import OutputError
 
 
 def _pid_alive(pid: int) -> bool:
@@ -50,8 +48,6 @@ def remove_dead_temps(path: str | Path) -> list[Path]:
     A writer killed with SIGKILL cannot clean up; the next writer of the same output does. A
     temporary whose pid is alive (a concurrent writer, or a reused pid) is left alone.
     """
-    import shutil
-
     path = Path(path)
     name = re.escape(path.name)
     file_re = re.compile(rf"^\.{name}\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
@@ -89,8 +85,6 @@ def commit_dir(tmp: str | Path, out: str | Path) -> None:
     the next writer if this one is killed in between), so ``out`` is always either the old or the
     new complete directory. Permissions follow the umask (mkdtemp makes directories private).
     """
-    import shutil
-
     tmp, out = Path(tmp), Path(out)
     umask = os.umask(0)
     os.umask(umask)
@@ -117,6 +111,27 @@ def commit_dir(tmp: str | Path, out: str | Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def atomic_dir(out: str | Path) -> Iterator[Path]:
+    """Build directory ``out`` whole or not at all::
+
+        with atomic_dir(out) as tmp:
+            (tmp / "a.json").write_text(...)
+
+    The body writes into a fresh temporary sibling (:func:`new_temp_dir`); when it finishes, the
+    temporary is renamed into place (:func:`commit_dir`). On any exception (KeyboardInterrupt
+    included), in the body or in the commit, the temporary is removed and the exception goes on;
+    an older ``out`` stays as it was.
+    """
+    tmp = new_temp_dir(out)
+    try:
+        yield tmp
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 class AtomicFile:
     """A text file written to a temporary name in the same directory and renamed on commit.
 
@@ -128,7 +143,7 @@ class AtomicFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if self.path.is_dir():
-            raise _output_error(f"{self.path}: is a directory; give a file path for the output")
+            raise OutputError(f"{self.path}: is a directory; give a file path for the output")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_temps(self.path)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.{os.getpid()}.", suffix=".tmp", dir=self.path.parent)

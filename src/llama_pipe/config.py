@@ -8,12 +8,16 @@ config reference is written from the same help texts.
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, TypeVar
 
-from llama_pipe.settings import ConfigError, dataclass_schema, from_dict, opt, validate
+from llama_pipe.errors import ConfigError
+from llama_pipe.settings import dataclass_schema, from_dict, opt, validate
+
+T = TypeVar("T")
 
 #: The chat templates of llama_pipe.templates (a test checks the two lists agree).
 TemplateName = Literal["vicuna_v1.1", "llama-2", "chatml", "llama-3"]
@@ -494,3 +498,20 @@ def load_raw_config(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path) -> Config:
     """Read and validate a config.yaml into a :class:`Config`."""
     return from_dict(Config, load_raw_config(path))
+
+
+def settings_from_args(args: argparse.Namespace, cls: type[T], section: str) -> T:
+    """The settings for a stage: defaults < config file section < explicit flags; validated."""
+    data: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        raw = load_raw_config(args.config)
+        data = json.loads(json.dumps(raw.get(section) or {}))
+    for key, value in vars(args).items():
+        if not key.startswith("setting:"):
+            continue
+        node = data
+        parts = key[len("setting:") :].split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return from_dict(cls, data, root=section)

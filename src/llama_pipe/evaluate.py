@@ -29,9 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import EvalSettings
-from llama_pipe.records import InputError, dumps, iter_jsonl, read_records, write_json_atomic
-from llama_pipe.settings import add_settings_arguments, describe, settings_from_args, to_dict
+from llama_pipe.atomic import write_json_atomic
+from llama_pipe.config import EvalSettings, settings_from_args
+from llama_pipe.errors import InputError
+from llama_pipe.records import dumps, iter_jsonl, read_records
+from llama_pipe.settings import add_settings_arguments, describe, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +171,12 @@ def answer_questions(chat: Any, questions: list[dict[str, Any]], settings: EvalS
 
 
 def run(args: argparse.Namespace) -> int:
-    import shutil
-
     import torch
     from transformers import AutoConfig
 
+    from llama_pipe.atomic import atomic_dir
     from llama_pipe.heldout import score_rows
-    from llama_pipe.merge_adapter import check_model_dir, load_float_base, pick_template, recorded_system_prompt
-    from llama_pipe.records import commit_dir, new_temp_dir
+    from llama_pipe.model_dir import check_model_dir, load_float_base, pick_template, recorded_system_prompt
     from llama_pipe.serve.generate import ChatModel, pick_device
     from llama_pipe.templates import get_template
     from llama_pipe.weights.tokenizer import load_tokenizer
@@ -228,14 +228,9 @@ def run(args: argparse.Namespace) -> int:
         "models": {"base": str(base), "tuned": str(tuned)}, "val": str(val), "device": device, "seconds": round(time.time() - t0, 2),
         "settings": to_dict(settings),
     }
-    tmp = new_temp_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         write_json_atomic(tmp / "metrics.json", metrics)
         (tmp / "answers.jsonl").write_text("".join(dumps(a) + "\n" for a in answers), encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    commit_dir(tmp, out)
     print(
         f"eval: perplexity base {metrics['base_ppl']:.3f} -> tuned {metrics['tuned_ppl']:.3f} "
         f"on {metrics['tokens']} assistant tokens ({len(rows)} records); {len(answers)} answer rows -> {out}"

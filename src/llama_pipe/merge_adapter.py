@@ -19,23 +19,30 @@ refused.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import MergeAdapterSettings
-from llama_pipe.records import InputError, commit_dir, file_digest, new_temp_dir, write_json_atomic
-from llama_pipe.settings import add_settings_arguments, describe, settings_from_args
-from llama_pipe.weights.hf import safetensors_files
-from llama_pipe.weights.validate import check_adapter_weights, check_model_weights
+from llama_pipe.atomic import atomic_dir, write_json_atomic
+from llama_pipe.config import MergeAdapterSettings, settings_from_args
+from llama_pipe.errors import InputError
+from llama_pipe.model_dir import (
+    SIDECAR,
+    apply_adapters,
+    check_adapter_dir,
+    check_model_dir,
+    has_tokenizer,
+    is_full_model,
+    load_float_base,
+    pick_template,
+    recorded_system_prompt,
+)
+from llama_pipe.records import file_digest
+from llama_pipe.settings import add_settings_arguments, describe
 
 log = logging.getLogger(__name__)
-
-SIDECAR = "llama_pipe.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,176 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="merged model directory (replaced atomically)")
     add_settings_arguments(parser, MergeAdapterSettings, "merge_adapter")
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def check_model_dir(path: str | Path, what: str = "model") -> Path:
-    """A Hugging Face model directory (config.json + weights + tokenizer), or a clear InputError."""
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"{path}: {what} directory not found")
-    if not (path / "config.json").is_file():
-        hint = " (it looks like a peft adapter: pass it with --adapter)" if (path / "adapter_config.json").is_file() else ""
-        raise InputError(f"{path}: not a Hugging Face model directory (no config.json){hint}; expected e.g. results/hf_base or results/default/merged")
-    check_model_weights(path, safetensors_files(path))  # headers and config.json, before any allocation
-    return path
-
-
-def is_full_model(path: Path) -> bool:
-    """A model directory (``config.json``, weights) rather than a peft adapter."""
-    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
-
-
-def check_adapter_dir(path: str | Path) -> Path:
-    """Validate a peft adapter directory; return its safetensors weights file."""
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"{path}: adapter directory not found")
-    cfg = path / "adapter_config.json"
-    if not cfg.is_file():
-        raise InputError(f"{path}: not a peft adapter directory (no adapter_config.json); pass the train run's output directory")
-    try:
-        json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{cfg}: not valid JSON ({exc})") from None
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        if (path / "adapter_model.bin").is_file():
-            raise InputError(
-                f"{path}: only adapter_model.bin (a pickle, which can run code when loaded); llama-pipe reads "
-                "safetensors only. Re-save it with peft's save_pretrained(..., safe_serialization=True)"
-            )
-        raise InputError(f"{path}: adapter_model.safetensors not found")
-    check_adapter_weights(path)  # header and r, before peft allocates the layers
-    return weights
-
-
-def has_tokenizer(path: Path) -> bool:
-    return any((path / name).is_file() for name in TOKENIZER_FILES)
-
-
-def read_sidecar(path: str | Path) -> dict[str, Any]:
-    """The ``llama_pipe.json`` of a model or adapter directory ({} when absent or unreadable)."""
-    f = Path(path) / SIDECAR
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def load_float_base(base: str | Path, device: str = "cpu") -> Any:
-    """The base model in float32 (refusing a quantised checkpoint), in eval mode."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    base = check_model_dir(base)
-    cfg = AutoConfig.from_pretrained(str(base))
-    if getattr(cfg, "quantization_config", None):
-        raise InputError(
-            f"{base}: the checkpoint is quantised ({cfg.quantization_config.get('quant_method', '?')}); merging needs the "
-            "float base the adapter was trained over (the hf_base directory), not a 4/8-bit copy"
-        )
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, device_map=device, use_safetensors=True)
-    model.eval()
-    return model
-
-
-def _saves_embeddings(weights: Path) -> bool:
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as f:
-        return any("embed_tokens" in k or "lm_head" in k for k in f.keys())
-
-
-def apply_adapters(model: Any, tokenizer: Any, adapters: list[str | Path]) -> tuple[Any, Any]:
-    """Merge ``adapters`` in order into ``model`` (float); return (merged model, tokenizer to use)."""
-    from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
-    from safetensors import safe_open
-
-    from llama_pipe.weights.tokenizer import load_tokenizer
-
-    for adapter in adapters:
-        adapter = Path(adapter)
-        weights = check_adapter_dir(adapter)
-        if has_tokenizer(adapter):
-            atok = load_tokenizer(adapter)
-            rows = model.get_input_embeddings().weight.shape[0]
-            if len(atok) > rows:
-                log.info("%s: tokenizer has %d tokens > %d embedding rows: resizing", adapter, len(atok), rows)
-                if not _saves_embeddings(weights):
-                    log.warning("%s: the adapter adds tokens but stores no embedding weights; new rows are initialised, not trained", adapter)
-                model.resize_token_embeddings(len(atok))
-                tokenizer = atok
-            elif len(atok) > len(tokenizer):
-                tokenizer = atok
-        try:
-            peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise InputError(f"{adapter}: adapter does not fit the base model: {str(exc).splitlines()[0]}") from None
-        with safe_open(str(weights), framework="pt") as f:
-            file_keys = set(f.keys())
-        loaded = set(get_peft_model_state_dict(peft_model).keys())
-        unused, absent = sorted(file_keys - loaded), sorted(loaded - file_keys)
-        if unused:
-            raise InputError(
-                f"{adapter}: {len(unused)} of {len(file_keys)} adapter tensors match no module of the base "
-                f"(e.g. {unused[0]}); was it trained on a different base model?"
-            )
-        if absent:
-            raise InputError(
-                f"{adapter}: adapter_config.json targets modules whose weights are missing from "
-                f"adapter_model.safetensors (e.g. {absent[0]}); the adapter files are incomplete"
-            )
-        model = peft_model.merge_and_unload()
-        log.info("merged %s (%d tensors)", adapter, len(file_keys))
-    model.eval()
-    return model, tokenizer
-
-
-def recorded(dirs: list[Path], key: str) -> tuple[bool, Any]:
-    """(found, value) of ``key`` as recorded with a model/adapter: ``llama_pipe.json``, then the
-    trainer's ``train_config.json`` (``train.<key>``); the last directory wins."""
-    for d in reversed(dirs):
-        side = read_sidecar(d)
-        if key in side:
-            return True, side[key]
-        try:
-            train = json.loads((Path(d) / "train_config.json").read_text(encoding="utf-8")).get("train", {})
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(train, dict) and key in train:
-            return True, train[key]
-    return False, None
-
-
-def pick_template(explicit: str | None, dirs: list[Path], tokenizer: Any) -> str:
-    """Template name: explicit > recorded with the model (sidecar, train_config.json) > the built-in the
-    tokenizer's Jinja is > the tokenizer's own Jinja (``model``) > vicuna_v1.1. ``auto`` (explicit or
-    recorded) resolves the same way from the tokenizer. Give the name and the tokenizer to ``get_template``."""
-    from llama_pipe.templates import AUTO, MODEL, TEMPLATES, builtin_for
-
-    if explicit and explicit != AUTO:
-        return explicit
-    found, name = recorded(dirs, "template")
-    if not explicit and found and (name in TEMPLATES or name == MODEL):
-        return str(name)
-    own = builtin_for(tokenizer)
-    if own is not None:
-        return own
-    if getattr(tokenizer, "chat_template", None):
-        return MODEL
-    log.warning("no chat template recorded with the model; using vicuna_v1.1 (pass --template to choose)")
-    return "vicuna_v1.1"
-
-
-def recorded_system_prompt(dirs: list[Path]) -> str | None:
-    """The system prompt the model was trained with (null: the template's default)."""
-    found, value = recorded(dirs, "system_prompt")
-    return value if found and isinstance(value, str) else None
 
 
 # ----------------------------------------------------------------------------- output
@@ -289,16 +126,11 @@ def run(args: argparse.Namespace) -> int:
         "adapters": [{"path": str(a), "sha256": file_digest(a / "adapter_model.safetensors")} for a in adapters],
         "dtype": settings.dtype,
     }
-    tmp = new_temp_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         write_model_dir(model, tokenizer, template_name, tmp, settings.max_shard_size, sidecar)
         copy_sentencepiece(tokenizer, dirs, tmp)
         if settings.format == "meta":
             write_meta(model, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    commit_dir(tmp, out)
     n_params = sum(p.numel() for p in model.parameters())
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     print(

@@ -1,13 +1,13 @@
-"""Conversation records, input readers and the atomic stage writer.
+"""Conversation records: their shape, their readers, and where a stage's side files go.
 
 The record every stage passes on (one JSON object per line, UTF-8)::
 
     {"id": "abc", "conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}],
      "system": "optional system prompt", "lang": "added by filter-lang"}
 
-Every data stage writes three files through :class:`StageWriter`: the kept records, a rejects
-file (one line per dropped record: ``id``, ``stage``, ``reason``, ``detail``, ``record``) and a
-stats file (``{"stage", "in", "out", "rejected": {reason: count}}``). All three appear only when
+Every data stage writes three files through :class:`llama_pipe.stage_writer.StageWriter`: the
+kept records, a rejects file (one line per dropped record: ``id``, ``stage``, ``reason``,
+``detail``, ``record``) and a stats file (``{"stage", "in", "out", "rejected": {reason: count}}``). All three appear only when
 the stage finishes; ``in == out + sum(rejected)`` is checked before they do.
 """
 
@@ -22,16 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from llama_pipe.errors import InputError
+
 Record = dict[str, Any]
-
-
-class InputError(Exception):
-    """A whole input is unusable (the stage exits with code 2). The message names file and place."""
-
-
-class OutputError(InputError):
-    """An output could not be written (a directory in the way, a full disk): exit code 2, and
-    nothing of the stage's outputs is left behind (the older versions, if any, stay as they were)."""
 
 
 def rejects_path(out: str | Path) -> Path:
@@ -376,29 +369,3 @@ def file_digest(path: str | Path, algo: str = "sha256", chunk: int = 1 << 20) ->
 def dumps(record: Any) -> str:
     """One JSONL line (no trailing newline): compact, UTF-8, key order preserved."""
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
-
-
-# The output side lives in its own modules; these names stay importable from here.
-from llama_pipe.atomic import (  # noqa: E402
-    AtomicFile,
-    commit_dir,
-    commit_files,
-    new_temp_dir,
-    remove_dead_temps,
-    write_json_atomic,
-)
-
-__all__ = [
-    "AtomicFile", "InputError", "InvalidLine", "MAX_DEPTH", "OutputError", "Record", "StageWriter", "check_input_file",
-    "commit_dir", "commit_files", "dumps", "file_digest", "iter_jsonl", "new_temp_dir", "read_json", "read_records",
-    "rejects_path", "remove_dead_temps", "stats_path", "write_json_atomic",
-]
-
-
-def __getattr__(name: str) -> Any:
-    """``StageWriter`` from :mod:`llama_pipe.stage_writer` (imported late: that module imports this one)."""
-    if name == "StageWriter":
-        from llama_pipe.stage_writer import StageWriter
-
-        return StageWriter
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

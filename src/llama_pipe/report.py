@@ -19,14 +19,13 @@ import argparse
 import base64
 import html
 import re
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.records import InputError, iter_jsonl, read_json
-
-STAGE_ORDER = ["merge", "shard", "clean", "filter_lang", "split", "gather"]
+from llama_pipe.errors import InputError
+from llama_pipe.records import iter_jsonl, read_json
+from llama_pipe.stages import DATA_STAGES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +60,8 @@ def read_losses(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, fl
 
 
 def funnel(stats_paths: list[Path]) -> list[dict[str, Any]]:
-    """One entry per stage (pipeline order), shards summed: stage, unit, in, out, rejected, files."""
+    """One entry per stage (pipeline order: :data:`llama_pipe.stages.DATA_STAGES`), shards summed:
+    stage, unit, in, out, rejected, files."""
     stages: dict[str, dict[str, Any]] = {}
     for p in stats_paths:
         s = read_json(p, "stats file")
@@ -73,7 +73,7 @@ def funnel(stats_paths: list[Path]) -> list[dict[str, Any]]:
         e["out"] += int(s["out"])
         e["rejected"].update({k: int(v) for k, v in (s.get("rejected") or {}).items()})
         e["files"] += 1
-    rank = {name: i for i, name in enumerate(STAGE_ORDER)}
+    rank = {st.rule: i for i, st in enumerate(DATA_STAGES)}
     return sorted(stages.values(), key=lambda e: rank.get(e["stage"], len(rank)))
 
 
@@ -260,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from llama_pipe.records import commit_dir, new_temp_dir
+    from llama_pipe.atomic import atomic_dir
 
     train, val = read_losses(Path(args.train_metrics))
     stages = funnel([Path(p) for p in args.stats])
@@ -271,8 +271,7 @@ def run(args: argparse.Namespace) -> int:
     answers_path = ev_path.with_name("answers.jsonl")
     answers = list(iter_jsonl(answers_path)) if answers_path.is_file() else []
     out = Path(args.output)
-    tmp = new_temp_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         plot_loss(train, val, tmp / "loss.png")
         plot_funnel(stages, tmp / "funnel.png")
         plot_perplexity(ev, tmp / "perplexity.png")
@@ -281,10 +280,6 @@ def run(args: argparse.Namespace) -> int:
             md += compare_runs(args, train, val, ev, tmp)
         (tmp / "report.md").write_text(md, encoding="utf-8")
         (tmp / "report.html").write_text(to_html(md, tmp), encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    commit_dir(tmp, out)
     print(f"report: loss ({len(train)} train / {len(val)} val points), funnel ({len(stages)} stages), "
           f"perplexity {ev['base_ppl']:.3f} -> {ev['tuned_ppl']:.3f} -> {out}")
     return 0

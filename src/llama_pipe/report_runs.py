@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.records import InputError, read_json
+from llama_pipe.errors import InputError
+from llama_pipe.records import read_json
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llama_pipe.records import AtomicFile
+    from llama_pipe.atomic import AtomicFile
 
     wrote = False
     for target, render in ((args.write, render_schema), (args.reference, render_reference)):

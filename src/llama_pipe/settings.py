@@ -22,13 +22,11 @@ import types
 import typing
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from llama_pipe.errors import ConfigError
+
 T = TypeVar("T")
 
 _SCHEMA_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "pattern", "minLength")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid. The message names the key path and what was expected."""
 
 
 def opt(default: Any, doc: str, **constraints: Any) -> Any:
@@ -241,25 +239,6 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, section: 
             type=lambda text, tp=tp: _parse_value(text, tp),
             help=f"{f.metadata.get('doc', '')}{hint}",
         )
-
-
-def settings_from_args(args: argparse.Namespace, cls: type[T], section: str) -> T:
-    """The settings for a stage: defaults < config file section < explicit flags; validated."""
-    from llama_pipe.config import load_raw_config
-
-    data: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        raw = load_raw_config(args.config)
-        data = json.loads(json.dumps(raw.get(section) or {}))
-    for key, value in vars(args).items():
-        if not key.startswith("setting:"):
-            continue
-        node = data
-        parts = key[len("setting:") :].split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return from_dict(cls, data, root=section)
 
 
 def settings_to_argv(data: dict[str, Any], cls: type, prefix: str = "") -> list[str]:

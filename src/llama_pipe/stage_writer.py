@@ -1,7 +1,4 @@
-"""The writer every data stage commits its kept records, rejects and stats through.
-
-(:mod:`llama_pipe.records` re-exports :class:`StageWriter`.)
-"""
+"""The writer every data stage commits its kept records, rejects and stats through."""
 
 from __future__ import annotations
 
@@ -11,7 +8,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from llama_pipe.atomic import AtomicFile, commit_files
-from llama_pipe.records import InvalidLine, OutputError, Record, _safe_text, dumps, rejects_path, stats_path
+from llama_pipe.errors import OutputError
+from llama_pipe.records import InvalidLine, Record, _safe_text, dumps, rejects_path, stats_path
 
 
 def _write_failure(stage: str, path: Path, exc: OSError) -> OutputError:

@@ -16,11 +16,13 @@ from typing import Any
 import pytest
 import yaml
 
-from llama_pipe.cli import STAGES
+from llama_pipe.stages import BY_NAME, DATA_STAGES
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 MANIFEST_PATH = CORPUS / "manifest.yaml"
-PIPELINE = ("merge", "clean", "filter-lang", "split")
+#: The record chain the corpus runs through: merge, then every per-shard data stage (shard and
+#: gather only move records between files).
+PIPELINE = tuple(s.name for s in DATA_STAGES if s.name == "merge" or s.per_shard)
 ROLES = {"human", "gpt", "system"}
 
 
@@ -42,7 +44,7 @@ def case(name: str) -> dict[str, Any]:
 
 def stage_missing(stage: str) -> str | None:
     """Why ``stage`` cannot run yet (its module is not in the tree), or None."""
-    module = STAGES[stage][0]
+    module = BY_NAME[stage].module
     try:
         importlib.import_module(module)
     except ModuleNotFoundError as exc:
@@ -121,6 +123,8 @@ def stage_argv(stage: str, inputs: list[Path], out_dir: Path, tokenizer_dir: Pat
     if stage == "gather":
         tr, va = out_dir / "train.jsonl", out_dir / "val.jsonl"
         return ["gather", *ins, "--train", str(tr), "--val", str(va)], [tr, va], [out_dir / "gather.stats.json"]
+    if stage in BY_NAME and BY_NAME[stage].per_shard:  # the data stage contract: IN -o OUT, stats beside
+        return [stage, ins[0], "-o", str(out)], [out], [stats]
     raise ValueError(stage)
 
 

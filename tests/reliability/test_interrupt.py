@@ -335,7 +335,7 @@ def test_no_temporary_files_survive_kill_and_rerun(killed_run: dict[str, object]
 
 @pytest.mark.parametrize("kind", ["file", "dir"])
 def test_next_writer_removes_temporaries_of_a_killed_writer(kind: str, tmp_path: Path) -> None:
-    """The shared writers (records.AtomicFile, records.new_temp_dir): a writer SIGKILLed while
+    """The shared writers (atomic.AtomicFile, atomic.new_temp_dir): a writer SIGKILLed while
     writing leaves its temporary; the next writer of the same output removes it, and leaves alone
     the temporary of a writer that is still running. The killed writer is killed the way the
     Snakemake tests kill it (its whole process group, its parent shell too), so it lingers as an
@@ -343,7 +343,7 @@ def test_next_writer_removes_temporaries_of_a_killed_writer(kind: str, tmp_path:
     out = tmp_path / ("out.jsonl" if kind == "file" else "hf_base")
     make = (f"f = AtomicFile({str(out)!r}); f.fh.write('partial'); f.fh.flush(); print(f.tmp, flush=True)"
             if kind == "file" else f"t = new_temp_dir({str(out)!r}); (t / 'w').write_text('partial'); print(t, flush=True)")
-    code = f"from llama_pipe.records import AtomicFile, new_temp_dir\n{make}\nimport time; time.sleep(120)"
+    code = f"from llama_pipe.atomic import AtomicFile, new_temp_dir\n{make}\nimport time; time.sleep(120)"
     script = tmp_path / "writer.py"
     script.write_text(code, encoding="utf-8")
     # sh -> python: killing the group kills the shell too, so python is orphaned, not reaped by us.
@@ -356,7 +356,7 @@ def test_next_writer_removes_temporaries_of_a_killed_writer(kind: str, tmp_path:
         os.killpg(killed.pid, signal.SIGKILL)
         killed.wait()
         time.sleep(0.05)
-        from llama_pipe.records import AtomicFile, new_temp_dir
+        from llama_pipe.atomic import AtomicFile, new_temp_dir
 
         if kind == "file":
             f = AtomicFile(out)
@@ -371,3 +371,26 @@ def test_next_writer_removes_temporaries_of_a_killed_writer(kind: str, tmp_path:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.mark.parametrize("failure", [None, KeyboardInterrupt, OSError])
+def test_atomic_dir_is_all_or_nothing(failure: type[BaseException] | None, tmp_path: Path) -> None:
+    """``atomic_dir``, which every directory-writing stage uses: on success the new directory
+    replaces the old one whole; on any exception in the body (an interrupt included) the older
+    directory stays as it was and no temporary is left beside it."""
+    from llama_pipe.atomic import atomic_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old", encoding="utf-8")
+    try:
+        with atomic_dir(out) as tmp:
+            assert tmp.parent == out.parent and tmp != out
+            (tmp / "new.txt").write_text("new", encoding="utf-8")
+            if failure is not None:
+                raise failure("stop")
+    except (KeyboardInterrupt, OSError):
+        assert failure is not None
+    expected = ["new.txt"] if failure is None else ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "a temporary was left behind"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llama_pipe.config import LoraSettings, TrainSettings
-from llama_pipe.settings import ConfigError
+from llama_pipe.errors import ConfigError
 from llama_pipe.train.loop import train
 from llama_pipe.train.step import causal_lm_loss_sum
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from llama_pipe.config import LoraSettings, TrainSettings
-from llama_pipe.settings import ConfigError
+from llama_pipe.errors import ConfigError
 from llama_pipe.train.checkpoint import checkpoint_root
 from llama_pipe.train.loop import train
 from llama_pipe.train.optim import InBackwardOptimizer, check_optimizer, fused_adamw_ok, make_optimizer

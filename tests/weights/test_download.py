@@ -11,8 +11,7 @@ import pytest
 
 from llama_pipe.cli import main
 from llama_pipe.config import BaseSettings
-from llama_pipe.records import InputError
-from llama_pipe.settings import ConfigError
+from llama_pipe.errors import ConfigError, InputError
 from llama_pipe.weights import meta
 from llama_pipe.weights.download import download, source_kind
 from llama_pipe.weights.fetch import file_url, redact

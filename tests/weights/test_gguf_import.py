@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from llama_pipe.config import ConvertSettings
-from llama_pipe.records import InputError
+from llama_pipe.errors import InputError
 from llama_pipe.weights.convert import convert
 
 from .gguf_fixture import tiny_llama, write_gguf

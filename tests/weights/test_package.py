@@ -10,8 +10,8 @@ import pytest
 
 from llama_pipe.cli import main
 from llama_pipe.config import BaseSettings
-from llama_pipe.records import InputError, file_digest
-from llama_pipe.settings import ConfigError
+from llama_pipe.errors import ConfigError, InputError
+from llama_pipe.records import file_digest
 from llama_pipe.weights.download import download, source_kind
 from llama_pipe.weights.package import parse_source
 

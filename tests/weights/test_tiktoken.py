@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from llama_pipe.config import ConvertSettings
-from llama_pipe.records import InputError
+from llama_pipe.errors import InputError
 from llama_pipe.weights.convert import convert
 from llama_pipe.weights.tiktoken_bpe import (
     BOS,
     EOS,
-    PAD,
     LLAMA3_PATTERN,
+    PAD,
     hf_tokenizer_from_tiktoken,
     is_tiktoken_file,
     llama3_special_tokens,

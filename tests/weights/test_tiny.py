@@ -11,7 +11,7 @@ import torch
 
 from llama_pipe.cli import main
 from llama_pipe.config import BaseSettings, TinyModelSettings
-from llama_pipe.settings import ConfigError
+from llama_pipe.errors import ConfigError
 from llama_pipe.weights import meta
 from llama_pipe.weights.tiny import make_base
 

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from llama_pipe.stages import BY_NAME
+
 
 def flag(argv: list[str], name: str) -> str:
     """The value of option ``name`` (``name value`` or ``name=value``), options before ``--`` only."""
@@ -45,6 +47,13 @@ def write(path: str | Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def writes_records(stage: str) -> bool:
+    """A data stage of the common contract (``-o OUT.jsonl``, its stats and rejects beside it):
+    merge and every per-shard stage of :mod:`llama_pipe.stages` (shard and gather have their own)."""
+    s = BY_NAME.get(stage)
+    return s is not None and (s.name == "merge" or s.per_shard)
+
+
 def stage_files(out: str, text: str) -> None:
     """A data stage's record file plus its stats and rejects beside it."""
     stem = out[: -len(".jsonl")]
@@ -63,7 +72,7 @@ def main(argv: list[str]) -> int:
     text = json.dumps(argv) + "\n"
     if stage in ("make-base", "download"):
         write(Path(positionals(rest)[0]) / "params.json", text)
-    elif stage in ("merge", "clean", "filter-lang", "split"):
+    elif writes_records(stage):
         positionals(rest)
         stage_files(flag(rest, "-o"), text)
     elif stage == "shard":

@@ -16,6 +16,8 @@ import pytest
 import yaml
 from workflow_helpers import copy_workflow, fake_bin, snakemake
 
+from llama_pipe.stages import DATA_STAGES
+
 SENTINEL = "pwned-by-config"
 HOSTILE = [
     "two words",
@@ -61,7 +63,7 @@ def value_after(argv: list[str], flag: str) -> str:
 
 def test_no_config_value_is_executed_by_the_shell(recorded: tuple[Path, dict[str, list[list[str]]]]) -> None:
     workdir, calls = recorded
-    assert {"merge", "shard", "clean", "filter-lang", "split", "gather", "train"} <= set(calls)
+    assert {*(s.name for s in DATA_STAGES), "train"} <= set(calls)
     assert list(workdir.rglob(SENTINEL)) == []  # `touch pwned-by-config` would have made this file
 
 
@@ -82,8 +84,7 @@ def test_paths_and_strings_arrive_unchanged(recorded: tuple[Path, dict[str, list
 
 def test_real_stage_parsers_read_the_values_back(recorded: tuple[Path, dict[str, list[list[str]]]]) -> None:
     from llama_pipe.cli import build_parser
-    from llama_pipe.config import CleanSettings, TrainSettings
-    from llama_pipe.settings import settings_from_args
+    from llama_pipe.config import CleanSettings, TrainSettings, settings_from_args
 
     _, calls = recorded
     clean_args = build_parser("clean").parse_args(["clean", *calls["clean"][0]])
@@ -100,6 +101,6 @@ def test_paths_that_look_like_options_stay_paths(recorded: tuple[Path, dict[str,
     assert args.inputs == [HOSTILE_INPUT, "./-notes.json", "./--stats=x.json"]
     assert args.stats is None  # not redirected by an input's name
     # every data stage gets its positional paths after `--` (the fake stage refuses them before)
-    for stage in ("merge", "shard", "clean", "filter-lang", "split", "gather"):
-        for argv in calls[stage]:
-            assert "--" in argv and not argv[-1].startswith("-"), (stage, argv)
+    for stage in DATA_STAGES:
+        for argv in calls[stage.name]:
+            assert "--" in argv and not argv[-1].startswith("-"), (stage.name, argv)

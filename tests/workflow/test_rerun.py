@@ -12,8 +12,16 @@ import pytest
 
 from workflow_helpers import edited_config, job_counts, snakemake
 
+from llama_pipe.stages import DATA_STAGES
+
 AFTER_TRAIN = {"train", "merge_adapter", "eval", "report", "all"}
 AFTER_GATHER = {"gather"} | AFTER_TRAIN
+
+
+def shard_stages_from(rule: str) -> dict[str, int]:
+    """``rule`` and the per-shard data stages after it, one job per shard (2 shards)."""
+    chain = [s.rule for s in DATA_STAGES if s.per_shard]
+    return dict.fromkeys(chain[chain.index(rule):], 2)
 
 
 def planned(workdir: Path) -> dict[str, int]:
@@ -46,14 +54,14 @@ def test_merged_jsonl_is_temp_and_its_absence_rebuilds_nothing(completed_run: Pa
             "clean",
             "blocked_words",
             ["openai", "chatgpt", "as an ai"],
-            {"clean": 2, "filter_lang": 2, "split": 2} | dict.fromkeys(AFTER_GATHER, 1),
+            shard_stages_from("clean") | dict.fromkeys(AFTER_GATHER, 1),
             id="clean.blocked_words",
         ),
         pytest.param(
             "filter_lang",
             "keep",
             ["en"],
-            {"filter_lang": 2, "split": 2} | dict.fromkeys(AFTER_GATHER, 1),
+            shard_stages_from("filter_lang") | dict.fromkeys(AFTER_GATHER, 1),
             id="filter_lang.keep",
         ),
         pytest.param("split", "max_length", 256, {"split": 2} | dict.fromkeys(AFTER_GATHER, 1), id="split.max_length"),

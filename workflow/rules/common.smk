@@ -24,7 +24,9 @@ os.environ.update(LLAMA_PIPE_SOURCE=WORKFLOW_ROOT)
 
 from llama_pipe.config import SECTIONS, Config, config_schema, yaml_loader
 from llama_pipe.config_checks import config_errors
-from llama_pipe.settings import ConfigError, from_dict, shell_args, to_dict
+from llama_pipe.errors import ConfigError
+from llama_pipe.settings import from_dict, shell_args, to_dict
+from llama_pipe.stages import DATA_STAGES
 
 min_version("9.0")
 
@@ -289,11 +291,12 @@ def other_runs():
 
 
 def stats_files():
-    """Stats files of every data stage, in pipeline order (the report's data funnel)."""
-    return (
-        ["results/merge/merged.stats.json", "results/shard/shard.stats.json"]
-        + shard_paths("clean", ".stats.json")
-        + shard_paths("filter_lang", ".stats.json")
-        + shard_paths("split", ".stats.json")
-        + ["results/data/gather.stats.json"]
-    )
+    """Stats files of every data stage (llama_pipe.stages.DATA_STAGES), in pipeline order (the
+    report's data funnel): the ``stats`` output of each one's rule, every shard's for a per-shard
+    stage. Called after the data rules are defined (rules/data.smk is included first).
+    """
+    files = []
+    for stage in DATA_STAGES:
+        stats = getattr(rules, stage.rule).output.stats
+        files += expand(stats, shard=SHARDS) if stage.per_shard else [stats]
+    return files

@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import FilterLangSettings
+from llama_pipe.config import FilterLangSettings, settings_from_args
 from llama_pipe.data.common import (
     TooSlow,
     add_output_arguments,
@@ -42,8 +42,10 @@ from llama_pipe.data.common import (
     within_budget,
 )
 from llama_pipe.data.markdown import code_regions
-from llama_pipe.records import InvalidLine, StageWriter, read_records
-from llama_pipe.settings import ConfigError, add_settings_arguments, settings_from_args
+from llama_pipe.errors import ConfigError
+from llama_pipe.records import InvalidLine, read_records
+from llama_pipe.settings import add_settings_arguments
+from llama_pipe.stage_writer import StageWriter
 
 UNKNOWN = "unknown"
 BATCH = 32

@@ -22,25 +22,17 @@ import argparse
 import hashlib
 import os
 import re
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import DataSettings
+from llama_pipe.atomic import atomic_dir, write_json_atomic
+from llama_pipe.config import DataSettings, settings_from_args
 from llama_pipe.data.common import conversation_problem, log_settings, progress, record_id
-from llama_pipe.records import (
-    InputError,
-    InvalidLine,
-    OutputError,
-    StageWriter,
-    dumps,
-    commit_dir,
-    new_temp_dir,
-    read_records,
-    write_json_atomic,
-)
-from llama_pipe.settings import add_settings_arguments, settings_from_args
+from llama_pipe.errors import InputError, OutputError
+from llama_pipe.records import InvalidLine, dumps, read_records
+from llama_pipe.settings import add_settings_arguments
+from llama_pipe.stage_writer import StageWriter
 
 _CHUNK_SUFFIX = re.compile(r"_\d+$")
 
@@ -88,59 +80,61 @@ def shard_file(inp: str | Path, n: int, out_dir: str | Path) -> dict[str, Any]:
     items = list(read_records(inp))  # a malformed file fails here, before anything is written
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a directory; shard writes a directory of shards")
+    created = False  # whether the temporary directory exists: a failure to make it says so
     try:
-        tmp = new_temp_dir(out_dir)
+        with atomic_dir(out_dir) as tmp:  # also removes the DIR.tmp-<pid>-* of killed runs
+            created = True
+            stats = _write_shards(tmp, items, n)
     except OSError as exc:
-        raise OutputError(f"{out_dir}: cannot create the shard directory: {exc.strerror or exc}") from None  # also removes the DIR.tmp-<pid>-* of killed runs
-    try:
-        files = [open(tmp / f"shard-{i:03d}.jsonl", "w", encoding="utf-8", newline="\n") for i in range(n)]
-        counts = [0] * n
-        rejected: Counter[str] = Counter()
-        seen: set[str] = set()
-        with open(tmp / "shard.rejects.jsonl", "w", encoding="utf-8", newline="\n") as rej:
-            for where, obj in progress(items, "shard"):
-                rid = record_id(obj)
-                reason = detail = ""
-                if isinstance(obj, InvalidLine):
-                    reason, detail = obj.reason, obj.error
-                elif rid is None:
-                    reason, detail = "missing_id", "record has no string id"
-                elif rid in seen:
-                    reason, detail = "duplicate_id", f"id {rid!r} seen before"
-                if reason:
-                    rejected[reason] += 1
-                    row = {"id": rid, "stage": "shard", "reason": reason, "detail": f"{where}: {detail}",
-                           "record": obj.text if isinstance(obj, InvalidLine) else obj}
-                    try:
-                        line = dumps(row)
-                    except (RecursionError, ValueError):  # defensive: read_records screens depth
-                        line = dumps({**row, "record": str(row["record"])[:1000]})
-                    rej.write(line + "\n")
-                    continue
-                assert rid is not None
-                seen.add(rid)
-                k = shard_of(shard_key(obj), n)
-                files[k].write(dumps(obj) + "\n")
-                counts[k] += 1
-            rej.flush()
-            os.fsync(rej.fileno())
-        for f in files:  # on disk before the directory is renamed into place
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-        stats = {"stage": "shard", "unit": "records", "in": len(items), "out": sum(counts),
-                 "rejected": dict(sorted(rejected.items())), "shards": counts}
-        if stats["in"] != stats["out"] + sum(rejected.values()):  # pragma: no cover - a bug guard
-            raise RuntimeError("shard: accounting error; nothing written")
-        write_json_atomic(tmp / "shard.stats.json", stats)
-        commit_dir(tmp, out_dir)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not created:
+            raise OutputError(f"{out_dir}: cannot create the shard directory: {exc.strerror or exc}") from None
         raise OutputError(f"{out_dir}: cannot write the shards: {exc.strerror or exc}; nothing was written "
                           "(an older directory, if any, is unchanged)") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return stats
+
+
+def _write_shards(tmp: Path, items: list[tuple[str, Any]], n: int) -> dict[str, Any]:
+    """Write the shards, their rejects and stats into the temporary directory ``tmp``."""
+    files = [open(tmp / f"shard-{i:03d}.jsonl", "w", encoding="utf-8", newline="\n") for i in range(n)]
+    counts = [0] * n
+    rejected: Counter[str] = Counter()
+    seen: set[str] = set()
+    with open(tmp / "shard.rejects.jsonl", "w", encoding="utf-8", newline="\n") as rej:
+        for where, obj in progress(items, "shard"):
+            rid = record_id(obj)
+            reason = detail = ""
+            if isinstance(obj, InvalidLine):
+                reason, detail = obj.reason, obj.error
+            elif rid is None:
+                reason, detail = "missing_id", "record has no string id"
+            elif rid in seen:
+                reason, detail = "duplicate_id", f"id {rid!r} seen before"
+            if reason:
+                rejected[reason] += 1
+                row = {"id": rid, "stage": "shard", "reason": reason, "detail": f"{where}: {detail}",
+                       "record": obj.text if isinstance(obj, InvalidLine) else obj}
+                try:
+                    line = dumps(row)
+                except (RecursionError, ValueError):  # defensive: read_records screens depth
+                    line = dumps({**row, "record": str(row["record"])[:1000]})
+                rej.write(line + "\n")
+                continue
+            assert rid is not None
+            seen.add(rid)
+            k = shard_of(shard_key(obj), n)
+            files[k].write(dumps(obj) + "\n")
+            counts[k] += 1
+        rej.flush()
+        os.fsync(rej.fileno())
+    for f in files:  # on disk before the directory is renamed into place
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+    stats = {"stage": "shard", "unit": "records", "in": len(items), "out": sum(counts),
+             "rejected": dict(sorted(rejected.items())), "shards": counts}
+    if stats["in"] != stats["out"] + sum(rejected.values()):  # pragma: no cover - a bug guard
+        raise RuntimeError("shard: accounting error; nothing written")
+    write_json_atomic(tmp / "shard.stats.json", stats)
     return stats
 
 

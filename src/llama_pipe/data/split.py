@@ -39,10 +39,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import SplitSettings
-from llama_pipe.data.common import add_output_arguments, alternates, batched, conversation_problem, log, log_settings, progress
-from llama_pipe.records import InputError, InvalidLine, Record, StageWriter, read_records
-from llama_pipe.settings import add_settings_arguments, settings_from_args
+from llama_pipe.config import SplitSettings, settings_from_args
+from llama_pipe.data.common import (
+    add_output_arguments,
+    alternates,
+    batched,
+    conversation_problem,
+    log,
+    log_settings,
+    progress,
+)
+from llama_pipe.errors import InputError
+from llama_pipe.records import InvalidLine, Record, read_records
+from llama_pipe.settings import add_settings_arguments
+from llama_pipe.stage_writer import StageWriter
 from llama_pipe.templates import ChatTemplate, get_template
 
 RECORDS_PER_STEP = 64

@@ -16,11 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
-from llama_pipe.config import ServeSettings
-from llama_pipe.records import InputError
+from llama_pipe.config import ServeSettings, settings_from_args
+from llama_pipe.errors import InputError
 from llama_pipe.serve.api import SEED_MAX, SEED_MIN
 from llama_pipe.serve.generate import ChatModel, Completion, SamplingParams
-from llama_pipe.settings import add_settings_arguments, describe, settings_from_args
+from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.templates import Message
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.records import InputError
+from llama_pipe.errors import InputError
 from llama_pipe.templates import ChatTemplate, Message, end_of_turn_ids, get_template
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ def load_chat_model(
     """Load a float model directory (optionally merging peft adapters on the fly) for chatting."""
     import torch
 
-    from llama_pipe.merge_adapter import (
+    from llama_pipe.model_dir import (
         apply_adapters,
         check_adapter_dir,
         check_model_dir,

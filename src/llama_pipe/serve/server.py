@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import ServeSettings
+from llama_pipe.config import ServeSettings, settings_from_args
 from llama_pipe.serve.api import ApiError, parse_chat_request
 from llama_pipe.serve.generate import ChatModel, Completion, SamplingParams
 from llama_pipe.serve.limits import (
@@ -40,7 +40,7 @@ from llama_pipe.serve.limits import (
     origin_allowed,
     refuse_connection,
 )
-from llama_pipe.settings import add_settings_arguments, describe, settings_from_args
+from llama_pipe.settings import add_settings_arguments, describe
 
 __all__ = ["ApiError", "ChatServer", "Handler", "parse_chat_request"]
 

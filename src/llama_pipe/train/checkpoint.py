@@ -28,7 +28,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.records import InputError, file_digest
+from llama_pipe.errors import InputError
+from llama_pipe.records import file_digest
 
 log = logging.getLogger(__name__)
 

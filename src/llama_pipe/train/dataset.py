@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.records import InputError, iter_jsonl
+from llama_pipe.errors import InputError
+from llama_pipe.records import iter_jsonl
 from llama_pipe.templates import IGNORE_INDEX, ChatTemplate, to_messages, tokenize_with_labels
 
 log = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from llama_pipe.atomic import atomic_dir
 from llama_pipe.config import TrainSettings
 from llama_pipe.settings import to_dict
 from llama_pipe.templates import ChatTemplate
-from llama_pipe.records import commit_dir, new_temp_dir
 from llama_pipe.train.output import record_base_path, verify_adapter, verify_full, write_json
 
 log = logging.getLogger("llama_pipe.train")
@@ -42,8 +42,10 @@ def write_output(
     state_dict = acc.get_state_dict(model)
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
-        tmp = new_temp_dir(out)
-        try:
+        # Written whole or not at all: no half-written run directory is left behind. The run
+        # directory goes into place first, then the checkpoints move into it: a kill in between
+        # leaves them in <OUT>.ckpt, where the next run resumes from them.
+        with atomic_dir(out) as tmp:
             unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
             if settings.mode == "full":
                 n = verify_full(tmp, dict(state_dict))
@@ -53,30 +55,24 @@ def write_output(
                 expected = get_peft_model_state_dict(unwrapped, state_dict=state_dict)
                 n = verify_adapter(tmp, base, expected, settings.trust_remote_code)
                 record_base_path(tmp, base)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # no half-written run directory is left behind
-            raise
-        log.info("verified %d saved tensors in %s", n, tmp)
-        tokenizer.chat_template = template.jinja_for(tokenizer)
-        tokenizer.save_pretrained(str(tmp))
-        write_json(
-            tmp / "train_config.json",
-            {
-                "train": to_dict(settings),
-                **inputs,
-                "processes": acc.num_processes,
-                "distributed_type": str(acc.distributed_type),
-                "precision": summary["precision"],
-                "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
-            },
-        )
-        metrics = root / "metrics.jsonl"
-        if metrics.exists():
-            shutil.copyfile(metrics, tmp / "metrics.jsonl")
-        write_json(tmp / "summary.json", {k: v for k, v in summary.items() if k != "is_main"})
-        # The run directory goes into place first, then the checkpoints move into it: a kill in
-        # between leaves them in <OUT>.ckpt, where the next run resumes from them.
-        commit_dir(tmp, out)
+            log.info("verified %d saved tensors in %s", n, tmp)
+            tokenizer.chat_template = template.jinja_for(tokenizer)
+            tokenizer.save_pretrained(str(tmp))
+            write_json(
+                tmp / "train_config.json",
+                {
+                    "train": to_dict(settings),
+                    **inputs,
+                    "processes": acc.num_processes,
+                    "distributed_type": str(acc.distributed_type),
+                    "precision": summary["precision"],
+                    "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+                },
+            )
+            metrics = root / "metrics.jsonl"
+            if metrics.exists():
+                shutil.copyfile(metrics, tmp / "metrics.jsonl")
+            write_json(tmp / "summary.json", {k: v for k, v in summary.items() if k != "is_main"})
         if (root / "checkpoints").is_dir():
             (root / "checkpoints").rename(out / "checkpoints")
         else:

@@ -21,9 +21,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import TrainSettings
-from llama_pipe.records import InputError, file_digest
-from llama_pipe.settings import ConfigError, add_settings_arguments, describe, settings_from_args, to_dict
+from llama_pipe.config import TrainSettings, settings_from_args
+from llama_pipe.errors import ConfigError, InputError
+from llama_pipe.records import file_digest
+from llama_pipe.settings import add_settings_arguments, describe, to_dict
 from llama_pipe.train.memory import Planned, is_oom, keep_layers, plan_run, step_down
 from llama_pipe.train.optim import check_optimizer, fused_adamw_ok, make_optimizer
 from llama_pipe.train.runstate import Metrics, StoppedBySignal, StopRequest, peak_memory

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import LoraSettings, TrainSettings
-from llama_pipe.records import InputError
-from llama_pipe.settings import ConfigError
+from llama_pipe.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 
 from llama_pipe.config import TrainSettings
 from llama_pipe.config_checks import train_errors
-from llama_pipe.settings import ConfigError
+from llama_pipe.errors import ConfigError
 
 
 def fused_adamw_ok(acc: Any) -> bool:

@@ -33,9 +33,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import ConvertSettings
-from llama_pipe.records import InputError, commit_dir, new_temp_dir
-from llama_pipe.settings import add_settings_arguments, describe, settings_from_args
+from llama_pipe.atomic import atomic_dir
+from llama_pipe.config import ConvertSettings, settings_from_args
+from llama_pipe.errors import InputError
+from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.weights import meta
 
 log = logging.getLogger(__name__)
@@ -252,8 +253,7 @@ def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> di
         ["model.safetensors"] if n_files == 1 else [f"model-{k + 1:05d}-of-{n_files:05d}.safetensors" for k in range(n_files)]
     )
 
-    tmp = new_temp_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         weight_map: dict[str, str] = {}
         total = 0
         bar = tqdm(total=len(shapes), desc="convert", unit="tensor", disable=None)
@@ -302,10 +302,6 @@ def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> di
         ).save_pretrained(tmp)
         tok.save_pretrained(tmp)
         shutil.copyfile(tok_file, tmp / meta.TOKENIZER)
-        commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"tensors": len(shapes), "files": n_files, "bytes": total, "vocab": vocab, "shards_in": len(paths)}
 
 

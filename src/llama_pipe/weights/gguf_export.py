@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import ExportSettings
-from llama_pipe.records import InputError, remove_dead_temps
-from llama_pipe.settings import add_settings_arguments, describe, settings_from_args
+from llama_pipe.atomic import remove_dead_temps
+from llama_pipe.config import ExportSettings, settings_from_args
+from llama_pipe.errors import InputError
+from llama_pipe.settings import add_settings_arguments, describe
 
 log = logging.getLogger(__name__)
 

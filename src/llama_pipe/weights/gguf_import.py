@@ -25,12 +25,12 @@ What happens, in order:
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
+from llama_pipe.atomic import atomic_dir, write_json_atomic
 from llama_pipe.config import ConvertSettings
-from llama_pipe.records import InputError, commit_dir, new_temp_dir, write_json_atomic
+from llama_pipe.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +235,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path, settings: ConvertSettings) -> d
     template = model_template(tok) if own else get_template(settings.template)
     eos_ids = end_of_turn_ids(tok, template)
 
-    tmp = new_temp_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), max_shard_size=settings.max_shard_size)
         GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=eos_ids[0] if len(eos_ids) == 1 else eos_ids,
                          pad_token_id=tok.pad_token_id).save_pretrained(tmp)
@@ -247,10 +246,6 @@ def convert_gguf(gguf_file: Path, out_dir: Path, settings: ConvertSettings) -> d
             "tensor_types": sorted({t.tensor_type.name for t in g.reader.tensors}),
             "chat_template": "the model's own (tokenizer.chat_template)" if own else settings.template,
         })
-        commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n = sum(v.numel() for k, v in state.items() if not (config.tie_word_embeddings and k == "lm_head.weight"))
     return {"tensors": len(g.reader.tensors), "parameters": n, "vocab": len(tok),
             "files": len(list(out_dir.glob("*.safetensors"))), "own_template": bool(own)}

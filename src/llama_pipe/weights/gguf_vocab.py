@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.records import InputError
+from llama_pipe.errors import InputError
 
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 

@@ -10,7 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.records import InputError, commit_dir, new_temp_dir
+from llama_pipe.atomic import atomic_dir, commit_dir
+from llama_pipe.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +96,9 @@ def download_repo(repo_id: str, out_dir: Path, revision: str | None = None) -> l
             "weights (they can run code when loaded). Use a repo with safetensors, or a Meta release URL"
         )
     if offline:  # files of the cache (symlinks into its blobs): copy them out
-        tmp = new_temp_dir(out_dir)
-        try:
+        with atomic_dir(out_dir) as tmp:
             for n in names:
                 shutil.copyfile(local_path / n, tmp / n)
-            commit_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     else:
         shutil.rmtree(partial / ".cache", ignore_errors=True)
         commit_dir(partial, out_dir)
@@ -183,8 +179,7 @@ def pass_through(src: Path, out_dir: Path, settings: Any) -> dict[str, Any]:
     from llama_pipe.templates import get_template
 
     info = validate_hf_dir(src)
-    tmp = new_temp_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         names = [p.name for p in sorted(src.iterdir()) if p.is_file() and wanted(p.name)]
         for n in names:
             try:
@@ -198,8 +193,4 @@ def pass_through(src: Path, out_dir: Path, settings: Any) -> dict[str, Any]:
             from transformers import GenerationConfig
 
             GenerationConfig.from_model_config(info["config"]).save_pretrained(tmp)
-        commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"passed_through": True, "files": len(names), "tensors": info["tensors"]}

@@ -22,8 +22,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_pipe.records import InputError, commit_dir, file_digest
-from llama_pipe.settings import ConfigError
+from llama_pipe.atomic import commit_dir
+from llama_pipe.errors import ConfigError, InputError
+from llama_pipe.records import file_digest
 
 PREFIX = "pypi:"
 _SPEC = re.compile(r"^pypi:(?P<name>[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)==(?P<version>[A-Za-z0-9.!+_-]+)#(?P<file>[^#\s]+)$")

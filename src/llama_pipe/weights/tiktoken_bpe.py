@@ -26,7 +26,7 @@ import binascii
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.records import InputError
+from llama_pipe.errors import InputError
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"

@@ -13,13 +13,14 @@ import argparse
 import json
 import logging
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import BaseSettings
-from llama_pipe.records import InputError, InvalidLine, commit_dir, new_temp_dir, read_records
-from llama_pipe.settings import ConfigError, add_settings_arguments, describe, settings_from_args
+from llama_pipe.atomic import atomic_dir
+from llama_pipe.config import BaseSettings, settings_from_args
+from llama_pipe.errors import ConfigError, InputError
+from llama_pipe.records import InvalidLine, read_records
+from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.weights import meta
 
 log = logging.getLogger(__name__)
@@ -162,8 +163,7 @@ def make_base(out_dir: str | Path, settings: BaseSettings) -> Path:
         raise ConfigError(str(exc)) from None
     check_divisible(params, t.vocab_size, t.n_shards)
     texts = corpus_texts(settings.tokenizer_corpus)
-    tmp = new_temp_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         vocab = _train_tokenizer(texts, tmp / meta.TOKENIZER, t.vocab_size, t.seed, multiple=t.n_shards)
         params.vocab_size = vocab
         check_divisible(params, vocab, t.n_shards)
@@ -171,10 +171,6 @@ def make_base(out_dir: str | Path, settings: BaseSettings) -> Path:
         names = write_meta_checkpoint(tmp, params, weights, t.n_shards)
         names.append(meta.TOKENIZER)
         (tmp / meta.CHECKLIST).write_text(meta.checklist_text(tmp, names), encoding="utf-8")
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.records import InputError
+from llama_pipe.errors import InputError
 
 # Kept as single pieces so that every template's markers tokenise to one token each.
 SPECIAL_PIECES = ["<|im_start|>", "<|im_end|>"]
