@@ -184,7 +184,10 @@ class FilterLangSettings:
 class SplitSettings:
     """``split``: whole human/gpt pairs into chunks of at most ``max_length`` tokens."""
 
-    max_length: int = opt(512, "largest chunk in tokens (rendered with the chat template)", minimum=16)
+    max_length: Optional[int] = opt(
+        None, "largest chunk in tokens (rendered with the chat template); null: train.max_seq_len in the workflow, so "
+        "chunks are as long as the rows training takes, and 512 when split runs by hand", minimum=16
+    )
     on_long_pair: Literal["reject", "truncate"] = opt(
         "reject", "a single pair longer than max_length: reject it with a reason, or truncate its gpt turn"
     )

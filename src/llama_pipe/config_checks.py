@@ -45,7 +45,11 @@ def train_errors(settings: TrainSettings, processes: int = 1) -> list[str]:
 
 def config_errors(cfg: Config) -> list[str]:
     """Every cross-field error of a whole configuration, one message each."""
-    return train_errors(cfg.train, processes=cfg.launch.processes)
+    errors = train_errors(cfg.train, processes=cfg.launch.processes)
+    if cfg.split.max_length is not None and cfg.split.max_length > cfg.train.max_seq_len:
+        errors.append(f"split.max_length ({cfg.split.max_length}) is over train.max_seq_len ({cfg.train.max_seq_len}): training "
+                      "would cut those chunks; raise train.max_seq_len, or leave split.max_length null to follow it")
+    return errors
 
 
 def check_config(cfg: Config, where: str = "") -> None:

@@ -136,6 +136,20 @@ def test_cross_field_config_error_fails_at_load(fresh_workflow: Path) -> None:
     assert job_counts(ok)["train"] == 1
 
 
+def test_chunks_follow_the_training_row_length(fresh_workflow: Path) -> None:
+    """split.max_length null (the default) follows train.max_seq_len: raising the training length
+    makes split measure longer chunks (it used to stay at 512, training on short chunks); an
+    explicit split.max_length above train.max_seq_len fails at load, naming both keys."""
+    for length in (512, 2048):
+        split_jobs = job_blocks(dry_run(fresh_workflow, "-p", "--config", f'train={{"max_seq_len": {length}}}'))["split"]
+        assert split_jobs and all(f"--max_length {length} " in block for block in split_jobs), split_jobs[0]
+    shorter = job_blocks(dry_run(fresh_workflow, "-p", "--config", 'split={"max_length": 256}'))["split"]
+    assert all("--max_length 256 " in block for block in shorter)
+    proc = snakemake(fresh_workflow, "-n", "--config", 'split={"max_length": 1024}', check=False)
+    message = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "split.max_length (1024) is over train.max_seq_len (512)" in message, message
+
+
 def test_rule_all_asks_for_every_key_product(fresh_workflow: Path) -> None:
     out = dry_run(fresh_workflow, "--config", 'train={"run": "r16"}')
     block = job_blocks(out)["all"][0]

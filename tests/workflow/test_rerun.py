@@ -66,6 +66,8 @@ def test_merged_jsonl_is_temp_and_its_absence_rebuilds_nothing(completed_run: Pa
         ),
         pytest.param("split", "max_length", 256, {"split": 2} | dict.fromkeys(AFTER_GATHER, 1), id="split.max_length"),
         pytest.param("data", "val_fraction", 0.2, AFTER_GATHER, id="data.val_fraction"),
+        pytest.param("train", "max_seq_len", 256, {"split": 2} | dict.fromkeys(AFTER_GATHER, 1),
+                     id="train.max_seq_len (split.max_length null follows it)"),
         pytest.param(
             "train",
             "template",

@@ -131,18 +131,25 @@ def flags(section, only=None, skip=()):
     return lambda wildcards: text
 
 
+def split_max_length():
+    """The chunk length: ``split.max_length``, or the training row length when it is null."""
+    return config["split"]["max_length"] or config["train"]["max_seq_len"]
+
+
 def split_flags():
     """split's flags, measuring chunks with the template the trainer renders them with.
 
     ``split.template`` / ``split.system_prompt`` exist for running split by hand; in the
     workflow they always follow ``train.template`` / ``train.system_prompt``, so the two can
-    never disagree (a chunk that fits ``split.max_length`` fits the trainer's rendering too).
+    never disagree (a chunk that fits ``split.max_length`` fits the trainer's rendering too), and a
+    null ``split.max_length`` follows ``train.max_seq_len``.
     """
     data = dict(config["split"])
     # performance only: passed as a resource, so it re-runs nothing
     del data["batch_size"]
     data["template"] = config["train"]["template"]
     data["system_prompt"] = config["train"]["system_prompt"]
+    data["max_length"] = split_max_length()
     text = shell_args(data, SECTIONS["split"])
     return lambda wildcards: text
 

@@ -35,7 +35,7 @@ not a BPE pass over 10 MB. The chunks around it come out as if it had been measu
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,8 @@ from llama_pipe.stage_writer import StageWriter
 from llama_pipe.templates import ChatTemplate, get_template
 
 RECORDS_PER_STEP = 64
+#: split.max_length when it is null and split runs by hand (the workflow passes train.max_seq_len)
+BY_HAND_MAX_LENGTH = 512
 
 
 @dataclass
@@ -318,6 +320,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def split_file(inp: str | Path, out: str | Path, tokenizer: Any, cfg: SplitSettings,
                rejects: str | Path | None = None, stats: str | Path | None = None) -> StageWriter:
     """Run the stage with a loaded tokenizer; returns the finished writer (stats on disk)."""
+    if cfg.max_length is None:  # by hand without a length: the default training row length
+        cfg = replace(cfg, max_length=BY_HAND_MAX_LENGTH)
     splitter = Splitter(tokenizer, cfg)
     items = list(read_records(inp))
     records_in = chunks_out = truncated = split_records = max_tokens = tokens_out = 0
