@@ -13,8 +13,13 @@ Four formats, each written out exactly:
 character spans the loss is computed on: every assistant reply plus its end-of-turn marker.
 ``tokenize_with_labels`` maps those spans onto tokens through the fast tokenizer's offset
 mapping, so the label mask is exactly aligned with the tokens the model sees at inference
-(no per-segment tokenisation, hence no "tokenization mismatch"). Each template also carries a
-Jinja ``chat_template`` for Hugging Face / vLLM that produces the same text; written with a model
+(no per-segment tokenisation, hence no "tokenization mismatch").
+
+Each built-in template is one :class:`BuiltinTemplate` object (``VICUNA``, ``LLAMA2``, ``CHATML``,
+``LLAMA3``) holding its default system prompt, its end-of-turn marker, its :class:`Pieces` (the
+text around the system prompt, user messages and replies, the separators and the generation
+prompt), from which one generic ``render`` writes the text, and its Jinja ``chat_template`` for
+Hugging Face / vLLM, which produces the same text (a test checks both agree); written with a model
 it is :meth:`ChatTemplate.jinja_for` that tokenizer (a leading ``bos_token`` only where the
 tokenizer itself adds one, so ``apply_chat_template(..., tokenize=True)`` gives the training ids).
 
@@ -52,7 +57,9 @@ def to_messages(record: dict[str, Any]) -> list[Message]:
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """One chat format; see the module docstring."""
+    """One chat format: its default system prompt, the marker that ends an assistant turn, and the
+    Jinja written with a model. :class:`BuiltinTemplate` renders from its pieces,
+    :class:`~llama_pipe.model_template.ModelTemplate` through the tokenizer's own Jinja."""
 
     name: str
     default_system: str
@@ -87,12 +94,53 @@ class ChatTemplate:
         add_generation_prompt: bool = False,
     ) -> tuple[str, list[tuple[int, int]]]:
         """Text of the conversation and the [start, end) character spans of assistant targets."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """The text a built-in template writes around each part of a conversation.
+
+    A conversation renders as: the system block (``system[0] + prompt + system[1]``, only for a
+    non-empty prompt) before the first message, or inside the first user turn where
+    ``system_in_first_user``; each user message as ``user[0] + content + user[1]``, preceded by
+    ``later_user`` unless it is the first message; each assistant message as ``assistant``, then
+    ``content + reply_end`` (the learned span), then ``after_reply``; with a generation prompt,
+    ``generation_prompt`` at the end (after the system block when there are no messages and
+    ``system_without_turns``).
+    """
+
+    system: tuple[str, str]
+    user: tuple[str, str]
+    assistant: str
+    reply_end: str
+    after_reply: str = ""
+    later_user: str = ""
+    generation_prompt: str = ""
+    system_in_first_user: bool = False
+    system_without_turns: bool = False
+
+
+@dataclass(frozen=True)
+class BuiltinTemplate(ChatTemplate):
+    """A template written out in llama-pipe: its pieces render the text, its Jinja gives the same."""
+
+    pieces: Pieces
+
+    def render(
+        self,
+        messages: Sequence[Message],
+        system: str | None = None,
+        add_generation_prompt: bool = False,
+    ) -> tuple[str, list[tuple[int, int]]]:
         msgs = list(messages)
         if msgs and msgs[0]["role"] == "system":
             system = msgs[0]["content"]
             msgs = msgs[1:]
         if system is None:
             system = self.default_system
+        p = self.pieces
+        system_block = p.system[0] + system + p.system[1] if system else ""
         parts: list[str] = []
         spans: list[tuple[int, int]] = []
         pos = 0
@@ -108,53 +156,26 @@ class ChatTemplate:
             role, content = m["role"], m["content"]
             if role not in ("user", "assistant"):
                 raise ValueError(f"message {i}: role {role!r} (only a leading system message is allowed)")
-            if self.name == "vicuna_v1.1":
-                if i == 0:
-                    add(system + " " if system else "")
-                if role == "user":
-                    add(f"USER: {content} ")
-                else:
-                    add("ASSISTANT: ")
-                    add(content + "</s>", target=True)
-            elif self.name == "llama-2":
-                if role == "user":
-                    if i == 0 and system:
-                        add(f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{content} [/INST]")
-                    else:
-                        add(f"{'<s>' if i else ''}[INST] {content} [/INST]")
-                else:
-                    add(" ")
-                    add(f"{content} </s>", target=True)
-            elif self.name == "llama-3":
-                if i == 0 and system:
-                    add(f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>")
-                add(f"<|start_header_id|>{role}<|end_header_id|>\n\n")
-                if role == "user":
-                    add(f"{content}<|eot_id|>")
-                else:
-                    add(f"{content}<|eot_id|>", target=True)
-            else:  # chatml
-                if i == 0 and system:
-                    add(f"<|im_start|>system\n{system}<|im_end|>\n")
-                if role == "user":
-                    add(f"<|im_start|>user\n{content}<|im_end|>\n")
-                else:
-                    add("<|im_start|>assistant\n")
-                    add(f"{content}<|im_end|>", target=True)
-                    add("\n")
+            if i == 0 and not p.system_in_first_user:
+                add(system_block)
+            if role == "user":
+                inner = system_block if i == 0 and p.system_in_first_user else ""
+                add((p.later_user if i else "") + p.user[0] + inner + content + p.user[1])
+            else:
+                add(p.assistant)
+                add(content + p.reply_end, target=True)
+                add(p.after_reply)
         if add_generation_prompt:
-            if self.name == "vicuna_v1.1":
-                if not msgs and system:
-                    add(system + " ")
-                add("ASSISTANT:")
-            elif self.name == "chatml":
-                add("<|im_start|>assistant\n")
-            elif self.name == "llama-3":
-                add("<|start_header_id|>assistant<|end_header_id|>\n\n")
+            if not msgs and p.system_without_turns:
+                add(system_block)
+            add(p.generation_prompt)
         return "".join(parts), spans
 
 
-_VICUNA_JINJA = (
+VICUNA = BuiltinTemplate(
+    "vicuna_v1.1",
+    VICUNA_SYSTEM,
+    "</s>",
     "{{- bos_token -}}"
     "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
     "{%- set messages = messages[1:] -%}{%- else -%}{%- set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' -%}{%- endif -%}"
@@ -164,10 +185,21 @@ _VICUNA_JINJA = (
     "{%- elif m['role'] == 'assistant' -%}{{- 'ASSISTANT: ' + m['content'] + '</s>' -}}"
     "{%- else -%}{{- raise_exception('only a leading system message is allowed') -}}{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}",
+    Pieces(
+        system=("", " "),
+        user=("USER: ", " "),
+        assistant="ASSISTANT: ",
+        reply_end="</s>",
+        generation_prompt="ASSISTANT:",
+        system_without_turns=True,
+    ),
 )
 
-_LLAMA2_JINJA = (
+LLAMA2 = BuiltinTemplate(
+    "llama-2",
+    "",
+    "</s>",
     "{{- bos_token -}}"
     "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
     "{%- set messages = messages[1:] -%}{%- else -%}{%- set system = '' -%}{%- endif -%}"
@@ -177,31 +209,55 @@ _LLAMA2_JINJA = (
     "{%- else -%}{{- ('' if loop.first else '<s>') + '[INST] ' + m['content'] + ' [/INST]' -}}{%- endif -%}"
     "{%- elif m['role'] == 'assistant' -%}{{- ' ' + m['content'] + ' </s>' -}}"
     "{%- else -%}{{- raise_exception('only a leading system message is allowed') -}}{%- endif -%}"
-    "{%- endfor -%}"
+    "{%- endfor -%}",
+    Pieces(
+        system=("<<SYS>>\n", "\n<</SYS>>\n\n"),
+        user=("[INST] ", " [/INST]"),
+        assistant=" ",
+        reply_end=" </s>",
+        later_user="<s>",
+        system_in_first_user=True,
+    ),
 )
 
-_CHATML_JINJA = (
+CHATML = BuiltinTemplate(
+    "chatml",
+    "",
+    "<|im_end|>",
     "{{- bos_token -}}"
     "{%- for m in messages -%}"
     "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}",
+    Pieces(
+        system=("<|im_start|>system\n", "<|im_end|>\n"),
+        user=("<|im_start|>user\n", "<|im_end|>\n"),
+        assistant="<|im_start|>assistant\n",
+        reply_end="<|im_end|>",
+        after_reply="\n",
+        generation_prompt="<|im_start|>assistant\n",
+    ),
 )
 
-_LLAMA3_JINJA = (
+LLAMA3 = BuiltinTemplate(
+    "llama-3",
+    "",
+    "<|eot_id|>",
     "{{- bos_token -}}"
     "{%- for m in messages -%}"
     "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' -}}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}",
+    Pieces(
+        system=("<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>"),
+        user=("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
+        assistant="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        reply_end="<|eot_id|>",
+        generation_prompt="<|start_header_id|>assistant<|end_header_id|>\n\n",
+    ),
 )
 
-TEMPLATES: dict[str, ChatTemplate] = {
-    "vicuna_v1.1": ChatTemplate("vicuna_v1.1", VICUNA_SYSTEM, "</s>", _VICUNA_JINJA),
-    "llama-2": ChatTemplate("llama-2", "", "</s>", _LLAMA2_JINJA),
-    "chatml": ChatTemplate("chatml", "", "<|im_end|>", _CHATML_JINJA),
-    "llama-3": ChatTemplate("llama-3", "", "<|eot_id|>", _LLAMA3_JINJA),
-}
+TEMPLATES: dict[str, BuiltinTemplate] = {t.name: t for t in (VICUNA, LLAMA2, CHATML, LLAMA3)}
 
 
 #: Template choices beyond the built-ins: the model's own Jinja, or "own if any, else built-in".
