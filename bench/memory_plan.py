@@ -91,7 +91,7 @@ def _build(settings: Any, keep: int | None) -> tuple[Any, Any, Any]:
     from llama_pipe.train.memory import keep_layers
     from llama_pipe.train.model import build_model
     from llama_pipe.train.optim import fused_adamw_ok, make_optimizer
-    from llama_pipe.train.step import StepContext, causal_lm_loss_sum
+    from llama_pipe.train.step import StepContext, logits_loss_sum
 
     acc, precision = make_accelerator(settings)
     model = build_model(CKPT, settings, acc.device, precision)
@@ -100,7 +100,7 @@ def _build(settings: Any, keep: int | None) -> tuple[Any, Any, Any]:
     optimizer = make_optimizer(model, settings, fused=fused_adamw_ok(acc))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     model, optimizer = acc.prepare(model, optimizer)
-    loss_fn = apply_fast_path(acc, model, settings) or causal_lm_loss_sum
+    loss_fn = apply_fast_path(acc, model, settings) or logits_loss_sum
     model.train()
     return acc, StepContext(acc, model, optimizer, scheduler, settings.max_grad_norm, "stop", loss_fn), model
 

@@ -4,7 +4,7 @@ Every "ours" case runs llama-pipe's own code path: ``llama_pipe.train.model.buil
 base in lora/qlora/int8 mode + peft adapter, gradient checkpointing), the trainer's accelerate
 set-up (``make_accelerator``: bf16 autocast), ``make_optimizer`` (AdamW on the adapter) and one
 ``llama_pipe.train.step.train_step`` per step, with the fast path
-(``llama_pipe.train.fast.apply`` + its ``causal_lm_loss_sum``) unless ``kernels`` is ``none``.
+(``llama_pipe.train.fast.apply`` + its ``model_loss_sum``) unless ``kernels`` is ``none``.
 Weights are random (speed and memory do not depend on the values): the checkpoint is written
 by the peer script's ``make`` step (same shape: hidden 4096, 32 layers, vocab 32000).
 
@@ -206,7 +206,7 @@ def run_ours(case: Case) -> dict[str, Any]:
     from llama_pipe.train.loop import make_accelerator
     from llama_pipe.train.model import build_model
     from llama_pipe.train.optim import fused_adamw_ok, make_optimizer
-    from llama_pipe.train.step import StepContext, causal_lm_loss_sum, train_step
+    from llama_pipe.train.step import StepContext, logits_loss_sum, train_step
 
     settings = _settings(case)
     base = CKPT if case.model == "7b" else TINY
@@ -217,12 +217,12 @@ def run_ours(case: Case) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     model, optimizer = acc.prepare(model, optimizer)
     model.train()
-    loss_fn = causal_lm_loss_sum
+    loss_fn = logits_loss_sum
     report = "kernels: none"
     if case.kernels != "none":
         opts = fast.replace(fast.FastOptions(), **{k: False for k in case.disable}, **{k: True for k in case.enable})
         fast.apply(acc.unwrap_model(model), opts)
-        loss_fn = fast.causal_lm_loss_sum
+        loss_fn = fast.model_loss_sum
         report = fast.report(acc.unwrap_model(model)).describe()
     ctx = StepContext(acc, model, optimizer, scheduler, settings.max_grad_norm, "stop", loss_fn)
     load_s = time.time() - t0

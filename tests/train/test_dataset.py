@@ -10,7 +10,7 @@ import torch
 from llama_pipe.errors import InputError
 from llama_pipe.templates import IGNORE_INDEX, get_template
 from llama_pipe.train.dataset import StepPlan, collate, encode_record, load_examples, pack_examples
-from llama_pipe.train.step import causal_lm_loss_sum
+from llama_pipe.train.step import logits_loss_sum
 
 
 def test_chinese_record_labels_only_the_reply(tokenizer) -> None:
@@ -41,7 +41,7 @@ def _loss(model, rows, pad_id, flatten: bool = False) -> tuple[float, int]:
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(rows), 3):
-            s, n = causal_lm_loss_sum(model, collate(rows[i : i + 3], pad_id, flatten=flatten))
+            s, n = logits_loss_sum(model, collate(rows[i : i + 3], pad_id, flatten=flatten))
             total, count = total + float(s), count + int(n)
     return total, count
 

@@ -65,7 +65,7 @@ def test_flash_attention_packed_rows_do_not_attend_across(tiny_hf_model_dir, tok
 
     from llama_pipe.templates import get_template
     from llama_pipe.train.dataset import collate, encode_record, pack_examples
-    from llama_pipe.train.step import causal_lm_loss_sum
+    from llama_pipe.train.step import logits_loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(
         str(tiny_hf_model_dir), attn_implementation="flash_attention_2", dtype=torch.bfloat16
@@ -79,7 +79,7 @@ def test_flash_attention_packed_rows_do_not_attend_across(tiny_hf_model_dir, tok
         with torch.no_grad():
             for i in range(0, len(rows), 4):
                 batch = {k: v.cuda() for k, v in collate(rows[i : i + 4], tokenizer.pad_token_id, flatten=flatten).items()}
-                s += float(causal_lm_loss_sum(model, batch)[0])
+                s += float(logits_loss_sum(model, batch)[0])
         return s
 
     ref = total(pack_examples(examples, 512, packing=False), flatten=False)

@@ -14,7 +14,7 @@ import torch
 from llama_pipe.config import LoraSettings, TrainSettings
 from llama_pipe.errors import ConfigError
 from llama_pipe.train.loop import train
-from llama_pipe.train.step import causal_lm_loss_sum
+from llama_pipe.train.step import logits_loss_sum
 
 
 def _settings(**kw: object) -> TrainSettings:
@@ -38,13 +38,13 @@ class OomAt:
             if self.calls == self.k and not self.raised:
                 self.raised = True
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        return causal_lm_loss_sum(model, batch)
+        return logits_loss_sum(model, batch)
 
 
 @pytest.mark.slow
 def test_oom_steps_the_plan_down_once_and_resumes_to_the_same_result(tmp_path, tiny_hf_model_dir, data_files, caplog) -> None:
     train_path, val_path = data_files
-    clean = train(tiny_hf_model_dir, train_path, val_path, tmp_path / "clean", _settings(), loss_fn=causal_lm_loss_sum)
+    clean = train(tiny_hf_model_dir, train_path, val_path, tmp_path / "clean", _settings(), loss_fn=logits_loss_sum)
     assert clean["memory_plan"]["plan"].startswith("micro-batch 4 x 1, checkpointing none, optimizer adamw")
     assert not clean["memory_plan"]["stepped_down"]
     assert clean["memory_plan"]["predicted_peak_bytes"] <= clean["memory_plan"]["budget_bytes"]
@@ -73,7 +73,7 @@ def test_a_second_oom_or_manual_memory_is_not_retried(tmp_path, tiny_hf_model_di
         def __call__(self, model, batch):
             if model.training:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-            return causal_lm_loss_sum(model, batch)
+            return logits_loss_sum(model, batch)
 
     with pytest.raises(torch.cuda.OutOfMemoryError):
         train(tiny_hf_model_dir, train_path, val_path, tmp_path / "a", _settings(max_steps=2), loss_fn=Always(1))

@@ -21,7 +21,7 @@ from llama_pipe.config import LoraSettings, TrainSettings
 from llama_pipe.errors import InputError
 from llama_pipe.train.checkpoint import checkpoint_root, write_manifest
 from llama_pipe.train.loop import train
-from llama_pipe.train.step import NonFiniteLoss, causal_lm_loss_sum
+from llama_pipe.train.step import NonFiniteLoss, logits_loss_sum
 
 BIN = Path(sys.executable).parent
 
@@ -219,7 +219,7 @@ class NanAtStep:
         self.step, self.calls = step, 0
 
     def __call__(self, model, batch):
-        loss, n = causal_lm_loss_sum(model, batch)
+        loss, n = logits_loss_sum(model, batch)
         if torch.is_grad_enabled():
             self.calls += 1
             if self.calls == self.step:

@@ -135,9 +135,9 @@ def test_cpu_fast_path_matches_plain_loss_and_lora_grads(tiny_hf_model_dir, drop
 
 
 def test_loss_sum_contract_matches_trainer_default(tiny_hf_model_dir) -> None:
-    """``causal_lm_loss_sum`` (the trainer's loss_fn contract) gives the same sum and count with
+    """``model_loss_sum`` (the trainer's loss_fn contract) gives the same sum and count with
     and without the fused loss, on a packed batch."""
-    from llama_pipe.train.fast import causal_lm_loss_sum
+    from llama_pipe.train.fast import model_loss_sum
 
     ids, labels = _batch(512)
     pos = torch.cat([torch.arange(20), torch.arange(28)]).expand(2, 48)
@@ -147,9 +147,9 @@ def test_loss_sum_contract_matches_trainer_default(tiny_hf_model_dir) -> None:
         # use_cache=False: with a cache transformers skips packed-sequence detection.
         logits = plain(input_ids=ids, position_ids=pos, use_cache=False).logits
         ref = reference_causal_lm_loss(logits, labels, num_items_in_batch=1)
-        s0, n0 = causal_lm_loss_sum(plain, batch)
+        s0, n0 = model_loss_sum(plain, batch)
         apply(plain, FastOptions(cpu=True))
-        s1, n1 = causal_lm_loss_sum(plain, batch)
+        s1, n1 = model_loss_sum(plain, batch)
     assert int(n0) == int(n1) == int((labels[:, 1:] != -100).sum())
     torch.testing.assert_close(s0, ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(s1, ref, rtol=1e-5, atol=1e-4)

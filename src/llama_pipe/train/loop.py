@@ -138,7 +138,7 @@ def apply_fast_path(acc: Any, model: Any, settings: TrainSettings) -> Any:
     inner = acc.unwrap_model(model)
     fast.apply(inner, settings.kernels)
     log.info("fast path: %s", fast.report(inner).describe())
-    return fast.causal_lm_loss_sum
+    return fast.model_loss_sum
 
 
 def describe_plan(planned: Planned) -> str:
@@ -161,7 +161,7 @@ def train(
     from llama_pipe.train.checkpoint import Checkpointer, checkpoint_root
     from llama_pipe.train.dataset import StepPlan, collate, load_examples, pack_examples, rank_eval_batches
     from llama_pipe.train.model import build_model, count_parameters
-    from llama_pipe.train.step import StepContext, causal_lm_loss_sum, evaluate, train_step
+    from llama_pipe.train.step import StepContext, evaluate, logits_loss_sum, train_step
     from llama_pipe.weights.hf import safetensors_files
     from llama_pipe.weights.tokenizer import load_tokenizer
     from llama_pipe.weights.validate import check_model_weights
@@ -234,7 +234,7 @@ def train(
         # pickle (weights_only=False), which would run code planted in a checkpoint directory.
         step_loss = loss_fn or apply_fast_path(acc, model, settings)
         model.train()
-        ctx = StepContext(acc, model, optimizer, scheduler, settings.max_grad_norm, settings.on_nonfinite, step_loss or causal_lm_loss_sum)
+        ctx = StepContext(acc, model, optimizer, scheduler, settings.max_grad_norm, settings.on_nonfinite, step_loss or logits_loss_sum)
 
         ckpt = Checkpointer(acc, root, settings.keep_checkpoints, fp)
         metrics = Metrics(root / "metrics.jsonl", main)

@@ -28,8 +28,10 @@ class NonFiniteLoss(RuntimeError):
     """A loss or gradient norm was NaN/inf; the message names the step."""
 
 
-def causal_lm_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
-    """Sum of next-token cross entropies over labelled positions, and their count.
+def logits_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """Sum of next-token cross entropies over labelled positions, and their count, computed here
+    from the full logits (the default ``loss_fn``; the fast path's
+    :func:`llama_pipe.train.fast.model_loss_sum` lets the model compute it, fused).
 
     The model is called with ``attention_mask=None`` and the batch's ``position_ids`` so packed
     rows get a block-diagonal causal mask (see :mod:`llama_pipe.train.dataset`).
@@ -55,7 +57,7 @@ class StepContext:
     scheduler: Any
     max_grad_norm: float
     on_nonfinite: str = "stop"
-    loss_fn: LossFn = field(default=causal_lm_loss_sum)
+    loss_fn: LossFn = field(default=logits_loss_sum)
 
 
 @dataclass

@@ -45,7 +45,7 @@ from typing import Literal
 import torch
 
 from llama_pipe.train.fast.loss import (
-    causal_lm_loss_sum,
+    model_loss_sum,
     fused_linear_cross_entropy,
     reference_causal_lm_loss,
 )
@@ -54,7 +54,7 @@ __all__ = [
     "FastOptions",
     "FastReport",
     "apply",
-    "causal_lm_loss_sum",
+    "model_loss_sum",
     "fused_linear_cross_entropy",
     "options_for",
     "reference_causal_lm_loss",

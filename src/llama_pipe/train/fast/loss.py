@@ -208,8 +208,10 @@ def patch_fused_loss(model: torch.nn.Module) -> None:
     model.forward = types.MethodType(_fused_causal_lm_forward, model)
 
 
-def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The trainer's ``loss_fn`` contract: (sum of next-token losses, number of counted tokens).
+def model_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trainer's ``loss_fn`` contract: (sum of next-token losses, number of counted tokens),
+    computed by the model itself (unlike :func:`llama_pipe.train.step.logits_loss_sum`, which
+    computes it from the full logits).
 
     Passes the labels to the model with ``num_items_in_batch=1`` so the model's loss is the sum:
     with :func:`patch_fused_loss` applied that is the fused, chunked loss (no logits); without it
