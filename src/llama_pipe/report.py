@@ -243,7 +243,8 @@ def to_html(md: str, out_dir: Path) -> str:
         body.append("<table>" + "".join(rows) + "</table>")
     style = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#1d2939}"
              "table{border-collapse:collapse}td,th{border:1px solid #d0d5dd;padding:4px 8px}img{max-width:100%}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>llama-pipe report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    head = f"<meta charset='utf-8'><title>llama-pipe report</title><style>{style}</style>"
+    return f"<!doctype html><html><head>{head}</head><body>{''.join(body)}</body></html>\n"
 
 
 def compare_runs(args: argparse.Namespace, train: list, val: list, ev: dict[str, Any], out_dir: Path) -> str:

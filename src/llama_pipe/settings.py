@@ -20,7 +20,8 @@ import json
 import shlex
 import types
 import typing
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from collections.abc import Callable
+from typing import Any, Literal, TypeGuard, TypeVar, cast, get_args, get_origin
 
 from llama_pipe.errors import ConfigError
 
@@ -36,10 +37,20 @@ def opt(default: Any, doc: str, **constraints: Any) -> Any:
         raise TypeError(f"unknown constraint(s) {sorted(unknown)}")
     meta = {"doc": doc, **constraints}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
+        return dataclasses.field(default_factory=_copies_of(default), metadata=meta)
     if dataclasses.is_dataclass(default) and isinstance(default, type):
         return dataclasses.field(default_factory=default, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def _copies_of(default: list[Any] | dict[str, Any]) -> Callable[[], Any]:
+    """A default factory: a fresh copy of a list or dict default for each instance."""
+    return lambda: json.loads(json.dumps(default))
+
+
+def _is_settings_class(tp: Any) -> TypeGuard[type[Any]]:
+    """Whether a field's (non-optional) type is a nested settings dataclass."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -57,7 +68,7 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
 
 def _type_schema(tp: Any) -> dict[str, Any]:
     inner, optional = _strip_optional(tp)
-    if dataclasses.is_dataclass(inner):
+    if _is_settings_class(inner):
         schema: dict[str, Any] = dataclass_schema(inner)
     elif get_origin(inner) is Literal:
         schema = {"enum": list(get_args(inner))}
@@ -149,12 +160,12 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, root: str = "") -> T:
 def _build(cls: type[T], data: dict[str, Any]) -> T:
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cast(Any, cls)):
         if f.name not in data:
             continue
         inner, _ = _strip_optional(hints[f.name])
         value = data[f.name]
-        if dataclasses.is_dataclass(inner) and isinstance(value, dict):
+        if _is_settings_class(inner) and isinstance(value, dict):
             value = _build(inner, value)
         elif inner is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -176,7 +187,7 @@ def _leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, dataclasse
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         inner, _ = _strip_optional(tp)
-        if dataclasses.is_dataclass(inner):
+        if _is_settings_class(inner):
             out.extend(_leaf_fields(inner, f"{prefix}{f.name}."))
         else:
             out.append((prefix + f.name, tp, f))
@@ -211,6 +222,11 @@ def _parse_value(text: str, tp: Any) -> Any:
     return text
 
 
+def _parser_for(tp: Any) -> Callable[[str], Any]:
+    """argparse's ``type=`` for a setting of type ``tp`` (a lambda, as argparse names it in errors)."""
+    return lambda text: _parse_value(text, tp)
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, section: str) -> None:
     """Add one ``--dotted.name VALUE`` flag per setting of ``cls`` plus ``--config FILE``.
 
@@ -236,7 +252,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, section: 
             dest=f"setting:{name}",
             metavar="V",
             default=argparse.SUPPRESS,
-            type=lambda text, tp=tp: _parse_value(text, tp),
+            type=_parser_for(tp),
             help=f"{f.metadata.get('doc', '')}{hint}",
         )
 
@@ -250,7 +266,7 @@ def settings_to_argv(data: dict[str, Any], cls: type, prefix: str = "") -> list[
             continue
         value = data[f.name]
         inner, _ = _strip_optional(hints[f.name])
-        if dataclasses.is_dataclass(inner) and isinstance(value, dict):
+        if _is_settings_class(inner) and isinstance(value, dict):
             argv += settings_to_argv(value, inner, f"{prefix}{f.name}.")
             continue
         if value is None:

@@ -265,7 +265,7 @@ MODEL = "model"
 AUTO = "auto"
 
 
-_ADDS_BOS: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+_ADDS_BOS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def adds_bos(tokenizer: Any) -> bool:

@@ -18,7 +18,8 @@ def test_formats_are_normalised(tmp_path: Path) -> None:
         {"id": 7, "conversations": [{"from": "human", "value": "q"}, {"from": "bing", "value": "a"}]},
     ])
     openai = write_jsonl(tmp_path / "b.jsonl", [
-        {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": [{"type": "text", "text": "part 1"}, {"type": "text", "text": "part 2"}]},
+        {"messages": [{"role": "system", "content": "sys"},
+                      {"role": "user", "content": [{"type": "text", "text": "part 1"}, {"type": "text", "text": "part 2"}]},
                       {"role": "assistant", "content": "ok"}]},
     ])
     alpaca = tmp_path / "c.json"

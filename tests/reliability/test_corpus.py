@@ -203,7 +203,7 @@ def _check_pipeline(c: dict[str, Any], result: dict[str, Any]) -> None:
     for stage, n in spec.get("rejected_count", {}).items():
         got = sum(result["stats"][stage]["rejected"].values())
         assert got == n, f"{stage}: expected {n} rejected, stats say {result['stats'][stage]}"
-    for stage, stats in result["stats"].items():
+    for stats in result["stats"].values():
         assert stats["in"] >= 0 and stats["out"] >= 0, stats
     # Each stage reads what the one before kept (no record appears or vanishes between stages).
     st = result["stats"]
@@ -253,7 +253,7 @@ def _extra_checks(c: dict[str, Any], result: dict[str, Any], tmp_path: Path) -> 
             for kind in ("rejects", "outputs"):
                 for stage, rows in result[kind].items():
                     for row in rows:
-                        json.loads(json.dumps(row), parse_constant=lambda c: pytest.fail(f"{stage} {kind}: {c}"))
+                        json.loads(json.dumps(row), parse_constant=lambda c, stage=stage, kind=kind: pytest.fail(f"{stage} {kind}: {c}"))
         elif check == "no_script_or_style":
             text = json.dumps(outs["clean"], ensure_ascii=False)
             for bad in ("pwned-script", "pwned-cookie", "color:red", "<script", "<style"):

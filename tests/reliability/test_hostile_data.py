@@ -401,9 +401,18 @@ def test_merge_real_sources_keeps_distinct_conversations(tmp_path: Path, capsys:
 
 LANG_TEXTS = {
     "en": ("Could you tell me how to cook rice properly at home?", "Rinse the rice, then simmer it with twice as much water until it is soft."),
-    "es": ("¿Puedes decirme cómo cocinar arroz correctamente en casa?", "Lava el arroz y luego cocínalo a fuego lento con el doble de agua hasta que esté tierno."),
-    "fr": ("Pouvez-vous me dire comment bien cuire le riz à la maison ?", "Rincez le riz, puis faites-le mijoter avec deux fois plus d'eau jusqu'à ce qu'il soit tendre."),
-    "de": ("Kannst du mir sagen, wie man zu Hause richtig Reis kocht?", "Wasche den Reis und lass ihn dann mit der doppelten Menge Wasser köcheln, bis er weich ist."),
+    "es": (
+        "¿Puedes decirme cómo cocinar arroz correctamente en casa?",
+        "Lava el arroz y luego cocínalo a fuego lento con el doble de agua hasta que esté tierno.",
+    ),
+    "fr": (
+        "Pouvez-vous me dire comment bien cuire le riz à la maison ?",
+        "Rincez le riz, puis faites-le mijoter avec deux fois plus d'eau jusqu'à ce qu'il soit tendre.",
+    ),
+    "de": (
+        "Kannst du mir sagen, wie man zu Hause richtig Reis kocht?",
+        "Wasche den Reis und lass ihn dann mit der doppelten Menge Wasser köcheln, bis er weich ist.",
+    ),
     "ko": ("집에서 밥을 제대로 짓는 방법을 알려주실 수 있나요?", "쌀을 씻은 다음 두 배의 물을 붓고 부드러워질 때까지 약한 불에서 끓이세요."),
     "zh": ("你能告诉我在家里怎么正确地煮米饭吗？", "先把米洗干净，然后加两倍的水，用小火慢慢煮到米饭变软为止。"),
 }

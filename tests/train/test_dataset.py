@@ -102,6 +102,7 @@ def test_eval_batches_are_equal_per_rank_and_count_every_target_once(n_rows, wor
     rows = [Row(list(range(1, 4 + i)), [IGNORE_INDEX] + list(range(2, 4 + i)), list(range(3 + i))) for i in range(n_rows)]
     per_rank = [rank_eval_batches(rows, r, world, micro, pad_id=0) for r in range(world)]
     assert len({len(b) for b in per_rank}) == 1
-    assert len(per_rank[0]) == -(-(-(-n_rows // world)) // micro)
+    rows_per_rank = -(-n_rows // world)
+    assert len(per_rank[0]) == -(-rows_per_rank // micro)
     targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for bs in per_rank for b in bs)
     assert targets == sum(r.n_targets for r in rows)

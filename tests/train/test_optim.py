@@ -52,7 +52,7 @@ def test_fused_adamw_only_on_cuda_single_process_or_ddp() -> None:
 def test_in_backward_trains_exactly_like_the_optimizer_step(optimizer, tmp_path, tiny_hf_model_dir, data_files) -> None:
     """Same adapter, same logged gradient norms, as updating after the backward pass."""
     lora = LoraSettings(r=64, alpha=64, dropout=0.1)  # MLP lora_B 192 x 64: 8-bit moments for adamw_8bit
-    plain = train(tiny_hf_model_dir, *data_files, tmp_path / "plain", _settings(optimizer=optimizer, lora=lora))
+    train(tiny_hf_model_dir, *data_files, tmp_path / "plain", _settings(optimizer=optimizer, lora=lora))
     inbwd = train(tiny_hf_model_dir, *data_files, tmp_path / "inbwd",
                   _settings(optimizer=optimizer, lora=lora, optimizer_in_backward=True))
     assert inbwd["val_loss_after"] < inbwd["val_loss_before"]

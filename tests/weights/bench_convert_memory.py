@@ -58,9 +58,9 @@ def main() -> int:
     n_params = sum(torch.Size(s).numel() for s in meta.expected_shapes(params, 32000).values())
     tok = src / "tokenizer.model"
     if not tok.exists():
-        from llama_pipe.weights.tokenizer import train_sentencepiece
-
         import random
+
+        from llama_pipe.weights.tokenizer import train_sentencepiece
 
         rng = random.Random(0)
         words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(60000)]

@@ -37,7 +37,7 @@ def _sample_texts() -> list[str]:
 
 
 def test_ids_equal_tiktoken_on_multilingual_text(tiktoken_model: Path) -> None:
-    tiktoken = pytest.importorskip("tiktoken")
+    pytest.importorskip("tiktoken")
     import tiktoken.load
 
     ranks = tiktoken.load.load_tiktoken_bpe(str(tiktoken_model))

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from workflow_helpers import edited_config, job_counts, snakemake
 
 from llama_pipe.stages import DATA_STAGES

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import get_context
 from typing import Any, TypeVar
 
-
 T = TypeVar("T")
 R = TypeVar("R")
 

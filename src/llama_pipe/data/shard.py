@@ -59,7 +59,7 @@ def base_id(rid: str) -> str:
 
 def val_score(seed: int, rid: str) -> float:
     """A uniform number in [0, 1) from (seed, base id); below ``val_fraction`` means validation."""
-    h = hashlib.blake2b(f"{seed}\x00{base_id(rid)}".encode("utf-8"), digest_size=8).digest()
+    h = hashlib.blake2b(f"{seed}\x00{base_id(rid)}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") / 2**64
 
 

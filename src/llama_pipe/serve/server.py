@@ -32,7 +32,6 @@ from llama_pipe.config import ServeSettings, settings_from_args
 from llama_pipe.serve.api import ApiError, parse_chat_request
 from llama_pipe.serve.generate import ChatModel, Completion, SamplingParams
 from llama_pipe.serve.limits import (
-    RETRY_AFTER_S,
     ConnectionGate,
     Deadlines,
     GenerationQueue,
@@ -299,7 +298,8 @@ class Handler(BaseHTTPRequestHandler):
         messages, params, stream, include_usage = parse_chat_request(body, model, self.server.settings)
         prompt = model.prompt_ids(messages)
         if len(prompt) >= model.context_length:
-            raise ApiError(400, f"the conversation has {len(prompt)} tokens; the model's context is {model.context_length}", "messages", "context_length_exceeded")
+            raise ApiError(400, f"the conversation has {len(prompt)} tokens; the model's context is {model.context_length}",
+                           "messages", "context_length_exceeded")
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         res = Completion()
         if not stream:

@@ -34,9 +34,9 @@ def write_output(
     weights from every rank under FSDP and DeepSpeed ZeRO-3 (an adapter saved from one ZeRO-3
     rank's shards would be empty). Only the main process writes.
     """
-    import transformers
     import peft
     import torch
+    import transformers
 
     acc.wait_for_everyone()
     state_dict = acc.get_state_dict(model)

@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from llama_pipe.config import TrainSettings
 from llama_pipe.errors import ConfigError
@@ -28,9 +28,9 @@ class Planned:
     """The settings the run uses, and the plan behind them (None under ``memory: manual``)."""
 
     settings: TrainSettings
-    plan: Optional[Plan] = None
-    run: Optional[RunShape] = None
-    prediction: Optional[Prediction] = None
+    plan: Plan | None = None
+    run: RunShape | None = None
+    prediction: Prediction | None = None
     budget: int = 0
     pins: Pins = Pins()  # what the user fixed: a step-down keeps it
 
@@ -124,7 +124,7 @@ def plan_run(settings: TrainSettings, base: Path, device: str, processes: int, s
     return Planned(with_plan(settings, plan, run.model.layers), plan, run, pred, budget, fixed)
 
 
-def step_down(planned: Planned) -> Optional[Planned]:
+def step_down(planned: Planned) -> Planned | None:
     """The plan after an out-of-memory error (same optimiser), or None when there is none smaller."""
     if planned.plan is None or planned.run is None:
         return None

@@ -13,7 +13,8 @@ single optimiser with one parameter group per tensor.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

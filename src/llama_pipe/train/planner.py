@@ -26,7 +26,7 @@ the budget; among those, the one with the lowest modelled step time wins.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 GiB = 1024**3
 MARGIN = 0.10  # relative safety margin on the predicted peak
@@ -162,9 +162,9 @@ class Prediction:
 class Pins:
     """Settings the user fixed (None: the planner chooses)."""
 
-    gradient_checkpointing: Optional[bool] = None
-    optimizer: Optional[str] = None
-    in_backward: Optional[bool] = None
+    gradient_checkpointing: bool | None = None
+    optimizer: str | None = None
+    in_backward: bool | None = None
 
 
 # ----------------------------------------------------------------------------- memory model
@@ -307,7 +307,7 @@ def choose(run: RunShape, budget: int, pins: Pins = Pins()) -> tuple[Plan, Predi
                     "train.gpu_memory_gib if the card has it, or set train.memory: manual to run anyway")
 
 
-def step_down(run: RunShape, plan: Plan, pins: Pins = Pins()) -> Optional[Plan]:
+def step_down(run: RunShape, plan: Plan, pins: Pins = Pins()) -> Plan | None:
     """The plan to retry with after an out-of-memory error: the fastest plan with the same
     optimiser (so the checkpoint's optimiser state still loads) whose predicted peak is at most
     ``STEP_DOWN`` of this one's; None when there is none."""

@@ -332,7 +332,8 @@ def convert(meta_dir: str | Path, out_dir: str | Path, settings: ConvertSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("meta_dir", metavar="META_DIR", help="Meta checkpoint dir (params.json, consolidated.NN.pth), an HF model dir, or a .gguf file (or a dir holding one)")
+    parser.add_argument("meta_dir", metavar="META_DIR",
+                        help="Meta checkpoint dir (params.json, consolidated.NN.pth), an HF model dir, or a .gguf file (or a dir holding one)")
     parser.add_argument("-o", "--out", required=True, metavar="HF_DIR", help="output directory (e.g. results/hf_base)")
     add_settings_arguments(parser, ConvertSettings, "convert")
 

@@ -45,8 +45,8 @@ from typing import Literal
 import torch
 
 from llama_pipe.train.fast.loss import (
-    model_loss_sum,
     fused_linear_cross_entropy,
+    model_loss_sum,
     reference_causal_lm_loss,
 )
 
