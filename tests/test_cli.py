@@ -17,6 +17,21 @@ def test_help_lists_every_stage() -> None:
         assert name in out.stdout
 
 
+def test_help_imports_no_stage_and_no_heavy_library() -> None:
+    """``llama-pipe --help`` stays light: no stage module, no torch/transformers (they are imported
+    inside a stage's ``run``)."""
+    code = (
+        "import sys\n"
+        "from llama_pipe.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('modules:', ' '.join(sorted(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = set(out.rsplit("modules:", 1)[1].split())
+    assert not loaded & {"torch", "transformers", "peft", "accelerate", "numpy"}, sorted(loaded)
+    assert not loaded & {st.module for st in BY_NAME.values()}, sorted(loaded & {st.module for st in BY_NAME.values()})
+
+
 @pytest.mark.parametrize("stage", sorted(BY_NAME))
 def test_stage_help(stage: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:

@@ -2,7 +2,8 @@
 
 Each stage lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 the stages, their modules and help texts are listed once, in :mod:`llama_pipe.stages`; this file
-only routes. Heavy imports (torch, transformers) happen inside ``run`` so that
+only routes (:mod:`llama_pipe.entry` sets up logging and turns a user's error into exit status
+2). Heavy imports (torch, transformers) happen inside ``run`` so that
 ``llama-pipe --help`` stays fast.
 """
 
@@ -10,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 
 from llama_pipe import __version__
+from llama_pipe.entry import add_stage_arguments, run_stage, setup_logging, stage_runner
 from llama_pipe.stages import BY_NAME, STAGES
 
 
@@ -33,34 +34,19 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
             continue
         mod = importlib.import_module(st.module)
         p = sub.add_parser(st.name, help=st.help, description=st.help)
-        adder = getattr(mod, f"add_{st.rule}_arguments", None) or mod.add_arguments
-        adder(p)
+        add_stage_arguments(p, st.name, mod)
         p.set_defaults(_module=st.module, _name=st.name)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from llama_pipe.errors import ConfigError, InputError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     stage = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(stage if stage in BY_NAME else "")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(args.verbose)
     mod = importlib.import_module(args._module)
-    runner = getattr(mod, f"run_{args._name.replace('-', '_')}", None) or mod.run
-    try:
-        return int(runner(args) or 0)
-    except (InputError, ConfigError) as exc:
-        print(f"llama-pipe {args._name}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"llama-pipe {args._name}: interrupted", file=sys.stderr)
-        return 130
+    return run_stage(args._name, stage_runner(args._name, mod), args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,11 +29,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import write_json_atomic
+from llama_pipe.atomic import atomic_dir, write_json_atomic
 from llama_pipe.config import EvalSettings, settings_from_args
 from llama_pipe.errors import InputError
+from llama_pipe.heldout import bundled_questions, check_expected, score_rows
+from llama_pipe.model_dir import check_model_dir, load_float_base, pick_template, recorded_system_prompt
 from llama_pipe.records import dumps, iter_jsonl, read_records
+from llama_pipe.serve.generate import ChatModel, SamplingParams, pick_device
 from llama_pipe.settings import add_settings_arguments, describe, to_dict
+from llama_pipe.templates import IGNORE_INDEX, get_template, to_messages, tokenize_with_labels
+from llama_pipe.weights.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_questions(path: str | Path | None, limit: int = 0) -> list[dict[str, Any]]:
     """MT-bench style questions; each needs a unique ``question_id`` and a non-empty list of string
     ``turns``, and may have ``expected`` answers. ``path`` None reads the bundled held-out set."""
-    from llama_pipe.heldout import bundled_questions, check_expected
-
     questions, seen = [], set()
     for where, q in read_records(bundled_questions() if path is None else path):
         if not isinstance(q, dict) or not isinstance(q.get("turns"), list) or not q["turns"] \
@@ -70,8 +73,6 @@ def read_questions(path: str | Path | None, limit: int = 0) -> list[dict[str, An
 
 def encode_val(path: Path, tokenizer: Any, template: Any, system: str | None, max_len: int) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
     """(ids, labels) of every usable validation record, and counts of what was left out."""
-    from llama_pipe.templates import IGNORE_INDEX, to_messages, tokenize_with_labels
-
     if not path.is_file():
         raise InputError(f"{path}: validation file not found (expected results/data/val.jsonl from `llama-pipe gather`)")
     rows, counts = [], {"read": 0, "truncated": 0, "no_target": 0}
@@ -134,8 +135,6 @@ def answer_questions(chat: Any, questions: list[dict[str, Any]], settings: EvalS
     """
     from tqdm import tqdm
 
-    from llama_pipe.serve.generate import SamplingParams
-
     histories: list[list[dict[str, str]]] = [[] for _ in questions]
     answers: list[list[str]] = [[] for _ in questions]
     finishes: list[list[str | None]] = [[] for _ in questions]
@@ -173,13 +172,6 @@ def answer_questions(chat: Any, questions: list[dict[str, Any]], settings: EvalS
 def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoConfig
-
-    from llama_pipe.atomic import atomic_dir
-    from llama_pipe.heldout import score_rows
-    from llama_pipe.model_dir import check_model_dir, load_float_base, pick_template, recorded_system_prompt
-    from llama_pipe.serve.generate import ChatModel, pick_device
-    from llama_pipe.templates import get_template
-    from llama_pipe.weights.tokenizer import load_tokenizer
 
     settings = settings_from_args(args, EvalSettings, "eval")
     log.info("eval settings:\n%s", describe(settings))

@@ -28,6 +28,7 @@ from typing import Any
 from llama_pipe.atomic import atomic_dir, write_json_atomic
 from llama_pipe.config import MergeAdapterSettings, settings_from_args
 from llama_pipe.errors import InputError
+from llama_pipe.merge_meta import write_meta
 from llama_pipe.model_dir import (
     SIDECAR,
     apply_adapters,
@@ -41,6 +42,8 @@ from llama_pipe.model_dir import (
 )
 from llama_pipe.records import file_digest
 from llama_pipe.settings import add_settings_arguments, describe
+from llama_pipe.templates import end_of_turn_ids, get_template
+from llama_pipe.weights.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,6 @@ def write_model_dir(model: Any, tokenizer: Any, template_name: str, out: Path, m
     """Save model (safetensors shards), tokenizer with chat template, generation config and sidecar into ``out``."""
     from transformers import GenerationConfig
 
-    from llama_pipe.templates import end_of_turn_ids, get_template
-
     template = get_template(template_name, tokenizer)
     tokenizer.chat_template = template.jinja_for(tokenizer)
     eos = end_of_turn_ids(tokenizer, template)
@@ -81,8 +82,6 @@ def write_model_dir(model: Any, tokenizer: Any, template_name: str, out: Path, m
 def copy_sentencepiece(tokenizer: Any, dirs: list[Path], out: Path) -> None:
     """Copy ``tokenizer.model`` (what Meta's code and some servers read) from the directory the
     written tokenizer came from, when the save did not produce one."""
-    from llama_pipe.weights.tokenizer import load_tokenizer
-
     if (out / "tokenizer.model").is_file():
         return
     for d in reversed(dirs):
@@ -93,9 +92,6 @@ def copy_sentencepiece(tokenizer: Any, dirs: list[Path], out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-
-    from llama_pipe.merge_meta import write_meta
-    from llama_pipe.weights.tokenizer import load_tokenizer
 
     settings = settings_from_args(args, MergeAdapterSettings, "merge_adapter")
     log.info("merge-adapter settings:\n%s", describe(settings))

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.errors import InputError
+from llama_pipe.templates import AUTO, MODEL, TEMPLATES, builtin_for
 from llama_pipe.weights.hf import safetensors_files
+from llama_pipe.weights.tokenizer import load_tokenizer
 from llama_pipe.weights.validate import check_adapter_weights, check_model_weights
 
 log = logging.getLogger(__name__)
@@ -110,8 +112,6 @@ def apply_adapters(model: Any, tokenizer: Any, adapters: list[str | Path]) -> tu
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
 
-    from llama_pipe.weights.tokenizer import load_tokenizer
-
     for adapter in adapters:
         adapter = Path(adapter)
         weights = check_adapter_dir(adapter)
@@ -170,8 +170,6 @@ def pick_template(explicit: str | None, dirs: list[Path], tokenizer: Any) -> str
     """Template name: explicit > recorded with the model (sidecar, train_config.json) > the built-in the
     tokenizer's Jinja is > the tokenizer's own Jinja (``model``) > vicuna_v1.1. ``auto`` (explicit or
     recorded) resolves the same way from the tokenizer. Give the name and the tokenizer to ``get_template``."""
-    from llama_pipe.templates import AUTO, MODEL, TEMPLATES, builtin_for
-
     if explicit and explicit != AUTO:
         return explicit
     found, name = recorded(dirs, "template")

@@ -23,8 +23,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from llama_pipe.atomic import atomic_dir
 from llama_pipe.errors import InputError
 from llama_pipe.records import iter_jsonl, read_json
+from llama_pipe.report_runs import markdown_table, parse_compare, plot_runs, read_run, summarise
 from llama_pipe.stages import DATA_STAGES
 
 
@@ -249,8 +251,6 @@ def to_html(md: str, out_dir: Path) -> str:
 
 def compare_runs(args: argparse.Namespace, train: list, val: list, ev: dict[str, Any], out_dir: Path) -> str:
     """runs.png and the report.md section comparing this run with ``--compare`` runs."""
-    from llama_pipe.report_runs import markdown_table, parse_compare, plot_runs, read_run, summarise
-
     name = args.name or Path(args.train_metrics).parent.parent.name
     runs = [summarise(name, train, val, ev)] + [read_run(*parse_compare(c)) for c in args.compare]
     plot_runs(runs, name, out_dir / "runs.png")
@@ -261,8 +261,6 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from llama_pipe.atomic import atomic_dir
-
     train, val = read_losses(Path(args.train_metrics))
     stages = funnel([Path(p) for p in args.stats])
     ev_path = Path(args.eval)

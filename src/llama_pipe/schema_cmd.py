@@ -8,14 +8,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llama_pipe.atomic import AtomicFile
+from llama_pipe.config import config_schema
+
 SCHEMA_PATH = Path("workflow/schemas/config.schema.yaml")
 REFERENCE_PATH = Path("docs/config.md")
 
 
 def render_schema() -> str:
     import yaml
-
-    from llama_pipe.config import config_schema
 
     header = "# Generated from src/llama_pipe/config.py by `llama-pipe schema --write`; do not edit.\n"
     return header + yaml.safe_dump(config_schema(), sort_keys=False, allow_unicode=True, width=100)
@@ -35,8 +36,6 @@ def _type_text(schema: dict[str, Any]) -> str:
 
 def render_reference() -> str:
     """docs/config.md: one table per section, every key with type, default and help."""
-    from llama_pipe.config import config_schema
-
     lines = [
         "# Configuration reference",
         "",
@@ -72,8 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llama_pipe.atomic import AtomicFile
-
     wrote = False
     for target, render in ((args.write, render_schema), (args.reference, render_reference)):
         if target:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llama_pipe.config import SECTIONS
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -45,8 +47,6 @@ class Stage:
         """Its settings dataclass (from :mod:`llama_pipe.config`), or None."""
         if self.section is None:
             return None
-        from llama_pipe.config import SECTIONS
-
         return SECTIONS[self.section]
 
 

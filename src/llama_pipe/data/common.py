@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import get_context
 from typing import Any, TypeVar
 
+from llama_pipe.settings import describe
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -161,8 +163,6 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: s
 
 def log_settings(stage: str, settings: Any, **paths: Any) -> None:
     """The resolved settings and paths at the start of a stage."""
-    from llama_pipe.settings import describe
-
     for key, value in paths.items():
         log.info("%s: %s = %s", stage, key, value)
     log.info("%s: settings\n%s", stage, describe(settings))

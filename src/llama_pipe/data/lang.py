@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import FilterLangSettings, settings_from_args
+from llama_pipe.config import FilterLangSettings, load_raw_config, settings_from_args
 from llama_pipe.data.common import (
     TooSlow,
     add_output_arguments,
@@ -367,8 +367,6 @@ def filter_file(inp: str | Path, out: str | Path, cfg: FilterLangSettings,
 
 def skip_only(args: argparse.Namespace) -> bool:
     """True when this run sets ``skip`` but not ``keep``, neither by flag nor in its config file."""
-    from llama_pipe.config import load_raw_config
-
     given = {k[len("setting:"):] for k in vars(args) if k.startswith("setting:")}
     if getattr(args, "config", None):
         given |= set((load_raw_config(args.config).get("filter_lang") or {}).keys())

@@ -49,11 +49,13 @@ from llama_pipe.data.common import (
     log_settings,
     progress,
 )
+from llama_pipe.data.rust_tokenizer import load_rust_tokenizer, why_not_rust
 from llama_pipe.errors import InputError
 from llama_pipe.records import InvalidLine, Record, read_records
 from llama_pipe.settings import add_settings_arguments
 from llama_pipe.stage_writer import StageWriter
 from llama_pipe.templates import ChatTemplate, get_template
+from llama_pipe.weights.tokenizer import load_tokenizer
 
 RECORDS_PER_STEP = 64
 #: split.max_length when it is null and split runs by hand (the workflow passes train.max_seq_len)
@@ -370,14 +372,10 @@ def load_split_tokenizer(path: str | Path) -> Any:
     """The tokenizer split measures with: the Rust tokenizer alone when it is known to give the
     transformers ids (:mod:`llama_pipe.data.rust_tokenizer`, ~2 s less start-up), else
     :func:`llama_pipe.weights.tokenizer.load_tokenizer`."""
-    from llama_pipe.data.rust_tokenizer import load_rust_tokenizer, why_not_rust
-
     tok = load_rust_tokenizer(path)
     if tok is not None:
         log.info("split: tokenizer loaded with the tokenizers library alone")
         return tok
-    from llama_pipe.weights.tokenizer import load_tokenizer
-
     log.info("split: tokenizer loaded through transformers (%s)", why_not_rust(path))
     return load_tokenizer(path)
 

@@ -19,7 +19,7 @@ from typing import TextIO
 from llama_pipe.config import ServeSettings, settings_from_args
 from llama_pipe.errors import InputError
 from llama_pipe.serve.api import SEED_MAX, SEED_MIN
-from llama_pipe.serve.generate import ChatModel, Completion, SamplingParams
+from llama_pipe.serve.generate import ChatModel, Completion, SamplingParams, load_chat_model
 from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.templates import Message
 
@@ -94,8 +94,6 @@ def chat_loop(
 
 
 def run(args: argparse.Namespace) -> int:
-    from llama_pipe.serve.generate import load_chat_model
-
     settings = settings_from_args(args, ServeSettings, "serve")
     log.debug("chat settings:\n%s", describe(settings))
     if args.seed is not None and not SEED_MIN <= args.seed <= SEED_MAX:

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.errors import InputError
+from llama_pipe.model_dir import apply_adapters, check_adapter_dir, check_model_dir, load_float_base, pick_template, recorded_system_prompt
 from llama_pipe.templates import ChatTemplate, Message, end_of_turn_ids, get_template
+from llama_pipe.weights.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -285,16 +287,6 @@ def load_chat_model(
 ) -> ChatModel:
     """Load a float model directory (optionally merging peft adapters on the fly) for chatting."""
     import torch
-
-    from llama_pipe.model_dir import (
-        apply_adapters,
-        check_adapter_dir,
-        check_model_dir,
-        load_float_base,
-        pick_template,
-        recorded_system_prompt,
-    )
-    from llama_pipe.weights.tokenizer import load_tokenizer
 
     model_dir = check_model_dir(model_dir)
     for a in adapters:

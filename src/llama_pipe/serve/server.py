@@ -30,7 +30,7 @@ from typing import Any
 
 from llama_pipe.config import ServeSettings, settings_from_args
 from llama_pipe.serve.api import ApiError, parse_chat_request
-from llama_pipe.serve.generate import ChatModel, Completion, SamplingParams
+from llama_pipe.serve.generate import ChatModel, Completion, SamplingParams, load_chat_model
 from llama_pipe.serve.limits import (
     ConnectionGate,
     Deadlines,
@@ -369,8 +369,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llama_pipe.serve.generate import load_chat_model
-
     settings = settings_from_args(args, ServeSettings, "serve")
     log.info("serve settings:\n%s", describe(settings))
     model = load_chat_model(Path(args.model), args.adapter, settings.device, settings.template, settings.model_id)

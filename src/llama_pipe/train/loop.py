@@ -22,12 +22,24 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import TrainSettings, settings_from_args
+from llama_pipe.entry import stage_main
 from llama_pipe.errors import ConfigError, InputError
 from llama_pipe.records import file_digest
 from llama_pipe.settings import add_settings_arguments, describe, to_dict
+from llama_pipe.templates import get_template
+from llama_pipe.train import fast
+from llama_pipe.train.checkpoint import Checkpointer, checkpoint_root
+from llama_pipe.train.dataset import StepPlan, collate, load_examples, pack_examples, rank_eval_batches
+from llama_pipe.train.finish import write_output
 from llama_pipe.train.memory import Planned, is_oom, keep_layers, plan_run, step_down
+from llama_pipe.train.model import build_model, count_parameters, resolve_precision
 from llama_pipe.train.optim import check_optimizer, fused_adamw_ok, make_optimizer
+from llama_pipe.train.output import VerificationError
 from llama_pipe.train.runstate import Metrics, StoppedBySignal, StopRequest, peak_memory
+from llama_pipe.train.step import NonFiniteLoss, StepContext, evaluate, logits_loss_sum, train_step
+from llama_pipe.weights.hf import safetensors_files
+from llama_pipe.weights.tokenizer import load_tokenizer
+from llama_pipe.weights.validate import check_model_weights
 
 __all__ = ["Metrics", "StopRequest", "StoppedBySignal", "add_arguments", "peak_memory", "run", "train"]
 
@@ -48,9 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llama_pipe.train.output import VerificationError
-    from llama_pipe.train.step import NonFiniteLoss
-
     settings = settings_from_args(args, TrainSettings, "train")
     try:
         summary = train(args.base, args.train_data, args.val_data, args.output, settings)
@@ -77,8 +86,6 @@ def make_accelerator(settings: TrainSettings) -> tuple[Any, str]:
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: cuda requested but no CUDA GPU is visible")
     cpu = settings.device == "cpu" or not torch.cuda.is_available()
-    from llama_pipe.train.model import resolve_precision
-
     precision = resolve_precision(settings.precision, "cpu" if cpu else "cuda")
     acc = Accelerator(
         cpu=cpu,
@@ -133,8 +140,6 @@ def apply_fast_path(acc: Any, model: Any, settings: TrainSettings) -> Any:
         log.info("train.kernels=%s left off: the fast path runs on one GPU or under DDP, not under %s",
                  settings.kernels, acc.distributed_type)
         return None
-    from llama_pipe.train import fast
-
     inner = acc.unwrap_model(model)
     fast.apply(inner, settings.kernels)
     log.info("fast path: %s", fast.report(inner).describe())
@@ -156,15 +161,6 @@ def train(
     import torch
     from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
-
-    from llama_pipe.templates import get_template
-    from llama_pipe.train.checkpoint import Checkpointer, checkpoint_root
-    from llama_pipe.train.dataset import StepPlan, collate, load_examples, pack_examples, rank_eval_batches
-    from llama_pipe.train.model import build_model, count_parameters
-    from llama_pipe.train.step import StepContext, evaluate, logits_loss_sum, train_step
-    from llama_pipe.weights.hf import safetensors_files
-    from llama_pipe.weights.tokenizer import load_tokenizer
-    from llama_pipe.weights.validate import check_model_weights
 
     t_start = time.time()
     base, train_path, val_path, out = Path(base), Path(train_path), Path(val_path), Path(out)
@@ -334,8 +330,6 @@ def train(
         "peak_mem_bytes": peak_memory(device_type)[0], "wall_s": time.time() - t_start,
         "data": {"train": vars(train_stats), "val": vars(val_stats)}, "memory_plan": memory_plan,
     }
-    from llama_pipe.train.finish import write_output
-
     write_output(acc, model, tokenizer, template, settings, summary, base, out, root,
                  {"base": str(base), "train_data": str(train_path), "val_data": str(val_path)})
     summary["is_main"] = main
@@ -343,6 +337,4 @@ def train(
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m llama_pipe.train.loop` under a launcher
-    from llama_pipe.cli import main as cli_main
-
-    sys.exit(cli_main(["train", *sys.argv[1:]]))
+    sys.exit(stage_main("train"))

@@ -23,6 +23,8 @@ from typing import Any
 
 from llama_pipe.config import LoraSettings, TrainSettings
 from llama_pipe.errors import ConfigError, InputError
+from llama_pipe.weights.hf import safetensors_files
+from llama_pipe.weights.validate import check_model_weights
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +70,6 @@ def lora_config(lora: LoraSettings) -> Any:
 
 
 def _check_base_dir(base_dir: Path) -> None:
-    from llama_pipe.weights.hf import safetensors_files
-    from llama_pipe.weights.validate import check_model_weights
-
     if not (base_dir / "config.json").is_file():
         raise InputError(
             f"{base_dir}: no config.json; --base must be a Hugging Face model directory "

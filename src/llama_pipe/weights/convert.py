@@ -37,7 +37,11 @@ from llama_pipe.atomic import atomic_dir
 from llama_pipe.config import ConvertSettings, settings_from_args
 from llama_pipe.errors import InputError
 from llama_pipe.settings import add_settings_arguments, describe
+from llama_pipe.templates import end_of_turn_ids, get_template
 from llama_pipe.weights import meta
+from llama_pipe.weights.hf import pass_through
+from llama_pipe.weights.tiktoken_bpe import is_tiktoken_file
+from llama_pipe.weights.tokenizer import hf_tokenizer_from_meta
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +140,6 @@ def _load_tokenizer(tok_file: Path, chat_template: str) -> Any:
     """The HF tokenizer for a Meta ``tokenizer.model``: sentencepiece (LLaMA-1/2) or tiktoken (LLaMA-3)."""
     import sentencepiece as spm
 
-    from llama_pipe.weights.tiktoken_bpe import is_tiktoken_file
-    from llama_pipe.weights.tokenizer import hf_tokenizer_from_meta
-
     try:
         if not is_tiktoken_file(tok_file):
             spm.SentencePieceProcessor(model_file=str(tok_file))
@@ -212,9 +213,6 @@ def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> di
     from safetensors.torch import save_file
     from tqdm import tqdm
     from transformers import GenerationConfig, LlamaConfig
-
-    from llama_pipe.templates import end_of_turn_ids, get_template
-    from llama_pipe.weights.tiktoken_bpe import is_tiktoken_file
 
     limit = parse_size(settings.max_shard_size)
     params = meta.MetaParams.read(meta_dir / meta.PARAMS)
@@ -317,8 +315,6 @@ def convert(meta_dir: str | Path, out_dir: str | Path, settings: ConvertSettings
     if src.resolve() == out.resolve():
         raise InputError(f"{out}: the output directory must differ from the input")
     if (src / "config.json").is_file():
-        from llama_pipe.weights.hf import pass_through
-
         return pass_through(src, out, settings)
     if (src / meta.PARAMS).is_file():
         return convert_meta(src, out, settings)

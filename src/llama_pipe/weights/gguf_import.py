@@ -31,6 +31,8 @@ from typing import Any
 from llama_pipe.atomic import atomic_dir, write_json_atomic
 from llama_pipe.config import ConvertSettings
 from llama_pipe.errors import InputError
+from llama_pipe.model_template import model_template
+from llama_pipe.templates import end_of_turn_ids, get_template
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +128,7 @@ class GGUFModel:
         import torch
         from gguf.quants import dequantize
 
-        from llama_pipe.weights.convert import permute_for_rotary
+        from llama_pipe.weights.convert import permute_for_rotary  # convert imports this module
 
         out: dict[str, Any] = {}
         for t in self.reader.tensors:
@@ -198,9 +200,6 @@ def convert_gguf(gguf_file: Path, out_dir: Path, settings: ConvertSettings) -> d
     """Convert one GGUF file into an HF model directory; returns a summary."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    from llama_pipe.model_template import model_template
-    from llama_pipe.templates import end_of_turn_ids, get_template
 
     g = GGUFModel(gguf_file)
     own = g.get("tokenizer.chat_template", None)

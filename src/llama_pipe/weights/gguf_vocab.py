@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.errors import InputError
+from llama_pipe.weights.tiktoken_bpe import LLAMA3_PATTERN, is_tiktoken_file
+from llama_pipe.weights.tokenizer import load_tokenizer
 
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
@@ -32,8 +34,6 @@ def _pre_parts(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 def bpe_pre_name(spec: dict[str, Any], where: str) -> str:
     """The llama.cpp pre-tokenizer (``tokenizer.ggml.pre``) equal to a byte-level HF one."""
-    from llama_pipe.weights.tiktoken_bpe import LLAMA3_PATTERN
-
     parts = _pre_parts(spec)
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
@@ -73,8 +73,6 @@ def _token_table(spec: dict[str, Any], n_vocab: int, where: str) -> tuple[list[s
 
 
 def _sentencepiece_file(model_dir: Path) -> Path | None:
-    from llama_pipe.weights.tiktoken_bpe import is_tiktoken_file
-
     f = model_dir / "tokenizer.model"
     return f if f.is_file() and not is_tiktoken_file(f) else None
 
@@ -115,8 +113,6 @@ def _spm_scores_types(model_dir: Path, tokens: list[str], added: dict[int, bool]
 def add_tokenizer(writer: Any, model_dir: Path, n_vocab: int) -> dict[str, Any]:
     """Write the ``tokenizer.ggml.*`` keys for ``model_dir``'s tokenizer; returns a summary."""
     import gguf
-
-    from llama_pipe.weights.tokenizer import load_tokenizer
 
     T = gguf.TokenType
     tok = load_tokenizer(model_dir)

@@ -12,6 +12,8 @@ from typing import Any
 
 from llama_pipe.atomic import atomic_dir, commit_dir
 from llama_pipe.errors import InputError
+from llama_pipe.templates import get_template
+from llama_pipe.weights.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +138,6 @@ def validate_hf_dir(src: Path) -> dict[str, Any]:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llama_pipe.weights.tokenizer import load_tokenizer
-
     try:
         config = AutoConfig.from_pretrained(str(src), trust_remote_code=False)
     except Exception as exc:  # transformers raises many types here
@@ -176,8 +176,6 @@ def validate_hf_dir(src: Path) -> dict[str, Any]:
 
 def pass_through(src: Path, out_dir: Path, settings: Any) -> dict[str, Any]:
     """Validate ``src`` and place its files at ``out_dir`` (hard links where possible)."""
-    from llama_pipe.templates import get_template
-
     info = validate_hf_dir(src)
     with atomic_dir(out_dir) as tmp:
         names = [p.name for p in sorted(src.iterdir()) if p.is_file() and wanted(p.name)]

@@ -22,6 +22,7 @@ from llama_pipe.errors import ConfigError, InputError
 from llama_pipe.records import InvalidLine, read_records
 from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.weights import meta
+from llama_pipe.weights.tokenizer import train_sentencepiece
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,6 @@ def corpus_texts(paths: list[str]) -> list[str]:
 
 def _train_tokenizer(texts: list[str], out_file: Path, vocab_size: int, seed: int, multiple: int) -> int:
     """Train the sentencepiece model; shrink the vocabulary if the corpus cannot fill it."""
-    from llama_pipe.weights.tokenizer import train_sentencepiece
-
     size = vocab_size
     try:
         train_sentencepiece(texts, out_file, vocab_size=size, seed=seed)

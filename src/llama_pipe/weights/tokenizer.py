@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.errors import InputError
+from llama_pipe.weights.tiktoken_bpe import hf_tokenizer_from_tiktoken, is_tiktoken_file
 
 # Kept as single pieces so that every template's markers tokenise to one token each.
 SPECIAL_PIECES = ["<|im_start|>", "<|im_end|>"]
@@ -93,8 +94,6 @@ def hf_tokenizer_from_sentencepiece(model_file: str | Path, chat_template: str |
 
 def hf_tokenizer_from_meta(model_file: str | Path, chat_template: str | None = None) -> Any:
     """The HF tokenizer for a Meta ``tokenizer.model``: LLaMA-3's tiktoken file, else sentencepiece (LLaMA-1/2)."""
-    from llama_pipe.weights.tiktoken_bpe import hf_tokenizer_from_tiktoken, is_tiktoken_file
-
     if is_tiktoken_file(Path(model_file)):
         tok = hf_tokenizer_from_tiktoken(model_file, chat_template=chat_template)
         check_tokenizer(tok, str(model_file))

@@ -44,10 +44,14 @@ from typing import Literal
 
 import torch
 
+from llama_pipe.train.fast import attention, int8, lora, offload
+from llama_pipe.train.fast import kernels as kern
 from llama_pipe.train.fast.loss import (
     fused_linear_cross_entropy,
     model_loss_sum,
+    patch_fused_loss,
     reference_causal_lm_loss,
+    supports_fused_loss,
 )
 
 __all__ = [
@@ -212,10 +216,6 @@ def apply(model: torch.nn.Module, kernels: KernelsSetting | FastOptions = "auto"
 
     Returns the same model; ``report(model)`` tells what was applied (also logged at INFO).
     """
-    from llama_pipe.train.fast import attention, offload
-    from llama_pipe.train.fast import kernels as kern
-    from llama_pipe.train.fast.loss import patch_fused_loss, supports_fused_loss
-
     opts = options_for(kernels)
     base = _unwrap(model)
     rep = FastReport()
@@ -242,8 +242,6 @@ def apply(model: torch.nn.Module, kernels: KernelsSetting | FastOptions = "auto"
     if int8_off is None and not cpu_ok:
         int8_off = "CPU model"
     if lever("int8_dequant", opts.int8_dequant, int8_off):
-        from llama_pipe.train.fast import int8
-
         int8_dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
         rep.levers["int8_dequant"] = f"on ({int8.install(base, int8_dtype)} layers in {int8_dtype})"
     dtype = _compute_dtype(base)
@@ -281,8 +279,6 @@ def apply(model: torch.nn.Module, kernels: KernelsSetting | FastOptions = "auto"
     if lora_off is None and not ad:
         lora_off = "no LoRA adapters"
     if lever("fused_lora", opts.fused_lora, lora_off):
-        from llama_pipe.train.fast import lora
-
         rep.levers["fused_lora"] = f"on ({lora.install(base)} layers)"
     bf_off = ac_off if ac_off else None
     if bf_off is None and not any(p.dtype == torch.float32 and not p.requires_grad for p in base.parameters()):

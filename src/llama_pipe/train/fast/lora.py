@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from llama_pipe.train.fast.int8 import _scales, dequantize
+
 
 def _frozen_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base layer's weight as a dense ``out x in`` tensor in ``dtype``."""
@@ -38,8 +40,6 @@ def _frozen_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
         return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
     if name == "Linear8bitLt":
-        from llama_pipe.train.fast.int8 import _scales, dequantize
-
         return dequantize(base.weight.data, _scales(base), dtype)
     return base.weight.to(dtype)
 

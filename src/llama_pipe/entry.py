@@ -1,0 +1,61 @@
+"""Running one stage as a command: logging set up, and the errors a user can fix
+(:class:`~llama_pipe.errors.InputError`, :class:`~llama_pipe.errors.ConfigError`) shown as one
+line with exit status 2 (an interrupt: 130).
+
+Used by ``llama-pipe STAGE`` (:mod:`llama_pipe.cli`, which routes) and by ``python -m
+llama_pipe.train.loop`` (one process per rank under a launcher, which takes train's flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+
+from llama_pipe.errors import ConfigError, InputError
+from llama_pipe.stages import BY_NAME
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser, name: str, mod: ModuleType) -> None:
+    """The stage's flags (a module holding two stages names its adders ``add_<rule>_arguments``)."""
+    adder = getattr(mod, f"add_{BY_NAME[name].rule}_arguments", None) or mod.add_arguments
+    adder(parser)
+
+
+def stage_runner(name: str, mod: ModuleType) -> Callable[[argparse.Namespace], int | None]:
+    """The stage's ``run`` (``run_<rule>`` in a module holding two stages)."""
+    return getattr(mod, f"run_{name.replace('-', '_')}", None) or mod.run
+
+
+def run_stage(name: str, runner: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """``runner(args)``'s exit status; a user's error is one line on stderr and status 2."""
+    try:
+        return int(runner(args) or 0)
+    except (InputError, ConfigError) as exc:
+        print(f"llama-pipe {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llama-pipe {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def stage_main(name: str, argv: Sequence[str] | None = None) -> int:
+    """One stage's own command line (its flags only), as ``llama-pipe NAME ARGV`` runs it."""
+    st = BY_NAME[name]
+    mod = importlib.import_module(st.module)
+    parser = argparse.ArgumentParser(prog=f"llama-pipe {name}", description=st.help)
+    add_stage_arguments(parser, name, mod)
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    setup_logging()
+    return run_stage(name, stage_runner(name, mod), args)
