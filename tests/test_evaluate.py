@@ -75,16 +75,16 @@ def tuned_dir(tiny_hf_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def test_eval_writes_metrics_and_multi_turn_answers(tiny_hf_model_dir: Path, tuned_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    from llama_pipe.serve import generate
+    from llama_pipe import generation
 
     seen: list[list[dict]] = []
-    original = generate.ChatModel.prompt_ids
+    original = generation.ChatModel.prompt_ids
 
     def spy(self, messages, system=None):
         seen.append([dict(m) for m in messages])
         return original(self, messages, system)
 
-    monkeypatch.setattr(generate.ChatModel, "prompt_ids", spy)
+    monkeypatch.setattr(generation.ChatModel, "prompt_ids", spy)
     out = tmp_path / "eval"
     argv = ["eval", "--base", str(tiny_hf_model_dir), "--tuned", str(tuned_dir), "--val", str(write_val(tmp_path / "val.jsonl")),
             "-o", str(out), "--questions", str(write_questions(tmp_path / "q.jsonl")), "--max-new-tokens", "8",
@@ -144,7 +144,7 @@ def test_answers_are_reproducible_with_the_seed(tiny_hf_model_dir: Path, tmp_pat
 
     from llama_pipe.config import EvalSettings
     from llama_pipe.evaluate import answer_questions, read_questions
-    from llama_pipe.serve.generate import ChatModel
+    from llama_pipe.generation import ChatModel
     from llama_pipe.templates import get_template
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_hf_model_dir), dtype=torch.float32).eval()

@@ -32,10 +32,10 @@ from typing import Any
 from llama_pipe.atomic import atomic_dir, write_json_atomic
 from llama_pipe.config import EvalSettings, settings_from_args
 from llama_pipe.errors import InputError
+from llama_pipe.generation import ChatModel, SamplingParams, pick_device
 from llama_pipe.heldout import bundled_questions, check_expected, score_rows
 from llama_pipe.model_dir import check_model_dir, load_float_base, pick_template, recorded_system_prompt
 from llama_pipe.records import dumps, iter_jsonl, read_records
-from llama_pipe.serve.generate import ChatModel, SamplingParams, pick_device
 from llama_pipe.settings import add_settings_arguments, describe, to_dict
 from llama_pipe.templates import IGNORE_INDEX, get_template, to_messages, tokenize_with_labels
 from llama_pipe.weights.tokenizer import load_tokenizer

@@ -102,7 +102,7 @@ def test_malicious_pickle_in_adapter_is_refused(
 
     # The same adapter handed to chat/serve (merged in memory) is refused the same way.
     from llama_pipe.errors import InputError
-    from llama_pipe.serve.generate import load_chat_model
+    from llama_pipe.generation import load_chat_model
 
     with pytest.raises(InputError, match="adapter_model.bin"):
         load_chat_model(tiny_hf_model_dir, [adapter], device="cpu")

@@ -19,7 +19,7 @@ from tests.reliability import harness as h
 @pytest.fixture(scope="module")
 def tiny_chat(tiny_hf_model_dir: Path):  # type: ignore[no-untyped-def]
     h.require_stage("serve")
-    from llama_pipe.serve.generate import load_chat_model
+    from llama_pipe.generation import load_chat_model
 
     return load_chat_model(tiny_hf_model_dir, device="cpu", model_id="tiny")
 

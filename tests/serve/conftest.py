@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llama_pipe.config import ServeSettings
-from llama_pipe.serve.generate import ChatModel, SamplingParams, load_chat_model
+from llama_pipe.generation import ChatModel, SamplingParams, load_chat_model
 
 
 class SlowChatModel(ChatModel):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from llama_pipe.cli import main
+from llama_pipe.generation import ChatModel, Completion, SamplingParams
 from llama_pipe.serve.chat import chat_loop
-from llama_pipe.serve.generate import ChatModel, Completion, SamplingParams
 
 
 class Scripted(ChatModel):

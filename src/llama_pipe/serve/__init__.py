@@ -1,1 +1,2 @@
-"""Using a model: shared streaming generation, the terminal ``chat`` and the OpenAI-compatible ``serve``."""
+"""Using a model: the terminal ``chat`` and the OpenAI-compatible ``serve`` (their streaming
+generation, shared with ``eval``, is :mod:`llama_pipe.generation`)."""

@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from llama_pipe.config import ServeSettings
-from llama_pipe.serve.generate import ChatModel, SamplingParams
+from llama_pipe.generation import ChatModel, SamplingParams
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 

@@ -18,8 +18,8 @@ from typing import TextIO
 
 from llama_pipe.config import ServeSettings, settings_from_args
 from llama_pipe.errors import InputError
+from llama_pipe.generation import ChatModel, Completion, SamplingParams, load_chat_model
 from llama_pipe.serve.api import SEED_MAX, SEED_MIN
-from llama_pipe.serve.generate import ChatModel, Completion, SamplingParams, load_chat_model
 from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.templates import Message
 

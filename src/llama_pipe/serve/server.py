@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import ServeSettings, settings_from_args
+from llama_pipe.generation import ChatModel, Completion, SamplingParams, load_chat_model
 from llama_pipe.serve.api import ApiError, parse_chat_request
-from llama_pipe.serve.generate import ChatModel, Completion, SamplingParams, load_chat_model
 from llama_pipe.serve.limits import (
     ConnectionGate,
     Deadlines,
