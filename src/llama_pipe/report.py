@@ -26,7 +26,7 @@ from typing import Any
 from llama_pipe.atomic import atomic_dir
 from llama_pipe.errors import InputError
 from llama_pipe.records import iter_jsonl, read_json
-from llama_pipe.report_runs import markdown_table, parse_compare, plot_runs, read_run, summarise
+from llama_pipe.report_runs import markdown_table, parse_compare, plot_runs, read_losses, read_run, summarise
 from llama_pipe.stages import DATA_STAGES
 
 
@@ -42,23 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def read_losses(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(train, val) as (step, loss) lists from a trainer's metrics.jsonl."""
-    if not path.is_file():
-        raise InputError(f"{path}: training metrics not found (written by `llama-pipe train` into its run directory)")
-    train, val = [], []
-    for row in iter_jsonl(path):
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            continue
-        if isinstance(row.get("loss"), (int, float)) and not row.get("skipped"):
-            train.append((row["step"], float(row["loss"])))
-        if isinstance(row.get("val_loss"), (int, float)):
-            val.append((row["step"], float(row["val_loss"])))
-    if not train and not val:
-        raise InputError(f"{path}: no rows with 'loss' or 'val_loss'; is this a llama-pipe metrics.jsonl?")
-    return train, val
 
 
 def funnel(stats_paths: list[Path]) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Comparison of runs for ``llama-pipe report --compare NAME=DIR``: one row per run.
+"""Comparison of runs for ``llama-pipe report --compare NAME=DIR``: one row per run; and the
+reader of a trainer's losses (:func:`read_losses`), which the report of one run uses too.
 
 A run directory is the workflow's ``results/<run>/``: ``train/metrics.jsonl`` (the trainer's
 losses) and ``eval/metrics.json`` (base and tuned perplexity). The report of a run lists it and
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.errors import InputError
-from llama_pipe.records import read_json
+from llama_pipe.records import iter_jsonl, read_json
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,23 @@ class RunSummary:
     final_val_loss: float | None
     base_ppl: float
     tuned_ppl: float
+
+
+def read_losses(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(train, val) as (step, loss) lists from a trainer's metrics.jsonl."""
+    if not path.is_file():
+        raise InputError(f"{path}: training metrics not found (written by `llama-pipe train` into its run directory)")
+    train, val = [], []
+    for row in iter_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            continue
+        if isinstance(row.get("loss"), (int, float)) and not row.get("skipped"):
+            train.append((row["step"], float(row["loss"])))
+        if isinstance(row.get("val_loss"), (int, float)):
+            val.append((row["step"], float(row["val_loss"])))
+    if not train and not val:
+        raise InputError(f"{path}: no rows with 'loss' or 'val_loss'; is this a llama-pipe metrics.jsonl?")
+    return train, val
 
 
 def parse_compare(text: str) -> tuple[str, Path]:
@@ -49,8 +67,6 @@ def summarise(name: str, train: list[tuple[int, float]], val: list[tuple[int, fl
 
 def read_run(name: str, directory: Path) -> RunSummary:
     """The summary of the run in ``directory`` (``train/metrics.jsonl``, ``eval/metrics.json``)."""
-    from llama_pipe.report import read_losses
-
     train, val = read_losses(directory / "train" / "metrics.jsonl")
     ev_path = directory / "eval" / "metrics.json"
     ev = read_json(ev_path, "eval metrics")

@@ -305,7 +305,7 @@ def get_template(name: str, tokenizer: Any = None) -> ChatTemplate:
         raise ValueError(f"unknown chat template {name!r}; choose one of {sorted(TEMPLATES)}, {MODEL!r} or {AUTO!r}")
     if tokenizer is None:
         raise ValueError(f"chat template {name!r} needs the model's tokenizer: call get_template(name, tokenizer)")
-    from llama_pipe.model_template import model_template
+    from llama_pipe.model_template import model_template  # a ChatTemplate subclass: imports this module
 
     if name == AUTO:
         own = builtin_for(tokenizer)

@@ -305,7 +305,7 @@ def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> di
 
 def convert(meta_dir: str | Path, out_dir: str | Path, settings: ConvertSettings) -> dict[str, Any]:
     """Meta layout -> HF; an input already in HF format is validated and passed through."""
-    from llama_pipe.weights.gguf_import import convert_gguf, find_gguf
+    from llama_pipe.weights.gguf_import import convert_gguf, find_gguf  # imports this module
 
     src, out = Path(meta_dir), Path(out_dir)
     if src.is_file() and src.suffix == ".gguf":
