@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from llama_pipe import __version__
-from llama_pipe.entry import add_stage_arguments, run_stage, setup_logging, stage_runner
+from llama_pipe.entry import run_stage, setup_logging
 from llama_pipe.stages import BY_NAME, STAGES
 
 
@@ -34,7 +34,7 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
             continue
         mod = importlib.import_module(st.module)
         p = sub.add_parser(st.name, help=st.help, description=st.help)
-        add_stage_arguments(p, st.name, mod)
+        mod.add_arguments(p)
         p.set_defaults(_module=st.module, _name=st.name)
     return parser
 
@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     mod = importlib.import_module(args._module)
-    return run_stage(args._name, stage_runner(args._name, mod), args)
+    return run_stage(args._name, mod.run, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,6 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from types import ModuleType
 
 from llama_pipe.errors import ConfigError, InputError
 from llama_pipe.stages import BY_NAME
@@ -25,17 +24,6 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-
-
-def add_stage_arguments(parser: argparse.ArgumentParser, name: str, mod: ModuleType) -> None:
-    """The stage's flags (a module holding two stages names its adders ``add_<rule>_arguments``)."""
-    adder = getattr(mod, f"add_{BY_NAME[name].rule}_arguments", None) or mod.add_arguments
-    adder(parser)
-
-
-def stage_runner(name: str, mod: ModuleType) -> Callable[[argparse.Namespace], int | None]:
-    """The stage's ``run`` (``run_<rule>`` in a module holding two stages)."""
-    return getattr(mod, f"run_{name.replace('-', '_')}", None) or mod.run
 
 
 def run_stage(name: str, runner: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
@@ -55,7 +43,7 @@ def stage_main(name: str, argv: Sequence[str] | None = None) -> int:
     st = BY_NAME[name]
     mod = importlib.import_module(st.module)
     parser = argparse.ArgumentParser(prog=f"llama-pipe {name}", description=st.help)
-    add_stage_arguments(parser, name, mod)
+    mod.add_arguments(parser)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     setup_logging()
-    return run_stage(name, stage_runner(name, mod), args)
+    return run_stage(name, mod.run, args)

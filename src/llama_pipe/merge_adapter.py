@@ -28,7 +28,6 @@ from typing import Any
 from llama_pipe.atomic import atomic_dir, write_json_atomic
 from llama_pipe.config import MergeAdapterSettings, settings_from_args
 from llama_pipe.errors import InputError
-from llama_pipe.merge_meta import write_meta
 from llama_pipe.model_dir import (
     SIDECAR,
     apply_adapters,
@@ -43,6 +42,7 @@ from llama_pipe.model_dir import (
 from llama_pipe.records import file_digest
 from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.templates import end_of_turn_ids, get_template
+from llama_pipe.weights.to_meta import write_meta
 from llama_pipe.weights.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """Every stage of llama-pipe, in pipeline order: the one list that the CLI (``llama-pipe STAGE``),
 the report's data funnel, the workflow's stats files and the tests read.
 
-A stage is a module with ``add_arguments(parser)`` and ``run(args) -> int`` (a module holding two
-stages names them ``add_<stage>_arguments`` / ``run_<stage>``, as :mod:`llama_pipe.data.shard`
-does for shard and gather). Its entry here says what else is true of it:
+A stage is a module with ``add_arguments(parser)`` and ``run(args) -> int``, named after the stage
+(``filter-lang``: ``data/filter_lang.py``; ``train`` keeps ``train/loop.py``, which a launcher
+starts as ``python -m llama_pipe.train.loop``). Its entry here says what else is true of it:
 
 * ``section`` - the ``config.yaml`` section its settings come from (:data:`llama_pipe.config.SECTIONS`);
 * ``unit`` - for a data stage, what its stats file counts (``records``; split counts ``pairs``);
@@ -51,7 +51,7 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("make-base", "llama_pipe.weights.tiny", "write the embedded tiny LLaMA in Meta's original layout",
+    Stage("make-base", "llama_pipe.weights.make_base", "write the embedded tiny LLaMA in Meta's original layout",
           section="base"),
     Stage("download", "llama_pipe.weights.download",
           "fetch base weights from a Hugging Face repo or an http(s) URL, verified", section="base"),
@@ -63,11 +63,11 @@ STAGES: tuple[Stage, ...] = (
           unit="records"),
     Stage("clean", "llama_pipe.data.clean", "HTML -> markdown and the clean_sharegpt filters",
           section="clean", unit="records", per_shard=True),
-    Stage("filter-lang", "llama_pipe.data.lang", "keep or drop conversations by detected language",
+    Stage("filter-lang", "llama_pipe.data.filter_lang", "keep or drop conversations by detected language",
           section="filter_lang", unit="records", per_shard=True),
     Stage("split", "llama_pipe.data.split", "split long conversations into chunks of at most N tokens",
           section="split", unit="pairs", per_shard=True),
-    Stage("gather", "llama_pipe.data.shard", "gather shards into train/validation JSONL",
+    Stage("gather", "llama_pipe.data.gather", "gather shards into train/validation JSONL",
           section="data", unit="records"),
     Stage("train", "llama_pipe.train.loop", "LoRA / QLoRA / 8-bit / full fine-tuning", section="train"),
     Stage("merge-adapter", "llama_pipe.merge_adapter", "merge adapters (in order) into a float copy of the base",

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from llama_pipe.data.gather import base_id
 from llama_pipe.data.markdown import fence_languages, html_tags_outside_code
-from llama_pipe.data.shard import base_id
 from tests.data.conftest import cli, read_jsonl, stats_of
 
 

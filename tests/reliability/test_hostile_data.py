@@ -74,7 +74,7 @@ def test_hostile_patterns_cost_linear_time(name: str) -> None:
     """clean's conversion and filter-lang's text extraction of each pattern: 4x the input takes
     well under 16x the time (a quadratic cost; the old regexes were quadratic to cubic), and
     seconds, not minutes, in absolute terms (loose bounds for a loaded 2-core machine)."""
-    from llama_pipe.data.lang import prose
+    from llama_pipe.data.filter_lang import prose
     from llama_pipe.data.markdown import ConversionError, to_markdown
 
     def clean_it(text: str) -> None:
@@ -101,7 +101,7 @@ def test_hostile_patterns_cost_linear_time(name: str) -> None:
 
 def test_filter_lang_reads_max_chars_before_scanning_code() -> None:
     """A 4 MB turn of backtick runs costs filter-lang what its first few max_chars cost."""
-    from llama_pipe.data.lang import prose
+    from llama_pipe.data.filter_lang import prose
 
     big = {"conversations": _conv("A question in plain English about code.", "Answer: " + _TICK_RUNS * 64)}
     assert _best_time(lambda: prose(big, 1000)) < 0.5
@@ -150,16 +150,16 @@ def test_time_budget_rejects_too_slow(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_filter_lang_time_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """filter-lang gives each record time_budget seconds too (a stalled detection is simulated)."""
     h.require_stage("filter-lang")
-    from llama_pipe.data import lang
+    from llama_pipe.data import filter_lang
 
-    real = lang.detect_language
+    real = filter_lang.detect_language
 
     def stall(text: str, *args: Any) -> str:
         if "STALL" in text:
             time.sleep(30)
         return real(text, *args)
 
-    monkeypatch.setattr(lang, "detect_language", stall)
+    monkeypatch.setattr(filter_lang, "detect_language", stall)
     stalled = {"id": "stall-1", "conversations": _conv("STALL this detection for a while, please.", "Certainly, I will wait.")}
     inp = _write_jsonl(tmp_path / "in" / "x.jsonl", [_small(), stalled])
     out = tmp_path / "out" / "f.jsonl"

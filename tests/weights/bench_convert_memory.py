@@ -35,7 +35,7 @@ def main() -> int:
     import torch
 
     from llama_pipe.weights import meta
-    from llama_pipe.weights.tiny import write_meta_checkpoint
+    from llama_pipe.weights.make_base import write_meta_checkpoint
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--dim", type=int, default=2048)

@@ -18,7 +18,7 @@ def make_meta(tmp_path: Path, tokenizer_dir: Path) -> Callable[..., Path]:
     sharp: with near-uniform attention a wrong rotary layout would barely change the logits.
     """
     from llama_pipe.weights import meta
-    from llama_pipe.weights.tiny import random_weights, write_meta_checkpoint
+    from llama_pipe.weights.make_base import random_weights, write_meta_checkpoint
 
     counter = iter(range(1000))
 

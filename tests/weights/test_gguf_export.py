@@ -53,7 +53,7 @@ def bpe_model(tmp_path_factory: pytest.TempPathFactory, tiktoken_model: Path) ->
 
 def _converted(factory: pytest.TempPathFactory, tok_file: Path, vocab: int, template: str) -> Path:
     from llama_pipe.weights import meta
-    from llama_pipe.weights.tiny import random_weights, write_meta_checkpoint
+    from llama_pipe.weights.make_base import random_weights, write_meta_checkpoint
 
     params = meta.MetaParams(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, vocab_size=vocab)
     weights = random_weights(params, vocab, seed=0, dtype="float32")

@@ -13,7 +13,7 @@ from llama_pipe.cli import main
 from llama_pipe.config import BaseSettings, TinyModelSettings
 from llama_pipe.errors import ConfigError
 from llama_pipe.weights import meta
-from llama_pipe.weights.tiny import make_base
+from llama_pipe.weights.make_base import make_base
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llama_pipe.data.lang import matches, prose
+from llama_pipe.data.filter_lang import matches, prose
 from tests.data.conftest import cli, read_jsonl, stats_of, turns, write_jsonl
 
 EN = "The weather was lovely today, so we walked along the river and talked about our plans for the summer holidays."
@@ -94,7 +94,7 @@ def test_numpy_detector_agrees_with_langdetect(tmp_path: Path, sample: Path) -> 
     from langdetect.detector_factory import _factory
 
     from llama_pipe.config import FilterLangSettings
-    from llama_pipe.data import lang as L
+    from llama_pipe.data import filter_lang as L
 
     assert cli("clean", sample, "-o", tmp_path / "clean.jsonl") == 0
     texts = [L.prose(r, 1000) for r in read_jsonl(tmp_path / "clean.jsonl")]
@@ -114,7 +114,7 @@ def test_numpy_detector_agrees_with_langdetect(tmp_path: Path, sample: Path) -> 
 def test_ngram_extractor_matches_langdetect(tmp_path: Path, sample: Path) -> None:
     from langdetect.detector_factory import init_factory
 
-    from llama_pipe.data import lang as L
+    from llama_pipe.data import filter_lang as L
 
     init_factory()
     assert cli("clean", sample, "-o", tmp_path / "clean.jsonl") == 0
@@ -143,7 +143,7 @@ def test_mostly_english_with_chinese_and_korean_quotes_is_english(tmp_path: Path
 def test_trials_stop_only_when_the_top_language_is_decided() -> None:
     import numpy as np
 
-    from llama_pipe.data.lang import _decided
+    from llama_pipe.data.filter_lang import _decided
 
     # after 4 of 7 trials all for language 0, the other 3 cannot overtake it
     assert _decided(np.array([4 / 7, 0.0, 0.0]), 3 / 7)
@@ -163,7 +163,7 @@ def test_cld2_detector_spells_codes_as_langdetect(tmp_path: Path) -> None:
     import pytest
 
     pytest.importorskip("pycld2")
-    from llama_pipe.data.lang import detect_cld2
+    from llama_pipe.data.filter_lang import detect_cld2
 
     assert detect_cld2("text with a lone \ud83d surrogate") == "unknown"  # not encodable: unknown, not a crash
     inp = write_jsonl(tmp_path / "in.jsonl", _records())
