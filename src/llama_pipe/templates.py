@@ -172,20 +172,30 @@ class BuiltinTemplate(ChatTemplate):
         return "".join(parts), spans
 
 
+def _leading_system(default: str) -> str:
+    """Jinja: ``system`` is a leading system message's content (taken off ``messages``), else ``default``."""
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
+        "{%- set messages = messages[1:] -%}{%- else -%}{%- set system = '" + default.replace("'", "\\'") + "' -%}{%- endif -%}"
+    )
+
+
+#: Jinja closing a message loop whose branches took user and assistant: any other role is refused.
+_OTHER_ROLES_REFUSED = "{%- else -%}{{- raise_exception('only a leading system message is allowed') -}}{%- endif -%}{%- endfor -%}"
+
+
 VICUNA = BuiltinTemplate(
     "vicuna_v1.1",
     VICUNA_SYSTEM,
     "</s>",
     "{{- bos_token -}}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
-    "{%- set messages = messages[1:] -%}{%- else -%}{%- set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' -%}{%- endif -%}"
-    "{%- if system -%}{{- system + ' ' -}}{%- endif -%}"
+    + _leading_system(VICUNA_SYSTEM)
+    + "{%- if system -%}{{- system + ' ' -}}{%- endif -%}"
     "{%- for m in messages -%}"
     "{%- if m['role'] == 'user' -%}{{- 'USER: ' + m['content'] + ' ' -}}"
     "{%- elif m['role'] == 'assistant' -%}{{- 'ASSISTANT: ' + m['content'] + '</s>' -}}"
-    "{%- else -%}{{- raise_exception('only a leading system message is allowed') -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}",
+    + _OTHER_ROLES_REFUSED
+    + "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}",
     Pieces(
         system=("", " "),
         user=("USER: ", " "),
@@ -201,15 +211,13 @@ LLAMA2 = BuiltinTemplate(
     "",
     "</s>",
     "{{- bos_token -}}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
-    "{%- set messages = messages[1:] -%}{%- else -%}{%- set system = '' -%}{%- endif -%}"
-    "{%- for m in messages -%}"
+    + _leading_system("")
+    + "{%- for m in messages -%}"
     "{%- if m['role'] == 'user' -%}"
     "{%- if loop.first and system -%}{{- '[INST] <<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + m['content'] + ' [/INST]' -}}"
     "{%- else -%}{{- ('' if loop.first else '<s>') + '[INST] ' + m['content'] + ' [/INST]' -}}{%- endif -%}"
     "{%- elif m['role'] == 'assistant' -%}{{- ' ' + m['content'] + ' </s>' -}}"
-    "{%- else -%}{{- raise_exception('only a leading system message is allowed') -}}{%- endif -%}"
-    "{%- endfor -%}",
+    + _OTHER_ROLES_REFUSED,
     Pieces(
         system=("<<SYS>>\n", "\n<</SYS>>\n\n"),
         user=("[INST] ", " [/INST]"),
