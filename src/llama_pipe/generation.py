@@ -114,6 +114,13 @@ class ChatModel:
                     use_cache=True,
                 )
 
+    def _budget(self, prompt: list[int], params: SamplingParams) -> int:
+        """How many tokens a reply to ``prompt`` may have: max_new_tokens, within the context."""
+        return min(params.max_new_tokens, self.context_length - len(prompt))
+
+    def _over_context(self, prompt: list[int]) -> str:
+        return f"the prompt has {len(prompt)} tokens; the model's context is {self.context_length}"
+
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
@@ -126,9 +133,9 @@ class ChatModel:
         """
         res = result if result is not None else Completion()
         res.prompt_tokens = len(prompt)
-        budget = min(params.max_new_tokens, self.context_length - len(prompt))
+        budget = self._budget(prompt, params)
         if budget <= 0:
-            raise InputError(f"the prompt has {len(prompt)} tokens; the model's context is {self.context_length}")
+            raise InputError(self._over_context(prompt))
         yield from self._assemble(self._tokens(prompt, params, budget), params, res)
 
     def _assemble(self, tokens: Iterable[int], params: SamplingParams, res: Completion) -> Iterator[str]:
@@ -202,8 +209,8 @@ class ChatModel:
         results = [Completion(prompt_tokens=len(p)) for p in prompts]
         todo = []
         for i, p in enumerate(prompts):
-            if min(params[i].max_new_tokens, self.context_length - len(p)) <= 0:
-                results[i].error = f"the prompt has {len(p)} tokens; the model's context is {self.context_length}"
+            if self._budget(p, params[i]) <= 0:
+                results[i].error = self._over_context(p)
             else:
                 todo.append(i)
         todo.sort(key=lambda i: len(prompts[i]))
@@ -230,7 +237,7 @@ class ChatModel:
             ids[r, width - len(p):] = torch.tensor(p, device=dev)
             mask[r, width - len(p):] = 1
         gens = [self._generator(pr) for pr in params]
-        budgets = [min(pr.max_new_tokens, self.context_length - len(p)) for pr, p in zip(params, prompts)]
+        budgets = [self._budget(p, pr) for p, pr in zip(prompts, params)]
         tokens: list[list[int]] = [[] for _ in prompts]
         live = [True] * len(prompts)
         with torch.inference_mode():
