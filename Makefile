@@ -34,7 +34,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 schema: setup
-	$(VENV)/bin/llama-pipe schema --write
+	$(VENV)/bin/llama-pipe schema --write --reference --config-file
 
 clean-results:
 	rm -rf results logs .snakemake

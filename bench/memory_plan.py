@@ -7,7 +7,7 @@ random weights (hidden 4096, 32 layers, vocab 32000; written to /tmp/llama7b whe
   4 rows per step) built once with checkpointing, the fast path applied, then several plans
   (micro-batch x layers kept) run for 3 steps each: the real peak
   (``torch.cuda.max_memory_allocated``) next to the planner's prediction;
-* ``card MODE GIB``: ``TrainSettings(mode=MODE)`` plus only the card (``gpu_memory_gib``), the
+* ``card MODE GIB``: ``TrainSettings`` of MODE (lora, qlora, int8: config.load.MODE_NAMES) plus only the card (``gpu_memory_gib``), the
   allocator capped with ``torch.cuda.set_per_process_memory_fraction`` at GIB minus the 0.5 GiB
   a CUDA context takes on a real card; the planner's plan is built and run the way
   ``llama-pipe train`` runs it (plan_run, build_model, keep_layers, the fast path, make_optimizer,
@@ -38,7 +38,7 @@ GIB = 1024**3
 WARMUP, TIMED = 2, 5
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-# (mode, card GiB (0 = the whole card), extra TrainSettings fields)
+# (mode, card GiB (0 = the whole card), extra TrainSettings fields; max_seq_len is chat.max_seq_len, default 512)
 CARDS: list[tuple[str, float, dict[str, Any]]] = [
     ("qlora", 8, {}), ("int8", 16, {}), ("qlora", 16, {}), ("lora", 24, {}), ("qlora", 24, {}),
     ("qlora", 0, {"lora": {"r": 64, "alpha": 128, "dropout": 0.0}, "max_seq_len": 1024, "micro_batch_size": 8}),
@@ -65,12 +65,16 @@ def make_7b() -> None:
     model.save_pretrained(CKPT, max_shard_size="4GB")
 
 
-def settings_for(mode: str, gib: float, extra: dict[str, Any]) -> Any:
+def settings_for(mode: str, gib: float, extra: dict[str, Any]) -> tuple[Any, int]:
+    """The TrainSettings of one case, and its row length (chat.max_seq_len)."""
     from llama_pipe.config import LoraSettings, TrainSettings
+    from llama_pipe.config.load import MODE_NAMES
 
     extra = dict(extra)
     lora = LoraSettings(**extra.pop("lora", {}))
-    return TrainSettings(mode=mode, lora=lora, gpu_memory_gib=gib or None, precision="bf16", device="cuda", lr=2e-5, **extra)
+    seq = int(extra.pop("max_seq_len", 512))
+    return TrainSettings(**MODE_NAMES[mode], lora=lora, gpu_memory_gib=gib or None, precision="bf16", device="cuda", lr=2e-5,
+                         **extra), seq
 
 
 def _batches(rows: int, seq: int, micro: int, vocab: int) -> list[dict[str, Any]]:
@@ -127,11 +131,11 @@ def run_card(mode: str, gib: float, extra: dict[str, Any]) -> dict[str, Any]:
     total = torch.cuda.get_device_properties(0).total_memory
     if gib:
         torch.cuda.set_per_process_memory_fraction((gib * GIB - 0.5 * GIB) / total)
-    settings = settings_for(mode, gib, extra)
-    planned = plan_run(settings, Path(CKPT), "cuda", 1, False)
+    settings, seq = settings_for(mode, gib, extra)
+    planned = plan_run(settings, seq, Path(CKPT), "cuda", 1, False)
     s = planned.settings
     row: dict[str, Any] = {"kind": "card", "mode": mode, "card_gib": gib or round(total / GIB, 1), "r": s.lora.r,
-                           "seq": s.max_seq_len, "rows_per_step": s.micro_batch_size * s.grad_accum,
+                           "seq": seq, "rows_per_step": s.micro_batch_size * s.grad_accum,
                            "plan": planned.plan.describe(32) if planned.plan else "manual",
                            "predicted_gib": round(planned.prediction.peak / GIB, 2) if planned.prediction else None,
                            "prediction": planned.prediction.describe() if planned.prediction else None}
@@ -139,11 +143,11 @@ def run_card(mode: str, gib: float, extra: dict[str, Any]) -> dict[str, Any]:
         acc, ctx, model = _build(s, planned.plan.keep_layers if planned.plan else None)
         acc.gradient_accumulation_steps = s.grad_accum
         vocab = acc.unwrap_model(model).config.vocab_size
-        micro = _batches(s.micro_batch_size * s.grad_accum, s.max_seq_len, s.micro_batch_size, vocab)
+        micro = _batches(s.micro_batch_size * s.grad_accum, seq, s.micro_batch_size, vocab)
         torch.cuda.reset_peak_memory_stats()
         _steps(ctx, micro, WARMUP, 1)
         dt = _steps(ctx, micro, TIMED, WARMUP + 1)
-        tokens = s.micro_batch_size * s.grad_accum * s.max_seq_len * TIMED
+        tokens = s.micro_batch_size * s.grad_accum * seq * TIMED
         peak = torch.cuda.max_memory_allocated()
         row.update(fits=True, tok_per_s=round(tokens / dt), peak_gib=round(peak / GIB, 2),
                    reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 2))
@@ -160,7 +164,7 @@ def run_calibrate(mode: str) -> list[dict[str, Any]]:
     from llama_pipe.train import planner
     from llama_pipe.train.memory import run_shape
 
-    s = settings_for(mode, 0, {"gradient_checkpointing": True, "optimizer": "adamw", "optimizer_in_backward": False})
+    s, seq = settings_for(mode, 0, {"gradient_checkpointing": True, "optimizer": "adamw", "optimizer_in_backward": False})
     acc, ctx, model = _build(s, 0)
     layers = [m for m in acc.unwrap_model(model).modules() if hasattr(m, "_gradient_checkpointing_func")]
     vocab = acc.unwrap_model(model).config.vocab_size
@@ -168,17 +172,17 @@ def run_calibrate(mode: str) -> list[dict[str, Any]]:
     for mb, keep in CALIBRATE:
         for i, m in enumerate(layers):
             m.gradient_checkpointing = i < len(layers) - keep
-        run = run_shape(s, Path(CKPT), "cuda", 1, True)
+        run = run_shape(s, seq, Path(CKPT), "cuda", 1, True)
         run = planner.RunShape(**{**run.__dict__, "rows_per_step": mb})
         plan = planner.Plan(mb, 1, keep, keep < len(layers), "adamw", False)
         pred = planner.predict(run, plan)
-        micro = _batches(mb, s.max_seq_len, mb, vocab)
+        micro = _batches(mb, seq, mb, vocab)
         _steps(ctx, micro, 1, 1)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         dt = _steps(ctx, micro, 3, 2)
         peak = torch.cuda.max_memory_allocated()
-        rows.append({"kind": "calibrate", "mode": mode, "micro_batch": mb, "keep_layers": keep, "tok_per_s": round(3 * mb * s.max_seq_len / dt),
+        rows.append({"kind": "calibrate", "mode": mode, "micro_batch": mb, "keep_layers": keep, "tok_per_s": round(3 * mb * seq / dt),
                      "peak_gib": round(peak / GIB, 3), "predicted_gib": round(pred.peak / GIB, 3),
                      "error_pct": round(100 * (pred.peak - peak) / peak, 1), "prediction": pred.describe()})
     return rows

@@ -89,6 +89,13 @@ ADAPTER_MIN_COS = {"tiny": 0.999, "7b": 0.99}
 CASE_TIMEOUT_S = {"tiny": 150, "7b": 300}  # a hung collective costs this much, not the whole budget
 
 
+def mode_flags(mode: str) -> list[str]:
+    """A case's mode label (lora, qlora, ...) as train flags: --base_storage and --method."""
+    from llama_pipe.config.load import MODE_NAMES
+
+    return [arg for key, value in MODE_NAMES[mode].items() for arg in (f"--{key}", value)]
+
+
 def model_flags(model: str, mode: str, nproc: int, device: str = "cuda", fast: bool = False) -> list[str]:
     """Train flags of one case; the global batch is 8 rows whatever the process count."""
     common = ["--micro_batch_size", "4", "--grad_accum", str(2 // nproc), "--max_steps", "8",
@@ -236,7 +243,7 @@ def _peft_loaded(run: Path, base: Path) -> dict[str, Any] | None:
 
 def launch_cmd(case: Case, base: Path, train: Path, val: Path, out: Path, port: int, device: str = "cuda") -> list[str]:
     flags = ["--base", str(base), "--train-data", str(train), "--val-data", str(val), "-o", str(out),
-             "--mode", case.mode, *model_flags(case.model, case.mode, case.nproc, device, case.fast)]
+             *mode_flags(case.mode), *model_flags(case.model, case.mode, case.nproc, device, case.fast)]
     if case.strategy == "single":
         return [sys.executable, "-m", "llama_pipe.train.loop", *flags]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / f"{case.strategy}.yaml"),

@@ -74,11 +74,11 @@ def main() -> int:
     shutil.rmtree(base, ignore_errors=True)
     shutil.rmtree(run_out.parent, ignore_errors=True)
     make_model(a.tokenizer_dir, base)
-    flags = {"mode": "lora", "max_seq_len": 2048, "micro_batch_size": 8, "max_steps": STEPS, "save_every": SAVE_EVERY,
+    flags = {"max_seq_len": 2048, "micro_batch_size": 8, "max_steps": STEPS, "save_every": SAVE_EVERY,
              "eval_every": STEPS, "warmup_steps": 1, "lora.r": 16, "lora.dropout": 0.0}
-    settings = TrainSettings(mode="lora", max_seq_len=2048, micro_batch_size=8, max_steps=STEPS, save_every=SAVE_EVERY,
+    settings = TrainSettings(micro_batch_size=8, max_steps=STEPS, save_every=SAVE_EVERY,
                              eval_every=STEPS, warmup_steps=1, lora=LoraSettings(r=16, alpha=32, dropout=0.0))
-    first = memory.plan_run(settings, base, "cuda", 1, False)
+    first = memory.plan_run(settings, 2048, base, "cuda", 1, False)
     down = memory.step_down(first)
     assert first.prediction is not None and down is not None and down.prediction is not None
     cap = (first.prediction.peak + down.prediction.peak) / 2

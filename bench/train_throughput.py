@@ -47,7 +47,7 @@ WARMUP, TIMED = 2, 5
 class Case:
     """One benchmark case of llama-pipe's trainer (or the pad-to-max plain baseline)."""
 
-    mode: str  # lora | qlora | int8
+    mode: str  # lora | qlora | int8: the base storage float / nf4 / int8 under LoRA (config.load.MODE_NAMES)
     r: int
     targets: tuple[str, ...]
     seq: int
@@ -149,11 +149,11 @@ def real_examples(n: int, vocab: int) -> list[Any]:
 
 def _settings(case: Case) -> Any:
     from llama_pipe.config import LoraSettings, TrainSettings
+    from llama_pipe.config.load import MODE_NAMES
 
     return TrainSettings(
-        mode=case.mode,
+        **MODE_NAMES[case.mode],
         lora=LoraSettings(r=case.r, alpha=2 * case.r, dropout=case.dropout, target_modules=list(case.targets)),
-        max_seq_len=case.seq,
         micro_batch_size=case.bs,
         gradient_checkpointing=case.model == "7b",
         precision="bf16" if _cuda() else "fp32",

@@ -12,6 +12,7 @@ import yaml
 
 from llama_pipe.config import (
     SECTIONS,
+    ChatSettings,
     Config,
     TrainSettings,
     config_schema,
@@ -34,9 +35,9 @@ def test_repo_config_validates_and_loads() -> None:
 
 def test_schema_file_is_generated_from_dataclasses() -> None:
     on_disk = (REPO / SCHEMA_PATH).read_text(encoding="utf-8")
-    assert on_disk == render_schema(), "run `llama-pipe schema --write --reference` after changing config.py"
+    assert on_disk == render_schema(), "run `make schema` after changing src/llama_pipe/config/"
     reference = (REPO / REFERENCE_PATH).read_text(encoding="utf-8")
-    assert reference == render_reference(), "run `llama-pipe schema --write --reference` after changing config.py"
+    assert reference == render_reference(), "run `make schema` after changing src/llama_pipe/config/"
 
 
 def test_every_config_yaml_key_is_documented_in_schema() -> None:
@@ -59,7 +60,7 @@ def test_every_section_has_a_docstring_per_field() -> None:
     [
         ("train:\n  lora:\n    r: -1\n", "train.lora.r"),
         ("train:\n  lr: fast\n", "train.lr"),
-        ("train:\n  mode: qlora4\n", "train.mode"),
+        ("train:\n  method: qlora4\n", "train.method"),
         ("clean:\n  blocked_words: oops\n", "clean.blocked_words"),
         ("trian:\n  lr: 1\n", "trian"),
         ("split:\n  max_length: 8\n", "split.max_length"),
@@ -106,12 +107,19 @@ def test_flag_values_are_validated_with_key_path() -> None:
 
 def test_argv_round_trip_preserves_every_value() -> None:
     data = to_dict(TrainSettings())
-    data["system_prompt"] = "Be brief; say 'hi' & \"bye\"; touch /tmp/pwned"
     data["lora"]["target_modules"] = ["q_proj", "with space", "a,b"]
     data["max_steps"] = None
     argv = shlex.split(shell_args(data, TrainSettings))
     assert argv == settings_to_argv(data, TrainSettings)
     assert _parse(argv) == from_dict(TrainSettings, data)
+    # a second section's flags on the same parser (train reads chat too) stay apart from the first's
+    chat = {"template": "chatml", "system_prompt": "Be brief; say 'hi' & \"bye\"; touch /tmp/pwned", "max_seq_len": 64}
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser, TrainSettings, "train")
+    add_settings_arguments(parser, ChatSettings, "chat", config_flag=False)
+    args = parser.parse_args(shlex.split(shell_args(data, TrainSettings) + " " + shell_args(chat, ChatSettings)))
+    assert settings_from_args(args, ChatSettings, "chat") == ChatSettings(**chat)
+    assert settings_from_args(args, TrainSettings, "train") == from_dict(TrainSettings, data)
 
 
 def test_every_section_round_trips_its_defaults() -> None:
@@ -128,3 +136,53 @@ def test_raw_loader_rejects_non_utf8(tmp_path: Path) -> None:
     p.write_bytes(b"train:\n  run: \xff\xfe\n")
     with pytest.raises(ConfigError, match="UTF-8"):
         load_raw_config(p)
+
+
+def test_config_yaml_comments_are_written_from_the_settings() -> None:
+    """config/config.yaml is what `llama-pipe schema --config-file` writes: every key, its help text."""
+    from llama_pipe.config.annotated import rewrite
+
+    text = (REPO / "config" / "config.yaml").read_text(encoding="utf-8")
+    assert text == rewrite(text), "run `make schema` (llama-pipe schema --config-file) after changing src/llama_pipe/config/"
+
+
+def test_config_file_rewrite_keeps_values_and_notes_and_adds_every_key(tmp_path: Path) -> None:
+    from llama_pipe.config.annotated import rewrite
+
+    text = "# my header\n\ntrain:\n  # why: a bigger card\n  lr: 3.0e-4  # stale words\nchat:\n  max_seq_len: 2048\n"
+    out = rewrite(text)
+    assert out.startswith("# my header\n")
+    assert "  # why: a bigger card\n  lr: 0.0003  # peak learning rate" in out
+    assert "stale words" not in out
+    p = tmp_path / "c.yaml"
+    p.write_text(out, encoding="utf-8")
+    cfg = load_config(p)
+    assert cfg.train.lr == 3e-4 and cfg.chat.max_seq_len == 2048 and cfg.clean == Config().clean
+    raw = load_raw_config(p)
+    assert all(set(raw[name]) == {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items())
+    assert rewrite(out) == out
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("train:\n  template: chatml\n", "train.template has moved to chat.template"),
+        ("split:\n  system_prompt: hi\n", "split.system_prompt has moved to chat.system_prompt"),
+        ("train:\n  max_seq_len: 2048\n", "train.max_seq_len has moved to chat.max_seq_len"),
+        ("train:\n  mode: qlora\n", "mode 'qlora' is train.base_storage: nf4, train.method: lora"),
+        ("train:\n  lora:\n    dora: true\n", "DoRA is train.method: dora"),
+    ],
+)
+def test_a_moved_key_names_its_new_place(tmp_path: Path, text: str, needle: str) -> None:
+    p = tmp_path / "old.yaml"
+    p.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=needle):
+        load_raw_config(p)
+
+
+def test_full_training_over_a_quantised_base_is_a_config_error() -> None:
+    from llama_pipe.config_checks import config_errors
+
+    cfg = Config(train=TrainSettings(method="full", base_storage="nf4"))
+    assert any("needs base_storage float" in e for e in config_errors(cfg))
+    assert config_errors(Config(train=TrainSettings(method="dora", base_storage="nf4"))) == []

@@ -33,6 +33,9 @@ def train_errors(settings: TrainSettings, processes: int = 1) -> list[str]:
             needs.append(f"one process (there are {processes}: DDP reduces gradients after the hooks)")
         if needs:
             errors.append("train.optimizer_in_backward needs " + "; ".join(needs))
+    if settings.method == "full" and settings.base_storage != "float":
+        errors.append(f"train.base_storage: {settings.base_storage} holds a frozen quantised base for adapters; method full "
+                      "trains every weight, so it needs base_storage float")
     targets = list(settings.lora.target_modules)
     if "all-linear" in targets and len(targets) > 1:
         errors.append("train.lora.target_modules: 'all-linear' cannot be combined with module names")
@@ -46,9 +49,9 @@ def train_errors(settings: TrainSettings, processes: int = 1) -> list[str]:
 def config_errors(cfg: Config) -> list[str]:
     """Every cross-field error of a whole configuration, one message each."""
     errors = train_errors(cfg.train, processes=cfg.launch.processes)
-    if cfg.split.max_length is not None and cfg.split.max_length > cfg.train.max_seq_len:
-        errors.append(f"split.max_length ({cfg.split.max_length}) is over train.max_seq_len ({cfg.train.max_seq_len}): training "
-                      "would cut those chunks; raise train.max_seq_len, or leave split.max_length null to follow it")
+    if cfg.split.max_length is not None and cfg.split.max_length > cfg.chat.max_seq_len:
+        errors.append(f"split.max_length ({cfg.split.max_length}) is over chat.max_seq_len ({cfg.chat.max_seq_len}): training "
+                      "would cut those chunks; raise chat.max_seq_len, or leave split.max_length null to follow it")
     return errors
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.atomic import atomic_dir, write_json_atomic
-from llama_pipe.config import EvalSettings, settings_from_args
+from llama_pipe.config import ChatSettings, EvalSettings, settings_from_args
 from llama_pipe.errors import InputError
 from llama_pipe.generation import ChatModel, SamplingParams, pick_device
 from llama_pipe.heldout import bundled_questions, check_expected, score_rows
@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", required=True, metavar="JSONL", help="held-out split written by `llama-pipe gather`")
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="writes metrics.json and answers.jsonl here")
     add_settings_arguments(parser, EvalSettings, "eval")
+    add_settings_arguments(parser, ChatSettings, "chat", config_flag=False, only=("template", "system_prompt"))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -174,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     settings = settings_from_args(args, EvalSettings, "eval")
+    chat = settings_from_args(args, ChatSettings, "chat")
     log.info("eval settings:\n%s", describe(settings))
     base, tuned, val, out = Path(args.base), Path(args.tuned), Path(args.val), Path(args.output)
     t0 = time.time()
@@ -182,8 +184,8 @@ def run(args: argparse.Namespace) -> int:
     check_model_dir(tuned, "tuned model")
     questions = read_questions(settings.questions, settings.max_questions)
     tokenizer = load_tokenizer(tuned)
-    template = get_template(pick_template(settings.template, [tuned], tokenizer), tokenizer)
-    system = recorded_system_prompt([tuned])
+    template = get_template(pick_template(chat.template, [tuned], tokenizer), tokenizer)
+    system = chat.system_prompt if chat.system_prompt is not None else recorded_system_prompt([tuned])
     configs = []
     for path in (base, tuned):
         configs.append(AutoConfig.from_pretrained(str(path)))

@@ -10,7 +10,7 @@ trailing prefix of a stop string are held back until the next token decides them
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,7 +124,7 @@ class ChatModel:
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def stream(self, prompt: list[int], params: SamplingParams, result: Completion | None = None) -> Iterator[str]:
+    def stream(self, prompt: list[int], params: SamplingParams, result: Completion | None = None) -> Generator[str, None, None]:
         """Yield text pieces of the reply; ``result`` receives the totals and finish reason.
 
         Incremental detokenisation over a window that starts one token before the new ones
@@ -291,8 +291,12 @@ def load_chat_model(
     device: str = "auto",
     template: str | None = None,
     model_id: str | None = None,
+    system_prompt: str | None = None,
 ) -> ChatModel:
-    """Load a float model directory (optionally merging peft adapters on the fly) for chatting."""
+    """Load a float model directory (optionally merging peft adapters on the fly) for chatting.
+
+    ``template`` / ``system_prompt``: chat.template (None: auto) and chat.system_prompt (None: the one
+    recorded with the model, else the template's default)."""
     import torch
 
     model_dir = check_model_dir(model_dir)
@@ -309,4 +313,5 @@ def load_chat_model(
     dirs = [model_dir, *map(Path, adapters)]
     name = pick_template(template, dirs, tokenizer)
     log.info("model %s on %s, template %s", model_dir, dev, name)
-    return ChatModel(model, tokenizer, get_template(name, tokenizer), model_id or model_dir.resolve().name, recorded_system_prompt(dirs))
+    return ChatModel(model, tokenizer, get_template(name, tokenizer), model_id or model_dir.resolve().name,
+                     system_prompt if system_prompt is not None else recorded_system_prompt(dirs))

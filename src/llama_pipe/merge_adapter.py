@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.atomic import atomic_dir, write_json_atomic
-from llama_pipe.config import MergeAdapterSettings, settings_from_args
+from llama_pipe.config import ChatSettings, MergeAdapterSettings, settings_from_args
 from llama_pipe.errors import InputError
 from llama_pipe.model_dir import (
     SIDECAR,
@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="merged model directory (replaced atomically)")
     add_settings_arguments(parser, MergeAdapterSettings, "merge_adapter")
+    add_settings_arguments(parser, ChatSettings, "chat", config_flag=False, only=("template", "system_prompt"))
 
 
 # ----------------------------------------------------------------------------- output
@@ -94,12 +95,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     settings = settings_from_args(args, MergeAdapterSettings, "merge_adapter")
+    chat = settings_from_args(args, ChatSettings, "chat")
     log.info("merge-adapter settings:\n%s", describe(settings))
     adapters = [Path(a) for a in [*args.adapter, *settings.extra_adapters]]
     base, out = Path(args.base), Path(args.output)
     full = None
     if adapters and is_full_model(adapters[0]):
-        # train.mode full: the run directory is a whole model; it replaces the base weights.
+        # train.method full: the run directory is a whole model; it replaces the base weights.
         full, adapters = adapters[0], adapters[1:]
         log.info("%s is a fully fine-tuned model, not an adapter: it is the starting point", full)
     for a in adapters:  # fail fast, before loading anything big
@@ -113,10 +115,10 @@ def run(args: argparse.Namespace) -> int:
     model = load_float_base(start)
     model, tokenizer = apply_adapters(model, tokenizer, adapters)
     dirs = [base, *([full] if full else []), *adapters]
-    template_name = pick_template(settings.template, dirs, tokenizer)
+    template_name = pick_template(chat.template, dirs, tokenizer)
     model = model.to(getattr(torch, settings.dtype))
     sidecar = {
-        "system_prompt": recorded_system_prompt(dirs[1:]),
+        "system_prompt": chat.system_prompt if chat.system_prompt is not None else recorded_system_prompt(dirs[1:]),
         "base": str(base),
         "full_model": str(full) if full else None,
         "adapters": [{"path": str(a), "sha256": file_digest(a / "adapter_model.safetensors")} for a in adapters],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ def _saves_embeddings(weights: Path) -> bool:
         return any("embed_tokens" in k or "lm_head" in k for k in f.keys())
 
 
-def apply_adapters(model: Any, tokenizer: Any, adapters: list[str | Path]) -> tuple[Any, Any]:
+def apply_adapters(model: Any, tokenizer: Any, adapters: Sequence[str | Path]) -> tuple[Any, Any]:
     """Merge ``adapters`` in order into ``model`` (float); return (merged model, tokenizer to use)."""
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
@@ -152,28 +153,31 @@ def apply_adapters(model: Any, tokenizer: Any, adapters: list[str | Path]) -> tu
 
 def recorded(dirs: list[Path], key: str) -> tuple[bool, Any]:
     """(found, value) of ``key`` as recorded with a model/adapter: ``llama_pipe.json``, then the
-    trainer's ``train_config.json`` (``train.<key>``); the last directory wins."""
+    trainer's ``train_config.json`` (``chat.<key>``; ``train.<key>`` in runs from before the chat
+    section); the last directory wins."""
     for d in reversed(dirs):
         side = read_sidecar(d)
         if key in side:
             return True, side[key]
         try:
-            train = json.loads((Path(d) / "train_config.json").read_text(encoding="utf-8")).get("train", {})
-        except (OSError, ValueError, AttributeError):
+            written = json.loads((Path(d) / "train_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             continue
-        if isinstance(train, dict) and key in train:
-            return True, train[key]
+        for section in ("chat", "train"):
+            part = written.get(section) if isinstance(written, dict) else None
+            if isinstance(part, dict) and key in part:
+                return True, part[key]
     return False, None
 
 
 def pick_template(explicit: str | None, dirs: list[Path], tokenizer: Any) -> str:
-    """Template name: explicit > recorded with the model (sidecar, train_config.json) > the built-in the
-    tokenizer's Jinja is > the tokenizer's own Jinja (``model``) > vicuna_v1.1. ``auto`` (explicit or
-    recorded) resolves the same way from the tokenizer. Give the name and the tokenizer to ``get_template``."""
+    """Template name for ``chat.template``: a built-in or ``model`` as given; ``auto`` (or None): the
+    one recorded with the model (sidecar, train_config.json) > the built-in the tokenizer's Jinja is >
+    the tokenizer's own Jinja (``model``) > vicuna_v1.1. Give the name and the tokenizer to ``get_template``."""
     if explicit and explicit != AUTO:
         return explicit
     found, name = recorded(dirs, "template")
-    if not explicit and found and (name in TEMPLATES or name == MODEL):
+    if found and (name in TEMPLATES or name == MODEL):
         return str(name)
     own = builtin_for(tokenizer)
     if own is not None:

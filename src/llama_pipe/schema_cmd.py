@@ -1,24 +1,27 @@
-"""Print or write the JSON schema of config.yaml, or its Markdown reference; both are
-generated from the settings dataclasses in ``llama_pipe.config``."""
+"""Print or write the JSON schema of config.yaml, its Markdown reference, or config/config.yaml's
+comments; all three are generated from the settings dataclasses in ``llama_pipe.config``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from llama_pipe.atomic import AtomicFile
-from llama_pipe.config import config_schema
+from llama_pipe.config import config_schema, load_raw_config
+from llama_pipe.config.annotated import rewrite
 
 SCHEMA_PATH = Path("workflow/schemas/config.schema.yaml")
 REFERENCE_PATH = Path("docs/config.md")
+CONFIG_FILE_PATH = Path("config/config.yaml")
 
 
 def render_schema() -> str:
     import yaml
 
-    header = "# Generated from src/llama_pipe/config.py by `llama-pipe schema --write`; do not edit.\n"
+    header = "# Generated from src/llama_pipe/config/ by `llama-pipe schema --write`; do not edit.\n"
     return header + yaml.safe_dump(config_schema(), sort_keys=False, allow_unicode=True, width=100)
 
 
@@ -39,7 +42,7 @@ def render_reference() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `src/llama_pipe/config.py` by `llama-pipe schema --reference`; do not edit.",
+        "Generated from `src/llama_pipe/config/` by `llama-pipe schema --reference`; do not edit.",
         "Every key is optional. Any key can also be given to its stage as a flag:",
         "`llama-pipe train --config config.yaml --lora.r 16` (flags override the file).",
         "",
@@ -68,17 +71,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reference", metavar="PATH", nargs="?", const=str(REFERENCE_PATH), help=f"write the Markdown reference (default {REFERENCE_PATH})"
     )
+    parser.add_argument(
+        "--config-file", metavar="PATH", nargs="?", const=str(CONFIG_FILE_PATH),
+        help=f"rewrite a config.yaml in place (default {CONFIG_FILE_PATH}): its values and its own notes kept, every key "
+        "present, each key's comment its help text",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    wrote = False
-    for target, render in ((args.write, render_schema), (args.reference, render_reference)):
-        if target:
-            f = AtomicFile(target)
-            f.fh.write(render())
-            f.commit()
-            print(f"wrote {target}")
-            wrote = True
-    if not wrote:
+    targets: list[tuple[str, Callable[[], str]]] = []
+    if args.write:
+        targets.append((args.write, render_schema))
+    if args.reference:
+        targets.append((args.reference, render_reference))
+    if args.config_file:
+        load_raw_config(args.config_file)  # valid first: an unknown or moved key is an error, not dropped
+        text = Path(args.config_file).read_text(encoding="utf-8")
+        targets.append((args.config_file, lambda: rewrite(text)))
+    for target, render in targets:
+        f = AtomicFile(target)
+        f.fh.write(render())
+        f.commit()
+        print(f"wrote {target}")
+    if not targets:
         print(render_schema(), end="")
     return 0

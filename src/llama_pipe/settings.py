@@ -181,6 +181,12 @@ def to_dict(obj: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------- command-line flags
 
 
+def nested_settings(cls: type, name: str) -> type | None:
+    """The settings class of field ``name`` of ``cls`` when that field is a nested block, else None."""
+    inner, _ = _strip_optional(_hints(cls)[name])
+    return inner if _is_settings_class(inner) else None
+
+
 def _leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field[Any]]]:
     out = []
     hints = _hints(cls)
@@ -227,19 +233,26 @@ def _parser_for(tp: Any) -> Callable[[str], Any]:
     return lambda text: _parse_value(text, tp)
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, section: str) -> None:
+def add_settings_arguments(
+    parser: argparse.ArgumentParser, cls: type, section: str, config_flag: bool = True, only: tuple[str, ...] | None = None
+) -> None:
     """Add one ``--dotted.name VALUE`` flag per setting of ``cls`` plus ``--config FILE``.
 
     Flags default to "not given"; ``settings_from_args`` layers them over the config file section.
+    A stage that reads a second section (the ``chat`` one) adds its flags with ``config_flag=False``;
+    ``only`` limits the flags to those settings (the ones the stage reads).
     """
     group = parser.add_argument_group(f"settings (section '{section}' of config.yaml; flags override it)")
-    group.add_argument(
-        "--config",
-        metavar="FILE",
-        default=None,
-        help="config.yaml to read this stage's section from (validated against the schema)",
-    )
+    if config_flag:
+        group.add_argument(
+            "--config",
+            metavar="FILE",
+            default=None,
+            help="config.yaml to read this stage's sections from (validated against the schema)",
+        )
     for name, tp, f in _leaf_fields(cls):
+        if only is not None and name.split(".")[0] not in only:
+            continue
         inner, _ = _strip_optional(tp)
         hint = ""
         if get_origin(inner) is Literal:
@@ -249,7 +262,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, section: 
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         group.add_argument(
             *flags,
-            dest=f"setting:{name}",
+            dest=f"setting:{section}:{name}",
             metavar="V",
             default=argparse.SUPPRESS,
             type=_parser_for(tp),

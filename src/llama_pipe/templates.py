@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llama_pipe.errors import ConfigError
+
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -322,6 +324,18 @@ def get_template(name: str, tokenizer: Any = None) -> ChatTemplate:
         if not getattr(tokenizer, "chat_template", None):
             return TEMPLATES["vicuna_v1.1"]
     return model_template(tokenizer)
+
+
+def template_for_bare_model(choice: str, where: object) -> ChatTemplate:
+    """The template convert stores with a model that ships none (a Meta checkpoint; an HF or GGUF
+    model without ``chat_template``): ``chat.template`` when it names a built-in, vicuna_v1.1 for
+    ``auto``. ``model`` has nothing to use: a :class:`~llama_pipe.errors.ConfigError` naming ``where``."""
+    if choice in TEMPLATES:
+        return TEMPLATES[choice]
+    if choice == AUTO:
+        return TEMPLATES["vicuna_v1.1"]
+    raise ConfigError(f"{where}: the model ships no chat template, so chat.template {choice!r} has nothing to use; "
+                      f"name a built-in ({', '.join(sorted(TEMPLATES))}) or auto")
 
 
 def tokenize_with_labels(

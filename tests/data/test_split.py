@@ -54,6 +54,18 @@ def test_chunks_fit_exactly_and_ids(tmp_path: Path, tokenizer_dir: Path, tokeniz
         assert trainer_len(tokenizer, merged, template) > 300
 
 
+def test_null_max_length_follows_chat_max_seq_len(tmp_path: Path, tokenizer_dir: Path, tokenizer: Any) -> None:
+    """Without split.max_length, chunks are as long as the training rows (chat.max_seq_len): the
+    same pair fits a 1024-token row and is rejected for a 200-token one."""
+    recs = [{"id": "r", "conversations": turns("short question", _words(100, 3))}]  # ~450 tokens
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+    for length, kept in ((1024, 1), (200, 0)):
+        out = tmp_path / f"{length}.jsonl"
+        assert cli("split", inp, "-o", out, "--tokenizer", tokenizer_dir, "--max-seq-len", length) == 0
+        stats = stats_of(out)
+        assert stats["max_length"] == length and stats["out"] == kept, stats
+
+
 def test_long_pair_rejected_or_truncated(tmp_path: Path, tokenizer_dir: Path, tokenizer: Any) -> None:
     recs = [{"id": "r", "conversations": turns("short question", "short answer", "tell me more", _words(400, 1),
                                                 "last question", "last answer")},
@@ -226,7 +238,7 @@ def test_bound_is_never_above_the_token_count(tokenizer: Any) -> None:
     from llama_pipe.config import SplitSettings
     from llama_pipe.data.split import Splitter
 
-    sp = Splitter(tokenizer, SplitSettings())
+    sp = Splitter(tokenizer, SplitSettings(), get_template("vicuna_v1.1"), 512)
     assert sp._bound is not None  # the bundled sentencepiece BPE has byte fallback
     texts = [_words(500, 1), "   spaced    out   " * 50, "你好，世界。" * 300, "x" * 5000, "<s></s>" * 100,
              "ΑΒΓ déjà vu naïve café — “quotes” …" * 60, "\n\n".join(_words(40, i) for i in range(20)), ""]

@@ -248,7 +248,7 @@ def test_trust_remote_code_enabled_is_warned(
     h.require_stage("train")
     import logging
 
-    from llama_pipe.config import LoraSettings, TrainSettings
+    from llama_pipe.config import ChatSettings, LoraSettings, TrainSettings
     from llama_pipe.train.loop import train
 
     data = tmp_path / "d.jsonl"
@@ -258,11 +258,11 @@ def test_trust_remote_code_enabled_is_warned(
         from accelerate.state import AcceleratorState, GradientState
 
         caplog.clear()
-        settings = TrainSettings(trust_remote_code=flag, max_steps=1, max_seq_len=256, micro_batch_size=1,
+        settings = TrainSettings(trust_remote_code=flag, max_steps=1, micro_batch_size=1,
                                  eval_every=1, save_every=1, warmup_steps=0, lora=LoraSettings(r=2, alpha=4), device="cpu")
         try:
             with caplog.at_level(logging.WARNING):
-                train(tiny_hf_model_dir, data, data, tmp_path / f"run-{flag}", settings)
+                train(tiny_hf_model_dir, data, data, tmp_path / f"run-{flag}", settings, ChatSettings(max_seq_len=256))
         finally:
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()

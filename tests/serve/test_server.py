@@ -95,6 +95,7 @@ def test_client_errors_are_4xx_json(client: openai.OpenAI) -> None:
         ("POST", "/v1/chat/completions", b"[1, 2]", 400, "JSON object"),
         ("POST", "/v1/chat/completions", b'{"messages": []}', 400, "non-empty"),
         ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', 400, "content"),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": ["user"], "content": "x"}]}', 400, "role"),
         ("POST", "/v1/chat/completions", b'{"messages": [{"role": "assistant", "content": "hi"}]}', 400, "last message"),
         ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}', 400, "max_tokens"),
         ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, "temperature"),

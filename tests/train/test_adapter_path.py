@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_pipe.config import LoraSettings, TrainSettings
+from llama_pipe.config import ChatSettings, LoraSettings, TrainSettings
 from llama_pipe.train.loop import train
 
 
@@ -19,9 +19,9 @@ def test_adapter_loads_with_auto_peft_from_another_directory(tmp_path, tiny_hf_m
     # Train as the workflow does: the base given relative to the working directory.
     monkeypatch.chdir(tiny_hf_model_dir.parent)
     out = tmp_path / "run"
-    settings = TrainSettings(max_seq_len=128, micro_batch_size=2, max_steps=2, eval_every=2, save_every=2,
+    settings = TrainSettings(micro_batch_size=2, max_steps=2, eval_every=2, save_every=2,
                              lora=LoraSettings(r=2, alpha=4, dropout=0.0), seed=1)
-    train(Path(tiny_hf_model_dir.name), *data_files, out, settings)
+    train(Path(tiny_hf_model_dir.name), *data_files, out, settings, ChatSettings(max_seq_len=128))
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(tiny_hf_model_dir.resolve())
     elsewhere = tmp_path / "elsewhere"

@@ -9,22 +9,26 @@ from dataclasses import replace
 import pytest
 import torch
 
-from llama_pipe.config import LoraSettings, TrainSettings
+from llama_pipe.config import ChatSettings, LoraSettings, TrainSettings
 from llama_pipe.train.loop import train
 
 pytestmark = pytest.mark.gpu
 
 
+CHAT = ChatSettings(max_seq_len=256)
+
+
 def _settings(**kw) -> TrainSettings:
-    s = TrainSettings(max_seq_len=256, micro_batch_size=4, max_steps=10, lr=1e-2, warmup_steps=2, eval_every=10,
+    s = TrainSettings(micro_batch_size=4, max_steps=10, lr=1e-2, warmup_steps=2, eval_every=10,
                       save_every=5, lora=LoraSettings(r=8, alpha=16), device="cuda")
     return replace(s, **kw)
 
 
-@pytest.mark.parametrize("mode", ["lora", "qlora", "int8", "full"])
-def test_modes_on_cuda(mode, tmp_path, tiny_hf_model_dir, data_files) -> None:
-    lr = 1e-3 if mode == "full" else 1e-2
-    summary = train(tiny_hf_model_dir, *data_files, tmp_path / mode, _settings(mode=mode, lr=lr))
+@pytest.mark.parametrize(("method", "storage"), [("lora", "float"), ("lora", "nf4"), ("lora", "int8"), ("full", "float")])
+def test_methods_and_bases_on_cuda(method, storage, tmp_path, tiny_hf_model_dir, data_files) -> None:
+    mode = f"{method}-{storage}"
+    lr = 1e-3 if method == "full" else 1e-2
+    summary = train(tiny_hf_model_dir, *data_files, tmp_path / mode, _settings(method=method, base_storage=storage, lr=lr), CHAT)
     assert summary["precision"] == "bf16" and summary["device"].startswith("cuda")
     assert summary["val_loss_after"] < summary["val_loss_before"]
     rows = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
@@ -38,7 +42,7 @@ def test_qlora_uses_bf16_compute_and_nf4_on_cuda(tiny_hf_model_dir) -> None:
 
     from llama_pipe.train.model import build_model
 
-    model = build_model(tiny_hf_model_dir, _settings(mode="qlora"), torch.device("cuda:0"), "bf16")
+    model = build_model(tiny_hf_model_dir, _settings(base_storage="nf4"), torch.device("cuda:0"), "bf16")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.compute_dtype == torch.bfloat16 for m in layers)
     assert all(m.weight.quant_state.quant_type == "nf4" and m.weight.quant_state.nested for m in layers)
@@ -46,14 +50,14 @@ def test_qlora_uses_bf16_compute_and_nf4_on_cuda(tiny_hf_model_dir) -> None:
 
 
 def test_gradient_checkpointing_gives_the_same_step(tmp_path, tiny_hf_model_dir, data_files) -> None:
-    a = train(tiny_hf_model_dir, *data_files, tmp_path / "a", _settings(max_steps=3, lora=LoraSettings(dropout=0.0)))
+    a = train(tiny_hf_model_dir, *data_files, tmp_path / "a", _settings(max_steps=3, lora=LoraSettings(dropout=0.0)), CHAT)
     b = train(tiny_hf_model_dir, *data_files, tmp_path / "b",
-              _settings(max_steps=3, lora=LoraSettings(dropout=0.0), gradient_checkpointing=True))
+              _settings(max_steps=3, lora=LoraSettings(dropout=0.0), gradient_checkpointing=True), CHAT)
     assert b["val_loss_after"] == pytest.approx(a["val_loss_after"], abs=2e-2)  # bf16 noise
 
 
 def test_fp16_with_grad_scaler(tmp_path, tiny_hf_model_dir, data_files) -> None:
-    summary = train(tiny_hf_model_dir, *data_files, tmp_path / "fp16", _settings(precision="fp16"))
+    summary = train(tiny_hf_model_dir, *data_files, tmp_path / "fp16", _settings(precision="fp16"), CHAT)
     assert summary["precision"] == "fp16"
     assert summary["val_loss_after"] < summary["val_loss_before"]
 

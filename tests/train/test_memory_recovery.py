@@ -11,15 +11,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from llama_pipe.config import LoraSettings, TrainSettings
+from llama_pipe.config import ChatSettings, LoraSettings, TrainSettings
 from llama_pipe.errors import ConfigError
 from llama_pipe.train.loop import train
 from llama_pipe.train.step import logits_loss_sum
 
+CHAT = ChatSettings(max_seq_len=256)
+
 
 def _settings(**kw: object) -> TrainSettings:
     base = TrainSettings(
-        max_seq_len=256, micro_batch_size=4, grad_accum=1, max_steps=6, lr=5e-3, warmup_steps=2, eval_every=3,
+        micro_batch_size=4, grad_accum=1, max_steps=6, lr=5e-3, warmup_steps=2, eval_every=3,
         save_every=2, keep_checkpoints=2, lora=LoraSettings(r=4, alpha=8, dropout=0.0), seed=3, device="cpu",
         gpu_memory_gib=4.0,
     )
@@ -44,14 +46,14 @@ class OomAt:
 @pytest.mark.slow
 def test_oom_steps_the_plan_down_once_and_resumes_to_the_same_result(tmp_path, tiny_hf_model_dir, data_files, caplog) -> None:
     train_path, val_path = data_files
-    clean = train(tiny_hf_model_dir, train_path, val_path, tmp_path / "clean", _settings(), loss_fn=logits_loss_sum)
+    clean = train(tiny_hf_model_dir, train_path, val_path, tmp_path / "clean", _settings(), CHAT, loss_fn=logits_loss_sum)
     assert clean["memory_plan"]["plan"].startswith("micro-batch 4 x 1, checkpointing none, optimizer adamw")
     assert not clean["memory_plan"]["stepped_down"]
     assert clean["memory_plan"]["predicted_peak_bytes"] <= clean["memory_plan"]["budget_bytes"]
 
     hook = OomAt(5)  # one micro-batch per step: step 5, after the step-4 checkpoint
     with caplog.at_level(logging.INFO, logger="llama_pipe.train"):
-        s = train(tiny_hf_model_dir, train_path, val_path, tmp_path / "oom", _settings(), loss_fn=hook)
+        s = train(tiny_hf_model_dir, train_path, val_path, tmp_path / "oom", _settings(), CHAT, loss_fn=hook)
     assert hook.raised
     lines = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("out of memory at step 5 with micro-batch 4 x 1, checkpointing none") and
@@ -76,13 +78,13 @@ def test_a_second_oom_or_manual_memory_is_not_retried(tmp_path, tiny_hf_model_di
             return logits_loss_sum(model, batch)
 
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        train(tiny_hf_model_dir, train_path, val_path, tmp_path / "a", _settings(max_steps=2), loss_fn=Always(1))
+        train(tiny_hf_model_dir, train_path, val_path, tmp_path / "a", _settings(max_steps=2), CHAT, loss_fn=Always(1))
     hook = OomAt(1)
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        train(tiny_hf_model_dir, train_path, val_path, tmp_path / "m", _settings(max_steps=2, memory="manual"), loss_fn=hook)
+        train(tiny_hf_model_dir, train_path, val_path, tmp_path / "m", _settings(max_steps=2, memory="manual"), CHAT, loss_fn=hook)
 
 
 def test_no_plan_fits_is_a_clear_config_error(tmp_path, tiny_hf_model_dir, data_files) -> None:
     train_path, val_path = data_files
     with pytest.raises(ConfigError, match=r"train.memory auto: no plan fits 0\.0 GiB.*memory: manual"):
-        train(tiny_hf_model_dir, train_path, val_path, tmp_path / "x", _settings(gpu_memory_gib=0.001))
+        train(tiny_hf_model_dir, train_path, val_path, tmp_path / "x", _settings(gpu_memory_gib=0.001), CHAT)

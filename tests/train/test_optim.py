@@ -12,16 +12,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llama_pipe.config import LoraSettings, TrainSettings
+from llama_pipe.config import ChatSettings, LoraSettings, TrainSettings
 from llama_pipe.errors import ConfigError
 from llama_pipe.train.checkpoint import checkpoint_root
 from llama_pipe.train.loop import train
 from llama_pipe.train.optim import InBackwardOptimizer, check_optimizer, fused_adamw_ok, make_optimizer
 
+CHAT = ChatSettings(max_seq_len=256)
+
 
 def _settings(**kw) -> TrainSettings:
     base = TrainSettings(
-        max_seq_len=256, micro_batch_size=2, grad_accum=1, max_steps=4, lr=1e-2, warmup_steps=1, eval_every=4,
+        micro_batch_size=2, grad_accum=1, max_steps=4, lr=1e-2, warmup_steps=1, eval_every=4,
         save_every=2, keep_checkpoints=2, lora=LoraSettings(r=4, alpha=8, dropout=0.1), seed=3, max_grad_norm=0.0,
         weight_decay=0.01,
     )
@@ -52,9 +54,9 @@ def test_fused_adamw_only_on_cuda_single_process_or_ddp() -> None:
 def test_in_backward_trains_exactly_like_the_optimizer_step(optimizer, tmp_path, tiny_hf_model_dir, data_files) -> None:
     """Same adapter, same logged gradient norms, as updating after the backward pass."""
     lora = LoraSettings(r=64, alpha=64, dropout=0.1)  # MLP lora_B 192 x 64: 8-bit moments for adamw_8bit
-    train(tiny_hf_model_dir, *data_files, tmp_path / "plain", _settings(optimizer=optimizer, lora=lora))
+    train(tiny_hf_model_dir, *data_files, tmp_path / "plain", _settings(optimizer=optimizer, lora=lora), CHAT)
     inbwd = train(tiny_hf_model_dir, *data_files, tmp_path / "inbwd",
-                  _settings(optimizer=optimizer, lora=lora, optimizer_in_backward=True))
+                  _settings(optimizer=optimizer, lora=lora, optimizer_in_backward=True), CHAT)
     assert inbwd["val_loss_after"] < inbwd["val_loss_before"]
     a, b = load_file(str(tmp_path / "plain" / "adapter_model.safetensors")), load_file(str(tmp_path / "inbwd" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and a
@@ -89,12 +91,12 @@ def test_in_backward_frees_each_gradient_and_reports_the_norm() -> None:
 def test_in_backward_resumes_exactly_from_its_checkpoint(tmp_path, tiny_hf_model_dir, data_files) -> None:
     s = _settings(optimizer_in_backward=True)
     a = tmp_path / "a"
-    train(tiny_hf_model_dir, *data_files, a, s)
+    train(tiny_hf_model_dir, *data_files, a, s, CHAT)
     state = torch.load(a / "checkpoints" / "step-00000002" / "optimizer.bin", weights_only=True)
     assert len(state["param_groups"]) == len(state["state"]) > 2  # one group (and state) per adapter tensor
     b = tmp_path / "b"
     shutil.copytree(a / "checkpoints" / "step-00000002", checkpoint_root(b) / "checkpoints" / "step-00000002")
-    resumed = train(tiny_hf_model_dir, *data_files, b, s)
+    resumed = train(tiny_hf_model_dir, *data_files, b, s, CHAT)
     assert resumed["resumed_from"] == 2
     ta, tb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
     for k in ta:
@@ -109,7 +111,7 @@ def test_in_backward_refuses_what_needs_every_gradient_first(tmp_path, tiny_hf_m
         assert need in str(err.value)
     s = replace(s, precision="auto")
     with pytest.raises(ConfigError) as err:
-        train(tiny_hf_model_dir, *data_files, tmp_path / "x", s)
+        train(tiny_hf_model_dir, *data_files, tmp_path / "x", s, CHAT)
     for need in ("max_grad_norm: 0", "grad_accum: 1", "on_nonfinite: stop"):
         assert need in str(err.value)
     assert not (tmp_path / "x").exists() and not checkpoint_root(tmp_path / "x").exists()

@@ -56,7 +56,7 @@ def test_one_lora_step_equals_transformers_and_peft(tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llama_pipe.config import LoraSettings, TrainSettings
+    from llama_pipe.config import ChatSettings, LoraSettings, TrainSettings
     from llama_pipe.templates import get_template
     from llama_pipe.train.dataset import collate, load_examples, pack_examples
     from llama_pipe.train.model import build_model
@@ -69,10 +69,10 @@ def test_one_lora_step_equals_transformers_and_peft(tmp_path: Path) -> None:
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in CONVERSATIONS), encoding="utf-8")
 
     # llama-pipe: its tokenizer loading, template choice (auto -> the model's own), masking, batching, model, step.
-    settings = TrainSettings(mode="lora", precision="fp32", lora=LoraSettings(r=4, alpha=8, dropout=0.0,
+    settings = TrainSettings(precision="fp32", lora=LoraSettings(r=4, alpha=8, dropout=0.0,
                              target_modules=["q_proj", "v_proj", "down_proj"]))
     tok = load_tokenizer(hf)
-    template = get_template(settings.template, tok)
+    template = get_template(ChatSettings().template, tok)
     assert template.name == "model"
     examples, _ = load_examples(data, tok, template, 512)
     batch = collate(pack_examples(examples, 512, packing=False), tok.pad_token_id)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llama_pipe.config import LoraSettings, TrainSettings
+from llama_pipe.config import ChatSettings, LoraSettings, TrainSettings
 from llama_pipe.errors import InputError
 from llama_pipe.train.checkpoint import checkpoint_root, write_manifest
 from llama_pipe.train.loop import train
@@ -26,9 +26,12 @@ from llama_pipe.train.step import NonFiniteLoss, logits_loss_sum
 BIN = Path(sys.executable).parent
 
 
+CHAT = ChatSettings(max_seq_len=256)
+
+
 def _settings(**kw) -> TrainSettings:
     base = TrainSettings(
-        max_seq_len=256, micro_batch_size=2, grad_accum=1, max_steps=8, lr=5e-3, warmup_steps=2,
+        micro_batch_size=2, grad_accum=1, max_steps=8, lr=5e-3, warmup_steps=2,
         eval_every=4, save_every=2, keep_checkpoints=2, lora=LoraSettings(r=4, alpha=8, dropout=0.1), seed=3,
     )
     return replace(base, **kw)
@@ -36,7 +39,7 @@ def _settings(**kw) -> TrainSettings:
 
 def _flags(s: TrainSettings) -> list[str]:
     return [
-        "--max-seq-len", str(s.max_seq_len), "--micro-batch-size", str(s.micro_batch_size),
+        "--max-seq-len", str(CHAT.max_seq_len), "--micro-batch-size", str(s.micro_batch_size),
         "--grad-accum", str(s.grad_accum), "--max-steps", str(s.max_steps), "--lr", str(s.lr),
         "--warmup-steps", str(s.warmup_steps), "--eval-every", str(s.eval_every), "--save-every", str(s.save_every),
         "--keep-checkpoints", str(s.keep_checkpoints), "--lora.r", str(s.lora.r), "--lora.alpha", str(s.lora.alpha),
@@ -58,7 +61,7 @@ def _assert_same_adapter(a: Path, b: Path, atol: float) -> None:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, tiny_hf_model_dir, data_files) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("ref") / "run"
-    summary = train(tiny_hf_model_dir, *data_files, out, _settings())
+    summary = train(tiny_hf_model_dir, *data_files, out, _settings(), CHAT)
     return out, summary
 
 
@@ -131,12 +134,12 @@ def test_sigkill_then_resume_gives_the_same_adapter(reference_run, tmp_path, tin
     (ckpts / "step-00000002" / "manifest.json").unlink()
     write_manifest(ckpts / "step-00000002")
     with pytest.raises(InputError, match="step-00000002: cannot restore"):
-        train(tiny_hf_model_dir, *data_files, out, s)
+        train(tiny_hf_model_dir, *data_files, out, s, CHAT)
     assert not marker.exists(), "resume unpickled a planted file"
     (ckpts / "step-00000002" / "custom_checkpoint_0.pkl").unlink()
     (ckpts / "step-00000002" / "manifest.json").unlink()
     write_manifest(ckpts / "step-00000002")
-    summary = train(tiny_hf_model_dir, *data_files, out, s)
+    summary = train(tiny_hf_model_dir, *data_files, out, s, CHAT)
     assert summary["resumed_from"] == 2
     _assert_same_adapter(out, ref_out, atol=1e-6)
     assert summary["val_loss_after"] == pytest.approx(ref_summary["val_loss_after"], abs=1e-6)
@@ -165,14 +168,14 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(reference_run, tmp_pat
     assert "stopped by SIGTERM after step" in err
     saved = sorted(p.name for p in (checkpoint_root(out) / "checkpoints").iterdir())
     assert len(saved) == 1 and not out.exists()
-    summary = train(tiny_hf_model_dir, *data_files, out, s)
+    summary = train(tiny_hf_model_dir, *data_files, out, s, CHAT)
     assert summary["resumed_from"] == int(saved[0].split("-")[1]) >= 1
     _assert_same_adapter(out, ref_out, atol=1e-6)
 
 
 def test_two_process_ddp_matches_one_process(tmp_path, tiny_hf_model_dir, data_files) -> None:
     s1 = _settings(grad_accum=2, max_steps=4, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
-    one = train(tiny_hf_model_dir, *data_files, tmp_path / "one", s1)
+    one = train(tiny_hf_model_dir, *data_files, tmp_path / "one", s1, CHAT)
     s2 = replace(s1, grad_accum=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with socket.socket() as sock:  # a free port, so parallel test runs do not collide
@@ -191,20 +194,20 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_hf_model_dir, data_f
     assert "train: 4 steps" in res.stdout and "val loss" in res.stdout
 
 
-@pytest.mark.parametrize("mode", ["qlora", "int8"])
-def test_quantised_modes_train(mode, tmp_path, tiny_hf_model_dir, data_files) -> None:
-    s = _settings(mode=mode, max_steps=6, lr=1e-2, eval_every=6, save_every=100)
-    summary = train(tiny_hf_model_dir, *data_files, tmp_path / mode, s)
+@pytest.mark.parametrize("storage", ["nf4", "int8"])
+def test_quantised_bases_train(storage, tmp_path, tiny_hf_model_dir, data_files) -> None:
+    s = _settings(base_storage=storage, max_steps=6, lr=1e-2, eval_every=6, save_every=100)
+    summary = train(tiny_hf_model_dir, *data_files, tmp_path / storage, s, CHAT)
     assert summary["val_loss_after"] < summary["val_loss_before"]
     assert summary["trainable_params"] < summary["total_params"] / 5
-    assert (tmp_path / mode / "adapter_model.safetensors").is_file()
+    assert (tmp_path / storage / "adapter_model.safetensors").is_file()
 
 
-def test_full_mode_saves_a_loadable_model(tmp_path, tiny_hf_model_dir, data_files) -> None:
+def test_full_method_saves_a_loadable_model(tmp_path, tiny_hf_model_dir, data_files) -> None:
     from transformers import AutoModelForCausalLM
 
-    s = _settings(mode="full", max_steps=3, lr=1e-3, eval_every=3, save_every=100)
-    summary = train(tiny_hf_model_dir, *data_files, tmp_path / "full", s)
+    s = _settings(method="full", max_steps=3, lr=1e-3, eval_every=3, save_every=100)
+    summary = train(tiny_hf_model_dir, *data_files, tmp_path / "full", s, CHAT)
     assert summary["trainable_params"] == summary["total_params"]
     assert summary["val_loss_after"] < summary["val_loss_before"]
     tuned = AutoModelForCausalLM.from_pretrained(str(tmp_path / "full"))
@@ -230,13 +233,13 @@ class NanAtStep:
 def test_nonfinite_loss_stops_naming_the_step(tmp_path, tiny_hf_model_dir, data_files) -> None:
     s = _settings(max_steps=5, save_every=100, eval_every=5)
     with pytest.raises(NonFiniteLoss, match=r"^step 3: the loss is not finite"):
-        train(tiny_hf_model_dir, *data_files, tmp_path / "nan", s, loss_fn=NanAtStep(3))
+        train(tiny_hf_model_dir, *data_files, tmp_path / "nan", s, CHAT, loss_fn=NanAtStep(3))
     assert not (tmp_path / "nan").exists()
 
 
 def test_nonfinite_loss_skip_drops_only_that_step(tmp_path, tiny_hf_model_dir, data_files) -> None:
     s = _settings(max_steps=5, save_every=100, eval_every=5, on_nonfinite="skip")
-    summary = train(tiny_hf_model_dir, *data_files, tmp_path / "skip", s, loss_fn=NanAtStep(3))
+    summary = train(tiny_hf_model_dir, *data_files, tmp_path / "skip", s, CHAT, loss_fn=NanAtStep(3))
     rows = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("skipped")] == [3]
     assert summary["val_loss_after"] < summary["val_loss_before"]
@@ -244,10 +247,10 @@ def test_nonfinite_loss_skip_drops_only_that_step(tmp_path, tiny_hf_model_dir, d
 
 
 def test_dora_rslora_with_gradient_checkpointing(tmp_path, tiny_hf_model_dir, data_files) -> None:
-    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], rslora=True, dora=True)
-    plain = train(tiny_hf_model_dir, *data_files, tmp_path / "a", _settings(max_steps=2, lora=lora, save_every=100))
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], rslora=True)
+    plain = train(tiny_hf_model_dir, *data_files, tmp_path / "a", _settings(method="dora", max_steps=2, lora=lora, save_every=100), CHAT)
     ckpt = train(tiny_hf_model_dir, *data_files, tmp_path / "b",
-                 _settings(max_steps=2, lora=lora, save_every=100, gradient_checkpointing=True))
+                 _settings(method="dora", max_steps=2, lora=lora, save_every=100, gradient_checkpointing=True), CHAT)
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["use_dora"] and cfg["use_rslora"] and set(cfg["target_modules"]) == {"q_proj", "v_proj", "down_proj"}
     assert any("lora_magnitude_vector" in k for k in _adapter(tmp_path / "a"))
@@ -260,7 +263,7 @@ def test_unknown_target_module_is_a_config_error(tmp_path, tiny_hf_model_dir, da
     from llama_pipe.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.lora"):
-        train(tiny_hf_model_dir, *data_files, tmp_path / "x", _settings(lora=LoraSettings(target_modules=["qkv_proj"])))
+        train(tiny_hf_model_dir, *data_files, tmp_path / "x", _settings(lora=LoraSettings(target_modules=["qkv_proj"])), CHAT)
 
 
 def test_adapter_verification_catches_bad_adapters(reference_run, tmp_path, tiny_hf_model_dir) -> None:
@@ -338,7 +341,7 @@ def test_8bit_adamw_trains_and_resumes_exactly(tmp_path, tiny_hf_model_dir, data
     s = _settings(optimizer="adamw_8bit", max_steps=4, save_every=2, eval_every=4, lr=1e-2,
                   lora=LoraSettings(r=64, alpha=64, dropout=0.0))  # lora_B of the MLP: 192 x 64 >= 4096 elements
     a = tmp_path / "a"
-    summary = train(tiny_hf_model_dir, *data_files, a, s)
+    summary = train(tiny_hf_model_dir, *data_files, a, s, CHAT)
     assert summary["val_loss_after"] < summary["val_loss_before"]
     state = torch.load(a / "checkpoints" / "step-00000002" / "optimizer.bin", weights_only=True)["state"]
 
@@ -353,7 +356,7 @@ def test_8bit_adamw_trains_and_resumes_exactly(tmp_path, tiny_hf_model_dir, data
 
     b = tmp_path / "b"  # a run that stopped after step 2, then resumed
     shutil.copytree(a / "checkpoints" / "step-00000002", checkpoint_root(b) / "checkpoints" / "step-00000002")
-    resumed = train(tiny_hf_model_dir, *data_files, b, s)
+    resumed = train(tiny_hf_model_dir, *data_files, b, s, CHAT)
     assert resumed["resumed_from"] == 2
     _assert_same_adapter(b, a, atol=1e-6)
 
@@ -362,7 +365,7 @@ def test_paged_optimizer_needs_a_gpu(tmp_path, tiny_hf_model_dir, data_files) ->
     from llama_pipe.errors import ConfigError
 
     with pytest.raises(ConfigError, match="paged_adamw_8bit"):
-        train(tiny_hf_model_dir, *data_files, tmp_path / "p", _settings(optimizer="paged_adamw_8bit", device="cpu"))
+        train(tiny_hf_model_dir, *data_files, tmp_path / "p", _settings(optimizer="paged_adamw_8bit", device="cpu"), CHAT)
     assert not (tmp_path / "p").exists()
 
 

@@ -156,12 +156,12 @@ def test_loss_sum_contract_matches_trainer_default(tiny_hf_model_dir) -> None:
 
 
 def _tiny_int8_lora(model_dir):
-    """The trainer's int8 mode on CPU: bitsandbytes LLM.int8 base + LoRA (r4 all-linear, B non-zero)."""
+    """The trainer's int8 base on CPU: bitsandbytes LLM.int8 base + LoRA (r4 all-linear, B non-zero)."""
     from llama_pipe.config import LoraSettings, TrainSettings
     from llama_pipe.train.model import build_model
 
     torch.manual_seed(0)
-    s = TrainSettings(mode="int8", device="cpu", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    s = TrainSettings(base_storage="int8", device="cpu", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     m = build_model(model_dir, s, "cpu", "fp32")
     for n, p in m.named_parameters():
         if "lora_B" in n:

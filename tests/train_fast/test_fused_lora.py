@@ -161,7 +161,7 @@ def test_int8_base_is_fused_only_under_int8_dequant(tiny_hf_model_dir) -> None:
     from llama_pipe.config import LoraSettings, TrainSettings
     from llama_pipe.train.model import build_model
 
-    s = TrainSettings(mode="int8", device="cpu", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    s = TrainSettings(base_storage="int8", device="cpu", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     plain = build_model(tiny_hf_model_dir, s, "cpu", "fp32")
     apply(plain, FastOptions(cpu=True, int8_dequant=False))
     assert report(plain).levers["fused_lora"] == "on (0 layers)"

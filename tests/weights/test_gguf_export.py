@@ -66,7 +66,7 @@ def _converted(factory: pytest.TempPathFactory, tok_file: Path, vocab: int, temp
     write_meta_checkpoint(meta_dir, params, weights, 1)
     shutil.copyfile(tok_file, meta_dir / "tokenizer.model")
     out = factory.mktemp("hf") / "model"
-    convert(meta_dir, out, ConvertSettings(template=template))
+    convert(meta_dir, out, ConvertSettings(), template)
     return out
 
 

@@ -83,7 +83,7 @@ def test_without_own_template_the_configured_one_is_written(tmp_path: Path) -> N
     from llama_pipe.templates import get_template
 
     write_gguf(tiny_llama(True), tmp_path / "tiny.gguf")
-    convert(tmp_path / "tiny.gguf", tmp_path / "hf", ConvertSettings(template="chatml"))
+    convert(tmp_path / "tiny.gguf", tmp_path / "hf", ConvertSettings(), template="chatml")
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     # The tokenizer adds no BOS, so the stored chatml Jinja writes none either.
     assert tok.chat_template == get_template("chatml").jinja_for(tok)

@@ -120,7 +120,7 @@ def test_a_tokenizer_without_pad_or_unk_gets_a_spare_special_token(tiktoken_mode
 def test_converted_llama3_trains_with_the_llama3_template(make_meta, tiktoken_model: Path, tmp_path: Path) -> None:
     """convert -> train (template llama-3) on a LLaMA-3-layout checkpoint: replies and <|eot_id|>
     are the only labels, and the loss goes down."""
-    from llama_pipe.config import LoraSettings, TrainSettings
+    from llama_pipe.config import ChatSettings, LoraSettings, TrainSettings
     from llama_pipe.templates import get_template, to_messages, tokenize_with_labels
     from llama_pipe.train.loop import train
     from llama_pipe.weights.tokenizer import load_tokenizer
@@ -129,7 +129,7 @@ def test_converted_llama3_trains_with_the_llama3_template(make_meta, tiktoken_mo
     meta_dir = make_meta(n_shards=1, vocab_size=vocab)
     (meta_dir / "tokenizer.model").write_bytes(tiktoken_model.read_bytes())
     hf = tmp_path / "hf"
-    convert(meta_dir, hf, ConvertSettings(template="llama-3"))
+    convert(meta_dir, hf, ConvertSettings(), "llama-3")
     recs = json.loads((REPO / "data" / "sample" / "sharegpt_sample.json").read_text(encoding="utf-8"))
     recs = [{"id": r["id"], "conversations": r["conversations"][:2]} for r in recs
             if isinstance(r, dict) and isinstance(r.get("conversations"), list) and len(r["conversations"]) >= 2
@@ -145,8 +145,8 @@ def test_converted_llama3_trains_with_the_llama3_template(make_meta, tiktoken_mo
     labelled = [i for i, lab in zip(ids, labels) if lab != -100]
     assert tok.decode(labelled) == recs[0]["conversations"][1]["value"] + "<|eot_id|>"
 
-    s = TrainSettings(template="llama-3", max_seq_len=512, micro_batch_size=4, max_steps=6, lr=1e-2, warmup_steps=0,
+    s = TrainSettings(micro_batch_size=4, max_steps=6, lr=1e-2, warmup_steps=0,
                       eval_every=6, save_every=100, lora=LoraSettings(r=8, alpha=16, dropout=0.0), device="cpu")
-    summary = train(hf, train_f, val_f, tmp_path / "run", s)
+    summary = train(hf, train_f, val_f, tmp_path / "run", s, ChatSettings(template="llama-3", max_seq_len=512))
     assert summary["val_loss_after"] < summary["val_loss_before"]
     assert "<|eot_id|>" in (tmp_path / "run" / "chat_template.jinja").read_text()

@@ -137,17 +137,19 @@ def test_cross_field_config_error_fails_at_load(fresh_workflow: Path) -> None:
 
 
 def test_chunks_follow_the_training_row_length(fresh_workflow: Path) -> None:
-    """split.max_length null (the default) follows train.max_seq_len: raising the training length
+    """split.max_length null (the default) follows chat.max_seq_len: raising the training length
     makes split measure longer chunks (it used to stay at 512, training on short chunks); an
-    explicit split.max_length above train.max_seq_len fails at load, naming both keys."""
+    explicit split.max_length above chat.max_seq_len fails at load, naming both keys."""
     for length in (512, 2048):
-        split_jobs = job_blocks(dry_run(fresh_workflow, "-p", "--config", f'train={{"max_seq_len": {length}}}'))["split"]
-        assert split_jobs and all(f"--max_length {length} " in block for block in split_jobs), split_jobs[0]
+        blocks = job_blocks(dry_run(fresh_workflow, "-p", "--config", f'chat={{"max_seq_len": {length}}}'))
+        split_jobs = blocks["split"]
+        assert split_jobs and all("--max_length null " in b and f"--max_seq_len {length} " in b for b in split_jobs), split_jobs[0]
+        assert all(f"--max_seq_len {length} " in b for b in blocks["train"])
     shorter = job_blocks(dry_run(fresh_workflow, "-p", "--config", 'split={"max_length": 256}'))["split"]
     assert all("--max_length 256 " in block for block in shorter)
     proc = snakemake(fresh_workflow, "-n", "--config", 'split={"max_length": 1024}', check=False)
     message = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "split.max_length (1024) is over train.max_seq_len (512)" in message, message
+    assert proc.returncode != 0 and "split.max_length (1024) is over chat.max_seq_len (512)" in message, message
 
 
 def test_rule_all_asks_for_every_key_product(fresh_workflow: Path) -> None:

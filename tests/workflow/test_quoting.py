@@ -44,7 +44,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     config = yaml.safe_load((workdir / "config" / "config.yaml").read_text(encoding="utf-8"))
     config["data"]["inputs"] = [HOSTILE_INPUT, *DASH_INPUTS]
     config["clean"]["blocked_words"] = HOSTILE
-    config["train"]["system_prompt"] = SYSTEM_PROMPT
+    config["chat"]["system_prompt"] = SYSTEM_PROMPT
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
     calls = root / "calls.jsonl"
     snakemake(workdir, "--cores", "2", "results/default/train", bin_dir=fake_bin(root / "bin"),
@@ -84,13 +84,13 @@ def test_paths_and_strings_arrive_unchanged(recorded: tuple[Path, dict[str, list
 
 def test_real_stage_parsers_read_the_values_back(recorded: tuple[Path, dict[str, list[list[str]]]]) -> None:
     from llama_pipe.cli import build_parser
-    from llama_pipe.config import CleanSettings, TrainSettings, settings_from_args
+    from llama_pipe.config import ChatSettings, CleanSettings, settings_from_args
 
     _, calls = recorded
     clean_args = build_parser("clean").parse_args(["clean", *calls["clean"][0]])
     assert settings_from_args(clean_args, CleanSettings, "clean").blocked_words == HOSTILE
     train_args = build_parser("train").parse_args(["train", *calls["train"][0]])
-    assert settings_from_args(train_args, TrainSettings, "train").system_prompt == SYSTEM_PROMPT
+    assert settings_from_args(train_args, ChatSettings, "chat").system_prompt == SYSTEM_PROMPT
 
 
 def test_paths_that_look_like_options_stay_paths(recorded: tuple[Path, dict[str, list[list[str]]]]) -> None:

@@ -65,6 +65,6 @@ rule convert:
         mem_mb=4000,
         runtime=60,
     params:
-        args=flags("convert"),
+        args=flags("convert", chat=("template",)),
     shell:
         "llama-pipe convert -o {output:q} {params.args} -- {input:q} > {log:q} 2>&1"

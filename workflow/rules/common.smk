@@ -22,7 +22,13 @@ if os.path.isdir(os.path.join(WORKFLOW_ROOT, "src", "llama_pipe")):
 # from here (they inherit Snakemake's environment).
 os.environ.update(LLAMA_PIPE_SOURCE=WORKFLOW_ROOT)
 
-from llama_pipe.config import SECTIONS, Config, config_schema, yaml_loader
+from llama_pipe.config import (
+    SECTIONS,
+    Config,
+    config_schema,
+    moved_key_errors,
+    yaml_loader,
+)
 from llama_pipe.config_checks import config_errors
 from llama_pipe.errors import ConfigError
 from llama_pipe.settings import from_dict, shell_args, to_dict
@@ -55,7 +61,7 @@ def typed_cli_values(data, schema):
     return data
 
 
-# Validate at load time against the schema generated from src/llama_pipe/config.py (errors name
+# Validate at load time against the schema generated from src/llama_pipe/config/ (errors name
 # the key path), then complete every section with its defaults. Rules pass whole sections as
 # flags, so a setting's default is part of a rule's params too: a changed value - in config.yaml,
 # via --config, or a changed default in the code - changes the params and re-runs that rule and
@@ -66,6 +72,10 @@ def typed_cli_values(data, schema):
 # before any job is queued, not inside a GPU job.
 config.update(typed_cli_values(dict(config), config_schema()))
 try:
+    # keys of an older config.yaml: say where they went
+    _moved = moved_key_errors(config)
+    if _moved:
+        raise ConfigError("\n  ".join(_moved))
     _settings = from_dict(Config, config)
     _errors = config_errors(_settings)
     if _errors:
@@ -114,13 +124,15 @@ for _section, _key in PATH_SETTINGS:
         config[_section][_key] = resolve_path(_value)
 
 
-def flags(section, only=None, skip=()):
+def flags(section, only=None, skip=(), chat=()):
     """A params function giving the shell-quoted ``--key value`` flags of one config section.
 
     Nested keys are dotted (``--lora.r 8``). ``only`` keeps just those top-level keys, ``skip``
     drops some: a rule passes only the settings that influence its output, so changing another
-    key of the same section does not re-run it. A function, not a string: Snakemake expands
-    ``{...}`` in params strings as wildcards, which would mangle a value such as "{input}".
+    key of the same section does not re-run it. ``chat`` adds those keys of the ``chat`` section
+    (the template, system prompt and row length every rendering stage shares). A function, not a
+    string: Snakemake expands ``{...}`` in params strings as wildcards, which would mangle a value
+    such as "{input}".
     """
     data = {
         key: value
@@ -128,30 +140,15 @@ def flags(section, only=None, skip=()):
         if (only is None or key in only) and key not in skip
     }
     text = shell_args(data, SECTIONS[section])
+    shared = {key: config["chat"][key] for key in chat}
+    if shared:
+        text = f"{text} {shell_args(shared, SECTIONS['chat'])}"
     return lambda wildcards: text
 
 
-def split_max_length():
-    """The chunk length: ``split.max_length``, or the training row length when it is null."""
-    return config["split"]["max_length"] or config["train"]["max_seq_len"]
-
-
-def split_flags():
-    """split's flags, measuring chunks with the template the trainer renders them with.
-
-    ``split.template`` / ``split.system_prompt`` exist for running split by hand; in the
-    workflow they always follow ``train.template`` / ``train.system_prompt``, so the two can
-    never disagree (a chunk that fits ``split.max_length`` fits the trainer's rendering too), and a
-    null ``split.max_length`` follows ``train.max_seq_len``.
-    """
-    data = dict(config["split"])
-    # performance only: passed as a resource, so it re-runs nothing
-    del data["batch_size"]
-    data["template"] = config["train"]["template"]
-    data["system_prompt"] = config["train"]["system_prompt"]
-    data["max_length"] = split_max_length()
-    text = shell_args(data, SECTIONS["split"])
-    return lambda wildcards: text
+# The chat keys each rendering stage reads (flags(..., chat=...)).
+CHAT_ALL = ("template", "system_prompt", "max_seq_len")
+CHAT_RENDER = ("template", "system_prompt")
 
 
 # ---------------------------------------------------------------- scatter / gather

@@ -109,7 +109,8 @@ rule split:
         # texts per tokenizer batch: a performance-only knob, so not a param (re-runs nothing)
         batch_size=config["split"]["batch_size"],
     params:
-        args=split_flags(),
+        # batch_size is passed as a resource; chunks are measured as training renders them
+        args=flags("split", skip=("batch_size",), chat=CHAT_ALL),
     shell:
         # the fast tokenizer's thread pool (Rayon) gets the job's threads
         "RAYON_NUM_THREADS={threads} llama-pipe split -o {output.data:q}"

@@ -24,7 +24,7 @@ rule eval:
         runtime=60,
         gpu=gpus("eval"),
     params:
-        args=flags("eval"),
+        args=flags("eval", chat=CHAT_RENDER),
     shell:
         "llama-pipe eval --base={input.base:q} --tuned={input.tuned:q} --val={input.val:q}"
         " -o {output:q} {params.args} > {log:q} 2>&1"

@@ -32,7 +32,7 @@ rule train:
     params:
         # llama-pipe train, or accelerate launch of it (config launch.processes > 1)
         command=lambda wildcards: train_command(),
-        args=flags("train"),
+        args=flags("train", chat=CHAT_ALL),
     shell:
         "{params.command} --base={input.base:q} --train-data={input.train:q}"
         " --val-data={input.val:q} -o {output.run:q} {params.args} > {log:q} 2>&1"
@@ -62,7 +62,7 @@ rule merge_adapter:
         adapters=lambda wildcards, input: " ".join(
             shlex.quote(f"--adapter={path}") for path in [input.adapter, *input.extra]
         ),
-        args=flags("merge_adapter", skip=("extra_adapters",)),
+        args=flags("merge_adapter", skip=("extra_adapters",), chat=CHAT_RENDER),
     shell:
         "llama-pipe merge-adapter --base={input.base:q} {params.adapters}"
         " -o {output:q} {params.args} > {log:q} 2>&1"

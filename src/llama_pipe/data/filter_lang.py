@@ -116,7 +116,7 @@ def _ngrams(text: str, known: dict[str, Any]) -> list[str]:
     table = _NORMAL
     for ch in set(text):
         if ord(ch) not in table:
-            table[ord(ch)] = NGram.normalize(ch)  # type: ignore[assignment]
+            table[ord(ch)] = NGram.normalize(ch)
     words = text.translate(table).split(" ")
     out: list[str] = []
     append = out.append
@@ -156,10 +156,10 @@ def _detector() -> Any:
     """
     import numpy as np
     from langdetect.detector import Detector
-    from langdetect.detector_factory import _factory  # type: ignore[attr-defined]
+    from langdetect.detector_factory import _factory
     from langdetect.lang_detect_exception import ErrorCode, LangDetectException
 
-    class NumpyDetector(Detector):  # type: ignore[misc]
+    class NumpyDetector(Detector):
         def _detect_block(self) -> None:
             self.cleaning_text()
             known = self.word_lang_prob_map
@@ -282,9 +282,9 @@ def detect_language(text: str, min_chars: int, detector: str = "langdetect") -> 
     if detector == "cld2":
         return detect_cld2(text)
     try:
-        detector = _detector()
-        detector.append(text)
-        return str(detector.detect())
+        det = _detector()
+        det.append(text)
+        return str(det.detect())
     except LangDetectException:
         return UNKNOWN
 
@@ -367,7 +367,7 @@ def filter_file(inp: str | Path, out: str | Path, cfg: FilterLangSettings,
 
 def skip_only(args: argparse.Namespace) -> bool:
     """True when this run sets ``skip`` but not ``keep``, neither by flag nor in its config file."""
-    given = {k[len("setting:"):] for k in vars(args) if k.startswith("setting:")}
+    given = {k[len("setting:filter_lang:"):] for k in vars(args) if k.startswith("setting:filter_lang:")}
     if getattr(args, "config", None):
         given |= set((load_raw_config(args.config).get("filter_lang") or {}).keys())
     return "skip" in given and "keep" not in given

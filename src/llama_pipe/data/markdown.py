@@ -28,6 +28,7 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Callable, Iterator
+from typing import TypedDict
 
 from llama_pipe.data import html_fast
 
@@ -69,7 +70,19 @@ _PLACEHOLDER = "\x00CODEBLOCK{}\x00"
 _PLACEHOLDER_LINE = re.compile(r"^([^\n\x00]*)\x00CODEBLOCK(\d+)\x00([^\n]*)$", re.M)
 _PLACEHOLDER_ANY = re.compile(r"\x00CODEBLOCK(\d+)\x00")
 
-_MD_OPTIONS = dict(
+
+class _MarkdownifyOptions(TypedDict):
+    """The keyword arguments given to ``markdownify.markdownify`` (typed, so ``**`` is checked)."""
+
+    heading_style: str
+    bullets: str
+    escape_asterisks: bool
+    escape_underscores: bool
+    escape_misc: bool
+    strip: list[str]
+
+
+_MD_OPTIONS = _MarkdownifyOptions(
     heading_style="atx", bullets="-", escape_asterisks=False, escape_underscores=False, escape_misc=False,
     strip=["button", "svg", "script", "style"],
 )
@@ -262,10 +275,10 @@ def _extract_code(pre_inner: str) -> tuple[str, str]:
     """(language, code) of one ``<pre>`` element's inner HTML."""
     lang = ""
     head, code_html = pre_inner, None
-    code = next(_elements(pre_inner, _CODE_OPEN, lambda m: _CODE_CLOSE), None)
-    if code is not None and code[1] < len(pre_inner):  # a closed <code> element
-        cm = code[0]
-        head, code_html = pre_inner[: cm.start()], pre_inner[cm.end() : code[1]]
+    element = next(_elements(pre_inner, _CODE_OPEN, lambda m: _CODE_CLOSE), None)
+    if element is not None and element[1] < len(pre_inner):  # a closed <code> element
+        cm = element[0]
+        head, code_html = pre_inner[: cm.start()], pre_inner[cm.end() : element[1]]
         lm = _LANG_CLASS.search(cm.group(1))
         if lm:
             lang = lm.group(1)

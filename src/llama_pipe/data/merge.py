@@ -108,7 +108,7 @@ def normalise(obj: Any) -> Record:
         turns = _turns(obj["messages"], "role", "content")
     elif "instruction" in obj and "output" in obj:
         ins, inp, out = obj.get("instruction"), obj.get("input", ""), obj.get("output")
-        if not all(isinstance(x, str) for x in (ins, out)) or not isinstance(inp, (str, type(None))):
+        if not isinstance(ins, str) or not isinstance(out, str) or not isinstance(inp, (str, type(None))):
             raise RecordProblem("bad_record", "alpaca record: instruction/input/output must be strings")
         human = f"{ins}\n\n{inp}" if inp and inp.strip() else ins
         turns = [("human", human), ("gpt", out)]

@@ -104,8 +104,8 @@ def _write_shards(tmp: Path, items: list[tuple[str, Any]], n: int) -> dict[str, 
         f.flush()
         os.fsync(f.fileno())
         f.close()
-    stats = {"stage": "shard", "unit": "records", "in": len(items), "out": sum(counts),
-             "rejected": dict(sorted(rejected.items())), "shards": counts}
+    stats: dict[str, Any] = {"stage": "shard", "unit": "records", "in": len(items), "out": sum(counts),
+                             "rejected": dict(sorted(rejected.items())), "shards": counts}
     if stats["in"] != stats["out"] + sum(rejected.values()):  # pragma: no cover - a bug guard
         raise RuntimeError("shard: accounting error; nothing written")
     write_json_atomic(tmp / "shard.stats.json", stats)

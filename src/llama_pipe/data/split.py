@@ -1,12 +1,13 @@
-"""``llama-pipe split``: whole human/gpt pairs into chunks of at most ``max_length`` tokens.
+"""``llama-pipe split``: whole human/gpt pairs into chunks of at most ``max_length`` tokens
+(``split.max_length``, else ``chat.max_seq_len``: the rows training takes).
 
 FastChat's rule (consecutive pairs fill a chunk until the next pair would overflow it; chunk ``k``
 of record ``ID`` gets id ``ID_k``), with three differences:
 
 * a chunk is measured exactly as the trainer will see it: the chunk rendered with the chat
-  template (``template``; system = the record's ``system``, else ``system_prompt``, else the
-  template's default) and tokenized with the BOS, so a chunk of <= ``max_length`` tokens fits a
-  ``train.max_seq_len`` of the same value. (FastChat counts each turn alone plus 6.)
+  template (``chat.template``; system = the record's ``system``, else ``chat.system_prompt``, else
+  the template's default) and tokenized with the BOS, so a chunk of <= ``max_length`` tokens fits a
+  ``chat.max_seq_len`` of the same value. (FastChat counts each turn alone plus 6.)
 * never an empty chunk, and never a silently dropped pair: a pair that alone renders longer than
   ``max_length`` is rejected with reason ``pair_too_long`` (``on_long_pair: reject``) or its gpt
   turn is cut to fit (``truncate``; a human turn that alone does not fit is still rejected);
@@ -35,11 +36,11 @@ not a BPE pass over 10 MB. The chunks around it come out as if it had been measu
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import SplitSettings, settings_from_args
+from llama_pipe.config import ChatSettings, SplitSettings, settings_from_args
 from llama_pipe.data.common import (
     add_output_arguments,
     alternates,
@@ -52,14 +53,12 @@ from llama_pipe.data.common import (
 from llama_pipe.data.rust_tokenizer import load_rust_tokenizer, why_not_rust
 from llama_pipe.errors import InputError
 from llama_pipe.records import InvalidLine, Record, read_records
-from llama_pipe.settings import add_settings_arguments
+from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.stage_writer import StageWriter
 from llama_pipe.templates import ChatTemplate, get_template
 from llama_pipe.weights.tokenizer import load_tokenizer
 
 RECORDS_PER_STEP = 64
-#: split.max_length when it is null and split runs by hand (the workflow passes train.max_seq_len)
-BY_HAND_MAX_LENGTH = 512
 
 
 @dataclass
@@ -80,10 +79,11 @@ class _Rec:
 class Splitter:
     """Measures chunks with one tokenizer and template; see the module docstring."""
 
-    def __init__(self, tokenizer: Any, cfg: SplitSettings) -> None:
+    def __init__(self, tokenizer: Any, cfg: SplitSettings, template: ChatTemplate, max_length: int) -> None:
         self.tok = tokenizer
         self.cfg = cfg
-        self.template: ChatTemplate = get_template(cfg.template, tokenizer)
+        self.template = template
+        self.max_length = max_length  # cfg.max_length, or chat.max_seq_len when that is null
         self._header: dict[str | None, int] = {}
         self._backend = self._rust_backend(tokenizer)
         self._bound = self._char_bound()
@@ -145,7 +145,7 @@ class Splitter:
         Only pairs longer than ``max_length`` characters are looked at: shorter ones are cheap to
         tokenize, and a bound of at most one token per character rarely proves them too long.
         """
-        limit = self.cfg.max_length
+        limit = self.max_length
         if self._bound is None:
             return
         for j, (q, a) in enumerate(r.pairs):
@@ -195,7 +195,7 @@ class Splitter:
         length is exact). For a longer one, the token offsets give each pair's share of that
         tokenization, chunks are planned from those shares and then measured exactly.
         """
-        limit = self.cfg.max_length
+        limit = self.max_length
         for r in recs:
             self.find_oversized(r)
             if r.over:  # never tokenize the giant pair: exact greedy packing around it
@@ -220,7 +220,8 @@ class Splitter:
                     r.est[j] += 1
                 long_recs.append(r)
         for r in long_recs:
-            head, cur, size = self.header(r.system), [], 0
+            head, size = self.header(r.system), 0
+            cur: list[int] = []
             for j, n in enumerate(r.est):
                 n = n if j else max(0, n - head)  # the first pair's share includes the header
                 if cur and size + n > limit:
@@ -246,7 +247,7 @@ class Splitter:
 
     def _replan(self, r: _Rec) -> None:
         """Exact greedy packing for a record whose estimated plan overflowed."""
-        limit = self.cfg.max_length
+        limit = self.max_length
         r.chunks = []
         cur: list[int] = []
         for j in range(len(r.pairs)):
@@ -264,7 +265,7 @@ class Splitter:
 
     def _fit_long(self, r: _Rec, j: int) -> bool:
         """A pair too long alone: truncate its gpt turn if allowed (True), else mark it rejected."""
-        limit = self.cfg.max_length
+        limit = self.max_length
         q, a = r.pairs[j]
         alone = f"at least {r.over[j]}" if j in r.over else str(self.exact(r, [j]))
         if self.cfg.on_long_pair == "truncate":
@@ -300,7 +301,7 @@ def _longest_prefix(hi: int, fits: Any) -> int:
     return lo
 
 
-def _prepare(obj: Any, cfg: SplitSettings) -> _Rec | str:
+def _prepare(obj: Any, system_prompt: str | None) -> _Rec | str:
     problem = conversation_problem(obj)
     if problem:
         return problem
@@ -308,7 +309,7 @@ def _prepare(obj: Any, cfg: SplitSettings) -> _Rec | str:
     if len(conv) < 2 or len(conv) % 2 or not alternates(conv):
         return f"{len(conv)} turns; expected human/gpt pairs (run clean first)"
     pairs = [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv), 2)]
-    system = obj.get("system") if isinstance(obj.get("system"), str) and obj.get("system") else cfg.system_prompt
+    system = obj.get("system") if isinstance(obj.get("system"), str) and obj.get("system") else system_prompt
     return _Rec(obj, pairs, system)
 
 
@@ -317,14 +318,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser, "JSONL of chunks")
     parser.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory (the converted HF base)")
     add_settings_arguments(parser, SplitSettings, "split")
+    add_settings_arguments(parser, ChatSettings, "chat", config_flag=False)
 
 
 def split_file(inp: str | Path, out: str | Path, tokenizer: Any, cfg: SplitSettings,
-               rejects: str | Path | None = None, stats: str | Path | None = None) -> StageWriter:
-    """Run the stage with a loaded tokenizer; returns the finished writer (stats on disk)."""
-    if cfg.max_length is None:  # by hand without a length: the default training row length
-        cfg = replace(cfg, max_length=BY_HAND_MAX_LENGTH)
-    splitter = Splitter(tokenizer, cfg)
+               rejects: str | Path | None = None, stats: str | Path | None = None,
+               chat: ChatSettings | None = None) -> StageWriter:
+    """Run the stage with a loaded tokenizer; returns the finished writer (stats on disk).
+
+    ``chat`` (None: the defaults) gives the template, the default system prompt and, when
+    ``cfg.max_length`` is null, the chunk length."""
+    chat = chat or ChatSettings()
+    splitter = Splitter(tokenizer, cfg, get_template(chat.template, tokenizer), cfg.max_length or chat.max_seq_len)
     items = list(read_records(inp))
     records_in = chunks_out = truncated = split_records = max_tokens = tokens_out = 0
     with StageWriter("split", out, rejects, stats, unit="pairs") as w:
@@ -332,7 +337,7 @@ def split_file(inp: str | Path, out: str | Path, tokenizer: Any, cfg: SplitSetti
             ready: list[_Rec] = []
             for where, obj in step:
                 records_in += 1
-                prep = "not valid JSON: " + obj.error if isinstance(obj, InvalidLine) else _prepare(obj, cfg)
+                prep = "not valid JSON: " + obj.error if isinstance(obj, InvalidLine) else _prepare(obj, chat.system_prompt)
                 if isinstance(prep, str):
                     conv = obj.get("conversations") if isinstance(obj, dict) else None
                     units = max(1, len(conv) // 2) if isinstance(conv, list) else 1
@@ -364,7 +369,7 @@ def split_file(inp: str | Path, out: str | Path, tokenizer: Any, cfg: SplitSetti
                 tokens_out += sum(r.sizes)
         w.extra.update(records_in=records_in, chunks_out=chunks_out, records_split=split_records,
                        pairs_truncated=truncated, max_chunk_tokens=max_tokens, tokens_out=tokens_out,
-                       max_length=cfg.max_length, template=cfg.template)
+                       max_length=splitter.max_length, template=splitter.template.name)
     return w
 
 
@@ -382,10 +387,12 @@ def load_split_tokenizer(path: str | Path) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     cfg = settings_from_args(args, SplitSettings, "split")
+    chat = settings_from_args(args, ChatSettings, "chat")
     log_settings("split", cfg, input=args.input, output=args.output, tokenizer=args.tokenizer)
+    log.info("split: chat settings\n%s", describe(chat))
     tok = load_split_tokenizer(args.tokenizer)
     if not getattr(tok, "is_fast", True):
         raise InputError(f"{args.tokenizer}: not a fast tokenizer (no tokenizer.json); split needs one for batched, offset-aware tokenization")
-    w = split_file(args.input, args.output, tok, cfg, args.rejects, args.stats)
+    w = split_file(args.input, args.output, tok, cfg, args.rejects, args.stats, chat)
     print(w.summary() + f"; records in={w.extra['records_in']} chunks out={w.extra['chunks_out']}")
     return 0

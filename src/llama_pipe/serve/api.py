@@ -58,8 +58,9 @@ def _content(msg: dict[str, Any], i: int) -> str:
         return _text(content, param)
     if isinstance(content, list):  # [{"type": "text", "text": "..."}]
         texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if len(texts) == len(content) and all(isinstance(t, str) for t in texts):
-            return _text("".join(texts), param)  # type: ignore[arg-type]
+        strings = [t for t in texts if isinstance(t, str)]
+        if len(strings) == len(content):  # every part is a text part with a string text
+            return _text("".join(strings), param)
     raise ApiError(400, f"{param} must be a string or a list of text parts", param)
 
 
@@ -77,7 +78,9 @@ def parse_chat_request(body: Any, model: ChatModel, settings: ServeSettings) -> 
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
             raise ApiError(400, f"messages[{i}] must be an object", f"messages[{i}]")
-        role = {"developer": "system"}.get(m.get("role"), m.get("role"))
+        role = m.get("role")
+        if role == "developer":  # OpenAI's newer name for the system role; compared, not looked up: a role may be a list
+            role = "system"
         if role not in ("system", "user", "assistant"):
             raise ApiError(400, f"messages[{i}].role must be system, user or assistant, got {m.get('role')!r}", f"messages[{i}].role")
         if role == "system" and i != 0:

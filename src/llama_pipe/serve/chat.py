@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
-from llama_pipe.config import ServeSettings, settings_from_args
+from llama_pipe.config import ChatSettings, ServeSettings, settings_from_args
 from llama_pipe.errors import InputError
 from llama_pipe.generation import ChatModel, Completion, SamplingParams, load_chat_model
 from llama_pipe.serve.api import SEED_MAX, SEED_MIN
@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="system prompt (default: the template's)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     add_settings_arguments(parser, ServeSettings, "serve")
+    add_settings_arguments(parser, ChatSettings, "chat", config_flag=False, only=("template", "system_prompt"))
 
 
 def _is_text(text: str) -> bool:
@@ -95,13 +96,14 @@ def chat_loop(
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, ServeSettings, "serve")
+    chat = settings_from_args(args, ChatSettings, "chat")
     log.debug("chat settings:\n%s", describe(settings))
     if args.seed is not None and not SEED_MIN <= args.seed <= SEED_MAX:
         raise InputError(f"--seed {args.seed}: must be from -2**63 to 2**64-1")
     for flag, text in (("--prompt", args.prompt), ("--system", args.system)):
         if text is not None and not _is_text(text):
             raise InputError(f"{flag}: not valid UTF-8 text (undecodable bytes in the argument)")
-    model = load_chat_model(Path(args.model), args.adapter, settings.device, settings.template, settings.model_id)
+    model = load_chat_model(Path(args.model), args.adapter, settings.device, chat.template, settings.model_id, chat.system_prompt)
     params = SamplingParams(max_new_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p, seed=args.seed)
     if args.prompt is not None:
         reply(model, [{"role": "user", "content": args.prompt}], params, sys.stdout, args.system)

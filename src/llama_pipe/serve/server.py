@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import ServeSettings, settings_from_args
+from llama_pipe.config import ChatSettings, ServeSettings, settings_from_args
 from llama_pipe.generation import ChatModel, Completion, SamplingParams, load_chat_model
 from llama_pipe.serve.api import ApiError, parse_chat_request
 from llama_pipe.serve.limits import (
@@ -68,7 +68,7 @@ class ChatServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host.decode() if isinstance(host, bytes) else host}:{port}"
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if self.gate.enter():
@@ -113,7 +113,8 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "llama-pipe"
 
     def setup(self) -> None:
-        self.timeout = self.server.settings.request_timeout  # any one stalled read or write
+        # any one stalled read or write; socketserver reads self.timeout (typeshed calls it a ClassVar)
+        self.timeout = self.server.settings.request_timeout  # type: ignore[misc]
         super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's name
@@ -124,7 +125,7 @@ class Handler(BaseHTTPRequestHandler):
         arrive whole: a watchdog answers 408 and disconnects a client that trickles it in."""
         poll = select.poll()
         poll.register(self.connection, select.POLLIN)
-        if not self._buffered() and not poll.poll(self.timeout * 1000):
+        if not self._buffered() and not poll.poll(self.server.settings.request_timeout * 1000):
             self.close_connection = True  # an idle kept-alive connection: closed quietly
             return
         self.cors_origin: str | None = None
@@ -366,12 +367,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="Hugging Face model directory (e.g. results/default/merged)")
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR", help="peft adapter merged in memory before serving (repeatable)")
     add_settings_arguments(parser, ServeSettings, "serve")
+    add_settings_arguments(parser, ChatSettings, "chat", config_flag=False, only=("template", "system_prompt"))
 
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, ServeSettings, "serve")
+    chat = settings_from_args(args, ChatSettings, "chat")
     log.info("serve settings:\n%s", describe(settings))
-    model = load_chat_model(Path(args.model), args.adapter, settings.device, settings.template, settings.model_id)
+    model = load_chat_model(Path(args.model), args.adapter, settings.device, chat.template, settings.model_id, chat.system_prompt)
     server = ChatServer(model, settings)
     print(f"serve: {model.model_id} at {server.url}/v1 (web chat: {server.url}/); Ctrl-C stops", flush=True)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.atomic import atomic_dir
-from llama_pipe.config import TrainSettings
+from llama_pipe.config import ChatSettings, TrainSettings
 from llama_pipe.settings import to_dict
 from llama_pipe.templates import ChatTemplate
 from llama_pipe.train.output import record_base_path, verify_adapter, verify_full, write_json
@@ -22,6 +22,7 @@ def write_output(
     tokenizer: Any,
     template: ChatTemplate,
     settings: TrainSettings,
+    chat: ChatSettings,
     summary: dict[str, Any],
     base: Path,
     out: Path,
@@ -47,7 +48,7 @@ def write_output(
         # leaves them in <OUT>.ckpt, where the next run resumes from them.
         with atomic_dir(out) as tmp:
             unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-            if settings.mode == "full":
+            if settings.method == "full":
                 n = verify_full(tmp, dict(state_dict))
             else:
                 from peft import get_peft_model_state_dict
@@ -62,6 +63,8 @@ def write_output(
                 tmp / "train_config.json",
                 {
                     "train": to_dict(settings),
+                    # what eval/serve/merge-adapter read back (model_dir.recorded): the template resolved
+                    "chat": {**to_dict(chat), "template": template.name},
                     **inputs,
                     "processes": acc.num_processes,
                     "distributed_type": str(acc.distributed_type),

@@ -1,4 +1,4 @@
-"""``llama-pipe train``: fine-tune a base on split conversations (LoRA, QLoRA, 8-bit or full).
+"""``llama-pipe train``: fine-tune a base on split conversations (LoRA/DoRA over a float, nf4 or int8 base, or full).
 
 Runs the same way in one process and under ``accelerate launch`` / ``torchrun`` (DDP, FSDP,
 DeepSpeed through accelerate's config). While running, state lives in ``<OUT>.ckpt/``
@@ -21,9 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import TrainSettings, settings_from_args
+from llama_pipe.config import ChatSettings, TrainSettings, settings_from_args
 from llama_pipe.entry import stage_main
 from llama_pipe.errors import ConfigError, InputError
+from llama_pipe.model_dir import pick_template
 from llama_pipe.records import file_digest
 from llama_pipe.settings import add_settings_arguments, describe, to_dict
 from llama_pipe.templates import get_template
@@ -57,12 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-data", required=True, type=Path, metavar="VAL", help="validation JSONL")
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="run directory (the workflow's is results/<run>/train)")
     add_settings_arguments(parser, TrainSettings, "train")
+    add_settings_arguments(parser, ChatSettings, "chat", config_flag=False)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, TrainSettings, "train")
+    chat = settings_from_args(args, ChatSettings, "chat")
     try:
-        summary = train(args.base, args.train_data, args.val_data, args.output, settings)
+        summary = train(args.base, args.train_data, args.val_data, args.output, settings, chat)
     except (NonFiniteLoss, VerificationError) as exc:
         print(f"llama-pipe train: error: {exc} (checkpoints kept in {args.output}.ckpt)", file=sys.stderr)
         return 1
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         return 143
     if summary.get("is_main", True):
         print(
-            f"train: {summary['steps']} steps ({summary['mode']}), val loss {summary['val_loss_before']:.4f} -> "
+            f"train: {summary['steps']} steps ({summary['method']}, {summary['base_storage']} base), val loss {summary['val_loss_before']:.4f} -> "
             f"{summary['val_loss_after']:.4f}, {summary['train_tokens']} tokens, {summary['wall_s']:.1f} s"
             f"{' (resumed from step ' + str(summary['resumed_from']) + ')' if summary['resumed_from'] else ''} -> {args.output}"
         )
@@ -102,11 +105,11 @@ def make_accelerator(settings: TrainSettings) -> tuple[Any, str]:
     return acc, precision
 
 
-def fingerprint(settings: TrainSettings, base: Path, train_path: Path, val_path: Path, world_size: int) -> str:
+def fingerprint(settings: TrainSettings, chat: ChatSettings, base: Path, train_path: Path, val_path: Path, world_size: int) -> str:
     """Identifies what a checkpoint was computed from: settings, data, base config, process count."""
     s = {k: v for k, v in to_dict(settings).items() if k not in _NOT_IN_FINGERPRINT}
     base_cfg = (base / "config.json").read_text(encoding="utf-8") if (base / "config.json").is_file() else ""
-    blob = json.dumps([s, file_digest(train_path), file_digest(val_path), base_cfg, world_size], sort_keys=True)
+    blob = json.dumps([s, to_dict(chat), file_digest(train_path), file_digest(val_path), base_cfg, world_size], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -155,9 +158,13 @@ def describe_plan(planned: Planned) -> str:
 
 
 def train(
-    base: Path, train_path: Path, val_path: Path, out: Path, settings: TrainSettings, loss_fn: Any = None
+    base: Path, train_path: Path, val_path: Path, out: Path, settings: TrainSettings, chat: ChatSettings | None = None,
+    loss_fn: Any = None,
 ) -> dict[str, Any]:
-    """Train and write ``out``; returns the summary (also written to ``out/summary.json``)."""
+    """Train and write ``out``; returns the summary (also written to ``out/summary.json``).
+
+    ``chat``: how conversations are rendered (template, system prompt, row length); None: the defaults."""
+    chat = chat or ChatSettings()
     import torch
     from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
@@ -179,23 +186,23 @@ def train(
     check_optimizer(settings, acc)  # what the user fixed, as given
     user_settings = settings
     sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    planned = plan_run(settings, base, acc.device.type, acc.num_processes, sharded)
+    planned = plan_run(settings, chat.max_seq_len, base, acc.device.type, acc.num_processes, sharded)
     settings = planned.settings
     check_optimizer(settings, acc)  # and what the planner chose
-    log.info("train settings:\n%s", describe(user_settings))
+    log.info("train settings:\n%s\nchat settings:\n%s", describe(user_settings), describe(chat))
     if settings.trust_remote_code:
         log.warning("train.trust_remote_code is true: Python code shipped with %s will run in this process", base)
     log.info("device %s, %d process(es), precision %s, %s", acc.device, acc.num_processes, precision, acc.distributed_type)
 
     set_seed(settings.seed)
     tokenizer = load_tokenizer(base, trust_remote_code=settings.trust_remote_code)
-    template = get_template(settings.template, tokenizer)
-    train_ex, train_stats = load_examples(train_path, tokenizer, template, settings.max_seq_len, settings.system_prompt)
-    val_ex, val_stats = load_examples(val_path, tokenizer, template, settings.max_seq_len, settings.system_prompt)
+    template = get_template(pick_template(chat.template, [base], tokenizer), tokenizer)
+    train_ex, train_stats = load_examples(train_path, tokenizer, template, chat.max_seq_len, chat.system_prompt)
+    val_ex, val_stats = load_examples(val_path, tokenizer, template, chat.max_seq_len, chat.system_prompt)
     log.info("%s", train_stats.line())
     log.info("%s", val_stats.line())
-    rows = pack_examples(train_ex, settings.max_seq_len, settings.packing)
-    val_rows = pack_examples(val_ex, settings.max_seq_len, settings.packing)
+    rows = pack_examples(train_ex, chat.max_seq_len, settings.packing)
+    val_rows = pack_examples(val_ex, chat.max_seq_len, settings.packing)
     plan = StepPlan(len(rows), settings.micro_batch_size, settings.grad_accum, acc.num_processes, settings.seed)
     total = plan.total_steps(settings.max_steps, settings.epochs)
     log.info("%d training rows (packing %s), %d rows per step, %d steps (%.2f epochs)",
@@ -207,7 +214,7 @@ def train(
 
     root = checkpoint_root(out)
     fp = fingerprint(replace(user_settings, optimizer=settings.optimizer, optimizer_in_backward=settings.optimizer_in_backward),
-                     base, train_path, val_path, acc.num_processes)
+                     chat, base, train_path, val_path, acc.num_processes)
     device_type = "cuda" if acc.device.type == "cuda" else "cpu"
     progress = {"step": 0}
 
@@ -221,7 +228,8 @@ def train(
         if run_plan.plan is not None and settings.gradient_checkpointing:
             keep_layers(model, run_plan.plan.keep_layers)
         trainable, n_params = count_parameters(model)
-        log.info("mode %s: %d trainable of %d parameters (%.3f%%)", settings.mode, trainable, n_params, 100 * trainable / max(n_params, 1))
+        log.info("%s over a %s base: %d trainable of %d parameters (%.3f%%)", settings.method, settings.base_storage,
+                 trainable, n_params, 100 * trainable / max(n_params, 1))
         optimizer = make_optimizer(model, settings, fused=fused_adamw_ok(acc))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(total, settings.warmup_steps, settings.min_lr_ratio))
         model, optimizer = acc.prepare(model, optimizer)
@@ -323,14 +331,14 @@ def train(
     if planned.prediction is not None:
         memory_plan.update(predicted_peak_bytes=planned.prediction.peak, budget_bytes=planned.budget)
     summary = {
-        "run": settings.run, "mode": settings.mode, "steps": total, "resumed_from": resumed_from,
+        "run": settings.run, "method": settings.method, "base_storage": settings.base_storage, "steps": total, "resumed_from": resumed_from,
         "val_loss_before": val_before, "val_loss_after": val_loss, "train_tokens": tokens_total,
         "train_rows": len(rows), "val_rows": len(val_rows), "processes": acc.num_processes, "precision": precision,
         "device": str(acc.device), "trainable_params": trainable, "total_params": n_params,
         "peak_mem_bytes": peak_memory(device_type)[0], "wall_s": time.time() - t_start,
         "data": {"train": vars(train_stats), "val": vars(val_stats)}, "memory_plan": memory_plan,
     }
-    write_output(acc, model, tokenizer, template, settings, summary, base, out, root,
+    write_output(acc, model, tokenizer, template, settings, chat, summary, base, out, root,
                  {"base": str(base), "train_data": str(train_path), "val_data": str(val_path)})
     summary["is_main"] = main
     return summary

@@ -73,7 +73,8 @@ def detect_gib(device: str) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / GiB
 
 
-def run_shape(settings: TrainSettings, base: Path, device: str, processes: int, fast: bool) -> RunShape:
+def run_shape(settings: TrainSettings, seq_len: int, base: Path, device: str, processes: int, fast: bool) -> RunShape:
+    """What the planner needs of a run: the model's shape (its config.json), the settings, ``seq_len`` (chat.max_seq_len)."""
     cfg_path = Path(base) / "config.json"
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -88,9 +89,9 @@ def run_shape(settings: TrainSettings, base: Path, device: str, processes: int, 
     s = settings
     eight_bit = device == "cuda" and _has_bitsandbytes()
     in_bwd = s.max_grad_norm == 0 and s.on_nonfinite == "stop" and s.precision != "fp16" and processes == 1
-    return RunShape(model, s.mode, s.lora.r, tuple(s.lora.target_modules), s.max_seq_len,
+    return RunShape(model, s.base_storage, s.method, s.lora.r, tuple(s.lora.target_modules), seq_len,
                     s.micro_batch_size * s.grad_accum, s.lora.dropout, fast and device == "cuda",
-                    "cuda" if device == "cuda" else "cpu", eight_bit, in_bwd)
+                    "cuda" if device == "cuda" else "cpu", eight_bit, in_bwd, frozen_fp32=s.kernels == "auto-fp32")
 
 
 def _has_bitsandbytes() -> bool:
@@ -103,7 +104,7 @@ def pins(settings: TrainSettings) -> Pins:
     return Pins(settings.gradient_checkpointing, settings.optimizer, settings.optimizer_in_backward)
 
 
-def plan_run(settings: TrainSettings, base: Path, device: str, processes: int, sharded: bool) -> Planned:
+def plan_run(settings: TrainSettings, seq_len: int, base: Path, device: str, processes: int, sharded: bool) -> Planned:
     """Plan the run (``memory: auto``), or resolve the manual settings; logs the plan and its
     predicted peak. Raises :class:`ConfigError` (exit 2) when no plan fits."""
     if settings.memory == "manual":
@@ -111,7 +112,7 @@ def plan_run(settings: TrainSettings, base: Path, device: str, processes: int, s
     if sharded:
         log.info("train.memory auto: not planned under FSDP/DeepSpeed (sharded weights); the settings as given")
         return Planned(manual(settings))
-    run = run_shape(settings, base, device, processes, settings.kernels != "none")
+    run = run_shape(settings, seq_len, base, device, processes, settings.kernels != "none")
     gib = settings.gpu_memory_gib or detect_gib(device)
     budget = planner.budget_bytes(gib, run.device)
     fixed = pins(settings)

@@ -1,15 +1,15 @@
-"""Build the model to train: the base in one of four storage modes, plus a LoRA/DoRA adapter.
+"""Build the model to train: the base as ``train.base_storage`` holds it, trained as ``train.method`` says.
 
-=========  ===========================================  =========================================
-mode       base weights                                  trained
-=========  ===========================================  =========================================
-``lora``   float (bf16 with bf16 precision, fp16 with     LoRA matrices (kept in fp32)
-           fp16, else fp32), frozen
-``qlora``  bitsandbytes NF4, double quantisation,         LoRA matrices; compute dtype bf16 on a
-           frozen                                         GPU, fp32 on CPU (fp16 with fp16)
-``int8``   bitsandbytes LLM.int8, frozen                  LoRA matrices
-``full``   fp32 master weights (autocast does bf16/fp16)  every parameter
-=========  ===========================================  =========================================
+==========================  ===========================================  ====================================
+base_storage / method       base weights                                  trained
+==========================  ===========================================  ====================================
+``float`` / lora, dora      float (bf16 with bf16 precision, fp16 with     LoRA (DoRA) matrices, kept in fp32
+                            fp16, else fp32), frozen
+``nf4`` / lora, dora        bitsandbytes NF4, double quantisation,         LoRA (DoRA) matrices; compute dtype
+(QLoRA)                     frozen                                         bf16 on a GPU, fp32 on CPU
+``int8`` / lora, dora       bitsandbytes LLM.int8, frozen                  LoRA (DoRA) matrices
+``float`` / full            fp32 master weights (autocast does bf16/fp16)  every parameter
+==========================  ===========================================  ====================================
 
 :func:`build_model` is the one place that knows these rules; the training loop receives a plain
 ``torch.nn.Module`` whose trainable parameters are the ones to optimise.
@@ -48,8 +48,8 @@ def compute_dtype(precision: str) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def lora_config(lora: LoraSettings) -> Any:
-    """The peft ``LoraConfig`` for our settings (``['all-linear']`` becomes peft's ``'all-linear'``)."""
+def lora_config(lora: LoraSettings, dora: bool = False) -> Any:
+    """The peft ``LoraConfig`` for our settings (``dora``: train.method dora; ``['all-linear']`` becomes peft's ``'all-linear'``)."""
     from peft import LoraConfig
 
     targets: Any = list(lora.target_modules)
@@ -63,7 +63,7 @@ def lora_config(lora: LoraSettings) -> Any:
         lora_dropout=lora.dropout,
         target_modules=targets,
         use_rslora=lora.rslora,
-        use_dora=lora.dora,
+        use_dora=dora,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -79,7 +79,7 @@ def _check_base_dir(base_dir: Path) -> None:
 
 
 def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, precision: str) -> Any:
-    """Load the base from ``base_dir`` in ``settings.mode`` and attach the adapter.
+    """Load the base from ``base_dir`` as ``settings.base_storage`` and attach the ``settings.method`` adapter.
 
     ``device`` is where quantised weights are placed (bitsandbytes layers cannot be moved after
     loading: ``accelerator.device``, i.e. ``cuda:<local rank>`` under DDP); float weights are loaded
@@ -100,8 +100,10 @@ def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, prec
         "trust_remote_code": settings.trust_remote_code,
         "use_safetensors": True,
     }
-    mode = settings.mode
-    if mode == "qlora":
+    storage, method = settings.base_storage, settings.method
+    if method == "full" and storage != "float":  # config_checks says so at load; a direct caller gets it here
+        raise ConfigError(f"train.method full needs base_storage float, not {storage}")
+    if storage == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -110,25 +112,25 @@ def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, prec
         )
         kwargs["dtype"] = dtype if precision != "fp32" else torch.float32
         kwargs["device_map"] = {"": placement}
-    elif mode == "int8":
+    elif storage == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["dtype"] = torch.float16 if device.type == "cuda" else torch.float32
         kwargs["device_map"] = {"": placement}
-    elif mode == "lora":
+    elif method != "full":
         kwargs["dtype"] = dtype  # frozen base in the compute dtype; peft keeps the adapter in fp32
     else:  # full: fp32 master weights, autocast provides the low-precision compute
         kwargs["dtype"] = torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
     except (OSError, ValueError) as exc:
-        raise InputError(f"{base_dir}: cannot load the base model in mode {mode!r}: {exc}") from exc
+        raise InputError(f"{base_dir}: cannot load the base model (base_storage {storage}): {exc}") from exc
     model.config.use_cache = False
     restore_fp32_rope(model)
 
-    if mode == "qlora":
+    if storage == "nf4":
         _keep_cpu_4bit_trainable(model)
     gc_kwargs = {"use_reentrant": False}
-    if mode in ("qlora", "int8"):
+    if storage != "float":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -139,7 +141,7 @@ def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, prec
     elif settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
 
-    if mode == "full":
+    if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
@@ -147,7 +149,7 @@ def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, prec
     from peft import get_peft_model
 
     try:
-        model = get_peft_model(model, lora_config(settings.lora))
+        model = get_peft_model(model, lora_config(settings.lora, dora=method == "dora"))
     except ValueError as exc:
         raise ConfigError(f"train.lora: {exc}") from None
     return model

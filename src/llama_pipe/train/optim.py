@@ -34,7 +34,8 @@ def fused_adamw_ok(acc: Any) -> bool:
 
 def _param_groups(model: Any, settings: TrainSettings) -> list[dict[str, Any]]:
     """Weight decay on matrices only (not on norms, biases or DoRA magnitudes)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
@@ -113,6 +114,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
 
     def _hook(self, opt: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
         def step_now(p: torch.Tensor) -> None:
+            assert p.grad is not None  # a post-accumulate-grad hook runs once the gradient is there
             sq = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32).square()
             self._sq = sq if self._sq is None else self._sq + sq.to(self._sq.device)
             opt.step()

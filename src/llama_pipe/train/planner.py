@@ -8,7 +8,7 @@ the GPU fast path offloads them, else on the device), and the optimiser's state 
 
 The memory model (bytes, all pure arithmetic on the model's ``config.json`` shape):
 
-* frozen weights by mode (bf16; nf4 = 0.5 byte + block scales; int8 = 1 byte; full = fp32),
+* frozen weights by base storage (float: bf16; nf4 = 0.5 byte + block scales; int8 = 1 byte), or fp32 for method full,
   embeddings / head / norms in bf16 on the fast path, else fp32 for 4/8-bit bases;
 * adapter weights (fp32), their gradients (none kept with in-backward updates) and the
   optimiser state (8 bytes per parameter for AdamW, 2 for 8-bit AdamW);
@@ -90,7 +90,8 @@ class RunShape:
     """What the user asked for, as far as memory is concerned."""
 
     model: ModelShape
-    mode: Literal["lora", "qlora", "int8", "full"]
+    storage: Literal["float", "nf4", "int8"]  # train.base_storage
+    method: Literal["lora", "dora", "full"]  # train.method (DoRA's magnitude vectors are not modelled: under 0.1%)
     lora_r: int
     targets: tuple[str, ...]
     seq_len: int
@@ -100,6 +101,7 @@ class RunShape:
     device: Literal["cuda", "cpu"] = "cuda"
     eight_bit_ok: bool = True  # bitsandbytes' 8-bit AdamW can run here
     in_backward_ok: bool = False  # max_grad_norm 0, on_nonfinite stop, no fp16, one process
+    frozen_fp32: bool = False  # kernels: auto-fp32 keeps a quantised base's embeddings, norms and head fp32
 
     def adapted(self) -> dict[str, tuple[int, int]]:
         lin = self.model.linears()
@@ -108,12 +110,12 @@ class RunShape:
         return {t: lin[t] for t in self.targets if t in lin}
 
     def trainable(self) -> int:
-        if self.mode == "full":
+        if self.method == "full":
             return self.model.layers * self.model.layer_params() + self.model.outer_params()
         return self.model.layers * sum(self.lora_r * (a + b) for a, b in self.adapted().values())
 
     def largest_trainable_tensor(self) -> int:
-        if self.mode == "full":
+        if self.method == "full":
             return self.model.vocab * self.model.hidden
         return max((self.lora_r * max(a, b) for a, b in self.adapted().values()), default=0)
 
@@ -173,8 +175,11 @@ class Pins:
 def weight_bytes(run: RunShape) -> int:
     m = run.model
     inner = m.layers * m.layer_params()
-    per = {"lora": 2.0, "qlora": 0.5 + 1 / 64, "int8": 1.0 + 4 / m.hidden, "full": 4.0}[run.mode]
-    outer = 2.0 if run.mode == "lora" or (run.fast and run.mode in ("qlora", "int8")) else 4.0
+    if run.method == "full":  # fp32 master weights
+        per = outer = 4.0
+    else:
+        per = {"float": 2.0, "nf4": 0.5 + 1 / 64, "int8": 1.0 + 4 / m.hidden}[run.storage]
+        outer = 2.0 if run.storage == "float" or (run.fast and not run.frozen_fp32) else 4.0
     return int(inner * per + m.outer_params() * outer)
 
 
@@ -182,7 +187,7 @@ def activation_bytes_per_token(run: RunShape) -> int:
     """What one decoder layer keeps per token for its backward pass when it is not recomputed."""
     m = run.model
     act = (ACT_H * m.hidden + ACT_I * m.intermediate) * 2.0
-    adapted = run.adapted() if run.mode != "full" else {}
+    adapted = run.adapted() if run.method != "full" else {}
     act += sum(run.lora_r * 2 for _ in adapted)  # the adapter's A outputs (bf16)
     if run.dropout > 0:
         act += sum(a for a, _ in adapted.values())  # dropout masks, one byte per input feature
@@ -207,7 +212,7 @@ def predict(run: RunShape, plan: Plan) -> Prediction:
     act = activation_bytes_per_token(run)
     opt_per = 2 if plan.optimizer != "adamw" else 8
     parts = {"weights": weight_bytes(run)}
-    if run.mode != "full":
+    if run.method != "full":
         parts["adapter"] = n_train * 4
     parts["optimizer"] = n_train * opt_per
     parts["gradients"] = run.largest_trainable_tensor() * 4 if plan.in_backward else n_train * 4
@@ -215,7 +220,7 @@ def predict(run: RunShape, plan: Plan) -> Prediction:
     recomputed = m.layers - plan.keep_layers
     parts["layer inputs"] = 0 if plan.offload or recomputed == 0 else recomputed * tokens * m.hidden * 2
     backward = int(BWD_FACTOR * tokens * act) + (2 * tokens * m.hidden * 2 if plan.offload else 0)
-    if run.mode in ("qlora", "int8"):  # the layer's weights dequantized to bf16 for its GEMMs
+    if run.storage != "float":  # the layer's weights dequantized to bf16 for its GEMMs
         backward += 2 * max(a * b for a, b in m.linears().values()) * 2
     # The loss's logit chunks live at the end of the forward, the layer's backward after it: the larger counts.
     loss = loss_bytes(run, tokens)
@@ -303,7 +308,7 @@ def choose(run: RunShape, budget: int, pins: Pins = Pins()) -> tuple[Plan, Predi
                         "(null) so the planner may choose them, or set train.memory: manual to run anyway")
     raise PlanError(f"train.memory auto: no plan fits {budget / GiB:.1f} GiB: the smallest, "
                     f"{smallest.describe(run.model.layers)}, needs {pred.describe()}, {need:.1f} GiB with margin; "
-                    "use mode qlora, a smaller lora.r or fewer target_modules, a shorter max_seq_len, a larger "
+                    "use base_storage nf4, a smaller lora.r or fewer target_modules, a shorter chat.max_seq_len, a larger "
                     "train.gpu_memory_gib if the card has it, or set train.memory: manual to run anyway")
 
 

@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.atomic import atomic_dir
-from llama_pipe.config import ConvertSettings, settings_from_args
+from llama_pipe.config import ChatSettings, ConvertSettings, settings_from_args
 from llama_pipe.errors import InputError
 from llama_pipe.settings import add_settings_arguments, describe
-from llama_pipe.templates import end_of_turn_ids, get_template
+from llama_pipe.templates import AUTO, end_of_turn_ids, template_for_bare_model
 from llama_pipe.weights import meta
 from llama_pipe.weights.hf import pass_through
 from llama_pipe.weights.tiktoken_bpe import is_tiktoken_file
@@ -207,7 +207,7 @@ def _assemble(
     return out
 
 
-def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> dict[str, Any]:
+def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings, template_choice: str = AUTO) -> dict[str, Any]:
     """Convert a Meta checkpoint directory; returns a summary (tensors, files, bytes)."""
     import torch
     from safetensors.torch import save_file
@@ -219,7 +219,7 @@ def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> di
     tok_file = find_tokenizer(meta_dir)
     _verify(meta_dir, tok_file, settings.verify_checksums, digests=False)  # absent files first
     paths = meta.shard_paths(meta_dir)
-    template = get_template(settings.template)
+    template = template_for_bare_model(template_choice, meta_dir)  # a Meta checkpoint has none of its own
     tok = _load_tokenizer(tok_file, template.chat_template)
     tok.chat_template = template.jinja_for(tok)  # apply_chat_template then gives the training ids
     shards = [meta.load_shard(p) for p in paths]
@@ -303,24 +303,27 @@ def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings) -> di
     return {"tensors": len(shapes), "files": n_files, "bytes": total, "vocab": vocab, "shards_in": len(paths)}
 
 
-def convert(meta_dir: str | Path, out_dir: str | Path, settings: ConvertSettings) -> dict[str, Any]:
-    """Meta layout -> HF; an input already in HF format is validated and passed through."""
+def convert(meta_dir: str | Path, out_dir: str | Path, settings: ConvertSettings, template: str = AUTO) -> dict[str, Any]:
+    """Meta layout -> HF; an input already in HF format is validated and passed through.
+
+    ``template`` (chat.template) is stored with a model that ships no chat template: a built-in by
+    name, vicuna_v1.1 for auto; a model's own template is kept."""
     from llama_pipe.weights.gguf_import import convert_gguf, find_gguf  # imports this module
 
     src, out = Path(meta_dir), Path(out_dir)
     if src.is_file() and src.suffix == ".gguf":
-        return convert_gguf(src, out, settings)
+        return convert_gguf(src, out, settings, template)
     if not src.is_dir():
         raise InputError(f"{src}: not a directory or .gguf file (expected a Meta checkpoint, a Hugging Face model directory or a GGUF file)")
     if src.resolve() == out.resolve():
         raise InputError(f"{out}: the output directory must differ from the input")
     if (src / "config.json").is_file():
-        return pass_through(src, out, settings)
+        return pass_through(src, out, template)
     if (src / meta.PARAMS).is_file():
-        return convert_meta(src, out, settings)
+        return convert_meta(src, out, settings, template)
     gguf_file = find_gguf(src)
     if gguf_file is not None:
-        return convert_gguf(gguf_file, out, settings)
+        return convert_gguf(gguf_file, out, settings, template)
     raise InputError(
         f"{src}: neither a Meta checkpoint (params.json + consolidated.NN.pth), a Hugging Face "
         "model (config.json + *.safetensors) nor a directory with one .gguf file"
@@ -332,17 +335,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Meta checkpoint dir (params.json, consolidated.NN.pth), an HF model dir, or a .gguf file (or a dir holding one)")
     parser.add_argument("-o", "--out", required=True, metavar="HF_DIR", help="output directory (e.g. results/hf_base)")
     add_settings_arguments(parser, ConvertSettings, "convert")
+    add_settings_arguments(parser, ChatSettings, "chat", config_flag=False, only=("template",))
 
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, ConvertSettings, "convert")
-    log.info("convert settings:\n%s", describe(settings))
-    summary = convert(args.meta_dir, args.out, settings)
+    chat = settings_from_args(args, ChatSettings, "chat")
+    log.info("convert settings:\n%s\nchat.template = %s", describe(settings), chat.template)
+    summary = convert(args.meta_dir, args.out, settings, chat.template)
     if "own_template" in summary:
         print(
             f"convert: GGUF -> {summary['parameters'] / 1e6:.1f} M parameters ({summary['tensors']} tensors dequantized) "
             f"in {summary['files']} safetensors file(s), {settings.dtype}, vocab {summary['vocab']}, "
-            f"{'the model' + chr(39) + 's own' if summary['own_template'] else settings.template} chat template -> {args.out}"
+            f"{'the model' + chr(39) + 's own' if summary['own_template'] else summary['template']} chat template -> {args.out}"
         )
     elif summary.get("passed_through"):
         print(f"convert: {args.meta_dir} is already a Hugging Face model; validated, {summary['files']} file(s) -> {args.out}")

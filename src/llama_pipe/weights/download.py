@@ -23,7 +23,7 @@ import argparse
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from llama_pipe.atomic import commit_dir
 from llama_pipe.config import BaseSettings, settings_from_args
@@ -39,6 +39,14 @@ log = logging.getLogger(__name__)
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 TOKENIZER_CHECKLIST = "tokenizer_checklist.chk"
+
+
+class _FetchOptions(TypedDict):
+    """The retry settings every :func:`~llama_pipe.weights.fetch.fetch` of a release is given."""
+
+    retries: int
+    backoff: float
+    timeout: float
 
 
 def source_kind(source: str) -> str:
@@ -64,7 +72,7 @@ def download_release(base_url: str, out_dir: Path, settings: BaseSettings, sessi
     partial = out_dir.with_name(out_dir.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     prefix = f"{settings.model_size.strip('/')}/" if settings.model_size else ""
-    opts = dict(retries=settings.retries, backoff=settings.backoff, timeout=settings.timeout)
+    opts = _FetchOptions(retries=settings.retries, backoff=settings.backoff, timeout=settings.timeout)
     chk_name = settings.checksums or meta.CHECKLIST
     if "/" in chk_name or "\\" in chk_name or chk_name in (".", ".."):
         raise ConfigError(f"base.checksums {chk_name!r}: give the checksum file's name, without a path")

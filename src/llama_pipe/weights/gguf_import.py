@@ -19,7 +19,7 @@ What happens, in order:
 5. The tokenizer: vocabulary and merges from ``tokenizer.ggml.tokens`` / ``merges``, control tokens
    as special tokens, the pre-tokenizer named by ``tokenizer.ggml.pre``, BOS/EOS/UNK/PAD ids, a
    BOS prepended only when ``tokenizer.ggml.add_bos_token`` says so; the model's own chat template
-   (``tokenizer.chat_template``), else ``convert.template``'s.
+   (``tokenizer.chat_template``), else ``chat.template``'s (vicuna_v1.1 for auto).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from llama_pipe.atomic import atomic_dir, write_json_atomic
 from llama_pipe.config import ConvertSettings
 from llama_pipe.errors import InputError
 from llama_pipe.model_template import model_template
-from llama_pipe.templates import end_of_turn_ids, get_template
+from llama_pipe.templates import AUTO, end_of_turn_ids, template_for_bare_model
 
 log = logging.getLogger(__name__)
 
@@ -196,16 +196,18 @@ def build_tokenizer(g: GGUFModel, chat_template: str | None) -> Any:
     return hf
 
 
-def convert_gguf(gguf_file: Path, out_dir: Path, settings: ConvertSettings) -> dict[str, Any]:
-    """Convert one GGUF file into an HF model directory; returns a summary."""
+def convert_gguf(gguf_file: Path, out_dir: Path, settings: ConvertSettings, template: str = AUTO) -> dict[str, Any]:
+    """Convert one GGUF file into an HF model directory; returns a summary. ``template``: chat.template,
+    used when the file has no ``tokenizer.chat_template``."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     g = GGUFModel(gguf_file)
     own = g.get("tokenizer.chat_template", None)
     tok = build_tokenizer(g, own or None)
-    if not own:
-        tok.chat_template = get_template(settings.template).jinja_for(tok)
+    added = None if own else template_for_bare_model(template, gguf_file)
+    if added is not None:
+        tok.chat_template = added.jinja_for(tok)
     cfg = g.config_kwargs()
     if settings.context_length:
         cfg["max_position_embeddings"] = settings.context_length
@@ -231,8 +233,8 @@ def convert_gguf(gguf_file: Path, out_dir: Path, settings: ConvertSettings) -> d
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     model.config.dtype = settings.dtype
-    template = model_template(tok) if own else get_template(settings.template)
-    eos_ids = end_of_turn_ids(tok, template)
+    stored = added or model_template(tok)
+    eos_ids = end_of_turn_ids(tok, stored)
 
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), max_shard_size=settings.max_shard_size)
@@ -243,11 +245,11 @@ def convert_gguf(gguf_file: Path, out_dir: Path, settings: ConvertSettings) -> d
             "file": gguf_file.name,
             "name": g.get("general.name", None),
             "tensor_types": sorted({t.tensor_type.name for t in g.reader.tensors}),
-            "chat_template": "the model's own (tokenizer.chat_template)" if own else settings.template,
+            "chat_template": "the model's own (tokenizer.chat_template)" if added is None else added.name,
         })
     n = sum(v.numel() for k, v in state.items() if not (config.tie_word_embeddings and k == "lm_head.weight"))
     return {"tensors": len(g.reader.tensors), "parameters": n, "vocab": len(tok),
-            "files": len(list(out_dir.glob("*.safetensors"))), "own_template": bool(own)}
+            "files": len(list(out_dir.glob("*.safetensors"))), "own_template": bool(own), "template": stored.name}
 
 
 def find_gguf(src: Path) -> Path | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from llama_pipe.atomic import atomic_dir, commit_dir
 from llama_pipe.errors import InputError
-from llama_pipe.templates import get_template
+from llama_pipe.templates import AUTO, template_for_bare_model
 from llama_pipe.weights.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -174,8 +174,9 @@ def validate_hf_dir(src: Path) -> dict[str, Any]:
     return {"files": files, "tensors": len(found), "config": config, "tokenizer": tok}
 
 
-def pass_through(src: Path, out_dir: Path, settings: Any) -> dict[str, Any]:
-    """Validate ``src`` and place its files at ``out_dir`` (hard links where possible)."""
+def pass_through(src: Path, out_dir: Path, template: str = AUTO) -> dict[str, Any]:
+    """Validate ``src`` and place its files at ``out_dir`` (hard links where possible); a model without a
+    chat template gets ``template``'s (chat.template: see :func:`~llama_pipe.templates.template_for_bare_model`)."""
     info = validate_hf_dir(src)
     with atomic_dir(out_dir) as tmp:
         names = [p.name for p in sorted(src.iterdir()) if p.is_file() and wanted(p.name)]
@@ -185,8 +186,9 @@ def pass_through(src: Path, out_dir: Path, settings: Any) -> dict[str, Any]:
             except OSError:
                 shutil.copy2(src / n, tmp / n)
         if info["tokenizer"].chat_template is None:
-            log.info("%s has no chat template; adding %s", src, settings.template)
-            (tmp / "chat_template.jinja").write_text(get_template(settings.template).jinja_for(info["tokenizer"]), encoding="utf-8")
+            added = template_for_bare_model(template, src)
+            log.info("%s has no chat template; adding %s", src, added.name)
+            (tmp / "chat_template.jinja").write_text(added.jinja_for(info["tokenizer"]), encoding="utf-8")
         if not (tmp / "generation_config.json").exists():
             from transformers import GenerationConfig
 

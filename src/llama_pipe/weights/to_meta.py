@@ -68,7 +68,7 @@ def meta_state_dict(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         "vocab_size": out["tok_embeddings.weight"].shape[0],
         **ffn_params(cfg.hidden_size, cfg.intermediate_size),
         "norm_eps": cfg.rms_norm_eps,
-        "rope_theta": float(theta or getattr(cfg, "rope_theta", 10000.0)),
+        "rope_theta": float(theta if theta else getattr(cfg, "rope_theta", 10000.0)),
         "max_seq_len": cfg.max_position_embeddings,
     }
     return out, params

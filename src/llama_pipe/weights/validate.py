@@ -173,7 +173,8 @@ def check_config(path: str | Path, tensors: Tensors | None = None) -> dict[str, 
         if cfg.get(key) is not None and not isinstance(cfg[key], str):
             raise _fail(path, f"{key} must be a string, got {cfg[key]!r:.40}")
     dims = _size_fields(path, cfg)
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    text_config = cfg.get("text_config")
+    text = text_config if isinstance(text_config, dict) else cfg
     if text is not cfg:  # multimodal configs size the language model in text_config
         dims.update(_size_fields(path, text))
     if tensors is None:

@@ -19,8 +19,8 @@ around it) in place and reports what it changed:
 - ``fused_lora``: each peft LoRA linear runs as one autograd function with the adapter's scale
   and add folded into the GEMMs (:mod:`.lora`; plain torch, so it runs on CPU too);
 - ``bf16_frozen_weights``: frozen fp32 weights (``prepare_model_for_kbit_training`` upcasts the
-  embeddings, norms and head of a 4-bit model) are stored in bf16, so the residual stream stays
-  bf16 between nf4 layers instead of being cast at every layer (and 0.5 GiB less memory at 7B);
+  embeddings, norms and head of a quantised model: nf4, or int8 under ``int8_dequant``) are stored
+  in bf16, so the residual stream stays bf16 between the quantised layers instead of being cast at every layer (and 0.5 GiB less memory at 7B);
 
 - ``int8_dequant``: an 8-bit base's layers run as dense bf16 GEMMs over weights dequantized per
   layer instead of LLM.int8 matmuls (:mod:`.int8`; ~3.9x LLM.int8's speed on the 7B case, and
@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -144,7 +144,7 @@ def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
             continue
         name = type(module).__name__
         if name == "Linear4bit" and getattr(module, "compute_dtype", None) is not None:
-            return module.compute_dtype
+            return cast(torch.dtype, module.compute_dtype)
         if name == "Linear8bitLt":  # LLM.int8 runs in fp16 unless the int8_dequant lever chose a dtype
             return getattr(module, "_llama_pipe_int8_dtype", None) or torch.float16
         if isinstance(module, torch.nn.Linear) and module.weight.dtype.is_floating_point and not module.weight.requires_grad:
@@ -170,13 +170,13 @@ def _skip_input_cast_under_autocast(base: torch.nn.Module) -> int:
                 continue
             plain = module._cast_input_dtype
 
-            def cast(self: torch.nn.Module, x, dtype, _plain=plain):
+            def cast(self: torch.nn.Module, x: Any, dtype: torch.dtype, _plain: Any = plain) -> Any:
                 if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
                     return x
                 return _plain(x, dtype)
 
-            module._cast_input_dtype = types.MethodType(cast, module)
-            module._llama_pipe_cast = True
+            module._cast_input_dtype = types.MethodType(cast, module)  # type: ignore[assignment]
+            module._llama_pipe_cast = True  # type: ignore[assignment]
             n += 1
     return n
 
@@ -201,7 +201,7 @@ def _wrap_autocast(base: torch.nn.Module, dtype: torch.dtype) -> None:
         return
 
     @functools.wraps(inner)
-    def forward(self: torch.nn.Module, *args, **kwargs):
+    def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if torch.is_autocast_enabled("cuda"):
             return inner(*args, **kwargs)
         with torch.autocast("cuda", dtype=dtype):
@@ -221,7 +221,7 @@ def apply(model: torch.nn.Module, kernels: KernelsSetting | FastOptions = "auto"
     rep = FastReport()
     if opts is None:
         rep.levers["all"] = "off (train.kernels: none)"
-        base._llama_pipe_fast_report = rep
+        base._llama_pipe_fast_report = rep  # type: ignore[assignment]
         return model
     device = _model_device(base)
     on_gpu = device.type == "cuda"
@@ -285,7 +285,7 @@ def apply(model: torch.nn.Module, kernels: KernelsSetting | FastOptions = "auto"
         bf_off = "no frozen fp32 weights"
     if lever("bf16_frozen_weights", opts.bf16_frozen_weights, bf_off):
         rep.levers["bf16_frozen_weights"] = f"on ({_frozen_to(base, torch.bfloat16)} tensors)"
-    base._llama_pipe_fast_report = rep
+    base._llama_pipe_fast_report = rep  # type: ignore[assignment]
     log.info("fast path: %s", rep.describe())
     return model
 

@@ -15,9 +15,12 @@ transformers' SDPA path unchanged.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 NAME = "llama_pipe_varlen"
 
@@ -80,7 +83,7 @@ def _varlen_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Te
         else:
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+    return cast(torch.Tensor, varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw))  # a tuple only with return_aux
 
 
 def varlen_attention_forward(
@@ -127,7 +130,7 @@ def varlen_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs
         return None
     from transformers.masking_utils import sdpa_mask
 
-    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)  # type: ignore[misc]  # transformers passes no positionals
 
 
 def install(model: torch.nn.Module) -> None:
@@ -143,4 +146,4 @@ def install(model: torch.nn.Module) -> None:
             raise AttributeError
         setter(NAME)
     except (AttributeError, ValueError, KeyError, ImportError):  # other transformers: set the config field
-        model.config._attn_implementation = NAME
+        cast("PretrainedConfig", model.config)._attn_implementation = NAME

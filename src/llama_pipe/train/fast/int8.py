@@ -76,7 +76,7 @@ def install(model: torch.nn.Module, dtype: torch.dtype) -> int:
         state = getattr(module, "state", None)
         if getattr(state, "has_fp16_weights", True) or module.weight.dtype != torch.int8 or _scales(module) is None:
             continue
-        module._llama_pipe_int8_dtype = dtype
-        module.forward = types.MethodType(_forward, module)
+        module._llama_pipe_int8_dtype = dtype  # type: ignore[assignment]
+        module.forward = types.MethodType(_forward, module)  # type: ignore[method-assign]
         n += 1
     return n

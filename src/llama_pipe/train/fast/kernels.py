@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import types
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
+from torch import nn
 
 
 def liger_unavailable_reason() -> str | None:
@@ -34,7 +36,7 @@ def _rms_norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> tor
     from liger_kernel.transformers.functional import liger_rms_norm
 
     if not hidden_states.is_cuda:
-        return self._llama_pipe_plain_forward(hidden_states)
+        return cast(Callable[..., torch.Tensor], self._llama_pipe_plain_forward)(hidden_states)
     return liger_rms_norm(hidden_states, self.weight, self.variance_epsilon, 0.0, "llama", False)
 
 
@@ -42,13 +44,13 @@ def _swiglu_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     from liger_kernel.transformers.functional import liger_swiglu
 
     if not x.is_cuda:
-        return self._llama_pipe_plain_forward(x)
-    return self.down_proj(liger_swiglu(self.gate_proj(x), self.up_proj(x)))
+        return cast(Callable[..., torch.Tensor], self._llama_pipe_plain_forward)(x)
+    return cast(nn.Module, self.down_proj)(liger_swiglu(cast(nn.Module, self.gate_proj)(x), cast(nn.Module, self.up_proj)(x)))
 
 
 def _bind(module: torch.nn.Module, fn: Any) -> None:
     if getattr(module, "_llama_pipe_plain_forward", None) is None:
-        module._llama_pipe_plain_forward = module.forward
+        module._llama_pipe_plain_forward = module.forward  # type: ignore[assignment]
         module.forward = types.MethodType(fn, module)
 
 
@@ -58,8 +60,10 @@ def _bind(module: torch.nn.Module, fn: Any) -> None:
 _LIGER_COS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
 
-def _rotary_forward(self: torch.nn.Module, x: torch.Tensor, position_ids: torch.Tensor, *args: Any, **kwargs: Any):
-    cos, sin = self._llama_pipe_plain_forward(x, position_ids, *args, **kwargs)
+def _rotary_forward(
+    self: torch.nn.Module, x: torch.Tensor, position_ids: torch.Tensor, *args: Any, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cast(Callable[..., tuple[torch.Tensor, torch.Tensor]], self._llama_pipe_plain_forward)(x, position_ids, *args, **kwargs)
     if cos.is_cuda:
         _LIGER_COS[id(cos)] = cos
     return cos, sin
@@ -73,7 +77,9 @@ def _patch_rope_function() -> None:
     if getattr(original, "_llama_pipe", False):
         return
 
-    def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *args: Any, **kwargs: Any):
+    def apply_rotary_pos_emb(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not args and not kwargs and _LIGER_COS.get(id(cos)) is cos:
             return liger_rope(q, k, cos, sin)
         return original(q, k, cos, sin, *args, **kwargs)

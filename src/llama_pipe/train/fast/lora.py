@@ -24,12 +24,16 @@ autocast does on peft's path; the gradients of the fp32 adapter weights come bac
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from llama_pipe.train.fast.int8 import _scales, dequantize
+
+if TYPE_CHECKING:
+    from bitsandbytes.nn import Params4bit
+    from peft.tuners.lora import LoraLayer
 
 
 def _frozen_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -38,10 +42,11 @@ def _frozen_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     if name == "Linear4bit":
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
-    if name == "Linear8bitLt":
-        return dequantize(base.weight.data, _scales(base), dtype)
-    return base.weight.to(dtype)
+        weight = cast("Params4bit", base.weight)
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    if name == "Linear8bitLt":  # only under int8_dequant, which int8.install turns on only where the scales exist
+        return dequantize(cast(torch.Tensor, base.weight).data, cast(torch.Tensor, _scales(base)), dtype)
+    return cast(torch.Tensor, base.weight).to(dtype)
 
 
 def base_compute_dtype(base: nn.Module) -> torch.dtype | None:
@@ -110,7 +115,7 @@ class LoraLinearFunction(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None, None
 
 
-def _fusable(layer: nn.Module) -> str | None:
+def _fusable(layer: LoraLayer) -> str | None:
     """Why peft LoRA layer ``layer`` cannot take the fused forward, or None when it can."""
     if len(layer.active_adapters) != 1:
         return "several active adapters"
@@ -131,10 +136,10 @@ def _fusable(layer: nn.Module) -> str | None:
     return None
 
 
-def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def _fused_forward(self: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft's forward, through :class:`LoraLinearFunction` in the plain single-adapter case."""
     if args or kwargs or self.disable_adapters or self.merged or _fusable(self) is not None:
-        return self._llama_pipe_peft_forward(x, *args, **kwargs)
+        return self._llama_pipe_peft_forward(x, *args, **kwargs)  # type: ignore[attr-defined]
     name = self.active_adapters[0]
     drop = self.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
@@ -157,7 +162,7 @@ def install(model: nn.Module) -> int:
             continue
         if getattr(module, "_llama_pipe_peft_forward", None) is not None or _fusable(module) is not None:
             continue
-        module._llama_pipe_peft_forward = module.forward
+        module._llama_pipe_peft_forward = module.forward  # type: ignore[assignment]
         module.forward = types.MethodType(_fused_forward, module)
         n += 1
     return n

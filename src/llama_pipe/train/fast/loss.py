@@ -9,12 +9,13 @@ Peak extra memory is one chunk of fp32 logits plus one bf16 copy of the hidden s
 
 The result equals the plain path's ``ForCausalLMLoss`` (labels shifted by one inside, ``-100``
 ignored, mean over counted tokens or ``sum / num_items_in_batch``) up to floating-point
-rounding; ``tests/gpu/test_fast_cpu.py`` checks loss and gradients against it.
+rounding; ``tests/train_fast/test_fast_cpu.py`` checks loss and gradients against it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """sum over tokens of CE(hidden @ weight.T, target) / denom, gradients made chunk by chunk."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -72,8 +73,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     probs.mul_(valid.unsqueeze(1).to(probs.dtype))
                     g = probs.to(dtype)
                     if need_h:
+                        assert grad_h is not None  # allocated above when need_h
                         grad_h[start : start + chunk] = g @ w
                     if need_w:
+                        assert grad_w is not None  # allocated above when need_w
                         grad_w.addmm_(g.t().float(), h.float())
         ctx.save_for_backward(grad_h, grad_w, denom)
         ctx.hidden_dtype = hidden.dtype
@@ -81,7 +84,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return total / denom
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
         grad_h, grad_w, denom = ctx.saved_tensors
         scale = grad_out / denom
         gh = (grad_h * scale.to(grad_h.dtype)).to(ctx.hidden_dtype) if grad_h is not None else None
@@ -149,7 +152,7 @@ def _fused_causal_lm_forward(
 ) -> Any:
     """``LlamaForCausalLM.forward`` with the fused loss when labels are given (logits then None)."""
     if labels is None:
-        return self._llama_pipe_plain_forward(
+        return cast(Callable[..., Any], self._llama_pipe_plain_forward)(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -161,7 +164,7 @@ def _fused_causal_lm_forward(
         )
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    outputs = self.model(
+    outputs = cast(torch.nn.Module, self.model)(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
@@ -172,12 +175,13 @@ def _fused_causal_lm_forward(
     )
     loss = fused_linear_cross_entropy(
         outputs.last_hidden_state,
-        self.lm_head.weight,
+        cast(torch.nn.Linear, self.lm_head).weight,  # a plain nn.Linear (supports_fused_loss)
         labels,
         num_items_in_batch=kwargs.get("num_items_in_batch"),
         shift_labels=kwargs.get("shift_labels"),
     )
-    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
+    # newer transformers (5.24) name this field ``cache`` and still take ``past_key_values`` (with a warning)
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)  # type: ignore[call-arg]
 
 
 def supports_fused_loss(model: torch.nn.Module) -> str | None:
@@ -204,7 +208,7 @@ def patch_fused_loss(model: torch.nn.Module) -> None:
 
     if getattr(model, "_llama_pipe_plain_forward", None) is not None:
         return
-    model._llama_pipe_plain_forward = model.forward
+    model._llama_pipe_plain_forward = model.forward  # type: ignore[assignment]
     model.forward = types.MethodType(_fused_causal_lm_forward, model)
 
 

@@ -94,7 +94,7 @@ class HostOffloader:
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, run: Callable[..., Any], offloader: HostOffloader, anchor: torch.Tensor, hidden: torch.Tensor):  # type: ignore[override]
+    def forward(ctx: Any, run: Callable[..., Any], offloader: HostOffloader, anchor: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         ctx.run = run
         ctx.offloader = offloader
         dev = hidden.device
@@ -111,7 +111,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[None, None, None, torch.Tensor | None]:
         hidden = ctx.offloader.fetch(ctx.stash).detach().requires_grad_(ctx.input_requires_grad)
         ctx.stash = None
         dev = hidden.device
@@ -152,12 +152,12 @@ def install(model: torch.nn.Module, offloader: HostOffloader | None = None) -> i
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer as layer_cls
     except ImportError:  # pragma: no cover - transformers < 4.52
-        layer_cls = torch.nn.Module
+        layer_cls = torch.nn.Module  # type: ignore[misc, assignment]
     n = 0
     for module in model.modules():
         if not isinstance(module, layer_cls) or module is model:
             continue
         if getattr(module, "gradient_checkpointing", False) is True and hasattr(module, "_gradient_checkpointing_func"):
-            module._gradient_checkpointing_func = fn
+            module._gradient_checkpointing_func = fn  # type: ignore[assignment]
             n += 1
     return n

@@ -1,0 +1,126 @@
+"""Reading ``config.yaml``: YAML that reads ``1e-5`` as a number, schema validation, and a stage's
+settings layered as defaults < config file section < command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+from llama_pipe.config.sections import Config
+from llama_pipe.errors import ConfigError
+from llama_pipe.settings import from_dict, validate
+
+T = TypeVar("T")
+
+#: Keys that moved, and where to. A file that still uses one gets this, not "unknown key".
+MOVED: dict[tuple[str, str], str] = {
+    ("convert", "template"): "chat.template",
+    ("split", "template"): "chat.template",
+    ("split", "system_prompt"): "chat.system_prompt",
+    ("train", "template"): "chat.template",
+    ("train", "system_prompt"): "chat.system_prompt",
+    ("train", "max_seq_len"): "chat.max_seq_len",
+    ("merge_adapter", "template"): "chat.template",
+    ("eval", "template"): "chat.template",
+    ("serve", "template"): "chat.template",
+}
+#: The names train.mode gave four combinations of train.base_storage and train.method (the
+#: benchmarks still label their cases with them): what an old ``mode`` is now.
+MODE_NAMES: dict[str, dict[str, str]] = {
+    "lora": {"base_storage": "float", "method": "lora"},
+    "qlora": {"base_storage": "nf4", "method": "lora"},
+    "int8": {"base_storage": "int8", "method": "lora"},
+    "full": {"base_storage": "float", "method": "full"},
+}
+
+
+def moved_key_errors(data: dict[str, Any]) -> list[str]:
+    """One message per key of ``data`` (a whole config) that has moved, naming its new place."""
+    errors = []
+    for (section, key), new in MOVED.items():
+        part = data.get(section)
+        if isinstance(part, dict) and key in part:
+            errors.append(f"{section}.{key} has moved to {new} (one chat section for every stage)")
+    train = data.get("train")
+    if isinstance(train, dict) and "mode" in train:
+        now = MODE_NAMES.get(str(train["mode"]))
+        spelled = ", ".join(f"train.{k}: {v}" for k, v in now.items()) if now else "train.base_storage and train.method"
+        errors.append(f"train.mode is now two settings: mode {train['mode']!r} is {spelled}")
+    lora = train.get("lora") if isinstance(train, dict) else None
+    if isinstance(lora, dict) and "dora" in lora:
+        errors.append("train.lora.dora has moved: DoRA is train.method: dora")
+    return errors
+
+
+def yaml_loader() -> Any:
+    """A safe YAML loader that also reads ``1e-5`` / ``2e-4`` as numbers (YAML 1.1 would not)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return Loader
+
+
+def load_raw_config(path: str | Path) -> dict[str, Any]:
+    """Read a config.yaml, validate it against the schema, and return the plain data."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        data = yaml.load(text, Loader=yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    moved = moved_key_errors(data)
+    if moved:
+        raise ConfigError(f"{path}: " + "; ".join(moved))
+    try:
+        validate(json.loads(json.dumps(data)), Config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return data
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config.yaml into a :class:`Config`."""
+    return from_dict(Config, load_raw_config(path))
+
+
+def settings_from_args(args: argparse.Namespace, cls: type[T], section: str) -> T:
+    """The settings for a stage: defaults < config file section < explicit flags; validated.
+
+    The flags are those :func:`llama_pipe.settings.add_settings_arguments` added for ``section``
+    (a stage may have the flags of two sections, e.g. train and chat)."""
+    data: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        raw = load_raw_config(args.config)
+        data = json.loads(json.dumps(raw.get(section) or {}))
+    prefix = f"setting:{section}:"
+    for key, value in vars(args).items():
+        if not key.startswith(prefix):
+            continue
+        node = data
+        parts = key[len(prefix) :].split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return from_dict(cls, data, root=section)

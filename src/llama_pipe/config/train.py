@@ -1,0 +1,120 @@
+"""Settings of training: ``train`` (with its ``lora`` block) and ``launch``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from llama_pipe.settings import opt
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter shape."""
+
+    r: int = opt(8, "rank", minimum=1)
+    alpha: int = opt(16, "scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)", minimum=1)
+    dropout: float = opt(0.05, "dropout on the adapter input", minimum=0, maximum=1)
+    target_modules: list[str] = opt(
+        ["all-linear"], "module names to adapt (e.g. [q_proj, v_proj]), or ['all-linear'] (every linear layer but lm_head)", minLength=1
+    )
+    rslora: bool = opt(False, "rank-stabilised scaling")
+
+
+@dataclass
+class TrainSettings:
+    """``train``: LoRA / QLoRA / 8-bit / full fine-tuning."""
+
+    run: str = opt(
+        "default",
+        "run name: the workflow writes this run's products to results/<run>/ (train, merged, eval, report)",
+        pattern=r"^(?!\.\.?$)[A-Za-z0-9_.-]+$",
+    )
+    method: Literal["lora", "dora", "full"] = opt(
+        "lora", "what is trained: lora (low-rank adapters), dora (weight-decomposed LoRA) or full (every weight)"
+    )
+    base_storage: Literal["float", "nf4", "int8"] = opt(
+        "float", "how the frozen base is held while adapters train: float (the compute precision), nf4 (4-bit, "
+        "QLoRA) or int8 (LLM.int8); nf4 and int8 need bitsandbytes and method lora or dora"
+    )
+    lora: LoraSettings = opt(LoraSettings, "adapter settings (methods lora and dora)")
+    packing: bool = opt(True, "pack several conversations into one row (no attention across them)")
+    micro_batch_size: int = opt(
+        4, "rows per forward pass (memory: auto may split micro_batch_size x grad_accum, the rows of a step, into "
+        "smaller micro-batches; the step stays the same)", minimum=1,
+    )
+    grad_accum: int = opt(1, "micro-batches per optimiser step", minimum=1)
+    lr: float = opt(1e-2, "peak learning rate (1e-2 suits the tiny demo model; use ~2e-4 for LoRA on a real 7B)", exclusiveMinimum=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", minimum=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] | None = opt(
+        None,
+        "null: chosen by the memory planner (memory: auto), adamw under memory: manual; "
+        "adamw (torch); adamw_8bit keeps both moment estimates in 8 bits (bitsandbytes, blockwise; tensors of "
+        ">= 4096 elements), a quarter of the fp32 state memory; paged_adamw_8bit also lets them page to host "
+        "memory under pressure (CUDA only). 8-bit ones run on one process or under DDP",
+    )
+    optimizer_in_backward: bool | None = opt(
+        None,
+        "null: chosen by the memory planner (memory: auto), false under memory: manual; true: update each "
+        "trainable tensor as soon as its gradient is complete and free that gradient (all "
+        "gradients never exist at once: less peak memory, e.g. 0.6 GiB for r64 all-linear adapters at 7B); "
+        "needs max_grad_norm 0, grad_accum 1, on_nonfinite stop, precision other than fp16 and one process",
+    )
+    warmup_steps: int = opt(3, "linear warm-up steps", minimum=0)
+    min_lr_ratio: float = opt(0.1, "cosine schedule ends at lr * this", minimum=0, maximum=1)
+    max_steps: int | None = opt(30, "optimiser steps; null trains for `epochs`", minimum=1)
+    epochs: float = opt(1.0, "epochs when max_steps is null", exclusiveMinimum=0)
+    max_grad_norm: float = opt(1.0, "gradient clipping; 0 disables", minimum=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "compute precision; auto = bf16 on a GPU that supports it, else fp32"
+    )
+    gradient_checkpointing: bool | None = opt(
+        None, "recompute activations in the backward pass; null: chosen by the memory planner (memory: auto, which "
+        "may also keep some layers' activations), false under memory: manual"
+    )
+    memory: Literal["auto", "manual"] = opt(
+        "auto",
+        "auto: before training, plan micro-batch split, gradient checkpointing and optimiser state to the fastest "
+        "plan whose predicted peak fits gpu_memory_gib with a margin (logged), and after an out-of-memory error step "
+        "the plan down once and resume from the last checkpoint; manual: the settings as given",
+    )
+    gpu_memory_gib: float | None = opt(
+        None, "memory the planner may plan for, in GiB; null: the detected card (on CPU: the system memory available)",
+        exclusiveMinimum=0,
+    )
+    eval_every: int = opt(10, "validation loss every N steps (and at start and end)", minimum=1)
+    save_every: int = opt(10, "checkpoint every N steps", minimum=1)
+    keep_checkpoints: int = opt(2, "checkpoints kept (oldest deleted)", minimum=1)
+    resume: Literal["auto", "never"] = opt("auto", "continue from the newest valid checkpoint")
+    on_nonfinite: Literal["stop", "skip"] = opt("stop", "a NaN/inf loss: stop naming the step, or skip that step")
+    seed: int = opt(0, "seed for weights init, dropout and data order")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt(
+        "sdpa", "attention kernel (all three honour packed sequences' restarting position_ids)"
+    )
+    kernels: Literal["auto", "auto-fp32", "none"] = opt(
+        "auto",
+        "GPU fast path (fused chunked loss, liger kernels, varlen attention for packed rows, host-offloaded "
+        "checkpoints, fused LoRA layers, bf16 GEMMs over dequantized int8 weights, bf16 frozen weights for nf4 "
+        "and int8 bases) on one GPU or under DDP; no-op on CPU, FSDP, DeepSpeed; "
+        "auto-fp32 keeps a quantised base's embeddings/norms/head fp32; none = plain transformers+peft",
+    )
+    trust_remote_code: bool = opt(False, "allow model code from the checkpoint to run (never implicit)")
+
+
+@dataclass
+class LaunchSettings:
+    """How the workflow starts the train job: one process, or several under ``accelerate launch``."""
+
+    processes: int = opt(
+        1, "training processes, one per GPU; above 1 the train rule runs `accelerate launch` (and asks for that many GPUs)",
+        minimum=1,
+    )
+    accelerate_config: str = opt(
+        "configs/accelerate/ddp.yaml",
+        "accelerate config for processes > 1 (relative to the workflow directory): ddp.yaml for lora/qlora, "
+        "fsdp.yaml to shard the base, deepspeed_zero3.yaml (needs deepspeed)",
+        minLength=1,
+    )
+    main_process_port: int = opt(29500, "rendezvous port of the processes; change it to run two trainings on one node",
+                                 minimum=1, maximum=65535)
