@@ -155,11 +155,13 @@ def test_config_yaml_comments_are_written_from_the_settings() -> None:
 def test_config_file_rewrite_keeps_values_and_notes_and_adds_every_key(tmp_path: Path) -> None:
     from llama_pipe.config.annotated import rewrite
 
-    text = "# my header\n\ntrain:\n  # why: a bigger card\n  lr: 3.0e-4  # stale words\nchat:\n  max_seq_len: 2048\n"
+    text = ("# my header\n\ntrain:\n  # why: a bigger card\n  lr: 3.0e-4  # stale words\n"
+            "  # stale help of the block\n  lora:\n    r: 4\nchat:\n  max_seq_len: 2048\n")
     out = rewrite(text)
     assert out.startswith("# my header\n")
     assert "  # why: a bigger card\n  lr: 0.0003  # peak learning rate" in out
-    assert "stale words" not in out
+    assert "  # adapter settings (methods lora and dora)\n  lora:\n    r: 4  # rank" in out
+    assert "stale" not in out
     p = tmp_path / "c.yaml"
     p.write_text(out, encoding="utf-8")
     cfg = load_config(p)

@@ -5,7 +5,8 @@
 each key ``# <help>`` from its ``opt(...)``, the same text as the schema, the flags' ``--help`` and
 docs/config.md. Two kinds of lines are the file's own and are kept: the header (the comment lines
 before the first blank line) and comment lines just above a key, the place for a note on why a
-value differs from its default. A test checks the file is what this writes.
+value differs from its default. The comment line right above a section or a nested block (``lora:``)
+is its help text, written anew each time. A test checks the file is what this writes.
 """
 
 from __future__ import annotations
@@ -26,16 +27,14 @@ def _doc(f: dataclasses.Field[Any]) -> str:
     return str(f.metadata.get("doc", ""))
 
 
-def _block_docs(cls: type = Config, prefix: str = "") -> dict[str, str]:
-    """The help text of every block (a section or a nested block) by dotted path: the comment
-    line written above it, which :func:`read_layout` must not take for a note."""
-    docs = {}
+def _blocks(cls: type = Config, prefix: str = "") -> set[str]:
+    """The dotted path of every block (a section or a nested block such as ``train.lora``)."""
+    paths = set()
     for f in dataclasses.fields(cls):
         sub = nested_settings(cls, f.name)
         if sub is not None:
-            docs[prefix + f.name] = _doc(f)
-            docs.update(_block_docs(sub, f"{prefix}{f.name}."))
-    return docs
+            paths |= {prefix + f.name, *_blocks(sub, f"{prefix}{f.name}.")}
+    return paths
 
 
 def read_layout(text: str) -> tuple[list[str], dict[str, list[str]]]:
@@ -44,21 +43,24 @@ def read_layout(text: str) -> tuple[list[str], dict[str, list[str]]]:
     header: list[str] = []
     while lines and lines[0].startswith("#"):
         header.append(lines.pop(0))
-    generated = {f"# {doc}" for doc in _block_docs().values()}
+    blocks = _blocks()
     notes: dict[str, list[str]] = {}
     pending: list[str] = []
     path: list[str] = []
+    above = ""  # the line right above the current one
     for line in lines:
-        stripped = line.strip()
+        stripped, above_this = line.strip(), above
+        above = stripped
         if stripped.startswith("#"):
-            if stripped not in generated:
-                pending.append(stripped)
+            pending.append(stripped)
             continue
         match = _KEY.match(line)
         if match is None:
             continue
         depth = len(match.group(1)) // len(INDENT)
         path = [*path[:depth], match.group(2)]
+        if ".".join(path) in blocks and above_this.startswith("#"):
+            pending.pop()  # the block's help text: written anew
         if pending:
             notes[".".join(path)] = pending
             pending = []
