@@ -177,3 +177,20 @@ def test_full_training_over_a_quantised_base_is_a_config_error() -> None:
     cfg = Config(train=TrainSettings(method="full", base_storage="nf4"))
     assert any("needs base_storage float" in e for e in config_errors(cfg))
     assert config_errors(Config(train=TrainSettings(method="dora", base_storage="nf4"))) == []
+
+
+def test_an_older_config_file_is_moved_to_the_new_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`llama-pipe schema --config-file` moves the keys of an older config.yaml; where two old keys meet
+    in one new key, train's value wins and the other is named."""
+    from llama_pipe.cli import main
+
+    p = tmp_path / "old.yaml"
+    p.write_text("train:\n  mode: qlora\n  template: chatml\n  max_seq_len: 2048\n  lora:\n    r: 4\n    dora: true\n"
+                 "split:\n  template: llama-2\neval:\n  template: null\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="schema --config-file FILE. moves them"):
+        load_config(p)
+    assert main(["schema", "--config-file", str(p)]) == 0
+    assert "split.template: 'llama-2' dropped, chat.template is 'chatml'" in capsys.readouterr().out
+    cfg = load_config(p)
+    assert (cfg.chat.template, cfg.chat.max_seq_len, cfg.train.base_storage, cfg.train.method, cfg.train.lora.r) == (
+        "chatml", 2048, "nf4", "dora", 4)

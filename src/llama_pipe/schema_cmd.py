@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.atomic import AtomicFile
-from llama_pipe.config import config_schema, load_raw_config
+from llama_pipe.config import config_schema
 from llama_pipe.config.annotated import rewrite
+from llama_pipe.config.load import check_config_data, migrate, read_config_text
 
 SCHEMA_PATH = Path("workflow/schemas/config.schema.yaml")
 REFERENCE_PATH = Path("docs/config.md")
@@ -74,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config-file", metavar="PATH", nargs="?", const=str(CONFIG_FILE_PATH),
         help=f"rewrite a config.yaml in place (default {CONFIG_FILE_PATH}): its values and its own notes kept, every key "
-        "present, each key's comment its help text",
+        "present, each key's comment its help text, keys of an older version moved to their new places",
     )
 
 
@@ -85,9 +86,12 @@ def run(args: argparse.Namespace) -> int:
     if args.reference:
         targets.append((args.reference, render_reference))
     if args.config_file:
-        load_raw_config(args.config_file)  # valid first: an unknown or moved key is an error, not dropped
-        text = Path(args.config_file).read_text(encoding="utf-8")
-        targets.append((args.config_file, lambda: rewrite(text)))
+        text, data = read_config_text(args.config_file)
+        values, dropped = migrate(data)  # keys of an older config.yaml go to their new places
+        check_config_data(values, args.config_file)  # then valid: an unknown key is an error, not dropped
+        for line in dropped:
+            print(f"{args.config_file}: {line}")
+        targets.append((args.config_file, lambda: rewrite(text, values)))
     for target, render in targets:
         f = AtomicFile(target)
         f.fh.write(render())

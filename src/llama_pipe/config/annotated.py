@@ -104,12 +104,14 @@ def _section_class(name: str) -> type:
     return sub
 
 
-def rewrite(text: str) -> str:
-    """``text`` (a valid config.yaml) with its keys completed and its comments regenerated."""
+def rewrite(text: str, values: dict[str, Any] | None = None) -> str:
+    """``text`` (a valid config.yaml) with its keys completed and its comments regenerated;
+    ``values``: the data to write instead of the text's own (its moved keys moved)."""
     import yaml
 
     from llama_pipe.config.load import yaml_loader
 
-    values = yaml.load(text, Loader=yaml_loader()) or {}  # noqa: S506 - a SafeLoader subclass
+    if values is None:
+        values = yaml.load(text, Loader=yaml_loader()) or {}  # noqa: S506 - a SafeLoader subclass
     header, notes = read_layout(text)
     return render_config_file(values, header, notes)

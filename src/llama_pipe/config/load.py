@@ -51,7 +51,47 @@ def moved_key_errors(data: dict[str, Any]) -> list[str]:
     lora = train.get("lora") if isinstance(train, dict) else None
     if isinstance(lora, dict) and "dora" in lora:
         errors.append("train.lora.dora has moved: DoRA is train.method: dora")
+    if errors:
+        errors.append("`llama-pipe schema --config-file FILE` moves them (FILE rewritten in place)")
     return errors
+
+
+def migrate(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``data`` (a whole config as read) with its moved keys in their new places, and one line per
+    old value that was dropped because another old key already gave the new key a different value.
+
+    Where several old keys meet in one new key, train's wins: it is what training used, and what the
+    workflow passed to split. A null template (merge_adapter/eval/serve: "the recorded one") is
+    chat.template's ``auto``, so it is dropped.
+    """
+    out: dict[str, Any] = json.loads(json.dumps(data))
+    notes = []
+    for (section, key), new in sorted(MOVED.items(), key=lambda item: item[0][0] != "train"):
+        part = out.get(section)
+        if not isinstance(part, dict) or key not in part:
+            continue
+        value = part.pop(key)
+        new_section, new_key = new.split(".")
+        target = out.setdefault(new_section, {})
+        if value is None and new_key == "template":
+            continue
+        if new_key not in target:
+            target[new_key] = value
+        elif target[new_key] != value:
+            notes.append(f"{section}.{key}: {value!r} dropped, {new} is {target[new_key]!r}")
+    train = out.get("train")
+    if isinstance(train, dict):
+        mode = train.pop("mode", None)
+        if mode is not None:
+            for key, value in MODE_NAMES.get(str(mode), {}).items():
+                train.setdefault(key, value)
+        lora = train.get("lora")
+        if isinstance(lora, dict) and lora.pop("dora", False) is True:
+            if train.get("method", "lora") == "lora":
+                train["method"] = "dora"
+            else:
+                notes.append(f"train.lora.dora: true dropped, train.method is {train['method']!r}")
+    return out, notes
 
 
 def yaml_loader() -> Any:
@@ -71,8 +111,8 @@ def yaml_loader() -> Any:
     return Loader
 
 
-def load_raw_config(path: str | Path) -> dict[str, Any]:
-    """Read a config.yaml, validate it against the schema, and return the plain data."""
+def read_config_text(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """A config.yaml's text and its data (a mapping), not validated yet."""
     import yaml
 
     path = Path(path)
@@ -90,6 +130,11 @@ def load_raw_config(path: str | Path) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return text, data
+
+
+def check_config_data(data: dict[str, Any], path: str | Path) -> None:
+    """Refuse moved keys (naming their new places) and anything the schema does not allow."""
     moved = moved_key_errors(data)
     if moved:
         raise ConfigError(f"{path}: " + "; ".join(moved))
@@ -97,6 +142,12 @@ def load_raw_config(path: str | Path) -> dict[str, Any]:
         validate(json.loads(json.dumps(data)), Config)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def load_raw_config(path: str | Path) -> dict[str, Any]:
+    """Read a config.yaml, validate it against the schema, and return the plain data."""
+    _, data = read_config_text(path)
+    check_config_data(data, path)
     return data
 
 
