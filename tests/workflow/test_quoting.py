@@ -104,3 +104,14 @@ def test_paths_that_look_like_options_stay_paths(recorded: tuple[Path, dict[str,
     for stage in DATA_STAGES:
         for argv in calls[stage.name]:
             assert "--" in argv and not argv[-1].startswith("-"), (stage.name, argv)
+
+
+def test_every_rule_command_parses_with_its_stage(recorded: tuple[Path, dict[str, list[list[str]]]]) -> None:
+    """Each rule's flags (its section's, plus the chat keys it passes) are ones its stage accepts."""
+    from llama_pipe.cli import build_parser
+
+    _, calls = recorded
+    assert {"convert", "split", "train"} <= set(calls)
+    for stage, argvs in calls.items():
+        for argv in argvs:
+            build_parser(stage).parse_args([stage, *argv])  # an unknown flag exits 2

@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="Hugging Face model directory (e.g. results/default/merged or results/hf_base)")
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR", help="peft adapter applied on the fly (repeatable, in order)")
     parser.add_argument("--prompt", default=None, help="answer this one message and exit")
-    parser.add_argument("--system", default=None, help="system prompt (default: the template's)")
+    parser.add_argument("--system", default=None,
+                        help="system prompt of this conversation (default: chat.system_prompt, else the one recorded with the model, else the template's)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     add_settings_arguments(parser, ServeSettings, "serve")
     add_settings_arguments(parser, ChatSettings, "chat", config_flag=False, only=("template", "system_prompt"))
