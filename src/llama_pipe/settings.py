@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import shlex
 import types
@@ -53,7 +54,9 @@ def _is_settings_class(tp: Any) -> TypeGuard[type[Any]]:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
+    """The resolved field types of a settings class (cached: looked up per field; not to be mutated)."""
     return typing.get_type_hints(cls)
 
 
@@ -158,7 +161,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, root: str = "") -> T:
 
 
 def _build(cls: type[T], data: dict[str, Any]) -> T:
-    hints = _hints(cls)
+    hints = _hints(cast(type, cls))
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cast(Any, cls)):
         if f.name not in data:
@@ -191,12 +194,11 @@ def _leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, dataclasse
     out = []
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        inner, _ = _strip_optional(tp)
-        if _is_settings_class(inner):
-            out.extend(_leaf_fields(inner, f"{prefix}{f.name}."))
+        sub = nested_settings(cls, f.name)
+        if sub is not None:
+            out.extend(_leaf_fields(sub, f"{prefix}{f.name}."))
         else:
-            out.append((prefix + f.name, tp, f))
+            out.append((prefix + f.name, hints[f.name], f))
     return out
 
 
@@ -273,14 +275,13 @@ def add_settings_arguments(
 def settings_to_argv(data: dict[str, Any], cls: type, prefix: str = "") -> list[str]:
     """Flags that reproduce ``data`` (a config section) on a ``llama-pipe`` command line."""
     argv: list[str] = []
-    hints = _hints(cls)
     for f in dataclasses.fields(cls):
         if f.name not in data:
             continue
         value = data[f.name]
-        inner, _ = _strip_optional(hints[f.name])
-        if _is_settings_class(inner) and isinstance(value, dict):
-            argv += settings_to_argv(value, inner, f"{prefix}{f.name}.")
+        sub = nested_settings(cls, f.name)
+        if sub is not None and isinstance(value, dict):
+            argv += settings_to_argv(value, sub, f"{prefix}{f.name}.")
             continue
         if value is None:
             text = "null"

@@ -16,7 +16,7 @@ import json
 import re
 from typing import Any
 
-from llama_pipe.config.sections import Config
+from llama_pipe.config.sections import SECTIONS, Config
 from llama_pipe.settings import nested_settings
 
 _KEY = re.compile(r"^( *)([A-Za-z_][A-Za-z0-9_]*):")
@@ -94,14 +94,8 @@ def render_config_file(values: dict[str, Any], header: list[str], notes: dict[st
         out.extend(notes.get(f.name, []))
         out += [f"# {_doc(f)}", f"{f.name}:"]
         section = values.get(f.name)
-        _block(_section_class(f.name), section if isinstance(section, dict) else {}, f.name, 1, notes, out)
+        _block(SECTIONS[f.name], section if isinstance(section, dict) else {}, f.name, 1, notes, out)
     return "\n".join(out) + "\n"
-
-
-def _section_class(name: str) -> type:
-    sub = nested_settings(Config, name)
-    assert sub is not None, name
-    return sub
 
 
 def rewrite(text: str, values: dict[str, Any] | None = None) -> str:
