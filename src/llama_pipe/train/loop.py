@@ -127,24 +127,26 @@ def lr_lambda_for(total: int, warmup: int, min_ratio: float) -> Any:
     return f
 
 
-def apply_fast_path(acc: Any, model: Any, settings: TrainSettings) -> Any:
+def apply_fast_path(acc: Any, model: Any, settings: TrainSettings, options: fast.FastOptions | None = None) -> Any:
     """Patch the prepared model with ``train.kernels`` (GPU only); returns its loss function or None.
 
     Must run after the model is on its device and gradient checkpointing is enabled. On one
     GPU and under DDP (every process holds the whole model and the loss is computed inside the
     wrapped forward); left off under FSDP and DeepSpeed, whose sharded parameters it was never
-    checked with.
+    checked with. ``options`` (tests and benchmarks) replaces what ``train.kernels`` asks for,
+    on CPU too (``FastOptions(cpu=True)`` turns on the levers that run there).
     """
     from accelerate.utils import DistributedType
 
-    if settings.kernels == "none" or acc.device.type != "cuda":
+    wanted: fast.FastOptions | fast.KernelsSetting = options if options is not None else settings.kernels
+    if options is None and (settings.kernels == "none" or acc.device.type != "cuda"):
         return None
     if acc.num_processes > 1 and acc.distributed_type != DistributedType.MULTI_GPU:
         log.info("train.kernels=%s left off: the fast path runs on one GPU or under DDP, not under %s",
                  settings.kernels, acc.distributed_type)
         return None
     inner = acc.unwrap_model(model)
-    fast.apply(inner, settings.kernels)
+    fast.apply(inner, wanted)
     log.info("fast path: %s", fast.report(inner).describe())
     return fast.model_loss_sum
 
@@ -159,11 +161,13 @@ def describe_plan(planned: Planned) -> str:
 
 def train(
     base: Path, train_path: Path, val_path: Path, out: Path, settings: TrainSettings, chat: ChatSettings | None = None,
-    loss_fn: Any = None,
+    loss_fn: Any = None, fast_options: fast.FastOptions | None = None,
 ) -> dict[str, Any]:
     """Train and write ``out``; returns the summary (also written to ``out/summary.json``).
 
-    ``chat``: how conversations are rendered (template, system prompt, row length); None: the defaults."""
+    ``chat``: how conversations are rendered (template, system prompt, row length); None: the defaults.
+    ``fast_options``: the fast path's levers instead of ``train.kernels`` (tests and benchmarks; see
+    :func:`apply_fast_path`)."""
     chat = chat or ChatSettings()
     import torch
     from accelerate.utils import DistributedType, set_seed
@@ -236,7 +240,7 @@ def train(
         # The scheduler's state goes into trainer_state.json, not through accelerate's
         # register_for_checkpointing: accelerate reloads registered objects with an unrestricted
         # pickle (weights_only=False), which would run code planted in a checkpoint directory.
-        step_loss = loss_fn or apply_fast_path(acc, model, settings)
+        step_loss = loss_fn or apply_fast_path(acc, model, settings, fast_options)
         model.train()
         ctx = StepContext(acc, model, optimizer, scheduler, settings.max_grad_norm, settings.on_nonfinite, step_loss or logits_loss_sum)
 

@@ -15,6 +15,7 @@ transformers' SDPA path unchanged.
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -37,17 +38,26 @@ def varlen_available() -> bool:
 
 
 def document_boundaries(position_ids: torch.Tensor, batch: int, seq: int) -> tuple[torch.Tensor, int]:
-    """``cu_seqlens`` (int32, starts of documents in the flattened batch plus the end) and the longest one."""
-    key = (position_ids.data_ptr(), tuple(position_ids.shape), position_ids._version, batch, seq)
-    if _cache.get("key") == key:
-        return _cache["value"]
+    """``cu_seqlens`` (int32, starts of documents in the flattened batch plus the end) and the longest one.
+
+    Every decoder layer (and every recompute under gradient checkpointing) asks again with the
+    same ``position_ids`` tensor, so the answer is kept for that tensor *object* (a weak
+    reference: identity, plus its in-place version counter). A key made of the data pointer and
+    shape was wrong: the CUDA caching allocator hands the next step's ``position_ids`` the block
+    just freed, so a new batch of the same shape got the previous batch's document boundaries
+    (one micro-batch per step, ``micro_batch_size x 1``: a different step from step 7 on).
+    """
+    ref = _cache.get("ref")
+    key = (position_ids._version, batch, seq)
+    if ref is not None and ref() is position_ids and _cache.get("key") == key:
+        return cast(tuple[torch.Tensor, int], _cache["value"])
     pos = position_ids.expand(batch, seq)
     start = torch.ones_like(pos, dtype=torch.bool)
     start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
     idx = torch.nonzero(start.reshape(-1), as_tuple=False).flatten()
     cu = torch.cat([idx, idx.new_tensor([batch * seq])]).to(torch.int32)
     max_len = int((cu[1:] - cu[:-1]).max().item())
-    _cache["key"], _cache["value"] = key, (cu, max_len)
+    _cache["ref"], _cache["key"], _cache["value"] = weakref.ref(position_ids), key, (cu, max_len)
     return cu, max_len
 
 
