@@ -39,6 +39,13 @@ def stats_path(out: str | Path) -> Path:
     return out.with_name(_stem(out) + ".stats.json")
 
 
+def partial_path(out: str | Path) -> Path:
+    """Resumable progress beside an output: ``x.jsonl`` -> ``x.partial.jsonl`` (not an output: kept
+    when a workflow deletes a failed job's outputs, removed by the stage once they are written)."""
+    out = Path(out)
+    return out.with_name(_stem(out) + ".partial.jsonl")
+
+
 def _stem(path: Path) -> str:
     name = path.name
     for suffix in (".jsonl", ".json"):

@@ -69,6 +69,8 @@ STAGES: tuple[Stage, ...] = (
           section="split", unit="pairs", per_shard=True),
     Stage("gather", "llama_pipe.data.gather", "gather shards into train/validation JSONL",
           section="data", unit="records"),
+    Stage("distill", "llama_pipe.distill",
+          "training replies in the base's own words: self-distillation rewrites and replay", section="distill"),
     Stage("train", "llama_pipe.train.loop", "LoRA / QLoRA / 8-bit / full fine-tuning", section="train"),
     Stage("merge-adapter", "llama_pipe.merge_adapter", "merge adapters (in order) into a float copy of the base",
           section="merge_adapter"),

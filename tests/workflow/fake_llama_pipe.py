@@ -48,10 +48,10 @@ def write(path: str | Path, text: str) -> None:
 
 
 def writes_records(stage: str) -> bool:
-    """A data stage of the common contract (``-o OUT.jsonl``, its stats and rejects beside it):
-    merge and every per-shard stage of :mod:`llama_pipe.stages` (shard and gather have their own)."""
+    """A stage of the common contract (``-o OUT.jsonl``, its stats and rejects beside it): merge,
+    distill and every per-shard stage of :mod:`llama_pipe.stages` (shard and gather have their own)."""
     s = BY_NAME.get(stage)
-    return s is not None and (s.name == "merge" or s.per_shard)
+    return s is not None and (s.name in ("merge", "distill") or s.per_shard)
 
 
 def stage_files(out: str, text: str) -> None:

@@ -22,6 +22,7 @@ WHOLE_DAG = {
     "make_base": 1,
     "convert": 1,
     **data_jobs(2),
+    "distill": 1,
     "train": 1,
     "merge_adapter": 1,
     "eval": 1,
@@ -54,6 +55,17 @@ def test_default_target_is_the_report_through_every_stage(fresh_workflow: Path) 
     out = dry_run(fresh_workflow)
     assert job_counts(out) == WHOLE_DAG
     assert "output: results/default/report" in out
+
+
+def test_distill_sits_between_gather_and_train_unless_off(fresh_workflow: Path) -> None:
+    blocks = job_blocks(dry_run(fresh_workflow, "-p"))
+    (distill,) = blocks["distill"]
+    assert "input: results/hf_base, results/data/train.jsonl" in distill
+    assert "output: results/default/distill/train.jsonl" in distill
+    assert "results/default/distill/train.jsonl" in blocks["train"][0]
+    off = job_blocks(dry_run(fresh_workflow, "-p", "--config", 'distill={"mode": "off"}'))
+    assert "distill" not in off
+    assert re.search(r"--train-data=results/data/train.jsonl\b", off["train"][0]), off["train"][0]
 
 
 def test_data_stages_scatter_over_data_shards(fresh_workflow: Path) -> None:

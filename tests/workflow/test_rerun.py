@@ -14,7 +14,8 @@ from workflow_helpers import edited_config, job_counts, snakemake
 from llama_pipe.stages import DATA_STAGES
 
 AFTER_TRAIN = {"train", "merge_adapter", "eval", "report", "all"}
-AFTER_GATHER = {"gather"} | AFTER_TRAIN
+AFTER_DISTILL = {"distill"} | AFTER_TRAIN
+AFTER_GATHER = {"gather"} | AFTER_DISTILL
 
 
 def shard_stages_from(rule: str) -> dict[str, int]:
@@ -65,6 +66,8 @@ def test_merged_jsonl_is_temp_and_its_absence_rebuilds_nothing(completed_run: Pa
         ),
         pytest.param("split", "max_length", 256, {"split": 2} | dict.fromkeys(AFTER_GATHER, 1), id="split.max_length"),
         pytest.param("data", "val_fraction", 0.2, AFTER_GATHER, id="data.val_fraction"),
+        pytest.param("distill", "max_rewrites", 8, AFTER_DISTILL, id="distill.max_rewrites"),
+        pytest.param("distill", "mode", "off", AFTER_TRAIN, id="distill.mode off (train reads gather's output)"),
         pytest.param("chat", "max_seq_len", 256, {"split": 2} | dict.fromkeys(AFTER_GATHER, 1),
                      id="chat.max_seq_len (split.max_length null follows it)"),
         pytest.param("filter_lang", "workers", 1, {}, id="filter_lang.workers (performance only)"),

@@ -95,6 +95,7 @@ config.update(to_dict(_settings))
 PATH_SETTINGS = (
     ("base", "tokenizer_corpus"),
     ("data", "inputs"),
+    ("distill", "replay_prompts"),
     ("eval", "questions"),
     ("launch", "accelerate_config"),
     ("merge_adapter", "extra_adapters"),
@@ -263,6 +264,9 @@ TRAIN_TARGET = f"{RUN_DIR}/train"
 MERGED_TARGET = f"{RUN_DIR}/merged"
 EVAL_TARGET = f"{RUN_DIR}/eval"
 REPORT_TARGET = f"{RUN_DIR}/report"
+# The training data train reads: distill's output, or gather's when distill.mode is off (no job).
+DISTILL_TARGET = f"{RUN_DIR}/distill/train.jsonl"
+TRAIN_DATA = DISTILL_TARGET if config["distill"]["mode"] != "off" else DATA_TARGETS[0]
 # The default target's inputs: every key product, not only the report. A product a failed or killed
 # job removed (the train run after kill -9 or scancel) is then missing from the targets and is
 # planned again, with everything downstream of it, even while an older report still exists.

@@ -8,7 +8,8 @@
 rule train:
     input:
         base=BASE_TARGET,
-        train=DATA_TARGETS[0],
+        # gather's train.jsonl through distill (or directly when distill.mode is off)
+        train=TRAIN_DATA,
         val=DATA_TARGETS[1],
         accelerate_config=accelerate_config(),
     output:

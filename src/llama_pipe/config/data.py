@@ -1,4 +1,4 @@
-"""Settings of the data stages: ``data``, ``merge``, ``clean``, ``filter_lang``, ``split``."""
+"""Settings of the data stages: ``data``, ``merge``, ``clean``, ``filter_lang``, ``split``, and of ``distill`` (between gather and train)."""
 
 from __future__ import annotations
 
@@ -95,3 +95,62 @@ class SplitSettings:
         "reject", "a single pair longer than max_length: reject it with a reason, or truncate its gpt turn"
     )
     batch_size: int = opt(256, "texts per fast-tokenizer batch", minimum=1)
+
+
+#: A rewrite's required facts (``distill.require``).
+RequiredFact = Literal["terms", "numbers", "code", "urls", "names"]
+
+
+@dataclass
+class DistillSettings:
+    """``distill``: bring the training targets closer to the base's own distribution (docs/distill.md)."""
+
+    mode: Literal["auto", "rewrite", "replay", "both", "off"] = opt(
+        "auto", "rewrite: the base rewrites each assistant reply in its own words with the original as the reference "
+        "(self-distillation, SDFT); replay: add the base's own answers to prompts as extra conversations; both; off: "
+        "train on the data as it is (the workflow then runs no distill job). auto: both when the base is a chat model "
+        "(it ships its own chat template, e.g. SmolLM2-Instruct) and generation is affordable (a GPU, or a base of at "
+        "most max_cpu_params parameters on CPU); off otherwise (a pretrained-only base that convert gave a built-in "
+        "template, the tiny test model, a large base on CPU)"
+    )
+    max_rewrites: int = opt(
+        128, "assistant turns rewritten at most (0 = every eligible turn); which ones is a seeded choice that does not "
+        "depend on the other records. The rest keep their original reply (original:budget). Cost: about one "
+        "generated reply each", minimum=0,
+    )
+    replay_ratio: float = opt(
+        0.1, "replay conversations added per training record (0.1: one for every ten), up to max_replays", minimum=0, maximum=2,
+    )
+    max_replays: int = opt(64, "replay conversations added at most (0 = no limit). Cost: one generated answer each", minimum=0)
+    replay_prompts: str | None = opt(
+        None, "JSONL of replay prompts ({\"id\", \"prompt\"} per line); null: the bundled set of ~150 everyday questions "
+        "(facts, how-to, arithmetic, definitions, short writing), inside the installed package"
+    )
+    replay_user_turns: bool = opt(
+        True, "also replay the first human turns of the training records (not those whose reply holds a keep_terms "
+        "string: there the user's answer is what training must teach)"
+    )
+    max_new_tokens: int = opt(
+        128, "longest rewrite or replay answer in tokens; a reply longer than this is not rewritten (original:too_long) "
+        "and a rewrite that reaches its limit is not used (original:truncated)", minimum=8,
+    )
+    batch_size: int = opt(16, "prompts generated together per forward pass", minimum=1)
+    keep_terms: list[str] = opt(
+        ["Llama Pipe"], "strings a rewrite must keep (case-insensitive) when the original reply has them, e.g. the "
+        "assistant's new name"
+    )
+    require: list[RequiredFact] = opt(
+        ["terms", "numbers", "code", "urls", "names"], "what a rewrite must keep of the original, else the original "
+        "is used and counted: terms (keep_terms), numbers, code (code blocks and inline code), urls, names (capitalised "
+        "words inside a sentence and acronyms; a rewrite that brings in a name found neither in the original nor in "
+        "the conversation is refused too, e.g. the base's own name)"
+    )
+    languages: list[str] = opt(
+        ["en"], "rewrite and replay only records whose language (filter-lang's 'lang', 'zh' matches zh-cn) is one of "
+        "these; empty: all. Others keep their original reply (original:language)"
+    )
+    max_cpu_params: float = opt(
+        1.0e9, "auto on CPU: above this many base parameters the stage is off (generation would take hours)", minimum=0,
+    )
+    seed: int = opt(0, "seed of which turns are rewritten (under max_rewrites) and which prompts are replayed")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to generate")

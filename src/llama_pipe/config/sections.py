@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llama_pipe.config.chat import ChatSettings
-from llama_pipe.config.data import CleanSettings, DataSettings, FilterLangSettings, MergeSettings, SplitSettings
+from llama_pipe.config.data import CleanSettings, DataSettings, DistillSettings, FilterLangSettings, MergeSettings, SplitSettings
 from llama_pipe.config.outputs import EvalSettings, ExportSettings, MergeAdapterSettings, ServeSettings
 from llama_pipe.config.train import LaunchSettings, TrainSettings
 from llama_pipe.config.weights import BaseSettings, ConvertSettings
@@ -25,6 +25,7 @@ class Config:
     clean: CleanSettings = opt(CleanSettings, "clean stage")
     filter_lang: FilterLangSettings = opt(FilterLangSettings, "filter-lang stage")
     split: SplitSettings = opt(SplitSettings, "split stage")
+    distill: DistillSettings = opt(DistillSettings, "distill stage: training replies in the base's own words (self-distillation, replay)")
     train: TrainSettings = opt(TrainSettings, "train stage")
     launch: LaunchSettings = opt(LaunchSettings, "how the workflow starts training (one process or accelerate launch)")
     merge_adapter: MergeAdapterSettings = opt(MergeAdapterSettings, "merge-adapter stage")
@@ -43,6 +44,7 @@ SECTIONS: dict[str, type] = {
     "clean": CleanSettings,
     "filter_lang": FilterLangSettings,
     "split": SplitSettings,
+    "distill": DistillSettings,
     "train": TrainSettings,
     "launch": LaunchSettings,
     "merge_adapter": MergeAdapterSettings,
