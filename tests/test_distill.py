@@ -138,6 +138,7 @@ def test_every_record_is_accounted_for(tmp_path: Path, tiny_hf_model_dir: Path, 
         ("I can help with that.", "I'm SmolLM and I can help with that.", "new_name"),
         ("Fine.", "", "empty"),
         ("Sure.", "Here is the reference answer: Sure.", "leak"),
+        ("Rest it well.", "The answer to your question is: rest it well.", "leak"),
         ("It is good.", "good good good good good good good good", "degenerate"),
     ],
 )
@@ -148,7 +149,8 @@ def test_a_rewrite_that_drops_a_fact_falls_back(tmp_path: Path, tiny_hf_model_di
     out = tmp_path / "out.jsonl"
     assert run(tiny_hf_model_dir, inp, out, "--mode", "rewrite") == 0
     (rec,) = read_jsonl(out)
-    assert rec["distill"] == f"original:{reason}" and rec["conversations"][1] == {"from": "gpt", "value": original}
+    assert rec["distill"] == f"original:{reason}"
+    assert rec["conversations"][1] == {"from": "gpt", "value": original, "refused": rewrite}  # kept for inspection
     assert stats_of(out)["turns"] == {f"original:{reason}": 1}
 
 
@@ -320,3 +322,17 @@ def test_bundled_replay_prompts_are_not_eval_questions() -> None:
     if mt_bench.is_file():
         asked |= {norm(t) for line in mt_bench.read_text().splitlines() if line.strip() for t in json.loads(line)["turns"]}
     assert not {norm(p) for p in prompts} & asked
+
+
+def test_replay_of_user_turns_skips_later_chunks_and_taught_replies(tmp_path: Path, tiny_hf_model_dir: Path,
+                                                                    stub: Callable[..., Stub]) -> None:
+    stub()
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "b", "prompt": "Name a colour."}])
+    rows = [{"id": "c_0", "conversations": turns("How do tides work?", "The Moon pulls the sea.")},
+            {"id": "c_1", "conversations": turns("Why is that?", "Gravity.")},
+            {"id": "who_0", "conversations": turns("Who are you?", IDENTITY)},
+            {"id": "zh_0", "lang": "zh-cn", "conversations": turns("你好", "你好！")}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    assert run(tiny_hf_model_dir, inp, out, "--mode", "replay", "--replay_prompts", str(prompts), "--replay_ratio", "2") == 0
+    assert sorted(r["replay_source"] for r in read_jsonl(out)[4:]) == ["prompts:b", "user:c_0"]

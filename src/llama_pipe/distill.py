@@ -17,7 +17,8 @@ ACL 2024). This stage sits between ``gather`` and ``train`` and does two things 
 Every input record is accounted for (:class:`~llama_pipe.stage_writer.StageWriter`): it is written
 with a ``distill`` field (``rewritten``, ``partial`` - some turns rewritten -, ``original:<reason>``)
 and, per assistant turn, ``distill_turns``; a rewritten turn keeps its original reply under
-``original``; a malformed record is rejected. Replay conversations are extra lines
+``original``, a turn whose rewrite was refused keeps that rewrite under ``refused`` (training reads
+only ``value``); a malformed record is rejected. Replay conversations are extra lines
 (``distill: replay``). The stats file counts every turn's and record's outcome, the replays, the
 tokens generated and the seconds.
 
@@ -67,8 +68,9 @@ REWRITE_INSTRUCTION = (
     "Answer my message in your own words, keeping every name, number and code of the reference answer."
 )
 
-#: Phrases of the instruction a rewrite must not repeat (unless the original has them).
-LEAK_PHRASES = ("reference answer", "in your own words", "in my own words")
+#: Phrases of a rewrite that talks about the task instead of answering (refused unless the original has them).
+LEAK_PHRASES = ("reference", "own words", "rewrit", "original answer", "this answer", "the answer to your question",
+                "here is the answer", "here's the answer")
 
 
 def bundled_prompts() -> Path:
@@ -321,6 +323,9 @@ def _lang_ok(record: Record, languages: list[str]) -> bool:
     return any(lang == want or lang.startswith(want + "-") for want in languages)
 
 
+_LATER_CHUNK = re.compile(r"_[1-9][0-9]*$")
+
+
 def _pick_score(seed: int, *parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(json.dumps([seed, *parts]).encode(), digest_size=8).digest(), "big")
 
@@ -404,6 +409,8 @@ def plan_replays(plan: Plan, chat: ChatModel, settings: DistillSettings, prompts
             conv = record["conversations"]
             if len(conv) < 2 or conv[0]["from"] != "human" or not _lang_ok(record, settings.languages):
                 continue
+            if _LATER_CHUNK.search(record["id"]):
+                continue  # split's chunk k >= 1: its first turn follows an earlier one ("Why is that?")
             if any(t in _fold(conv[1]["value"]) for t in terms):
                 continue  # the user's reply teaches this one (e.g. the new name): not the base's answer
             text = conv[0]["value"].strip()
@@ -439,7 +446,7 @@ def read_progress(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
 def generate(chat: ChatModel, jobs: Sequence[Job], batch_size: int, progress: Path,
              on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Fill every job's ``result``: from the progress file when its key is there, else generated
-    (greedy) in batches of similar prompt length, each batch appended to the progress file."""
+    (greedy) in batches of like token limit and prompt length, each batch appended to the progress file."""
     done, bad = read_progress(progress)
     counts = Counter(resumed=0, generated=0, prompt_tokens=0, completion_tokens=0, unreadable_progress_lines=bad)
     todo = []
@@ -453,8 +460,8 @@ def generate(chat: ChatModel, jobs: Sequence[Job], batch_size: int, progress: Pa
         else:
             todo.append(job)
     counts["stale_progress_lines"] = len(set(done) - {j.key for j in jobs})
-    lengths = {job.key: len(job.prompt) for job in todo}
-    todo.sort(key=lambda j: lengths[j.key])
+    # Rows of one batch run until the longest is done: batch replies of like token limits, then prompts of like length.
+    todo.sort(key=lambda j: (j.max_new_tokens, len(j.prompt)))
     progress.parent.mkdir(parents=True, exist_ok=True)
     with open(progress, "a", encoding="utf-8") as fh:
         for start in range(0, len(todo), batch_size):
@@ -557,6 +564,8 @@ def write_outputs(w: StageWriter, plan: Plan, rejects: list[tuple[Any, str, str]
                 new = turn.job.result.text.strip()
                 identical += new == conv[turn.index]["value"].strip()
                 conv[turn.index] = {**conv[turn.index], "value": new, "original": conv[turn.index]["value"]}
+            elif turn.job is not None and turn.job.result is not None and turn.job.result.error is None:
+                conv[turn.index] = {**conv[turn.index], "refused": turn.job.result.text}  # for inspection; training reads "value"
             outcomes.append(turn.outcome)
         turn_counts.update(outcomes)
         outcome = _record_outcome(outcomes)
