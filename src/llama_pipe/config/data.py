@@ -114,7 +114,7 @@ class DistillSettings:
         "template, the tiny test model, a large base on CPU)"
     )
     max_rewrites: int = opt(
-        96, "assistant turns rewritten at most (0 = every eligible turn); which ones is a seeded choice that does not "
+        64, "assistant turns rewritten at most (0 = every eligible turn); which ones is a seeded choice that does not "
         "depend on the other records. The rest keep their original reply (original:budget). Cost: about one "
         "generated reply each", minimum=0,
     )
