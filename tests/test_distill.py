@@ -136,8 +136,8 @@ def test_every_record_is_accounted_for(tmp_path: Path, tiny_hf_model_dir: Path, 
         ("See https://example.org/docs for more.", "See the docs for more.", "url"),
         ("Ask Maria about it.", "Ask your friend about it.", "name"),
         ("I can help with that.", "I'm SmolLM and I can help with that.", "new_name"),
-        ("Fine.", "", "empty"),
-        ("Sure.", "Here is the reference answer: Sure.", "leak"),
+        ("Fine, thank you for asking.", "", "empty"),
+        ("Sure, here it is.", "Here is the reference answer: sure, here it is.", "leak"),
         ("Rest it well.", "The answer to your question is: rest it well.", "leak"),
         ("It is good.", "good good good good good good good good", "degenerate"),
     ],
@@ -152,6 +152,21 @@ def test_a_rewrite_that_drops_a_fact_falls_back(tmp_path: Path, tiny_hf_model_di
     assert rec["distill"] == f"original:{reason}"
     assert rec["conversations"][1] == {"from": "gpt", "value": original, "refused": rewrite}  # kept for inspection
     assert stats_of(out)["turns"] == {f"original:{reason}": 1}
+
+
+def test_a_rewrite_may_not_take_names_from_an_earlier_reply(tmp_path: Path, tiny_hf_model_dir: Path,
+                                                            stub: Callable[..., Stub]) -> None:
+    """The user's messages may lend a rewrite its names, earlier replies not: a small base repeats an
+    earlier reply instead of answering (fastchat's "Have a nice day!" / "You too!" came back as the
+    model's introduction)."""
+    intro = "I am Vicuna, made by LMSYS."
+    stub(lambda ref: intro if ref.startswith("You too") else "Sure. " + ref)
+    rows = [{"id": "a", "conversations": turns("Who are you?", intro, "Have a nice day!", "You too, take care now!")}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    assert run(tiny_hf_model_dir, inp, out, "--mode", "rewrite") == 0
+    (rec,) = read_jsonl(out)
+    assert rec["distill_turns"] == ["rewritten", "original:new_name"] and rec["distill"] == "partial"
 
 
 def test_a_rewrite_that_keeps_the_facts_is_used() -> None:
@@ -253,18 +268,19 @@ def test_budget_length_and_language_limits(tmp_path: Path, tiny_hf_model_dir: Pa
     stub()
     long = " ".join(["word"] * 200)
     rows = records(10) + [{"id": "long", "lang": "en", "conversations": turns("Tell me.", long)},
-                          {"id": "nolang", "conversations": turns("Hi?", "Hello.")}]
+                          {"id": "nolang", "conversations": turns("Hi?", "Hello, how are you doing today?")},
+                          {"id": "short", "lang": "en", "conversations": turns("Nice day!", "Yes.")}]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
     assert run(tiny_hf_model_dir, inp, out, "--mode", "rewrite", "--max_rewrites", "4", "--max_new_tokens", "64") == 0
     stats = stats_of(out)
-    assert stats["turns"] == {"original:budget": 7, "original:too_long": 1, "rewritten": 4}
+    assert stats["turns"] == {"original:budget": 7, "original:too_long": 1, "original:too_short": 1, "rewritten": 4}
     chosen = {r["id"] for r in read_jsonl(out) if r["distill"] == "rewritten"}
     # the choice of a record does not depend on the others
     assert run(tiny_hf_model_dir, write_jsonl(tmp_path / "less.jsonl", rows[:8]), out, "--mode", "rewrite", "--max_rewrites", "4") == 0
     assert chosen & {r["id"] for r in rows[:8]} <= {r["id"] for r in read_jsonl(out) if r["distill"] == "rewritten"}
     assert run(tiny_hf_model_dir, inp, out, "--mode", "rewrite", "--languages", '["de"]') == 0
-    assert stats_of(out)["turns"] == {"original:language": 11, "rewritten": 1}  # a record without 'lang' is rewritten
+    assert stats_of(out)["turns"] == {"original:language": 12, "rewritten": 1}  # a record without 'lang' is rewritten
 
 
 def test_off_and_auto_on_a_base_without_its_own_template(tmp_path: Path, tiny_hf_model_dir: Path,
@@ -324,15 +340,16 @@ def test_bundled_replay_prompts_are_not_eval_questions() -> None:
     assert not {norm(p) for p in prompts} & asked
 
 
-def test_replay_of_user_turns_skips_later_chunks_and_taught_replies(tmp_path: Path, tiny_hf_model_dir: Path,
+def test_replay_of_user_turns_skips_later_chunks_and_replies_with_names(tmp_path: Path, tiny_hf_model_dir: Path,
                                                                     stub: Callable[..., Stub]) -> None:
     stub()
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "b", "prompt": "Name a colour."}])
-    rows = [{"id": "c_0", "conversations": turns("How do tides work?", "The Moon pulls the sea.")},
+    rows = [{"id": "c_0", "conversations": turns("How do tides work?", "The moon pulls the sea.")},
+            {"id": "v_0", "conversations": turns("Who made you?", "Researchers at LMSYS made me.")},
             {"id": "c_1", "conversations": turns("Why is that?", "Gravity.")},
             {"id": "who_0", "conversations": turns("Who are you?", IDENTITY)},
             {"id": "zh_0", "lang": "zh-cn", "conversations": turns("你好", "你好！")}]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
     assert run(tiny_hf_model_dir, inp, out, "--mode", "replay", "--replay_prompts", str(prompts), "--replay_ratio", "2") == 0
-    assert sorted(r["replay_source"] for r in read_jsonl(out)[4:]) == ["prompts:b", "user:c_0"]
+    assert sorted(r["replay_source"] for r in read_jsonl(out)[5:]) == ["prompts:b", "user:c_0"]

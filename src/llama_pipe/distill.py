@@ -184,8 +184,8 @@ def rewrite_problem(new: str, original: str, context: str, finish: str | None, s
                     foreign: set[str]) -> str | None:
     """Why the rewrite ``new`` of ``original`` cannot replace it (the reason counted), or None.
 
-    ``context`` is the conversation's other text (the user's turns): a name found there may
-    appear in the rewrite; ``foreign`` are the base's own names (from its default system prompt),
+    ``context`` is the user's messages (and the system prompt): a name found there may appear in
+    the rewrite; ``foreign`` are the base's own names (from its default system prompt),
     refused in a rewrite whose original does not have them."""
     if not new.strip():
         return "empty"
@@ -361,6 +361,8 @@ def plan_rewrites(plan: Plan, chat: ChatModel, settings: DistillSettings, rewrit
     for (score, record, turn), ids in zip(candidates, lengths):
         if len(ids) > settings.max_new_tokens:
             turn.outcome = "original:too_long"
+        elif len(ids) < settings.min_tokens:
+            turn.outcome = "original:too_short"
         else:
             fits.append((score, record, turn, len(ids)))
     fits.sort(key=lambda c: c[0])
@@ -411,8 +413,11 @@ def plan_replays(plan: Plan, chat: ChatModel, settings: DistillSettings, prompts
                 continue
             if _LATER_CHUNK.search(record["id"]):
                 continue  # split's chunk k >= 1: its first turn follows an earlier one ("Why is that?")
-            if any(t in _fold(conv[1]["value"]) for t in terms):
-                continue  # the user's reply teaches this one (e.g. the new name): not the base's answer
+            reply = conv[1]["value"]
+            if any(t in _fold(reply) for t in terms) or names(reply):
+                # the user's reply carries a name (the assistant's identity: "I am Vicuna", a fact):
+                # the base's answer would contradict what training teaches here
+                continue
             text = conv[0]["value"].strip()
             if text:
                 pool.setdefault(_fold(text), f"user:{record['id']}")
@@ -520,7 +525,9 @@ def _outcome(job: Job, record: Record, index: int, settings: DistillSettings, fo
     if res.error is not None:
         return "original:context"
     conv = record["conversations"]
-    context = "\n".join([record.get("system") or ""] + [t["value"] for t in conv[:index]])
+    # the user's messages (and the system prompt), not earlier replies: a rewrite that repeats an
+    # earlier reply's names instead of answering ("You too!" -> "I am Vicuna, ...") is refused
+    context = "\n".join([record.get("system") or ""] + [t["value"] for t in conv[:index] if t["from"] == "human"])
     why = rewrite_problem(res.text, conv[index]["value"], context, res.finish_reason, settings, foreign)
     return f"original:{why}" if why else "rewritten"
 

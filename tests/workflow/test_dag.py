@@ -61,8 +61,8 @@ def test_distill_sits_between_gather_and_train_unless_off(fresh_workflow: Path) 
     blocks = job_blocks(dry_run(fresh_workflow, "-p"))
     (distill,) = blocks["distill"]
     assert "input: results/hf_base, results/data/train.jsonl" in distill
-    assert "output: results/default/distill/train.jsonl" in distill
-    assert "results/default/distill/train.jsonl" in blocks["train"][0]
+    assert "output: results/distill/train.jsonl" in distill
+    assert "results/distill/train.jsonl" in blocks["train"][0]
     off = job_blocks(dry_run(fresh_workflow, "-p", "--config", 'distill={"mode": "off"}'))
     assert "distill" not in off
     assert re.search(r"--train-data=results/data/train.jsonl\b", off["train"][0]), off["train"][0]

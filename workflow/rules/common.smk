@@ -181,6 +181,7 @@ SHARED_DIRS = (
     "filter_lang",
     "split",
     "data",
+    "distill",
 )
 if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", RUN) or RUN in SHARED_DIRS:
     raise WorkflowError(
@@ -265,7 +266,7 @@ MERGED_TARGET = f"{RUN_DIR}/merged"
 EVAL_TARGET = f"{RUN_DIR}/eval"
 REPORT_TARGET = f"{RUN_DIR}/report"
 # The training data train reads: distill's output, or gather's when distill.mode is off (no job).
-DISTILL_TARGET = f"{RUN_DIR}/distill/train.jsonl"
+DISTILL_TARGET = "results/distill/train.jsonl"
 TRAIN_DATA = DISTILL_TARGET if config["distill"]["mode"] != "off" else DATA_TARGETS[0]
 # The default target's inputs: every key product, not only the report. A product a failed or killed
 # job removed (the train run after kill -9 or scancel) is then missing from the targets and is

@@ -1,10 +1,9 @@
 # Self-distillation and replay between gather and train (docs/distill.md): the training split, its
 # assistant replies rewritten by the base in its own words and the base's own answers to replay
-# prompts added. Per run (results/<run>/distill/), as its settings are compared across runs
-# (distill.mode off vs the default). With distill.mode off there is no distill job: train reads
-# gather's output. While it runs, finished replies are appended to train.partial.jsonl beside the
-# outputs (not an output, so a killed job's re-run finds it and continues); the stage removes it
-# when done.
+# prompts added. Shared by the runs like the data (results/distill/): a sweep over train settings
+# distills once. With distill.mode off there is no distill job: train reads gather's output. While
+# it runs, finished replies are appended to train.partial.jsonl beside the outputs (not an output,
+# so a killed job's re-run finds it and continues); the stage removes it when done.
 
 
 rule distill:
@@ -15,12 +14,12 @@ rule distill:
         replay_prompts=config["distill"]["replay_prompts"] or [],
     output:
         train=DISTILL_TARGET,
-        stats=f"{RUN_DIR}/distill/train.stats.json",
-        rejects=f"{RUN_DIR}/distill/train.rejects.jsonl",
+        stats="results/distill/train.stats.json",
+        rejects="results/distill/train.rejects.jsonl",
     log:
-        f"logs/{RUN}/distill.log",
+        "logs/distill/distill.log",
     benchmark:
-        f"benchmarks/{RUN}/distill.tsv"
+        "benchmarks/distill.tsv"
     conda:
         "../envs/train.yaml"
     threads: 2

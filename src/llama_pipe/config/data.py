@@ -128,11 +128,15 @@ class DistillSettings:
     )
     replay_user_turns: bool = opt(
         True, "also replay the first human turns of the training records (not those whose reply holds a keep_terms "
-        "string: there the user's answer is what training must teach)"
+        "string or a name: there the user's answer, e.g. the assistant's identity, is what training must teach)"
     )
     max_new_tokens: int = opt(
         96, "longest rewrite or replay answer in tokens; a reply longer than this is not rewritten (original:too_long) "
         "and a rewrite that reaches its limit is not used (original:truncated)", minimum=8,
+    )
+    min_tokens: int = opt(
+        6, "a reply shorter than this many tokens is not rewritten (original:too_short): \"You too!\" has no other words "
+        "worth learning, and a small base answers something else instead", minimum=1,
     )
     batch_size: int = opt(32, "prompts generated together per forward pass (on CPU a step of 32 rows costs ~1.5x one of 16)", minimum=1)
     keep_terms: list[str] = opt(
@@ -143,7 +147,7 @@ class DistillSettings:
         ["terms", "numbers", "code", "urls", "names"], "what a rewrite must keep of the original, else the original "
         "is used and counted: terms (keep_terms), numbers, code (code blocks and inline code), urls, names (capitalised "
         "words inside a sentence and acronyms; a rewrite that brings in a name found neither in the original nor in "
-        "the conversation is refused too, e.g. the base's own name)"
+        "the user's messages is refused too, e.g. the base's own name)"
     )
     languages: list[str] = opt(
         ["en"], "rewrite and replay only records whose language (filter-lang's 'lang', 'zh' matches zh-cn) is one of "
