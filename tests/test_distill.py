@@ -340,16 +340,17 @@ def test_bundled_replay_prompts_are_not_eval_questions() -> None:
     assert not {norm(p) for p in prompts} & asked
 
 
-def test_replay_of_user_turns_skips_later_chunks_and_replies_with_names(tmp_path: Path, tiny_hf_model_dir: Path,
+def test_replay_of_user_turns_skips_questions_to_the_assistant_later_chunks_and_replies_with_names(tmp_path: Path, tiny_hf_model_dir: Path,
                                                                     stub: Callable[..., Stub]) -> None:
     stub()
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "b", "prompt": "Name a colour."}])
     rows = [{"id": "c_0", "conversations": turns("How do tides work?", "The moon pulls the sea.")},
-            {"id": "v_0", "conversations": turns("Who made you?", "Researchers at LMSYS made me.")},
+            {"id": "v_0", "conversations": turns("Who made this?", "Researchers at LMSYS made it.")},
+            {"id": "g_0", "conversations": turns("Who built you?", "I was built by git-cloner.")},
             {"id": "c_1", "conversations": turns("Why is that?", "Gravity.")},
             {"id": "who_0", "conversations": turns("Who are you?", IDENTITY)},
             {"id": "zh_0", "lang": "zh-cn", "conversations": turns("你好", "你好！")}]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
     assert run(tiny_hf_model_dir, inp, out, "--mode", "replay", "--replay_prompts", str(prompts), "--replay_ratio", "2") == 0
-    assert sorted(r["replay_source"] for r in read_jsonl(out)[5:]) == ["prompts:b", "user:c_0"]
+    assert sorted(r["replay_source"] for r in read_jsonl(out)[6:]) == ["prompts:b", "user:c_0"]

@@ -145,13 +145,14 @@ def names(text: str, new_only: bool = False) -> set[str]:
             if not new_only:
                 found.add(word)
             continue
-        if camel or (word[0].isupper() and not _starts_sentence(prose[: m.start()])):
+        if camel or (word[0].isupper() and not _starts_sentence(prose[max(0, m.start() - 64) : m.start()])):
             found.add(word)
     return found
 
 
 def _starts_sentence(before: str) -> bool:
-    """Whether a word after ``before`` begins a sentence, a line, a list item or a table cell."""
+    """Whether a word after ``before`` (the text's last few dozen characters before it) begins a
+    sentence, a line, a list item or a table cell."""
     tail = before.rstrip(_OPENERS)
     return not tail or tail[-1] in ".!?:;|\n"
 
@@ -324,6 +325,8 @@ def _lang_ok(record: Record, languages: list[str]) -> bool:
 
 
 _LATER_CHUNK = re.compile(r"_[1-9][0-9]*$")
+#: A message addressed to the assistant itself (its identity, its abilities): not replayed from the user's data.
+_TO_ASSISTANT = re.compile(r"\b(?:you|your|yours|yourself|u|ur)\b", re.IGNORECASE)
 
 
 def _pick_score(seed: int, *parts: object) -> int:
@@ -414,9 +417,9 @@ def plan_replays(plan: Plan, chat: ChatModel, settings: DistillSettings, prompts
             if _LATER_CHUNK.search(record["id"]):
                 continue  # split's chunk k >= 1: its first turn follows an earlier one ("Why is that?")
             reply = conv[1]["value"]
-            if any(t in _fold(reply) for t in terms) or names(reply):
-                # the user's reply carries a name (the assistant's identity: "I am Vicuna", a fact):
-                # the base's answer would contradict what training teaches here
+            if _TO_ASSISTANT.search(conv[0]["value"]) or any(t in _fold(reply) for t in terms) or names(reply):
+                # a question to the assistant ("Who built you?") or a reply that carries a name (the
+                # assistant's identity, a fact): the base's answer would contradict what training teaches
                 continue
             text = conv[0]["value"].strip()
             if text:

@@ -127,8 +127,9 @@ class DistillSettings:
         "(facts, how-to, arithmetic, definitions, short writing), inside the installed package"
     )
     replay_user_turns: bool = opt(
-        True, "also replay the first human turns of the training records (not those whose reply holds a keep_terms "
-        "string or a name: there the user's answer, e.g. the assistant's identity, is what training must teach)"
+        True, "also replay the first human turns of the training records, except questions to the assistant itself "
+        "('you', 'your': 'Who built you?') and those whose reply holds a keep_terms string or a name: there the "
+        "user's answer, e.g. the assistant's identity, is what training must teach"
     )
     max_new_tokens: int = opt(
         96, "longest rewrite or replay answer in tokens; a reply longer than this is not rewritten (original:too_long) "
