@@ -172,11 +172,14 @@ def fits(record: TrainedOn, lineage: Lineage, fingerprint: str | None) -> bool:
 # ----------------------------------------------------------------------------- checks before a merge
 
 ADAPTER_FILE = "adapter_model.safetensors"
-HOW_TO_CHAIN = (
-    "train each adapter on the merged model of the ones before it (llama-pipe merge-adapter --base BASE --adapter A -o "
-    "MERGED_A, then llama-pipe train --base MERGED_A; in the workflow: train.base_run), or combine adapters trained on the "
-    "same base explicitly (merge-adapter --combine cat --weights W1,W2; docs/serving.md)"
-)
+HOW_TO_COMBINE = "combine adapters trained independently on the same base explicitly (merge-adapter --combine cat --weights W1,W2; docs/serving.md)"
+
+
+def _how_to_chain(start: str | Path, before: Sequence[str | Path]) -> str:
+    """The commands that train the next adapter on the merged model of ``start`` + ``before``."""
+    flags = " ".join(f"--adapter {a}" for a in before)
+    return (f"train it on the merged model of the ones before it (llama-pipe merge-adapter --base {start} {flags} -o MERGED, "
+            "then llama-pipe train --base MERGED; in the workflow: train.base_run)")
 
 
 def adapter_identity(adapter: str | Path) -> Adapter:
@@ -185,15 +188,15 @@ def adapter_identity(adapter: str | Path) -> Adapter:
     return Adapter(file_digest(Path(adapter) / ADAPTER_FILE), str(adapter))
 
 
-def _warn_unrecorded(adapter: Path, onto: Lineage, first: bool) -> None:
-    if first:
+def _warn_unrecorded(adapter: Path, onto: Lineage, start: str | Path, before: Sequence[str | Path]) -> None:
+    if not before:
         log.warning("%s: no record of the model it was trained on (a run from before llama-pipe recorded it, or another tool's "
                     "adapter): it is merged into %s unchecked; if it was trained on other weights, the merged model is broken",
                     adapter, onto.describe())
     else:
         log.warning("%s: no record of the model it was trained on: it is merged on top of %s unchecked, which is right only if "
                     "it was trained on that merged model; an adapter trained on the base alone gives a broken model here. To "
-                    "be sure, %s", adapter, onto.describe(), HOW_TO_CHAIN)
+                    "be sure, %s; or %s", adapter, onto.describe(), _how_to_chain(start, before), HOW_TO_COMBINE)
 
 
 def chain_lineage(start: str | Path, adapters: Sequence[str | Path]) -> Lineage:
@@ -203,17 +206,20 @@ def chain_lineage(start: str | Path, adapters: Sequence[str | Path]) -> Lineage:
     record is merged with a warning."""
     fingerprint: str | None
     fingerprint, lineage = model_lineage(start)
+    first = lineage
     for i, a in enumerate(map(Path, adapters)):
         rec = trained_on(a)
         if rec is None:
-            _warn_unrecorded(a, lineage, first=i == 0)
+            _warn_unrecorded(a, lineage, start, adapters[:i])
         elif not fits(rec, lineage, fingerprint):
             if i == 0:
                 how = f"merge it into the model it was trained on (--base {rec.path}), or train it on {start}"
+            elif rec.lineage.key() == first.key():  # trained on the base alone, like seed 002's second adapter
+                how = f"{_how_to_chain(start, adapters[:i])}; or {HOW_TO_COMBINE}"
             else:
-                how = HOW_TO_CHAIN
+                how = f"{_how_to_chain(start, adapters[:i])}; or merge it into the model it was trained on (--base {rec.path})"
             raise InputError(f"{a} was trained on {rec.lineage.describe()}, not on {lineage.describe()}, which it would be merged "
-                             f"into here: an adapter only fits the weights it was trained on. To chain adapters, {how}")
+                             f"into here: an adapter only fits the weights it was trained on. To chain it, {how}")
         lineage = lineage.then(Step((adapter_identity(a),)))
         fingerprint = None  # the weights after a merge exist only in memory
     return lineage
@@ -227,7 +233,7 @@ def combination_lineage(start: str | Path, adapters: Sequence[str | Path], metho
     for a in map(Path, adapters):
         rec = trained_on(a)
         if rec is None:
-            _warn_unrecorded(a, lineage, first=True)
+            _warn_unrecorded(a, lineage, start, ())
         elif not fits(rec, lineage, fingerprint):
             raise InputError(f"{a} was trained on {rec.lineage.describe()}, not on {lineage.describe()}: a combination adds "
                              f"adapters trained on the same base (--base {start}); give --base {rec.path}, or leave this adapter out")
