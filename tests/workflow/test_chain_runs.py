@@ -42,6 +42,9 @@ def test_a_chained_run_trains_and_merges_on_the_earlier_runs_merged_model(first_
     assert argv["train"][argv["train"].index("--base_run") + 1] == "default"
     assert (workdir / "results/cn/merged").is_dir()
     assert job_counts(snakemake(workdir, "-n", "--profile", "profiles/default", *CHAINED).stdout) == {}
+    # the same run on the base instead: its own stages again
+    unchained = snakemake(workdir, "-n", "--profile", "profiles/default", "--config", 'train={"run": "cn"}').stdout
+    assert job_counts(unchained) == RUN_ONLY
 
     # Run 'default' done again with other settings: its merged model changes, so the next call of
     # the chained run retrains it on the new one (the input is newer than its outputs).
