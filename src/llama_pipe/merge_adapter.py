@@ -1,16 +1,23 @@
-"""``llama-pipe merge-adapter``: fold one or more adapters, in order, into a float copy of the base.
+"""``llama-pipe merge-adapter``: fold one or more adapters, in order (or one weighted combination
+of them), into a float copy of the base.
 
 The base is always loaded in float32 - also when an adapter was trained over a 4-bit (QLoRA) or
 8-bit base: the adapter file format is the same, and merging into quantised weights would add
 rounding error to every merged matrix. Each adapter is applied to the result of the previous one
 (``W <- W + scale * B @ A``), so ``--adapter A --adapter B`` equals running the base with A and
-then B stacked. When an adapter directory carries a tokenizer with more tokens than the current
-embedding matrix, the embeddings are resized first and that tokenizer is the one written out.
+then B stacked; that is sound only when B was trained on A's merged model, so each adapter's
+recorded ``trained_on`` is checked first (:func:`llama_pipe.lineage.chain_lineage`: exit 2 when
+it was trained on other weights, a warning when it has no record). ``--combine cat|svd
+--weights ...`` instead merges one weighted combination of adapters each trained on the base
+(peft's ``add_weighted_adapter``; :func:`llama_pipe.model_dir.combine_adapters`). When an
+adapter directory carries a tokenizer with more tokens than the current embedding matrix, the
+embeddings are resized first and that tokenizer is the one written out.
 
 Output (a plain Hugging Face directory, built in ``OUT.tmp-*`` and renamed when complete):
 sharded ``model-*.safetensors`` (``max_shard_size``), ``config.json``, ``generation_config.json``
 (the template's end-of-turn ids as EOS), the tokenizer with the chat template as Jinja, and
-``llama_pipe.json`` (template name, base, adapters and their sha256). ``--format meta`` also
+``llama_pipe.json`` (template name, base, adapters and their sha256, the lineage - base
+fingerprint plus every adapter or combination merged into it - and the written weights' fingerprint). ``--format meta`` also
 writes ``consolidated.00.pth`` + ``params.json`` (+ ``tokenizer.model``) in Meta's layout.
 Adapters are read from ``adapter_model.safetensors`` only; a pickled ``adapter_model.bin`` is
 refused.
@@ -55,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, metavar="HF_DIR", help="float Hugging Face base model directory")
     parser.add_argument(
         "--adapter", action="append", required=True, metavar="DIR",
-        help="peft adapter directory (adapter_config.json + adapter_model.safetensors); repeat to chain, applied in order",
+        help="peft adapter directory (adapter_config.json + adapter_model.safetensors); repeat to chain, applied in order "
+        "(each must have been trained on the merged model of the ones before it), or to combine with --combine",
     )
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="merged model directory (replaced atomically)")
     add_settings_arguments(parser, MergeAdapterSettings, "merge_adapter")
