@@ -46,6 +46,10 @@ class Adapter:
     sha256: str
     path: str
 
+    def describe(self) -> str:
+        """``results/A/train [f84ef56acf6f]`` (path and the start of its sha256)."""
+        return f"{self.path} [{short(self.sha256)}]"
+
     def to_json(self) -> dict[str, Any]:
         return {"adapter": self.path, "sha256": self.sha256}
 
@@ -65,8 +69,8 @@ class Step:
 
     def describe(self) -> str:
         if self.combine is None:
-            return self.adapters[0].path
-        parts = ", ".join(f"{w:g} x {a.path}" for w, a in zip(self.weights, self.adapters, strict=True))
+            return self.adapters[0].describe()
+        parts = ", ".join(f"{w:g} x {a.describe()}" for w, a in zip(self.weights, self.adapters, strict=True))
         return f"{self.combine}({parts})"
 
     def to_json(self) -> dict[str, Any]:
@@ -102,7 +106,7 @@ class Lineage:
         return Lineage(self.root, self.root_path, (*self.steps, step))
 
     def describe(self) -> str:
-        """``results/hf_base [weights 1a2b3c4d5e6f] + results/A/train + ...``"""
+        """``results/hf_base [weights 1a2b3c4d5e6f] + results/A/train [f84ef56acf6f] + ...``"""
         return " + ".join([f"{self.root_path} [weights {short(self.root)}]", *(s.describe() for s in self.steps)])
 
     def to_json(self) -> dict[str, Any]:
@@ -212,7 +216,9 @@ def chain_lineage(start: str | Path, adapters: Sequence[str | Path]) -> Lineage:
         if rec is None:
             _warn_unrecorded(a, lineage, start, adapters[:i])
         elif not fits(rec, lineage, fingerprint):
-            if i == 0:
+            if i == 0 and Path(rec.path).resolve() == Path(start).resolve():
+                how = f"train it again on {start}: that model changed since this adapter was trained on it"
+            elif i == 0:
                 how = f"merge it into the model it was trained on (--base {rec.path}), or train it on {start}"
             elif rec.lineage.key() == first.key():  # trained on the base alone, like seed 002's second adapter
                 how = f"{_how_to_chain(start, adapters[:i])}; or {HOW_TO_COMBINE}"

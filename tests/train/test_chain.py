@@ -95,7 +95,7 @@ def test_an_adapter_trained_on_the_base_is_refused_after_another(runs: dict[str,
     assert main(["merge-adapter", "--base", base, "--adapter", a, "--adapter", c, "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert f"{c} was trained on {base} [weights " in err and f"+ {a}, which it would be merged into here" in err
+    assert f"{c} was trained on {base} [weights " in err and f"+ {a} [" in err and "], which it would be merged into here" in err
     assert f"llama-pipe merge-adapter --base {base} --adapter {a} -o MERGED, then llama-pipe train --base MERGED" in err
     assert "train.base_run" in err and "--combine cat" in err
     # the same adapter straight onto A's merged model
@@ -124,3 +124,18 @@ def test_independent_adapters_combine_only_explicitly(runs: dict[str, Path], tmp
     assert main(["merge-adapter", "--base", base, "--adapter", a, "--adapter", b, "--combine", "cat", "--weights", "1,1",
                  "-o", str(tmp_path / "x")]) == 2
     assert f"{b} was trained on" in capsys.readouterr().err
+
+
+def test_a_base_that_changed_since_training_is_named(runs: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """B's base was rebuilt at the same path with other weights (here: base + C): train B again."""
+    import shutil
+
+    rebuilt = tmp_path / "merged_a"
+    assert main(["merge-adapter", "--base", str(runs["base"]), "--adapter", str(runs["c"]), "-o", str(rebuilt)]) == 0
+    b = tmp_path / "b"
+    shutil.copytree(runs["b"], b)
+    cfg = json.loads((b / "train_config.json").read_text())
+    cfg["trained_on"]["path"] = str(rebuilt)
+    (b / "train_config.json").write_text(json.dumps(cfg))
+    assert main(["merge-adapter", "--base", str(rebuilt), "--adapter", str(b), "-o", str(tmp_path / "x")]) == 2
+    assert f"train it again on {rebuilt}: that model changed since this adapter was trained on it" in capsys.readouterr().err
