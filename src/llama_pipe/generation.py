@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.errors import InputError
+from llama_pipe.lineage import chain_lineage
 from llama_pipe.model_dir import apply_adapters, check_adapter_dir, check_model_dir, load_float_base, pick_template, recorded_system_prompt
 from llama_pipe.templates import ChatTemplate, Message, end_of_turn_ids, get_template
 from llama_pipe.weights.tokenizer import load_tokenizer
@@ -302,6 +303,8 @@ def load_chat_model(
     model_dir = check_model_dir(model_dir)
     for a in adapters:
         check_adapter_dir(a)
+    if adapters:  # each adapter must have been trained on the model plus the ones before it
+        chain_lineage(model_dir, list(adapters))
     dev = pick_device(device)
     tokenizer = load_tokenizer(model_dir)
     model = load_float_base(model_dir)

@@ -210,7 +210,8 @@ def _parse_value(text: str, tp: Any) -> Any:
         stripped = text.strip()
         if stripped.startswith("["):
             return json.loads(stripped)
-        return [s.strip() for s in stripped.split(",") if s.strip()] if stripped else []
+        (item,) = get_args(inner)  # each comma-separated item read as its type (1.5 is a number in a list[float])
+        return [_parse_value(s.strip(), item) for s in stripped.split(",") if s.strip()] if stripped else []
     if inner is bool:
         if text.lower() in ("true", "1", "yes", "on"):
             return True

@@ -70,7 +70,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("gather", "llama_pipe.data.gather", "gather shards into train/validation JSONL",
           section="data", unit="records"),
     Stage("train", "llama_pipe.train.loop", "LoRA / QLoRA / 8-bit / full fine-tuning", section="train"),
-    Stage("merge-adapter", "llama_pipe.merge_adapter", "merge adapters (in order) into a float copy of the base",
+    Stage("merge-adapter", "llama_pipe.merge_adapter", "merge adapters (in order, or one weighted combination) into a float copy of the base",
           section="merge_adapter"),
     Stage("export", "llama_pipe.weights.gguf_export",
           "merged HF model -> one GGUF file for llama.cpp (f16, q8_0, f32)", section="export"),

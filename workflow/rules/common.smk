@@ -187,6 +187,15 @@ if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", RUN) or RUN in SHARED_DIRS:
         f"one of the shared result directories ({', '.join(SHARED_DIRS)})"
     )
 BASE_IS_TINY = config["base"]["source"] == "tiny"
+# train.base_run: this run trains on (and merges into) that earlier run's merged model.
+BASE_RUN = config["train"]["base_run"]
+if BASE_RUN is not None and (
+    not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", BASE_RUN) or BASE_RUN in SHARED_DIRS
+):
+    raise WorkflowError(
+        f"config: train.base_run {BASE_RUN!r} must name an earlier run (results/<run>/), not one of "
+        f"the shared result directories ({', '.join(SHARED_DIRS)})"
+    )
 
 
 def gpus(section):
@@ -259,6 +268,23 @@ def stage_outputs(stage):
 DATA_TARGETS = ["results/data/train.jsonl", "results/data/val.jsonl"]
 BASE_TARGET = "results/hf_base"
 RUN_DIR = f"results/{RUN}"
+# What this run trains on, merges into and evaluates against: the converted base, or with
+# train.base_run the merged model of that run (a chain: docs/workflow.md).
+RUN_BASE = f"results/{BASE_RUN}/merged" if BASE_RUN else BASE_TARGET
+
+
+def run_base(wildcards):
+    """RUN_BASE as an input. Another run's merged model is made by that run's own snakemake call
+    (its settings are its config), so it must exist; asked for only when a job needs it.
+    """
+    if BASE_RUN and not os.path.isdir(RUN_BASE):
+        raise WorkflowError(
+            f"train.base_run {BASE_RUN!r}: {RUN_BASE} not found; build that run first, with its own "
+            f"settings (its config file, with train.run: {BASE_RUN}), then this one (docs/workflow.md)"
+        )
+    return RUN_BASE
+
+
 TRAIN_TARGET = f"{RUN_DIR}/train"
 MERGED_TARGET = f"{RUN_DIR}/merged"
 EVAL_TARGET = f"{RUN_DIR}/eval"

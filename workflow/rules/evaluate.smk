@@ -5,7 +5,8 @@
 
 rule eval:
     input:
-        base=BASE_TARGET,
+        # what this run started from: results/hf_base, or train.base_run's merged model
+        base=run_base,
         tuned=MERGED_TARGET,
         val=DATA_TARGETS[1],
         # eval.questions null: the held-out set bundled with the package

@@ -1,5 +1,6 @@
 # Fine-tuning and adapter merge. results/<run>/train/ holds the adapter and metrics.jsonl;
-# results/<run>/merged/ is the product - neither is temp(). While train runs, its checkpoints live
+# results/<run>/merged/ is the product - neither is temp(). With train.base_run the run trains on
+# results/<base_run>/merged and merges into it (a chain of runs). While train runs, its checkpoints live
 # in results/<run>/train.ckpt/, outside the declared output: Snakemake deletes a job's outputs
 # before it starts, and a re-run after a failure (or --retries on a cluster) must find them to
 # continue (train.resume: auto; a checkpoint of other settings is not resumed).
@@ -7,7 +8,8 @@
 
 rule train:
     input:
-        base=BASE_TARGET,
+        # results/hf_base, or the merged model of train.base_run (common.smk: run_base)
+        base=run_base,
         train=DATA_TARGETS[0],
         val=DATA_TARGETS[1],
         accelerate_config=accelerate_config(),
@@ -40,7 +42,8 @@ rule train:
 
 rule merge_adapter:
     input:
-        base=BASE_TARGET,
+        # the model the adapter was trained on: merge-adapter refuses any other
+        base=run_base,
         adapter=TRAIN_TARGET,
         extra=config["merge_adapter"]["extra_adapters"],
     output:

@@ -12,7 +12,18 @@ from llama_pipe.settings import opt
 class MergeAdapterSettings:
     """``merge-adapter``: fold adapters into a float copy of the base."""
 
-    extra_adapters: list[str] = opt([], "adapter dirs applied after the trained one, in order")
+    extra_adapters: list[str] = opt(
+        [], "adapter dirs applied after the trained one, in order (each must have been trained on the model the ones before it "
+        "make, unless combine is set)"
+    )
+    combine: Literal["chain", "cat", "svd"] = opt(
+        "chain", "how several adapters are merged: chain = one after another, each trained on the merged model of the ones "
+        "before it (checked; the sound way to stack fine-tunes); cat = an explicit weighted sum of the updates of adapters "
+        "trained independently on the same base (exact, an adapter of rank sum r_i); svd = that sum cut to rank svd_rank by an "
+        "SVD of every adapted matrix (approximate; slower)"
+    )
+    weights: list[float] = opt([], "combine cat or svd: one weight per adapter, in order (e.g. [0.5, 0.5]); required for them")
+    svd_rank: int | None = opt(None, "combine svd: rank of the combined adapter; null: the largest of the adapters' ranks", minimum=1)
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the merged weights")
     max_shard_size: str = opt("2GB", "largest safetensors shard", pattern=r"^[0-9]+(\.[0-9]+)?\s*[KMGT]?i?B$")
     format: Literal["hf", "meta"] = opt("hf", "'meta' also writes consolidated.*.pth + params.json")

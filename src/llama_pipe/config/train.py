@@ -30,6 +30,13 @@ class TrainSettings:
         "run name: the workflow writes this run's products to results/<run>/ (train, merged, eval, report)",
         pattern=r"^(?!\.\.?$)[A-Za-z0-9_.-]+$",
     )
+    base_run: str | None = opt(
+        None,
+        "workflow only: train on the merged model of this earlier run (results/<base_run>/merged, made by that run's own "
+        "snakemake call) instead of results/hf_base, and merge this run's adapter into it: run B over run A chains "
+        "fine-tunes soundly (docs/workflow.md); null: the base",
+        pattern=r"^(?!\.\.?$)[A-Za-z0-9_.-]+$",
+    )
     method: Literal["lora", "dora", "full"] = opt(
         "lora", "what is trained: lora (low-rank adapters), dora (weight-decomposed LoRA) or full (every weight)"
     )

@@ -27,7 +27,7 @@ def write_output(
     base: Path,
     out: Path,
     root: Path,
-    inputs: dict[str, str],
+    inputs: dict[str, Any],
 ) -> None:
     """Save adapter (or full model), tokenizer, config, metrics, summary and checkpoints to ``out``.
 

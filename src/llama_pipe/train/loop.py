@@ -24,6 +24,7 @@ from typing import Any
 from llama_pipe.config import ChatSettings, TrainSettings, settings_from_args
 from llama_pipe.entry import stage_main
 from llama_pipe.errors import ConfigError, InputError
+from llama_pipe.lineage import TRAINED_ON, base_record
 from llama_pipe.model_dir import pick_template
 from llama_pipe.records import file_digest
 from llama_pipe.settings import add_settings_arguments, describe, to_dict
@@ -181,6 +182,9 @@ def train(
             "`llama-pipe convert` (results/hf_base) or a downloaded HF model"
         )
     check_model_weights(base, safetensors_files(base))  # lying headers / absurd config.json: exit 2 before anything loads
+    # What this run trains on (recorded in train_config.json; merge-adapter checks it): the base's
+    # weights fingerprint and, for a merged model, the adapters merged into it.
+    base_on = base_record(base)
     acc, precision = make_accelerator(settings)
     main = acc.is_main_process
     if not main:
@@ -194,6 +198,9 @@ def train(
     settings = planned.settings
     check_optimizer(settings, acc)  # and what the planner chose
     log.info("train settings:\n%s\nchat settings:\n%s", describe(user_settings), describe(chat))
+    log.info("training on %s", base_on.lineage.describe())
+    if settings.base_run is not None:
+        log.info("train.base_run %s (the workflow's choice of --base): training on --base %s", settings.base_run, base)
     if settings.trust_remote_code:
         log.warning("train.trust_remote_code is true: Python code shipped with %s will run in this process", base)
     log.info("device %s, %d process(es), precision %s, %s", acc.device, acc.num_processes, precision, acc.distributed_type)
@@ -343,7 +350,7 @@ def train(
         "data": {"train": vars(train_stats), "val": vars(val_stats)}, "memory_plan": memory_plan,
     }
     write_output(acc, model, tokenizer, template, settings, chat, summary, base, out, root,
-                 {"base": str(base), "train_data": str(train_path), "val_data": str(val_path)})
+                 {"base": str(base), "train_data": str(train_path), "val_data": str(val_path), TRAINED_ON: base_on.to_json()})
     summary["is_main"] = main
     return summary
 
