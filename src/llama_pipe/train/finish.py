@@ -76,6 +76,8 @@ def write_output(
             if metrics.exists():
                 shutil.copyfile(metrics, tmp / "metrics.jsonl")
             write_json(tmp / "summary.json", {k: v for k, v in summary.items() if k != "is_main"})
+        if (root / "snapshots").is_dir():  # the evaluation steps' adapters, for `llama-pipe select`
+            (root / "snapshots").rename(out / "snapshots")
         if (root / "checkpoints").is_dir():
             (root / "checkpoints").rename(out / "checkpoints")
         else:

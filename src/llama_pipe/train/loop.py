@@ -152,6 +152,21 @@ def apply_fast_path(acc: Any, model: Any, settings: TrainSettings, options: fast
     return fast.model_loss_sum
 
 
+def progress_line(step: int, total: int, start: int, loss: float, tokens_per_s: float | None, elapsed: float) -> str:
+    """``step 3/12: loss 2.1034, 812 tok/s, 41 s elapsed, ETA 2 min 03 s`` (ETA from this run's own pace)."""
+    done = step - start
+    eta = elapsed / done * (total - step) if done > 0 else float("nan")
+
+    def span(s: float) -> str:
+        if s != s:  # NaN
+            return "?"
+        m, sec = divmod(int(round(s)), 60)
+        return f"{m} min {sec:02d} s" if m else f"{sec} s"
+
+    rate = f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "? tok/s"
+    return f"step {step}/{total}: loss {loss:.4f}, {rate}, {span(elapsed)} elapsed, ETA {span(eta)}"
+
+
 def describe_plan(planned: Planned) -> str:
     """The plan in words (for logs and the summary)."""
     if planned.plan is None:
@@ -278,6 +293,7 @@ def train(
         val_loss, tokens_total = val_before, tokens_before
         bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=None if main else True)
         stop = StopRequest.install()
+        loop_t0 = time.perf_counter()
         try:
             for step in range(start, total):
                 ids = plan.step_rows(step)
@@ -287,20 +303,25 @@ def train(
                 t0 = time.perf_counter()
                 res = train_step(ctx, micro, global_targets, step + 1)
                 dt = time.perf_counter() - t0
+                rate = res.tokens / dt if dt > 0 else None
                 tokens_total += res.tokens
                 mem, mem_kind = peak_memory(device_type)
                 row = {"step": step + 1, "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
-                       "tokens_per_s": res.tokens / dt if dt > 0 else None, "target_tokens": res.target_tokens,
+                       "tokens_per_s": rate, "target_tokens": res.target_tokens,
                        "peak_mem_bytes": mem, "peak_mem_kind": mem_kind, "epoch": round(plan.epoch_of(step + 1), 4)}
                 if res.skipped:
                     row["skipped"] = True
                     log.warning("step %d: non-finite loss or gradient, step skipped (train.on_nonfinite: skip)", step + 1)
                 metrics.write(row)
                 bar.update(1)
-                bar.set_postfix(loss=f"{res.loss:.4f}", val=f"{val_loss:.4f}")
+                bar.set_postfix(loss=f"{res.loss:.4f}", val=f"{val_loss:.4f}", tok_s=f"{rate or 0:.0f}")
+                if bar.disable and main:  # no terminal (a log file, SLURM): one line per step instead of the bar
+                    log.info("%s", progress_line(step + 1, total, start, res.loss, rate, time.perf_counter() - loop_t0))
                 if (step + 1) % settings.eval_every == 0 or step + 1 == total:
                     val_loss = evaluate(ctx, val_batches)
                     metrics.write({"step": step + 1, "val_loss": val_loss})
+                    if step + 1 < total:  # the last step's adapter is the run's own
+                        ckpt.snapshot(step + 1, model)
                     log.info("step %d: loss %.4f, val loss %.4f", step + 1, res.loss, val_loss)
                 stopping = stop.requested(acc)
                 if ((step + 1) % settings.save_every == 0 and step + 1 < total) or stopping:
