@@ -437,3 +437,357 @@ def test_package_index_url_is_checked_and_redacted(tmp_path: Path, capsys: pytes
                              str(tmp_path / "base")], capsys)
         line = _assert_refused(rc, err, *words)
         assert "pw@" not in line
+
+
+# ============================================================================= serve
+
+HELLO = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0}
+GREETING = [{"role": "assistant", "content": "Hello! I am your assistant. How can I help?"}, {"role": "user", "content": "hi"}]
+#: A model's own Jinja in the style of SmolLM2's: a default system turn before the first message when none is given.
+OWN_JINJA = ("{{- bos_token -}}{%- for m in messages -%}{%- if loop.first and m['role'] != 'system' -%}"
+             "{{- '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' -}}{%- endif -%}"
+             "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}{%- endfor -%}"
+             "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+#: One that refuses what it cannot render, as Meta's Llama-2 template on the Hub does.
+ALTERNATING_JINJA = ("{{- bos_token -}}{%- for m in messages -%}{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+                     "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}{%- endif -%}"
+                     "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}{%- endfor -%}"
+                     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tiny_hf_model_dir: Path):  # type: ignore[no-untyped-def]
+    h.require_stage("serve")
+    from llama_pipe.generation import load_chat_model
+
+    return load_chat_model(tiny_hf_model_dir, device="cpu", model_id="tiny")
+
+
+@contextmanager
+def server_for(model: Any, **overrides: object) -> Iterator[Any]:
+    """The real ChatServer on 127.0.0.1 (port 0) in a thread, shut down by its own handle on exit."""
+    from llama_pipe.config import ServeSettings
+    from llama_pipe.serve.server import ChatServer
+
+    kw: dict[str, object] = {"port": 0, "max_tokens": 8, "max_request_bytes": 8192, "device": "cpu", **overrides}
+    server = ChatServer(model, ServeSettings(**kw))  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _request(server: Any, method: str = "POST", path: str = "/v1/chat/completions", body: object = HELLO,
+             timeout: float = 60) -> tuple[int, Any]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=timeout)
+    try:
+        raw = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        conn.request(method, path, body=raw, headers={"Content-Type": "application/json"} if raw is not None else {})
+        resp = conn.getresponse()
+        data = resp.read()
+    finally:
+        conn.close()
+    if resp.getheader("Content-Type", "").startswith("application/json"):
+        return resp.status, json.loads(data)
+    return resp.status, data.decode("utf-8", "replace")
+
+
+def _stream_text(server: Any, body: dict[str, Any]) -> str:
+    status, data = _request(server, body={**body, "stream": True})
+    assert status == 200, data
+    text = ""
+    for line in str(data).splitlines():
+        if line.startswith("data: {"):
+            chunk = json.loads(line[6:])
+            text += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
+    return text
+
+
+def _with_template(tiny_chat: Any, tokenizer_dir: Path, jinja: str | None, builtin: str | None = None) -> Any:
+    from llama_pipe.generation import ChatModel
+    from llama_pipe.model_template import model_template
+    from llama_pipe.templates import get_template
+    from llama_pipe.weights.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    if jinja is not None:
+        tok.chat_template = jinja
+        return ChatModel(tiny_chat.model, tok, model_template(tok), "tiny")
+    return ChatModel(tiny_chat.model, tok, get_template(builtin or "vicuna_v1.1"), "tiny")
+
+
+@pytest.mark.parametrize("template", ["own-jinja", "vicuna_v1.1", "chatml", "llama-3", "llama-2"])
+def test_conversation_opening_with_an_assistant_greeting_is_served(tiny_chat, tiny_hf_model_dir: Path, template: str) -> None:  # type: ignore[no-untyped-def]
+    """A conversation that opens with the assistant's greeting (what chat UIs send) is served, plain
+    and streamed; before: 500 with a model's own template that adds a default system turn (the
+    loss-mask spans, computed for every prompt, could not be located)."""
+    model = _with_template(tiny_chat, tiny_hf_model_dir, OWN_JINJA if template == "own-jinja" else None, template)
+    body = {"messages": GREETING, "max_tokens": 4, "temperature": 0}
+    with server_for(model) as server:
+        status, reply = _request(server, body=body)
+        assert status == 200, reply
+        assert _stream_text(server, body) == reply["choices"][0]["message"]["content"]
+        status, reply = _request(server, body={**body, "messages": [{"role": "system", "content": "Be brief."}, *GREETING]})
+        assert status == 200, reply
+
+
+def test_template_that_cannot_render_a_conversation_is_400_naming_it(tiny_chat, tiny_hf_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """A model's own template that refuses the conversation (roles must alternate): 400 naming
+    messages and the template's reason, plain and streamed; before: 500."""
+    model = _with_template(tiny_chat, tiny_hf_model_dir, ALTERNATING_JINJA)
+    with server_for(model) as server:
+        for stream in (False, True):
+            status, reply = _request(server, body={"messages": GREETING, "max_tokens": 2, "stream": stream})
+            assert status == 400, reply
+            assert reply["error"]["param"] == "messages" and "must alternate" in reply["error"]["message"], reply
+        status, reply = _request(server, body={"messages": GREETING[1:], "max_tokens": 2})
+        assert status == 200, reply
+
+
+def _exchange(server: Any, raw: bytes, limit: float = 10) -> bytes:
+    """``raw`` sent on one connection; everything the server sends until it closes it."""
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=limit) as s:
+        s.sendall(raw)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return data
+
+
+SMUGGLED = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+@pytest.mark.parametrize("framing", [
+    "Content-Length: +{n}", "Content-Length: {n_}", "Content-Length: 0x{nx}", "Content-Length: {n}, {n}",
+    "Content-Length: {n}\r\nContent-Length: {n}", "Content-Length:\r\n {n}", "Content-Length : {n}",
+    "Transfer-Encoding: identity\r\nContent-Length: {n}", "Transfer-Encoding: chunked\r\nContent-Length: {n}",
+    "Content-Length: {n}\r\nTransfer-Encoding: gzip, chunked", "Content-Length: \u0666{n}",
+], ids=["plus", "underscore", "hex", "list", "duplicate", "folded", "space-before-colon", "te-identity", "te-chunked",
+        "te-after", "arabic-digit"])
+def test_ambiguous_body_length_is_400_and_closes(tiny_chat, framing: str) -> None:  # type: ignore[no-untyped-def]
+    """Any Content-Length a proxy in front could read otherwise is refused with 400 and the
+    connection closed, so bytes after it are never taken for a second request; before: +66, 6_6,
+    a list, duplicates and a folded line were read as 66, and Transfer-Encoding: identity was ignored."""
+    body = json.dumps(HELLO).encode()
+    n = len(body)
+    head = framing.format(n=n, n_=f"{str(n)[0]}_{str(n)[1:]}", nx=f"{n:x}")
+    raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           + head.encode("utf-8") + b"\r\n\r\n" + body + SMUGGLED)
+    with server_for(tiny_chat) as server:
+        data = _exchange(server, raw)
+        assert data.startswith(b"HTTP/1.1 400 "), data[:300]
+        assert data.count(b"HTTP/1.1 ") == 1, data  # one answer, then closed: the smuggled request never ran
+        assert b"Connection: close" in data
+        status, _ = _request(server)
+        assert status == 200
+
+
+def test_body_on_a_get_is_never_taken_for_the_next_request(tiny_chat) -> None:  # type: ignore[no-untyped-def]
+    """A GET whose Content-Length covers a whole second request: answered, then closed; before:
+    the body was read as a second, smuggled request."""
+    with server_for(tiny_chat) as server:
+        raw = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(SMUGGLED) + SMUGGLED
+        data = _exchange(server, raw)
+        assert data.startswith(b"HTTP/1.1 200 ") and data.count(b"HTTP/1.1 ") == 1, data
+        ok = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n" + b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        assert _exchange(server, ok).count(b"HTTP/1.1 200 ") == 2  # an empty body keeps the connection
+
+
+def test_health_answers_under_300_slow_connections(tiny_chat) -> None:  # type: ignore[no-untyped-def]
+    """300 clients that open a connection and trickle nothing but half a header hold every
+    connection slot for request_timeout; /health is still answered 200 at once, and a chat request
+    gets a prompt 503 with Retry-After; before: /health was refused (503 or reset) for 10-20 s."""
+    with server_for(tiny_chat, request_timeout=8) as server:
+        slow = []
+        try:
+            for _ in range(300):
+                s = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10)
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                slow.append(s)
+            time.sleep(0.5)
+            assert server.gate.open == server.settings.max_connections
+            for _ in range(5):
+                t0 = time.monotonic()
+                status, body = _request(server, "GET", "/health", None, timeout=5)
+                assert status == 200 and body == {"status": "ok"}, (status, body)
+                assert time.monotonic() - t0 < 1.5
+            status, body = _request(server, timeout=5)
+            assert status == 503 and body["error"]["code"] == "server_busy", body
+        finally:
+            for s in slow:
+                s.close()
+        deadline = time.monotonic() + 10
+        while server.gate.open and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _request(server)[0] == 200
+
+
+def _counting(tiny_chat: Any, delay: float = 0.01) -> Any:
+    from llama_pipe.generation import ChatModel
+
+    class Counting(ChatModel):
+        """The tiny model, ``delay`` s per token, never ending early; counts the tokens it computes."""
+
+        count = 0
+
+        def _tokens(self, prompt: list[int], params: Any, budget: int) -> Iterator[int]:
+            for tok in super()._tokens(prompt, params, budget):
+                type(self).count += 1
+                time.sleep(delay)
+                yield tok
+
+    model = Counting(tiny_chat.model, tiny_chat.tokenizer, tiny_chat.template, "tiny")
+    model.stop_ids = set()
+    return model
+
+
+def _leave_after(server: Any, model: Any, body: dict[str, Any], tokens: int) -> int:
+    """Send ``body``, close the connection once ``tokens`` tokens were generated; the count then."""
+    payload = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+    deadline = time.monotonic() + 20
+    while model.count < tokens and time.monotonic() < deadline:
+        time.sleep(0.005)
+    at = model.count
+    s.close()
+    return at
+
+
+def _wait_idle(server: Any, limit: float = 10) -> None:
+    deadline = time.monotonic() + limit
+    time.sleep(0.05)
+    while (server.queue.lock.locked() or server.queue.waiting) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_that_leaves_stops_its_generation(tiny_chat, stream: bool) -> None:  # type: ignore[no-untyped-def]
+    """A client that closes its connection mid-generation: the server stops within a few tokens
+    (plain requests too: the socket is checked between tokens); before: a plain request cost its
+    whole generation, 200 tokens here."""
+    model = _counting(tiny_chat)
+    with server_for(model, max_tokens=256) as server:
+        at = _leave_after(server, model, {**HELLO, "max_tokens": 200, "stream": stream}, 5)
+        _wait_idle(server)
+        assert model.count <= at + 5, (at, model.count)
+        assert _request(server, body={**HELLO, "max_tokens": 2})[0] == 200
+
+
+def test_client_that_leaves_while_queued_costs_nothing(tiny_chat) -> None:  # type: ignore[no-untyped-def]
+    """A request that waits for the model and whose client leaves meanwhile is not generated."""
+    model = _counting(tiny_chat)
+    with server_for(model, max_tokens=256) as server:
+        holder = threading.Thread(target=_request, args=(server,), kwargs={"body": {**HELLO, "max_tokens": 60}}, daemon=True)
+        holder.start()
+        while model.count < 2:
+            time.sleep(0.005)
+        payload = json.dumps({**HELLO, "max_tokens": 200}).encode()
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+            deadline = time.monotonic() + 5
+            while not server.queue.waiting and time.monotonic() < deadline:
+                time.sleep(0.005)
+        holder.join(30)
+        _wait_idle(server)
+        assert model.count <= 60 + 3, model.count
+
+
+def test_many_messages_are_refused_in_linear_time(tiny_chat, tiny_hf_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """A 217 KB body of 6,001 tiny messages (more than the context has tokens) is refused before
+    anything is rendered, and 1,000 messages under a model's own template render in one pass;
+    before: 24 s and more (every prefix of the conversation was rendered, quadratic)."""
+    model = _with_template(tiny_chat, tiny_hf_model_dir, OWN_JINJA)
+    many = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(6001)]
+    with server_for(model, max_request_bytes=1_000_000) as server:
+        for n in (6001, 1001):
+            body = json.dumps({"messages": many[:n], "max_tokens": 4}).encode()
+            t0 = time.monotonic()
+            status, reply = _request(server, body=body)
+            took = time.monotonic() - t0
+            assert status == 400 and reply["error"]["code"] == "context_length_exceeded", reply
+            assert took < 3, (n, took)
+        assert _request(server)[0] == 200
+
+
+def test_served_model_id_is_the_runs_name(tiny_hf_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`serve results/r16/merged` reports the model as `r16`, not `merged` for every run; an adapter
+    or a full model names the run it records (train_config.json's train.run)."""
+    import shutil
+
+    from llama_pipe.serve import server as srv
+    from llama_pipe.serve.api import served_model_id
+
+    merged = tmp_path / "results/r16/merged"
+    shutil.copytree(tiny_hf_model_dir, merged)
+    adapter = tmp_path / "results/sweep-a/train"
+    adapter.mkdir(parents=True)
+    (adapter / "train_config.json").write_text(json.dumps({"train": {"run": "sweep-a"}, "chat": {"template": "vicuna_v1.1"}}))
+    assert served_model_id(merged) == "r16"
+    assert served_model_id(tiny_hf_model_dir, [adapter]) == "sweep-a"
+    assert served_model_id(tmp_path / "elsewhere/my-model") == "my-model"
+
+    def stop_at_once(self: Any, *a: Any, **kw: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(srv.ChatServer, "serve_forever", stop_at_once)
+    rc, out = _cli(["serve", str(merged), "--device", "cpu", "--port", "0"], capsys)
+    assert rc == 0 and "serve: r16 at http://127.0.0.1:" in out, out
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``llama-pipe ARGV`` in-process: (exit code, stdout + stderr)."""
+    from llama_pipe.cli import main
+
+    capsys.readouterr()
+    rc = main(argv)
+    got = capsys.readouterr()
+    return rc, got.out + got.err
+
+
+def _scripted(tiny_chat: Any) -> tuple[Any, list[int]]:
+    """The tiny model replaced by a script: '我是一个' then the first two of the three bytes of '龘'."""
+    from llama_pipe.generation import ChatModel
+
+    tok = tiny_chat.tokenizer
+    ids = tok("我是一个龘", add_special_tokens=False)["input_ids"]
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert all(p.startswith("<0x") for p in pieces[-3:]), pieces  # byte fallback: one token per byte
+    script = ids[:-1]
+
+    class Scripted(ChatModel):
+        def _tokens(self, prompt: list[int], params: Any, budget: int) -> Iterator[int]:
+            yield from script[:budget]
+
+    return Scripted(tiny_chat.model, tok, tiny_chat.template, "tiny"), script
+
+
+def test_half_a_character_is_never_returned(tiny_chat, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    """max_tokens ends inside a multi-byte character: serve (plain and streamed) and `chat --prompt`
+    return '我是一个', never '我是一个\\ufffd'."""
+    from llama_pipe.serve import chat
+
+    model, script = _scripted(tiny_chat)
+    body = {"messages": [{"role": "user", "content": "who are you?"}], "max_tokens": len(script), "temperature": 0}
+    with server_for(model, max_tokens=64) as server:
+        status, reply = _request(server, body=body)
+        assert status == 200, reply
+        assert reply["choices"][0]["message"]["content"].strip() == "我是一个", reply
+        assert reply["choices"][0]["finish_reason"] == "length"
+        assert _stream_text(server, body).strip() == "我是一个"
+    monkeypatch.setattr(chat, "load_chat_model", lambda *a, **kw: model)
+    rc, out = _cli(["chat", "unused-dir", "--prompt", "who are you?", "--max-tokens", str(len(script))], capsys)
+    assert rc == 0, out
+    assert "\ufffd" not in out and "我是一个" in out, out
