@@ -356,6 +356,31 @@ def test_silent_server_is_a_stall(release: dict[str, bytes], tmp_path: Path, cap
     _assert_refused(rc, err, f"{server.url}/params.json", "run again to resume")
 
 
+def test_server_trickling_its_headers_is_cut_off(release: dict[str, bytes], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A header line sent a byte every 0.05 s (each read is quick, the headers never end): the
+    status line and headers as a whole get base.timeout; before: held for as long as the server liked."""
+    def slow_headers(hd: _Handler, data: bytes, rng: str | None) -> None:
+        try:
+            hd.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            for c in b"X-Slow: " + b"a" * 80 + b"\r\n":
+                hd.wfile.write(bytes([c]))
+                hd.wfile.flush()
+                time.sleep(0.05)
+            hd.wfile.write(f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+        except OSError:
+            pass
+        hd.close_connection = True
+
+    with hostile(release) as server:
+        server.behave["/params.json"] = slow_headers
+        t0 = time.monotonic()
+        rc, err = _download(capsys, server.url, tmp_path / "base", "--timeout", "0.5")
+        took = time.monotonic() - t0
+    _assert_refused(rc, err, f"{server.url}/params.json", "2 attempt")
+    assert took < 3.5, took
+
+
 def _cut_first(answer: Behaviour) -> Behaviour:
     """The first full transfer stops half-way (a dropped connection); later requests get ``answer``."""
     state = {"cut": False}
@@ -548,6 +573,20 @@ def test_template_that_cannot_render_a_conversation_is_400_naming_it(tiny_chat, 
             assert reply["error"]["param"] == "messages" and "must alternate" in reply["error"]["message"], reply
         status, reply = _request(server, body={"messages": GREETING[1:], "max_tokens": 2})
         assert status == 200, reply
+
+
+@pytest.mark.parametrize("origin", ["http://[", "http://[::1", "https://[zz]:1"])
+def test_malformed_origin_is_403_not_500(tiny_chat, origin: str) -> None:  # type: ignore[no-untyped-def]
+    """An Origin header that is not a URL is a foreign origin: 403; before: a 500 (urlsplit's ValueError)."""
+    import http.client
+
+    with server_for(tiny_chat) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(HELLO), headers={"Content-Type": "application/json", "Origin": origin})
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        conn.close()
+        assert resp.status == 403 and body["error"]["code"] == "origin_not_allowed", body
 
 
 def _exchange(server: Any, raw: bytes, limit: float = 10) -> bytes:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import selectors
 import socket
 import threading
@@ -31,6 +32,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from llama_pipe.serve.api import ApiError
+
+log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 2
 LOBBY_WAIT = 1.0  # seconds a connection over the limit has to send its request head
@@ -80,7 +83,10 @@ def origin_allowed(origin: str | None, host: str | None, allowed: list[str]) -> 
     origin = origin.strip().lower()
     if origin in {a.strip().lower().rstrip("/") for a in allowed}:
         return True
-    parts = urlsplit(origin)
+    try:
+        parts = urlsplit(origin)
+    except ValueError:  # "http://[": not an origin a browser sends
+        return False
     if parts.scheme not in ("http", "https") or not parts.netloc or host is None:
         return False  # "null" (sandboxed frames, file: pages) and anything odd
     return parts.netloc == host.strip().lower()
@@ -180,14 +186,14 @@ class Lobby:
                         except OSError:
                             pass
                     else:
-                        self._readable(key.fileobj)  # type: ignore[arg-type]
+                        self._guarded(self._readable, key.fileobj)
                 self._admit()
                 now = time.monotonic()
                 for sock, w in [(s, w) for s, w in self._waiting.items() if w.due <= now]:
                     if w.answered:
                         self._drop(sock)
                     else:
-                        self._answer(sock, w)
+                        self._guarded(self._answer, sock, w)
         finally:
             for sock in list(self._waiting):
                 self._drop(sock)
@@ -198,6 +204,14 @@ class Lobby:
             self._sel.close()
             self._wake_r.close()
             self._wake_w.close()
+
+    def _guarded(self, fn: Any, sock: Any, *args: Any) -> None:
+        """``fn(sock, *args)``; a failure drops that connection, never the lobby's thread."""
+        try:
+            fn(sock, *args)
+        except Exception:  # noqa: BLE001 - one odd client must not stop the lobby
+            log.exception("lobby: dropping a connection")
+            self._drop(sock)
 
     def _admit(self) -> None:
         with self._lock:

@@ -118,11 +118,77 @@ def content_length(headers: Any) -> int | None:
 
 
 def new_session() -> Any:
+    """A requests session whose connections give a response's status line and headers, as a
+    whole, the read timeout: a server that trickles its headers cannot hold an attempt for ever."""
     import requests
 
     session = requests.Session()
     session.headers["User-Agent"] = "llama-pipe"
+    adapter = _head_deadline_adapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
     return session
+
+
+def _head_deadline_adapter() -> Any:
+    import threading
+
+    from requests.adapters import HTTPAdapter
+    from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.exceptions import ProtocolError
+
+    def abort(sock: Any, fired: threading.Event) -> None:
+        fired.set()
+        try:
+            sock.shutdown(2)  # SHUT_RDWR: the blocked header read returns
+        except OSError:
+            pass
+
+    class Deadline:
+        def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+            limit, sock = getattr(self, "timeout", None), getattr(self, "sock", None)
+            if not (isinstance(limit, (int, float)) and limit > 0 and sock is not None):
+                return super().getresponse(*args, **kwargs)  # type: ignore[misc]
+            fired = threading.Event()
+            timer = threading.Timer(limit, abort, (sock, fired))
+            timer.daemon = True
+            timer.start()
+            try:
+                response = super().getresponse(*args, **kwargs)  # type: ignore[misc]
+            finally:
+                timer.cancel()
+            if fired.is_set():  # headers cut short by the deadline are no answer: the attempt fails, and is retried
+                response.close()
+                raise ProtocolError(f"the response headers did not arrive within {limit:g} s")
+            return response
+
+    class Http(Deadline, HTTPConnection):
+        pass
+
+    class Https(Deadline, HTTPSConnection):
+        pass
+
+    class HttpPool(HTTPConnectionPool):
+        ConnectionCls = Http
+
+    class HttpsPool(HTTPSConnectionPool):
+        ConnectionCls = Https
+
+    def with_deadline(manager: Any) -> Any:
+        if isinstance(manager, PoolManager):
+            manager.pool_classes_by_scheme = {"http": HttpPool, "https": HttpsPool}
+        return manager
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            with_deadline(self.poolmanager)
+
+        def proxy_manager_for(self, proxy: Any, **kwargs: Any) -> Any:
+            return with_deadline(super().proxy_manager_for(proxy, **kwargs))
+
+    return Adapter()
 
 
 def fetch(
