@@ -641,6 +641,17 @@ def test_body_on_a_get_is_never_taken_for_the_next_request(tiny_chat) -> None:  
         assert _exchange(server, ok).count(b"HTTP/1.1 200 ") == 2  # an empty body keeps the connection
 
 
+def test_two_host_headers_are_400(tiny_chat) -> None:  # type: ignore[no-untyped-def]
+    """Two Host headers (a proxy may route by one while the DNS-rebinding check reads the other):
+    400 and closed, as RFC 9112 requires; before: the first was checked and the request served."""
+    body = json.dumps(HELLO).encode()
+    raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    with server_for(tiny_chat) as server:
+        data = _exchange(server, raw)
+    assert data.startswith(b"HTTP/1.1 400 ") and data.count(b"HTTP/1.1 ") == 1, data[:300]
+
+
 def test_health_answers_under_300_slow_connections(tiny_chat) -> None:  # type: ignore[no-untyped-def]
     """300 clients that open a connection and trickle nothing but half a header hold every
     connection slot for request_timeout; /health is still answered 200 at once, and a chat request

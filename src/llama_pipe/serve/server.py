@@ -219,6 +219,8 @@ class Handler(BaseHTTPRequestHandler):
             raise refuse("malformed header line (a header without a colon, or a space before it)")
         if len(lengths) > 1:
             raise refuse(f"{len(lengths)} Content-Length headers; send exactly one")
+        if len(self.headers.get_all("Host") or []) > 1:  # a proxy may route by one and we would check the other
+            raise refuse("more than one Host header")
         if lengths and codings:
             raise refuse("both Transfer-Encoding and Content-Length; send the body with a Content-Length only")
         if lengths and not _DECIMAL.fullmatch(lengths[0].strip(" \t")):
