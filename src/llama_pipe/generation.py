@@ -4,7 +4,8 @@ One decoding loop (KV cache, temperature / top-p sampling from a seeded ``torch.
 so the three commands produce the same text for the same prompt, settings and seed. Text is
 streamed by decoding the whole generated sequence after each token and emitting only what is
 new; a trailing U+FFFD (half of a multi-byte character spread over byte-fallback tokens) and a
-trailing prefix of a stop string are held back until the next token decides them.
+trailing prefix of a stop string are held back until the next token decides them, and a reply
+that ends inside a character (``max_tokens`` reached mid-character) ends before it.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class ChatModel:
 
     def prompt_ids(self, messages: Sequence[Message], system: str | None = None) -> list[int]:
         """Token ids (BOS first) of the conversation so far, ending where the assistant's reply starts."""
-        text, _ = self.template.render(messages, system=system if system is not None else self.system, add_generation_prompt=True)
+        text = self.template.render_text(messages, system=system if system is not None else self.system, add_generation_prompt=True)
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def _generator(self, params: SamplingParams) -> Any:
@@ -125,8 +126,10 @@ class ChatModel:
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def stream(self, prompt: list[int], params: SamplingParams, result: Completion | None = None) -> Generator[str, None, None]:
+    def stream(self, prompt: list[int], params: SamplingParams, result: Completion | None = None,
+               cancelled: Callable[[], bool] | None = None) -> Generator[str, None, None]:
         """Yield text pieces of the reply; ``result`` receives the totals and finish reason.
+        ``cancelled`` is asked before every forward pass: True stops generating (a client that left).
 
         Incremental detokenisation over a window that starts one token before the new ones
         (so a word's leading space is decoded in context) and only moves on once the window
@@ -137,7 +140,8 @@ class ChatModel:
         budget = self._budget(prompt, params)
         if budget <= 0:
             raise InputError(self._over_context(prompt))
-        yield from self._assemble(self._tokens(prompt, params, budget), params, res)
+        tokens = self._tokens(prompt, params, budget)
+        yield from self._assemble(tokens if cancelled is None else _until(tokens, cancelled), params, res)
 
     def _assemble(self, tokens: Iterable[int], params: SamplingParams, res: Completion) -> Iterator[str]:
         """Text pieces from generated token ids (the body of :meth:`stream`), filling ``res``."""
@@ -169,9 +173,9 @@ class ChatModel:
                 piece, sent = text[sent:ready], ready
                 res.pieces.append(piece)
                 yield piece
-        if not cut:  # whatever was held back (a trailing partial byte sequence) is final now
+        if not cut:  # whatever was held back is final now, less a character cut short (never half of one)
             before, after = self._decode(ids[start:read]), self._decode(ids[start:])
-            text += after[len(before):]
+            text += after[len(before):].rstrip("\ufffd")
             hits = [p for p in (text.find(s, max(0, sent - len(s))) for s in stops) if p >= 0]
             if hits:
                 text = text[: min(hits)]
@@ -263,6 +267,20 @@ class ChatModel:
                     past_key_values=out.past_key_values,
                     use_cache=True,
                 )
+
+
+def _until(tokens: Iterator[int], cancelled: Callable[[], bool]) -> Iterator[int]:
+    """``tokens`` until ``cancelled()`` (asked before each one is computed); the generator is closed either way."""
+    try:
+        while not cancelled():
+            tok = next(tokens, None)
+            if tok is None:
+                return
+            yield tok
+    finally:
+        close = getattr(tokens, "close", None)
+        if close is not None:
+            close()
 
 
 def _pick(row_logits: Any, params: SamplingParams, gen: Any) -> int:

@@ -41,18 +41,29 @@ class ModelTemplate(ChatTemplate):
         text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
         return str(text)
 
-    def render(
-        self,
-        messages: Sequence[Message],
-        system: str | None = None,
-        add_generation_prompt: bool = False,
-    ) -> tuple[str, list[tuple[int, int]]]:
+    def _messages(self, messages: Sequence[Message], system: str | None) -> list[Message]:
         msgs = [dict(m) for m in messages]
         if system and not (msgs and msgs[0]["role"] == "system"):
             msgs.insert(0, {"role": "system", "content": system})
         for i, m in enumerate(msgs):
             if m["role"] not in ("system", "user", "assistant") or (m["role"] == "system" and i):
                 raise ValueError(f"message {i}: role {m['role']!r} (only a leading system message is allowed)")
+        return msgs
+
+    def render_text(self, messages: Sequence[Message], system: str | None = None, add_generation_prompt: bool = False) -> str:
+        """One ``apply_chat_template``, linear in the conversation: no spans are located (that renders
+        every prefix), so a conversation the template renders, e.g. one opening with an assistant
+        greeting, is a prompt even where its spans could not be located."""
+        full = self._apply(self._messages(messages, system), add_generation_prompt)
+        return full[len(self.strip_bos):] if self.strip_bos and full.startswith(self.strip_bos) else full
+
+    def render(
+        self,
+        messages: Sequence[Message],
+        system: str | None = None,
+        add_generation_prompt: bool = False,
+    ) -> tuple[str, list[tuple[int, int]]]:
+        msgs = self._messages(messages, system)
         full = self._apply(msgs, add_generation_prompt)
         spans: list[tuple[int, int]] = []
         for i, m in enumerate(msgs):

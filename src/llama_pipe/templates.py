@@ -98,6 +98,10 @@ class ChatTemplate:
         """Text of the conversation and the [start, end) character spans of assistant targets."""
         raise NotImplementedError
 
+    def render_text(self, messages: Sequence[Message], system: str | None = None, add_generation_prompt: bool = False) -> str:
+        """The text of :meth:`render` alone (a prompt to generate from needs no spans)."""
+        return self.render(messages, system, add_generation_prompt)[0]
+
 
 @dataclass(frozen=True)
 class Pieces:

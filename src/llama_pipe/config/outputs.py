@@ -69,12 +69,15 @@ class ServeSettings:
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run the model")
     temperature: float = opt(0.7, "default sampling temperature (0 = greedy); a request may override it", minimum=0, maximum=2)
     top_p: float = opt(0.9, "default nucleus sampling; a request may override it", exclusiveMinimum=0, maximum=1)
-    model_id: str | None = opt(None, "model name reported by /v1/models; null: the model directory's name")
+    model_id: str | None = opt(
+        None, "model name reported by /v1/models; null: the run's name (train.run recorded with the model or adapter, "
+        "else <run> of results/<run>/merged, else the directory's name)"
+    )
     listen_backlog: int = opt(
         128, "connections the OS queues while the server is busy accepting (Python's default of 5 resets bursts)", minimum=1, maximum=65535
     )
     max_connections: int = opt(
-        64, "open connections served at once; a connection beyond it gets 503 (JSON, Retry-After) and is closed", minimum=1
+        64, "open connections served at once; a connection beyond it gets 503 (JSON, Retry-After), or 200 for GET /health, and is closed", minimum=1
     )
     max_queue: int = opt(
         16, "requests waiting for the model (one generates at a time); a request beyond it gets 503 (JSON, Retry-After)", minimum=0

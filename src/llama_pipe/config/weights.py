@@ -55,7 +55,10 @@ class BaseSettings:
     )
     retries: int = opt(5, "download attempts per file (exponential backoff)", minimum=1)
     backoff: float = opt(2.0, "seconds before the first retry; doubled after each failed attempt (capped at 60)", minimum=0)
-    timeout: float = opt(60.0, "seconds without a byte from the server before an attempt counts as failed", exclusiveMinimum=0)
+    timeout: float = opt(
+        60.0, "stall timeout: seconds without a byte, or averaging under 1 KiB/s, before an attempt counts as failed (the next resumes)",
+        exclusiveMinimum=0,
+    )
     tokenizer_corpus: list[str] = opt(
         ["data/sample/sharegpt_sample.json"], "files the tiny tokenizer is trained on"
     )

@@ -13,6 +13,7 @@ from typing import Any
 from llama_pipe.atomic import atomic_dir, commit_dir
 from llama_pipe.errors import InputError
 from llama_pipe.templates import AUTO, template_for_bare_model
+from llama_pipe.weights.fetch import check_url, redact, scrub
 from llama_pipe.weights.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,12 @@ def download_repo(repo_id: str, out_dir: Path, revision: str | None = None) -> l
     token = os.environ.get("HF_TOKEN") or None
     offline = constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
     partial = out_dir.with_name(out_dir.name + ".partial")
-    where = f"{endpoint or constants.ENDPOINT}/{repo_id}" + (f"@{revision}" if revision else "")
+    if endpoint is not None:
+        try:
+            check_url(endpoint)
+        except InputError as exc:
+            raise InputError(f"HF_ENDPOINT {exc}") from None
+    where = f"{redact(endpoint or constants.ENDPOINT).rstrip('/')}/{repo_id}" + (f"@{revision}" if revision else "")
     log.info("fetching %s (only %s)%s", where, ", ".join(ALLOW_PATTERNS), " [offline: cache only]" if offline else "")
     try:
         local = snapshot_download(
@@ -89,7 +95,11 @@ def download_repo(repo_id: str, out_dir: Path, revision: str | None = None) -> l
             ) from None
         raise InputError(f"{where}: cannot reach the Hub and nothing is cached; check the network or HF_ENDPOINT") from None
     except HfHubHTTPError as exc:
-        raise InputError(f"{where}: download failed: {exc}") from None
+        raise InputError(f"{where}: download failed: {scrub(str(exc))}") from None
+    except Exception as exc:  # noqa: BLE001 - the HTTP client's own errors (a redirect loop, a bad URL, a size check)
+        log.debug("snapshot_download failed", exc_info=True)
+        what = "too many redirects (a redirect loop?)" if "redirect" in type(exc).__name__.lower() else scrub(str(exc) or "")
+        raise InputError(f"{where}: download failed ({type(exc).__name__}: {what}); files fetched so far stay in {partial}") from None
     local_path = Path(local)
     names = sorted(p.name for p in local_path.iterdir() if p.is_file() and wanted(p.name))
     if not any(n.endswith(".safetensors") for n in names):
