@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir, write_json_atomic
+from llama_pipe.atomic import atomic_dir, check_output_dir, write_json_atomic
 from llama_pipe.config import ChatSettings, MergeAdapterSettings, settings_from_args
 from llama_pipe.errors import InputError
 from llama_pipe.model_dir import (
@@ -104,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         # train.method full: the run directory is a whole model; it replaces the base weights.
         full, adapters = adapters[0], adapters[1:]
         log.info("%s is a fully fine-tuned model, not an adapter: it is the starting point", full)
+    inputs = [base, *([full] if full else []), *adapters]
+    check_output_dir(out, inputs, "merge-adapter")  # fail fast: -o may not hold an input or another stage's output
     for a in adapters:  # fail fast, before loading anything big
         if is_full_model(a):
             raise InputError(f"{a}: a full model (no adapter_config.json) can only be the first --adapter")
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         "adapters": [{"path": str(a), "sha256": file_digest(a / "adapter_model.safetensors")} for a in adapters],
         "dtype": settings.dtype,
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, stage="merge-adapter", inputs=inputs) as tmp:
         write_model_dir(model, tokenizer, template_name, tmp, settings.max_shard_size, sidecar)
         copy_sentencepiece(tokenizer, dirs, tmp)
         if settings.format == "meta":
