@@ -29,6 +29,7 @@ from llama_pipe.config import (
     moved_key_errors,
     yaml_loader,
 )
+from llama_pipe.config.load import shared_value
 from llama_pipe.config_checks import config_errors
 from llama_pipe.errors import ConfigError
 from llama_pipe.settings import from_dict, shell_args, to_dict
@@ -70,6 +71,14 @@ def typed_cli_values(data, schema):
 # Errors are one line per bad key (an unknown key names the closest valid one) and include the
 # cross-field checks the stages make (llama_pipe.config_checks), so a bad combination fails here,
 # before any job is queued, not inside a GPU job.
+# A value reached twice is a YAML alias (from a --configfile, which Snakemake read before this
+# file ran): walking it as a tree, as validation does, could take billions of steps.
+_shared = shared_value(dict(config))
+if _shared is not None:
+    raise WorkflowError(
+        f"config: {_shared}: a YAML alias (*name); anchors and aliases are not allowed in a llama-pipe "
+        "config (an alias can expand to billions of values); write the value out"
+    )
 config.update(typed_cli_values(dict(config), config_schema()))
 try:
     # keys of an older config.yaml: say where they went
@@ -122,6 +131,20 @@ for _section, _key in PATH_SETTINGS:
         config[_section][_key] = [resolve_path(v) for v in _value]
     elif _value is not None:
         config[_section][_key] = resolve_path(_value)
+
+
+def as_input(path):
+    """A path from config.yaml as a rule input: braces doubled, so Snakemake reads a file named
+    ``{x}.json`` as that file, not as a wildcard ``x`` (which no output defines: a WildcardError).
+    """
+    return path.replace("{", "{{").replace("}", "}}") if isinstance(path, str) else path
+
+
+def as_inputs(paths):
+    """:func:`as_input` of each path of a list (of a single path: a one-item list; None: none)."""
+    if paths is None:
+        return []
+    return [as_input(p) for p in (paths if isinstance(paths, list) else [paths])]
 
 
 def flags(section, only=None, skip=(), chat=()):

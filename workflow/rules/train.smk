@@ -10,7 +10,7 @@ rule train:
         base=BASE_TARGET,
         train=DATA_TARGETS[0],
         val=DATA_TARGETS[1],
-        accelerate_config=accelerate_config(),
+        accelerate_config=as_inputs(accelerate_config()),
     output:
         run=directory(TRAIN_TARGET),
     log:
@@ -42,7 +42,7 @@ rule merge_adapter:
     input:
         base=BASE_TARGET,
         adapter=TRAIN_TARGET,
-        extra=config["merge_adapter"]["extra_adapters"],
+        extra=as_inputs(config["merge_adapter"]["extra_adapters"]),
     output:
         directory(MERGED_TARGET),
     log:
