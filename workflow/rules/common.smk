@@ -1,12 +1,14 @@
 # Helpers shared by all the rule files (included first by the Snakefile) - config validation, the
 # settings -> flags bridge, the shard list, the run name, resources, and the targets.
 
+import hashlib
 import os
 import re
 import shlex
 import sys
 
 from snakemake.exceptions import WorkflowError
+from snakemake.io import contains_wildcard
 from snakemake.utils import min_version, validate
 
 import yaml
@@ -133,11 +135,33 @@ for _section, _key in PATH_SETTINGS:
         config[_section][_key] = resolve_path(_value)
 
 
+# Where input files whose names Snakemake would read as wildcards get a plain-named link.
+INPUT_LINKS = os.path.join(".snakemake", "llama-pipe-inputs")
+
+
 def as_input(path):
-    """A path from config.yaml as a rule input: braces doubled, so Snakemake reads a file named
-    ``{x}.json`` as that file, not as a wildcard ``x`` (which no output defines: a WildcardError).
+    """A path from config.yaml as a rule input that Snakemake reads as that file.
+
+    Snakemake takes ``{x}`` anywhere in an input path for a wildcard (``data/{x}.json`` stops the
+    workflow with a WildcardError, and it has no escape for file names). Such a file is given to
+    the rule through a symbolic link with a plain name, ``.snakemake/llama-pipe-inputs/<hash of the
+    path>/(x).json``; Snakemake follows the link for the file's time, so an edit still re-runs the
+    rule, and the stage reads the file itself.
     """
-    return path.replace("{", "{{").replace("}", "}}") if isinstance(path, str) else path
+    if not isinstance(path, str) or not contains_wildcard(path):
+        return path
+    if not os.path.exists(path):
+        raise WorkflowError(f"config: input {path!r} not found")
+    target = os.path.abspath(path)
+    name = os.path.basename(target).replace("{", "(").replace("}", ")")
+    digest = hashlib.sha256(target.encode()).hexdigest()[:12]
+    link = os.path.join(INPUT_LINKS, digest, name)
+    if not (os.path.islink(link) and os.readlink(link) == target):
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        tmp = f"{link}.{os.getpid()}.tmp"
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    return link
 
 
 def as_inputs(paths):
