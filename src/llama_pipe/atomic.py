@@ -83,6 +83,10 @@ MARKER = ".llama-pipe-output.json"
 
 PathLike = str | Path
 
+#: Files a directory output may hold without a record: Snakemake's mtime carrier of directory()
+#: outputs (``--touch`` and its job bookkeeping write it); replacing it loses nothing.
+BOOKKEEPING = frozenset({".snakemake_timestamp"})
+
 _STAGE: ContextVar[str | None] = ContextVar("llama_pipe_stage", default=None)
 
 
@@ -188,7 +192,7 @@ def check_output_dir(out: PathLike, inputs: Iterable[PathLike] = (), stage: str 
         return
     if not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory; the output is a directory (remove the file or give another path)")
-    files = _files_under(out)
+    files = [f for f in _files_under(out) if f not in BOOKKEEPING]
     if not files:
         return
     marker = _read_marker(out)
