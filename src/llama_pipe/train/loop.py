@@ -170,7 +170,8 @@ def check_run_paths(out: Path, sources: list[Path]) -> None:
     if root.is_symlink() or (root.exists() and not root.is_dir()):
         raise OutputError(f"{root}: the run's checkpoint directory is a file or a link; remove it or give another -o")
     if root.is_dir():
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in ("checkpoints", "metrics.jsonl"))
+        # what train writes there: checkpoints, the live metrics, restart_at's temporary
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in ("checkpoints", "metrics.jsonl", "metrics.tmp"))
         if foreign:
             raise OutputError(f"{root}: holds {foreign[0]!r}, which train did not write; a fresh start would delete it; "
                               "move it out or give another -o")
