@@ -200,8 +200,14 @@ def test_output_is_replaced_atomically(tiny_hf_model_dir: Path, adapters: dict[s
     out = tmp_path / "merged"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapters["a"]), "-o", str(out)]) == 0
-    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
+    argv = ["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapters["a"]), "-o", str(out)]
+    # A directory holding files merge-adapter did not write is never replaced (they would be lost).
+    assert main(argv) == 2 and (out / "stale.txt").read_text() == "old"
+    (out / "stale.txt").unlink()
+    assert main(argv) == 0  # an empty one is
+    (out / "config.json").write_text("{}")
+    assert main(argv) == 0  # and so is merge-adapter's own earlier output, whole
+    assert json.loads((out / "config.json").read_text()) != {}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 

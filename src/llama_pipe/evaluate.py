@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir, write_json_atomic
+from llama_pipe.atomic import atomic_dir, check_output_dir, write_json_atomic
 from llama_pipe.config import ChatSettings, EvalSettings, settings_from_args
 from llama_pipe.errors import InputError
 from llama_pipe.generation import ChatModel, SamplingParams, pick_device
@@ -179,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
     log.info("eval settings:\n%s", describe(settings))
     base, tuned, val, out = Path(args.base), Path(args.tuned), Path(args.val), Path(args.output)
     t0 = time.time()
+    inputs: list[str | Path] = [base, tuned, val, *([settings.questions] if settings.questions else [])]
+    check_output_dir(out, inputs, "eval")  # before any model is loaded
     device = pick_device(settings.device)
     check_model_dir(base, "base model")
     check_model_dir(tuned, "tuned model")
@@ -222,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
         "models": {"base": str(base), "tuned": str(tuned)}, "val": str(val), "device": device, "seconds": round(time.time() - t0, 2),
         "settings": to_dict(settings),
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, stage="eval", inputs=inputs) as tmp:
         write_json_atomic(tmp / "metrics.json", metrics)
         (tmp / "answers.jsonl").write_text("".join(dumps(a) + "\n" for a in answers), encoding="utf-8")
     print(

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir, write_json_atomic
+from llama_pipe.atomic import atomic_dir, check_output_dir, write_json_atomic
 from llama_pipe.config import ChatSettings, MergeAdapterSettings, settings_from_args
 from llama_pipe.config_checks import merge_adapter_errors
 from llama_pipe.errors import ConfigError, InputError
@@ -120,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
     errors = merge_adapter_errors(settings, len(adapters))
     if errors:
         raise ConfigError("; ".join(errors))
+    inputs = [base, *([full] if full else []), *adapters]
+    check_output_dir(out, inputs, "merge-adapter")  # fail fast: -o may not hold an input or another stage's output
     for a in adapters:  # fail fast, before loading anything big
         if is_full_model(a):
             raise InputError(f"{a}: a full model (no adapter_config.json) can only be the first --adapter")
@@ -153,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": settings.dtype,
         "lineage": lineage.to_json(),
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, stage="merge-adapter", inputs=inputs) as tmp:
         write_model_dir(model, tokenizer, template_name, tmp, settings.max_shard_size, sidecar)
         copy_sentencepiece(tokenizer, dirs, tmp)
         if settings.format == "meta":

@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir
+from llama_pipe.atomic import atomic_dir, check_output_dir
 from llama_pipe.errors import InputError
 from llama_pipe.records import iter_jsonl, read_json
 from llama_pipe.report_runs import markdown_table, parse_compare, plot_runs, read_losses, read_run, summarise
@@ -244,16 +244,20 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
+    out = Path(args.output)
+    ev_path = Path(args.eval)
+    # Everything the report reads; -o may hold none of it (`-o results/<run>` would delete the run).
+    inputs = [Path(args.train_metrics), *map(Path, args.stats), ev_path, ev_path.with_name("answers.jsonl"),
+              *(parse_compare(c)[1] for c in args.compare)]
+    check_output_dir(out, inputs, "report")
     train, val = read_losses(Path(args.train_metrics))
     stages = funnel([Path(p) for p in args.stats])
-    ev_path = Path(args.eval)
     ev = read_json(ev_path, "eval metrics")
     if not isinstance(ev, dict) or not {"base_ppl", "tuned_ppl"} <= ev.keys():
         raise InputError(f"{ev_path}: no base_ppl/tuned_ppl; expected the metrics.json written by `llama-pipe eval`")
     answers_path = ev_path.with_name("answers.jsonl")
     answers = list(iter_jsonl(answers_path)) if answers_path.is_file() else []
-    out = Path(args.output)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, stage="report", inputs=inputs) as tmp:
         plot_loss(train, val, tmp / "loss.png")
         plot_funnel(stages, tmp / "funnel.png")
         plot_perplexity(ev, tmp / "perplexity.png")

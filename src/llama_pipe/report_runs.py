@@ -29,11 +29,12 @@ class RunSummary:
 
 
 def read_losses(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(train, val) as (step, loss) lists from a trainer's metrics.jsonl."""
+    """(train, val) as (step, loss) lists from a trainer's metrics.jsonl (a last line cut off by a
+    kill while it was written is dropped with a warning)."""
     if not path.is_file():
         raise InputError(f"{path}: training metrics not found (written by `llama-pipe train` into its run directory)")
     train, val = [], []
-    for row in iter_jsonl(path):
+    for row in iter_jsonl(path, torn_last_ok=True):
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
             continue
         if isinstance(row.get("loss"), (int, float)) and not row.get("skipped"):

@@ -1,12 +1,14 @@
 # Helpers shared by all the rule files (included first by the Snakefile) - config validation, the
 # settings -> flags bridge, the shard list, the run name, resources, and the targets.
 
+import hashlib
 import os
 import re
 import shlex
 import sys
 
 from snakemake.exceptions import WorkflowError
+from snakemake.io import contains_wildcard
 from snakemake.utils import min_version, validate
 
 import yaml
@@ -29,6 +31,7 @@ from llama_pipe.config import (
     moved_key_errors,
     yaml_loader,
 )
+from llama_pipe.config.load import shared_value
 from llama_pipe.config_checks import config_errors
 from llama_pipe.errors import ConfigError
 from llama_pipe.settings import from_dict, shell_args, to_dict
@@ -70,6 +73,14 @@ def typed_cli_values(data, schema):
 # Errors are one line per bad key (an unknown key names the closest valid one) and include the
 # cross-field checks the stages make (llama_pipe.config_checks), so a bad combination fails here,
 # before any job is queued, not inside a GPU job.
+# A value reached twice is a YAML alias (from a --configfile, which Snakemake read before this
+# file ran): walking it as a tree, as validation does, could take billions of steps.
+_shared = shared_value(dict(config))
+if _shared is not None:
+    raise WorkflowError(
+        f"config: {_shared}: a YAML alias (*name); anchors and aliases are not allowed in a llama-pipe "
+        "config (an alias can expand to billions of values); write the value out"
+    )
 config.update(typed_cli_values(dict(config), config_schema()))
 try:
     # keys of an older config.yaml: say where they went
@@ -122,6 +133,42 @@ for _section, _key in PATH_SETTINGS:
         config[_section][_key] = [resolve_path(v) for v in _value]
     elif _value is not None:
         config[_section][_key] = resolve_path(_value)
+
+
+# Where input files whose names Snakemake would read as wildcards get a plain-named link.
+INPUT_LINKS = os.path.join(".snakemake", "llama-pipe-inputs")
+
+
+def as_input(path):
+    """A path from config.yaml as a rule input that Snakemake reads as that file.
+
+    Snakemake takes ``{x}`` anywhere in an input path for a wildcard (``data/{x}.json`` stops the
+    workflow with a WildcardError, and it has no escape for file names). Such a file is given to
+    the rule through a symbolic link with a plain name, ``.snakemake/llama-pipe-inputs/<hash of the
+    path>/(x).json``; Snakemake follows the link for the file's time, so an edit still re-runs the
+    rule, and the stage reads the file itself.
+    """
+    if not isinstance(path, str) or not contains_wildcard(path):
+        return path
+    if not os.path.exists(path):
+        raise WorkflowError(f"config: input {path!r} not found")
+    target = os.path.abspath(path)
+    name = os.path.basename(target).replace("{", "(").replace("}", ")")
+    digest = hashlib.sha256(target.encode()).hexdigest()[:12]
+    link = os.path.join(INPUT_LINKS, digest, name)
+    if not (os.path.islink(link) and os.readlink(link) == target):
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        tmp = f"{link}.{os.getpid()}.tmp"
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    return link
+
+
+def as_inputs(paths):
+    """:func:`as_input` of each path of a list (of a single path: a one-item list; None: none)."""
+    if paths is None:
+        return []
+    return [as_input(p) for p in (paths if isinstance(paths, list) else [paths])]
 
 
 def flags(section, only=None, skip=(), chat=()):

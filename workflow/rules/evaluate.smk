@@ -10,7 +10,7 @@ rule eval:
         tuned=MERGED_TARGET,
         val=DATA_TARGETS[1],
         # eval.questions null: the held-out set bundled with the package
-        questions=config["eval"]["questions"] or [],
+        questions=as_inputs(config["eval"]["questions"]),
     output:
         directory(EVAL_TARGET),
     log:

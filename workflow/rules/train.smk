@@ -12,7 +12,7 @@ rule train:
         base=run_base,
         train=DATA_TARGETS[0],
         val=DATA_TARGETS[1],
-        accelerate_config=accelerate_config(),
+        accelerate_config=as_inputs(accelerate_config()),
     output:
         run=directory(TRAIN_TARGET),
     log:
@@ -45,7 +45,7 @@ rule merge_adapter:
         # the model the adapter was trained on: merge-adapter refuses any other
         base=run_base,
         adapter=TRAIN_TARGET,
-        extra=config["merge_adapter"]["extra_adapters"],
+        extra=as_inputs(config["merge_adapter"]["extra_adapters"]),
     output:
         directory(MERGED_TARGET),
     log:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from llama_pipe.settings import opt
+from llama_pipe.settings import SEED_MAX, opt
 
 
 @dataclass
@@ -53,7 +53,7 @@ class EvalSettings:
     max_new_tokens: int = opt(64, "tokens generated per turn", minimum=1)
     temperature: float = opt(0.0, "sampling temperature (0 = greedy)", minimum=0)
     top_p: float = opt(0.9, "nucleus sampling", exclusiveMinimum=0, maximum=1)
-    seed: int = opt(0, "sampling seed")
+    seed: int = opt(0, "sampling seed", minimum=0, maximum=SEED_MAX)
     batch_size: int = opt(8, "rows per perplexity batch, and questions answered together per forward pass", minimum=1)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to evaluate")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from llama_pipe.settings import opt
+from llama_pipe.settings import SEED_MAX, opt
 
 
 @dataclass
@@ -94,7 +94,7 @@ class TrainSettings:
     keep_checkpoints: int = opt(2, "checkpoints kept (oldest deleted)", minimum=1)
     resume: Literal["auto", "never"] = opt("auto", "continue from the newest valid checkpoint")
     on_nonfinite: Literal["stop", "skip"] = opt("stop", "a NaN/inf loss: stop naming the step, or skip that step")
-    seed: int = opt(0, "seed for weights init, dropout and data order")
+    seed: int = opt(0, "seed for weights init, dropout and data order", minimum=0, maximum=SEED_MAX)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt(
         "sdpa", "attention kernel (all three honour packed sequences' restarting position_ids)"

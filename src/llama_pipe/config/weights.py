@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from llama_pipe.settings import opt
+from llama_pipe.settings import SEED_MAX, opt
 
 
 @dataclass
@@ -26,7 +26,7 @@ class TinyModelSettings:
     dtype: Literal["float32", "bfloat16", "float16"] = opt(
         "float32", "dtype of the stored weights (Meta ships bfloat16 for LLaMA-2, float16 for LLaMA-1)"
     )
-    seed: int = opt(0, "seed for the random weights and the tokenizer trainer")
+    seed: int = opt(0, "seed for the random weights and the tokenizer trainer", minimum=0, maximum=SEED_MAX)
 
 
 @dataclass

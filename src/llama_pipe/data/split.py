@@ -24,6 +24,15 @@ the token offsets give each pair's share, chunks are planned from the shares, th
 chunk is measured exactly in batches; a record whose planned chunk overflows is re-planned pair
 by pair with exact measurements.
 
+Cost is linear in the pairs of a record. A built-in template renders a conversation and its
+reply spans in one pass. A model's own Jinja template (``chat.template: model``) finds each
+reply's span by rendering the conversation up to it, which is quadratic in the turns (1,200 pairs
+in one record took 5x as long as in 60 records); so a record of more than :data:`FEW_PAIRS` pairs
+is rendered as text alone (one pass), measured whole, and, when it does not fit, packed by the
+exact greedy rule (each next pair measured with the chunk so far: the chunk text is bounded by
+``max_length``, so the work per pair is too). The chunks are those the rule of the first
+paragraph defines.
+
 Giant turns are not tokenized: a text has at least (its non-whitespace characters after the
 tokenizer's normaliser) / (the longest vocabulary entry) tokens, as long as the tokenizer can
 neither drop a character nor stand one token for an unknown run of them (BPE with byte
@@ -36,6 +45,7 @@ not a BPE pass over 10 MB. The chunks around it come out as if it had been measu
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,10 +65,13 @@ from llama_pipe.errors import InputError
 from llama_pipe.records import InvalidLine, Record, read_records
 from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.stage_writer import StageWriter
-from llama_pipe.templates import ChatTemplate, get_template
+from llama_pipe.templates import BuiltinTemplate, ChatTemplate, get_template
 from llama_pipe.weights.tokenizer import load_tokenizer
 
 RECORDS_PER_STEP = 64
+#: Under a model's own template, a record of more pairs than this is rendered as text alone (see
+#: the module docstring): rendering with reply spans costs time quadratic in the pairs.
+FEW_PAIRS = 16
 
 
 @dataclass
@@ -87,6 +100,35 @@ class Splitter:
         self._header: dict[str | None, int] = {}
         self._backend = self._rust_backend(tokenizer)
         self._bound = self._char_bound()
+        self._text_only = self._text_renderer(template)
+
+    def _text_renderer(self, template: ChatTemplate) -> Any:
+        """A one-pass renderer of a model template's text (what ``render()[0]`` gives, without the
+        per-reply renderings that locate the spans), when it agrees with ``render`` on probes; else
+        None (and long records are rendered with spans as before)."""
+        if isinstance(template, BuiltinTemplate):
+            return None  # its render is one pass already
+        from llama_pipe.model_template import ModelTemplate
+
+        if not isinstance(template, ModelTemplate):
+            return None
+
+        def text(pairs: list[tuple[str, str]], system: str | None) -> str:
+            msgs: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+            for q, a in pairs:
+                msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            full = template._apply(msgs, False)  # noqa: SLF001 - the same rendering render() starts from
+            return full[len(template.strip_bos):] if template.strip_bos and full.startswith(template.strip_bos) else full
+
+        probes = [[("Hi there.", "Hello!")], [("a", "b"), ("c d", "e f"), ("g", "h")]]
+        for pairs in probes:
+            for system in (None, "You are terse."):
+                try:
+                    if text(pairs, system) != self._render_spans(pairs, system)[0]:
+                        return None
+                except Exception:  # noqa: BLE001 - a template that fails here keeps the general path
+                    return None
+        return text
 
     @staticmethod
     def _rust_backend(tok: Any) -> Any:
@@ -155,6 +197,9 @@ class Splitter:
                     r.over[j] = bound
 
     def render(self, pairs: list[tuple[str, str]], system: str | None) -> str:
+        """The text of ``pairs`` as training renders it (one pass where the template allows)."""
+        if self._text_only is not None:
+            return str(self._text_only(pairs, system))
         return self._render_spans(pairs, system)[0]
 
     def lengths(self, texts: list[str], special: bool = True) -> list[int]:
@@ -201,6 +246,15 @@ class Splitter:
             if r.over:  # never tokenize the giant pair: exact greedy packing around it
                 self._replan(r)
         recs = [r for r in recs if not r.over]
+        if self._text_only is not None:  # a model template: long records by text alone (linear)
+            bulky = [r for r in recs if len(r.pairs) > FEW_PAIRS]
+            recs = [r for r in recs if len(r.pairs) <= FEW_PAIRS]
+            whole = self.lengths([self.render(r.pairs, r.system) for r in bulky])
+            for r, n_tokens in zip(bulky, whole):
+                if n_tokens <= limit:
+                    r.chunks, r.sizes = [list(range(len(r.pairs)))], [n_tokens]
+                else:
+                    self._replan(r)
         rendered = [self._render_spans(r.pairs, r.system) for r in recs]
         long_recs: list[_Rec] = []
         for b_start in range(0, len(recs), self.cfg.batch_size):
@@ -323,16 +377,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def split_file(inp: str | Path, out: str | Path, tokenizer: Any, cfg: SplitSettings,
                rejects: str | Path | None = None, stats: str | Path | None = None,
-               chat: ChatSettings | None = None) -> StageWriter:
+               chat: ChatSettings | None = None, also_read: Iterable[str | Path] = ()) -> StageWriter:
     """Run the stage with a loaded tokenizer; returns the finished writer (stats on disk).
 
     ``chat`` (None: the defaults) gives the template, the default system prompt and, when
-    ``cfg.max_length`` is null, the chunk length."""
+    ``cfg.max_length`` is null, the chunk length. ``also_read``: further paths the run reads (the
+    tokenizer directory, its ``--config``), which no output may replace."""
     chat = chat or ChatSettings()
     splitter = Splitter(tokenizer, cfg, get_template(chat.template, tokenizer), cfg.max_length or chat.max_seq_len)
     items = list(read_records(inp))
     records_in = chunks_out = truncated = split_records = max_tokens = tokens_out = 0
-    with StageWriter("split", out, rejects, stats, unit="pairs") as w:
+    with StageWriter("split", out, rejects, stats, unit="pairs", inputs=[inp, *also_read]) as w:
         for step in progress(list(batched(items, RECORDS_PER_STEP)), "split", unit="batch"):
             ready: list[_Rec] = []
             for where, obj in step:
@@ -393,6 +448,7 @@ def run(args: argparse.Namespace) -> int:
     tok = load_split_tokenizer(args.tokenizer)
     if not getattr(tok, "is_fast", True):
         raise InputError(f"{args.tokenizer}: not a fast tokenizer (no tokenizer.json); split needs one for batched, offset-aware tokenization")
-    w = split_file(args.input, args.output, tok, cfg, args.rejects, args.stats, chat)
+    w = split_file(args.input, args.output, tok, cfg, args.rejects, args.stats, chat,
+                   also_read=[args.tokenizer, *([args.config] if args.config else [])])
     print(w.summary() + f"; records in={w.extra['records_in']} chunks out={w.extra['chunks_out']}")
     return 0

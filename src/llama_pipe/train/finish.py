@@ -46,7 +46,8 @@ def write_output(
         # Written whole or not at all: no half-written run directory is left behind. The run
         # directory goes into place first, then the checkpoints move into it: a kill in between
         # leaves them in <OUT>.ckpt, where the next run resumes from them.
-        with atomic_dir(out) as tmp:
+        sources = [base, *(Path(p) for p in inputs.values())]
+        with atomic_dir(out, stage="train", inputs=sources, later=("checkpoints", "snapshots")) as tmp:  # checkpoints and snapshots move in below
             unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
             if settings.method == "full":
                 n = verify_full(tmp, dict(state_dict))

@@ -21,9 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from llama_pipe.atomic import check_output_dir, is_inside, same_file
 from llama_pipe.config import ChatSettings, TrainSettings, settings_from_args
 from llama_pipe.entry import stage_main
-from llama_pipe.errors import ConfigError, InputError
+from llama_pipe.errors import ConfigError, InputError, OutputError
 from llama_pipe.lineage import TRAINED_ON, base_record
 from llama_pipe.model_dir import pick_template
 from llama_pipe.records import file_digest
@@ -175,6 +176,25 @@ def describe_plan(planned: Planned) -> str:
     return planned.plan.describe(planned.layers)
 
 
+def check_run_paths(out: Path, sources: list[Path]) -> None:
+    """Refuse an ``out`` (or its ``<OUT>.ckpt``, removed on a fresh start) that is or holds one of
+    ``sources``, or holds files train did not write: an OutputError, exit 2, before training."""
+    check_output_dir(out, sources, "train")
+    root = checkpoint_root(out)
+    for src in sources:
+        if same_file(root, src) or is_inside(src, root):
+            raise OutputError(f"{root}: the run's checkpoint directory holds the input {src}; a fresh start would delete it; "
+                              "give another -o")
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        raise OutputError(f"{root}: the run's checkpoint directory is a file or a link; remove it or give another -o")
+    if root.is_dir():
+        # what train writes there: checkpoints, snapshots, the live metrics, restart_at's temporary
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in ("checkpoints", "snapshots", "metrics.jsonl", "metrics.tmp"))
+        if foreign:
+            raise OutputError(f"{root}: holds {foreign[0]!r}, which train did not write; a fresh start would delete it; "
+                              "move it out or give another -o")
+
+
 def train(
     base: Path, train_path: Path, val_path: Path, out: Path, settings: TrainSettings, chat: ChatSettings | None = None,
     loss_fn: Any = None, fast_options: fast.FastOptions | None = None,
@@ -191,6 +211,7 @@ def train(
 
     t_start = time.time()
     base, train_path, val_path, out = Path(base), Path(train_path), Path(val_path), Path(out)
+    check_run_paths(out, [base, train_path, val_path])  # before hours of training, not after
     if not (base / "config.json").is_file():
         raise InputError(
             f"{base}: not a Hugging Face model directory (no config.json); --base must be the output of "

