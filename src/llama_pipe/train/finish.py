@@ -46,7 +46,7 @@ def write_output(
         # Written whole or not at all: no half-written run directory is left behind. The run
         # directory goes into place first, then the checkpoints move into it: a kill in between
         # leaves them in <OUT>.ckpt, where the next run resumes from them.
-        sources = [base, *(Path(p) for p in inputs.values())]
+        sources = [base, *(Path(inputs[k]) for k in ("train_data", "val_data") if isinstance(inputs.get(k), str))]
         with atomic_dir(out, stage="train", inputs=sources, later=("checkpoints", "snapshots")) as tmp:  # checkpoints and snapshots move in below
             unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
             if settings.method == "full":
