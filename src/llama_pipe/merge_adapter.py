@@ -36,8 +36,8 @@ from llama_pipe.model_dir import (
     has_tokenizer,
     is_full_model,
     load_float_base,
-    pick_template,
     recorded_system_prompt,
+    resolve_template,
 )
 from llama_pipe.records import file_digest
 from llama_pipe.settings import add_settings_arguments, describe
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_float_base(start)
     model, tokenizer = apply_adapters(model, tokenizer, adapters)
     dirs = [base, *([full] if full else []), *adapters]
-    template_name = pick_template(chat.template, dirs, tokenizer)
+    template_name = resolve_template(chat.template, dirs, tokenizer).name
     model = model.to(getattr(torch, settings.dtype))
     sidecar = {
         "system_prompt": chat.system_prompt if chat.system_prompt is not None else recorded_system_prompt(dirs[1:]),

@@ -24,10 +24,9 @@ from typing import Any
 from llama_pipe.config import ChatSettings, TrainSettings, settings_from_args
 from llama_pipe.entry import stage_main
 from llama_pipe.errors import ConfigError, InputError
-from llama_pipe.model_dir import pick_template
+from llama_pipe.model_dir import resolve_template
 from llama_pipe.records import file_digest
 from llama_pipe.settings import add_settings_arguments, describe, to_dict
-from llama_pipe.templates import get_template
 from llama_pipe.train import fast
 from llama_pipe.train.checkpoint import Checkpointer, checkpoint_root
 from llama_pipe.train.dataset import StepPlan, collate, load_examples, pack_examples, rank_eval_batches
@@ -196,7 +195,7 @@ def train(
 
     set_seed(settings.seed)
     tokenizer = load_tokenizer(base, trust_remote_code=settings.trust_remote_code)
-    template = get_template(pick_template(chat.template, [base], tokenizer), tokenizer)
+    template = resolve_template(chat.template, [base], tokenizer)
     train_ex, train_stats = load_examples(train_path, tokenizer, template, chat.max_seq_len, chat.system_prompt)
     val_ex, val_stats = load_examples(val_path, tokenizer, template, chat.max_seq_len, chat.system_prompt)
     log.info("%s", train_stats.line())
