@@ -34,7 +34,7 @@ from llama_pipe.config import ChatSettings, EvalSettings, settings_from_args
 from llama_pipe.errors import InputError
 from llama_pipe.generation import ChatModel, SamplingParams, pick_device
 from llama_pipe.heldout import bundled_questions, check_expected, score_rows
-from llama_pipe.model_dir import check_model_dir, load_float_base, recorded_system_prompt, resolve_template
+from llama_pipe.model_dir import check_model_dir, load_config, load_float_base, recorded_system_prompt, resolve_template
 from llama_pipe.records import dumps, iter_jsonl, read_records
 from llama_pipe.settings import add_settings_arguments, describe, to_dict
 from llama_pipe.templates import IGNORE_INDEX, encode_conversation, to_messages
@@ -171,7 +171,6 @@ def answer_questions(chat: Any, questions: list[dict[str, Any]], settings: EvalS
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoConfig
 
     settings = settings_from_args(args, EvalSettings, "eval")
     chat = settings_from_args(args, ChatSettings, "chat")
@@ -187,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     system = chat.system_prompt if chat.system_prompt is not None else recorded_system_prompt([tuned])
     configs = []
     for path in (base, tuned):
-        configs.append(AutoConfig.from_pretrained(str(path)))
+        configs.append(load_config(path))
     max_len = min(int(getattr(c, "max_position_embeddings", 2048)) for c in configs)
     rows, counts = encode_val(val, tokenizer, template, system, max_len)
     vocab = min(int(c.vocab_size) for c in configs)

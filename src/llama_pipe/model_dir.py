@@ -20,7 +20,7 @@ from llama_pipe.errors import InputError
 from llama_pipe.templates import AUTO, MODEL, TEMPLATES, ChatTemplate, builtin_named, get_template
 from llama_pipe.weights.hf import safetensors_files
 from llama_pipe.weights.tokenizer import load_tokenizer
-from llama_pipe.weights.validate import check_adapter_weights, check_model_weights
+from llama_pipe.weights.validate import check_adapter_weights, check_model_weights, refuse_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,20 @@ def check_model_dir(path: str | Path, what: str = "model") -> Path:
     if not (path / "config.json").is_file():
         hint = " (it looks like a peft adapter: pass it with --adapter)" if (path / "adapter_config.json").is_file() else ""
         raise InputError(f"{path}: not a Hugging Face model directory (no config.json){hint}; expected e.g. results/hf_base or results/default/merged")
+    refuse_remote_code(path)  # eval, chat, serve and merge-adapter never run a model folder's code
     check_model_weights(path, safetensors_files(path))  # headers and config.json, before any allocation
     return path
+
+
+def load_config(path: Path, trust_remote_code: bool = False) -> Any:
+    """``AutoConfig`` of a checked model directory (``trust_remote_code`` always passed: never a
+    prompt); a config transformers cannot read (an unknown model_type) is an InputError."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise InputError(f"{path / 'config.json'}: transformers cannot read this config ({str(exc).splitlines()[0][:200]})") from None
 
 
 def is_full_model(path: Path) -> bool:
@@ -86,16 +98,17 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
 def load_float_base(base: str | Path, device: str = "cpu") -> Any:
     """The base model in float32 (refusing a quantised checkpoint), in eval mode."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     base = check_model_dir(base)
-    cfg = AutoConfig.from_pretrained(str(base))
+    cfg = load_config(base)
     if getattr(cfg, "quantization_config", None):
         raise InputError(
             f"{base}: the checkpoint is quantised ({cfg.quantization_config.get('quant_method', '?')}); merging needs the "
             "float base the adapter was trained over (the hf_base directory), not a 4/8-bit copy"
         )
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, device_map=device, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, device_map=device, use_safetensors=True,
+                                                 trust_remote_code=False)
     model.eval()
     return model
 

@@ -39,7 +39,7 @@ from llama_pipe.train.runstate import Metrics, StoppedBySignal, StopRequest, pea
 from llama_pipe.train.step import NonFiniteLoss, StepContext, evaluate, logits_loss_sum, train_step
 from llama_pipe.weights.hf import safetensors_files
 from llama_pipe.weights.tokenizer import load_tokenizer
-from llama_pipe.weights.validate import check_model_weights
+from llama_pipe.weights.validate import check_model_weights, refuse_remote_code
 
 __all__ = ["Metrics", "StopRequest", "StoppedBySignal", "add_arguments", "peak_memory", "run", "train"]
 
@@ -175,6 +175,7 @@ def train(
             f"{base}: not a Hugging Face model directory (no config.json); --base must be the output of "
             "`llama-pipe convert` (results/hf_base) or a downloaded HF model"
         )
+    refuse_remote_code(base, settings.trust_remote_code)  # an auto_map: exit 2 naming the setting, never a prompt
     check_model_weights(base, safetensors_files(base))  # lying headers / absurd config.json: exit 2 before anything loads
     acc, precision = make_accelerator(settings)
     main = acc.is_main_process
