@@ -177,8 +177,9 @@ def _check_decoder(path: Path, dims: dict[str, int], text: dict[str, Any], cfg: 
     for i in sorted(layers):
         if set(layers[i]) != set(first):
             odd = sorted(set(layers[i]) ^ set(first))[0]
-            raise _fail(path.parent, f"model.layers.{i}.{odd} is in {'layer ' + str(i) if odd in layers[i] else 'layer 0'} only; "
-                                     "every layer must hold the same tensors (a missing one would be initialised at random)")
+            has, lacks = (i, min(layers)) if odd in layers[i] else (min(layers), i)
+            raise _fail(path.parent, f"the weights hold model.layers.{has}.{odd} but not model.layers.{lacks}.{odd}; every layer "
+                                     "must hold the same tensors (a missing one would be initialised at random)")
     hidden, heads = dims.get("hidden_size"), dims.get("num_attention_heads")
     head_dim = dims.get("head_dim") or (hidden // heads if hidden and heads else None)
     kv = dims.get("num_key_value_heads", heads)
