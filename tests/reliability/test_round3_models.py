@@ -294,10 +294,9 @@ UNIT_TEMPLATES = {
 def test_model_template_bounds(name: str, tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each hostile template, as the tokenizer's own, is an InputError naming where it came from,
     within the budget (1 s here) and without taking the machine's memory."""
+    import llama_pipe.chat_jinja as cj
     from llama_pipe.errors import InputError
     from llama_pipe.templates import get_template
-
-    import llama_pipe.chat_jinja as cj
 
     monkeypatch.setattr(cj, "RENDER_SECONDS", 1.0)
     tok = copy.deepcopy(tokenizer)
