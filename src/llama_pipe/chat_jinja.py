@@ -10,9 +10,12 @@ or takes all memory.
 Here the same environment as ``apply_chat_template`` (trim_blocks, lstrip_blocks, loop controls,
 ``{% generation %}``, ``tojson``, ``raise_exception``, ``strftime_now``) gets bounds:
 
-* a wall-clock budget per render (:data:`RENDER_SECONDS`): every line the compiled template
-  executes (a trace function on the template's own frames, in whichever thread renders), every
-  call, operator, filter and piece of output checks the deadline;
+* a wall-clock budget per render (:data:`RENDER_SECONDS`): in the main thread a SIGALRM timer
+  (:func:`llama_pipe.data.common.within_budget`, which puts back a timer someone else set)
+  interrupts the template wherever it is; in another thread (serve's handlers) every line the
+  compiled template executes checks the deadline (a trace function on the template's own frames,
+  five times slower, so only there); everywhere every call, operator, filter and piece of output
+  checks it too;
 * sizes: every value an operator, a call or a filter makes, every ``~`` and every piece of output
   is measured before it grows further; the limit is :data:`MIN_LIMIT` characters or
   :data:`GROWTH` times the conversation's own text, whichever is larger;
@@ -66,7 +69,11 @@ _budget = _Budget()
 def _tick() -> None:
     deadline = _budget.deadline
     if deadline is not None and time.monotonic() > deadline:
-        raise TemplateLimit(f"rendering took longer than {RENDER_SECONDS:g} s (a loop that does not end, or one far too long)")
+        raise TemplateLimit(_slow())
+
+
+def _slow() -> str:
+    return f"rendering took longer than {RENDER_SECONDS:g} s (a loop that does not end, or one far too long)"
 
 
 def _size(obj: Any, limit: int) -> int:
@@ -286,20 +293,23 @@ def _compile(source: str) -> Any:
 
 
 class _bounded:
-    """The budget (deadline, size limit) and the line tracer, for the current thread."""
+    """The budget (deadline, size limit) and, with ``trace``, the line tracer, for the current thread."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, trace: bool = False) -> None:
         self.limit = limit
+        self.trace = trace
 
     def __enter__(self) -> None:
         self.saved = (_budget.deadline, _budget.limit, sys.gettrace())
         _budget.deadline = time.monotonic() + RENDER_SECONDS
         _budget.limit = self.limit
-        sys.settrace(_tracer)
+        if self.trace:
+            sys.settrace(_tracer)
 
     def __exit__(self, *exc: object) -> None:
         _budget.deadline, _budget.limit, trace = self.saved
-        sys.settrace(trace)
+        if self.trace:
+            sys.settrace(trace)
 
 
 def render(source: str, input_chars: int, **context: Any) -> str:
@@ -307,15 +317,27 @@ def render(source: str, input_chars: int, **context: Any) -> str:
     ``input_chars``, the conversation's own text). Raises :class:`TemplateLimit`, :class:`Refused`
     (``raise_exception``), Jinja's ``SecurityError`` and other ``TemplateError``, or what the template's
     operations raise (``TypeError``, ``RecursionError``, ``MemoryError``, ...)."""
+    from llama_pipe.data.common import TooSlow, _can_alarm, within_budget
+
     template = compile_template(source)
     limit = max(MIN_LIMIT, GROWTH * input_chars)
-    pieces: list[str] = []
-    written = 0
-    with _bounded(limit):
+
+    def generate() -> str:
+        pieces: list[str] = []
+        written = 0
         for piece in template.generate(**context):
             written += len(piece)
             if written > limit:
                 raise TemplateLimit(f"the rendered text would exceed {limit:,} characters")
             pieces.append(piece)
             _tick()
-    return "".join(pieces)
+        return "".join(pieces)
+
+    alarm = _can_alarm()
+    with _bounded(limit, trace=not alarm):
+        if not alarm:
+            return generate()
+        try:
+            return within_budget(RENDER_SECONDS + 0.05, generate)
+        except TooSlow:
+            raise TemplateLimit(_slow()) from None

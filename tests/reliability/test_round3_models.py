@@ -92,7 +92,7 @@ MODEL_STAGES = ("train", "merge-adapter", "eval", "chat", "serve")
 def _argv(stage: str, model: Path, adapter: Path, data: Path, out: Path) -> list[str]:
     if stage == "train":
         return ["train", "--base", str(model), "--train-data", str(data), "--val-data", str(data), "-o", str(out),
-                "--max-steps", "1", "--device", "cpu", "--max-seq-len", "128"]
+                "--max-steps", "1", "--device", "cpu", "--max-seq-len", "512"]
     if stage == "merge-adapter":
         return ["merge-adapter", "--base", str(model), "--adapter", str(adapter), "-o", str(out)]
     if stage == "eval":
@@ -309,6 +309,33 @@ def test_model_template_bounds(name: str, tokenizer: Any, monkeypatch: pytest.Mo
     assert "chat_template" in str(info.value) and words in str(info.value), str(info.value)
 
 
+def test_template_rendered_in_another_thread_is_bounded_too(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve renders in its handler threads, where no SIGALRM reaches: the looping template is
+    still refused within the budget there."""
+    import threading
+
+    import llama_pipe.chat_jinja as cj
+    from llama_pipe.errors import InputError
+    from llama_pipe.templates import get_template
+
+    monkeypatch.setattr(cj, "RENDER_SECONDS", 1.0)
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = LOOP + "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    caught: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            get_template("model", tok)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            caught.append(exc)
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "the template is still rendering in its thread"
+    assert len(caught) == 1 and isinstance(caught[0], InputError) and "longer than" in str(caught[0]), caught
+
+
 COMPLEX_TEMPLATE = (
     "{%- set ns = namespace(first=true, n=0) -%}"
     "{{- bos_token -}}"
@@ -413,7 +440,13 @@ def test_control_strings_in_messages_are_text(request: pytest.FixtureRequest, na
     replies mention end-of-turn markers: its ids hold exactly the control tokens the template writes
     for the same conversation without them, the text survives, and every reply gets exactly one
     end-of-turn label."""
-    from llama_pipe.templates import IGNORE_INDEX, encode_conversation
+    from llama_pipe import templates
+    from llama_pipe.templates import IGNORE_INDEX
+
+    def encode_conversation(tok: Any, tpl: Any, msgs: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        if hasattr(templates, "encode_conversation"):
+            return templates.encode_conversation(tok, tpl, msgs)  # type: ignore[no-any-return]
+        return templates.tokenize_with_labels(tok, *tpl.render(msgs))  # the code before this round
 
     tok, tpl = _case(request, name, kind)
     evil = _conversation(EVIL_USER, EVIL_REPLY)
@@ -504,8 +537,8 @@ def test_vocabulary_that_spells_a_control_token_from_text_falls_back_to_characte
 def test_split_auto_resolves_the_template_train_uses(tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A base converted by hand with another template (here: chatml) and split left on auto: split
     measures with chatml, as train renders, and its token counts are train's for every chunk."""
+    from llama_pipe import model_dir
     from llama_pipe.config import ChatSettings
-    from llama_pipe.model_dir import resolve_template
     from llama_pipe.templates import get_template
     from llama_pipe.train.dataset import encode_record
     from llama_pipe.weights.tokenizer import load_tokenizer
@@ -514,7 +547,10 @@ def test_split_auto_resolves_the_template_train_uses(tokenizer_dir: Path, tmp_pa
     tok = load_tokenizer(tok_dir)
     (tok_dir / "chat_template.jinja").write_text(get_template("chatml").jinja_for(tok), encoding="utf-8")
     train_tok = load_tokenizer(tok_dir)
-    train_tpl = resolve_template(ChatSettings().template, [tok_dir], train_tok)  # what train does
+    if hasattr(model_dir, "resolve_template"):  # what train does
+        train_tpl = model_dir.resolve_template(ChatSettings().template, [tok_dir], train_tok)
+    else:  # the code before this round
+        train_tpl = get_template(model_dir.pick_template(ChatSettings().template, [tok_dir], train_tok), train_tok)
     assert train_tpl.name == "chatml"
     records = [{"id": f"r{k}", "conversations": [t for n in range(6) for t in (
         {"from": "human", "value": f"What is {n} plus {k}?"}, {"from": "gpt", "value": f"It is {n + k}, since {n} + {k} = {n + k}."})]}
