@@ -1,11 +1,14 @@
 """Hugging Face model and peft adapter directories as eval, serve, chat and merge-adapter read them.
 
 * :func:`check_model_dir` / :func:`check_adapter_dir` - validate a directory (headers and shapes,
-  before anything big is allocated), or raise an :class:`~llama_pipe.errors.InputError`;
-* :func:`load_float_base` - the model in float32 (a quantised checkpoint is refused);
+  ``config.json`` against them, no ``auto_map`` asking to run the folder's Python: before anything
+  big is allocated), or raise an :class:`~llama_pipe.errors.InputError`;
+* :func:`load_config` / :func:`load_float_base` - the config (``trust_remote_code`` always passed,
+  so transformers never asks on stdin) and the model in float32 (a quantised checkpoint is refused);
 * :func:`apply_adapters` - merge adapters, in order, into a float model;
-* :func:`pick_template` / :func:`recorded_system_prompt` - what was recorded with a model
-  (its ``llama_pipe.json`` sidecar, or the trainer's ``train_config.json``).
+* :func:`resolve_template` (:func:`pick_template`) - the chat template every stage renders with,
+  split included; :func:`recorded_system_prompt` - what was recorded with a model (its
+  ``llama_pipe.json`` sidecar, or the trainer's ``train_config.json``).
 """
 
 from __future__ import annotations
