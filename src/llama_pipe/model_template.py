@@ -33,6 +33,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ class ModelTemplate(ChatTemplate):
     ) -> list[tuple[int, int]]:
         msgs = self._messages(messages, system)
         used = set(self.chat_template).union(*(m["content"] for m in msgs))
-        marks = [chr(c) for c in _MARKS if chr(c) not in used][:2]
+        marks = list(islice((chr(c) for c in _MARKS if chr(c) not in used), 2))
         if len(marks) < 2:
             raise ValueError("no free marker characters to locate message text with")
         open_, close = marks
