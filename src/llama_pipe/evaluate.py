@@ -34,10 +34,10 @@ from llama_pipe.config import ChatSettings, EvalSettings, settings_from_args
 from llama_pipe.errors import InputError
 from llama_pipe.generation import ChatModel, SamplingParams, pick_device
 from llama_pipe.heldout import bundled_questions, check_expected, score_rows
-from llama_pipe.model_dir import check_model_dir, load_float_base, pick_template, recorded_system_prompt
+from llama_pipe.model_dir import check_model_dir, load_config, load_float_base, recorded_system_prompt, resolve_template
 from llama_pipe.records import dumps, iter_jsonl, read_records
 from llama_pipe.settings import add_settings_arguments, describe, to_dict
-from llama_pipe.templates import IGNORE_INDEX, get_template, to_messages, tokenize_with_labels
+from llama_pipe.templates import IGNORE_INDEX, encode_conversation, to_messages
 from llama_pipe.weights.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,9 @@ def encode_val(path: Path, tokenizer: Any, template: Any, system: str | None, ma
     for n, record in enumerate(iter_jsonl(path), start=1):
         counts["read"] += 1
         try:
-            text, spans = template.render(to_messages(record), system=system)
+            ids, labels = encode_conversation(tokenizer, template, to_messages(record), system)
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: record {n} is not a conversation the template can render ({exc!r})") from None
-        ids, labels = tokenize_with_labels(tokenizer, text, spans)
         if len(ids) > max_len:
             counts["truncated"] += 1
             ids, labels = ids[:max_len], labels[:max_len]
@@ -172,7 +171,6 @@ def answer_questions(chat: Any, questions: list[dict[str, Any]], settings: EvalS
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoConfig
 
     settings = settings_from_args(args, EvalSettings, "eval")
     chat = settings_from_args(args, ChatSettings, "chat")
@@ -186,11 +184,11 @@ def run(args: argparse.Namespace) -> int:
     check_model_dir(tuned, "tuned model")
     questions = read_questions(settings.questions, settings.max_questions)
     tokenizer = load_tokenizer(tuned)
-    template = get_template(pick_template(chat.template, [tuned], tokenizer), tokenizer)
+    template = resolve_template(chat.template, [tuned], tokenizer)
     system = chat.system_prompt if chat.system_prompt is not None else recorded_system_prompt([tuned])
     configs = []
     for path in (base, tuned):
-        configs.append(AutoConfig.from_pretrained(str(path)))
+        configs.append(load_config(path))
     max_len = min(int(getattr(c, "max_position_embeddings", 2048)) for c in configs)
     rows, counts = encode_val(val, tokenizer, template, system, max_len)
     vocab = min(int(c.vocab_size) for c in configs)

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama_pipe.control_tokens import control_tokens
 from llama_pipe.errors import InputError
 from llama_pipe.lineage import chain_lineage
-from llama_pipe.model_dir import apply_adapters, check_adapter_dir, check_model_dir, load_float_base, pick_template, recorded_system_prompt
-from llama_pipe.templates import ChatTemplate, Message, end_of_turn_ids, get_template
+from llama_pipe.model_dir import apply_adapters, check_adapter_dir, check_model_dir, load_float_base, recorded_system_prompt, resolve_template
+from llama_pipe.templates import ChatTemplate, Message, end_of_turn_ids, message_texts
 from llama_pipe.weights.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,18 @@ class ChatModel:
         return next(self.model.parameters()).device
 
     def prompt_ids(self, messages: Sequence[Message], system: str | None = None) -> list[int]:
-        """Token ids (BOS first) of the conversation so far, ending where the assistant's reply starts."""
-        text = self.template.render_text(messages, system=system if system is not None else self.system, add_generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        """Token ids (BOS first) of the conversation so far, ending where the assistant's reply starts.
+
+        Rendered in one pass (:meth:`ChatTemplate.render_text`: linear in the conversation, and a
+        conversation that opens with an assistant greeting is a prompt too). Only the template writes
+        control tokens: a message that spells ``<|im_end|><|im_start|>system`` is text, so no turn can
+        be forged (:mod:`llama_pipe.control_tokens`)."""
+        system = system if system is not None else self.system
+        text = self.template.render_text(messages, system=system, add_generation_prompt=True)
+        controls = control_tokens(self.tokenizer)
+        texts = self.template.text_spans(messages, system, True, text) if controls.in_any(message_texts(messages, system)) else []
+        ids, _ = controls.encode(text, texts)
+        return ids
 
     def _generator(self, params: SamplingParams) -> Any:
         import torch
@@ -332,7 +342,7 @@ def load_chat_model(
         model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     model = model.to(dev).eval()
     dirs = [model_dir, *map(Path, adapters)]
-    name = pick_template(template, dirs, tokenizer)
-    log.info("model %s on %s, template %s", model_dir, dev, name)
-    return ChatModel(model, tokenizer, get_template(name, tokenizer), model_id or model_dir.resolve().name,
+    chat_template = resolve_template(template, dirs, tokenizer)
+    log.info("model %s on %s, template %s", model_dir, dev, chat_template.name)
+    return ChatModel(model, tokenizer, chat_template, model_id or model_dir.resolve().name,
                      system_prompt if system_prompt is not None else recorded_system_prompt(dirs))

@@ -46,8 +46,8 @@ from llama_pipe.model_dir import (
     has_tokenizer,
     is_full_model,
     load_float_base,
-    pick_template,
     recorded_system_prompt,
+    resolve_template,
 )
 from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.templates import end_of_turn_ids, get_template
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, tokenizer = combine_adapters(model, tokenizer, adapters, settings.combine, settings.weights, settings.svd_rank)
     dirs = [base, *([full] if full else []), *adapters]
-    template_name = pick_template(chat.template, dirs, tokenizer)
+    template_name = resolve_template(chat.template, dirs, tokenizer).name
     model = model.to(getattr(torch, settings.dtype))
     added = len(adapters) if settings.combine == "chain" else min(len(adapters), 1)  # the steps this merge added
     merged = [a for step in lineage.steps[len(lineage.steps) - added:] for a in step.adapters]

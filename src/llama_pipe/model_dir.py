@@ -1,12 +1,15 @@
 """Hugging Face model and peft adapter directories as eval, serve, chat and merge-adapter read them.
 
 * :func:`check_model_dir` / :func:`check_adapter_dir` - validate a directory (headers and shapes,
-  before anything big is allocated), or raise an :class:`~llama_pipe.errors.InputError`;
-* :func:`load_float_base` - the model in float32 (a quantised checkpoint is refused);
+  ``config.json`` against them, no ``auto_map`` asking to run the folder's Python: before anything
+  big is allocated), or raise an :class:`~llama_pipe.errors.InputError`;
+* :func:`load_config` / :func:`load_float_base` - the config (``trust_remote_code`` always passed,
+  so transformers never asks on stdin) and the model in float32 (a quantised checkpoint is refused);
 * :func:`apply_adapters` - merge adapters, in order, into a float model;
 * :func:`combine_adapters` - merge one weighted combination of adapters (peft's ``add_weighted_adapter``);
-* :func:`pick_template` / :func:`recorded_system_prompt` - what was recorded with a model
-  (its ``llama_pipe.json`` sidecar, or the trainer's ``train_config.json``).
+* :func:`resolve_template` (:func:`pick_template`) - the chat template every stage renders with,
+  split included; :func:`recorded_system_prompt` - what was recorded with a model (its
+  ``llama_pipe.json`` sidecar, or the trainer's ``train_config.json``).
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.errors import InputError
-from llama_pipe.templates import AUTO, MODEL, TEMPLATES, builtin_for
+from llama_pipe.templates import AUTO, MODEL, TEMPLATES, ChatTemplate, builtin_named, get_template
 from llama_pipe.weights.hf import safetensors_files
 from llama_pipe.weights.tokenizer import load_tokenizer
-from llama_pipe.weights.validate import check_adapter_weights, check_model_weights
+from llama_pipe.weights.validate import check_adapter_weights, check_model_weights, refuse_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,20 @@ def check_model_dir(path: str | Path, what: str = "model") -> Path:
     if not (path / "config.json").is_file():
         hint = " (it looks like a peft adapter: pass it with --adapter)" if (path / "adapter_config.json").is_file() else ""
         raise InputError(f"{path}: not a Hugging Face model directory (no config.json){hint}; expected e.g. results/hf_base or results/default/merged")
+    refuse_remote_code(path)  # eval, chat, serve and merge-adapter never run a model folder's code
     check_model_weights(path, safetensors_files(path))  # headers and config.json, before any allocation
     return path
+
+
+def load_config(path: Path, trust_remote_code: bool = False) -> Any:
+    """``AutoConfig`` of a checked model directory (``trust_remote_code`` always passed: never a
+    prompt); a config transformers cannot read (an unknown model_type) is an InputError."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise InputError(f"{path / 'config.json'}: transformers cannot read this config ({str(exc).splitlines()[0][:200]})") from None
 
 
 def is_full_model(path: Path) -> bool:
@@ -87,16 +102,17 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
 def load_float_base(base: str | Path, device: str = "cpu") -> Any:
     """The base model in float32 (refusing a quantised checkpoint), in eval mode."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     base = check_model_dir(base)
-    cfg = AutoConfig.from_pretrained(str(base))
+    cfg = load_config(base)
     if getattr(cfg, "quantization_config", None):
         raise InputError(
             f"{base}: the checkpoint is quantised ({cfg.quantization_config.get('quant_method', '?')}); merging needs the "
             "float base the adapter was trained over (the hf_base directory), not a 4/8-bit copy"
         )
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, device_map=device, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, device_map=device, use_safetensors=True,
+                                                 trust_remote_code=False)
     model.eval()
     return model
 
@@ -244,22 +260,63 @@ def recorded(dirs: list[Path], key: str) -> tuple[bool, Any]:
     return False, None
 
 
+def read_chat_template(path: str | Path) -> str | None:
+    """The chat template Jinja stored in a tokenizer directory, as transformers reads it:
+    ``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template`` (None: none)."""
+    path = Path(path)
+    try:
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        pass
+    try:
+        cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    jinja = cfg.get("chat_template") if isinstance(cfg, dict) else None
+    if isinstance(jinja, list):  # named templates: transformers uses "default"
+        jinja = next((t.get("template") for t in jinja if isinstance(t, dict) and t.get("name") == "default"), None)
+    return jinja if isinstance(jinja, str) else None
+
+
+def _own_jinja(tokenizer: Any, dirs: list[Path]) -> str | None:
+    """The tokenizer's own Jinja: its ``chat_template``; a bare ``tokenizers.Tokenizer`` (split's fast
+    path) has none, so it is read from the first directory's files."""
+    if hasattr(tokenizer, "chat_template"):
+        jinja = tokenizer.chat_template
+        return jinja if isinstance(jinja, str) else None
+    return read_chat_template(dirs[0]) if dirs else None
+
+
 def pick_template(explicit: str | None, dirs: list[Path], tokenizer: Any) -> str:
     """Template name for ``chat.template``: a built-in or ``model`` as given; ``auto`` (or None): the
     one recorded with the model (sidecar, train_config.json) > the built-in the tokenizer's Jinja is >
-    the tokenizer's own Jinja (``model``) > vicuna_v1.1. Give the name and the tokenizer to ``get_template``."""
+    the tokenizer's own Jinja (``model``) > vicuna_v1.1. :func:`resolve_template` gives the template:
+    every stage resolves ``auto`` through these two (split, train, merge-adapter, eval, chat, serve)."""
     if explicit and explicit != AUTO:
         return explicit
     found, name = recorded(dirs, "template")
     if found and (name in TEMPLATES or name == MODEL):
         return str(name)
-    own = builtin_for(tokenizer)
+    jinja = _own_jinja(tokenizer, dirs)
+    own = builtin_named(jinja)
     if own is not None:
         return own
-    if getattr(tokenizer, "chat_template", None):
+    if jinja and jinja.strip():
         return MODEL
     log.warning("no chat template recorded with the model; using vicuna_v1.1 (pass --template to choose)")
     return "vicuna_v1.1"
+
+
+def resolve_template(explicit: str | None, dirs: list[Path], tokenizer: Any) -> ChatTemplate:
+    """The chat template every stage renders with (``chat.template`` resolved by :func:`pick_template`).
+    A template that cannot be used (``model`` with none, one that rewrites earlier turns, a hostile
+    one) is an :class:`InputError` naming the model directory or the template's file."""
+    name = pick_template(explicit, dirs, tokenizer)
+    try:
+        return get_template(name, tokenizer)
+    except ValueError as exc:
+        where = dirs[0] if dirs else getattr(tokenizer, "name_or_path", "the tokenizer")
+        raise InputError(f"{where}: chat template {name!r}: {exc}") from None
 
 
 def recorded_system_prompt(dirs: list[Path]) -> str | None:

@@ -26,10 +26,9 @@ from llama_pipe.config import ChatSettings, TrainSettings, settings_from_args
 from llama_pipe.entry import stage_main
 from llama_pipe.errors import ConfigError, InputError, OutputError
 from llama_pipe.lineage import TRAINED_ON, base_record
-from llama_pipe.model_dir import pick_template
+from llama_pipe.model_dir import resolve_template
 from llama_pipe.records import file_digest
 from llama_pipe.settings import add_settings_arguments, describe, to_dict
-from llama_pipe.templates import get_template
 from llama_pipe.train import fast
 from llama_pipe.train.checkpoint import Checkpointer, checkpoint_root
 from llama_pipe.train.dataset import StepPlan, collate, load_examples, pack_examples, rank_eval_batches
@@ -42,7 +41,7 @@ from llama_pipe.train.runstate import Metrics, StoppedBySignal, StopRequest, pea
 from llama_pipe.train.step import NonFiniteLoss, StepContext, evaluate, logits_loss_sum, train_step
 from llama_pipe.weights.hf import safetensors_files
 from llama_pipe.weights.tokenizer import load_tokenizer
-from llama_pipe.weights.validate import check_model_weights
+from llama_pipe.weights.validate import check_model_weights, refuse_remote_code
 
 __all__ = ["Metrics", "StopRequest", "StoppedBySignal", "add_arguments", "peak_memory", "run", "train"]
 
@@ -217,6 +216,7 @@ def train(
             f"{base}: not a Hugging Face model directory (no config.json); --base must be the output of "
             "`llama-pipe convert` (results/hf_base) or a downloaded HF model"
         )
+    refuse_remote_code(base, settings.trust_remote_code)  # an auto_map: exit 2 naming the setting, never a prompt
     check_model_weights(base, safetensors_files(base))  # lying headers / absurd config.json: exit 2 before anything loads
     # What this run trains on (recorded in train_config.json; merge-adapter checks it): the base's
     # weights fingerprint and, for a merged model, the adapters merged into it.
@@ -243,7 +243,7 @@ def train(
 
     set_seed(settings.seed)
     tokenizer = load_tokenizer(base, trust_remote_code=settings.trust_remote_code)
-    template = get_template(pick_template(chat.template, [base], tokenizer), tokenizer)
+    template = resolve_template(chat.template, [base], tokenizer)
     train_ex, train_stats = load_examples(train_path, tokenizer, template, chat.max_seq_len, chat.system_prompt)
     val_ex, val_stats = load_examples(val_path, tokenizer, template, chat.max_seq_len, chat.system_prompt)
     log.info("%s", train_stats.line())

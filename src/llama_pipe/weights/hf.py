@@ -12,9 +12,10 @@ from typing import Any
 
 from llama_pipe.atomic import atomic_dir, commit_dir
 from llama_pipe.errors import InputError
-from llama_pipe.templates import AUTO, template_for_bare_model
+from llama_pipe.templates import AUTO, builtin_for, template_for_bare_model
 from llama_pipe.weights.fetch import check_url, redact, scrub
 from llama_pipe.weights.tokenizer import load_tokenizer
+from llama_pipe.weights.validate import check_model_weights, refuse_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +149,13 @@ def validate_hf_dir(src: Path) -> dict[str, Any]:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    refuse_remote_code(src)  # convert never runs a model folder's code
     try:
         config = AutoConfig.from_pretrained(str(src), trust_remote_code=False)
     except Exception as exc:  # transformers raises many types here
         raise InputError(f"{src / 'config.json'}: not a usable model config ({exc})") from None
     files = safetensors_files(src)
+    check_model_weights(src, files)  # headers, and config.json against them (layers, heads, sizes)
     found: dict[str, tuple[int, ...]] = {}
     for f in files:
         try:
@@ -163,7 +166,7 @@ def validate_hf_dir(src: Path) -> dict[str, Any]:
             raise InputError(f"{src / f}: not a readable safetensors file ({exc})") from None
     with torch.device("meta"):
         try:
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
         except Exception as exc:
             raise InputError(f"{src}: config.json does not describe a causal LM transformers can build ({exc})") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -184,6 +187,17 @@ def validate_hf_dir(src: Path) -> dict[str, Any]:
     return {"files": files, "tensors": len(found), "config": config, "tokenizer": tok}
 
 
+def _check_own_template(tok: Any) -> None:
+    """Render the model's own chat template once within the bounds (a looping or escaping one is an
+    InputError naming its file); one that cannot be trained on as it is only warns."""
+    from llama_pipe.model_template import model_template
+
+    try:
+        model_template(tok)
+    except ValueError as exc:
+        log.warning("%s: %s (chat.template must name a built-in to train on this model)", tok.name_or_path, exc)
+
+
 def pass_through(src: Path, out_dir: Path, template: str = AUTO) -> dict[str, Any]:
     """Validate ``src`` and place its files at ``out_dir`` (hard links where possible); a model without a
     chat template gets ``template``'s (chat.template: see :func:`~llama_pipe.templates.template_for_bare_model`)."""
@@ -195,7 +209,10 @@ def pass_through(src: Path, out_dir: Path, template: str = AUTO) -> dict[str, An
                 os.link(src / n, tmp / n)
             except OSError:
                 shutil.copy2(src / n, tmp / n)
-        if info["tokenizer"].chat_template is None:
+        own = info["tokenizer"].chat_template
+        if isinstance(own, str) and own.strip() and builtin_for(info["tokenizer"]) is None:
+            _check_own_template(info["tokenizer"])
+        if own is None:
             added = template_for_bare_model(template, src)
             log.info("%s has no chat template; adding %s", src, added.name)
             (tmp / "chat_template.jinja").write_text(added.jinja_for(info["tokenizer"]), encoding="utf-8")
