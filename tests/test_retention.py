@@ -247,6 +247,7 @@ def test_mcnemar_exact_p_values() -> None:
     assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(3, 3) == 1.0
     assert mcnemar_p(0, 5) == pytest.approx(2 / 32) == mcnemar_p(5, 0)
     assert mcnemar_p(1, 9) == pytest.approx(22 / 1024)
+    assert mcnemar_p(1500, 1500) == 1.0 and mcnemar_p(1400, 1600) == pytest.approx(2.7e-4, rel=0.1)  # past float's 2**1023
 
 
 def test_style_reports_the_most_common_opening_and_distinct_2() -> None:
