@@ -82,7 +82,7 @@ def main() -> None:
         table[key] = {"items": n, "chance": 100 * chance / n, "acc": 100 * acc / n, "acc_norm": 100 * norm / n}
         print(f"{key:<16} {n:>5} {table[key]['chance']:>6.1f}% {table[key]['acc']:>5.1f}% {table[key]['acc_norm']:>7.1f}%")
     print(f"scoring: {seconds:.1f} s wall ({len(items) / seconds:.1f} items/s), {cpu:.1f} s CPU")
-    retention = None
+    retention, tuned = None, []
     if args.tuned:
         del model
         tuned = score_items(load_float_base(args.tuned).to(getattr(torch, args.dtype)), tok, template, items, batch_size=args.batch_size, system=system)
@@ -99,6 +99,7 @@ def main() -> None:
             "model": args.model, "template": template.name, "dtype": args.dtype, "threads": args.threads, "seconds": seconds, "cpu_seconds": cpu,
             "load_average": load, "table": table, "retention": retention,
             "scores": [{"id": s.id, "category": s.category, "answer": s.answer, "logprobs": s.logprobs, "chars": s.chars} for s in scores],
+            "tuned_scores": [{"id": s.id, "logprobs": s.logprobs} for s in tuned],
         }, indent=1) + "\n", encoding="utf-8")
 
 

@@ -333,11 +333,11 @@ def compare(base: Sequence[ItemScore], tuned: Sequence[ItemScore], metric: str =
         raise ValueError("base and tuned scores must cover the same item ids")
     cats = sorted({s.category for s in base})
     out: dict[str, Any] = {"metric": metric, "bound": bound, "resamples": resamples, "categories": {}}
-    for k, cat in enumerate([*cats, None]):
+    for cat in [*cats, None]:
         chosen = [s for s in base if cat is None or s.category == cat]
         b = np.array([s.correct(metric) for s in chosen], dtype=bool)
         t = np.array([tuned_by_id[s.id].correct(metric) for s in chosen], dtype=bool)
-        (out["categories"] if cat else out)[cat or "overall"] = _cell(b, t, bound, resamples, seed + k)
+        (out["categories"] if cat else out)[cat or "overall"] = _cell(b, t, bound, resamples, seed)
     return out
 
 
