@@ -48,16 +48,25 @@ def test_bundled_bank_has_five_balanced_categories_and_a_stratified_dev_split() 
     assert min(positions[k] for k in range(4)) >= 0.15 * len(items), positions
 
 
+def _strings(obj: object) -> list[str]:
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return [t for v in obj for t in _strings(v)] if isinstance(obj, list) else []
+
+
 def _training_texts() -> list[str]:
-    """Every text the project trains on or evaluates with already (lower-cased, spaces collapsed)."""
+    """Every text the project trains on or already evaluates with (lower-cased, spaces collapsed):
+    the sample data, any replay prompts (a file named *replay* under data/ or the package assets),
+    the held-out questions."""
+    assets = REPO / "src" / "llama_pipe" / "assets"
+    files = [*sorted((REPO / "data" / "sample").glob("*.json")), *sorted(REPO.glob("data/**/*replay*")), *sorted(assets.glob("**/*replay*")),
+             assets / "heldout_questions.jsonl"]
     texts: list[str] = []
-    files = sorted((REPO / "data" / "sample").glob("*.json")) + sorted(REPO.glob("data/**/*replay*"))
-    for f in files:
-        for rec in json.loads(f.read_text(encoding="utf-8")) if f.suffix == ".json" else []:
-            if isinstance(rec, dict) and isinstance(rec.get("conversations"), list):
-                texts += [t["value"] for t in rec["conversations"] if isinstance(t, dict) and isinstance(t.get("value"), str)]
-    for line in (REPO / "src" / "llama_pipe" / "assets" / "heldout_questions.jsonl").read_text(encoding="utf-8").splitlines():
-        texts += json.loads(line)["turns"]
+    for f in (f for f in files if f.suffix in (".json", ".jsonl")):
+        text = f.read_text(encoding="utf-8")
+        texts += _strings(json.loads(text) if f.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()])
     assert len(texts) > 1000
     return [" ".join(t.lower().split()) for t in texts]
 
