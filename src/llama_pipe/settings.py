@@ -299,7 +299,7 @@ def add_settings_arguments(
             metavar="V",
             default=argparse.SUPPRESS,
             type=_parser_for(tp),
-            help=f"{f.metadata.get('doc', '')}{hint}",
+            help=f"{f.metadata.get('doc', '')}{hint}".replace("%", "%%"),  # argparse formats help with %
         )
 
 

@@ -70,6 +70,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("gather", "llama_pipe.data.gather", "gather shards into train/validation JSONL",
           section="data", unit="records"),
     Stage("train", "llama_pipe.train.loop", "LoRA / QLoRA / 8-bit / full fine-tuning", section="train"),
+    Stage("select", "llama_pipe.select_checkpoint",
+          "keep the evaluation checkpoint with the best validation loss whose retention stays within bound", section="select"),
     Stage("merge-adapter", "llama_pipe.merge_adapter", "merge adapters (in order, or one weighted combination) into a float copy of the base",
           section="merge_adapter"),
     Stage("export", "llama_pipe.weights.gguf_export",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from workflow_helpers import copy_workflow, fake_bin, job_counts, snakemake
 
-RUN_ONLY = {"train": 1, "merge_adapter": 1, "eval": 1, "report": 1, "all": 1}
+RUN_ONLY = {"train": 1, "select": 1, "merge_adapter": 1, "eval": 1, "report": 1, "all": 1}
 CHAINED = ["--config", 'train={"run": "cn", "base_run": "default"}']
 
 
@@ -38,7 +38,7 @@ def test_a_chained_run_trains_and_merges_on_the_earlier_runs_merged_model(first_
     argv = calls_of(calls)
     for stage in ("train", "merge-adapter", "eval"):
         assert "--base=results/default/merged" in argv[stage], (stage, argv[stage])
-    assert "--adapter=results/cn/train" in argv["merge-adapter"] and "-o" in argv["merge-adapter"]
+    assert "--adapter=results/cn/select" in argv["merge-adapter"] and "-o" in argv["merge-adapter"]
     assert argv["train"][argv["train"].index("--base_run") + 1] == "default"
     assert (workdir / "results/cn/merged").is_dir()
     assert job_counts(snakemake(workdir, "-n", "--profile", "profiles/default", *CHAINED).stdout) == {}

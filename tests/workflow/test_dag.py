@@ -23,6 +23,7 @@ WHOLE_DAG = {
     "convert": 1,
     **data_jobs(2),
     "train": 1,
+    "select": 1,
     "merge_adapter": 1,
     "eval": 1,
     "report": 1,

@@ -14,7 +14,7 @@ from workflow_helpers import edited_config, job_counts, snakemake
 from llama_pipe.atomic import MARKER
 from llama_pipe.stages import DATA_STAGES
 
-AFTER_TRAIN = {"train", "merge_adapter", "eval", "report", "all"}
+AFTER_TRAIN = {"train", "select", "merge_adapter", "eval", "report", "all"}
 AFTER_GATHER = {"gather"} | AFTER_TRAIN
 
 

@@ -333,6 +333,7 @@ def run_base(wildcards):
 
 
 TRAIN_TARGET = f"{RUN_DIR}/train"
+SELECT_TARGET = f"{RUN_DIR}/select"
 MERGED_TARGET = f"{RUN_DIR}/merged"
 EVAL_TARGET = f"{RUN_DIR}/eval"
 REPORT_TARGET = f"{RUN_DIR}/report"
@@ -343,6 +344,7 @@ KEY_PRODUCTS = [
     *DATA_TARGETS,
     BASE_TARGET,
     TRAIN_TARGET,
+    SELECT_TARGET,
     MERGED_TARGET,
     EVAL_TARGET,
     REPORT_TARGET,

@@ -34,6 +34,7 @@ rule eval:
 rule report:
     input:
         run=TRAIN_TARGET,
+        select=SELECT_TARGET,
         eval=EVAL_TARGET,
         stats=stats_files(),
         # earlier runs' results/<run>/ directories, compared in the report
@@ -63,5 +64,6 @@ rule report:
         run=RUN,
     shell:
         "llama-pipe report --train-metrics={input.run:q}/metrics.jsonl --eval={input.eval:q}/metrics.json"
+        " --selection={input.select:q}/selection.json"
         " -o {output:q} --name={params.run:q} {params.compare} --stats {input.stats:q}"
         " > {log:q} 2>&1"

@@ -35,16 +35,40 @@ rule train:
         # llama-pipe train, or accelerate launch of it (config launch.processes > 1)
         command=lambda wildcards: train_command(),
         args=flags("train", chat=CHAT_ALL),
+        # retention scored during training (select.bound is select's alone: changing it re-runs only select)
+        select=flags("select", only=("retention", "items", "max_items", "batch_size")),
     shell:
         "{params.command} --base={input.base:q} --train-data={input.train:q}"
-        " --val-data={input.val:q} -o {output.run:q} {params.args} > {log:q} 2>&1"
+        " --val-data={input.val:q} -o {output.run:q} {params.args} {params.select} > {log:q} 2>&1"
+
+
+# Which evaluation checkpoint becomes the product: the best validation loss among those whose
+# retention (scored during training) stays within select.bound of the base's. Reads JSON and
+# links files: no model is loaded.
+rule select:
+    input:
+        TRAIN_TARGET,
+    output:
+        directory(SELECT_TARGET),
+    log:
+        f"logs/{RUN}/select.log",
+    conda:
+        "../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        args=flags("select", only=("retention", "bound")),
+    shell:
+        "llama-pipe select -o {output:q} {params.args} -- {input:q} > {log:q} 2>&1"
 
 
 rule merge_adapter:
     input:
         # the model the adapter was trained on: merge-adapter refuses any other
         base=run_base,
-        adapter=TRAIN_TARGET,
+        adapter=SELECT_TARGET,
         extra=as_inputs(config["merge_adapter"]["extra_adapters"]),
     output:
         directory(MERGED_TARGET),

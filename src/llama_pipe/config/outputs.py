@@ -56,6 +56,18 @@ class EvalSettings:
     seed: int = opt(0, "sampling seed", minimum=0, maximum=SEED_MAX)
     batch_size: int = opt(8, "rows per perplexity batch, and questions answered together per forward pass", minimum=1)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to evaluate")
+    retention: bool = opt(
+        True, "score base and tuned side by side on general knowledge the training never saw: multiple choice by "
+        "log-likelihood, each model through its own chat template, paired 95% interval of the difference per category "
+        "(docs/evaluation.md)"
+    )
+    retention_items: list[str] = opt(
+        ["bundled"], "retention sets: 'bundled' (the bundled item bank's test split), a JSONL of items (id, category, question, "
+        "choices, answer) or a public benchmark file fetched by the workflow (an OLMES requests.jsonl.gz, e.g. ARC-Easy)"
+    )
+    retention_max_items: int = opt(0, "score at most this many items of each set (0 = all)", minimum=0)
+    retention_bound: float = opt(2.0, "the drop in points a tuned model may show against its base before eval reports "
+                                      "retention as not kept (the difference and its interval's lower end)", minimum=0, maximum=100)
 
 
 @dataclass

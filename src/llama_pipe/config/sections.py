@@ -8,7 +8,7 @@ from typing import Any
 from llama_pipe.config.chat import ChatSettings
 from llama_pipe.config.data import CleanSettings, DataSettings, FilterLangSettings, MergeSettings, SplitSettings
 from llama_pipe.config.outputs import EvalSettings, ExportSettings, MergeAdapterSettings, ServeSettings
-from llama_pipe.config.train import LaunchSettings, TrainSettings
+from llama_pipe.config.train import LaunchSettings, SelectSettings, TrainSettings
 from llama_pipe.config.weights import BaseSettings, ConvertSettings
 from llama_pipe.settings import dataclass_schema, opt
 
@@ -27,6 +27,7 @@ class Config:
     split: SplitSettings = opt(SplitSettings, "split stage")
     train: TrainSettings = opt(TrainSettings, "train stage")
     launch: LaunchSettings = opt(LaunchSettings, "how the workflow starts training (one process or accelerate launch)")
+    select: SelectSettings = opt(SelectSettings, "retention during training and the checkpoint the run keeps (select stage)")
     merge_adapter: MergeAdapterSettings = opt(MergeAdapterSettings, "merge-adapter stage")
     export: ExportSettings = opt(ExportSettings, "export stage (GGUF for llama.cpp)")
     eval: EvalSettings = opt(EvalSettings, "eval stage")
@@ -45,6 +46,7 @@ SECTIONS: dict[str, type] = {
     "split": SplitSettings,
     "train": TrainSettings,
     "launch": LaunchSettings,
+    "select": SelectSettings,
     "merge_adapter": MergeAdapterSettings,
     "export": ExportSettings,
     "eval": EvalSettings,

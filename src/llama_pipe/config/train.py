@@ -1,4 +1,4 @@
-"""Settings of training: ``train`` (with its ``lora`` block) and ``launch``."""
+"""Settings of training: ``train`` (with its ``lora`` block), ``launch`` and ``select`` (which checkpoint is kept)."""
 
 from __future__ import annotations
 
@@ -125,3 +125,22 @@ class LaunchSettings:
     )
     main_process_port: int = opt(29500, "rendezvous port of the processes; change it to run two trainings on one node",
                                  minimum=1, maximum=65535)
+
+
+@dataclass
+class SelectSettings:
+    """Retention during training and the ``select`` stage: which checkpoint the run keeps (docs/evaluation.md)."""
+
+    retention: bool = opt(
+        True, "score general knowledge (retention items, multiple choice by log-likelihood) before training and at every "
+        "evaluation step, and let `select` keep the checkpoint with the best validation loss among those whose retention "
+        "stays within bound of the base's; false: `select` keeps the last step",
+    )
+    bound: float = opt(2.0, "largest drop in retention accuracy, in points, that a kept checkpoint may show against the base "
+                            "(its paired 95% interval too)", minimum=0, maximum=100)
+    items: str | None = opt(
+        None, "retention items scored during training (JSONL: id, category, question, choices, answer); null: the bundled "
+        "set's dev split (the eval stage reports on its test split, never used to choose)", minLength=1,
+    )
+    max_items: int = opt(0, "score at most this many items (0 = all)", minimum=0)
+    batch_size: int = opt(16, "items per forward pass", minimum=1)

@@ -73,9 +73,9 @@ def write_output(
                     "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
                 },
             )
-            metrics = root / "metrics.jsonl"
-            if metrics.exists():
-                shutil.copyfile(metrics, tmp / "metrics.jsonl")
+            for name in ("metrics.jsonl", "retention.jsonl"):  # the live metrics, retention scored during training
+                if (root / name).exists():
+                    shutil.copyfile(root / name, tmp / name)
             write_json(tmp / "summary.json", {k: v for k, v in summary.items() if k != "is_main"})
         if (root / "snapshots").is_dir():  # the evaluation steps' adapters, for `llama-pipe select`
             (root / "snapshots").rename(out / "snapshots")

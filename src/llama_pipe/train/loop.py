@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.atomic import check_output_dir, is_inside, same_file
-from llama_pipe.config import ChatSettings, TrainSettings, settings_from_args
+from llama_pipe.config import ChatSettings, SelectSettings, TrainSettings, settings_from_args
 from llama_pipe.entry import stage_main
 from llama_pipe.errors import ConfigError, InputError, OutputError
 from llama_pipe.lineage import TRAINED_ON, base_record
@@ -37,6 +37,8 @@ from llama_pipe.train.memory import Planned, is_oom, keep_layers, plan_run, step
 from llama_pipe.train.model import build_model, count_parameters, resolve_precision
 from llama_pipe.train.optim import check_optimizer, fused_adamw_ok, make_optimizer
 from llama_pipe.train.output import VerificationError
+from llama_pipe.train.retention_probe import FILE as PROBE_FILE
+from llama_pipe.train.retention_probe import RetentionProbe
 from llama_pipe.train.runstate import Metrics, StoppedBySignal, StopRequest, peak_memory
 from llama_pipe.train.step import NonFiniteLoss, StepContext, evaluate, logits_loss_sum, train_step
 from llama_pipe.weights.hf import safetensors_files
@@ -60,13 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="run directory (the workflow's is results/<run>/train)")
     add_settings_arguments(parser, TrainSettings, "train")
     add_settings_arguments(parser, ChatSettings, "chat", config_flag=False)
+    add_settings_arguments(parser, SelectSettings, "select", config_flag=False)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, TrainSettings, "train")
     chat = settings_from_args(args, ChatSettings, "chat")
+    select = settings_from_args(args, SelectSettings, "select")
     try:
-        summary = train(args.base, args.train_data, args.val_data, args.output, settings, chat)
+        summary = train(args.base, args.train_data, args.val_data, args.output, settings, chat, select=select)
     except (NonFiniteLoss, VerificationError) as exc:
         print(f"llama-pipe train: error: {exc} (checkpoints kept in {args.output}.ckpt)", file=sys.stderr)
         return 1
@@ -188,7 +192,7 @@ def check_run_paths(out: Path, sources: list[Path]) -> None:
         raise OutputError(f"{root}: the run's checkpoint directory is a file or a link; remove it or give another -o")
     if root.is_dir():
         # what train writes there: checkpoints, snapshots, the live metrics, restart_at's temporary
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in ("checkpoints", "snapshots", "metrics.jsonl", "metrics.tmp"))
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in ("checkpoints", "snapshots", "metrics.jsonl", "metrics.tmp", PROBE_FILE))
         if foreign:
             raise OutputError(f"{root}: holds {foreign[0]!r}, which train did not write; a fresh start would delete it; "
                               "move it out or give another -o")
@@ -196,13 +200,14 @@ def check_run_paths(out: Path, sources: list[Path]) -> None:
 
 def train(
     base: Path, train_path: Path, val_path: Path, out: Path, settings: TrainSettings, chat: ChatSettings | None = None,
-    loss_fn: Any = None, fast_options: fast.FastOptions | None = None,
+    loss_fn: Any = None, fast_options: fast.FastOptions | None = None, select: SelectSettings | None = None,
 ) -> dict[str, Any]:
     """Train and write ``out``; returns the summary (also written to ``out/summary.json``).
 
     ``chat``: how conversations are rendered (template, system prompt, row length); None: the defaults.
     ``fast_options``: the fast path's levers instead of ``train.kernels`` (tests and benchmarks; see
-    :func:`apply_fast_path`)."""
+    :func:`apply_fast_path`). ``select``: whether and on what retention is scored during training
+    (:mod:`llama_pipe.train.retention_probe`); None: not scored."""
     chat = chat or ChatSettings()
     import torch
     from accelerate.utils import DistributedType, set_seed
@@ -264,6 +269,12 @@ def train(
                      chat, base, train_path, val_path, acc.num_processes)
     device_type = "cuda" if acc.device.type == "cuda" else "cpu"
     progress = {"step": 0}
+    probe = None
+    if select is not None and select.retention:
+        if acc.num_processes == 1:
+            probe = RetentionProbe(select, tokenizer, template, chat.system_prompt, root / PROBE_FILE)
+        else:
+            log.info("select.retention: not scored with %d processes (select keeps the last step)", acc.num_processes)
 
     def attempt(run_plan: Planned, resume: str) -> tuple[Any, float, float, int, int, int, int]:
         """Build, resume and train under one plan; returns the model and what the summary needs."""
@@ -311,6 +322,8 @@ def train(
             val_before = evaluate(ctx, val_batches)
             metrics.write({"step": 0, "val_loss": val_before})
             log.info("validation loss before training: %.4f", val_before)
+            if probe is not None:  # the adapters are still zero: this is the base's score
+                probe.score(acc, model, 0)
         val_loss, tokens_total = val_before, tokens_before
         bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=None if main else True)
         stop = StopRequest.install()
@@ -341,6 +354,8 @@ def train(
                 if (step + 1) % settings.eval_every == 0 or step + 1 == total:
                     val_loss = evaluate(ctx, val_batches)
                     metrics.write({"step": step + 1, "val_loss": val_loss})
+                    if probe is not None:
+                        probe.score(acc, model, step + 1)
                     if step + 1 < total:  # the last step's adapter is the run's own
                         ckpt.snapshot(step + 1, model)
                     log.info("step %d: loss %.4f, val loss %.4f", step + 1, res.loss, val_loss)
