@@ -16,7 +16,7 @@ TEXT = "USER: What is the capital of France? ASSISTANT: Paris is the capital.</s
 
 
 def make_adapter(
-    base_dir: Path, out: Path, seed: int, targets: list[str], quantized: bool = False, extra_tokens: int = 0, **lora: object
+    base_dir: Path, out: Path, seed: int, targets: list[str], quantized: bool = False, extra_tokens: int = 0, r: int = 4, **lora: object
 ) -> Path:
     """A peft LoRA adapter with random non-zero lora_B (so merging changes the logits), saved like our trainer."""
     from peft import LoraConfig, get_peft_model
@@ -38,7 +38,7 @@ def make_adapter(
         model.resize_token_embeddings(len(tok))
         save_modules = ["embed_tokens", "lm_head"]
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, modules_to_save=save_modules, **lora)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, modules_to_save=save_modules, **lora)
     peft_model = get_peft_model(model, cfg)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -100,12 +100,16 @@ def test_one_adapter_matches_peft(tiny_hf_model_dir: Path, adapters: dict[str, P
     assert written.chat_template == get_template("vicuna_v1.1").jinja_for(written)
 
 
-def test_two_chained_adapters_match_peft(tiny_hf_model_dir: Path, adapters: dict[str, Path], tmp_path: Path, tokenizer) -> None:
+def test_two_chained_adapters_match_peft(tiny_hf_model_dir: Path, adapters: dict[str, Path], tmp_path: Path, tokenizer, caplog) -> None:
     from peft import PeftModel
 
     out = tmp_path / "merged2"
     assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapters["a"]),
                  "--adapter", str(adapters["b"]), "-o", str(out)]) == 0
+    # Neither adapter records what it was trained on (made by peft, not by llama-pipe train): merged,
+    # but not silently - the second one is flagged as right only if trained on the first's merge.
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "no record of the model" in r.getMessage()]
+    assert len(warned) == 2 and "it is merged on top of" in warned[1] and f"+ {adapters['a']} [" in warned[1]
     # Reference: both adapters active at once on the unmerged base (x W0 + x dA + x dB).
     ref = PeftModel.from_pretrained(load(tiny_hf_model_dir), str(adapters["a"]), adapter_name="a")
     ref.load_adapter(str(adapters["b"]), adapter_name="b")
@@ -196,8 +200,14 @@ def test_output_is_replaced_atomically(tiny_hf_model_dir: Path, adapters: dict[s
     out = tmp_path / "merged"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapters["a"]), "-o", str(out)]) == 0
-    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
+    argv = ["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapters["a"]), "-o", str(out)]
+    # A directory holding files merge-adapter did not write is never replaced (they would be lost).
+    assert main(argv) == 2 and (out / "stale.txt").read_text() == "old"
+    (out / "stale.txt").unlink()
+    assert main(argv) == 0  # an empty one is
+    (out / "config.json").write_text("{}")
+    assert main(argv) == 0  # and so is merge-adapter's own earlier output, whole
+    assert json.loads((out / "config.json").read_text()) != {}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
@@ -237,3 +247,102 @@ def test_full_model_run_is_the_starting_point(tiny_hf_model_dir: Path, adapters:
     assert (logits(load(out), tokenizer) - logits(ref, tokenizer)).abs().max() < 1e-4
     assert json.loads((out / "llama_pipe.json").read_text())["full_model"] == str(full)
     assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapters["b"]), "--adapter", str(full), "-o", str(tmp_path / "x")]) == 2
+
+
+# ----------------------------------------------------------------------------- weighted combination
+
+
+def reference_sum(base_dir: Path, parts: list[tuple[Path, float]]):
+    """The base with sum_i w_i * scale_i * B_i @ A_i added to each adapted weight, computed by hand."""
+    from safetensors.torch import load_file
+
+    model = load(base_dir)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for adapter, w in parts:
+            cfg = json.loads((adapter / "adapter_config.json").read_text())
+            scale = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
+            tensors = load_file(str(adapter / "adapter_model.safetensors"))
+            for key, a in tensors.items():
+                if ".lora_A." not in key:
+                    continue
+                b = tensors[key.replace(".lora_A.", ".lora_B.")]
+                target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+                params[target].add_(w * scale * (b @ a))
+    return model
+
+
+@pytest.fixture(scope="module")
+def ranked(tiny_hf_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two independent adapters of the base with different ranks, overlapping modules, one with rslora."""
+    root = tmp_path_factory.mktemp("ranked")
+    return {
+        "r4": make_adapter(tiny_hf_model_dir, root / "r4", 11, ["q_proj", "v_proj", "up_proj"], r=4),
+        "r2": make_adapter(tiny_hf_model_dir, root / "r2", 12, ["q_proj", "o_proj"], r=2, use_rslora=True),
+    }
+
+
+def test_cat_combination_is_the_weighted_sum_of_the_updates(tiny_hf_model_dir: Path, ranked: dict[str, Path], tmp_path: Path,
+                                                             tokenizer) -> None:
+    out = tmp_path / "cat"
+    # the rslora adapter first: peft gives the combination its settings (rslora would scale it by sqrt(rank))
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(ranked["r2"]), "--adapter", str(ranked["r4"]),
+                 "--combine", "cat", "--weights=-0.4,0.7", "-o", str(out)]) == 0
+    ref = logits(reference_sum(tiny_hf_model_dir, [(ranked["r4"], 0.7), (ranked["r2"], -0.4)]), tokenizer)
+    assert (ref - logits(load(tiny_hf_model_dir), tokenizer)).abs().max() > 1e-2
+    assert (logits(load(out), tokenizer) - ref).abs().max() < 1e-4
+    side = json.loads((out / "llama_pipe.json").read_text())
+    assert side["combine"] == "cat" and side["weights"] == [-0.4, 0.7]
+    (step,) = side["lineage"]["steps"]
+    assert step["combine"] == "cat" and [a["adapter"] for a in step["adapters"]] == [str(ranked["r2"]), str(ranked["r4"])]
+
+
+def test_svd_combination_truncates_the_sum(tiny_hf_model_dir: Path, ranked: dict[str, Path], tmp_path: Path, tokenizer) -> None:
+    ref = logits(reference_sum(tiny_hf_model_dir, [(ranked["r4"], 0.5), (ranked["r2"], 0.5)]), tokenizer)
+    base = ["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(ranked["r4"]), "--adapter", str(ranked["r2"]),
+            "--combine", "svd", "--weights", "[0.5, 0.5]"]
+    assert main([*base, "--svd-rank", "6", "-o", str(tmp_path / "full")]) == 0  # rank 4 + 2: nothing is cut
+    assert (logits(load(tmp_path / "full"), tokenizer) - ref).abs().max() < 1e-4
+    assert main([*base, "-o", str(tmp_path / "cut")]) == 0  # rank 4: an approximation
+    cut = (logits(load(tmp_path / "cut"), tokenizer) - ref).abs().max()
+    assert 1e-5 < cut < (ref - logits(load(tiny_hf_model_dir), tokenizer)).abs().max()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--combine", "cat"], "merge_adapter.weights: combine cat needs one weight per adapter (2), got 0"),
+    (["--combine", "svd", "--weights", "1"], "needs one weight per adapter (2), got 1"),
+    (["--weights", "1,1"], "merge_adapter.weights: weights are for combine cat or svd"),
+    (["--combine", "cat", "--weights", "1,1", "--svd-rank", "4"], "merge_adapter.svd_rank: only combine svd"),
+])
+def test_combination_settings_are_checked(tiny_hf_model_dir: Path, ranked: dict[str, Path], tmp_path: Path, capsys,
+                                          flags: list[str], message: str) -> None:
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(ranked["r4"]), "--adapter", str(ranked["r2"]),
+                 *flags, "-o", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dora_adapters_are_not_combined(tiny_hf_model_dir: Path, ranked: dict[str, Path], tmp_path: Path, capsys) -> None:
+    dora = make_adapter(tiny_hf_model_dir, tmp_path / "dora", 13, ["q_proj"], use_dora=True)
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(ranked["r4"]), "--adapter", str(dora),
+                 "--combine", "cat", "--weights", "1,1", "-o", str(tmp_path / "x")]) == 2
+    assert "DoRA adapter" in capsys.readouterr().err
+
+
+def test_a_merged_model_whose_weights_changed_is_a_base_of_its_own(tiny_hf_model_dir: Path, adapters: dict[str, Path],
+                                                                    tmp_path: Path, caplog) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from llama_pipe.lineage import model_lineage
+    from llama_pipe.weights.fingerprint import weights_fingerprint
+
+    out = tmp_path / "merged"
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(adapters["a"]), "-o", str(out)]) == 0
+    fp, lineage = model_lineage(out)
+    assert lineage.root == weights_fingerprint(tiny_hf_model_dir) and len(lineage.steps) == 1
+    shard = out / "model.safetensors"
+    tensors = load_file(str(shard))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.5
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    fp2, lineage2 = model_lineage(out)
+    assert fp2 != fp and lineage2.root == fp2 and lineage2.steps == ()
+    assert any("not the ones merge-adapter wrote" in r.getMessage() for r in caplog.records)

@@ -11,7 +11,19 @@ from llama_pipe.cli import main
 from llama_pipe.stage_writer import StageWriter
 
 
-def inputs(tmp: Path) -> tuple[Path, list[Path], Path]:
+def _ev(tuned_ppl: float, retention: float | None, general: tuple[int, int] = (20, 30), base_ppl: float = 40.0,
+        questions: str = "(bundled held-out set)") -> dict:
+    """Eval metrics: perplexity on the run's own val set, retention on the bundled set, held-out questions."""
+    ev: dict = {"base_ppl": base_ppl, "tuned_ppl": tuned_ppl, "tokens": 900, "questions_file": questions,
+                "scores": {"general": {"base": {"correct": 25, "scored": 30, "rate": 25 / 30},
+                                       "tuned": {"correct": general[0], "scored": general[1], "rate": general[0] / general[1]}}}}
+    if retention is not None:
+        ev["retention"] = {"llama_pipe": {"overall": {"n": 329, "base": 68.0, "tuned": retention, "diff": retention - 68.0,
+                                                      "ci95": [retention - 70.0, retention - 66.0], "holds": retention >= 67.0}}}
+    return ev
+
+
+def inputs(tmp: Path, retention: float | None = 67.5) -> tuple[Path, list[Path], Path]:
     """This run's metrics.jsonl (last loss 5.0, last val loss 5.9), one stage's stats, eval metrics."""
     metrics = tmp / "metrics.jsonl"
     rows = [{"step": s, "loss": 7.0 - 0.05 * s} for s in range(1, 41)] + [{"step": 40, "val_loss": 5.9}]
@@ -22,35 +34,52 @@ def inputs(tmp: Path) -> tuple[Path, list[Path], Path]:
         w.keep({"id": "1"})
     ev = tmp / "eval" / "metrics.json"
     ev.parent.mkdir()
-    ev.write_text(json.dumps({"base_ppl": 40.5, "tuned_ppl": 12.25, "tokens": 900}))
+    ev.write_text(json.dumps(_ev(12.25, retention, (24, 30), base_ppl=40.5)))
     return metrics, [stats], ev
 
 
-def run_dir(root: Path, name: str, val_loss: float, tuned_ppl: float) -> Path:
+def run_dir(root: Path, name: str, val_loss: float, tuned_ppl: float, retention: float | None = 60.0,
+            general: tuple[int, int] = (10, 30)) -> Path:
     """A results/<run>/ directory as the workflow leaves it: train/metrics.jsonl, eval/metrics.json."""
     (root / name / "train").mkdir(parents=True)
     (root / name / "eval").mkdir()
     rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "val_loss": val_loss}]
     (root / name / "train" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / name / "eval" / "metrics.json").write_text(json.dumps({"base_ppl": 40.0, "tuned_ppl": tuned_ppl}))
+    (root / name / "eval" / "metrics.json").write_text(json.dumps(_ev(tuned_ppl, retention, general)))
     return root / name
 
 
-def test_report_compares_runs(tmp_path: Path) -> None:
+def test_report_compares_runs_on_shared_sets_not_on_their_own_perplexities(tmp_path: Path) -> None:
+    """Issue 28: a run whose perplexity on its own (easier) validation set is lowest but whose
+    answers are worse ranks below the others; the table names the sets it ranks on."""
     from matplotlib.image import imread
 
-    metrics, stats, ev = inputs(tmp_path)
-    r8 = run_dir(tmp_path / "results", "r8", 2.25, 15.5)
-    r4 = run_dir(tmp_path / "results", "r4", 2.75, 18.0)
+    metrics, stats, ev = inputs(tmp_path)  # r16: retention 67.5, 24/30 general, ppl 12.25
+    mydata = run_dir(tmp_path / "results", "mydata", 2.25, 1.86, retention=55.0, general=(8, 30))
+    r4 = run_dir(tmp_path / "results", "r4", 2.75, 18.0, retention=66.0, general=(22, 30))
     out = tmp_path / "report"
     assert main(["report", f"--train-metrics={metrics}", f"--eval={ev}", "-o", str(out), "--name=r16",
-                 f"--compare=r8={r8}", f"--compare=r4={r4}", "--stats", *map(str, stats)]) == 0
+                 f"--compare=mydata={mydata}", f"--compare=r4={r4}", "--stats", *map(str, stats)]) == 0
     md = (out / "report.md").read_text()
-    assert "## Runs compared" in md
-    assert "| **r16** (this run) | 40 | 5.0000 | 5.9000 | 40.500 | 12.250 |" in md
-    assert "| r8 | 2 | 2.5000 | 2.2500 | 40.000 | 15.500 |" in md
-    assert "| r4 | 2 | 2.5000 | 2.7500 | 40.000 | 18.000 |" in md
+    section = md[md.index("## Runs compared"):]
+    assert "retention sets (llama_pipe)" in section and "held-out questions (general)" in section
+    assert "not comparable" in section
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith(("| run", "| ---"))]
+    assert [r.split("|")[1].strip() for r in rows] == ["**r16** (this run)", "r4", "mydata"]
+    assert rows[0].startswith("| **r16** (this run) | 67.5 (-0.5) | 24/30 | 40 | 12.250 |")
+    assert rows[2].startswith("| mydata | 55.0 (-13.0) | 8/30 | 2 | 1.860 |")
     assert imread(out / "runs.png").shape[1] > 400
+
+
+def test_runs_without_a_shared_set_are_not_ranked_on_perplexity(tmp_path: Path) -> None:
+    """An older run without retention scores leaves no shared retention set: the table says so."""
+    metrics, stats, ev = inputs(tmp_path)
+    old = run_dir(tmp_path / "results", "old", 2.0, 1.5, retention=None)
+    out = tmp_path / "report"
+    assert main(["report", f"--train-metrics={metrics}", f"--eval={ev}", "-o", str(out), "--name=r16",
+                 f"--compare=old={old}", "--stats", *map(str, stats)]) == 0
+    section = (out / "report.md").read_text().split("## Runs compared")[1]
+    assert "retention sets (none shared)" in section
 
 
 def test_report_without_compare_has_no_runs_section(tmp_path: Path) -> None:

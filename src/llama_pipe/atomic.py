@@ -5,7 +5,11 @@ target, renamed into place, and the clean-up of temporaries a killed writer left
 * :func:`commit_files` - several finished AtomicFiles renamed together, rolled back on failure;
 * :func:`atomic_dir` - a directory built beside its target and swapped in (a context manager over
   :func:`new_temp_dir` and :func:`commit_dir`; the temporary is removed on any failure);
-* :func:`remove_dead_temps` - temporaries whose writer process is gone.
+* :func:`remove_dead_temps` - temporaries whose writer process is gone;
+* :func:`check_output_dir` and :func:`check_output_files` - the guard every stage's outputs pass
+  before anything is written: no output may be (or alias) an input or another output, and a
+  directory output may only replace a directory that llama-pipe's same stage wrote (its
+  :data:`MARKER` lists the files) and that holds none of the stage's inputs.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -69,6 +74,151 @@ def remove_dead_temps(path: str | Path) -> list[Path]:
     return removed
 
 
+# ----------------------------------------------------------------------------- the output guard
+
+#: The file every directory output gets (written by :func:`commit_dir` before the rename): which
+#: stage wrote the directory and the files it wrote. A later run may replace the directory only
+#: when the marker is there, names the same stage, and every file in the directory is listed.
+MARKER = ".llama-pipe-output.json"
+
+PathLike = str | Path
+
+#: Files a directory output may hold without a record: Snakemake's mtime carrier of directory()
+#: outputs (``--touch`` and its job bookkeeping write it); replacing it loses nothing.
+BOOKKEEPING = frozenset({".snakemake_timestamp"})
+
+_STAGE: ContextVar[str | None] = ContextVar("llama_pipe_stage", default=None)
+
+
+@contextmanager
+def running_stage(name: str) -> Iterator[None]:
+    """Within this block directory outputs are written by stage ``name`` (``llama-pipe NAME`` sets it):
+    the marker records it, and a directory another stage wrote is not replaced."""
+    token = _STAGE.set(name)
+    try:
+        yield
+    finally:
+        _STAGE.reset(token)
+
+
+def _resolved(path: PathLike) -> Path:
+    """``path`` with symbolic links and ``.``/``..`` resolved (as far as it exists)."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # a link loop: compare it as written
+        return Path(os.path.abspath(path))
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same path once links and ``./`` are resolved,
+    or two names (hard links) of one existing inode."""
+    if _resolved(a) == _resolved(b):
+        return True
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except (OSError, ValueError):
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def is_inside(path: PathLike, directory: PathLike) -> bool:
+    """Whether ``path`` lies somewhere under ``directory`` (links resolved)."""
+    return _resolved(directory) in _resolved(path).parents
+
+
+def check_output_files(outputs: Sequence[tuple[str, PathLike]], inputs: Iterable[PathLike] = ()) -> None:
+    """Refuse file outputs (``(what, path)`` pairs: ``("-o", out)``, ``("--stats", ...)``) of which
+    two name one file, or one names an input (the same path, a symbolic link to it, ``./x`` for
+    ``x``, a hard link), or one would replace an existing file inside an input directory: the
+    stage would destroy what it reads, or one output would overwrite another. An OutputError
+    (exit 2, one line) before anything is written."""
+    ins = [Path(p) for p in inputs]
+    seen: list[tuple[str, Path]] = []
+    for what, raw in outputs:
+        path = Path(raw)
+        for other_what, other in seen:
+            if same_file(path, other):
+                raise OutputError(f"{path}: {what} and {other_what} name the same file ({other}); give each output its own path")
+        for inp in ins:
+            if same_file(path, inp):
+                raise OutputError(f"{path}: {what} names the stage's input {inp}; writing it would replace the input; "
+                                  "give another output path")
+            if (path.exists() or path.is_symlink()) and inp.is_dir() and is_inside(path, inp):
+                raise OutputError(f"{path}: {what} would replace a file inside the input directory {inp}; give another output path")
+        seen.append((what, path))
+
+
+def _files_under(directory: Path) -> list[str]:
+    """Relative paths of every file (and symbolic link) under ``directory``, sorted; the marker is left out."""
+    out = []
+    for root, dirs, files in os.walk(directory):
+        rel = os.path.relpath(root, directory)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = name if rel == "." else f"{rel}/{name}"
+            if path != MARKER:
+                out.append(path)
+    return sorted(out)
+
+
+def _read_marker(directory: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((directory / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), list):
+        return None
+    return data
+
+
+def check_output_dir(out: PathLike, inputs: Iterable[PathLike] = (), stage: str | None = None) -> None:
+    """Refuse to replace ``out`` unless that loses nothing but an older output of this stage.
+
+    Refused (an OutputError naming the reason, exit 2): ``out`` is one of the ``inputs`` or
+    contains one (``shard IN -o DIR`` with IN in DIR); ``out`` is a file or a symbolic link;
+    ``out`` is a non-empty directory without llama-pipe's :data:`MARKER` (``report -o
+    results/<run>`` would delete the run's adapter and eval), one written by another stage, or
+    one holding a file its marker does not list (put there by someone else). A missing or
+    empty ``out`` is fine. ``stage`` defaults to the running stage (:func:`running_stage`)."""
+    out = Path(out)
+    stage = stage or _STAGE.get()
+    for inp in inputs:
+        if same_file(out, inp) or is_inside(inp, out):
+            raise OutputError(f"{out}: the output directory {'is' if same_file(out, inp) else 'contains'} the stage's input {inp}; "
+                              "replacing it would delete the input; give another output directory")
+    if out.is_symlink():
+        raise OutputError(f"{out}: is a symbolic link; llama-pipe replaces its output directory whole, so give the "
+                          "link's target or another path")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory; the output is a directory (remove the file or give another path)")
+    files = [f for f in _files_under(out) if f not in BOOKKEEPING]
+    if not files:
+        return
+    marker = _read_marker(out)
+    if marker is None:
+        raise OutputError(f"{out}: holds files llama-pipe did not write (e.g. {files[0]}; no {MARKER}); replacing the "
+                          "directory would delete them; give another output directory, or remove it first")
+    if stage is not None and marker.get("stage") not in (None, stage):
+        raise OutputError(f"{out}: holds the output of `llama-pipe {marker.get('stage')}`; replacing it would delete "
+                          f"that; give {stage} its own output directory")
+    listed = set(map(str, marker["files"]))
+    later = tuple(str(x) for x in marker.get("later") or ())
+    foreign = [f for f in files if f not in listed and f.split("/", 1)[0] not in later]
+    if foreign:
+        raise OutputError(f"{out}: holds {len(foreign)} file(s) llama-pipe did not write there (e.g. {foreign[0]}); "
+                          "replacing the directory would delete them; move them out or give another output directory")
+
+
+def write_marker(directory: PathLike, stage: str | None, later: Sequence[str] = ()) -> None:
+    """Record in ``directory`` (a finished temporary) which stage wrote it and its files."""
+    directory = Path(directory)
+    record: dict[str, Any] = {"written_by": "llama-pipe", "stage": stage or _STAGE.get(), "files": _files_under(directory)}
+    if later:
+        record["later"] = sorted(later)
+    (directory / MARKER).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
 def new_temp_dir(out: str | Path) -> Path:
     """A fresh ``OUT.tmp-<pid>-<random>`` directory beside ``out`` (same file system, so renaming
     it to ``out`` is atomic), after removing the ones killed writers of ``out`` left behind."""
@@ -78,14 +228,20 @@ def new_temp_dir(out: str | Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent))
 
 
-def commit_dir(tmp: str | Path, out: str | Path) -> None:
+def commit_dir(tmp: str | Path, out: str | Path, *, stage: str | None = None, inputs: Iterable[PathLike] = (),
+               later: Sequence[str] = ()) -> None:
     """Move a finished ``tmp`` (from :func:`new_temp_dir`) into place at ``out``.
 
-    An older ``out`` is first moved into another temporary directory (removed afterwards, or by
+    ``out`` must pass :func:`check_output_dir` (for ``stage``, which reads ``inputs``); ``tmp``
+    gets the :data:`MARKER` listing its files (``later``: top-level names the stage adds after the
+    commit, such as train's ``checkpoints``). An older ``out`` is first moved into another temporary directory (removed afterwards, or by
     the next writer if this one is killed in between), so ``out`` is always either the old or the
     new complete directory. Permissions follow the umask (mkdtemp makes directories private).
     """
     tmp, out = Path(tmp), Path(out)
+    inputs = list(inputs)
+    check_output_dir(out, inputs, stage)
+    write_marker(tmp, stage, later)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
@@ -112,7 +268,8 @@ def commit_dir(tmp: str | Path, out: str | Path) -> None:
 
 
 @contextmanager
-def atomic_dir(out: str | Path) -> Iterator[Path]:
+def atomic_dir(out: str | Path, *, stage: str | None = None, inputs: Iterable[PathLike] = (),
+               later: Sequence[str] = ()) -> Iterator[Path]:
     """Build directory ``out`` whole or not at all::
 
         with atomic_dir(out) as tmp:
@@ -122,11 +279,17 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     temporary is renamed into place (:func:`commit_dir`). On any exception (KeyboardInterrupt
     included), in the body or in the commit, the temporary is removed and the exception goes on;
     an older ``out`` stays as it was.
+
+    ``out`` is checked (:func:`check_output_dir`) before the body runs and again before the
+    commit: a directory that holds the stage's inputs or files llama-pipe did not write is never
+    replaced.
     """
+    inputs = list(inputs)
+    check_output_dir(out, inputs, stage)
     tmp = new_temp_dir(out)
     try:
         yield tmp
-        commit_dir(tmp, out)
+        commit_dir(tmp, out, stage=stage, inputs=inputs, later=later)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,7 +8,7 @@ combination fails before any job is queued), and the stages call the per-section
 
 from __future__ import annotations
 
-from llama_pipe.config import Config, TrainSettings
+from llama_pipe.config import Config, MergeAdapterSettings, TrainSettings
 from llama_pipe.errors import ConfigError
 
 
@@ -46,9 +46,28 @@ def train_errors(settings: TrainSettings, processes: int = 1) -> list[str]:
     return errors
 
 
+def merge_adapter_errors(settings: MergeAdapterSettings, adapters: int) -> list[str]:
+    """Combinations of ``merge_adapter`` settings that cannot run with ``adapters`` adapters (the
+    trained one plus ``extra_adapters`` in the workflow, the ``--adapter`` count by hand)."""
+    errors: list[str] = []
+    if settings.combine == "chain":
+        if settings.weights:
+            errors.append("merge_adapter.weights: weights are for combine cat or svd; a chain applies each adapter whole")
+    elif len(settings.weights) != adapters:
+        errors.append(f"merge_adapter.weights: combine {settings.combine} needs one weight per adapter ({adapters}), got "
+                      f"{len(settings.weights)}: e.g. [{', '.join(['1.0'] * adapters)}]")
+    if settings.svd_rank is not None and settings.combine != "svd":
+        errors.append("merge_adapter.svd_rank: only combine svd truncates to a rank")
+    return errors
+
+
 def config_errors(cfg: Config) -> list[str]:
     """Every cross-field error of a whole configuration, one message each."""
     errors = train_errors(cfg.train, processes=cfg.launch.processes)
+    errors += merge_adapter_errors(cfg.merge_adapter, 1 + len(cfg.merge_adapter.extra_adapters))
+    if cfg.train.base_run is not None and cfg.train.base_run == cfg.train.run:
+        errors.append(f"train.base_run: {cfg.train.base_run!r} is this run (train.run); name the earlier run whose merged model "
+                      "this one trains on")
     if cfg.split.max_length is not None and cfg.split.max_length > cfg.chat.max_seq_len:
         errors.append(f"split.max_length ({cfg.split.max_length}) is over chat.max_seq_len ({cfg.chat.max_seq_len}): training "
                       "would cut those chunks; raise chat.max_seq_len, or leave split.max_length null to follow it")

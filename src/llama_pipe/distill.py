@@ -46,15 +46,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from llama_pipe.atomic import check_output_files
 from llama_pipe.config import ChatSettings, DistillSettings, settings_from_args
 from llama_pipe.data.common import add_output_arguments, conversation_problem, log_settings
 from llama_pipe.errors import InputError
 from llama_pipe.generation import ChatModel, Completion, SamplingParams, pick_device
-from llama_pipe.model_dir import check_model_dir, load_float_base, pick_template, recorded_system_prompt
-from llama_pipe.records import InvalidLine, Record, dumps, partial_path, read_records
+from llama_pipe.model_dir import check_model_dir, load_float_base, recorded_system_prompt, resolve_template
+from llama_pipe.records import InvalidLine, Record, dumps, partial_path, read_records, rejects_path, stats_path
 from llama_pipe.settings import add_settings_arguments, to_dict
 from llama_pipe.stage_writer import StageWriter
-from llama_pipe.templates import MODEL, ChatTemplate, Message, get_template, to_messages
+from llama_pipe.templates import MODEL, ChatTemplate, Message, to_messages
 
 log = logging.getLogger(__name__)
 
@@ -495,21 +496,16 @@ def generate(chat: ChatModel, jobs: Sequence[Job], batch_size: int, progress: Pa
 # ----------------------------------------------------------------------------- the stage
 
 
-def load_base(base: Path, device: str, chat_settings: ChatSettings) -> tuple[ChatModel, str]:
-    """The base as a :class:`ChatModel` (the template and system prompt training uses) and the name
-    of its template."""
+def load_base(base: Path, device: str, tokenizer: Any, template: ChatTemplate, chat_settings: ChatSettings) -> ChatModel:
+    """The base as a :class:`ChatModel` with the template and system prompt training uses."""
     import torch
 
-    from llama_pipe.weights.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(base)
-    name = pick_template(chat_settings.template, [base], tokenizer)
     model = load_float_base(base)
     if device == "cuda":
         model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     model = model.to(device).eval()
     system = chat_settings.system_prompt if chat_settings.system_prompt is not None else recorded_system_prompt([base])
-    return ChatModel(model, tokenizer, get_template(name, tokenizer), base.resolve().name, system), name
+    return ChatModel(model, tokenizer, template, base.resolve().name, system)
 
 
 def base_names(template: ChatTemplate, keep_terms: Iterable[str]) -> set[str]:
@@ -609,6 +605,13 @@ def run(args: argparse.Namespace) -> int:
     progress = Path(args.progress) if args.progress else partial_path(out)
     log_settings("distill", settings, input=args.input, base=base, output=out, progress=progress)
     t0 = time.time()
+    # No output may be an input or another output (checked again when the writer opens them): found
+    # now, not after minutes of generation.
+    reads = [Path(args.input), *([Path(args.config)] if getattr(args, "config", None) else []),
+             *([Path(settings.replay_prompts)] if settings.replay_prompts else [])]
+    check_output_files([("-o", out), ("--rejects", Path(args.rejects) if args.rejects else rejects_path(out)),
+                        ("--stats", Path(args.stats) if args.stats else stats_path(out)), ("--progress", progress)],
+                       [*reads, base])
     # Read and check every record first (nothing is loaded for a file that cannot be read).
     plan = Plan()
     rejects: list[tuple[Any, str, str]] = []
@@ -640,12 +643,13 @@ def run(args: argparse.Namespace) -> int:
         from llama_pipe.weights.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(base)
-        template_name = pick_template(chat_settings.template, [base], tokenizer)
+        template = resolve_template(chat_settings.template, [base], tokenizer)
+        template_name = template.name
         mode, why = resolve_mode(settings, tokenizer, template_name, base, device)
         log.info("distill: mode %s (%s)", mode, why)
     prompts = read_prompts(settings.replay_prompts) if mode in ("replay", "both") else []
     if mode != "off":
-        chat, template_name = load_base(base, device, chat_settings)
+        chat = load_base(base, device, tokenizer, template, chat_settings)
         base_fp = base_fingerprint(base)
         foreign = base_names(chat.template, settings.keep_terms)
         plan_rewrites(plan, chat, settings, mode in ("rewrite", "both"), base_fp)
@@ -660,7 +664,7 @@ def run(args: argparse.Namespace) -> int:
         with tqdm(total=len(jobs), desc="distill", unit="reply", disable=None) as bar:
             counts = generate(chat, jobs, settings.batch_size, progress, bar.update)
         counts["seconds"] = round(time.time() - t_gen, 2)
-    with StageWriter("distill", out, args.rejects, args.stats) as w:
+    with StageWriter("distill", out, args.rejects, args.stats, inputs=reads) as w:
         write_outputs(w, plan, rejects, n_in, settings, foreign, seen)
         w.extra.update(mode=settings.mode, resolved_mode=mode, why=why, base=str(base), template=template_name,
                        generation=counts, seconds=round(time.time() - t0, 2), settings=to_dict(settings))

@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from llama_pipe.atomic import running_stage
 from llama_pipe.errors import ConfigError, InputError
 from llama_pipe.stages import BY_NAME
 
@@ -29,7 +30,8 @@ def setup_logging(verbose: bool = False) -> None:
 def run_stage(name: str, runner: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
     """``runner(args)``'s exit status; a user's error is one line on stderr and status 2."""
     try:
-        return int(runner(args) or 0)
+        with running_stage(name):  # the stage every directory output records and is checked for
+            return int(runner(args) or 0)
     except (InputError, ConfigError) as exc:
         print(f"llama-pipe {name}: error: {exc}", file=sys.stderr)
         return 2

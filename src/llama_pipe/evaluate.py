@@ -14,9 +14,21 @@ as ``chat`` and ``serve``. A question with ``expected`` answers is scored (see
 :mod:`llama_pipe.heldout`); the default questions are the bundled held-out set (identity
 paraphrases and general knowledge), found inside the installed package.
 
+Each model answers, and is scored for retention, through its *own* chat template (the one
+recorded with it, else its tokenizer's): a base is judged as its users talk to it.
+
+Retention (``eval.retention``): base and tuned scored on multiple-choice items training never saw
+(the bundled item bank's test split, and public benchmark files the workflow fetches), by
+log-likelihood, compared item by item with a paired 95% interval per category
+(:mod:`llama_pipe.retention`). Style: the most common three-word opening of each model's answers to
+the non-identity questions and its share, and distinct-2. Held-out text: the perplexity of both
+models on the base's own answers to the held-out questions (coherent text that is not the
+training distribution; a tuned model that drifted from its base finds it less likely).
+
 Output directory (built in ``OUT.tmp-*``, renamed when complete): ``metrics.json`` (with
-``scores``: per category and model, correct / scored / rate) and ``answers.jsonl`` (one row per
-model and question, FastChat's answer layout plus the questions and ``correct``).
+``scores``: per category and model, correct / scored / rate; ``retention``, ``style``,
+``heldout_text``) and ``answers.jsonl`` (one row per model and question, FastChat's answer layout
+plus the questions and ``correct``).
 """
 
 from __future__ import annotations
@@ -29,15 +41,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir, write_json_atomic
+from llama_pipe.atomic import atomic_dir, check_output_dir, write_json_atomic
 from llama_pipe.config import ChatSettings, EvalSettings, settings_from_args
 from llama_pipe.errors import InputError
 from llama_pipe.generation import ChatModel, SamplingParams, pick_device
 from llama_pipe.heldout import bundled_questions, check_expected, score_rows
-from llama_pipe.model_dir import check_model_dir, load_float_base, pick_template, recorded_system_prompt
+from llama_pipe.model_dir import check_model_dir, load_config, load_float_base, recorded_system_prompt, resolve_template
 from llama_pipe.records import dumps, iter_jsonl, read_records
+from llama_pipe.retention import Item, ItemScore, compare, load_items, load_oe_eval, score_items, style
 from llama_pipe.settings import add_settings_arguments, describe, to_dict
-from llama_pipe.templates import IGNORE_INDEX, get_template, to_messages, tokenize_with_labels
+from llama_pipe.templates import IGNORE_INDEX, encode_conversation, to_messages
 from llama_pipe.weights.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -80,10 +93,9 @@ def encode_val(path: Path, tokenizer: Any, template: Any, system: str | None, ma
     for n, record in enumerate(iter_jsonl(path), start=1):
         counts["read"] += 1
         try:
-            text, spans = template.render(to_messages(record), system=system)
+            ids, labels = encode_conversation(tokenizer, template, to_messages(record), system)
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: record {n} is not a conversation the template can render ({exc!r})") from None
-        ids, labels = tokenize_with_labels(tokenizer, text, spans)
         if len(ids) > max_len:
             counts["truncated"] += 1
             ids, labels = ids[:max_len], labels[:max_len]
@@ -94,6 +106,22 @@ def encode_val(path: Path, tokenizer: Any, template: Any, system: str | None, ma
     if not rows:
         raise InputError(f"{path}: no record with assistant tokens to score ({counts['read']} records read)")
     return rows, counts
+
+
+def retention_sets(specs: list[str], limit: int = 0) -> dict[str, list[Item]]:
+    """The retention sets by name: ``bundled`` (the bundled bank's test split, named ``llama_pipe``),
+    an OLMES ``requests.jsonl.gz`` (named after its folder, e.g. ``arc_easy``), or a JSONL of items."""
+    out: dict[str, list[Item]] = {}
+    for spec in specs:
+        path = Path(spec)
+        if spec == "bundled":
+            name, items = "llama_pipe", load_items(None, split="test")
+        elif path.name.endswith(".gz"):
+            name, items = path.parent.name if path.name.startswith("requests") else path.name.split(".")[0], load_oe_eval(path)
+        else:
+            name, items = path.stem, load_items(path)
+        out[name] = items[:limit] if limit else items
+    return out
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -125,6 +153,17 @@ def nll_sum(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, ba
                                            ignore_index=-100, reduction="sum"))
             count += int((shifted != -100).sum())
     return total, count
+
+
+def qa_rows(pairs: list[tuple[str, str]], tokenizer: Any, template: Any, system: str | None) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of one-turn conversations (question, answer), the answer's tokens as targets."""
+    rows = []
+    for q, a in pairs:
+        if a.strip():
+            ids, labels = encode_conversation(tokenizer, template, [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                              system)
+            rows.append((ids, labels))
+    return rows
 
 
 def answer_questions(chat: Any, questions: list[dict[str, Any]], settings: EvalSettings, label: str) -> list[dict[str, Any]]:
@@ -172,23 +211,25 @@ def answer_questions(chat: Any, questions: list[dict[str, Any]], settings: EvalS
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoConfig
 
     settings = settings_from_args(args, EvalSettings, "eval")
     chat = settings_from_args(args, ChatSettings, "chat")
     log.info("eval settings:\n%s", describe(settings))
     base, tuned, val, out = Path(args.base), Path(args.tuned), Path(args.val), Path(args.output)
     t0 = time.time()
+    inputs: list[str | Path] = [base, tuned, val, *([settings.questions] if settings.questions else []),
+                                *(p for p in settings.retention_items if p != "bundled")]
+    check_output_dir(out, inputs, "eval")  # before any model is loaded
     device = pick_device(settings.device)
     check_model_dir(base, "base model")
     check_model_dir(tuned, "tuned model")
     questions = read_questions(settings.questions, settings.max_questions)
     tokenizer = load_tokenizer(tuned)
-    template = get_template(pick_template(chat.template, [tuned], tokenizer), tokenizer)
+    template = resolve_template(chat.template, [tuned], tokenizer)
     system = chat.system_prompt if chat.system_prompt is not None else recorded_system_prompt([tuned])
     configs = []
     for path in (base, tuned):
-        configs.append(AutoConfig.from_pretrained(str(path)))
+        configs.append(load_config(path))
     max_len = min(int(getattr(c, "max_position_embeddings", 2048)) for c in configs)
     rows, counts = encode_val(val, tokenizer, template, system, max_len)
     vocab = min(int(c.vocab_size) for c in configs)
@@ -197,9 +238,17 @@ def run(args: argparse.Namespace) -> int:
     if not usable:
         raise InputError(f"{val}: every record uses tokens beyond the base vocabulary of {vocab}; perplexities are not comparable")
     rows = usable
+    sets = retention_sets(settings.retention_items, settings.retention_max_items) if settings.retention else {}
     results: dict[str, dict[str, Any]] = {}
     answers: list[dict[str, Any]] = []
+    ret_scores: dict[str, dict[str, list[ItemScore]]] = {name: {} for name in sets}
+    heldout: list[tuple[str, str]] = []  # (question, the base's answer): coherent text outside the training data
+    own: dict[str, dict[str, Any]] = {}
     for label, path in (("base", base), ("tuned", tuned)):
+        tok_m = tokenizer if path == tuned else load_tokenizer(path)
+        tmpl_m = template if path == tuned else resolve_template(chat.template, [path], tok_m)
+        sys_m = system if path == tuned else (chat.system_prompt if chat.system_prompt is not None else recorded_system_prompt([path]))
+        own[label] = {"template": tmpl_m.name, "system_prompt": sys_m}
         model = load_float_base(path)
         if device == "cuda":
             model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
@@ -207,22 +256,36 @@ def run(args: argparse.Namespace) -> int:
         total, n = nll_sum(model, rows, tokenizer.pad_token_id, settings.batch_size)
         results[label] = {"nll": total / n, "ppl": math.exp(total / n), "tokens": n}
         log.info("%s: perplexity %.3f over %d assistant tokens", label, results[label]["ppl"], n)
-        answers += answer_questions(ChatModel(model, tokenizer, template, label, system), questions, settings, label)
+        rows_m = answer_questions(ChatModel(model, tok_m, tmpl_m, label, sys_m), questions, settings, label)
+        answers += rows_m
+        if label == "base":
+            heldout = [(q["turns"][0], r["choices"][0]["turns"][0]) for q, r in zip(questions, rows_m) if q.get("category") != "identity"]
+        h_total, h_n = nll_sum(model, qa_rows(heldout, tok_m, tmpl_m, sys_m), tok_m.pad_token_id, settings.batch_size) if heldout else (0.0, 0)
+        results[label]["heldout_text_ppl"] = math.exp(h_total / h_n) if h_n else None
+        for name, items in sets.items():
+            ret_scores[name][label] = score_items(model, tok_m, tmpl_m, items, settings.batch_size, sys_m, desc=f"retention {name} ({label})")
         del model
         gc.collect()
     scores = score_rows(answers, questions)
+    retention = {name: compare(by["base"], by["tuned"], bound=settings.retention_bound) for name, by in ret_scores.items()}
+    general = {label: [a["choices"][0]["turns"][0] for a in answers if a["model_id"] == label and a.get("category") != "identity"]
+               for label in ("base", "tuned")}
     metrics = {
         "base_ppl": results["base"]["ppl"], "tuned_ppl": results["tuned"]["ppl"],
         "base_nll": results["base"]["nll"], "tuned_nll": results["tuned"]["nll"],
         "ppl_ratio": results["tuned"]["ppl"] / results["base"]["ppl"],
         "tokens": results["tuned"]["tokens"], "records_scored": len(rows), **{f"records_{k}": v for k, v in counts.items()},
-        "template": template.name, "system_prompt": system, "questions": len(questions),
+        "template": template.name, "system_prompt": system, "own_templates": own, "questions": len(questions),
         "questions_file": str(settings.questions or "(bundled held-out set)"), "scores": scores,
+        "retention": retention, "retention_kept": all(r["overall"]["holds"] for r in retention.values()) if retention else None,
+        "style": {label: style(texts) for label, texts in general.items()},
+        "heldout_text": {"what": "the base's answers to the non-identity held-out questions", "pairs": len(heldout),
+                         "base_ppl": results["base"]["heldout_text_ppl"], "tuned_ppl": results["tuned"]["heldout_text_ppl"]},
         "generation": {k: getattr(settings, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")},
         "models": {"base": str(base), "tuned": str(tuned)}, "val": str(val), "device": device, "seconds": round(time.time() - t0, 2),
         "settings": to_dict(settings),
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, stage="eval", inputs=inputs) as tmp:
         write_json_atomic(tmp / "metrics.json", metrics)
         (tmp / "answers.jsonl").write_text("".join(dumps(a) + "\n" for a in answers), encoding="utf-8")
     print(
@@ -231,4 +294,10 @@ def run(args: argparse.Namespace) -> int:
     )
     for category, cell in sorted(scores.items()):
         print(f"eval: {category}: " + ", ".join(f"{m} {c['correct']}/{c['scored']} correct" for m, c in sorted(cell.items())))
+    for name, r in retention.items():
+        o = r["overall"]
+        print(f"eval: retention {name} ({o['n']} items): base {o['base']:.1f} -> tuned {o['tuned']:.1f} ({o['diff']:+.1f} points, "
+              f"95% CI [{o['ci95'][0]:+.1f}, {o['ci95'][1]:+.1f}]) {'kept' if o['holds'] else 'NOT KEPT'} within {settings.retention_bound} points")
+    st = metrics["style"]["tuned"]
+    print(f"eval: style of the tuned answers: {st['top_opening_share']:.0%} open with {st['top_opening']!r}, distinct-2 {st['distinct_2']:.2f}")
     return 0

@@ -4,7 +4,8 @@ One decoding loop (KV cache, temperature / top-p sampling from a seeded ``torch.
 so the three commands produce the same text for the same prompt, settings and seed. Text is
 streamed by decoding the whole generated sequence after each token and emitting only what is
 new; a trailing U+FFFD (half of a multi-byte character spread over byte-fallback tokens) and a
-trailing prefix of a stop string are held back until the next token decides them.
+trailing prefix of a stop string are held back until the next token decides them, and a reply
+that ends inside a character (``max_tokens`` reached mid-character) ends before it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama_pipe.control_tokens import control_tokens
 from llama_pipe.errors import InputError
-from llama_pipe.model_dir import apply_adapters, check_adapter_dir, check_model_dir, load_float_base, pick_template, recorded_system_prompt
-from llama_pipe.templates import ChatTemplate, Message, end_of_turn_ids, get_template
+from llama_pipe.lineage import chain_lineage
+from llama_pipe.model_dir import apply_adapters, check_adapter_dir, check_model_dir, load_float_base, recorded_system_prompt, resolve_template
+from llama_pipe.templates import ChatTemplate, Message, end_of_turn_ids, message_texts
 from llama_pipe.weights.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -85,9 +88,18 @@ class ChatModel:
         return next(self.model.parameters()).device
 
     def prompt_ids(self, messages: Sequence[Message], system: str | None = None) -> list[int]:
-        """Token ids (BOS first) of the conversation so far, ending where the assistant's reply starts."""
-        text, _ = self.template.render(messages, system=system if system is not None else self.system, add_generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        """Token ids (BOS first) of the conversation so far, ending where the assistant's reply starts.
+
+        Rendered in one pass (:meth:`ChatTemplate.render_text`: linear in the conversation, and a
+        conversation that opens with an assistant greeting is a prompt too). Only the template writes
+        control tokens: a message that spells ``<|im_end|><|im_start|>system`` is text, so no turn can
+        be forged (:mod:`llama_pipe.control_tokens`)."""
+        system = system if system is not None else self.system
+        text = self.template.render_text(messages, system=system, add_generation_prompt=True)
+        controls = control_tokens(self.tokenizer)
+        texts = self.template.text_spans(messages, system, True, text) if controls.in_any(message_texts(messages, system)) else []
+        ids, _ = controls.encode(text, texts)
+        return ids
 
     def _generator(self, params: SamplingParams) -> Any:
         import torch
@@ -124,8 +136,10 @@ class ChatModel:
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def stream(self, prompt: list[int], params: SamplingParams, result: Completion | None = None) -> Generator[str, None, None]:
+    def stream(self, prompt: list[int], params: SamplingParams, result: Completion | None = None,
+               cancelled: Callable[[], bool] | None = None) -> Generator[str, None, None]:
         """Yield text pieces of the reply; ``result`` receives the totals and finish reason.
+        ``cancelled`` is asked before every forward pass: True stops generating (a client that left).
 
         Incremental detokenisation over a window that starts one token before the new ones
         (so a word's leading space is decoded in context) and only moves on once the window
@@ -136,7 +150,8 @@ class ChatModel:
         budget = self._budget(prompt, params)
         if budget <= 0:
             raise InputError(self._over_context(prompt))
-        yield from self._assemble(self._tokens(prompt, params, budget), params, res)
+        tokens = self._tokens(prompt, params, budget)
+        yield from self._assemble(tokens if cancelled is None else _until(tokens, cancelled), params, res)
 
     def _assemble(self, tokens: Iterable[int], params: SamplingParams, res: Completion) -> Iterator[str]:
         """Text pieces from generated token ids (the body of :meth:`stream`), filling ``res``."""
@@ -168,9 +183,9 @@ class ChatModel:
                 piece, sent = text[sent:ready], ready
                 res.pieces.append(piece)
                 yield piece
-        if not cut:  # whatever was held back (a trailing partial byte sequence) is final now
+        if not cut:  # whatever was held back is final now, less a character cut short (never half of one)
             before, after = self._decode(ids[start:read]), self._decode(ids[start:])
-            text += after[len(before):]
+            text += after[len(before):].rstrip("\ufffd")
             hits = [p for p in (text.find(s, max(0, sent - len(s))) for s in stops) if p >= 0]
             if hits:
                 text = text[: min(hits)]
@@ -264,6 +279,20 @@ class ChatModel:
                 )
 
 
+def _until(tokens: Iterator[int], cancelled: Callable[[], bool]) -> Iterator[int]:
+    """``tokens`` until ``cancelled()`` (asked before each one is computed); the generator is closed either way."""
+    try:
+        while not cancelled():
+            tok = next(tokens, None)
+            if tok is None:
+                return
+            yield tok
+    finally:
+        close = getattr(tokens, "close", None)
+        if close is not None:
+            close()
+
+
 def _pick(row_logits: Any, params: SamplingParams, gen: Any) -> int:
     """The next token from one row's logits: argmax at temperature 0, else temperature + top-p."""
     import torch
@@ -302,6 +331,8 @@ def load_chat_model(
     model_dir = check_model_dir(model_dir)
     for a in adapters:
         check_adapter_dir(a)
+    if adapters:  # each adapter must have been trained on the model plus the ones before it
+        chain_lineage(model_dir, list(adapters))
     dev = pick_device(device)
     tokenizer = load_tokenizer(model_dir)
     model = load_float_base(model_dir)
@@ -311,7 +342,7 @@ def load_chat_model(
         model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     model = model.to(dev).eval()
     dirs = [model_dir, *map(Path, adapters)]
-    name = pick_template(template, dirs, tokenizer)
-    log.info("model %s on %s, template %s", model_dir, dev, name)
-    return ChatModel(model, tokenizer, get_template(name, tokenizer), model_id or model_dir.resolve().name,
+    chat_template = resolve_template(template, dirs, tokenizer)
+    log.info("model %s on %s, template %s", model_dir, dev, chat_template.name)
+    return ChatModel(model, tokenizer, chat_template, model_id or model_dir.resolve().name,
                      system_prompt if system_prompt is not None else recorded_system_prompt(dirs))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import re
 import sys
@@ -132,10 +134,31 @@ MAX_DEPTH = 100
 
 
 class _NonFinite:
-    """What ``NaN``/``Infinity`` parse to: found by :func:`_value_problem`, never written."""
+    """What ``NaN``/``Infinity`` parse to, and a number too large for a float (``1e999``, which
+    Python would read as ``inf`` and write back as ``Infinity``, not JSON): found by
+    :func:`_value_problem`, never written."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, overflow: bool = False) -> None:
         self.name = name
+        self.overflow = overflow
+
+    def problem(self) -> str:
+        if self.overflow:
+            shown = self.name if len(self.name) <= 40 else self.name[:20] + "..." + self.name[-12:]
+            return (f"number {shown} is too large for a 64-bit float: it would be written back as Infinity, "
+                    "which is not JSON")
+        return f"{self.name} is not valid JSON (only finite numbers are)"
+
+
+def _parse_float(text: str) -> Any:
+    """A JSON number with a fraction or exponent; one that overflows to infinity is kept as a
+    :class:`_NonFinite` so the record is rejected rather than written back as ``Infinity``."""
+    value = float(text)
+    return _NonFinite(text, overflow=True) if value in (math.inf, -math.inf) else value
+
+
+# A number that may overflow a float: a 3-digit exponent or 309 digits in a row (cheap pre-check).
+_HUGE_NUMBER = re.compile(r"\d[eE][+]?\d{3}|\d{309}")
 
 
 def _loads(text: str, nonfinite: bool = False) -> Any:
@@ -145,7 +168,7 @@ def _loads(text: str, nonfinite: bool = False) -> Any:
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(limit + _PARSE_HEADROOM)
     try:
-        return json.loads(text) if nonfinite else json.loads(text, parse_constant=_NonFinite)
+        return json.loads(text) if nonfinite else json.loads(text, parse_constant=_NonFinite, parse_float=_parse_float)
     finally:
         sys.setrecursionlimit(limit)
 
@@ -165,7 +188,7 @@ def _value_problem(obj: Any, check_depth: bool, check_constants: bool) -> tuple[
             children = node
         else:
             if check_constants and isinstance(node, _NonFinite):
-                return "invalid_json", f"{node.name} is not valid JSON (only finite numbers are)"
+                return "invalid_json", node.problem()
             continue
         if check_depth and depth > MAX_DEPTH:
             return "too_deep", f"record nests arrays/objects more than {MAX_DEPTH} levels deep"
@@ -178,7 +201,7 @@ def _screen(obj: Any, text: str, nonfinite: bool = False) -> tuple[str, str] | N
     hold them (cheap substring counts first): too deep, NaN/Infinity (unless ``nonfinite``: then
     they were parsed as floats), a lone surrogate."""
     deep = text.count("[") + text.count("{") > MAX_DEPTH
-    constants = not nonfinite and ("NaN" in text or "Infinity" in text)
+    constants = not nonfinite and ("NaN" in text or "Infinity" in text or _HUGE_NUMBER.search(text) is not None)
     if deep or constants:
         problem = _value_problem(obj, deep, constants)
         if problem:
@@ -260,7 +283,7 @@ _SUSPECT = "[" * (MAX_DEPTH + 1) + "NaN \\ud800"
 
 def _suspect(text: str) -> bool:
     return (text.count("[") + text.count("{") > MAX_DEPTH or "NaN" in text or "Infinity" in text
-            or _SURROGATE_ESCAPE.search(text) is not None)
+            or _HUGE_NUMBER.search(text) is not None or _SURROGATE_ESCAPE.search(text) is not None)
 
 
 def _safe_text(obj: Any) -> str:
@@ -307,11 +330,15 @@ def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
         yield f"{path}:line {n}", InvalidLine(line, problem[1], problem[0]) if problem else obj
 
 
-def iter_jsonl(path: str | Path) -> Iterator[Record]:
+def iter_jsonl(path: str | Path, torn_last_ok: bool = False) -> Iterator[Record]:
     """Records of a JSONL file written by a previous stage (strict: any bad line is an InputError:
     not JSON, not an object, not UTF-8, nested too deeply, or holding an unpaired surrogate
     escape). NaN/Infinity are read as floats: a training metrics line may hold a nonfinite loss
-    (the data stages never write them: :func:`read_records` rejects them)."""
+    (the data stages never write them: :func:`read_records` rejects them).
+
+    ``torn_last_ok`` (a file appended to while it runs, like a trainer's metrics): a last line
+    without its newline that does not parse was cut off by a kill mid-write; it is dropped with a
+    warning instead of failing the whole file."""
     path = check_input_file(path)
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed below; bytes so a bad byte is found by line
@@ -320,6 +347,10 @@ def iter_jsonl(path: str | Path) -> Iterator[Record]:
     with fh:
         offset = 0
         for n, raw in enumerate(fh, start=1):
+            if torn_last_ok and not raw.endswith(b"\n") and _torn(raw):
+                logging.getLogger("llama_pipe").warning("%s: last line %d was cut off (written while the run was "
+                                                        "stopped); dropped", path, n)
+                return
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -347,6 +378,15 @@ def iter_jsonl(path: str | Path) -> Iterator[Record]:
             if problem:
                 raise InputError(f"{path}: line {n}: {problem[1]}")
             yield obj
+
+
+def _torn(raw: bytes) -> bool:
+    """Whether a line's bytes are not one JSON value (a write cut off part way)."""
+    try:
+        _loads(raw.decode("utf-8"), nonfinite=True)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return bool(raw.strip())
+    return False
 
 
 def read_json(path: str | Path, what: str = "JSON file") -> Any:

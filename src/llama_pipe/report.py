@@ -4,7 +4,10 @@
   and rows with ``val_loss``),
 * ``funnel.png`` - per data stage: conversations (or pairs, for ``split``) in, kept, and
   rejected by reason, summed over the shards of each stage (``*.stats.json``),
-* ``perplexity.png`` - base vs tuned perplexity on the held-out split (``metrics.json`` of eval).
+* ``perplexity.png`` - base vs tuned perplexity on the held-out split (``metrics.json`` of eval),
+* ``retention.png`` - what the tuned model kept of its base's knowledge, per set and category, and
+  ``checkpoints.png`` - every evaluation checkpoint's goal against its retention, the kept one
+  marked (``selection.json`` of ``select``; :mod:`llama_pipe.report_retention`).
 
 ``report.md`` holds the same numbers as tables, the rates of correct answers per question
 category (e.g. the identity and general held-out questions) for base and tuned, and - when
@@ -23,7 +26,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir
+from llama_pipe import report_retention
+from llama_pipe.atomic import atomic_dir, check_output_dir
 from llama_pipe.errors import InputError
 from llama_pipe.records import iter_jsonl, read_json
 from llama_pipe.report_runs import markdown_table, parse_compare, plot_runs, read_losses, read_run, summarise
@@ -35,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", nargs="+", required=True, metavar="JSON", help="*.stats.json files of the data stages (all shards)")
     parser.add_argument("--eval", required=True, metavar="JSON", help="metrics.json written by `llama-pipe eval`")
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="report directory (PNGs, report.md, report.html)")
+    parser.add_argument("--selection", default=None, metavar="JSON",
+                        help="selection.json written by `llama-pipe select` (the checkpoint trade-off); optional")
     parser.add_argument("--name", default=None, help="this run's name in the runs comparison (default: the run directory's name)")
     parser.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
                         help="an earlier run to compare with (results/<run>/ holding train/ and eval/); repeatable; "
@@ -175,7 +181,8 @@ def side_by_side(answers: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
-def markdown(train: list, val: list, stages: list[dict[str, Any]], ev: dict[str, Any], answers: list[dict[str, Any]]) -> str:
+def markdown(train: list, val: list, stages: list[dict[str, Any]], ev: dict[str, Any], answers: list[dict[str, Any]],
+             selection: dict[str, Any] | None = None) -> str:
     lines = ["# llama-pipe report", "", "## Result", ""]
     lines += ["| | base | tuned |", "| --- | ---: | ---: |",
               f"| perplexity | {ev['base_ppl']:.3f} | {ev['tuned_ppl']:.3f} |",
@@ -188,6 +195,7 @@ def markdown(train: list, val: list, stages: list[dict[str, Any]], ev: dict[str,
     if val:
         lines.append(f"Validation loss: {val[0][1]:.4f} at step {val[0][0]} -> {val[-1][1]:.4f} at step {val[-1][0]}.")
     lines += ["", "![loss](loss.png)", "", "![perplexity](perplexity.png)", ""]
+    lines += report_retention.markdown(ev, selection)
     lines += side_by_side(answers)
     lines += ["## Data funnel", "",
               "| stage | unit | files | in | kept | rejected (by reason) |", "| --- | --- | ---: | ---: | ---: | --- |"]
@@ -244,20 +252,31 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
+    out = Path(args.output)
+    ev_path = Path(args.eval)
+    # Everything the report reads; -o may hold none of it (`-o results/<run>` would delete the run).
+    inputs = [Path(args.train_metrics), *map(Path, args.stats), ev_path, ev_path.with_name("answers.jsonl"),
+              *(parse_compare(c)[1] for c in args.compare), *([Path(args.selection)] if args.selection else [])]
+    check_output_dir(out, inputs, "report")
     train, val = read_losses(Path(args.train_metrics))
     stages = funnel([Path(p) for p in args.stats])
-    ev_path = Path(args.eval)
     ev = read_json(ev_path, "eval metrics")
     if not isinstance(ev, dict) or not {"base_ppl", "tuned_ppl"} <= ev.keys():
         raise InputError(f"{ev_path}: no base_ppl/tuned_ppl; expected the metrics.json written by `llama-pipe eval`")
     answers_path = ev_path.with_name("answers.jsonl")
     answers = list(iter_jsonl(answers_path)) if answers_path.is_file() else []
-    out = Path(args.output)
-    with atomic_dir(out) as tmp:
+    selection = read_json(Path(args.selection), "selection") if args.selection else None
+    if selection is not None and not (isinstance(selection, dict) and "kept_step" in selection):
+        raise InputError(f"{args.selection}: no kept_step; expected the selection.json written by `llama-pipe select`")
+    with atomic_dir(out, stage="report", inputs=inputs) as tmp:
         plot_loss(train, val, tmp / "loss.png")
         plot_funnel(stages, tmp / "funnel.png")
         plot_perplexity(ev, tmp / "perplexity.png")
-        md = markdown(train, val, stages, ev, answers)
+        if ev.get("retention"):
+            report_retention.plot_retention(ev, tmp / "retention.png")
+        if selection and any(c.get("retention") for c in selection.get("candidates", [])):
+            report_retention.plot_tradeoff(selection, tmp / "checkpoints.png")
+        md = markdown(train, val, stages, ev, answers, selection)
         if args.compare:
             md += compare_runs(args, train, val, ev, tmp)
         (tmp / "report.md").write_text(md, encoding="utf-8")

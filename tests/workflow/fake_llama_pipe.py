@@ -94,12 +94,14 @@ def main(argv: list[str]) -> int:
         write(os.environ["FAKE_TRAIN_PIDFILE"], str(os.getpid()))
         while True:
             time.sleep(1)
-    elif stage in ("convert", "train", "merge-adapter", "eval"):
-        if stage == "convert":
+    elif stage in ("convert", "train", "select", "merge-adapter", "eval"):
+        if stage in ("convert", "select"):
             positionals(rest)
         out = Path(flag(rest, "-o"))
         write(out / "metrics.json", text)
         write(out / "metrics.jsonl", text)
+        if stage == "select":
+            write(out / "selection.json", text)
     elif stage == "report":
         write(Path(flag(rest, "-o")) / "loss_curve.png", text)
     else:

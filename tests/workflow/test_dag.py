@@ -24,6 +24,7 @@ WHOLE_DAG = {
     **data_jobs(2),
     "distill": 1,
     "train": 1,
+    "select": 1,
     "merge_adapter": 1,
     "eval": 1,
     "report": 1,

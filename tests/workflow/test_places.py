@@ -54,7 +54,7 @@ def test_a_second_run_keeps_the_first_and_its_report_compares_them(tmp_path: Pat
     sweep = ["--config", 'train={"run": "r16", "lora": {"r": 16}}']
     # only the run's own stages: the base and the data are shared
     plan = job_counts(snakemake(workdir, "-n", "--profile", "profiles/default", *sweep).stdout)
-    assert plan == {"train": 1, "merge_adapter": 1, "eval": 1, "report": 1, "all": 1}
+    assert plan == {"train": 1, "select": 1, "merge_adapter": 1, "eval": 1, "report": 1, "all": 1}
     snakemake(workdir, "--profile", "profiles/default", "--cores", "2", *sweep, bin_dir=bin_dir,
               env={"FAKE_LLAMA_PIPE_CALLS": str(calls)})
     for path, data in first.items():  # the first run is untouched

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from workflow_helpers import edited_config, job_counts, snakemake
 
+from llama_pipe.atomic import MARKER
 from llama_pipe.stages import DATA_STAGES
 
-AFTER_TRAIN = {"train", "merge_adapter", "eval", "report", "all"}
+AFTER_TRAIN = {"train", "select", "merge_adapter", "eval", "report", "all"}
 AFTER_DISTILL = {"distill"} | AFTER_TRAIN
 AFTER_GATHER = {"gather"} | AFTER_DISTILL
 
@@ -37,7 +38,7 @@ def test_merged_jsonl_is_temp_and_its_absence_rebuilds_nothing(completed_run: Pa
     assert not (completed_run / "results/merge/merged.jsonl").exists()
     assert (completed_run / "results/merge/merged.stats.json").is_file()
     assert (completed_run / "results/default/merged").is_dir()
-    assert sorted(p.name for p in (completed_run / "results/shard").iterdir()) == [
+    assert sorted(p.name for p in (completed_run / "results/shard").iterdir() if p.name != MARKER) == [
         "shard-000.jsonl",
         "shard-001.jsonl",
         "shard.rejects.jsonl",

@@ -19,7 +19,7 @@ import pytest
 from workflow_helpers import copy_workflow, fake_bin, job_counts, snakemake
 
 CHANGE = ["--config", 'train={"lr": 0.02}']
-AFTER_TRAIN = {"train": 1, "merge_adapter": 1, "eval": 1, "report": 1, "all": 1}
+AFTER_TRAIN = {"train": 1, "select": 1, "merge_adapter": 1, "eval": 1, "report": 1, "all": 1}
 
 
 def _wait_for(path: Path, timeout: float = 120) -> int:

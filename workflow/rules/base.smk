@@ -6,7 +6,7 @@ if BASE_IS_TINY:
 
     rule make_base:
         input:
-            corpus=config["base"]["tokenizer_corpus"],
+            corpus=as_inputs(config["base"]["tokenizer_corpus"]),
         output:
             directory("results/base"),
         log:

@@ -1,12 +1,14 @@
 # Helpers shared by all the rule files (included first by the Snakefile) - config validation, the
 # settings -> flags bridge, the shard list, the run name, resources, and the targets.
 
+import hashlib
 import os
 import re
 import shlex
 import sys
 
 from snakemake.exceptions import WorkflowError
+from snakemake.io import contains_wildcard
 from snakemake.utils import min_version, validate
 
 import yaml
@@ -29,6 +31,7 @@ from llama_pipe.config import (
     moved_key_errors,
     yaml_loader,
 )
+from llama_pipe.config.load import shared_value
 from llama_pipe.config_checks import config_errors
 from llama_pipe.errors import ConfigError
 from llama_pipe.settings import from_dict, shell_args, to_dict
@@ -70,6 +73,14 @@ def typed_cli_values(data, schema):
 # Errors are one line per bad key (an unknown key names the closest valid one) and include the
 # cross-field checks the stages make (llama_pipe.config_checks), so a bad combination fails here,
 # before any job is queued, not inside a GPU job.
+# A value reached twice is a YAML alias (from a --configfile, which Snakemake read before this
+# file ran): walking it as a tree, as validation does, could take billions of steps.
+_shared = shared_value(dict(config))
+if _shared is not None:
+    raise WorkflowError(
+        f"config: {_shared}: a YAML alias (*name); anchors and aliases are not allowed in a llama-pipe "
+        "config (an alias can expand to billions of values); write the value out"
+    )
 config.update(typed_cli_values(dict(config), config_schema()))
 try:
     # keys of an older config.yaml: say where they went
@@ -123,6 +134,42 @@ for _section, _key in PATH_SETTINGS:
         config[_section][_key] = [resolve_path(v) for v in _value]
     elif _value is not None:
         config[_section][_key] = resolve_path(_value)
+
+
+# Where input files whose names Snakemake would read as wildcards get a plain-named link.
+INPUT_LINKS = os.path.join(".snakemake", "llama-pipe-inputs")
+
+
+def as_input(path):
+    """A path from config.yaml as a rule input that Snakemake reads as that file.
+
+    Snakemake takes ``{x}`` anywhere in an input path for a wildcard (``data/{x}.json`` stops the
+    workflow with a WildcardError, and it has no escape for file names). Such a file is given to
+    the rule through a symbolic link with a plain name, ``.snakemake/llama-pipe-inputs/<hash of the
+    path>/(x).json``; Snakemake follows the link for the file's time, so an edit still re-runs the
+    rule, and the stage reads the file itself.
+    """
+    if not isinstance(path, str) or not contains_wildcard(path):
+        return path
+    if not os.path.exists(path):
+        raise WorkflowError(f"config: input {path!r} not found")
+    target = os.path.abspath(path)
+    name = os.path.basename(target).replace("{", "(").replace("}", ")")
+    digest = hashlib.sha256(target.encode()).hexdigest()[:12]
+    link = os.path.join(INPUT_LINKS, digest, name)
+    if not (os.path.islink(link) and os.readlink(link) == target):
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        tmp = f"{link}.{os.getpid()}.tmp"
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    return link
+
+
+def as_inputs(paths):
+    """:func:`as_input` of each path of a list (of a single path: a one-item list; None: none)."""
+    if paths is None:
+        return []
+    return [as_input(p) for p in (paths if isinstance(paths, list) else [paths])]
 
 
 def flags(section, only=None, skip=(), chat=()):
@@ -189,6 +236,15 @@ if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", RUN) or RUN in SHARED_DIRS:
         f"one of the shared result directories ({', '.join(SHARED_DIRS)})"
     )
 BASE_IS_TINY = config["base"]["source"] == "tiny"
+# train.base_run: this run trains on (and merges into) that earlier run's merged model.
+BASE_RUN = config["train"]["base_run"]
+if BASE_RUN is not None and (
+    not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", BASE_RUN) or BASE_RUN in SHARED_DIRS
+):
+    raise WorkflowError(
+        f"config: train.base_run {BASE_RUN!r} must name an earlier run (results/<run>/), not one of "
+        f"the shared result directories ({', '.join(SHARED_DIRS)})"
+    )
 
 
 def gpus(section):
@@ -261,12 +317,33 @@ def stage_outputs(stage):
 DATA_TARGETS = ["results/data/train.jsonl", "results/data/val.jsonl"]
 BASE_TARGET = "results/hf_base"
 RUN_DIR = f"results/{RUN}"
+# What this run trains on, merges into and evaluates against: the converted base, or with
+# train.base_run the merged model of that run (a chain: docs/workflow.md).
+RUN_BASE = f"results/{BASE_RUN}/merged" if BASE_RUN else BASE_TARGET
+
+
+def run_base(wildcards):
+    """RUN_BASE as an input. Another run's merged model is made by that run's own snakemake call
+    (its settings are its config), so it must exist; asked for only when a job needs it.
+    """
+    if BASE_RUN and not os.path.isdir(RUN_BASE):
+        raise WorkflowError(
+            f"train.base_run {BASE_RUN!r}: {RUN_BASE} not found; build that run first, with its own "
+            f"settings (its config file, with train.run: {BASE_RUN}), then this one (docs/workflow.md)"
+        )
+    return RUN_BASE
+
+
 TRAIN_TARGET = f"{RUN_DIR}/train"
+SELECT_TARGET = f"{RUN_DIR}/select"
 MERGED_TARGET = f"{RUN_DIR}/merged"
 EVAL_TARGET = f"{RUN_DIR}/eval"
 REPORT_TARGET = f"{RUN_DIR}/report"
 # The training data train reads: distill's output, or gather's when distill.mode is off (no job).
-DISTILL_TARGET = "results/distill/train.jsonl"
+# Distilled by the model this run trains: shared by the runs on results/hf_base, the run's own
+# with train.base_run (another base's words).
+DISTILL_DIR = f"{RUN_DIR}/distill" if BASE_RUN else "results/distill"
+DISTILL_TARGET = f"{DISTILL_DIR}/train.jsonl"
 TRAIN_DATA = DISTILL_TARGET if config["distill"]["mode"] != "off" else DATA_TARGETS[0]
 # The default target's inputs: every key product, not only the report. A product a failed or killed
 # job removed (the train run after kill -9 or scancel) is then missing from the targets and is
@@ -275,6 +352,7 @@ KEY_PRODUCTS = [
     *DATA_TARGETS,
     BASE_TARGET,
     TRAIN_TARGET,
+    SELECT_TARGET,
     MERGED_TARGET,
     EVAL_TARGET,
     REPORT_TARGET,

@@ -10,7 +10,8 @@
 
 rule merge:
     input:
-        config["data"]["inputs"],
+        # braces escaped: an input named {x}.json is a file, not a wildcard
+        as_inputs(config["data"]["inputs"]),
     output:
         data=temp("results/merge/merged.jsonl"),
         stats="results/merge/merged.stats.json",

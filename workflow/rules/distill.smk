@@ -1,25 +1,28 @@
 # Self-distillation and replay between gather and train (docs/distill.md): the training split, its
-# assistant replies rewritten by the base in its own words and the base's own answers to replay
-# prompts added. Shared by the runs like the data (results/distill/): a sweep over train settings
-# distills once. With distill.mode off there is no distill job: train reads gather's output. While
-# it runs, finished replies are appended to train.partial.jsonl beside the outputs (not an output,
-# so a killed job's re-run finds it and continues); the stage removes it when done.
+# assistant replies rewritten in the words of the model this run trains and that model's own answers
+# to replay prompts added. That model is results/hf_base (output in results/distill/, shared by the
+# runs like the data: a sweep over train settings distills once), or with train.base_run that run's
+# merged model (output in results/<run>/distill/). With distill.mode off there is no distill job:
+# train reads gather's output. While it runs, finished replies are appended to train.partial.jsonl
+# beside the outputs (not an output, so a killed job's re-run finds it and continues); the stage
+# removes it when done.
 
 
 rule distill:
     input:
-        base=BASE_TARGET,
+        # results/hf_base, or the merged model of train.base_run (common.smk: run_base)
+        base=run_base,
         train=DATA_TARGETS[0],
         # distill.replay_prompts null: the prompts bundled with the package
-        replay_prompts=config["distill"]["replay_prompts"] or [],
+        replay_prompts=as_inputs(config["distill"]["replay_prompts"]),
     output:
         train=DISTILL_TARGET,
-        stats="results/distill/train.stats.json",
-        rejects="results/distill/train.rejects.jsonl",
+        stats=f"{DISTILL_DIR}/train.stats.json",
+        rejects=f"{DISTILL_DIR}/train.rejects.jsonl",
     log:
-        "logs/distill/distill.log",
+        f"logs/{DISTILL_DIR.removeprefix('results/')}/distill.log",
     benchmark:
-        "benchmarks/distill.tsv"
+        f"benchmarks/{DISTILL_DIR.removeprefix('results/')}/distill.tsv"
     conda:
         "../envs/train.yaml"
     threads: 2

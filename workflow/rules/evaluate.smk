@@ -5,11 +5,12 @@
 
 rule eval:
     input:
-        base=BASE_TARGET,
+        # what this run started from: results/hf_base, or train.base_run's merged model
+        base=run_base,
         tuned=MERGED_TARGET,
         val=DATA_TARGETS[1],
         # eval.questions null: the held-out set bundled with the package
-        questions=config["eval"]["questions"] or [],
+        questions=as_inputs(config["eval"]["questions"]),
     output:
         directory(EVAL_TARGET),
     log:
@@ -33,6 +34,7 @@ rule eval:
 rule report:
     input:
         run=TRAIN_TARGET,
+        select=SELECT_TARGET,
         eval=EVAL_TARGET,
         stats=stats_files(),
         # earlier runs' results/<run>/ directories, compared in the report
@@ -62,5 +64,6 @@ rule report:
         run=RUN,
     shell:
         "llama-pipe report --train-metrics={input.run:q}/metrics.jsonl --eval={input.eval:q}/metrics.json"
+        " --selection={input.select:q}/selection.json"
         " -o {output:q} --name={params.run:q} {params.compare} --stats {input.stats:q}"
         " > {log:q} 2>&1"

@@ -1,5 +1,6 @@
 # Fine-tuning and adapter merge. results/<run>/train/ holds the adapter and metrics.jsonl;
-# results/<run>/merged/ is the product - neither is temp(). While train runs, its checkpoints live
+# results/<run>/merged/ is the product - neither is temp(). With train.base_run the run trains on
+# results/<base_run>/merged and merges into it (a chain of runs). While train runs, its checkpoints live
 # in results/<run>/train.ckpt/, outside the declared output: Snakemake deletes a job's outputs
 # before it starts, and a re-run after a failure (or --retries on a cluster) must find them to
 # continue (train.resume: auto; a checkpoint of other settings is not resumed).
@@ -7,11 +8,12 @@
 
 rule train:
     input:
-        base=BASE_TARGET,
+        # results/hf_base, or the merged model of train.base_run (common.smk: run_base)
+        base=run_base,
         # gather's train.jsonl through distill (or directly when distill.mode is off)
         train=TRAIN_DATA,
         val=DATA_TARGETS[1],
-        accelerate_config=accelerate_config(),
+        accelerate_config=as_inputs(accelerate_config()),
     output:
         run=directory(TRAIN_TARGET),
     log:
@@ -34,16 +36,41 @@ rule train:
         # llama-pipe train, or accelerate launch of it (config launch.processes > 1)
         command=lambda wildcards: train_command(),
         args=flags("train", chat=CHAT_ALL),
+        # retention scored during training (select.bound is select's alone: changing it re-runs only select)
+        select=flags("select", only=("retention", "items", "max_items", "batch_size")),
     shell:
         "{params.command} --base={input.base:q} --train-data={input.train:q}"
-        " --val-data={input.val:q} -o {output.run:q} {params.args} > {log:q} 2>&1"
+        " --val-data={input.val:q} -o {output.run:q} {params.args} {params.select} > {log:q} 2>&1"
+
+
+# Which evaluation checkpoint becomes the product: the best validation loss among those whose
+# retention (scored during training) stays within select.bound of the base's. Reads JSON and
+# links files: no model is loaded.
+rule select:
+    input:
+        TRAIN_TARGET,
+    output:
+        directory(SELECT_TARGET),
+    log:
+        f"logs/{RUN}/select.log",
+    conda:
+        "../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        args=flags("select", only=("retention", "bound")),
+    shell:
+        "llama-pipe select -o {output:q} {params.args} -- {input:q} > {log:q} 2>&1"
 
 
 rule merge_adapter:
     input:
-        base=BASE_TARGET,
-        adapter=TRAIN_TARGET,
-        extra=config["merge_adapter"]["extra_adapters"],
+        # the model the adapter was trained on: merge-adapter refuses any other
+        base=run_base,
+        adapter=SELECT_TARGET,
+        extra=as_inputs(config["merge_adapter"]["extra_adapters"]),
     output:
         directory(MERGED_TARGET),
     log:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from llama_pipe.settings import opt
+from llama_pipe.settings import SEED_MAX, opt
 
 
 @dataclass
@@ -18,7 +18,7 @@ class DataSettings:
     )
     shards: int = opt(2, "shards the merged data is split into for the clean/filter/split stages", minimum=1)
     val_fraction: float = opt(0.1, "fraction of conversations held out for validation", minimum=0, maximum=0.9)
-    seed: int = opt(0, "seed of the train/validation assignment (hash of id + seed)")
+    seed: int = opt(0, "seed of the train/validation assignment (hash of the first question + seed)", minimum=0, maximum=SEED_MAX)
 
 
 @dataclass
@@ -70,7 +70,7 @@ class FilterLangSettings:
         "other language"
     )
     skip: list[str] = opt([], "drop these languages")
-    seed: int = opt(0, "langdetect seed (makes detection deterministic)")
+    seed: int = opt(0, "langdetect seed (makes detection deterministic)", minimum=0, maximum=SEED_MAX)
     min_chars: int = opt(10, "text shorter than this (code removed) is labelled 'unknown'", minimum=0)
     keep_unknown: bool = opt(False, "keep conversations whose language cannot be detected")
     max_chars: int = opt(1000, "detect on at most this many characters of a conversation's text (code removed)", minimum=100)

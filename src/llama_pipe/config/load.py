@@ -1,5 +1,10 @@
 """Reading ``config.yaml``: YAML that reads ``1e-5`` as a number, schema validation, and a stage's
-settings layered as defaults < config file section < command-line flags."""
+settings layered as defaults < config file section < command-line flags.
+
+Hostile YAML is refused before it can cost anything: an alias (``*name``, which lets a 500-byte
+file stand for billions of values) and nesting deeper than :data:`MAX_YAML_DEPTH` are errors while
+the file is parsed; a value YAML cannot convert (a 5,000-digit integer) is a ConfigError, not a
+traceback. :func:`shared_value` finds aliases in data someone else parsed (Snakemake's config)."""
 
 from __future__ import annotations
 
@@ -94,14 +99,33 @@ def migrate(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return out, notes
 
 
+#: How deep a config file may nest (the deepest setting is 3 levels down).
+MAX_YAML_DEPTH = 20
+
+
 def yaml_loader() -> Any:
-    """A safe YAML loader that also reads ``1e-5`` / ``2e-4`` as numbers (YAML 1.1 would not)."""
+    """A safe YAML loader that also reads ``1e-5`` / ``2e-4`` as numbers (YAML 1.1 would not), and
+    refuses aliases and nesting deeper than :data:`MAX_YAML_DEPTH` (a ``yaml.YAMLError``)."""
     import re
 
     import yaml
+    from yaml.composer import ComposerError
 
     class Loader(yaml.SafeLoader):
-        pass
+        _depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise ComposerError(None, None, "found an alias (*name): YAML anchors and aliases are not allowed in a "
+                                    "llama-pipe config (an alias can expand to billions of values); write the value out",
+                                    self.peek_event().start_mark)
+            if self._depth >= MAX_YAML_DEPTH:
+                raise ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", self.peek_event().start_mark)
+            self._depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
 
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
@@ -126,11 +150,31 @@ def read_config_text(path: str | Path) -> tuple[str, dict[str, Any]]:
         data = yaml.load(text, Loader=yaml_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except (ValueError, OverflowError, RecursionError) as exc:  # a value YAML cannot convert (a 5,000-digit integer)
+        raise ConfigError(f"{path}: a value cannot be read: {str(exc)[:200]}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
     return text, data
+
+
+def shared_value(data: Any, root: str = "") -> str | None:
+    """The key path of the first mapping or list that ``data`` reaches twice (what a YAML alias
+    makes), else None. Visits each object once, so an alias bomb costs its size on disk."""
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(data, root)]
+    while stack:
+        node, path = stack.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        if id(node) in seen:
+            return path or "(top level)"
+        seen.add(id(node))
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        stack.extend((v, f"{path}.{k}" if path and isinstance(node, dict) else f"{path}[{k}]" if path else str(k))
+                     for k, v in items)
+    return None
 
 
 def check_config_data(data: dict[str, Any], path: str | Path) -> None:

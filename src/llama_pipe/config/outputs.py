@@ -5,14 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from llama_pipe.settings import opt
+from llama_pipe.settings import SEED_MAX, opt
 
 
 @dataclass
 class MergeAdapterSettings:
     """``merge-adapter``: fold adapters into a float copy of the base."""
 
-    extra_adapters: list[str] = opt([], "adapter dirs applied after the trained one, in order")
+    extra_adapters: list[str] = opt(
+        [], "adapter dirs applied after the trained one, in order (each must have been trained on the model the ones before it "
+        "make, unless combine is set)"
+    )
+    combine: Literal["chain", "cat", "svd"] = opt(
+        "chain", "how several adapters are merged: chain = one after another, each trained on the merged model of the ones "
+        "before it (checked; the sound way to stack fine-tunes); cat = an explicit weighted sum of the updates of adapters "
+        "trained independently on the same base (exact, an adapter of rank sum r_i); svd = that sum cut to rank svd_rank by an "
+        "SVD of every adapted matrix (approximate; slower)"
+    )
+    weights: list[float] = opt([], "combine cat or svd: one weight per adapter, in order (e.g. [0.5, 0.5]); required for them")
+    svd_rank: int | None = opt(None, "combine svd: rank of the combined adapter; null: the largest of the adapters' ranks", minimum=1)
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the merged weights")
     max_shard_size: str = opt("2GB", "largest safetensors shard", pattern=r"^[0-9]+(\.[0-9]+)?\s*[KMGT]?i?B$")
     format: Literal["hf", "meta"] = opt("hf", "'meta' also writes consolidated.*.pth + params.json")
@@ -42,9 +53,21 @@ class EvalSettings:
     max_new_tokens: int = opt(64, "tokens generated per turn", minimum=1)
     temperature: float = opt(0.0, "sampling temperature (0 = greedy)", minimum=0)
     top_p: float = opt(0.9, "nucleus sampling", exclusiveMinimum=0, maximum=1)
-    seed: int = opt(0, "sampling seed")
+    seed: int = opt(0, "sampling seed", minimum=0, maximum=SEED_MAX)
     batch_size: int = opt(8, "rows per perplexity batch, and questions answered together per forward pass", minimum=1)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to evaluate")
+    retention: bool = opt(
+        True, "score base and tuned side by side on general knowledge the training never saw: multiple choice by "
+        "log-likelihood, each model through its own chat template, paired 95% interval of the difference per category "
+        "(docs/evaluation.md)"
+    )
+    retention_items: list[str] = opt(
+        ["bundled"], "retention sets: 'bundled' (the bundled item bank's test split), a JSONL of items (id, category, question, "
+        "choices, answer) or a public benchmark file fetched by the workflow (an OLMES requests.jsonl.gz, e.g. ARC-Easy)"
+    )
+    retention_max_items: int = opt(0, "score at most this many items of each set (0 = all)", minimum=0)
+    retention_bound: float = opt(2.0, "the drop in points a tuned model may show against its base before eval reports "
+                                      "retention as not kept (the difference and its interval's lower end)", minimum=0, maximum=100)
 
 
 @dataclass
@@ -58,12 +81,15 @@ class ServeSettings:
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run the model")
     temperature: float = opt(0.7, "default sampling temperature (0 = greedy); a request may override it", minimum=0, maximum=2)
     top_p: float = opt(0.9, "default nucleus sampling; a request may override it", exclusiveMinimum=0, maximum=1)
-    model_id: str | None = opt(None, "model name reported by /v1/models; null: the model directory's name")
+    model_id: str | None = opt(
+        None, "model name reported by /v1/models; null: the run's name (train.run recorded with the model or adapter, "
+        "else <run> of results/<run>/merged, else the directory's name)"
+    )
     listen_backlog: int = opt(
         128, "connections the OS queues while the server is busy accepting (Python's default of 5 resets bursts)", minimum=1, maximum=65535
     )
     max_connections: int = opt(
-        64, "open connections served at once; a connection beyond it gets 503 (JSON, Retry-After) and is closed", minimum=1
+        64, "open connections served at once; a connection beyond it gets 503 (JSON, Retry-After), or 200 for GET /health, and is closed", minimum=1
     )
     max_queue: int = opt(
         16, "requests waiting for the model (one generates at a time); a request beyond it gets 503 (JSON, Retry-After)", minimum=0

@@ -8,7 +8,7 @@ from typing import Any
 from llama_pipe.config.chat import ChatSettings
 from llama_pipe.config.data import CleanSettings, DataSettings, DistillSettings, FilterLangSettings, MergeSettings, SplitSettings
 from llama_pipe.config.outputs import EvalSettings, ExportSettings, MergeAdapterSettings, ServeSettings
-from llama_pipe.config.train import LaunchSettings, TrainSettings
+from llama_pipe.config.train import LaunchSettings, SelectSettings, TrainSettings
 from llama_pipe.config.weights import BaseSettings, ConvertSettings
 from llama_pipe.settings import dataclass_schema, opt
 
@@ -28,6 +28,7 @@ class Config:
     distill: DistillSettings = opt(DistillSettings, "distill stage: training replies in the base's own words (self-distillation, replay)")
     train: TrainSettings = opt(TrainSettings, "train stage")
     launch: LaunchSettings = opt(LaunchSettings, "how the workflow starts training (one process or accelerate launch)")
+    select: SelectSettings = opt(SelectSettings, "retention during training and the checkpoint the run keeps (select stage)")
     merge_adapter: MergeAdapterSettings = opt(MergeAdapterSettings, "merge-adapter stage")
     export: ExportSettings = opt(ExportSettings, "export stage (GGUF for llama.cpp)")
     eval: EvalSettings = opt(EvalSettings, "eval stage")
@@ -47,6 +48,7 @@ SECTIONS: dict[str, type] = {
     "distill": DistillSettings,
     "train": TrainSettings,
     "launch": LaunchSettings,
+    "select": SelectSettings,
     "merge_adapter": MergeAdapterSettings,
     "export": ExportSettings,
     "eval": EvalSettings,

@@ -1,11 +1,11 @@
-"""Settings of training: ``train`` (with its ``lora`` block) and ``launch``."""
+"""Settings of training: ``train`` (with its ``lora`` block), ``launch`` and ``select`` (which checkpoint is kept)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from llama_pipe.settings import opt
+from llama_pipe.settings import SEED_MAX, opt
 
 
 @dataclass
@@ -28,6 +28,13 @@ class TrainSettings:
     run: str = opt(
         "default",
         "run name: the workflow writes this run's products to results/<run>/ (train, merged, eval, report)",
+        pattern=r"^(?!\.\.?$)[A-Za-z0-9_.-]+$",
+    )
+    base_run: str | None = opt(
+        None,
+        "workflow only: train on the merged model of this earlier run (results/<base_run>/merged, made by that run's own "
+        "snakemake call) instead of results/hf_base, and merge this run's adapter into it: run B over run A chains "
+        "fine-tunes soundly (docs/workflow.md); null: the base",
         pattern=r"^(?!\.\.?$)[A-Za-z0-9_.-]+$",
     )
     method: Literal["lora", "dora", "full"] = opt(
@@ -87,7 +94,7 @@ class TrainSettings:
     keep_checkpoints: int = opt(2, "checkpoints kept (oldest deleted)", minimum=1)
     resume: Literal["auto", "never"] = opt("auto", "continue from the newest valid checkpoint")
     on_nonfinite: Literal["stop", "skip"] = opt("stop", "a NaN/inf loss: stop naming the step, or skip that step")
-    seed: int = opt(0, "seed for weights init, dropout and data order")
+    seed: int = opt(0, "seed for weights init, dropout and data order", minimum=0, maximum=SEED_MAX)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt(
         "sdpa", "attention kernel (all three honour packed sequences' restarting position_ids)"
@@ -118,3 +125,22 @@ class LaunchSettings:
     )
     main_process_port: int = opt(29500, "rendezvous port of the processes; change it to run two trainings on one node",
                                  minimum=1, maximum=65535)
+
+
+@dataclass
+class SelectSettings:
+    """Retention during training and the ``select`` stage: which checkpoint the run keeps (docs/evaluation.md)."""
+
+    retention: bool = opt(
+        True, "score general knowledge (retention items, multiple choice by log-likelihood) before training and at every "
+        "evaluation step, and let `select` keep the checkpoint with the best validation loss among those whose retention "
+        "stays within bound of the base's; false: `select` keeps the last step",
+    )
+    bound: float = opt(2.0, "largest drop in retention accuracy, in points, that a kept checkpoint may show against the base "
+                            "(its paired 95% interval too)", minimum=0, maximum=100)
+    items: str | None = opt(
+        None, "retention items scored during training (JSONL: id, category, question, choices, answer); null: the bundled "
+        "set's dev split (the eval stage reports on its test split, never used to choose)", minLength=1,
+    )
+    max_items: int = opt(0, "score at most this many items (0 = all)", minimum=0)
+    batch_size: int = opt(16, "items per forward pass", minimum=1)

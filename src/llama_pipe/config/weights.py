@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from llama_pipe.settings import opt
+from llama_pipe.settings import SEED_MAX, opt
 
 
 @dataclass
@@ -26,7 +26,7 @@ class TinyModelSettings:
     dtype: Literal["float32", "bfloat16", "float16"] = opt(
         "float32", "dtype of the stored weights (Meta ships bfloat16 for LLaMA-2, float16 for LLaMA-1)"
     )
-    seed: int = opt(0, "seed for the random weights and the tokenizer trainer")
+    seed: int = opt(0, "seed for the random weights and the tokenizer trainer", minimum=0, maximum=SEED_MAX)
 
 
 @dataclass
@@ -55,7 +55,10 @@ class BaseSettings:
     )
     retries: int = opt(5, "download attempts per file (exponential backoff)", minimum=1)
     backoff: float = opt(2.0, "seconds before the first retry; doubled after each failed attempt (capped at 60)", minimum=0)
-    timeout: float = opt(60.0, "seconds without a byte from the server before an attempt counts as failed", exclusiveMinimum=0)
+    timeout: float = opt(
+        60.0, "stall timeout: seconds without a byte, or averaging under 1 KiB/s, before an attempt counts as failed (the next resumes)",
+        exclusiveMinimum=0,
+    )
     tokenizer_corpus: list[str] = opt(
         ["data/sample/sharegpt_sample.json"], "files the tiny tokenizer is trained on"
     )

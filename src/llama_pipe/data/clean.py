@@ -17,7 +17,9 @@ Per record, in this order (the reject reason in brackets):
 7. fewer than ``min_turns`` turns [too_few_turns] or fewer than ``min_chars`` characters in all
    [too_short];
 8. in input order: the id of an earlier kept conversation [duplicate_id]; the same first human+gpt
-   exchange as an earlier kept conversation [duplicate_first_exchange] (as FastChat).
+   exchange as an earlier kept conversation [duplicate_first_exchange] (as FastChat; compared
+   after cleaning, with whitespace runs collapsed: :func:`~llama_pipe.data.common.dedup_text`,
+   the form shard keys on, so such twins always meet in one shard).
 
 Steps 1-7 run in a process pool on batches of records; results come back in input order, so the
 output does not depend on the number of workers. Step 8 runs in the main process. Steps 1-7 of
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ from llama_pipe.data.common import (
     alternates,
     batched,
     conversation_problem,
+    dedup_text,
     log_settings,
     pool_map,
     progress,
@@ -151,8 +155,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def clean_file(inp: str | Path, out: str | Path, cfg: CleanSettings,
-               rejects: str | Path | None = None, stats: str | Path | None = None) -> StageWriter:
-    """Run the stage; returns the finished writer (stats on disk)."""
+               rejects: str | Path | None = None, stats: str | Path | None = None,
+               also_read: Iterable[str | Path] = ()) -> StageWriter:
+    """Run the stage; returns the finished writer (stats on disk). ``also_read``: further files
+    the run reads (its ``--config``), which no output may replace."""
     items = list(read_records(inp))
     objs = [None if isinstance(obj, InvalidLine) else obj for _, obj in items]
     workers = min(resolve_workers(cfg.workers), max(1, len(objs) // BATCH))
@@ -160,7 +166,7 @@ def clean_file(inp: str | Path, out: str | Path, cfg: CleanSettings,
     notes: Counter[str] = Counter()
     seen_ids: set[str] = set()
     seen_first: set[tuple[str, str]] = set()
-    with StageWriter("clean", out, rejects, stats) as w:
+    with StageWriter("clean", out, rejects, stats, inputs=[inp, *also_read]) as w:
         flat = (o for batch in outcomes for o in batch)
         for (where, obj), res in progress(zip(items, flat), "clean", total=len(items)):
             w.count_in()
@@ -174,7 +180,7 @@ def clean_file(inp: str | Path, out: str | Path, cfg: CleanSettings,
             if rec["id"] in seen_ids:
                 w.reject(obj, "duplicate_id", f"{where}: id {rec['id']!r} seen before")
                 continue
-            first = (rec["conversations"][0]["value"], rec["conversations"][1]["value"])
+            first = (dedup_text(rec["conversations"][0]["value"]), dedup_text(rec["conversations"][1]["value"]))
             if cfg.drop_duplicate_first_exchange and first in seen_first:
                 w.reject(obj, "duplicate_first_exchange", f"{where}: same first exchange as an earlier kept conversation")
                 continue
@@ -190,6 +196,6 @@ def clean_file(inp: str | Path, out: str | Path, cfg: CleanSettings,
 def run(args: argparse.Namespace) -> int:
     cfg = settings_from_args(args, CleanSettings, "clean")
     log_settings("clean", cfg, input=args.input, output=args.output)
-    w = clean_file(args.input, args.output, cfg, args.rejects, args.stats)
+    w = clean_file(args.input, args.output, cfg, args.rejects, args.stats, also_read=[args.config] if args.config else [])
     print(w.summary())
     return 0

@@ -168,6 +168,24 @@ def log_settings(stage: str, settings: Any, **paths: Any) -> None:
     log.info("%s: settings\n%s", stage, describe(settings))
 
 
+def dedup_text(text: str) -> str:
+    """The form in which two cleaned turns count as the same text: whitespace runs collapsed to one
+    space, ends stripped. clean's duplicate check, shard's key and gather's validation key all
+    compare turns in this form, so twins that clean would call duplicates meet in one shard and
+    land on one side of the train/validation split."""
+    return " ".join(text.split())
+
+
+def first_human(rec: Any) -> str | None:
+    """The value of a record's first human turn (clean drops a leading gpt turn), if any."""
+    conv = rec.get("conversations") if isinstance(rec, dict) else None
+    if isinstance(conv, list):
+        for turn in conv:
+            if isinstance(turn, dict) and turn.get("from") == "human" and isinstance(turn.get("value"), str):
+                return str(turn["value"])
+    return None
+
+
 def record_id(rec: Any) -> str | None:
     """The record's id when it is a usable string."""
     if isinstance(rec, dict) and isinstance(rec.get("id"), str) and rec["id"]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -317,8 +318,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def filter_file(inp: str | Path, out: str | Path, cfg: FilterLangSettings,
-                rejects: str | Path | None = None, stats: str | Path | None = None) -> StageWriter:
-    """Run the stage; returns the finished writer (stats on disk)."""
+                rejects: str | Path | None = None, stats: str | Path | None = None,
+                also_read: Iterable[str | Path] = ()) -> StageWriter:
+    """Run the stage; returns the finished writer (stats on disk). ``also_read``: further files
+    the run reads (its ``--config``), which no output may replace."""
     if cfg.keep and cfg.skip:
         overlap = [c for c in cfg.keep if matches(c, cfg.skip)]
         if overlap:
@@ -335,7 +338,7 @@ def filter_file(inp: str | Path, out: str | Path, cfg: FilterLangSettings,
     _init(cfg)  # load the profiles once here; forked workers inherit them
     langs = pool_map(_detect_batch, batched(objs, BATCH), workers, initializer=_init, initargs=(cfg,))
     detected: dict[str, int] = {}
-    with StageWriter("filter_lang", out, rejects, stats) as w:
+    with StageWriter("filter_lang", out, rejects, stats, inputs=[inp, *also_read]) as w:
         flat = (lang for batch in langs for lang in batch)
         for (where, obj), lang in progress(zip(items, flat), "filter-lang", total=len(items)):
             w.count_in()
@@ -380,6 +383,6 @@ def run(args: argparse.Namespace) -> int:
         # pipeline's choice, written in config.yaml, not a filter a hand-run --skip should add.
         cfg.keep = []
     log_settings("filter-lang", cfg, input=args.input, output=args.output)
-    w = filter_file(args.input, args.output, cfg, args.rejects, args.stats)
+    w = filter_file(args.input, args.output, cfg, args.rejects, args.stats, also_read=[args.config] if args.config else [])
     print(w.summary())
     return 0

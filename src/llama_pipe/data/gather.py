@@ -1,11 +1,16 @@
 """``llama-pipe gather``: the shards joined into train and validation JSONL.
 
 ``gather IN [IN ...] --train T --val V`` concatenates the inputs in the order given and sends a
-record to validation when ``blake2b(seed, base id) / 2**64 < val_fraction``. The base id is the id
-with split's ``_k`` chunk suffix removed, so every chunk of one conversation lands on the same side
-(no conversation leaks from train into validation). When ``val_fraction > 0`` and the hash leaves
-validation empty while there are at least two conversations, the conversation with the smallest
-hash goes to validation, so a tiny data set still gets a validation set.
+record to validation when ``blake2b(seed, key) / 2**64 < val_fraction``. The key belongs to the
+conversation (the base id: the id with split's ``_k`` chunk suffix removed) and is its first human
+turn in the form clean deduplicates by (:func:`~llama_pipe.data.common.dedup_text`; the first
+chunk's, i.e. the first record seen with that base id; the base id when it has none). So every
+chunk of one conversation lands on the same side (no conversation leaks from train into
+validation), and so does every conversation that starts with the same question: near-duplicates
+that survived clean (``drop_duplicate_first_exchange: false``, or one question with two answers)
+cannot sit on both sides and flatter the validation loss. When ``val_fraction > 0`` and the hash
+leaves validation empty while there are at least two keys, the key with the smallest hash goes to
+validation, so a tiny data set still gets a validation set.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from llama_pipe.config import DataSettings, settings_from_args
-from llama_pipe.data.common import conversation_problem, log_settings, progress, record_id
+from llama_pipe.data.common import conversation_problem, dedup_text, first_human, log_settings, progress, record_id
 from llama_pipe.errors import InputError
 from llama_pipe.records import InvalidLine, dumps, read_records
 from llama_pipe.settings import add_settings_arguments
@@ -30,10 +37,16 @@ def base_id(rid: str) -> str:
     return _CHUNK_SUFFIX.sub("", rid)
 
 
-def val_score(seed: int, rid: str) -> float:
-    """A uniform number in [0, 1) from (seed, base id); below ``val_fraction`` means validation."""
-    h = hashlib.blake2b(f"{seed}\x00{base_id(rid)}".encode(), digest_size=8).digest()
+def val_score(seed: int, key: str) -> float:
+    """A uniform number in [0, 1) from (seed, key); below ``val_fraction`` means validation."""
+    h = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") / 2**64
+
+
+def split_key(rec: dict[str, Any]) -> str:
+    """What decides a conversation's side: its first human turn in dedup form (else its base id)."""
+    value = first_human(rec)
+    return "h:" + dedup_text(value) if value is not None else "i:" + base_id(rec["id"])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,27 +59,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def gather_files(inputs: list[str | Path], train: str | Path, val: str | Path, settings: DataSettings,
-                 rejects: str | Path | None = None, stats: str | Path | None = None) -> StageWriter:
-    """Run the stage; returns the finished writer (stats on disk)."""
+                 rejects: str | Path | None = None, stats: str | Path | None = None,
+                 also_read: Iterable[str | Path] = ()) -> StageWriter:
+    """Run the stage; returns the finished writer (stats on disk). ``also_read``: further files
+    the run reads (its ``--config``), which no output may replace."""
     train, val = Path(train), Path(val)
     items = [item for p in inputs for item in read_records(p)]
-    # Pass 1: which conversations go to validation.
-    scores: dict[str, float] = {}
+    # Pass 1: which conversations go to validation: each base id gets the key of its first record.
+    key_of: dict[str, str] = {}
     for _, obj in items:
         rid = record_id(obj)
-        if rid is not None:
-            scores.setdefault(base_id(rid), val_score(settings.seed, rid))
-    to_val = {b for b, u in scores.items() if u < settings.val_fraction}
-    if settings.val_fraction > 0 and not to_val and len(scores) >= 2:
-        to_val = {min(scores, key=lambda b: (scores[b], b))}
+        if rid is not None and not conversation_problem(obj):
+            key_of.setdefault(base_id(rid), split_key(obj))
+    scores = {k: val_score(settings.seed, k) for k in set(key_of.values())}
+    val_keys = {k for k, u in scores.items() if u < settings.val_fraction}
+    if settings.val_fraction > 0 and not val_keys and len(scores) >= 2:
+        val_keys = {min(scores, key=lambda k: (scores[k], k))}
+    to_val = {b for b, k in key_of.items() if k in val_keys}
     # Pass 2: write. The validation file is one more output of the writer: train, val, rejects and
     # stats are renamed into place together, or (on any failure) none of them.
     if val.resolve() == train.resolve():
         raise InputError(f"{val}: --train and --val must be different files")
     n_train = n_val = 0
     with StageWriter("gather", train, rejects or train.with_name("gather.rejects.jsonl"),
-                     stats or train.with_name("gather.stats.json")) as w:
-        vf = w.add_output(val)
+                     stats or train.with_name("gather.stats.json"), inputs=[*inputs, *also_read], out_flag="--train") as w:
+        vf = w.add_output(val, "--val")
         seen: set[str] = set()
         for where, obj in progress(items, "gather"):
             w.count_in()
@@ -92,14 +109,15 @@ def gather_files(inputs: list[str | Path], train: str | Path, val: str | Path, s
                 n_train += 1
         w.extra.update(train=n_train, val=n_val, val_path=str(val), val_fraction=settings.val_fraction,
                        seed=settings.seed, conversations_val=len(to_val),
-                       conversations_train=len(scores) - len(to_val))
+                       conversations_train=len(key_of) - len(to_val))
     return w
 
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, DataSettings, "data")
     log_settings("gather", settings, inputs=args.inputs, train=args.train, val=args.val)
-    w = gather_files(args.inputs, args.train, args.val, settings, args.rejects, args.stats)
+    w = gather_files(args.inputs, args.train, args.val, settings, args.rejects, args.stats,
+                     also_read=[args.config] if args.config else [])
     print(f"gather: records in={w.n_in} train={w.extra['train']} val={w.extra['val']} "
           f"rejected={sum(w.rejected.values())} -> {args.train}, {args.val}")
     return 0

@@ -30,6 +30,7 @@ import argparse
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -205,8 +206,10 @@ def resolve_ids(recs: list[tuple[int, Record] | None], stems: list[str]) -> list
 
 
 def merge_files(inputs: list[str | Path], out: str | Path, settings: MergeSettings,
-                rejects: str | Path | None = None, stats: str | Path | None = None) -> StageWriter:
-    """Run the stage; returns the finished writer (its ``stats()`` are on disk)."""
+                rejects: str | Path | None = None, stats: str | Path | None = None,
+                also_read: Iterable[str | Path] = ()) -> StageWriter:
+    """Run the stage; returns the finished writer (its ``stats()`` are on disk). ``also_read``:
+    further files the run reads (its ``--config``), which no output may replace."""
     # Read every file first: a malformed file aborts before anything is written.
     items: list[tuple[int, str, Any]] = []
     for fi, path in enumerate(inputs):
@@ -223,7 +226,7 @@ def merge_files(inputs: list[str | Path], out: str | Path, settings: MergeSettin
             normalised.append(p)
     ids = resolve_ids([(fi, r) if isinstance(r, dict) else None for (fi, _, _), r in zip(items, normalised)], stems)
     group: Counter[str] = Counter(rid for rid, _ in ids if rid)  # records claiming each id
-    with StageWriter("merge", out, rejects, stats) as w:
+    with StageWriter("merge", out, rejects, stats, inputs=[*inputs, *also_read]) as w:
         for (_, where, obj), rec, (rid, dup) in progress(list(zip(items, normalised, ids)), "merge"):
             w.count_in()
             if isinstance(obj, InvalidLine):
@@ -252,6 +255,6 @@ def run(args: argparse.Namespace) -> int:
     log_settings("merge", settings, inputs=args.inputs, output=args.output)
     for p in args.inputs:
         check_input_file(p)
-    w = merge_files(args.inputs, args.output, settings, args.rejects, args.stats)
+    w = merge_files(args.inputs, args.output, settings, args.rejects, args.stats, also_read=[args.config] if args.config else [])
     print(w.summary())
     return 0

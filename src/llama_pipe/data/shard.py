@@ -1,11 +1,14 @@
 """``llama-pipe shard``: scatter a JSONL into N shards (:mod:`llama_pipe.data.gather` joins them again).
 
 ``shard IN --n N -o DIR`` writes ``DIR/shard-000.jsonl`` ... ``DIR/shard-(N-1).jsonl``: a record
-goes to shard ``blake2b(key) mod N`` where the key is its first human turn (stripped; the id when it
-has none). So conversations that ``clean`` would drop as duplicate first exchanges always meet in
-the same shard (merge already removed duplicate ids across the whole input), the assignment
-depends on the record alone (adding records never moves others), and it is the same on every
-machine and Python version. ``DIR/shard.stats.json``
+goes to shard ``blake2b(key) mod N`` where the key is its first human turn *as clean will leave it*
+(HTML converted to markdown by the same code, whitespace collapsed:
+:func:`~llama_pipe.data.common.dedup_text`; the raw text when the conversion fails or takes longer
+than clean's default ``time_budget``, since clean then rejects the record; the id when it has no
+human turn). So conversations that ``clean`` would drop as duplicate first exchanges always meet in
+the same shard, also twins that differ only in their HTML (merge already removed duplicate ids
+across the whole input), the assignment depends on the record alone (adding records never moves
+others), and it is the same on every machine and Python version. ``DIR/shard.stats.json``
 and ``DIR/shard.rejects.jsonl`` account for every input record; the directory appears atomically.
 """
 
@@ -19,19 +22,33 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.atomic import atomic_dir, write_json_atomic
-from llama_pipe.config import DataSettings
-from llama_pipe.data.common import log_settings, progress, record_id
+from llama_pipe.config import CleanSettings, DataSettings
+from llama_pipe.data.clean import GROWTH_SLACK
+from llama_pipe.data.common import TooSlow, dedup_text, first_human, log_settings, progress, record_id, within_budget
+from llama_pipe.data.markdown import ConversionError, to_markdown
 from llama_pipe.errors import InputError, OutputError
 from llama_pipe.records import InvalidLine, dumps, read_records
 
 
+def cleaned_text(value: str, cfg: CleanSettings | None = None) -> str:
+    """``value`` as clean converts it (markdown, for dedup: whitespace collapsed); ``value`` itself
+    when the conversion fails or runs past ``time_budget`` (clean rejects such a record anyway)."""
+    cfg = cfg or _CLEAN
+    try:
+        md = within_budget(cfg.time_budget, to_markdown, value, int(cfg.max_growth * len(value)) + GROWTH_SLACK)
+    except (ConversionError, TooSlow):
+        md = value
+    return dedup_text(md)
+
+
+_CLEAN = CleanSettings()
+
+
 def shard_key(rec: dict[str, Any]) -> str:
-    """What a record is sharded by: its first human turn, stripped (else its id)."""
-    conv = rec.get("conversations")
-    if isinstance(conv, list):
-        for turn in conv:
-            if isinstance(turn, dict) and turn.get("from") == "human" and isinstance(turn.get("value"), str):
-                return "h:" + turn["value"].strip()
+    """What a record is sharded by: its first human turn as clean will leave it (else its id)."""
+    value = first_human(rec)
+    if value is not None:
+        return "h:" + cleaned_text(value)
     return "i:" + str(rec.get("id"))
 
 
@@ -56,7 +73,9 @@ def shard_file(inp: str | Path, n: int, out_dir: str | Path) -> dict[str, Any]:
         raise OutputError(f"{out_dir}: exists and is not a directory; shard writes a directory of shards")
     created = False  # whether the temporary directory exists: a failure to make it says so
     try:
-        with atomic_dir(out_dir) as tmp:  # also removes the DIR.tmp-<pid>-* of killed runs
+        # Refused before anything is written: a DIR that holds IN, or files shard did not write.
+        # Also removes the DIR.tmp-<pid>-* of killed runs.
+        with atomic_dir(out_dir, stage="shard", inputs=[inp]) as tmp:
             created = True
             stats = _write_shards(tmp, items, n)
     except OSError as exc:

@@ -24,6 +24,15 @@ the token offsets give each pair's share, chunks are planned from the shares, th
 chunk is measured exactly in batches; a record whose planned chunk overflows is re-planned pair
 by pair with exact measurements.
 
+Cost is linear in the pairs of a record. A built-in template renders a conversation and its
+reply spans in one pass. A model's own Jinja template finds each
+reply's span by rendering the conversation up to it, which is quadratic in the turns (1,200 pairs
+in one record took 5x as long as in 60 records); so a record of more than :data:`FEW_PAIRS` pairs
+is rendered as text alone (one pass), measured whole, and, when it does not fit, packed by the
+exact greedy rule (each next pair measured with the chunk so far: the chunk text is bounded by
+``max_length``, so the work per pair is too). The chunks are those the rule of the first
+paragraph defines.
+
 Giant turns are not tokenized: a text has at least (its non-whitespace characters after the
 tokenizer's normaliser) / (the longest vocabulary entry) tokens, as long as the tokenizer can
 neither drop a character nor stand one token for an unknown run of them (BPE with byte
@@ -36,11 +45,13 @@ not a BPE pass over 10 MB. The chunks around it come out as if it had been measu
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import ChatSettings, SplitSettings, settings_from_args
+from llama_pipe.control_tokens import control_tokens
 from llama_pipe.data.common import (
     add_output_arguments,
     alternates,
@@ -52,13 +63,17 @@ from llama_pipe.data.common import (
 )
 from llama_pipe.data.rust_tokenizer import load_rust_tokenizer, why_not_rust
 from llama_pipe.errors import InputError
+from llama_pipe.model_dir import pick_template, resolve_template
 from llama_pipe.records import InvalidLine, Record, read_records
 from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.stage_writer import StageWriter
-from llama_pipe.templates import ChatTemplate, get_template
+from llama_pipe.templates import MODEL, BuiltinTemplate, ChatTemplate, render_for_tokens
 from llama_pipe.weights.tokenizer import load_tokenizer
 
 RECORDS_PER_STEP = 64
+#: Under a model's own template, a record of more pairs than this is rendered as text alone (see
+#: the module docstring): rendering with reply spans costs time quadratic in the pairs.
+FEW_PAIRS = 16
 
 
 @dataclass
@@ -87,6 +102,37 @@ class Splitter:
         self._header: dict[str | None, int] = {}
         self._backend = self._rust_backend(tokenizer)
         self._bound = self._char_bound()
+        self.controls = control_tokens(tokenizer)
+        self._texts: dict[str, list[tuple[int, int]]] = {}  # rendered text -> its message-text spans, when they hold control strings
+        self._text_only = self._text_renderer(template)
+
+    def _text_renderer(self, template: ChatTemplate) -> Any:
+        """A one-pass renderer of a model template's text (what ``render()[0]`` gives, without the
+        per-reply renderings that locate the spans), when it agrees with ``render`` on probes; else
+        None (and long records are rendered with spans as before)."""
+        if isinstance(template, BuiltinTemplate):
+            return None  # its render is one pass already
+        from llama_pipe.model_template import ModelTemplate
+
+        if not isinstance(template, ModelTemplate):
+            return None
+
+        def text(pairs: list[tuple[str, str]], system: str | None) -> str:
+            msgs: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+            for q, a in pairs:
+                msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            full = template._apply(msgs, False)  # noqa: SLF001 - the same rendering render() starts from
+            return full[len(template.strip_bos):] if template.strip_bos and full.startswith(template.strip_bos) else full
+
+        probes = [[("Hi there.", "Hello!")], [("a", "b"), ("c d", "e f"), ("g", "h")]]
+        for pairs in probes:
+            for system in (None, "You are terse."):
+                try:
+                    if text(pairs, system) != self.template.render(self._messages(pairs), system=system)[0]:
+                        return None
+                except Exception:  # noqa: BLE001 - a template that fails here keeps the general path
+                    return None
+        return text
 
     @staticmethod
     def _rust_backend(tok: Any) -> Any:
@@ -155,23 +201,37 @@ class Splitter:
                     r.over[j] = bound
 
     def render(self, pairs: list[tuple[str, str]], system: str | None) -> str:
-        return self._render_spans(pairs, system)[0]
+        """The chunk's text (for bounds and probes; :meth:`_measured` for texts that are measured),
+        in one pass where the template allows."""
+        if self._text_only is not None:
+            return str(self._text_only(pairs, system))
+        return self.template.render(self._messages(pairs), system=system)[0]
 
     def lengths(self, texts: list[str], special: bool = True) -> list[int]:
+        """Token counts, as training tokenizes: a text whose messages hold a control token's string
+        (recorded by :meth:`_measured`) goes through :class:`~llama_pipe.control_tokens.ControlTokens`."""
         out: list[int] = []
         for b in batched(texts, self.cfg.batch_size):
             if self._backend is not None:
                 out += [len(e) for e in self._backend.encode_batch_fast(b, add_special_tokens=special)]
             else:
                 out += [len(ids) for ids in self.tok(b, add_special_tokens=special)["input_ids"]]
+        if special and self._texts:
+            out = [len(self.controls.encode(t, self._texts[t])[0]) if t in self._texts else n for t, n in zip(texts, out)]
         return out
 
     def _with_offsets(self, texts: list[str]) -> list[tuple[int, list[tuple[int, int]]]]:
         """(token count, character offsets of each token) for each text, special tokens added."""
         if self._backend is not None:
-            return [(len(e), e.offsets) for e in self._backend.encode_batch(texts, add_special_tokens=True)]
-        enc = self.tok(texts, add_special_tokens=True, return_offsets_mapping=True)
-        return [(len(ids), offs) for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
+            out = [(len(e), e.offsets) for e in self._backend.encode_batch(texts, add_special_tokens=True)]
+        else:
+            enc = self.tok(texts, add_special_tokens=True, return_offsets_mapping=True)
+            out = [(len(ids), offs) for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
+        for i, t in enumerate(texts):
+            if t in self._texts:
+                ids, offsets = self.controls.encode(t, self._texts[t])
+                out[i] = (len(ids), offsets)
+        return out
 
     def header(self, system: str | None) -> int:
         """Tokens a chunk has beyond its pairs alone (BOS, system prompt), estimated once per system."""
@@ -182,7 +242,7 @@ class Splitter:
         return self._header[system]
 
     def exact(self, r: _Rec, idx: list[int]) -> int:
-        return self.lengths([self.render([self._pair(r, j) for j in idx], r.system)])[0]
+        return self.lengths([self._measured([self._pair(r, j) for j in idx], r.system)[0]])[0]
 
     @staticmethod
     def _pair(r: _Rec, j: int) -> tuple[str, str]:
@@ -196,12 +256,23 @@ class Splitter:
         tokenization, chunks are planned from those shares and then measured exactly.
         """
         limit = self.max_length
+        self._texts.clear()
         for r in recs:
             self.find_oversized(r)
             if r.over:  # never tokenize the giant pair: exact greedy packing around it
                 self._replan(r)
         recs = [r for r in recs if not r.over]
-        rendered = [self._render_spans(r.pairs, r.system) for r in recs]
+        if self._text_only is not None:  # a model template: long records by text alone (linear)
+            # (not where message text holds a control token's string: those are measured as training does)
+            bulky = [r for r in recs if len(r.pairs) > FEW_PAIRS and not self.controls.in_any([r.system, *(t for p in r.pairs for t in p)])]
+            recs = [r for r in recs if not any(r is b for b in bulky)]
+            whole = self.lengths([self.render(r.pairs, r.system) for r in bulky])
+            for r, n_tokens in zip(bulky, whole):
+                if n_tokens <= limit:
+                    r.chunks, r.sizes = [list(range(len(r.pairs)))], [n_tokens]
+                else:
+                    self._replan(r)
+        rendered = [self._measured(r.pairs, r.system) for r in recs]
         long_recs: list[_Rec] = []
         for b_start in range(0, len(recs), self.cfg.batch_size):
             b_recs = recs[b_start : b_start + self.cfg.batch_size]
@@ -232,18 +303,27 @@ class Splitter:
             if cur:
                 r.chunks.append(cur)
         planned = [(r, c) for r in long_recs for c in r.chunks]
-        sizes = self.lengths([self.render([r.pairs[j] for j in c], r.system) for r, c in planned])
+        sizes = self.lengths([self._measured([r.pairs[j] for j in c], r.system)[0] for r, c in planned])
         for (r, _), n in zip(planned, sizes):
             r.sizes.append(n)
         for r in long_recs:
             if any(n > limit for n in r.sizes):
                 self._replan(r)
 
-    def _render_spans(self, pairs: list[tuple[str, str]], system: str | None) -> tuple[str, list[tuple[int, int]]]:
+    @staticmethod
+    def _messages(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
         msgs = []
         for q, a in pairs:
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        return self.template.render(msgs, system=system)
+        return msgs
+
+    def _measured(self, pairs: list[tuple[str, str]], system: str | None) -> tuple[str, list[tuple[int, int]]]:
+        """Text and target spans of a chunk about to be measured; where its messages hold a control
+        token's string, their spans are recorded so that :meth:`lengths` counts them as training does."""
+        text, targets, texts = render_for_tokens(self.controls.tokenizer, self.template, self._messages(pairs), system)
+        if texts:
+            self._texts[text] = texts
+        return text, targets
 
     def _replan(self, r: _Rec) -> None:
         """Exact greedy packing for a record whose estimated plan overflowed."""
@@ -323,16 +403,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def split_file(inp: str | Path, out: str | Path, tokenizer: Any, cfg: SplitSettings,
                rejects: str | Path | None = None, stats: str | Path | None = None,
-               chat: ChatSettings | None = None) -> StageWriter:
+               chat: ChatSettings | None = None, template: ChatTemplate | None = None,
+               also_read: Iterable[str | Path] = ()) -> StageWriter:
     """Run the stage with a loaded tokenizer; returns the finished writer (stats on disk).
 
     ``chat`` (None: the defaults) gives the template, the default system prompt and, when
-    ``cfg.max_length`` is null, the chunk length."""
+    ``cfg.max_length`` is null, the chunk length; ``template`` (None: ``chat.template`` resolved as
+    train resolves it, :func:`llama_pipe.model_dir.resolve_template`) the template itself. ``also_read``:
+    further paths the run reads (the tokenizer directory, its ``--config``), which no output may replace."""
     chat = chat or ChatSettings()
-    splitter = Splitter(tokenizer, cfg, get_template(chat.template, tokenizer), cfg.max_length or chat.max_seq_len)
+    if template is None:
+        template = resolve_template(chat.template, [], tokenizer)
+    splitter = Splitter(tokenizer, cfg, template, cfg.max_length or chat.max_seq_len)
     items = list(read_records(inp))
     records_in = chunks_out = truncated = split_records = max_tokens = tokens_out = 0
-    with StageWriter("split", out, rejects, stats, unit="pairs") as w:
+    with StageWriter("split", out, rejects, stats, unit="pairs", inputs=[inp, *also_read]) as w:
         for step in progress(list(batched(items, RECORDS_PER_STEP)), "split", unit="batch"):
             ready: list[_Rec] = []
             for where, obj in step:
@@ -373,15 +458,16 @@ def split_file(inp: str | Path, out: str | Path, tokenizer: Any, cfg: SplitSetti
     return w
 
 
-def load_split_tokenizer(path: str | Path) -> Any:
+def load_split_tokenizer(path: str | Path, template: str | None = None) -> Any:
     """The tokenizer split measures with: the Rust tokenizer alone when it is known to give the
-    transformers ids (:mod:`llama_pipe.data.rust_tokenizer`, ~2 s less start-up), else
-    :func:`llama_pipe.weights.tokenizer.load_tokenizer`."""
+    transformers ids (:mod:`llama_pipe.data.rust_tokenizer`, ~2 s less start-up) and ``template``
+    (chat.template) does not resolve to the model's own Jinja (rendered with the transformers
+    tokenizer's special tokens), else :func:`llama_pipe.weights.tokenizer.load_tokenizer`."""
     tok = load_rust_tokenizer(path)
-    if tok is not None:
+    if tok is not None and pick_template(template, [Path(path)], tok) != MODEL:
         log.info("split: tokenizer loaded with the tokenizers library alone")
         return tok
-    log.info("split: tokenizer loaded through transformers (%s)", why_not_rust(path))
+    log.info("split: tokenizer loaded through transformers (%s)", why_not_rust(path) or "the model's own chat template")
     return load_tokenizer(path)
 
 
@@ -390,9 +476,12 @@ def run(args: argparse.Namespace) -> int:
     chat = settings_from_args(args, ChatSettings, "chat")
     log_settings("split", cfg, input=args.input, output=args.output, tokenizer=args.tokenizer)
     log.info("split: chat settings\n%s", describe(chat))
-    tok = load_split_tokenizer(args.tokenizer)
+    tok = load_split_tokenizer(args.tokenizer, chat.template)
     if not getattr(tok, "is_fast", True):
         raise InputError(f"{args.tokenizer}: not a fast tokenizer (no tokenizer.json); split needs one for batched, offset-aware tokenization")
-    w = split_file(args.input, args.output, tok, cfg, args.rejects, args.stats, chat)
+    template = resolve_template(chat.template, [Path(args.tokenizer)], tok)  # as train resolves it for the same directory
+    log.info("split: chat template %s", template.name)
+    w = split_file(args.input, args.output, tok, cfg, args.rejects, args.stats, chat, template,
+                   also_read=[args.tokenizer, *([args.config] if args.config else [])])
     print(w.summary() + f"; records in={w.extra['records_in']} chunks out={w.extra['chunks_out']}")
     return 0

@@ -8,6 +8,8 @@ plain 4xx, never a 200 followed by an in-band error.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import ServeSettings
@@ -74,6 +76,9 @@ def parse_chat_request(body: Any, model: ChatModel, settings: ServeSettings) -> 
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    if len(raw) > model.context_length:  # every template writes at least one token per message
+        raise ApiError(400, f"{len(raw)} messages cannot fit the model's context of {model.context_length} tokens",
+                       "messages", "context_length_exceeded")
     messages: list[dict[str, str]] = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
@@ -119,3 +124,23 @@ def parse_chat_request(body: Any, model: ChatModel, settings: ServeSettings) -> 
         stop=tuple(stop),
     )
     return messages, params, stream, include_usage
+
+
+#: Directory names that say what a directory is, not which run it belongs to (``results/<run>/merged``).
+_STAGE_DIRS = ("merged", "train")
+
+
+def served_model_id(model_dir: str | Path, adapters: Sequence[str | Path] = ()) -> str:
+    """The id ``/v1/models`` reports when ``serve.model_id`` is null: the training run's name
+    (``train.run``, recorded in an adapter's or full model's ``train_config.json``), else the
+    run directory's name for ``results/<run>/merged`` or ``.../train``, else the directory's name.
+    So two runs served side by side are told apart (``r16``, ``default``), not both ``merged``."""
+    from llama_pipe.model_dir import recorded
+
+    found, run = recorded([Path(model_dir), *map(Path, adapters)], "run")
+    if found and isinstance(run, str) and run.strip():
+        return run.strip()
+    path = Path(model_dir).resolve()
+    if path.name in _STAGE_DIRS and path.parent.name:
+        return path.parent.name
+    return path.name

@@ -19,7 +19,7 @@ from typing import TextIO
 from llama_pipe.config import ChatSettings, ServeSettings, settings_from_args
 from llama_pipe.errors import InputError
 from llama_pipe.generation import ChatModel, Completion, SamplingParams, load_chat_model
-from llama_pipe.serve.api import SEED_MAX, SEED_MIN
+from llama_pipe.serve.api import SEED_MAX, SEED_MIN, served_model_id
 from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.templates import Message
 
@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, text in (("--prompt", args.prompt), ("--system", args.system)):
         if text is not None and not _is_text(text):
             raise InputError(f"{flag}: not valid UTF-8 text (undecodable bytes in the argument)")
-    model = load_chat_model(Path(args.model), args.adapter, settings.device, chat.template, settings.model_id, chat.system_prompt)
+    model_id = settings.model_id or served_model_id(Path(args.model), args.adapter)
+    model = load_chat_model(Path(args.model), args.adapter, settings.device, chat.template, model_id, chat.system_prompt)
     params = SamplingParams(max_new_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p, seed=args.seed)
     if args.prompt is not None:
         reply(model, [{"role": "user", "content": args.prompt}], params, sys.stdout, args.system)

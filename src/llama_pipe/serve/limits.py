@@ -6,8 +6,11 @@
 * **Origin** (cross-site requests): a browser names the page that sends a request. Only the
   server's own page (the same scheme-less ``host:port`` as the ``Host`` header) and
   ``serve.allowed_origins`` may call the API; requests without ``Origin`` (curl, SDKs) pass.
-* **Connections**: at most ``max_connections`` are served at once; one more is answered 503 with
-  ``Retry-After`` straight from the accepting thread and closed.
+* **Connections**: at most ``max_connections`` are served at once. One more waits in the
+  :class:`Lobby` (one thread for all of them, at most ``LOBBY_WAIT`` seconds to send its request
+  head): ``GET /health`` is answered 200 there, so a server whose connections are all held (300
+  slow clients) still answers its health check at once; anything else gets 503 with
+  ``Retry-After``; then the connection is closed.
 * **Generation**: one request generates at a time; at most ``max_queue`` wait, each at most
   ``queue_timeout``; others are answered 503 with ``Retry-After`` (before any streaming starts).
 * **Slow clients**: a request (line, headers, body) must arrive within ``request_timeout`` of the
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
+import selectors
 import socket
 import threading
 import time
@@ -28,7 +33,13 @@ from urllib.parse import urlsplit
 
 from llama_pipe.serve.api import ApiError
 
+log = logging.getLogger(__name__)
+
 RETRY_AFTER_S = 2
+LOBBY_WAIT = 1.0  # seconds a connection over the limit has to send its request head
+LOBBY_DRAIN = 1.0  # seconds its later bytes are read (and dropped) after the answer, so close() does not reset it
+LOBBY_CAPACITY = 1024  # connections the lobby holds; for one more the oldest is closed
+HEAD_LIMIT = 16384  # bytes of a request head the lobby reads
 
 
 def error_bytes(status: int, reason: str, message: str, code: str, headers: dict[str, str] | None = None) -> bytes:
@@ -72,7 +83,10 @@ def origin_allowed(origin: str | None, host: str | None, allowed: list[str]) -> 
     origin = origin.strip().lower()
     if origin in {a.strip().lower().rstrip("/") for a in allowed}:
         return True
-    parts = urlsplit(origin)
+    try:
+        parts = urlsplit(origin)
+    except ValueError:  # "http://[": not an origin a browser sends
+        return False
     if parts.scheme not in ("http", "https") or not parts.netloc or host is None:
         return False  # "null" (sandboxed frames, file: pages) and anything odd
     return parts.netloc == host.strip().lower()
@@ -110,6 +124,161 @@ def refuse_connection(sock: socket.socket, limit: int) -> None:
             pass  # so that close() does not turn into a reset that could discard the 503
     except OSError:
         pass
+
+
+class _Waiting:
+    __slots__ = ("buf", "due", "answered")
+
+    def __init__(self, due: float) -> None:
+        self.buf, self.due, self.answered = b"", due, False
+
+
+class Lobby:
+    """Connections beyond ``max_connections``, served by one thread with non-blocking sockets.
+
+    Each may send a request head within ``wait`` seconds: ``GET``/``HEAD /health`` (from an allowed
+    Host and Origin) is answered 200, anything else (or nothing in time) 503 with ``Retry-After``;
+    then what the client still sends is read and dropped for ``LOBBY_DRAIN`` seconds (so that
+    closing does not reset the answer away) and the connection is closed. The accepting thread
+    only hands sockets over, so neither slow clients nor a burst can keep it from accepting.
+    """
+
+    def __init__(self, limit: int, allowed_hosts: list[str], allowed_origins: list[str],
+                 wait: float = LOBBY_WAIT, capacity: int = LOBBY_CAPACITY) -> None:
+        self.limit, self.wait, self.capacity = limit, wait, capacity
+        self.allowed_hosts, self.allowed_origins = allowed_hosts, allowed_origins
+        self._sel = selectors.DefaultSelector()
+        self._waiting: dict[socket.socket, _Waiting] = {}  # insertion order: oldest first
+        self._new: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ)
+        self._thread = threading.Thread(target=self._run, name="serve-lobby", daemon=True)
+        self._thread.start()
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._new.append(sock)
+        self._wake()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake()
+        self._thread.join(5)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # the wake-up pipe is full (the thread will look anyway) or closed
+            pass
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                for key, _ in self._sel.select(timeout=0.1):
+                    if key.fileobj is self._wake_r:
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except OSError:
+                            pass
+                    else:
+                        self._guarded(self._readable, key.fileobj)
+                self._admit()
+                now = time.monotonic()
+                for sock, w in [(s, w) for s, w in self._waiting.items() if w.due <= now]:
+                    if w.answered:
+                        self._drop(sock)
+                    else:
+                        self._guarded(self._answer, sock, w)
+        finally:
+            for sock in list(self._waiting):
+                self._drop(sock)
+            with self._lock:
+                new, self._new = self._new, []
+            for sock in new:
+                sock.close()
+            self._sel.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _guarded(self, fn: Any, sock: Any, *args: Any) -> None:
+        """``fn(sock, *args)``; a failure drops that connection, never the lobby's thread."""
+        try:
+            fn(sock, *args)
+        except Exception:  # noqa: BLE001 - one odd client must not stop the lobby
+            log.exception("lobby: dropping a connection")
+            self._drop(sock)
+
+    def _admit(self) -> None:
+        with self._lock:
+            new, self._new = self._new, []
+        for sock in new:
+            while len(self._waiting) >= self.capacity:
+                self._drop(next(iter(self._waiting)))
+            try:
+                sock.setblocking(False)
+                self._sel.register(sock, selectors.EVENT_READ)
+            except (OSError, ValueError):
+                sock.close()
+                continue
+            self._waiting[sock] = _Waiting(time.monotonic() + self.wait)
+
+    def _drop(self, sock: socket.socket) -> None:
+        self._waiting.pop(sock, None)
+        try:
+            self._sel.unregister(sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        sock.close()
+
+    def _readable(self, sock: socket.socket) -> None:
+        w = self._waiting.get(sock)
+        if w is None:
+            return
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client closed: nothing (more) to say to it
+            self._drop(sock)
+            return
+        if w.answered:
+            return  # draining
+        w.buf += data
+        if b"\r\n\r\n" in w.buf or len(w.buf) >= HEAD_LIMIT:
+            self._answer(sock, w)
+
+    def _answer(self, sock: socket.socket, w: _Waiting) -> None:
+        try:
+            sock.send(self._response(w.buf))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._drop(sock)
+            return
+        w.answered, w.buf, w.due = True, b"", time.monotonic() + LOBBY_DRAIN
+
+    def _response(self, head: bytes) -> bytes:
+        lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        fields: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                fields.setdefault(name.strip().lower(), value.strip())
+        host, origin = fields.get("host"), fields.get("origin")
+        if (len(parts) == 3 and parts[0] in ("GET", "HEAD") and parts[1].split("?", 1)[0] == "/health"
+                and host_allowed(host, self.allowed_hosts) and origin_allowed(origin, host, self.allowed_origins)):
+            body = json.dumps({"status": "ok"}).encode()
+            head_out = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            return head_out.encode() + (body if parts[0] == "GET" else b"")
+        return error_bytes(503, "Service Unavailable", f"the server is at its limit of {self.limit} open connections; retry shortly",
+                           "server_busy", {"Retry-After": str(RETRY_AFTER_S)})
 
 
 class Deadlines:

@@ -9,17 +9,25 @@ ones http.server itself refuses (an unknown method is 405 with ``Allow``); a ful
 503 with ``Retry-After``; an unexpected failure is logged and answered with a 500, and the server
 keeps running. Binds 127.0.0.1 unless told otherwise; Host and Origin are checked
 (:mod:`llama_pipe.serve.limits`).
+
+A request's body length must be unambiguous, so that no proxy in front can read the bytes
+differently (request smuggling): one ``Content-Length`` of plain decimal digits, no
+``Transfer-Encoding`` beside it, no malformed header lines; anything else is 400 and the
+connection is closed. A request that carries a body the route does not read closes its
+connection after the answer. A client that leaves stops its generation within a token, streamed
+or not.
 """
 
 from __future__ import annotations
 
 import argparse
+import email.errors
 import json
 import logging
+import re
 import select
 import signal
 import socket
-import threading
 import time
 import uuid
 from http import HTTPStatus
@@ -30,14 +38,14 @@ from typing import Any
 
 from llama_pipe.config import ChatSettings, ServeSettings, settings_from_args
 from llama_pipe.generation import ChatModel, Completion, SamplingParams, load_chat_model
-from llama_pipe.serve.api import ApiError, parse_chat_request
+from llama_pipe.serve.api import ApiError, parse_chat_request, served_model_id
 from llama_pipe.serve.limits import (
     ConnectionGate,
     Deadlines,
     GenerationQueue,
+    Lobby,
     host_allowed,
     origin_allowed,
-    refuse_connection,
 )
 from llama_pipe.settings import add_settings_arguments, describe
 
@@ -46,7 +54,10 @@ __all__ = ["ApiError", "ChatServer", "Handler", "parse_chat_request"]
 log = logging.getLogger(__name__)
 
 ALLOW = "GET, HEAD, POST, OPTIONS"
-MAX_REFUSING = 32  # threads answering 503 to connections over the limit; beyond it they are just closed
+_DECIMAL = re.compile(r"[0-9]{1,18}")
+# a header line without a colon (``Content-Length : 5``) or an indented first line: the headers after it are lost
+_HEADER_LINE_DEFECTS = (email.errors.MissingHeaderBodySeparatorDefect, email.errors.FirstHeaderLineIsContinuationDefect)
+_POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL | getattr(select, "POLLRDHUP", 0)
 
 
 class ChatServer(ThreadingHTTPServer):
@@ -59,7 +70,7 @@ class ChatServer(ThreadingHTTPServer):
         self.settings = settings
         self.queue = GenerationQueue(settings.max_queue, settings.queue_timeout)
         self.gate = ConnectionGate(settings.max_connections)
-        self.refusing = threading.BoundedSemaphore(MAX_REFUSING)
+        self.lobby = Lobby(settings.max_connections, settings.allowed_hosts, settings.allowed_origins)
         self.deadlines = Deadlines(settings.request_timeout)
         self.page = resources.files("llama_pipe.serve").joinpath("static/index.html").read_bytes()
         self.request_queue_size = settings.listen_backlog  # listen() backlog, used by server_activate
@@ -78,17 +89,7 @@ class ChatServer(ThreadingHTTPServer):
                 self.gate.leave()
                 raise
             return
-        if self.refusing.acquire(blocking=False):
-            threading.Thread(target=self._refuse, args=(request,), daemon=True).start()
-        else:
-            self.shutdown_request(request)
-
-    def _refuse(self, request: socket.socket) -> None:
-        try:
-            refuse_connection(request, self.settings.max_connections)
-            self.shutdown_request(request)
-        finally:
-            self.refusing.release()
+        self.lobby.add(request)  # /health is answered there; anything else gets 503
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -98,6 +99,7 @@ class ChatServer(ThreadingHTTPServer):
 
     def server_close(self) -> None:
         self.deadlines.close()
+        self.lobby.close()
         super().server_close()
 
     def generation_slot(self) -> Any:
@@ -185,6 +187,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _guard(self, fn: Any) -> None:
         try:
+            self._check_framing()
             self._check_caller()
             if self.command != "POST":
                 self.server.deadlines.disarm(self.connection)  # no body to wait for
@@ -200,6 +203,34 @@ class Handler(BaseHTTPRequestHandler):
                 self._json(500, ApiError(500, "internal server error (see the server log)").body())
             except OSError:
                 pass
+
+    def _check_framing(self) -> None:
+        """Refuse a body length that another HTTP parser could read otherwise (request smuggling
+        behind a proxy): 400 and close unless there is at most one Content-Length of plain digits
+        and no Transfer-Encoding beside it; a chunked body alone is 411, as before."""
+        lengths = self.headers.get_all("Content-Length") or []
+        codings = self.headers.get_all("Transfer-Encoding") or []
+
+        def refuse(message: str, status: int = 400) -> ApiError:
+            self.close_connection = True
+            return ApiError(status, message, code="bad_request_framing" if status == 400 else None)
+
+        if any(isinstance(d, _HEADER_LINE_DEFECTS) for d in self.headers.defects):
+            raise refuse("malformed header line (a header without a colon, or a space before it)")
+        if len(lengths) > 1:
+            raise refuse(f"{len(lengths)} Content-Length headers; send exactly one")
+        if len(self.headers.get_all("Host") or []) > 1:  # a proxy may route by one and we would check the other
+            raise refuse("more than one Host header")
+        if lengths and codings:
+            raise refuse("both Transfer-Encoding and Content-Length; send the body with a Content-Length only")
+        if lengths and not _DECIMAL.fullmatch(lengths[0].strip(" \t")):
+            raise refuse(f"Content-Length {lengths[0]!r:.40} is not a plain decimal number")
+        if codings:
+            if self.command == "POST" and [c.strip().lower() for c in ",".join(codings).split(",")] == ["chunked"]:
+                raise refuse("send the body with a Content-Length (chunked requests are not accepted)", 411)
+            raise refuse(f"Transfer-Encoding {', '.join(codings)!r:.60} is not accepted; send the body with a Content-Length")
+        if self.command != "POST" and lengths and int(lengths[0]):
+            self.close_connection = True  # a body this route does not read must not be taken for the next request
 
     def _check_caller(self) -> None:
         """Host must name this server (DNS rebinding); Origin, when a browser sends one, must be
@@ -217,17 +248,11 @@ class Handler(BaseHTTPRequestHandler):
             self.cors_origin = origin.strip()  # an allowed cross-origin page may read the reply
 
     def _read_json(self) -> Any:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        value = self.headers.get("Content-Length")  # one plain decimal: _check_framing saw to it
+        if value is None:
             self.close_connection = True
-            raise ApiError(411, "send the body with a Content-Length (chunked requests are not accepted)")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(411, "a Content-Length header is required") from None
-        if length < 0:
-            self.close_connection = True
-            raise ApiError(400, "invalid Content-Length")
+            raise ApiError(411, "a Content-Length header is required")
+        length = int(value)
         if length > self.server.settings.max_request_bytes:
             self.close_connection = True  # the unread body must not be taken for the next request
             raise ApiError(413, f"request body of {length} bytes exceeds the limit of {self.server.settings.max_request_bytes}")
@@ -297,25 +322,44 @@ class Handler(BaseHTTPRequestHandler):
         body = self._read_json()
         model = self.server.model
         messages, params, stream, include_usage = parse_chat_request(body, model, self.server.settings)
-        prompt = model.prompt_ids(messages)
-        if len(prompt) >= model.context_length:
-            raise ApiError(400, f"the conversation has {len(prompt)} tokens; the model's context is {model.context_length}",
-                           "messages", "context_length_exceeded")
+        prompt = self._prompt(messages)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         res = Completion()
+        gone = _ClientGone(self.connection)
         if not stream:
             with self.server.generation_slot():
-                for _ in model.stream(prompt, params, res):
+                for _ in model.stream(prompt, params, res, cancelled=gone):
                     pass
+            if gone.seen:
+                self.close_connection = True
+                log.info("client went away; its generation stopped after %d token(s)", res.completion_tokens)
+                return
             self._json(200, {
                 "id": cid, "object": "chat.completion", "created": created, "model": model.model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text}, "finish_reason": res.finish_reason}],
                 "usage": _usage(res),
             })
             return
-        self._stream(prompt, params, res, cid, created, include_usage)
+        self._stream(prompt, params, res, cid, created, include_usage, gone)
 
-    def _stream(self, prompt: list[int], params: SamplingParams, res: Completion, cid: str, created: int, include_usage: bool) -> None:
+    def _prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt's token ids; 400 if the chat template cannot render the conversation or it
+        does not fit the context (rendering is one pass over the messages: linear time)."""
+        from jinja2 import TemplateError
+
+        model = self.server.model
+        try:
+            prompt = model.prompt_ids(messages)
+        except (ValueError, TypeError, TemplateError) as exc:
+            raise ApiError(400, f"the chat template ({model.template.name}) cannot render this conversation: {str(exc)[:200]}",
+                           "messages", "invalid_conversation") from None
+        if len(prompt) >= model.context_length:
+            raise ApiError(400, f"the conversation has {len(prompt)} tokens; the model's context is {model.context_length}",
+                           "messages", "context_length_exceeded")
+        return prompt
+
+    def _stream(self, prompt: list[int], params: SamplingParams, res: Completion, cid: str, created: int, include_usage: bool,
+                gone: _ClientGone) -> None:
         model = self.server.model
 
         def event(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> None:
@@ -335,7 +379,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             event({"role": "assistant", "content": ""})
-            pieces = model.stream(prompt, params, res)
+            pieces = model.stream(prompt, params, res, cancelled=gone)
             try:
                 for piece in pieces:
                     event({"content": piece})
@@ -348,11 +392,43 @@ class Handler(BaseHTTPRequestHandler):
                 return
             finally:
                 pieces.close()  # a client that went away stops the generation here
+        if gone.seen:
+            log.info("client went away; its generation stopped after %d token(s)", res.completion_tokens)
+            return
         event({}, res.finish_reason)
         if include_usage:
             event({}, usage=_usage(res))
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
+
+
+class _ClientGone:
+    """Called between tokens: True once the client has closed its end of the connection (it can
+    no longer read a reply), so generation stops within a token of it leaving."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.poll = select.poll()
+        self.poll.register(sock, select.POLLIN | _POLL_GONE)
+        self.seen = False
+
+    def __call__(self) -> bool:
+        if not self.seen:
+            self.seen = self._check()
+        return self.seen
+
+    def _check(self) -> bool:
+        events = self.poll.poll(0)
+        if not events:
+            return False
+        if events[0][1] & _POLL_GONE:
+            return True
+        try:  # readable: a pipelined request (data) or the client's end of stream (b"")
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
 
 def _usage(res: Completion) -> dict[str, int]:
@@ -374,7 +450,8 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, ServeSettings, "serve")
     chat = settings_from_args(args, ChatSettings, "chat")
     log.info("serve settings:\n%s", describe(settings))
-    model = load_chat_model(Path(args.model), args.adapter, settings.device, chat.template, settings.model_id, chat.system_prompt)
+    model_id = settings.model_id or served_model_id(Path(args.model), args.adapter)
+    model = load_chat_model(Path(args.model), args.adapter, settings.device, chat.template, model_id, chat.system_prompt)
     server = ChatServer(model, settings)
     print(f"serve: {model.model_id} at {server.url}/v1 (web chat: {server.url}/); Ctrl-C stops", flush=True)
 

@@ -184,6 +184,24 @@ class Checkpointer:
         acc.wait_for_everyone()
         return final
 
+    def snapshot(self, step: int, model: Any) -> Path | None:
+        """Keep the adapter of evaluation step ``step`` in ``root/snapshots/step-N`` (never pruned:
+        the ``select`` stage scores every one; adapters only, and only where this process holds
+        the whole adapter, not under FSDP/DeepSpeed). Collective; returns the folder or None."""
+        acc = self.acc
+        final = self.root / "snapshots" / f"step-{step:08d}"
+        unwrapped = acc.unwrap_model(model)
+        if not (self.own_weights and hasattr(unwrapped, "peft_config")):
+            return None
+        if acc.is_main_process:
+            tmp = final.with_name(f".{final.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            unwrapped.save_pretrained(str(tmp), safe_serialization=True)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        acc.wait_for_everyone()
+        return final
+
     def latest(self) -> Path | None:
         """The newest valid checkpoint, chosen on the main process and shared with the others."""
         from accelerate.utils import broadcast_object_list

@@ -27,7 +27,7 @@ from typing import Any
 
 from llama_pipe.errors import InputError
 from llama_pipe.records import iter_jsonl
-from llama_pipe.templates import IGNORE_INDEX, ChatTemplate, to_messages, tokenize_with_labels
+from llama_pipe.templates import IGNORE_INDEX, ChatTemplate, encode_conversation, to_messages
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,9 @@ class DataStats:
 def encode_record(
     record: dict[str, Any], tokenizer: Any, template: ChatTemplate, system_prompt: str | None
 ) -> Example:
-    """Render and tokenise one record; labels cover exactly the assistant targets."""
-    text, spans = template.render(to_messages(record), system=system_prompt)
-    ids, labels = tokenize_with_labels(tokenizer, text, spans)
+    """Render and tokenise one record; labels cover exactly the assistant targets (control tokens
+    only where the template wrote them: :func:`llama_pipe.templates.encode_conversation`)."""
+    ids, labels = encode_conversation(tokenizer, template, to_messages(record), system_prompt)
     return Example(ids, labels)
 
 

@@ -27,7 +27,7 @@ def write_output(
     base: Path,
     out: Path,
     root: Path,
-    inputs: dict[str, str],
+    inputs: dict[str, Any],
 ) -> None:
     """Save adapter (or full model), tokenizer, config, metrics, summary and checkpoints to ``out``.
 
@@ -46,7 +46,8 @@ def write_output(
         # Written whole or not at all: no half-written run directory is left behind. The run
         # directory goes into place first, then the checkpoints move into it: a kill in between
         # leaves them in <OUT>.ckpt, where the next run resumes from them.
-        with atomic_dir(out) as tmp:
+        sources = [base, *(Path(inputs[k]) for k in ("train_data", "val_data") if isinstance(inputs.get(k), str))]
+        with atomic_dir(out, stage="train", inputs=sources, later=("checkpoints", "snapshots")) as tmp:  # checkpoints and snapshots move in below
             unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
             if settings.method == "full":
                 n = verify_full(tmp, dict(state_dict))
@@ -72,10 +73,12 @@ def write_output(
                     "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
                 },
             )
-            metrics = root / "metrics.jsonl"
-            if metrics.exists():
-                shutil.copyfile(metrics, tmp / "metrics.jsonl")
+            for name in ("metrics.jsonl", "retention.jsonl"):  # the live metrics, retention scored during training
+                if (root / name).exists():
+                    shutil.copyfile(root / name, tmp / name)
             write_json(tmp / "summary.json", {k: v for k, v in summary.items() if k != "is_main"})
+        if (root / "snapshots").is_dir():  # the evaluation steps' adapters, for `llama-pipe select`
+            (root / "snapshots").rename(out / "snapshots")
         if (root / "checkpoints").is_dir():
             (root / "checkpoints").rename(out / "checkpoints")
         else:

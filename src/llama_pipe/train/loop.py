@@ -21,13 +21,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.config import ChatSettings, TrainSettings, settings_from_args
+from llama_pipe.atomic import check_output_dir, is_inside, same_file
+from llama_pipe.config import ChatSettings, SelectSettings, TrainSettings, settings_from_args
 from llama_pipe.entry import stage_main
-from llama_pipe.errors import ConfigError, InputError
-from llama_pipe.model_dir import pick_template
+from llama_pipe.errors import ConfigError, InputError, OutputError
+from llama_pipe.lineage import TRAINED_ON, base_record
+from llama_pipe.model_dir import resolve_template
 from llama_pipe.records import file_digest
 from llama_pipe.settings import add_settings_arguments, describe, to_dict
-from llama_pipe.templates import get_template
 from llama_pipe.train import fast
 from llama_pipe.train.checkpoint import Checkpointer, checkpoint_root
 from llama_pipe.train.dataset import StepPlan, collate, load_examples, pack_examples, rank_eval_batches
@@ -36,11 +37,13 @@ from llama_pipe.train.memory import Planned, is_oom, keep_layers, plan_run, step
 from llama_pipe.train.model import build_model, count_parameters, resolve_precision
 from llama_pipe.train.optim import check_optimizer, fused_adamw_ok, make_optimizer
 from llama_pipe.train.output import VerificationError
+from llama_pipe.train.retention_probe import FILE as PROBE_FILE
+from llama_pipe.train.retention_probe import RetentionProbe
 from llama_pipe.train.runstate import Metrics, StoppedBySignal, StopRequest, peak_memory
 from llama_pipe.train.step import NonFiniteLoss, StepContext, evaluate, logits_loss_sum, train_step
 from llama_pipe.weights.hf import safetensors_files
 from llama_pipe.weights.tokenizer import load_tokenizer
-from llama_pipe.weights.validate import check_model_weights
+from llama_pipe.weights.validate import check_model_weights, refuse_remote_code
 
 __all__ = ["Metrics", "StopRequest", "StoppedBySignal", "add_arguments", "peak_memory", "run", "train"]
 
@@ -59,13 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="run directory (the workflow's is results/<run>/train)")
     add_settings_arguments(parser, TrainSettings, "train")
     add_settings_arguments(parser, ChatSettings, "chat", config_flag=False)
+    add_settings_arguments(parser, SelectSettings, "select", config_flag=False)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, TrainSettings, "train")
     chat = settings_from_args(args, ChatSettings, "chat")
+    select = settings_from_args(args, SelectSettings, "select")
     try:
-        summary = train(args.base, args.train_data, args.val_data, args.output, settings, chat)
+        summary = train(args.base, args.train_data, args.val_data, args.output, settings, chat, select=select)
     except (NonFiniteLoss, VerificationError) as exc:
         print(f"llama-pipe train: error: {exc} (checkpoints kept in {args.output}.ckpt)", file=sys.stderr)
         return 1
@@ -151,6 +156,21 @@ def apply_fast_path(acc: Any, model: Any, settings: TrainSettings, options: fast
     return fast.model_loss_sum
 
 
+def progress_line(step: int, total: int, start: int, loss: float, tokens_per_s: float | None, elapsed: float) -> str:
+    """``step 3/12: loss 2.1034, 812 tok/s, 41 s elapsed, ETA 2 min 03 s`` (ETA from this run's own pace)."""
+    done = step - start
+    eta = elapsed / done * (total - step) if done > 0 else float("nan")
+
+    def span(s: float) -> str:
+        if s != s:  # NaN
+            return "?"
+        m, sec = divmod(int(round(s)), 60)
+        return f"{m} min {sec:02d} s" if m else f"{sec} s"
+
+    rate = f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "? tok/s"
+    return f"step {step}/{total}: loss {loss:.4f}, {rate}, {span(elapsed)} elapsed, ETA {span(eta)}"
+
+
 def describe_plan(planned: Planned) -> str:
     """The plan in words (for logs and the summary)."""
     if planned.plan is None:
@@ -159,15 +179,35 @@ def describe_plan(planned: Planned) -> str:
     return planned.plan.describe(planned.layers)
 
 
+def check_run_paths(out: Path, sources: list[Path]) -> None:
+    """Refuse an ``out`` (or its ``<OUT>.ckpt``, removed on a fresh start) that is or holds one of
+    ``sources``, or holds files train did not write: an OutputError, exit 2, before training."""
+    check_output_dir(out, sources, "train")
+    root = checkpoint_root(out)
+    for src in sources:
+        if same_file(root, src) or is_inside(src, root):
+            raise OutputError(f"{root}: the run's checkpoint directory holds the input {src}; a fresh start would delete it; "
+                              "give another -o")
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        raise OutputError(f"{root}: the run's checkpoint directory is a file or a link; remove it or give another -o")
+    if root.is_dir():
+        # what train writes there: checkpoints, snapshots, the live metrics, restart_at's temporary
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in ("checkpoints", "snapshots", "metrics.jsonl", "metrics.tmp", PROBE_FILE))
+        if foreign:
+            raise OutputError(f"{root}: holds {foreign[0]!r}, which train did not write; a fresh start would delete it; "
+                              "move it out or give another -o")
+
+
 def train(
     base: Path, train_path: Path, val_path: Path, out: Path, settings: TrainSettings, chat: ChatSettings | None = None,
-    loss_fn: Any = None, fast_options: fast.FastOptions | None = None,
+    loss_fn: Any = None, fast_options: fast.FastOptions | None = None, select: SelectSettings | None = None,
 ) -> dict[str, Any]:
     """Train and write ``out``; returns the summary (also written to ``out/summary.json``).
 
     ``chat``: how conversations are rendered (template, system prompt, row length); None: the defaults.
     ``fast_options``: the fast path's levers instead of ``train.kernels`` (tests and benchmarks; see
-    :func:`apply_fast_path`)."""
+    :func:`apply_fast_path`). ``select``: whether and on what retention is scored during training
+    (:mod:`llama_pipe.train.retention_probe`); None: not scored."""
     chat = chat or ChatSettings()
     import torch
     from accelerate.utils import DistributedType, set_seed
@@ -175,12 +215,17 @@ def train(
 
     t_start = time.time()
     base, train_path, val_path, out = Path(base), Path(train_path), Path(val_path), Path(out)
+    check_run_paths(out, [base, train_path, val_path])  # before hours of training, not after
     if not (base / "config.json").is_file():
         raise InputError(
             f"{base}: not a Hugging Face model directory (no config.json); --base must be the output of "
             "`llama-pipe convert` (results/hf_base) or a downloaded HF model"
         )
+    refuse_remote_code(base, settings.trust_remote_code)  # an auto_map: exit 2 naming the setting, never a prompt
     check_model_weights(base, safetensors_files(base))  # lying headers / absurd config.json: exit 2 before anything loads
+    # What this run trains on (recorded in train_config.json; merge-adapter checks it): the base's
+    # weights fingerprint and, for a merged model, the adapters merged into it.
+    base_on = base_record(base)
     acc, precision = make_accelerator(settings)
     main = acc.is_main_process
     if not main:
@@ -194,13 +239,16 @@ def train(
     settings = planned.settings
     check_optimizer(settings, acc)  # and what the planner chose
     log.info("train settings:\n%s\nchat settings:\n%s", describe(user_settings), describe(chat))
+    log.info("training on %s", base_on.lineage.describe())
+    if settings.base_run is not None:
+        log.info("train.base_run %s (the workflow's choice of --base): training on --base %s", settings.base_run, base)
     if settings.trust_remote_code:
         log.warning("train.trust_remote_code is true: Python code shipped with %s will run in this process", base)
     log.info("device %s, %d process(es), precision %s, %s", acc.device, acc.num_processes, precision, acc.distributed_type)
 
     set_seed(settings.seed)
     tokenizer = load_tokenizer(base, trust_remote_code=settings.trust_remote_code)
-    template = get_template(pick_template(chat.template, [base], tokenizer), tokenizer)
+    template = resolve_template(chat.template, [base], tokenizer)
     train_ex, train_stats = load_examples(train_path, tokenizer, template, chat.max_seq_len, chat.system_prompt)
     val_ex, val_stats = load_examples(val_path, tokenizer, template, chat.max_seq_len, chat.system_prompt)
     log.info("%s", train_stats.line())
@@ -221,6 +269,12 @@ def train(
                      chat, base, train_path, val_path, acc.num_processes)
     device_type = "cuda" if acc.device.type == "cuda" else "cpu"
     progress = {"step": 0}
+    probe = None
+    if select is not None and select.retention:
+        if acc.num_processes == 1:
+            probe = RetentionProbe(select, tokenizer, template, chat.system_prompt, root / PROBE_FILE)
+        else:
+            log.info("select.retention: not scored with %d processes (select keeps the last step)", acc.num_processes)
 
     def attempt(run_plan: Planned, resume: str) -> tuple[Any, float, float, int, int, int, int]:
         """Build, resume and train under one plan; returns the model and what the summary needs."""
@@ -268,9 +322,12 @@ def train(
             val_before = evaluate(ctx, val_batches)
             metrics.write({"step": 0, "val_loss": val_before})
             log.info("validation loss before training: %.4f", val_before)
+            if probe is not None:  # the adapters are still zero: this is the base's score
+                probe.score(acc, model, 0)
         val_loss, tokens_total = val_before, tokens_before
         bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=None if main else True)
         stop = StopRequest.install()
+        loop_t0 = time.perf_counter()
         try:
             for step in range(start, total):
                 ids = plan.step_rows(step)
@@ -280,20 +337,27 @@ def train(
                 t0 = time.perf_counter()
                 res = train_step(ctx, micro, global_targets, step + 1)
                 dt = time.perf_counter() - t0
+                rate = res.tokens / dt if dt > 0 else None
                 tokens_total += res.tokens
                 mem, mem_kind = peak_memory(device_type)
                 row = {"step": step + 1, "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
-                       "tokens_per_s": res.tokens / dt if dt > 0 else None, "target_tokens": res.target_tokens,
+                       "tokens_per_s": rate, "target_tokens": res.target_tokens,
                        "peak_mem_bytes": mem, "peak_mem_kind": mem_kind, "epoch": round(plan.epoch_of(step + 1), 4)}
                 if res.skipped:
                     row["skipped"] = True
                     log.warning("step %d: non-finite loss or gradient, step skipped (train.on_nonfinite: skip)", step + 1)
                 metrics.write(row)
                 bar.update(1)
-                bar.set_postfix(loss=f"{res.loss:.4f}", val=f"{val_loss:.4f}")
+                bar.set_postfix(loss=f"{res.loss:.4f}", val=f"{val_loss:.4f}", tok_s=f"{rate or 0:.0f}")
+                if bar.disable and main:  # no terminal (a log file, SLURM): one line per step instead of the bar
+                    log.info("%s", progress_line(step + 1, total, start, res.loss, rate, time.perf_counter() - loop_t0))
                 if (step + 1) % settings.eval_every == 0 or step + 1 == total:
                     val_loss = evaluate(ctx, val_batches)
                     metrics.write({"step": step + 1, "val_loss": val_loss})
+                    if probe is not None:
+                        probe.score(acc, model, step + 1)
+                    if step + 1 < total:  # the last step's adapter is the run's own
+                        ckpt.snapshot(step + 1, model)
                     log.info("step %d: loss %.4f, val loss %.4f", step + 1, res.loss, val_loss)
                 stopping = stop.requested(acc)
                 if ((step + 1) % settings.save_every == 0 and step + 1 < total) or stopping:
@@ -343,7 +407,7 @@ def train(
         "data": {"train": vars(train_stats), "val": vars(val_stats)}, "memory_plan": memory_plan,
     }
     write_output(acc, model, tokenizer, template, settings, chat, summary, base, out, root,
-                 {"base": str(base), "train_data": str(train_path), "val_data": str(val_path)})
+                 {"base": str(base), "train_data": str(train_path), "val_data": str(val_path), TRAINED_ON: base_on.to_json()})
     summary["is_main"] = main
     return summary
 

@@ -97,7 +97,6 @@ def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, prec
     dtype = compute_dtype(precision)
     kwargs: dict[str, Any] = {
         "attn_implementation": settings.attn_implementation,
-        "trust_remote_code": settings.trust_remote_code,
         "use_safetensors": True,
     }
     storage, method = settings.base_storage, settings.method
@@ -121,7 +120,7 @@ def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, prec
     else:  # full: fp32 master weights, autocast provides the low-precision compute
         kwargs["dtype"] = torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), trust_remote_code=settings.trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
         raise InputError(f"{base_dir}: cannot load the base model (base_storage {storage}): {exc}") from exc
     model.config.use_cache = False

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("llama_pipe.train")
 
 
 def peak_memory(device_type: str) -> tuple[int, str]:
@@ -67,9 +70,28 @@ class Metrics:
     enabled: bool
 
     def restart_at(self, step: int) -> None:
+        """Keep the rows up to ``step`` (the resumed checkpoint's). A last line cut off by a kill in
+        the middle of a write, or any other line that is not a metrics row, is dropped with a
+        warning: the run resumes, and its metrics file is valid JSON lines again."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        text = self.path.read_bytes().decode("utf-8", errors="replace")
+        lines = text.split("\n")
+        keep = []
+        for n, ln in enumerate(lines, start=1):
+            if not ln.strip():
+                continue
+            try:
+                row = json.loads(ln)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
+                torn = n == len(lines)  # no newline after it: the write was cut off
+                log.warning("%s: line %d %s; dropped", self.path, n,
+                            "was cut off (the run stopped while writing it)" if torn else "is not a metrics row")
+                continue
+            if row["step"] <= step:
+                keep.append(ln)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
         tmp.replace(self.path)

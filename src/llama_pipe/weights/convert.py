@@ -33,7 +33,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir
+from llama_pipe.atomic import atomic_dir, check_output_dir
 from llama_pipe.config import ChatSettings, ConvertSettings, settings_from_args
 from llama_pipe.errors import InputError
 from llama_pipe.settings import add_settings_arguments, describe
@@ -251,7 +251,7 @@ def convert_meta(meta_dir: Path, out_dir: Path, settings: ConvertSettings, templ
         ["model.safetensors"] if n_files == 1 else [f"model-{k + 1:05d}-of-{n_files:05d}.safetensors" for k in range(n_files)]
     )
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, stage="convert", inputs=[meta_dir, tok_file]) as tmp:
         weight_map: dict[str, str] = {}
         total = 0
         bar = tqdm(total=len(shapes), desc="convert", unit="tensor", disable=None)
@@ -312,11 +312,13 @@ def convert(meta_dir: str | Path, out_dir: str | Path, settings: ConvertSettings
 
     src, out = Path(meta_dir), Path(out_dir)
     if src.is_file() and src.suffix == ".gguf":
+        check_output_dir(out, [src], "convert")
         return convert_gguf(src, out, settings, template)
     if not src.is_dir():
         raise InputError(f"{src}: not a directory or .gguf file (expected a Meta checkpoint, a Hugging Face model directory or a GGUF file)")
     if src.resolve() == out.resolve():
         raise InputError(f"{out}: the output directory must differ from the input")
+    check_output_dir(out, [src], "convert")  # before the weights are read: no input inside, nothing foreign replaced
     if (src / "config.json").is_file():
         return pass_through(src, out, template)
     if (src / meta.PARAMS).is_file():

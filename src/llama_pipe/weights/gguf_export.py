@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import remove_dead_temps
+from llama_pipe.atomic import check_output_files, remove_dead_temps
 from llama_pipe.config import ExportSettings, settings_from_args
-from llama_pipe.errors import InputError
+from llama_pipe.errors import InputError, OutputError
 from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.weights.gguf_vocab import add_tokenizer
 
@@ -203,6 +203,9 @@ def export_gguf(model_dir: str | Path, out: str | Path, settings: ExportSettings
         raise InputError(f"{src}: not a directory; export needs a Hugging Face model directory (e.g. results/default/merged)")
     if settings.format != "gguf":
         raise InputError(f"--format {settings.format}: only gguf is supported")
+    if dest.is_dir():
+        raise OutputError(f"{dest}: is a directory; give a file path for the GGUF (e.g. {dest / 'model.gguf'})")
+    check_output_files([("-o", dest)], [src])  # never over one of the model's own files
     shape = read_shape(src)
     files = weight_files(src)
     dest.parent.mkdir(parents=True, exist_ok=True)

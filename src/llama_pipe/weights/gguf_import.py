@@ -4,7 +4,12 @@ What happens, in order:
 
 1. Metadata and tensors are read with the ``gguf`` library (memory-mapped). Only
    ``general.architecture: llama`` with a byte-level BPE tokenizer (``tokenizer.ggml.model: gpt2``)
-   is accepted; anything else is an :class:`InputError` naming the file and the value.
+   is accepted; anything else is an :class:`InputError` naming the file and the value. Every
+   metadata value used is checked for its type and bounds first (an integer size within
+   :data:`llama_pipe.weights.validate.SIZE_FIELDS`' limits, heads that divide the width, a list of
+   strings for the tokens, a block count equal to the ``blk.N`` tensors present), and every
+   tensor's type must be one ``gguf`` can dequantize and its shape the one the metadata implies,
+   before anything is dequantized or built: a malformed file is exit 2 naming the key or tensor.
 2. Every tensor is dequantized to float32 (``gguf.quants.dequantize``: Q4_0, Q4_1, Q8_0, K-quants,
    F16, ...) and renamed (``blk.N.attn_q.weight`` -> ``model.layers.N.self_attn.q_proj.weight``).
 3. llama.cpp's converter permutes each head's q/k rows from Hugging Face's rotate-half layout to
@@ -19,20 +24,25 @@ What happens, in order:
 5. The tokenizer: vocabulary and merges from ``tokenizer.ggml.tokens`` / ``merges``, control tokens
    as special tokens, the pre-tokenizer named by ``tokenizer.ggml.pre``, BOS/EOS/UNK/PAD ids, a
    BOS prepended only when ``tokenizer.ggml.add_bos_token`` says so; the model's own chat template
-   (``tokenizer.chat_template``), else ``chat.template``'s (vicuna_v1.1 for auto).
+   (``tokenizer.chat_template``, rendered once under :mod:`llama_pipe.chat_jinja`'s bounds: a
+   looping or escaping template is exit 2 naming the key), else ``chat.template``'s (vicuna_v1.1
+   for auto).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 from pathlib import Path
 from typing import Any
 
 from llama_pipe.atomic import atomic_dir, write_json_atomic
 from llama_pipe.config import ConvertSettings
 from llama_pipe.errors import InputError
-from llama_pipe.model_template import model_template
-from llama_pipe.templates import AUTO, end_of_turn_ids, template_for_bare_model
+from llama_pipe.model_template import ModelTemplate, model_template
+from llama_pipe.templates import AUTO, MODEL, ChatTemplate, end_of_turn_ids, template_for_bare_model
+from llama_pipe.weights.validate import SIZE_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -101,26 +111,107 @@ class GGUFModel:
             if default is ...:
                 raise InputError(f"{self.path}: metadata key {key!r} is missing")
             return default
-        return field.contents()
+        try:
+            return field.contents()
+        except Exception as exc:  # noqa: BLE001 - a value gguf cannot decode (bytes that are not UTF-8, ...)
+            raise InputError(f"{self.path}: metadata {key} cannot be read ({type(exc).__name__}: {str(exc)[:100]})") from None
+
+    def _bad(self, key: str, what: str, value: Any) -> InputError:
+        return InputError(f"{self.path}: metadata {key} must be {what}, got {value!r:.60}")
+
+    def get_int(self, key: str, default: Any = ..., lo: int = 1, hi: int = 2**31) -> int:
+        """An integer within [lo, hi] (a string, a float, a bool or a list is refused, naming the key)."""
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._bad(key, "an integer", value)
+        if not lo <= value <= hi:
+            raise InputError(f"{self.path}: metadata {key} = {value} is out of range ({lo} to {hi})")
+        return value
+
+    def get_float(self, key: str, default: float, lo: float, hi: float) -> float:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not lo < value < hi:
+            raise self._bad(key, f"a number between {lo:g} and {hi:g}", value)
+        return float(value)
+
+    def get_str(self, key: str, default: Any = ...) -> Any:
+        value = self.get(key, default)
+        if value is not default and not isinstance(value, str):
+            raise self._bad(key, "a string", value)
+        return value
+
+    def get_list(self, key: str, kind: type, default: Any = ..., longest: int = SIZE_FIELDS["vocab_size"]) -> Any:
+        """A list of ``kind`` (str or int) of at most ``longest`` items."""
+        value = self.get(key, default)
+        if value is default:
+            return value
+        if not isinstance(value, list):
+            raise self._bad(key, f"a list of {kind.__name__}", value)
+        if len(value) > longest:
+            raise InputError(f"{self.path}: metadata {key} has {len(value):,} items; at most {longest:,} are accepted")
+        for i, v in enumerate(value):
+            if isinstance(v, bool) or not isinstance(v, kind):
+                raise InputError(f"{self.path}: metadata {key}[{i}] must be a {kind.__name__}, got {v!r:.40}")
+        return value
 
     def config_kwargs(self) -> dict[str, Any]:
         names = {t.name for t in self.reader.tensors}
-        dim = int(self.get("llama.embedding_length"))
-        heads = int(self.get("llama.attention.head_count"))
-        tokens = self.get("tokenizer.ggml.tokens")
+        cap = SIZE_FIELDS
+        dim = self.get_int("llama.embedding_length", hi=cap["hidden_size"])
+        heads = self.get_int("llama.attention.head_count", hi=cap["num_attention_heads"])
+        kv = self.get_int("llama.attention.head_count_kv", heads, hi=cap["num_key_value_heads"])
+        if "llama.attention.key_length" not in self.reader.fields and dim % heads:
+            raise InputError(f"{self.path}: metadata llama.embedding_length {dim} is not a multiple of llama.attention.head_count {heads}")
+        head_dim = self.get_int("llama.attention.key_length", dim // heads, hi=cap["head_dim"])
+        if heads % kv:
+            raise InputError(f"{self.path}: metadata llama.attention.head_count {heads} is not a multiple of "
+                             f"llama.attention.head_count_kv {kv}")
+        if head_dim % 2:
+            raise InputError(f"{self.path}: metadata llama.attention.key_length {head_dim} is odd; rotary embeddings need an even head size")
+        tokens = self.get_list("tokenizer.ggml.tokens", str)
+        blocks = self.get_int("llama.block_count", hi=cap["num_hidden_layers"])
+        found = sorted({int(m.group(1)) for n in names if (m := re.match(r"blk\.(\d+)\.", n))})
+        if found != list(range(blocks)):
+            raise InputError(f"{self.path}: metadata llama.block_count is {blocks} but the file holds tensors of "
+                             f"{len(found)} block(s){f' (blk.{found[0]} .. blk.{found[-1]})' if found else ''}")
         return dict(
-            vocab_size=int(self.get("llama.vocab_size", len(tokens))),
+            vocab_size=self.get_int("llama.vocab_size", len(tokens), hi=cap["vocab_size"]),
             hidden_size=dim,
-            intermediate_size=int(self.get("llama.feed_forward_length")),
-            num_hidden_layers=int(self.get("llama.block_count")),
+            intermediate_size=self.get_int("llama.feed_forward_length", hi=cap["intermediate_size"]),
+            num_hidden_layers=blocks,
             num_attention_heads=heads,
-            num_key_value_heads=int(self.get("llama.attention.head_count_kv", heads)),
-            head_dim=int(self.get("llama.attention.key_length", dim // heads)),
-            max_position_embeddings=int(self.get("llama.context_length", 4096)),
-            rms_norm_eps=float(self.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_parameters={"rope_type": "default", "rope_theta": float(self.get("llama.rope.freq_base", 10000.0))},
+            num_key_value_heads=kv,
+            head_dim=head_dim,
+            max_position_embeddings=self.get_int("llama.context_length", 4096, hi=cap["max_position_embeddings"]),
+            rms_norm_eps=self.get_float("llama.attention.layer_norm_rms_epsilon", 1e-5, 0.0, 1.0),
+            rope_parameters={"rope_type": "default", "rope_theta": self.get_float("llama.rope.freq_base", 10000.0, 0.0, 1e12)},
             tie_word_embeddings="output.weight" not in names,
         )
+
+    def check_tensors(self, cfg: dict[str, Any]) -> None:
+        """Every tensor's type is one gguf dequantizes, and its shape is what ``cfg`` implies (before
+        anything is dequantized or allocated)."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import _type_traits
+
+        readable = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, *_type_traits}
+        dim, ff, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+        q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+        per_layer = {"attn_norm": (dim,), "ffn_norm": (dim,), "attn_q": (q, dim), "attn_k": (kv, dim), "attn_v": (kv, dim),
+                     "attn_output": (dim, q), "ffn_gate": (ff, dim), "ffn_up": (ff, dim), "ffn_down": (dim, ff)}
+        fixed = {"token_embd.weight": (vocab, dim), "output_norm.weight": (dim,), "output.weight": (vocab, dim)}
+        for t in self.reader.tensors:
+            if t.tensor_type not in readable:
+                raise InputError(f"{self.path}: tensor {t.name!r} has type {t.tensor_type.name}, which cannot be dequantized here "
+                                 "(supported: F32, F16, BF16, Q4_0 .. Q8_0, the K-quants and IQ types)")
+            if t.name == "rope_freqs.weight":
+                continue
+            shape = tuple(int(n) for n in reversed(t.shape))
+            parts = t.name.split(".")
+            want = fixed.get(t.name) or (per_layer.get(parts[2]) if len(parts) == 4 and parts[0] == "blk" else None)
+            if want is not None and shape != want:
+                raise InputError(f"{self.path}: tensor {t.name!r} has shape {list(shape)} but the metadata implies {list(want)} "
+                                 "(llama.embedding_length, feed_forward_length, attention.head_count(_kv), key_length, vocab_size)")
 
     def state_dict(self, cfg: dict[str, Any], dtype: Any) -> dict[str, Any]:
         """Every tensor dequantized, renamed, q/k un-permuted, cast to ``dtype``."""
@@ -155,19 +246,30 @@ def build_tokenizer(g: GGUFModel, chat_template: str | None) -> Any:
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
-    kind = g.get("tokenizer.ggml.model")
+    kind = g.get_str("tokenizer.ggml.model")
     if kind != "gpt2":
         raise InputError(f"{g.path}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') tokenizers are converted")
-    pre = g.get("tokenizer.ggml.pre", "default")
+    pre = g.get_str("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise InputError(f"{g.path}: tokenizer.ggml.pre {pre!r} is not known here (known: {sorted(PRE_TOKENIZERS)})")
-    tokens: list[str] = list(g.get("tokenizer.ggml.tokens"))
-    types: list[int] = list(g.get("tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = [tuple(m.split(" ", 1)) for m in g.get("tokenizer.ggml.merges")]
+    tokens: list[str] = list(g.get_list("tokenizer.ggml.tokens", str))
+    if not tokens:
+        raise InputError(f"{g.path}: metadata tokenizer.ggml.tokens is empty")
+    types: list[int] = list(g.get_list("tokenizer.ggml.token_type", int, [1] * len(tokens)))
+    if len(types) != len(tokens):
+        raise InputError(f"{g.path}: metadata tokenizer.ggml.token_type has {len(types)} items for {len(tokens)} tokens")
+    raw_merges = g.get_list("tokenizer.ggml.merges", str, longest=4 * SIZE_FIELDS["vocab_size"])
+    merges = [tuple(m.split(" ", 1)) for m in raw_merges]
+    bad = next((i for i, m in enumerate(merges) if len(m) != 2), None)
+    if bad is not None:
+        raise InputError(f"{g.path}: metadata tokenizer.ggml.merges[{bad}] is {raw_merges[bad]!r:.40}; a merge is two tokens and a space")
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise InputError(f"{g.path}: tokenizer.ggml.tokens holds duplicate tokens")
-    tk = Tokenizer(BPE(vocab, merges, fuse_unk=False))
+    try:
+        tk = Tokenizer(BPE(vocab, merges, fuse_unk=False))
+    except Exception as exc:  # noqa: BLE001 - tokenizers refuses merges of unknown tokens, ...
+        raise InputError(f"{g.path}: metadata tokenizer.ggml.merges do not fit tokenizer.ggml.tokens ({str(exc)[:120]})") from None
     digits, split = PRE_TOKENIZERS[pre]
     byte_level = [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     tk.pre_tokenizer = pre_tokenizers.Sequence(([pre_tokenizers.Digits(individual_digits=True)] if digits else []) + byte_level)
@@ -176,14 +278,18 @@ def build_tokenizer(g: GGUFModel, chat_template: str | None) -> Any:
     tk.add_tokens([AddedToken(tok, special=False, normalized=False) for tok, ty in zip(tokens, types) if ty == USER_DEFINED])
 
     def token(key: str) -> str | None:
-        i = g.get(f"tokenizer.ggml.{key}_token_id", None)
-        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+        i = g.get_int(f"tokenizer.ggml.{key}_token_id", None, lo=0, hi=len(tokens) - 1) \
+            if f"tokenizer.ggml.{key}_token_id" in g.reader.fields else None
+        return tokens[i] if i is not None else None
 
     bos, eos, unk, pad = token("bos"), token("eos"), token("unknown"), token("padding")
     if eos is None:
         raise InputError(f"{g.path}: no tokenizer.ggml.eos_token_id")
     post: list[Any] = [processors.ByteLevel(trim_offsets=False)]
-    if g.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+    add_bos = g.get("tokenizer.ggml.add_bos_token", False)
+    if not isinstance(add_bos, bool):
+        raise g._bad("tokenizer.ggml.add_bos_token", "true or false", add_bos)
+    if add_bos and bos is not None:
         post.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]))
     tk.post_processor = processors.Sequence(post)
     if pad is None or pad == eos:
@@ -203,16 +309,18 @@ def convert_gguf(gguf_file: Path, out_dir: Path, settings: ConvertSettings, temp
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     g = GGUFModel(gguf_file)
-    own = g.get("tokenizer.chat_template", None)
+    cfg = g.config_kwargs()
+    g.check_tensors(cfg)
+    own = g.get_str("tokenizer.chat_template", None)
     tok = build_tokenizer(g, own or None)
     added = None if own else template_for_bare_model(template, gguf_file)
     if added is not None:
         tok.chat_template = added.jinja_for(tok)
-    cfg = g.config_kwargs()
     if settings.context_length:
         cfg["max_position_embeddings"] = settings.context_length
     if len(tok) != cfg["vocab_size"]:
         raise InputError(f"{gguf_file}: the tokenizer has {len(tok)} tokens but llama.vocab_size is {cfg['vocab_size']}")
+    stored = added or _own_template(tok, f"{gguf_file}: metadata tokenizer.chat_template")  # rendered once, bounded
     dtype = getattr(torch, settings.dtype)
     state = g.state_dict(cfg, dtype)
     config = LlamaConfig(**cfg, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -233,10 +341,9 @@ def convert_gguf(gguf_file: Path, out_dir: Path, settings: ConvertSettings, temp
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     model.config.dtype = settings.dtype
-    stored = added or model_template(tok)
     eos_ids = end_of_turn_ids(tok, stored)
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, stage="convert", inputs=[gguf_file]) as tmp:
         model.save_pretrained(str(tmp), max_shard_size=settings.max_shard_size)
         GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=eos_ids[0] if len(eos_ids) == 1 else eos_ids,
                          pad_token_id=tok.pad_token_id).save_pretrained(tmp)
@@ -250,6 +357,16 @@ def convert_gguf(gguf_file: Path, out_dir: Path, settings: ConvertSettings, temp
     n = sum(v.numel() for k, v in state.items() if not (config.tie_word_embeddings and k == "lm_head.weight"))
     return {"tensors": len(g.reader.tensors), "parameters": n, "vocab": len(tok),
             "files": len(list(out_dir.glob("*.safetensors"))), "own_template": bool(own), "template": stored.name}
+
+
+def _own_template(tok: Any, source: str) -> ChatTemplate:
+    """The model's own template, checked by rendering a probe within the bounds (a hostile one is
+    an InputError naming ``source``); one that cannot be trained on as it is only warns."""
+    try:
+        return model_template(tok, source)
+    except ValueError as exc:
+        log.warning("%s: %s (chat.template must name a built-in to train on this model)", source, exc)
+        return ModelTemplate(MODEL, "", tok.eos_token or "", tok.chat_template, tok, source=source)
 
 
 def find_gguf(src: Path) -> Path | None:

@@ -12,8 +12,10 @@ from typing import Any
 
 from llama_pipe.atomic import atomic_dir, commit_dir
 from llama_pipe.errors import InputError
-from llama_pipe.templates import AUTO, template_for_bare_model
+from llama_pipe.templates import AUTO, builtin_for, template_for_bare_model
+from llama_pipe.weights.fetch import check_url, redact, scrub
 from llama_pipe.weights.tokenizer import load_tokenizer
+from llama_pipe.weights.validate import check_model_weights, refuse_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,12 @@ def download_repo(repo_id: str, out_dir: Path, revision: str | None = None) -> l
     token = os.environ.get("HF_TOKEN") or None
     offline = constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
     partial = out_dir.with_name(out_dir.name + ".partial")
-    where = f"{endpoint or constants.ENDPOINT}/{repo_id}" + (f"@{revision}" if revision else "")
+    if endpoint is not None:
+        try:
+            check_url(endpoint)
+        except InputError as exc:
+            raise InputError(f"HF_ENDPOINT {exc}") from None
+    where = f"{redact(endpoint or constants.ENDPOINT).rstrip('/')}/{repo_id}" + (f"@{revision}" if revision else "")
     log.info("fetching %s (only %s)%s", where, ", ".join(ALLOW_PATTERNS), " [offline: cache only]" if offline else "")
     try:
         local = snapshot_download(
@@ -89,7 +96,11 @@ def download_repo(repo_id: str, out_dir: Path, revision: str | None = None) -> l
             ) from None
         raise InputError(f"{where}: cannot reach the Hub and nothing is cached; check the network or HF_ENDPOINT") from None
     except HfHubHTTPError as exc:
-        raise InputError(f"{where}: download failed: {exc}") from None
+        raise InputError(f"{where}: download failed: {scrub(str(exc))}") from None
+    except Exception as exc:  # noqa: BLE001 - the HTTP client's own errors (a redirect loop, a bad URL, a size check)
+        log.debug("snapshot_download failed", exc_info=True)
+        what = "too many redirects (a redirect loop?)" if "redirect" in type(exc).__name__.lower() else scrub(str(exc) or "")
+        raise InputError(f"{where}: download failed ({type(exc).__name__}: {what}); files fetched so far stay in {partial}") from None
     local_path = Path(local)
     names = sorted(p.name for p in local_path.iterdir() if p.is_file() and wanted(p.name))
     if not any(n.endswith(".safetensors") for n in names):
@@ -98,12 +109,12 @@ def download_repo(repo_id: str, out_dir: Path, revision: str | None = None) -> l
             "weights (they can run code when loaded). Use a repo with safetensors, or a Meta release URL"
         )
     if offline:  # files of the cache (symlinks into its blobs): copy them out
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir, stage="download") as tmp:
             for n in names:
                 shutil.copyfile(local_path / n, tmp / n)
     else:
         shutil.rmtree(partial / ".cache", ignore_errors=True)
-        commit_dir(partial, out_dir)
+        commit_dir(partial, out_dir, stage="download")
     log.info("huggingface_hub %s fetched %d file(s)", huggingface_hub.__version__, len(names))
     return names
 
@@ -138,11 +149,13 @@ def validate_hf_dir(src: Path) -> dict[str, Any]:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    refuse_remote_code(src)  # convert never runs a model folder's code
     try:
         config = AutoConfig.from_pretrained(str(src), trust_remote_code=False)
     except Exception as exc:  # transformers raises many types here
         raise InputError(f"{src / 'config.json'}: not a usable model config ({exc})") from None
     files = safetensors_files(src)
+    check_model_weights(src, files)  # headers, and config.json against them (layers, heads, sizes)
     found: dict[str, tuple[int, ...]] = {}
     for f in files:
         try:
@@ -153,7 +166,7 @@ def validate_hf_dir(src: Path) -> dict[str, Any]:
             raise InputError(f"{src / f}: not a readable safetensors file ({exc})") from None
     with torch.device("meta"):
         try:
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
         except Exception as exc:
             raise InputError(f"{src}: config.json does not describe a causal LM transformers can build ({exc})") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -174,18 +187,32 @@ def validate_hf_dir(src: Path) -> dict[str, Any]:
     return {"files": files, "tensors": len(found), "config": config, "tokenizer": tok}
 
 
+def _check_own_template(tok: Any) -> None:
+    """Render the model's own chat template once within the bounds (a looping or escaping one is an
+    InputError naming its file); one that cannot be trained on as it is only warns."""
+    from llama_pipe.model_template import model_template
+
+    try:
+        model_template(tok)
+    except ValueError as exc:
+        log.warning("%s: %s (chat.template must name a built-in to train on this model)", tok.name_or_path, exc)
+
+
 def pass_through(src: Path, out_dir: Path, template: str = AUTO) -> dict[str, Any]:
     """Validate ``src`` and place its files at ``out_dir`` (hard links where possible); a model without a
     chat template gets ``template``'s (chat.template: see :func:`~llama_pipe.templates.template_for_bare_model`)."""
     info = validate_hf_dir(src)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, stage="convert", inputs=[src]) as tmp:
         names = [p.name for p in sorted(src.iterdir()) if p.is_file() and wanted(p.name)]
         for n in names:
             try:
                 os.link(src / n, tmp / n)
             except OSError:
                 shutil.copy2(src / n, tmp / n)
-        if info["tokenizer"].chat_template is None:
+        own = info["tokenizer"].chat_template
+        if isinstance(own, str) and own.strip() and builtin_for(info["tokenizer"]) is None:
+            _check_own_template(info["tokenizer"])
+        if own is None:
             added = template_for_bare_model(template, src)
             log.info("%s has no chat template; adding %s", src, added.name)
             (tmp / "chat_template.jinja").write_text(added.jinja_for(info["tokenizer"]), encoding="utf-8")

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir
+from llama_pipe.atomic import atomic_dir, check_output_dir
 from llama_pipe.config import BaseSettings, settings_from_args
 from llama_pipe.errors import ConfigError, InputError
 from llama_pipe.records import InvalidLine, read_records
@@ -161,8 +161,9 @@ def make_base(out_dir: str | Path, settings: BaseSettings) -> Path:
     except InputError as exc:
         raise ConfigError(str(exc)) from None
     check_divisible(params, t.vocab_size, t.n_shards)
+    check_output_dir(out, settings.tokenizer_corpus, "make-base")
     texts = corpus_texts(settings.tokenizer_corpus)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, stage="make-base", inputs=settings.tokenizer_corpus) as tmp:
         vocab = _train_tokenizer(texts, tmp / meta.TOKENIZER, t.vocab_size, t.seed, multiple=t.n_shards)
         params.vocab_size = vocab
         check_divisible(params, vocab, t.n_shards)

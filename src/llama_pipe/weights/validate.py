@@ -11,13 +11,19 @@ file) and raises :class:`InputError` with one line naming the file and what is w
 
 The config check compares the parameter count the config describes with the number of elements
 the safetensors files actually hold, so a config can never make a loader allocate much more
-than is on disk.
+than is on disk. For a LLaMA-style decoder (``model.layers.N.*``) it also compares each size with
+the tensors themselves: the layer count with the layers present (transformers would silently drop
+extra layers or initialise missing ones at random), every layer holding the tensors the first one
+does, and the attention, MLP, norm and output shapes with ``num_attention_heads`` x ``head_dim``,
+``num_key_value_heads``, ``intermediate_size``, ``hidden_size`` and ``vocab_size``; an untied
+config needs an ``lm_head.weight``. The message names the field.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -151,6 +157,65 @@ def _size_fields(path: Path, cfg: dict[str, Any]) -> dict[str, int]:
     return found
 
 
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def _check_decoder(path: Path, dims: dict[str, int], text: dict[str, Any], cfg: dict[str, Any], tensors: Tensors) -> None:
+    """The config's sizes against a LLaMA-style decoder's tensors (``model.layers.N.*``): see the module docstring."""
+    layers: dict[int, dict[str, tuple[int, ...]]] = {}
+    for name, (_, shape) in tensors.items():
+        m = _LAYER.match(name)
+        if m:
+            layers.setdefault(int(m.group(1)), {})[m.group(2)] = shape
+    if not layers:
+        return
+    n = dims.get("num_hidden_layers")
+    if n is not None and sorted(layers) != list(range(n)):
+        raise _fail(path, f"num_hidden_layers = {n} but the weights hold {len(layers)} layer(s) "
+                          f"(model.layers.{min(layers)} .. model.layers.{max(layers)})")
+    first = layers[min(layers)]
+    for i in sorted(layers):
+        if set(layers[i]) != set(first):
+            odd = sorted(set(layers[i]) ^ set(first))[0]
+            has, lacks = (i, min(layers)) if odd in layers[i] else (min(layers), i)
+            raise _fail(path.parent, f"the weights hold model.layers.{has}.{odd} but not model.layers.{lacks}.{odd}; every layer "
+                                     "must hold the same tensors (a missing one would be initialised at random)")
+    hidden, heads = dims.get("hidden_size"), dims.get("num_attention_heads")
+    head_dim = dims.get("head_dim") or (hidden // heads if hidden and heads else None)
+    kv = dims.get("num_key_value_heads", heads)
+    inter, vocab = dims.get("intermediate_size"), dims.get("vocab_size")
+    quantized = bool(cfg.get("quantization_config"))  # packed weights: shapes are not the logical ones
+    rules: list[tuple[str, tuple[int | None, ...], str]] = [
+        ("self_attn.q_proj.weight", ((heads or 0) * (head_dim or 0) or None, hidden), "num_attention_heads x head_dim, hidden_size"),
+        ("self_attn.k_proj.weight", ((kv or 0) * (head_dim or 0) or None, hidden), "num_key_value_heads x head_dim, hidden_size"),
+        ("self_attn.v_proj.weight", ((kv or 0) * (head_dim or 0) or None, hidden), "num_key_value_heads x head_dim, hidden_size"),
+        ("self_attn.o_proj.weight", (hidden, (heads or 0) * (head_dim or 0) or None), "hidden_size, num_attention_heads x head_dim"),
+        ("mlp.gate_proj.weight", (inter, hidden), "intermediate_size, hidden_size"),
+        ("mlp.up_proj.weight", (inter, hidden), "intermediate_size, hidden_size"),
+        ("mlp.down_proj.weight", (hidden, inter), "hidden_size, intermediate_size"),
+        ("input_layernorm.weight", (hidden,), "hidden_size"),
+        ("post_attention_layernorm.weight", (hidden,), "hidden_size"),
+    ]
+    if not quantized:
+        for i in sorted(layers):
+            for suffix, want, fields in rules:
+                _same_shape(path, f"model.layers.{i}.{suffix}", layers[i].get(suffix), want, fields)
+        _same_shape(path, "model.norm.weight", tensors.get("model.norm.weight", (None, None))[1], (hidden,), "hidden_size")
+        _same_shape(path, "lm_head.weight", tensors.get("lm_head.weight", (None, None))[1], (vocab, hidden), "vocab_size, hidden_size")
+    tied = text.get("tie_word_embeddings", cfg.get("tie_word_embeddings"))
+    if tied is False and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
+        raise _fail(path, "tie_word_embeddings is false but the weights hold no lm_head.weight (it would be initialised at random)")
+
+
+def _same_shape(path: Path, name: str, shape: tuple[int, ...] | None, want: tuple[int | None, ...], fields: str) -> None:
+    if shape is None or len(shape) != len(want):
+        if shape is not None:
+            raise _fail(path, f"{name} in the weights is {list(shape)}, not the {len(want)}-D tensor {fields} describe")
+        return
+    if any(w is not None and w != s for w, s in zip(want, shape)):
+        raise _fail(path, f"{fields} = {[w if w is not None else '?' for w in want]} but {name} in the weights is {list(shape)}")
+
+
 def estimate_parameters(dims: dict[str, int], tied: bool) -> int:
     """A decoder-only transformer's parameter count from its config (embeddings, attention, a
     gated MLP); architectures with experts or biases hold more, never much less."""
@@ -184,14 +249,37 @@ def check_config(path: str | Path, tensors: Tensors | None = None) -> dict[str, 
             for key, got in (("vocab_size", shape[0]), ("hidden_size", shape[1])):
                 if key in dims and dims[key] != got:
                     raise _fail(path, f"{key} = {dims[key]} but {name} in the weights is {list(shape)}")
-    if cfg.get("quantization_config"):
-        return cfg  # packed low-bit weights hold fewer elements than parameters
-    described = estimate_parameters(dims, bool(text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))))
-    stored = sum(math.prod(shape) for _, shape in tensors.values())
-    if described > 2 * stored + 2**20:
-        raise _fail(path, f"describes about {described:,} parameters but the safetensors files hold {stored:,}; "
-                          "the config does not belong to these weights")
+    if not cfg.get("quantization_config"):  # packed low-bit weights hold fewer elements than parameters
+        described = estimate_parameters(dims, bool(text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))))
+        stored = sum(math.prod(shape) for _, shape in tensors.values())
+        if described > 2 * stored + 2**20:
+            raise _fail(path, f"describes about {described:,} parameters but the safetensors files hold {stored:,}; "
+                              "the config does not belong to these weights")
+    _check_decoder(path, dims, text, cfg, tensors)
     return cfg
+
+
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+
+
+def refuse_remote_code(model_dir: str | Path, allowed: bool = False, files: tuple[str, ...] = REMOTE_CODE_FILES) -> None:
+    """Refuse a folder that needs its own Python code to load (an ``auto_map`` in ``config.json`` or
+    ``tokenizer_config.json``: transformers would import the ``.py`` files it names, and, asked
+    without ``trust_remote_code``, prompt on stdin). ``allowed``: train.trust_remote_code is on."""
+    if allowed:
+        return
+    model_dir = Path(model_dir)
+    for name in files:
+        f = model_dir / name
+        if not f.is_file():
+            continue
+        cfg = _read_json(f)
+        auto_map = cfg.get("auto_map") if isinstance(cfg, dict) else None
+        if auto_map:
+            shown = ", ".join(f"{k}: {v}" for k, v in list(auto_map.items())[:2]) if isinstance(auto_map, dict) else repr(auto_map)
+            raise _fail(f, f"auto_map ({shown:.120}) names Python code shipped with the model; it runs only with "
+                           "trust_remote_code, which is off (train.trust_remote_code: true turns it on for training; chat, serve, "
+                           "eval, merge-adapter, split and convert never run a model's code)")
 
 
 def check_model_weights(model_dir: str | Path, files: list[str]) -> Tensors:
@@ -212,8 +300,36 @@ def check_model_weights(model_dir: str | Path, files: list[str]) -> Tensors:
         if wrong:
             raise _fail(index, f"{len(wrong)} tensor(s) are not in the file the index names, e.g. {wrong[0]!r} "
                                f"(index: {weight_map[wrong[0]]}, found in: {where.get(wrong[0], 'no file')})")
-    check_config(model_dir / "config.json", tensors)
+    cfg = check_config(model_dir / "config.json", tensors)
+    _check_tied_head(model_dir, cfg, tensors, where)
     return tensors
+
+
+def _check_tied_head(model_dir: Path, cfg: dict[str, Any], tensors: Tensors, where: dict[str, str]) -> None:
+    """A config that ties the output layer to the embedding while the weights hold a different
+    ``lm_head.weight``: transformers would drop the stored head. Compares two rows of each."""
+    sub = cfg.get("text_config")
+    text: dict[str, Any] = sub if isinstance(sub, dict) else cfg
+    head, emb = "lm_head.weight", "model.embed_tokens.weight"
+    if not text.get("tie_word_embeddings", cfg.get("tie_word_embeddings")) or head not in tensors or emb not in tensors:
+        return
+    if tensors[head][1] != tensors[emb][1] or tensors[head][0] != tensors[emb][0]:
+        raise _fail(model_dir / "config.json", f"tie_word_embeddings is true but {head} {list(tensors[head][1])} is not "
+                                               f"{emb} {list(tensors[emb][1])}; the stored head would be dropped")
+    try:
+        from safetensors import safe_open
+
+        rows = []
+        for name in (head, emb):
+            with safe_open(str(model_dir / where[name]), framework="pt") as f:
+                s = f.get_slice(name)
+                rows.append((s[0:1], s[-1:]))
+        same = all(bool((a == b).all()) for a, b in zip(rows[0], rows[1]))
+    except Exception:  # noqa: BLE001 - a dtype the framework cannot read: not provable here
+        return
+    if not same:
+        raise _fail(model_dir / "config.json", f"tie_word_embeddings is true but the weights hold an {head} that differs from "
+                                               f"{emb}; transformers would drop it (set tie_word_embeddings to false)")
 
 
 def check_adapter_weights(adapter_dir: str | Path) -> Tensors:

@@ -1,0 +1,147 @@
+"""``llama-pipe select``: which of a run's evaluation checkpoints becomes its product.
+
+Training keeps the adapter of every evaluation step (``<run>/snapshots/step-N``; the last step's is
+the run directory's own) and, with ``select.retention``, scores general knowledge before the first
+step (the base) and at every evaluation step (``retention.jsonl``, see
+:mod:`llama_pipe.train.retention_probe`). This stage reads those scores and the validation losses
+(``metrics.jsonl``) and keeps:
+
+* among the checkpoints whose retention stays within ``select.bound`` points of the base's -- the
+  accuracy difference *and* the lower end of its paired 95% interval
+  (:func:`llama_pipe.retention.compare`) -- the one with the lowest validation loss (the training
+  goal, on held-out data of the run's own kind);
+* when none stays within the bound, the one that loses least, with a warning in the log and in
+  ``selection.json`` (``within_bound: false``);
+* without retention scores (``select.retention: false``, several training processes, a run from an
+  older version), the last step.
+
+Nothing is trained or loaded: the stage reads JSON and copies (hard-links where it can) the chosen
+adapter with the run's tokenizer and ``train_config.json`` (what merge-adapter, chat and serve read,
+the lineage included) into ``OUT``, plus ``selection.json``: every candidate's step, validation
+loss and retention (base, tuned, difference, interval, within bound), the choice and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.atomic import atomic_dir, write_json_atomic
+from llama_pipe.config import SelectSettings, settings_from_args
+from llama_pipe.errors import InputError
+from llama_pipe.report_runs import read_losses
+from llama_pipe.retention import compare
+from llama_pipe.settings import add_settings_arguments
+from llama_pipe.train.retention_probe import FILE as PROBE_FILE
+from llama_pipe.train.retention_probe import read_scores
+
+log = logging.getLogger(__name__)
+
+#: What an adapter directory holds (the rest of the run directory -- checkpoints, metrics -- stays behind).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+SELECTION = "selection.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path, metavar="RUN_DIR", help="a finished training run (results/<run>/train)")
+    parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
+                        help="the kept adapter with its tokenizer and records, and selection.json (the workflow's results/<run>/select)")
+    add_settings_arguments(parser, SelectSettings, "select")
+
+
+def _steps(run: Path) -> tuple[int, dict[int, Path]]:
+    """The run's last step and every evaluation step's adapter directory (the last one: the run's own)."""
+    summary = run / "summary.json"
+    try:
+        last = int(json.loads(summary.read_text(encoding="utf-8"))["steps"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{summary}: cannot read the run's step count ({exc}); is {run} a finished `llama-pipe train` run?") from None
+    found = {last: run}
+    snaps = run / "snapshots"
+    if snaps.is_dir():
+        for d in snaps.iterdir():
+            name = d.name.removeprefix("step-")
+            if d.is_dir() and name.isdigit() and (d / "adapter_model.safetensors").is_file():
+                found[int(name)] = d
+    return last, found
+
+
+def candidates(run: Path, settings: SelectSettings) -> tuple[list[dict[str, Any]], str | None]:
+    """Every evaluation step with its validation loss and retention (None when not scored), and why
+    retention cannot be used (None when it can)."""
+    last, dirs = _steps(run)
+    _, val = read_losses(run / "metrics.jsonl")
+    val_at = dict(val)
+    scores = read_scores(run / PROBE_FILE) if (run / PROBE_FILE).is_file() else {}
+    why = None
+    if not settings.retention:
+        why = "select.retention is false"
+    elif 0 not in scores:
+        why = f"no retention scores before training in {run / PROBE_FILE} (retention off while training, or several processes)"
+    rows = []
+    for step in sorted(dirs):
+        row: dict[str, Any] = {"step": step, "val_loss": val_at.get(step), "adapter": str(dirs[step]), "retention": None}
+        if why is None and step in scores:
+            cmp = compare(scores[0], scores[step], bound=settings.bound)
+            row["retention"] = {k: cmp["overall"][k] for k in ("n", "base", "tuned", "diff", "ci95", "holds")}
+            row["retention"]["categories"] = {c: {k: v[k] for k in ("n", "base", "tuned", "diff")} for c, v in cmp["categories"].items()}
+        rows.append(row)
+    return rows, why
+
+
+def choose(rows: list[dict[str, Any]], why: str | None) -> tuple[dict[str, Any], str, bool]:
+    """The kept row, the reason in words, and whether it is within the bound."""
+    last = rows[-1]
+    scored = [r for r in rows if r["retention"] is not None]
+    if why is not None or not scored:
+        return last, f"the last step ({why or 'no step was scored for retention'})", True
+    within = [r for r in scored if r["retention"]["holds"]]
+    if within:
+        best = min(within, key=lambda r: (r["val_loss"] if r["val_loss"] is not None else float("inf"), -r["step"]))
+        return best, "the lowest validation loss among the checkpoints whose retention stays within the bound", True
+    best = max(scored, key=lambda r: (r["retention"]["diff"], r["step"]))
+    return best, "no checkpoint kept retention within the bound: the one that lost least", False
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args, SelectSettings, "select")
+    run_dir, out = Path(args.run), Path(args.output)
+    if not (run_dir / "train_config.json").is_file():
+        raise InputError(f"{run_dir}: not a finished training run (no train_config.json); give results/<run>/train")
+    rows, why = candidates(run_dir, settings)
+    kept, reason, within = choose(rows, why)
+    full = not (run_dir / "adapter_config.json").is_file()  # train.method full: a whole model, no snapshots
+    selection = {"kept_step": kept["step"], "last_step": rows[-1]["step"], "reason": reason, "within_bound": within,
+                 "bound": settings.bound, "retention_used": why is None, "candidates": rows, "run": str(run_dir)}
+    src = Path(kept["adapter"])
+    with atomic_dir(out, stage="select", inputs=[run_dir]) as tmp:
+        for f in sorted(run_dir.iterdir()):  # tokenizer, train_config.json (the lineage), the weights of a full run
+            if f.is_file() and not f.name.startswith(".") and f.suffix != ".jsonl" and f.name != "summary.json" \
+                    and (full or f.name not in ADAPTER_FILES):
+                _link_or_copy(f, tmp / f.name)
+        for name in () if full else ADAPTER_FILES:  # the kept step's adapter
+            _link_or_copy(src / name, tmp / name)
+        write_json_atomic(tmp / SELECTION, selection)
+    for r in rows:
+        ret = r["retention"]
+        desc = "not scored" if ret is None else f"{ret['tuned']:.1f} vs base {ret['base']:.1f} ({ret['diff']:+.1f}, 95% CI " \
+            f"[{ret['ci95'][0]:+.1f}, {ret['ci95'][1]:+.1f}]){'' if ret['holds'] else ' OUT OF BOUND'}"
+        loss = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "?"
+        print(f"select: step {r['step']}: val loss {loss}, retention {desc}{'  <- kept' if r is kept else ''}")
+    if not within:
+        log.warning("select: every checkpoint lost more than %.1f points of retention; kept step %d, which lost least; "
+                    "lower train.lr or train.max_steps, or use distill", settings.bound, kept["step"])
+    print(f"select: kept step {kept['step']} of {rows[-1]['step']}: {reason} -> {out}")
+    return 0

@@ -1,0 +1,87 @@
+"""Retention during training: the model scored on general-knowledge items before the first step
+and at every evaluation step, so the ``select`` stage can keep the best checkpoint whose retention
+stays within bound of the base's (docs/evaluation.md).
+
+Before the first step the adapters are zero (LoRA's B, DoRA's initial magnitude), so the step-0
+score is the base's own: no second model is loaded. Each scoring appends one line to
+``<run>.ckpt/retention.jsonl`` (moved into the run directory at the end): the step and every
+item's per-choice log-likelihoods, enough for :func:`llama_pipe.retention.compare` to give the
+paired interval against step 0 without scoring again. The items are the bundled set's dev split
+(the eval stage reports on its test split, which nothing here ever sees).
+
+Scored on one process only (under DDP every process holds the whole model; under FSDP and
+DeepSpeed a forward is collective, so there retention is not scored and ``select`` keeps the last
+step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from llama_pipe.config import SelectSettings
+from llama_pipe.retention import Item, ItemScore, load_items, score_items
+from llama_pipe.templates import ChatTemplate
+
+log = logging.getLogger("llama_pipe.train")
+
+FILE = "retention.jsonl"
+
+
+def score_to_json(s: ItemScore) -> list[Any]:
+    return [s.id, s.category, s.answer, [round(x, 5) for x in s.logprobs], list(s.chars), list(s.tokens)]
+
+
+def score_from_json(row: list[Any]) -> ItemScore:
+    return ItemScore(str(row[0]), str(row[1]), int(row[2]), tuple(map(float, row[3])), tuple(map(int, row[4])), tuple(map(int, row[5])))
+
+
+def read_scores(path: Path) -> dict[int, list[ItemScore]]:
+    """step -> the item scores of that step, from a run's ``retention.jsonl`` (a torn last line is skipped)."""
+    from llama_pipe.records import iter_jsonl
+
+    out: dict[int, list[ItemScore]] = {}
+    for row in iter_jsonl(path, torn_last_ok=True):
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and isinstance(row.get("scores"), list):
+            out[row["step"]] = [score_from_json(r) for r in row["scores"]]
+    return out
+
+
+class RetentionProbe:
+    """Scores the model in training on the retention items; one line per scoring in ``path``."""
+
+    def __init__(self, settings: SelectSettings, tokenizer: Any, template: ChatTemplate, system: str | None, path: Path) -> None:
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.template = template
+        self.system = system
+        self.path = path
+        items: list[Item] = load_items(settings.items, split=None if settings.items else "dev")
+        self.items = items[: settings.max_items] if settings.max_items else items
+        self.base: list[ItemScore] | None = None
+
+    def done_steps(self) -> set[int]:
+        """Steps already scored (a resumed run keeps them)."""
+        return set(read_scores(self.path)) if self.path.is_file() else set()
+
+    def score(self, acc: Any, model: Any, step: int) -> float:
+        """Score ``model`` (as prepared by accelerate) at ``step``; returns the accuracy in points."""
+        import torch
+
+        inner = acc.unwrap_model(model)
+        was_training = inner.training
+        inner.eval()
+        try:
+            with torch.no_grad(), acc.autocast():
+                scores = score_items(inner, self.tokenizer, self.template, self.items, self.settings.batch_size, self.system,
+                                     desc=f"retention (step {step})")
+        finally:
+            if was_training:
+                inner.train()
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "scores": [score_to_json(s) for s in scores]}) + "\n")
+        accuracy = 100.0 * sum(s.correct() for s in scores) / max(len(scores), 1)
+        log.info("step %d: retention %.1f%% of %d items", step, accuracy, len(scores))
+        return accuracy
