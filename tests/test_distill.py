@@ -337,7 +337,13 @@ def test_bundled_replay_prompts_are_not_eval_questions() -> None:
     mt_bench = SHARED_DATA / "mt_bench_questions.jsonl"
     if mt_bench.is_file():
         asked |= {norm(t) for line in mt_bench.read_text().splitlines() if line.strip() for t in json.loads(line)["turns"]}
+    from llama_pipe.retention import load_items  # the retention bank: replaying its questions would inflate retention
+
+    asked |= {norm(item.question) for item in load_items()}
     assert not {norm(p) for p in prompts} & asked
+    # nor one of them inside a prompt ("Briefly, " + a bank question)
+    text = "\n".join(norm(p) for p in prompts)
+    assert not [q for q in asked if len(q) > 12 and q in text]
 
 
 def test_replay_of_user_turns_skips_questions_to_the_assistant_later_chunks_and_replies_with_names(tmp_path: Path, tiny_hf_model_dir: Path,

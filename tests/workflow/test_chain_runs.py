@@ -10,6 +10,8 @@ import pytest
 from workflow_helpers import copy_workflow, fake_bin, job_counts, snakemake
 
 RUN_ONLY = {"train": 1, "select": 1, "merge_adapter": 1, "eval": 1, "report": 1, "all": 1}
+# a chained run also distills the training data into its own base's words (results/<run>/distill)
+CHAINED_ONLY = {"distill": 1, **RUN_ONLY}
 CHAINED = ["--config", 'train={"run": "cn", "base_run": "default"}']
 
 
@@ -31,13 +33,14 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_a_chained_run_trains_and_merges_on_the_earlier_runs_merged_model(first_run: tuple[Path, Path], tmp_path: Path) -> None:
     workdir, bin_dir = first_run
     plan = snakemake(workdir, "-n", "--profile", "profiles/default", *CHAINED).stdout
-    assert job_counts(plan) == RUN_ONLY  # the base, the data and run 'default' are there already
+    assert job_counts(plan) == CHAINED_ONLY  # the base, the data and run 'default' are there already
     calls = tmp_path / "calls.jsonl"
     snakemake(workdir, "--profile", "profiles/default", "--cores", "2", *CHAINED, bin_dir=bin_dir,
               env={"FAKE_LLAMA_PIPE_CALLS": str(calls)})
     argv = calls_of(calls)
-    for stage in ("train", "merge-adapter", "eval"):
+    for stage in ("distill", "train", "merge-adapter", "eval"):
         assert "--base=results/default/merged" in argv[stage], (stage, argv[stage])
+    assert "--train-data=results/cn/distill/train.jsonl" in argv["train"]
     assert "--adapter=results/cn/select" in argv["merge-adapter"] and "-o" in argv["merge-adapter"]
     assert argv["train"][argv["train"].index("--base_run") + 1] == "default"
     assert (workdir / "results/cn/merged").is_dir()
@@ -50,7 +53,7 @@ def test_a_chained_run_trains_and_merges_on_the_earlier_runs_merged_model(first_
     # the chained run retrains it on the new one (the input is newer than its outputs).
     snakemake(workdir, "--profile", "profiles/default", "--cores", "2", "--config", 'train={"lora": {"r": 4}}', bin_dir=bin_dir)
     replan = snakemake(workdir, "-n", "--profile", "profiles/default", *CHAINED).stdout
-    assert job_counts(replan) == RUN_ONLY
+    assert job_counts(replan) == CHAINED_ONLY
     assert "results/default/merged" in replan
 
 
