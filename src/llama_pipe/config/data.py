@@ -13,7 +13,7 @@ class DataSettings:
     """Raw inputs and how the data stages are scattered."""
 
     inputs: list[str] = opt(
-        ["data/sample/sharegpt_sample.json"],
+        ["data/sample/sharegpt_sample.json", "data/sample/identity_sample.json"],
         "ShareGPT / OpenAI-messages / Alpaca files (.json list or .jsonl) merged in this order",
     )
     shards: int = opt(2, "shards the merged data is split into for the clean/filter/split stages", minimum=1)
