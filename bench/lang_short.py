@@ -37,12 +37,29 @@ KEEP = ["en", "zh"]
 
 
 def before(text: str, detector: str) -> str:
-    """The rule of earlier versions: under 10 characters ``unknown``, else the top language."""
-    return UNKNOWN if len(text.strip()) < 10 else detect_language(text, 0, detector, 0.0)
+    """The rule of earlier versions: under 10 characters ``unknown``, else the detector's top
+    language (after the same mixed-script rule), whatever its length or probability."""
+    from langdetect.lang_detect_exception import LangDetectException
+
+    from llama_pipe.data.filter_lang import _LATIN_WORD, _detector, cjk_words, detect_cld2
+
+    if len(text.strip()) < 10:
+        return UNKNOWN
+    cjk = cjk_words(text)
+    if cjk and cjk > len(_LATIN_WORD.findall(text)):
+        text = _LATIN_WORD.sub(" ", text)
+    if detector == "cld2":
+        return detect_cld2(text)[0]
+    try:
+        det = _detector()
+        det.append(text)
+        return str(det.detect())
+    except LangDetectException:
+        return UNKNOWN
 
 
 def after(text: str, detector: str, cfg: FilterLangSettings) -> str:
-    return detect_language(text, cfg.min_chars, detector, cfg.min_confidence)
+    return detect_language(text, cfg.min_chars, detector, cfg.min_confidence, cfg.cross_check)
 
 
 def kept(label: str, undetermined: str = "keep") -> bool:
@@ -142,21 +159,25 @@ def main() -> int:
     _init(cfg)
     rows = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
     print(f"detector {args.detector}; after = min_chars {cfg.min_chars}, min_confidence {cfg.min_confidence}, "
-          f"undetermined {cfg.undetermined}")
+          f"cross_check {cfg.cross_check}, undetermined {cfg.undetermined}")
     for name, part in (("lines", rows), ("two lines joined", joined(rows, 2)), ("three lines joined", joined(rows, 3))):
         table(name, part, [before(r["text"], args.detector) for r in part], [after(r["text"], args.detector, cfg) for r in part])
     everything = rows + joined(rows, 2) + joined(rows, 3)
     print("\n### the filter (keep [en, zh]) on lines, pairs and triples together, by min_chars and min_confidence\n")
-    print("| min_chars | min_confidence | en/zh dropped | others kept | precision | recall |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| min_chars | min_confidence | cross_check | en/zh dropped | others kept | precision | recall |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     fb = filter_scores(everything, [before(r["text"], args.detector) for r in everything])
-    print(f"| before (10 characters: unknown) | - | {fb['wanted_dropped']} | {fb['others_kept']} | {fb['precision']:.3f} | {fb['recall']:.3f} |")
-    for min_chars in (10, 20, 30, 40):
-        for min_confidence in (0.0, 0.9, 0.99):
-            swept = FilterLangSettings(detector=args.detector, min_chars=min_chars, min_confidence=min_confidence)
-            f = filter_scores(everything, [after(r["text"], args.detector, swept) for r in everything])
-            mark = " (default)" if (min_chars, min_confidence) == (cfg.min_chars, cfg.min_confidence) else ""
-            print(f"| {min_chars}{mark} | {min_confidence} | {f['wanted_dropped']} | {f['others_kept']} | {f['precision']:.3f} | {f['recall']:.3f} |")
+    print(f"| before (10 characters: unknown) | - | - | {fb['wanted_dropped']} | {fb['others_kept']} | {fb['precision']:.3f} | "
+          f"{fb['recall']:.3f} |")
+    for cross_check in (False, True):
+        for min_chars in (10, 20, 30, 40):
+            for min_confidence in (0.0, 0.9, 0.99):
+                swept = FilterLangSettings(detector=args.detector, min_chars=min_chars, min_confidence=min_confidence,
+                                           cross_check=cross_check)
+                f = filter_scores(everything, [after(r["text"], args.detector, swept) for r in everything])
+                default = (min_chars, min_confidence, cross_check) == (cfg.min_chars, cfg.min_confidence, cfg.cross_check)
+                print(f"| {min_chars}{' (default)' if default else ''} | {min_confidence} | {cross_check} | {f['wanted_dropped']} | "
+                      f"{f['others_kept']} | {f['precision']:.3f} | {f['recall']:.3f} |")
     if args.detector == "langdetect":
         by_length(everything, args.detector)
     return 0

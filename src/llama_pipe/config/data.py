@@ -72,13 +72,17 @@ class FilterLangSettings:
     skip: list[str] = opt([], "drop these languages")
     seed: int = opt(0, "langdetect seed (makes detection deterministic)", minimum=0, maximum=SEED_MAX)
     min_chars: int = opt(
-        30, "a text with fewer letters than this (code removed) is too short for a reliable guess: labelled 'und' (see "
-        "undetermined) unless its script names its language (Hangul: ko, kana: ja, Han: zh); langdetect and cld2 "
-        "take short English for Turkish, French or Catalan (docs/benchmarks.md)", minimum=0,
+        10, "a text with fewer letters than this (code removed) is too short for a guess: labelled 'und' (see "
+        "undetermined) unless its script names its language (Hangul: ko, kana: ja, Han: zh)", minimum=0,
     )
     min_confidence: float = opt(
         0.9, "a longer text whose guess has a lower probability (langdetect; cld2: its unreliable flag) is labelled 'und' too",
         minimum=0, maximum=1,
+    )
+    cross_check: bool = opt(
+        True, "keep the detector's answer only when the other one names the same language, else 'und': on short text "
+        "each is often wrong and sure of itself ('Are you Siri?' is Turkish to langdetect at p = 0.99999). langdetect is "
+        "checked by cld2 (a tenth of its cost); cld2 by langdetect on texts under 100 letters (docs/benchmarks.md)"
     )
     undetermined: Literal["keep", "drop"] = opt(
         "keep", "conversations labelled 'und' (too short or too uncertain for a reliable guess): keep them (lang 'und', "

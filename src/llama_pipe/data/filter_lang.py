@@ -54,6 +54,10 @@ from llama_pipe.stage_writer import StageWriter
 
 UNKNOWN = "unknown"  # no language at all: no letters, or nothing langdetect knows
 UNDETERMINED = "und"  # too short or too uncertain for a reliable guess (BCP 47's "undetermined")
+# detector cld2 with cross_check: langdetect checks the answers on texts with fewer letters than this
+# (where cld2 errs on the benchmark set: 4 of 149 pairs of short lines, none of the triples); on
+# longer texts it would cost langdetect's time for nothing
+CROSS_CHECK_LETTERS = 100
 BATCH = 32
 
 
@@ -227,7 +231,7 @@ def _init(cfg: FilterLangSettings) -> None:
     """Load langdetect's profiles once per process and fix its seed (nothing to load for cld2)."""
     global _CFG
     _CFG = cfg
-    if cfg.detector == "cld2":
+    if cfg.detector == "cld2" and not cfg.cross_check:
         return
     from langdetect import DetectorFactory
     from langdetect.detector_factory import init_factory
@@ -288,7 +292,8 @@ def script_language(text: str) -> str | None:
     return "ja" if kana else "zh-cn"
 
 
-def detect_language(text: str, min_chars: int, detector: str = "langdetect", min_confidence: float = 0.0) -> str:
+def detect_language(text: str, min_chars: int, detector: str = "langdetect", min_confidence: float = 0.0,
+                    cross_check: bool = False) -> str:
     """The language code of ``text``: ``und`` when it is too short or too uncertain for a reliable
     guess, ``unknown`` when it has no language at all; by langdetect or, with
     ``detector="cld2"``, by :func:`detect_cld2`.
@@ -299,8 +304,11 @@ def detect_language(text: str, min_chars: int, detector: str = "langdetect", min
     langdetect is often wrong and sure of itself ("Are you Siri?" is Turkish at p = 0.99999), so
     its guess is not used. A longer text whose top language has a probability under
     ``min_confidence`` (with its variants: zh-cn and zh-tw share Chinese text's probability;
-    cld2: a guess cld2 flags as unreliable) is ``und`` too. docs/benchmarks.md measures this on a
-    labelled set of short texts (bench/lang_short.py).
+    cld2: a guess cld2 flags as unreliable) is ``und`` too, and with ``cross_check`` so is an
+    answer the other detector does not share (langdetect takes "Hi! Are you a person? Hi! No, I
+    am not a person. I'm Llama Pipe, an AI assistant." for Catalan at p = 0.99999; cld2 says
+    English). With detector cld2 langdetect checks texts under ``CROSS_CHECK_LETTERS`` letters only. docs/benchmarks.md measures this on a labelled set of short texts
+    (bench/lang_short.py).
 
     Mixed-script rule: when a text has more CJK words (:func:`cjk_words`) than Latin-script words,
     the Latin words are removed before detection. Without it, a short Chinese sentence with a
@@ -336,16 +344,31 @@ def detect_language(text: str, min_chars: int, detector: str = "langdetect", min
     if script is not None:
         # the script names the language; the detector may still tell zh-cn from zh-tw
         return top if top.split("-")[0] == script.split("-")[0] else script
-    if top == UNKNOWN:
+    if top == UNKNOWN or not confident:
+        return UNDETERMINED  # letters, but no answer (cld2's "un" on short text) or an unsure one
+    if cross_check and (detector != "cld2" or n_letters < CROSS_CHECK_LETTERS):
+        other = detect_cld2(text)[0] if detector != "cld2" else _langdetect_top(text)
+        if other.split("-")[0] != top.split("-")[0]:
+            return UNDETERMINED  # two detectors that disagree: neither is reliable here
+    return top
+
+
+def _langdetect_top(text: str) -> str:
+    from langdetect.lang_detect_exception import LangDetectException
+
+    try:
+        det = _detector()
+        det.append(text)
+        return str(det.detect())
+    except LangDetectException:
         return UNKNOWN
-    return top if confident else UNDETERMINED
 
 
 TOO_SLOW = "too_slow"  # what _detect_batch returns for a record over its time budget
 
 
 def _detect_one(rec: dict[str, Any], cfg: FilterLangSettings) -> str:
-    return detect_language(prose(rec, cfg.max_chars), cfg.min_chars, cfg.detector, cfg.min_confidence)
+    return detect_language(prose(rec, cfg.max_chars), cfg.min_chars, cfg.detector, cfg.min_confidence, cfg.cross_check)
 
 
 def _detect_batch(batch: list[Any]) -> list[str | None]:
