@@ -307,8 +307,8 @@ def detect_language(text: str, min_chars: int, detector: str = "langdetect", min
     cld2: a guess cld2 flags as unreliable) is ``und`` too, and with ``cross_check`` so is an
     answer the other detector does not share (langdetect takes "Hi! Are you a person? Hi! No, I
     am not a person. I'm Llama Pipe, an AI assistant." for Catalan at p = 0.99999; cld2 says
-    English). With detector cld2 langdetect checks texts under ``CROSS_CHECK_LETTERS`` letters only. docs/benchmarks.md measures this on a labelled set of short texts
-    (bench/lang_short.py).
+    English). With detector cld2 langdetect checks texts under ``CROSS_CHECK_LETTERS`` letters
+    only. docs/benchmarks.md measures this on a labelled set of short texts (bench/lang_short.py).
 
     Mixed-script rule: when a text has more CJK words (:func:`cjk_words`) than Latin-script words,
     the Latin words are removed before detection. Without it, a short Chinese sentence with a
