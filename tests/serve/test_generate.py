@@ -170,11 +170,10 @@ def test_chat_reply_prints_no_deprecation_warning(tiny_hf_model_dir, tmp_path) -
     """transformers 5.2x deprecated ``past_key_values`` (argument and output) for ``cache``: its
     warning printed itself inside the first reply of ``llama-pipe chat``. The cache is passed by
     the name the model's forward takes (llama_pipe.generation.cache_argument)."""
+    import inspect
     import os
     import subprocess
     import sys
-
-    import inspect
 
     from transformers import LlamaForCausalLM
 
