@@ -63,7 +63,7 @@ def test_a_missing_base_run_says_to_build_it_first(tmp_path: Path) -> None:
     assert "train.base_run 'mine': results/mine/merged not found; build that run first" in out
     # the data and the base alone do not need it
     data = snakemake(workdir, "-n", "--profile", "profiles/default", "--config", 'train={"run": "cn", "base_run": "mine"}',
-                     "--", "results/data/train.jsonl").stdout
+                     "--", "data").stdout
     assert "train" not in job_counts(data)
 
 
