@@ -71,7 +71,7 @@ def settings_for(mode: str, gib: float, extra: dict[str, Any]) -> tuple[Any, int
     from llama_pipe.config.load import MODE_NAMES
 
     extra = dict(extra)
-    lora = LoraSettings(**extra.pop("lora", {}))
+    lora = LoraSettings(**extra.pop("lora", {"r": 8, "alpha": 16}))  # r8: the card cases as measured (the default is now r16)
     seq = int(extra.pop("max_seq_len", 512))
     return TrainSettings(**MODE_NAMES[mode], lora=lora, gpu_memory_gib=gib or None, precision="bf16", device="cuda", lr=2e-5,
                          **extra), seq

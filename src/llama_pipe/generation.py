@@ -60,6 +60,25 @@ def pick_device(wanted: str) -> str:
     return wanted
 
 
+def cache_argument(model: Any) -> str:
+    """The keyword a model's ``forward`` takes its KV cache by: ``cache`` from transformers 5.2x on
+    (where ``past_key_values``, in and out, is deprecated: the warning printed itself inside the
+    first reply of ``llama-pipe chat``), ``past_key_values`` before."""
+    import inspect
+
+    forward = getattr(type(model), "forward", None)
+    try:
+        names = inspect.signature(forward).parameters if forward is not None else {}
+    except (TypeError, ValueError):
+        names = {}
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def kv_cache(out: Any, name: str) -> Any:
+    """The KV cache a forward pass returned, read under the name the model takes it by."""
+    return getattr(out, name) if name == "cache" else out.past_key_values
+
+
 def _held_back(text: str, stops: Sequence[str]) -> int:
     """How many trailing characters of ``text`` could still begin a stop string."""
     keep = 0
@@ -77,6 +96,7 @@ class ChatModel:
     def __init__(self, model: Any, tokenizer: Any, template: ChatTemplate, model_id: str, system: str | None = None) -> None:
         self.system = system  # default system prompt (None: the template's)
         self.model = model
+        self.cache_name = cache_argument(model)
         self.tokenizer = tokenizer
         self.template = template
         self.model_id = model_id
@@ -122,8 +142,8 @@ class ChatModel:
                     return
                 out = self.model(
                     input_ids=torch.tensor([[nxt]], device=self.device),
-                    past_key_values=out.past_key_values,
                     use_cache=True,
+                    **{self.cache_name: kv_cache(out, self.cache_name)},
                 )
 
     def _budget(self, prompt: list[int], params: SamplingParams) -> int:
@@ -274,8 +294,8 @@ class ChatModel:
                     input_ids=torch.tensor(nxt, device=dev).unsqueeze(1),
                     attention_mask=mask,
                     position_ids=last,
-                    past_key_values=out.past_key_values,
                     use_cache=True,
+                    **{self.cache_name: kv_cache(out, self.cache_name)},
                 )
 
 

@@ -30,7 +30,7 @@ from llama_pipe import report_retention
 from llama_pipe.atomic import atomic_dir, check_output_dir
 from llama_pipe.errors import InputError
 from llama_pipe.records import iter_jsonl, read_json
-from llama_pipe.report_runs import markdown_table, parse_compare, plot_runs, read_losses, read_run, summarise
+from llama_pipe.report_runs import markdown_table, parse_compare, plot_runs, read_losses, read_run, runs_under, summarise
 from llama_pipe.stages import DATA_STAGES
 
 
@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
                         help="an earlier run to compare with (results/<run>/ holding train/ and eval/); repeatable; "
                              "adds runs.png and a table to report.md")
+    parser.add_argument("--compare-under", default=None, metavar="DIR",
+                        help="also compare with every finished run under DIR (DIR/<run>/ holding train/metrics.jsonl and "
+                             "eval/metrics.json), except this one; the workflow passes results")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -254,6 +257,9 @@ def run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     out = Path(args.output)
     ev_path = Path(args.eval)
+    if args.compare_under:
+        current = args.name or Path(args.train_metrics).parent.parent.name
+        args.compare = [*args.compare, *runs_under(Path(args.compare_under), current)]
     # Everything the report reads; -o may hold none of it (`-o results/<run>` would delete the run).
     inputs = [Path(args.train_metrics), *map(Path, args.stats), ev_path, ev_path.with_name("answers.jsonl"),
               *(parse_compare(c)[1] for c in args.compare), *([Path(args.selection)] if args.selection else [])]

@@ -60,6 +60,19 @@ def parse_compare(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def runs_under(directory: Path, current: str) -> list[str]:
+    """``NAME=DIR`` of every finished run directly under ``directory`` (``train/metrics.jsonl`` and
+    ``eval/metrics.json`` there), by name, except the run named ``current``.
+
+    ``report --compare-under results`` (the workflow) finds the runs to compare with when the report
+    is made, so a later run does not change an earlier run's inputs: re-running a finished run has
+    nothing to do, and its report compares with the runs that were finished when it was made."""
+    if not directory.is_dir():
+        return []
+    return [f"{path.name}={path}" for path in sorted(directory.iterdir())
+            if path.name != current and (path / "train" / "metrics.jsonl").is_file() and (path / "eval" / "metrics.json").is_file()]
+
+
 def summarise(name: str, train: list[tuple[int, float]], val: list[tuple[int, float]], ev: dict[str, Any]) -> RunSummary:
     """A run's summary from its losses and eval metrics (as ``report`` reads them)."""
     retention = {k: (float(v["overall"]["tuned"]), float(v["overall"]["diff"])) for k, v in (ev.get("retention") or {}).items()}

@@ -25,7 +25,8 @@ def _records() -> list[dict]:
         {"id": "ko", "conversations": turns(KO, KO)},
         # Chinese prose around a long English-looking code block: the code must not decide
         {"id": "zhcode", "conversations": turns("请帮我写一个函数。" + ZH_CN, "好的，下面是代码：\n\n" + CODE + "\n\n" + ZH_CN + " `inline_code_value`")},
-        {"id": "short", "conversations": turns("ok", "```python\nprint(1)\n```")},
+        {"id": "short", "conversations": turns("ok", "```python\nprint(1)\n```")},  # too short to tell: und
+        {"id": "none", "conversations": turns("👍 42", "```python\nprint(1)\n```")},  # no letters: unknown
     ]
 
 
@@ -34,7 +35,7 @@ def test_keep_matches_primary_subtag_and_code_is_ignored(tmp_path: Path) -> None
     out = tmp_path / "f.jsonl"
     assert cli("filter-lang", inp, "-o", out, "--keep", "en,zh") == 0
     kept = {r["id"]: r["lang"] for r in read_jsonl(out)}
-    assert kept == {"en": "en", "zhcn": "zh-cn", "zhtw": "zh-tw", "zhcode": "zh-cn"}
+    assert kept == {"en": "en", "zhcn": "zh-cn", "zhtw": "zh-tw", "zhcode": "zh-cn", "short": "und"}
     stats = stats_of(out)
     assert stats["rejected"] == {"lang_not_kept": 2, "lang_unknown": 1}
 
@@ -44,7 +45,7 @@ def test_skip_and_keep_unknown_and_exact_subtag(tmp_path: Path) -> None:
     out = tmp_path / "f.jsonl"
     assert cli("filter-lang", inp, "-o", out, "--keep", "[]", "--skip", "ko,zh-tw", "--keep-unknown", "true") == 0
     kept = {r["id"]: r["lang"] for r in read_jsonl(out)}
-    assert set(kept) == {"en", "zhcn", "de", "zhcode", "short"} and kept["short"] == "unknown"
+    assert set(kept) == {"en", "zhcn", "de", "zhcode", "short", "none"} and kept["none"] == "unknown"
     assert stats_of(out)["rejected"] == {"lang_skipped": 2}
 
 
@@ -165,13 +166,13 @@ def test_cld2_detector_spells_codes_as_langdetect(tmp_path: Path) -> None:
     pytest.importorskip("pycld2")
     from llama_pipe.data.filter_lang import detect_cld2
 
-    assert detect_cld2("text with a lone \ud83d surrogate") == "unknown"  # not encodable: unknown, not a crash
+    assert detect_cld2("text with a lone \ud83d surrogate") == ("unknown", False)  # not encodable: unknown, not a crash
     inp = write_jsonl(tmp_path / "in.jsonl", _records())
     out = tmp_path / "f.jsonl"
     assert cli("filter-lang", inp, "-o", out, "--keep", "[]", "--keep-unknown", "true", "--detector", "cld2") == 0
     kept = {r["id"]: r["lang"] for r in read_jsonl(out)}
     assert kept == {"en": "en", "zhcn": "zh-cn", "zhtw": "zh-tw", "de": "de", "ko": "ko", "zhcode": "zh-cn",
-                    "short": "unknown"}
+                    "short": "und", "none": "unknown"}
 
 
 def test_cld2_without_pycld2_is_a_config_error(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -181,3 +182,46 @@ def test_cld2_without_pycld2_is_a_config_error(tmp_path: Path, monkeypatch, caps
     inp = write_jsonl(tmp_path / "in.jsonl", _records())
     assert cli("filter-lang", inp, "-o", tmp_path / "f.jsonl", "--detector", "cld2") == 2
     assert "pycld2" in capsys.readouterr().err and not (tmp_path / "f.jsonl").exists()
+
+
+SHORT = Path(__file__).resolve().parents[2] / "bench" / "data" / "short_texts.jsonl"
+
+
+def test_short_english_is_not_dropped_on_a_guess(tmp_path: Path) -> None:
+    """langdetect calls "Are you Siri?" Turkish (p = 0.99999) and "Tell me a joke." Finnish: a text
+    too short for a reliable guess is 'und' and kept (undetermined: keep), or dropped with its own
+    reason (undetermined: drop); short CJK text is labelled by its script."""
+    lines = {"siri": "Are you Siri?", "joke": "Tell me a joke.", "night": "Good night!", "hi": "Hi there!",
+             "zh": "谢谢你的帮助。", "ja": "おやすみなさい！", "ko": "안녕하세요!", "fr": "Peux-tu m'aider ?"}
+    recs = [{"id": k, "conversations": turns(v, "OK.")} for k, v in lines.items()]
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+    out = tmp_path / "f.jsonl"
+    assert cli("filter-lang", inp, "-o", out, "--keep", "en,zh") == 0
+    kept = {r["id"]: r["lang"] for r in read_jsonl(out)}
+    # langdetect's Turkish, Finnish, Afrikaans are not shared by cld2: und, kept; French both agree on
+    assert kept == {"siri": "und", "joke": "und", "night": "und", "hi": "und", "zh": "zh-cn"}
+    assert stats_of(out)["rejected"] == {"lang_not_kept": 3}  # fr; ja, ko: their script names them
+    assert cli("filter-lang", inp, "-o", out, "--keep", "en,zh", "--undetermined", "drop") == 0
+    assert {r["id"] for r in read_jsonl(out)} == {"zh"}
+    assert stats_of(out)["rejected"] == {"lang_not_kept": 3, "lang_undetermined": 4}
+    # without the cross-check, langdetect's guess decides from min_chars letters on
+    assert cli("filter-lang", inp, "-o", out, "--keep", "en,zh", "--cross-check", "false") == 0
+    assert "siri" not in {r["id"] for r in read_jsonl(out)}  # Turkish, dropped: what the cross-check prevents
+
+
+def test_no_english_or_chinese_line_of_the_labelled_set_is_dropped() -> None:
+    """bench/data/short_texts.jsonl (hand-labelled short chat lines in 11 languages): with the
+    default settings and the pipeline's keep [en, zh], no en/zh line is dropped (before: 40 of
+    102), and a line that gets a language gets the right one (bench/lang_short.py measures more)."""
+    from llama_pipe.config import FilterLangSettings
+    from llama_pipe.data.filter_lang import UNDETERMINED, _init, detect_language
+
+    cfg = FilterLangSettings()
+    _init(cfg)
+    rows = [json.loads(line) for line in SHORT.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) >= 290 and len({r["lang"] for r in rows}) == 11
+    labels = [detect_language(r["text"], cfg.min_chars, cfg.detector, cfg.min_confidence, cfg.cross_check) for r in rows]
+    dropped = [r["text"] for r, lab in zip(rows, labels) if r["lang"] in ("en", "zh") and not (lab == UNDETERMINED or matches(lab, cfg.keep))]
+    assert dropped == []
+    wrong = [(r["text"], lab) for r, lab in zip(rows, labels) if lab != UNDETERMINED and lab.split("-")[0] != r["lang"]]
+    assert wrong == []

@@ -48,7 +48,9 @@ def test_merge_shard_clean_filter_split_gather(tmp_path: Path, sample: Path, sha
     langs: dict[str, Any] = {}
     for r in tr + va:
         langs[r["lang"]] = langs.get(r["lang"], 0) + 1
-    assert set(langs) <= {"en", "zh-cn", "zh-tw"} and langs["zh-cn"] > 400 and langs["en"] > 700
+    # und: too short or too uncertain for a reliable guess, kept (filter_lang.undetermined: keep)
+    assert set(langs) <= {"en", "zh-cn", "zh-tw", "und"} and langs["zh-cn"] > 400 and langs["en"] > 700
+    assert langs.get("und", 0) < 0.05 * sum(langs.values())
     ids = [r["id"] for r in tr + va]
     assert len(ids) == len(set(ids))
 
@@ -57,7 +59,7 @@ def test_settings_come_from_config_file_and_flags_override(tmp_path: Path, sampl
     import json
 
     cfg = tmp_path / "config.yaml"
-    cfg.write_text("filter_lang:\n  keep: [de]\nclean:\n  min_chars: 0\n")
+    cfg.write_text("filter_lang:\n  keep: [de]\n  undetermined: drop\nclean:\n  min_chars: 0\n")
     clean = tmp_path / "c.jsonl"
     assert cli("clean", sample, "-o", clean, "--config", cfg) == 0
     out = tmp_path / "f.jsonl"

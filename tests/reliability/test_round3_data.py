@@ -581,7 +581,7 @@ def test_dash_value_and_braced_input_through_the_workflow(workflow_copy: Path, t
     braced = work / "data" / "{x}.json"
     shutil.copy(SAMPLE, braced)
     proc, _ = _snakemake(work, "-p", "--config", 'chat={"system_prompt": "-h"}', 'data={"inputs": ["data/{x}.json"]}',
-                         "--", "results/data/train.jsonl")
+                         "--", "data")
     assert proc is not None
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]

@@ -305,7 +305,7 @@ def test_config_values_reach_shell_quoted(tmp_path: Path) -> None:
     ws = _workspace(tmp_path)
     marker = ws / "pwned-by-config"
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "snakemake"), "results/data/train.jsonl", "-n", "-p", "--cores", "1",
+        [str(Path(sys.executable).parent / "snakemake"), "data", "-n", "-p", "--cores", "1",
          "--configfile", "evil.yaml"],
         cwd=ws, capture_output=True, text=True, timeout=120,
         env=h.set_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
@@ -325,13 +325,13 @@ def test_config_values_reach_shell_quoted(tmp_path: Path) -> None:
 
     # And for real: merge, shard and clean run with the hostile input path and blocked word.
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "snakemake"), "results/clean/shard-000.jsonl", "--cores", "1",
+        [str(Path(sys.executable).parent / "snakemake"), "data", "--until", "clean", "--cores", "1",
          "--configfile", "evil.yaml"],
         cwd=ws, capture_output=True, text=True, timeout=300,
         env=h.set_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (ws / "results" / "clean" / "shard-000.jsonl").is_file()
+    assert [p.name for p in ws.glob("results/data/clean/*/shard-000.jsonl")] == ["shard-000.jsonl"]
     assert not marker.exists(), "a config value was executed by the shell"
 
 

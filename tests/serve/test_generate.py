@@ -164,3 +164,34 @@ def test_chat_bad_model_directories_are_clear(tmp_path, capsys: pytest.CaptureFi
     (tmp_path / "adapter_config.json").write_text("{}")
     assert main(["chat", str(tmp_path), "--prompt", "x"]) == 2
     assert "pass it with --adapter" in capsys.readouterr().err
+
+
+def test_chat_reply_prints_no_deprecation_warning(tiny_hf_model_dir, tmp_path) -> None:
+    """transformers 5.2x deprecated ``past_key_values`` (argument and output) for ``cache``: its
+    warning printed itself inside the first reply of ``llama-pipe chat``. The cache is passed by
+    the name the model's forward takes (llama_pipe.generation.cache_argument)."""
+    import inspect
+    import os
+    import subprocess
+    import sys
+
+    from transformers import LlamaForCausalLM
+
+    if "cache" not in inspect.signature(LlamaForCausalLM.forward).parameters:
+        pytest.skip("this transformers takes past_key_values (no deprecation)")
+    proc = subprocess.run([sys.executable, "-m", "llama_pipe.cli", "chat", str(tiny_hf_model_dir), "--prompt", "Are you Siri?",
+                           "--max-tokens", "4", "--temperature", "0", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "deprecated" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
+def test_chat_help_lists_only_what_chat_uses(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["chat", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--max_tokens", "--temperature", "--top_p", "--device", "--model_id", "--template", "--system_prompt", "--prompt"):
+        assert flag in text, flag
+    for flag in ("--host", "--port", "--max_request_bytes", "--listen_backlog", "--max_connections", "--max_queue",
+                 "--queue_timeout", "--request_timeout", "--allowed_hosts", "--allowed_origins"):
+        assert flag not in text, flag

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-BYTE_EQUAL_DIRS = ("results/base", "results/hf_base", "results/shard", "results/clean",
-                   "results/filter_lang", "results/split", "results/data")
+# results/data/<stage>/<key>/: every data stage's products (the keys are the same for the same config)
+BYTE_EQUAL_DIRS = ("results/base", "results/hf_base", "results/data")
 TIMING_WORDS = ("second", "time", "per_s", "elapsed", "duration")
 
 

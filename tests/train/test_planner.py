@@ -113,3 +113,29 @@ def test_auto_fp32_counts_a_quantised_base_s_outer_weights_in_fp32() -> None:
     bf16, fp32 = P.weight_bytes(_run("nf4")), P.weight_bytes(_run("nf4", frozen_fp32=True))
     assert fp32 - bf16 == 2 * LLAMA_7B.outer_params()
     assert P.weight_bytes(_run("float", frozen_fp32=True)) == P.weight_bytes(_run("float"))  # a float base: bf16 either way
+
+
+def test_on_cpu_the_log_says_the_prediction_is_tensors_not_rss(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """On CPU the planner predicted 3.79 GiB where the process's RSS reached 8.3-9.1 GB: its figure
+    is the training tensors as the GPU model counts them. The log line says so, with the measured
+    ratio; on a GPU (what it was calibrated on) it does not."""
+    import json
+    import logging
+
+    from llama_pipe.config import TrainSettings
+    from llama_pipe.train import memory
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}))  # SmolLM2-135M
+    with caplog.at_level(logging.INFO, logger="llama_pipe.train"):
+        planned = memory.plan_run(TrainSettings(gpu_memory_gib=20.0), 512, tmp_path, "cpu", 1, False)
+    line = next(r.getMessage() for r in caplog.records if "train.memory auto" in r.getMessage())
+    assert planned.prediction is not None and 3.7 < planned.prediction.peak / P.GiB < 3.9, line
+    assert "predicted peak 3.79 GiB" in line
+    assert "on CPU that counts the training tensors as on a GPU, not the process's memory (RSS)" in line
+    assert "peaked at 8.54 GiB RSS for a predicted 3.79 GiB, 2.25x" in line
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="llama_pipe.train"):
+        memory.plan_run(TrainSettings(gpu_memory_gib=20.0), 512, tmp_path, "cuda", 1, False)
+    assert "RSS" not in " ".join(r.getMessage() for r in caplog.records)

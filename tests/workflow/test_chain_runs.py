@@ -40,7 +40,9 @@ def test_a_chained_run_trains_and_merges_on_the_earlier_runs_merged_model(first_
     argv = calls_of(calls)
     for stage in ("distill", "train", "merge-adapter", "eval"):
         assert "--base=results/default/merged" in argv[stage], (stage, argv[stage])
-    assert "--train-data=results/cn/distill/train.jsonl" in argv["train"]
+    assert any(a.startswith("--train-data=results/data/distill/") for a in argv["train"])
+    # its own distilled data (other words than the base's), beside run 'default''s
+    assert len(list((workdir / "results/data/distill").iterdir())) == 2
     assert "--adapter=results/cn/select" in argv["merge-adapter"] and "-o" in argv["merge-adapter"]
     assert argv["train"][argv["train"].index("--base_run") + 1] == "default"
     assert (workdir / "results/cn/merged").is_dir()
@@ -66,7 +68,7 @@ def test_a_missing_base_run_says_to_build_it_first(tmp_path: Path) -> None:
     assert "train.base_run 'mine': results/mine/merged not found; build that run first" in out
     # the data and the base alone do not need it
     data = snakemake(workdir, "-n", "--profile", "profiles/default", "--config", 'train={"run": "cn", "base_run": "mine"}',
-                     "--", "results/data/train.jsonl").stdout
+                     "--", "data").stdout
     assert "train" not in job_counts(data)
 
 

@@ -61,19 +61,23 @@ def test_default_target_is_the_report_through_every_stage(fresh_workflow: Path) 
 def test_distill_sits_between_gather_and_train_unless_off(fresh_workflow: Path) -> None:
     blocks = job_blocks(dry_run(fresh_workflow, "-p"))
     (distill,) = blocks["distill"]
-    assert "input: results/hf_base, results/data/train.jsonl" in distill
-    assert "output: results/distill/train.jsonl" in distill
-    assert "results/distill/train.jsonl" in blocks["train"][0]
+    gathered = re.search(r"input: results/hf_base, (results/data/gather/\w+/train.jsonl)", distill)
+    distilled = re.search(r"output: (results/data/distill/\w+/train.jsonl)", distill)
+    assert gathered and distilled, distill
+    assert f"--train-data={distilled.group(1)}" in blocks["train"][0]
+    # keyed by its settings: another distill setting, another directory (the first one is kept)
+    other = job_blocks(dry_run(fresh_workflow, "-p", "--config", 'distill={"max_rewrites": 8}'))["distill"][0]
+    assert distilled.group(1) not in other and gathered.group(1) in other
     off = job_blocks(dry_run(fresh_workflow, "-p", "--config", 'distill={"mode": "off"}'))
     assert "distill" not in off
-    assert re.search(r"--train-data=results/data/train.jsonl\b", off["train"][0]), off["train"][0]
+    assert f"--train-data={gathered.group(1)}" in off["train"][0]
 
 
 def test_data_stages_scatter_over_data_shards(fresh_workflow: Path) -> None:
-    out = dry_run(fresh_workflow, "--config", 'data={"shards": 5}', "--", "results/data/train.jsonl")
+    out = dry_run(fresh_workflow, "--config", 'data={"shards": 5}', "--", "data")
     counts = job_counts(out)
-    assert counts == {"make_base": 1, "convert": 1, **data_jobs(5)}
-    assert "results/shard/shard-004.jsonl" in out and "shard-005" not in out
+    assert counts == {"make_base": 1, "convert": 1, **data_jobs(5), "data": 1}
+    assert re.search(r"results/data/shard/\w+/shard-004\.jsonl", out) and "shard-005" not in out
 
 
 def test_a_hub_or_url_source_downloads_instead_of_building_the_tiny_model(fresh_workflow: Path) -> None:
@@ -168,9 +172,10 @@ def test_chunks_follow_the_training_row_length(fresh_workflow: Path) -> None:
 def test_rule_all_asks_for_every_key_product(fresh_workflow: Path) -> None:
     out = dry_run(fresh_workflow, "--config", 'train={"run": "r16"}')
     block = job_blocks(out)["all"][0]
-    for product in ("results/data/train.jsonl", "results/data/val.jsonl", "results/hf_base", "results/r16/train",
-                    "results/r16/merged", "results/r16/eval", "results/r16/report"):
+    for product in ("results/hf_base", "results/r16/train", "results/r16/merged", "results/r16/eval", "results/r16/report"):
         assert product in block, block
+    for data in ("train", "val"):  # the data of these settings: results/data/gather/<key>/
+        assert re.search(rf"results/data/gather/[0-9a-f]{{10}}/{data}\.jsonl", block), block
 
 
 def test_gguf_exports_belong_to_their_run(fresh_workflow: Path) -> None:

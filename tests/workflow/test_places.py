@@ -61,7 +61,8 @@ def test_a_second_run_keeps_the_first_and_its_report_compares_them(tmp_path: Pat
         assert (workdir / path).read_bytes() == data, path
     assert (workdir / "results/r16/merged").is_dir() and (workdir / "results/r16/report").is_dir()
     report = [c["argv"] for c in map(json.loads, calls.read_text().splitlines()) if c["argv"][0] == "report"]
-    assert len(report) == 1 and "--compare=default=results/default" in report[0]
+    # the runs to compare with are found by the stage when it runs (report --compare-under results)
+    assert len(report) == 1 and "--compare-under=results" in report[0]
     assert "--name=r16" in report[0]
     # every job got its threads: train declares 2, the single-threaded stages 1
     env = {c["argv"][0]: c["env"] for c in map(json.loads, calls.read_text().splitlines())}

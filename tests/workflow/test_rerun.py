@@ -35,10 +35,12 @@ def test_second_run_does_nothing(completed_run: Path) -> None:
 
 def test_merged_jsonl_is_temp_and_its_absence_rebuilds_nothing(completed_run: Path) -> None:
     # The product and the per-stage outputs stay; the merged copy of the inputs is gone.
-    assert not (completed_run / "results/merge/merged.jsonl").exists()
-    assert (completed_run / "results/merge/merged.stats.json").is_file()
+    (merge,) = (completed_run / "results/data/merge").iterdir()  # results/data/<stage>/<key>
+    assert not (merge / "merged.jsonl").exists()
+    assert (merge / "merged.stats.json").is_file()
     assert (completed_run / "results/default/merged").is_dir()
-    assert sorted(p.name for p in (completed_run / "results/shard").iterdir() if p.name != MARKER) == [
+    (shard,) = (completed_run / "results/data/shard").iterdir()
+    assert sorted(p.name for p in shard.iterdir() if p.name != MARKER) == [
         "shard-000.jsonl",
         "shard-001.jsonl",
         "shard.rejects.jsonl",

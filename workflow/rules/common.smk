@@ -2,6 +2,7 @@
 # settings -> flags bridge, the shard list, the run name, resources, and the targets.
 
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -206,19 +207,115 @@ SHARDS = [f"{i:03d}" for i in range(N_SHARDS)]
 
 
 def shard_paths(stage, suffix=".jsonl"):
-    """Every shard's file of one data stage: results/<stage>/shard-000<suffix> ..."""
+    """Every shard's file of one data stage: <data_dir(stage)>/shard-000<suffix> ..."""
     return expand(
-        "results/{stage}/shard-{shard}{suffix}",
-        stage=stage,
+        "{directory}/shard-{shard}{suffix}",
+        directory=data_dir(stage),
         shard=SHARDS,
         suffix=suffix,
     )
 
 
+# ---------------------------------------------------------------- data directories
+#
+# Every data product lives in a directory keyed by what it was made from, so runs with other data
+# settings (a sweep over data.inputs, clean or filter_lang settings) keep each other's products:
+#
+#   results/data/<stage>/<key>/...    logs/data/<stage>/<key>/...
+#
+# A stage's key is a short digest of the key of the stage before it and of this stage's own
+# settings: exactly the flags its rule passes (DATA_PARAMS), plus data.inputs for merge, data.shards
+# for shard and the base model's identity (the tokenizer) for split. A changed clean setting thus
+# gives clean, filter_lang, split and gather new directories, while merge and shard keep theirs;
+# switching back finds the old directories complete ("Nothing to be done"). The content of
+# data.inputs is not part of the key: an edited input file re-runs merge into the same directory
+# (Snakemake's mtime trigger), and what follows it, as before. Performance-only knobs (workers,
+# split.batch_size) are not part of any key.
+
+# The rule params of the data stages that take settings (the rules use these, the keys hash them).
+DATA_PARAMS = {
+    "merge": flags("merge"),
+    "clean": flags("clean", skip=("workers",)),
+    "filter_lang": flags("filter_lang", skip=("workers",)),
+    "split": flags("split", skip=("batch_size",), chat=CHAT_ALL),
+    "gather": flags("data", only=("val_fraction", "seed")),
+    "distill": flags("distill", chat=CHAT_RENDER),
+}
+# Each data stage and the stage whose products it reads (None: it reads data.inputs). A new data
+# stage adds itself here (with its params above) and takes its directory from data_dir().
+DATA_CHAIN = {
+    "merge": None,
+    "shard": "merge",
+    "clean": "shard",
+    "filter_lang": "clean",
+    "split": "filter_lang",
+    "gather": "split",
+    # not a data stage (stages.py), but its product is keyed the same way: by gather's data, its
+    # settings and the model whose words it writes (data_made_from)
+    "distill": "gather",
+}
+
+
+def base_identity():
+    """What names the base model (and so split's tokenizer): its source and, for the embedded tiny
+    model, the settings it is built from; download-only knobs (retries, timeouts) are left out.
+    """
+    base = config["base"]
+    keys = ("source", "revision", "model_size", "sha256")
+    if base["source"] == "tiny":
+        keys += ("tiny", "tokenizer_corpus")
+    return {key: base.get(key) for key in keys}
+
+
+def data_made_from(stage):
+    """What one data stage's products are made from, besides its input stage's products."""
+    made_from = {"params": DATA_PARAMS[stage](None) if stage in DATA_PARAMS else None}
+    if stage == "merge":
+        made_from["inputs"] = config["data"]["inputs"]
+    elif stage == "shard":
+        made_from["shards"] = N_SHARDS
+    elif stage == "split":
+        made_from["base"] = base_identity()
+    elif stage == "distill":
+        # the model the run trains: the base, or train.base_run's merged model
+        made_from["base"] = RUN_BASE if BASE_RUN else base_identity()
+    return made_from
+
+
+_DATA_KEYS = {}
+
+
+def data_key(stage):
+    """The short digest (10 hex digits) naming one data stage's products (see above)."""
+    if stage not in _DATA_KEYS:
+        parent = DATA_CHAIN[stage]
+        made_from = [
+            stage,
+            data_key(parent) if parent else None,
+            data_made_from(stage),
+        ]
+        text = json.dumps(made_from, sort_keys=True, default=str)
+        _DATA_KEYS[stage] = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return _DATA_KEYS[stage]
+
+
+def data_dir(stage="gather"):
+    """The directory of one data stage's products: results/data/<stage>/<key>. The default, gather's,
+    holds the train and validation sets (train.jsonl, val.jsonl) training reads."""
+    return f"results/data/{stage}/{data_key(stage)}"
+
+
+def data_log(stage, name):
+    """The log file ``name`` of one data stage's job, keyed like its products."""
+    return f"logs/data/{stage}/{data_key(stage)}/{name}"
+
+
 # ---------------------------------------------------------------- names and resources
 
 RUN = config["train"]["run"]
-# Directories of results/ shared by every run; a run's own products live in results/<run>/.
+# Directories of results/ shared by every run; a run's own products live in results/<run>/. (The
+# data products are under results/data/<stage>/<key>/; merge ... split are where older versions
+# kept them, still no run's name.)
 SHARED_DIRS = (
     "base",
     "hf_base",
@@ -228,7 +325,6 @@ SHARED_DIRS = (
     "filter_lang",
     "split",
     "data",
-    "distill",
 )
 if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", RUN) or RUN in SHARED_DIRS:
     raise WorkflowError(
@@ -305,16 +401,19 @@ def worker_threads(section):
 
 def stage_outputs(stage):
     """Named outputs of one per-shard data stage: the records, their stats and rejects."""
+    directory = data_dir(stage)
     return {
-        "data": f"results/{stage}/shard-{{shard}}.jsonl",
-        "stats": f"results/{stage}/shard-{{shard}}.stats.json",
-        "rejects": f"results/{stage}/shard-{{shard}}.rejects.jsonl",
+        "data": f"{directory}/shard-{{shard}}.jsonl",
+        "stats": f"{directory}/shard-{{shard}}.stats.json",
+        "rejects": f"{directory}/shard-{{shard}}.rejects.jsonl",
     }
 
 
 # ---------------------------------------------------------------- targets
 
-DATA_TARGETS = ["results/data/train.jsonl", "results/data/val.jsonl"]
+# The train and validation sets of this run's data settings (data_dir(): keyed by what they are made of).
+DATA_DIR = data_dir("gather")
+DATA_TARGETS = [f"{DATA_DIR}/train.jsonl", f"{DATA_DIR}/val.jsonl"]
 BASE_TARGET = "results/hf_base"
 RUN_DIR = f"results/{RUN}"
 # What this run trains on, merges into and evaluates against: the converted base, or with
@@ -340,9 +439,10 @@ MERGED_TARGET = f"{RUN_DIR}/merged"
 EVAL_TARGET = f"{RUN_DIR}/eval"
 REPORT_TARGET = f"{RUN_DIR}/report"
 # The training data train reads: distill's output, or gather's when distill.mode is off (no job).
-# Distilled by the model this run trains: shared by the runs on results/hf_base, the run's own
-# with train.base_run (another base's words).
-DISTILL_DIR = f"{RUN_DIR}/distill" if BASE_RUN else "results/distill"
+# Keyed like the data products, by gather's, the distill settings and the model this run trains
+# (results/hf_base, or with train.base_run that run's merged model): runs that share all three
+# share it.
+DISTILL_DIR = data_dir("distill")
 DISTILL_TARGET = f"{DISTILL_DIR}/train.jsonl"
 TRAIN_DATA = DISTILL_TARGET if config["distill"]["mode"] != "off" else DATA_TARGETS[0]
 # The default target's inputs: every key product, not only the report. A product a failed or killed
@@ -357,24 +457,6 @@ KEY_PRODUCTS = [
     EVAL_TARGET,
     REPORT_TARGET,
 ]
-
-
-def other_runs():
-    """Earlier runs (results/<run>/ with train metrics and eval metrics) the report compares
-    with this one: name -> directory. Found when the DAG is built, so a new run changes the
-    report's input set and the report of an older run is redone when that run is asked for.
-    """
-    runs = {}
-    if os.path.isdir("results"):
-        for name in sorted(os.listdir("results")):
-            path = os.path.join("results", name)
-            if name == RUN or name in SHARED_DIRS:
-                continue
-            if os.path.isfile(
-                os.path.join(path, "train", "metrics.jsonl")
-            ) and os.path.isfile(os.path.join(path, "eval", "metrics.json")):
-                runs[name] = path
-    return runs
 
 
 def stats_files():

@@ -1,8 +1,10 @@
 # Data stages, scattered over data.shards shards:
 #   merge -> shard -> clean -> filter_lang -> split (one job per shard) -> gather
-# Each stage writes <out>.jsonl plus <out>.stats.json and <out>.rejects.jsonl beside it.
+# Each stage writes <out>.jsonl plus <out>.stats.json and <out>.rejects.jsonl beside it, in
+# results/data/<stage>/<key>/ (data_dir() in common.smk: keyed by what the products are made
+# from, so runs with other data settings keep each other's products).
 #
-# Only results/merge/merged.jsonl is temp(): the shards hold the same records, and every
+# Only merge's merged.jsonl is temp(): the shards hold the same records, and every
 # partial re-run below merge starts from the shards. The per-shard outputs of clean,
 # filter_lang and split are kept on purpose: changing a setting of one stage re-runs that stage
 # from its (kept) input instead of the whole chain.
@@ -13,11 +15,11 @@ rule merge:
         # braces escaped: an input named {x}.json is a file, not a wildcard
         as_inputs(config["data"]["inputs"]),
     output:
-        data=temp("results/merge/merged.jsonl"),
-        stats="results/merge/merged.stats.json",
-        rejects="results/merge/merged.rejects.jsonl",
+        data=temp(f"{data_dir('merge')}/merged.jsonl"),
+        stats=f"{data_dir('merge')}/merged.stats.json",
+        rejects=f"{data_dir('merge')}/merged.rejects.jsonl",
     log:
-        "logs/merge/merge.log",
+        data_log("merge", "merge.log"),
     conda:
         "../envs/data.yaml"
     threads: 1
@@ -25,20 +27,20 @@ rule merge:
         mem_mb=2000,
         runtime=30,
     params:
-        args=flags("merge"),
+        args=DATA_PARAMS["merge"],
     shell:
         "llama-pipe merge -o {output.data:q} {params.args} -- {input:q} > {log:q} 2>&1"
 
 
 rule shard:
     input:
-        "results/merge/merged.jsonl",
+        rules.merge.output.data,
     output:
         shards=shard_paths("shard"),
-        stats="results/shard/shard.stats.json",
-        rejects="results/shard/shard.rejects.jsonl",
+        stats=f"{data_dir('shard')}/shard.stats.json",
+        rejects=f"{data_dir('shard')}/shard.rejects.jsonl",
     log:
-        "logs/shard/shard.log",
+        data_log("shard", "shard.log"),
     conda:
         "../envs/data.yaml"
     threads: 1
@@ -55,11 +57,11 @@ rule shard:
 
 rule clean:
     input:
-        "results/shard/shard-{shard}.jsonl",
+        f"{data_dir('shard')}/shard-{{shard}}.jsonl",
     output:
         **stage_outputs("clean"),
     log:
-        "logs/clean/shard-{shard}.log",
+        data_log("clean", "shard-{shard}.log"),
     conda:
         "../envs/data.yaml"
     threads: worker_threads("clean")
@@ -67,7 +69,7 @@ rule clean:
         mem_mb=2000,
         runtime=60,
     params:
-        args=flags("clean", skip=("workers",)),
+        args=DATA_PARAMS["clean"],
     shell:
         "llama-pipe clean -o {output.data:q} --workers {threads} {params.args}"
         " -- {input:q} > {log:q} 2>&1"
@@ -75,11 +77,11 @@ rule clean:
 
 rule filter_lang:
     input:
-        "results/clean/shard-{shard}.jsonl",
+        rules.clean.output.data,
     output:
         **stage_outputs("filter_lang"),
     log:
-        "logs/filter_lang/shard-{shard}.log",
+        data_log("filter_lang", "shard-{shard}.log"),
     conda:
         "../envs/data.yaml"
     threads: worker_threads("filter_lang")
@@ -87,7 +89,7 @@ rule filter_lang:
         mem_mb=1000,
         runtime=60,
     params:
-        args=flags("filter_lang", skip=("workers",)),
+        args=DATA_PARAMS["filter_lang"],
     shell:
         "llama-pipe filter-lang -o {output.data:q} --workers {threads} {params.args}"
         " -- {input:q} > {log:q} 2>&1"
@@ -95,12 +97,12 @@ rule filter_lang:
 
 rule split:
     input:
-        data="results/filter_lang/shard-{shard}.jsonl",
+        data=rules.filter_lang.output.data,
         tokenizer=BASE_TARGET,
     output:
         **stage_outputs("split"),
     log:
-        "logs/split/shard-{shard}.log",
+        data_log("split", "shard-{shard}.log"),
     conda:
         "../envs/data.yaml"
     threads: 1
@@ -111,7 +113,7 @@ rule split:
         batch_size=config["split"]["batch_size"],
     params:
         # batch_size is passed as a resource; chunks are measured as training renders them
-        args=flags("split", skip=("batch_size",), chat=CHAT_ALL),
+        args=DATA_PARAMS["split"],
     shell:
         # the fast tokenizer's thread pool (Rayon) gets the job's threads
         "RAYON_NUM_THREADS={threads} llama-pipe split -o {output.data:q}"
@@ -125,10 +127,10 @@ rule gather:
     output:
         train=DATA_TARGETS[0],
         val=DATA_TARGETS[1],
-        stats="results/data/gather.stats.json",
-        rejects="results/data/gather.rejects.jsonl",
+        stats=f"{DATA_DIR}/gather.stats.json",
+        rejects=f"{DATA_DIR}/gather.rejects.jsonl",
     log:
-        "logs/gather/gather.log",
+        data_log("gather", "gather.log"),
     conda:
         "../envs/data.yaml"
     threads: 1
@@ -136,7 +138,18 @@ rule gather:
         mem_mb=2000,
         runtime=30,
     params:
-        args=flags("data", only=("val_fraction", "seed")),
+        args=DATA_PARAMS["gather"],
     shell:
         "llama-pipe gather --train {output.train:q} --val {output.val:q} {params.args}"
         " -- {input:q} > {log:q} 2>&1"
+
+
+# `snakemake data`: the train and validation sets of these settings (and the base, whose tokenizer
+# split uses), wherever their key puts them.
+localrules:
+    data,
+
+
+rule data:
+    input:
+        DATA_TARGETS,

@@ -1,5 +1,5 @@
 # Evaluation (base vs tuned perplexity, sample answers) and the report of this run (compared with
-# the earlier runs under results/). The report's PNGs are registered with report(...), one caption
+# the runs finished under results/ when it is made). The report's PNGs are registered with report(...), one caption
 # each, so `snakemake --report report.html` embeds them.
 
 
@@ -37,8 +37,6 @@ rule report:
         select=SELECT_TARGET,
         eval=EVAL_TARGET,
         stats=stats_files(),
-        # earlier runs' results/<run>/ directories, compared in the report
-        others=list(other_runs().values()),
     output:
         report(
             directory(REPORT_TARGET),
@@ -56,14 +54,11 @@ rule report:
         mem_mb=1000,
         runtime=10,
     params:
-        # --compare NAME=DIR per earlier run (this run is compared with them)
-        compare=lambda wildcards: " ".join(
-            shlex.quote(f"--compare={name}={path}")
-            for name, path in other_runs().items()
-        ),
         run=RUN,
     shell:
+        # --compare-under: the runs finished under results/ when the report is made (found by the
+        # stage, not here: a later run is not an input, so it leaves this run with nothing to do)
         "llama-pipe report --train-metrics={input.run:q}/metrics.jsonl --eval={input.eval:q}/metrics.json"
         " --selection={input.select:q}/selection.json"
-        " -o {output:q} --name={params.run:q} {params.compare} --stats {input.stats:q}"
+        " -o {output:q} --name={params.run:q} --compare-under=results --stats {input.stats:q}"
         " > {log:q} 2>&1"

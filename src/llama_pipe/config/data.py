@@ -13,7 +13,7 @@ class DataSettings:
     """Raw inputs and how the data stages are scattered."""
 
     inputs: list[str] = opt(
-        ["data/sample/sharegpt_sample.json"],
+        ["data/sample/sharegpt_sample.json", "data/sample/identity_sample.json"],
         "ShareGPT / OpenAI-messages / Alpaca files (.json list or .jsonl) merged in this order",
     )
     shards: int = opt(2, "shards the merged data is split into for the clean/filter/split stages", minimum=1)
@@ -71,8 +71,24 @@ class FilterLangSettings:
     )
     skip: list[str] = opt([], "drop these languages")
     seed: int = opt(0, "langdetect seed (makes detection deterministic)", minimum=0, maximum=SEED_MAX)
-    min_chars: int = opt(10, "text shorter than this (code removed) is labelled 'unknown'", minimum=0)
-    keep_unknown: bool = opt(False, "keep conversations whose language cannot be detected")
+    min_chars: int = opt(
+        10, "a text with fewer letters than this (code removed) is too short for a guess: labelled 'und' (see "
+        "undetermined) unless its script names its language (Hangul: ko, kana: ja, Han: zh)", minimum=0,
+    )
+    min_confidence: float = opt(
+        0.9, "a longer text whose guess has a lower probability (langdetect; cld2: its unreliable flag) is labelled 'und' too",
+        minimum=0, maximum=1,
+    )
+    cross_check: bool = opt(
+        True, "keep the detector's answer only when the other one names the same language, else 'und': on short text "
+        "each is often wrong and sure of itself ('Are you Siri?' is Turkish to langdetect at p = 0.99999). langdetect is "
+        "checked by cld2 (a tenth of its cost); cld2 by langdetect on texts under 100 letters (docs/benchmarks.md)"
+    )
+    undetermined: Literal["keep", "drop"] = opt(
+        "keep", "conversations labelled 'und' (too short or too uncertain for a reliable guess): keep them (lang 'und', "
+        "whatever keep and skip say) or drop them (lang_undetermined)"
+    )
+    keep_unknown: bool = opt(False, "keep conversations with no language at all (no letters, e.g. only code, numbers or emoji)")
     max_chars: int = opt(1000, "detect on at most this many characters of a conversation's text (code removed)", minimum=100)
     time_budget: float = opt(
         10.0, "seconds one record may take to detect; a slower one is rejected as too_slow (0 = no limit)", minimum=0,

@@ -12,8 +12,8 @@ from llama_pipe.settings import SEED_MAX, opt
 class LoraSettings:
     """LoRA adapter shape."""
 
-    r: int = opt(8, "rank", minimum=1)
-    alpha: int = opt(16, "scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)", minimum=1)
+    r: int = opt(16, "rank", minimum=1)
+    alpha: int = opt(32, "scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)", minimum=1)
     dropout: float = opt(0.05, "dropout on the adapter input", minimum=0, maximum=1)
     target_modules: list[str] = opt(
         ["all-linear"], "module names to adapt (e.g. [q_proj, v_proj]), or ['all-linear'] (every linear layer but lm_head)", minLength=1
@@ -51,7 +51,10 @@ class TrainSettings:
         "smaller micro-batches; the step stays the same)", minimum=1,
     )
     grad_accum: int = opt(1, "micro-batches per optimiser step", minimum=1)
-    lr: float = opt(1e-2, "peak learning rate (1e-2 suits the tiny demo model; use ~2e-4 for LoRA on a real 7B)", exclusiveMinimum=0)
+    lr: float = opt(
+        2e-3, "peak learning rate (2e-3: a few steps teach SmolLM2-135M its name; 1e-2 suits the tiny demo model; use ~2e-4 "
+        "for LoRA on a real 7B)", exclusiveMinimum=0,
+    )
     weight_decay: float = opt(0.0, "AdamW weight decay", minimum=0)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] | None = opt(
         None,
@@ -67,9 +70,9 @@ class TrainSettings:
         "gradients never exist at once: less peak memory, e.g. 0.6 GiB for r64 all-linear adapters at 7B); "
         "needs max_grad_norm 0, grad_accum 1, on_nonfinite stop, precision other than fp16 and one process",
     )
-    warmup_steps: int = opt(3, "linear warm-up steps", minimum=0)
+    warmup_steps: int = opt(2, "linear warm-up steps", minimum=0)
     min_lr_ratio: float = opt(0.1, "cosine schedule ends at lr * this", minimum=0, maximum=1)
-    max_steps: int | None = opt(30, "optimiser steps; null trains for `epochs`", minimum=1)
+    max_steps: int | None = opt(12, "optimiser steps; null trains for `epochs`", minimum=1)
     epochs: float = opt(1.0, "epochs when max_steps is null", exclusiveMinimum=0)
     max_grad_norm: float = opt(1.0, "gradient clipping; 0 disables", minimum=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
@@ -89,8 +92,8 @@ class TrainSettings:
         None, "memory the planner may plan for, in GiB; null: the detected card (on CPU: the system memory available)",
         exclusiveMinimum=0,
     )
-    eval_every: int = opt(10, "validation loss every N steps (and at start and end)", minimum=1)
-    save_every: int = opt(10, "checkpoint every N steps", minimum=1)
+    eval_every: int = opt(12, "validation loss every N steps (and at start and end)", minimum=1)
+    save_every: int = opt(6, "checkpoint every N steps", minimum=1)
     keep_checkpoints: int = opt(2, "checkpoints kept (oldest deleted)", minimum=1)
     resume: Literal["auto", "never"] = opt("auto", "continue from the newest valid checkpoint")
     on_nonfinite: Literal["stop", "skip"] = opt("stop", "a NaN/inf loss: stop naming the step, or skip that step")

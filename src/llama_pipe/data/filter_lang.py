@@ -3,10 +3,14 @@
 The language is detected by langdetect on the conversation's text (all turns, joined) with fenced
 code blocks and inline code removed, limited to the first ``max_chars`` characters. langdetect is
 randomised; ``DetectorFactory.seed`` (the ``seed`` setting) makes every detection a pure function of
-its text, so the result does not depend on record order or the number of workers. Text shorter than
-``min_chars`` (after code removal) or that langdetect cannot classify is ``unknown``. A text with
-more CJK words than Latin words is detected without its Latin words (see
-:func:`detect_language`).
+its text, so the result does not depend on record order or the number of workers. A text with no
+letters (after code removal), or that langdetect cannot classify, is ``unknown``. A text with fewer
+than ``min_chars`` letters is too short for a reliable guess: it is ``und`` (undetermined) unless
+its script names its language (Hangul, kana, Han), and so is a longer one whose guess has a
+probability under ``min_confidence``; ``undetermined`` keeps (default) or drops those, whatever
+``keep`` and ``skip`` say, so short English ("Are you Siri?", which langdetect calls Turkish) is
+not dropped on a guess. A text with more CJK words than Latin words is detected without its Latin
+words (see :func:`detect_language`).
 
 ``detector: cld2`` uses pycld2 (the detector FastChat's optional_clean uses through polyglot)
 instead: compiled, about 10x faster, deterministic without a seed; its codes are spelt as
@@ -48,7 +52,12 @@ from llama_pipe.records import InvalidLine, read_records
 from llama_pipe.settings import add_settings_arguments
 from llama_pipe.stage_writer import StageWriter
 
-UNKNOWN = "unknown"
+UNKNOWN = "unknown"  # no language at all: no letters, or nothing langdetect knows
+UNDETERMINED = "und"  # too short or too uncertain for a reliable guess (BCP 47's "undetermined")
+# detector cld2 with cross_check: langdetect checks the answers on texts with fewer letters than this
+# (where cld2 errs on the benchmark set: 4 of 149 pairs of short lines, none of the triples); on
+# longer texts it would cost langdetect's time for nothing
+CROSS_CHECK_LETTERS = 100
 BATCH = 32
 
 
@@ -222,7 +231,7 @@ def _init(cfg: FilterLangSettings) -> None:
     """Load langdetect's profiles once per process and fix its seed (nothing to load for cld2)."""
     global _CFG
     _CFG = cfg
-    if cfg.detector == "cld2":
+    if cfg.detector == "cld2" and not cfg.cross_check:
         return
     from langdetect import DetectorFactory
     from langdetect.detector_factory import init_factory
@@ -235,22 +244,26 @@ def _init(cfg: FilterLangSettings) -> None:
 CLD2_CODES = {"zh": "zh-cn", "zh-hant": "zh-tw", "iw": "he", "un": UNKNOWN, "xxx": UNKNOWN}
 
 
-def detect_cld2(text: str) -> str:
-    """pycld2's top language for ``text`` in langdetect's spelling (``zh-cn``/``zh-tw``), or ``unknown``.
+def detect_cld2(text: str) -> tuple[str, bool]:
+    """pycld2's top language for ``text`` in langdetect's spelling (``zh-cn``/``zh-tw``), or
+    ``unknown``; and whether cld2 calls its guess reliable.
 
     cld2 is deterministic (no seed). Text it cannot take (e.g. a lone surrogate) is ``unknown``.
     """
     import pycld2
 
     try:
-        _, _, details = pycld2.detect(text)
+        reliable, _, details = pycld2.detect(text)
     except (pycld2.error, UnicodeError, ValueError):
-        return UNKNOWN
+        return UNKNOWN, False
     code = str(details[0][1]).lower() if details else "un"
-    return CLD2_CODES.get(code, code)
+    return CLD2_CODES.get(code, code), bool(reliable)
 
 
 _HAN_KANA = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_KANA = re.compile(r"[\u3040-\u30ff]")
+_HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]")
 _HANGUL_WORD = re.compile(r"[\uac00-\ud7af]+")
 _LATIN_WORD = re.compile(r"[A-Za-z\u00c0-\u024f]+")
 
@@ -262,9 +275,40 @@ def cjk_words(text: str) -> float:
     return len(_HAN_KANA.findall(text)) / 2 + len(_HANGUL_WORD.findall(text))
 
 
-def detect_language(text: str, min_chars: int, detector: str = "langdetect") -> str:
-    """The language code of ``text`` (``unknown`` when too short or undetectable), by langdetect
-    or, with ``detector="cld2"``, by :func:`detect_cld2`.
+def letters(text: str) -> int:
+    """The letters of ``text`` (Unicode alphabetic characters; CJK ideographs and syllables count)."""
+    return sum(ch.isalpha() for ch in text)
+
+
+def script_language(text: str) -> str | None:
+    """The language a text's script names, when most of its letters are Hangul (``ko``), kana and
+    Han with some kana (``ja``) or Han alone (``zh-cn``); else None. Used for texts too short for
+    a statistical guess: a few CJK characters say more than a few Latin letters."""
+    han, kana, hangul = (len(rx.findall(text)) for rx in (_HAN, _KANA, _HANGUL))
+    if 2 * (han + kana + hangul) <= letters(text):
+        return None
+    if hangul >= han + kana:
+        return "ko"
+    return "ja" if kana else "zh-cn"
+
+
+def detect_language(text: str, min_chars: int, detector: str = "langdetect", min_confidence: float = 0.0,
+                    cross_check: bool = False) -> str:
+    """The language code of ``text``: ``und`` when it is too short or too uncertain for a reliable
+    guess, ``unknown`` when it has no language at all; by langdetect or, with
+    ``detector="cld2"``, by :func:`detect_cld2`.
+
+    Reliability: a text whose letters are mostly Hangul, kana or Han gets the language its script
+    names (:func:`script_language`; the detector's answer where it agrees, which tells zh-cn from
+    zh-tw). Any other text with fewer than ``min_chars`` letters is ``und``: on a few words
+    langdetect is often wrong and sure of itself ("Are you Siri?" is Turkish at p = 0.99999), so
+    its guess is not used. A longer text whose top language has a probability under
+    ``min_confidence`` (with its variants: zh-cn and zh-tw share Chinese text's probability;
+    cld2: a guess cld2 flags as unreliable) is ``und`` too, and with ``cross_check`` so is an
+    answer the other detector does not share (langdetect takes "Hi! Are you a person? Hi! No, I
+    am not a person. I'm Llama Pipe, an AI assistant." for Catalan at p = 0.99999; cld2 says
+    English). With detector cld2 langdetect checks texts under ``CROSS_CHECK_LETTERS`` letters
+    only. docs/benchmarks.md measures this on a labelled set of short texts (bench/lang_short.py).
 
     Mixed-script rule: when a text has more CJK words (:func:`cjk_words`) than Latin-script words,
     the Latin words are removed before detection. Without it, a short Chinese sentence with a
@@ -275,13 +319,43 @@ def detect_language(text: str, min_chars: int, detector: str = "langdetect") -> 
     """
     from langdetect.lang_detect_exception import LangDetectException
 
-    if len(text.strip()) < min_chars:
+    n_letters = letters(text)
+    if n_letters == 0:
         return UNKNOWN
+    script = script_language(text)
+    if n_letters < min_chars and script is None:
+        return UNDETERMINED
     cjk = cjk_words(text)
     if cjk and cjk > len(_LATIN_WORD.findall(text)):
         text = _LATIN_WORD.sub(" ", text)
     if detector == "cld2":
-        return detect_cld2(text)
+        top, reliable = detect_cld2(text)
+        confident = reliable or min_confidence <= 0
+    else:
+        try:
+            det = _detector()
+            det.append(text)
+            ranked = det.get_probabilities()
+        except LangDetectException:
+            ranked = []
+        top = str(ranked[0].lang) if ranked else UNKNOWN
+        # zh-cn and zh-tw share Chinese text's probability between them: sure of Chinese is enough
+        confident = sum(r.prob for r in ranked if str(r.lang).split("-")[0] == top.split("-")[0]) >= min_confidence
+    if script is not None:
+        # the script names the language; the detector may still tell zh-cn from zh-tw
+        return top if top.split("-")[0] == script.split("-")[0] else script
+    if top == UNKNOWN or not confident:
+        return UNDETERMINED  # letters, but no answer (cld2's "un" on short text) or an unsure one
+    if cross_check and (detector != "cld2" or n_letters < CROSS_CHECK_LETTERS):
+        other = detect_cld2(text)[0] if detector != "cld2" else _langdetect_top(text)
+        if other.split("-")[0] != top.split("-")[0]:
+            return UNDETERMINED  # two detectors that disagree: neither is reliable here
+    return top
+
+
+def _langdetect_top(text: str) -> str:
+    from langdetect.lang_detect_exception import LangDetectException
+
     try:
         det = _detector()
         det.append(text)
@@ -294,7 +368,7 @@ TOO_SLOW = "too_slow"  # what _detect_batch returns for a record over its time b
 
 
 def _detect_one(rec: dict[str, Any], cfg: FilterLangSettings) -> str:
-    return detect_language(prose(rec, cfg.max_chars), cfg.min_chars, cfg.detector)
+    return detect_language(prose(rec, cfg.max_chars), cfg.min_chars, cfg.detector, cfg.min_confidence, cfg.cross_check)
 
 
 def _detect_batch(batch: list[Any]) -> list[str | None]:
@@ -354,7 +428,11 @@ def filter_file(inp: str | Path, out: str | Path, cfg: FilterLangSettings,
             detected[lang] = detected.get(lang, 0) + 1
             if lang == UNKNOWN:
                 if not cfg.keep_unknown:
-                    w.reject(obj, "lang_unknown", f"{where}: language could not be detected")
+                    w.reject(obj, "lang_unknown", f"{where}: no language to detect (no letters)")
+                    continue
+            elif lang == UNDETERMINED:
+                if cfg.undetermined == "drop":
+                    w.reject(obj, "lang_undetermined", f"{where}: too short or too uncertain for a reliable guess")
                     continue
             elif cfg.skip and matches(lang, cfg.skip):
                 w.reject(obj, "lang_skipped", f"{where}: {lang}")

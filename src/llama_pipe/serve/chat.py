@@ -25,6 +25,10 @@ from llama_pipe.templates import Message
 
 log = logging.getLogger(__name__)
 
+# The serve settings the terminal chat reads (the rest - address, port, queue, timeouts, request
+# limits, allowed hosts and origins - are the server's, and not chat's flags).
+CHAT_USES = ("max_tokens", "device", "temperature", "top_p", "model_id")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="Hugging Face model directory (e.g. results/default/merged or results/hf_base)")
@@ -33,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None,
                         help="system prompt of this conversation (default: chat.system_prompt, else the one recorded with the model, else the template's)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    add_settings_arguments(parser, ServeSettings, "serve")
+    add_settings_arguments(parser, ServeSettings, "serve", only=CHAT_USES)
     add_settings_arguments(parser, ChatSettings, "chat", config_flag=False, only=("template", "system_prompt"))
 
 

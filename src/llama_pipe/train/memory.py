@@ -104,6 +104,14 @@ def pins(settings: TrainSettings) -> Pins:
     return Pins(settings.gradient_checkpointing, settings.optimizer, settings.optimizer_in_backward)
 
 
+def cpu_note() -> str:
+    """What the predicted peak is on CPU: tensors as the GPU model counts them, not the process's RSS."""
+    rss, predicted = planner.CPU_RSS_MEASURED
+    return (f"; on CPU that counts the training tensors as on a GPU, not the process's memory (RSS): SmolLM2-135M at "
+            f"4 x 512, r16 all-linear, peaked at {rss:.2f} GiB RSS for a predicted {predicted:.2f} GiB, "
+            f"{rss / predicted:.2f}x (docs/training.md)")
+
+
 def plan_run(settings: TrainSettings, seq_len: int, base: Path, device: str, processes: int, sharded: bool) -> Planned:
     """Plan the run (``memory: auto``), or resolve the manual settings; logs the plan and its
     predicted peak. Raises :class:`ConfigError` (exit 2) when no plan fits."""
@@ -121,7 +129,8 @@ def plan_run(settings: TrainSettings, seq_len: int, base: Path, device: str, pro
     except PlanError as exc:
         raise ConfigError(str(exc)) from None
     where = f"{gib:.1f} GiB {'card' if run.device == 'cuda' else 'of system memory available'}"
-    log.info("train.memory auto: %s on a %s, predicted peak %s", plan.describe(run.model.layers), where, pred.describe())
+    log.info("train.memory auto: %s on a %s, predicted peak %s%s", plan.describe(run.model.layers), where, pred.describe(),
+             cpu_note() if run.device == "cpu" else "")
     return Planned(with_plan(settings, plan, run.model.layers), plan, run, pred, budget, fixed)
 
 

@@ -39,6 +39,11 @@ PLAIN_ACT = 1.9  # activations without the fast path (kernels: none), relative t
 LOSS_CHUNK = 2048  # tokens per fused-loss chunk (llama_pipe.train.fast.loss)
 STEP_DOWN = 0.8  # after an OOM: retry with a plan predicted at most this fraction of the failed one
 OVERHEAD_TOKENS = 1024  # per-micro-batch fixed cost, in token-equivalents of a recompute-free layer stack
+# On CPU the prediction is the GPU model's count of the training tensors, not the process's memory:
+# fp32 compute instead of bf16, the CPU attention's score matrices, the allocator and the runtime
+# (torch, transformers) are not in it. Measured once (docs/benchmarks.md): SmolLM2-135M, 4 x 512
+# tokens, LoRA r16 all-linear, fp32 on CPU: peak RSS 8.54 GiB for a predicted 3.79 GiB.
+CPU_RSS_MEASURED = (8.54, 3.79)
 
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -1,0 +1,80 @@
+"""Runs keep each other's data: the data products live in results/data/<stage>/<key>/, keyed by what
+they were made from, so a second run on other data does not rebuild (or retrain) the first one.
+
+Before, every run shared results/data/: after a run on other ``data.inputs``, ``snakemake -n`` for
+the default run planned its whole data chain and its training again (14 jobs).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from workflow_helpers import copy_workflow, fake_bin, job_counts, snakemake
+
+PROFILE = ("--profile", "profiles/default")
+
+
+def calls_of(path: Path) -> dict[str, list[str]]:
+    return {c["argv"][0]: c["argv"] for c in map(json.loads, path.read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """Run 'default' on the shipped inputs, then run 'mydata' on another input file."""
+    root = tmp_path_factory.mktemp("data-keys")
+    workdir = copy_workflow(root / "repo")
+    bin_dir = fake_bin(root / "bin")
+    shutil.copy(workdir / "data/sample/sharegpt_sample.json", workdir / "mydata.json")
+    (workdir / "config/mydata.yaml").write_text('train: {run: mydata}\ndata: {inputs: ["mydata.json"]}\n')
+    snakemake(workdir, *PROFILE, "--cores", "2", bin_dir=bin_dir)
+    calls = root / "calls.jsonl"
+    snakemake(workdir, *PROFILE, "--cores", "2", "--configfile", "config/mydata.yaml", bin_dir=bin_dir,
+              env={"FAKE_LLAMA_PIPE_CALLS": str(calls)})
+    return workdir, bin_dir, calls
+
+
+def test_a_run_on_other_data_leaves_the_first_run_with_nothing_to_do(two_runs: tuple[Path, Path, Path]) -> None:
+    workdir, _, _ = two_runs
+    assert job_counts(snakemake(workdir, "-n", *PROFILE).stdout) == {}
+    assert job_counts(snakemake(workdir, "-n", *PROFILE, "--configfile", "config/mydata.yaml").stdout) == {}
+
+
+def test_each_data_setting_has_its_own_directories(two_runs: tuple[Path, Path, Path]) -> None:
+    workdir, _, calls = two_runs
+    data = workdir / "results/data"
+    # merge made from other inputs: every stage after it has a second directory too
+    for stage in ("merge", "shard", "clean", "filter_lang", "split", "gather", "distill"):
+        keys = sorted(p.name for p in (data / stage).iterdir())
+        assert len(keys) == 2 and all(len(k) == 10 for k in keys), (stage, keys)
+    trained = {}
+    for run in ("default", "mydata"):
+        train = json.loads((workdir / f"results/{run}/train/metrics.jsonl").read_text())
+        trained[run] = next(a.split("=", 1)[1] for a in train if a.startswith("--train-data="))
+    assert trained["default"] != trained["mydata"]
+    # gather's training split through distill, keyed the same way (docs/distill.md)
+    assert all(Path(p).parent.parent == Path("results/data/distill") for p in trained.values()), trained
+    # the second run's data stages read its own input and wrote under their own keys
+    argv = calls_of(calls)
+    assert argv["merge"][argv["merge"].index("--") + 1:] == ["mydata.json"]
+    assert (workdir / trained["mydata"]).is_file() and (workdir / trained["default"]).is_file()
+    logs = sorted(p.relative_to(workdir).parts[:3] for p in (workdir / "logs/data").rglob("*.log"))
+    assert {part[2] for part in logs} == {"merge", "shard", "clean", "filter_lang", "split", "gather", "distill"}
+
+
+def test_a_changed_clean_setting_keeps_merge_and_shard(two_runs: tuple[Path, Path, Path]) -> None:
+    """The key of a stage chains the keys before it: a clean setting gives clean and the stages
+    after it new directories (they run), while merge and shard keep theirs (they do not)."""
+    workdir, _, _ = two_runs
+    plan = job_counts(snakemake(workdir, "-n", *PROFILE, "--config", 'clean={"min_turns": 3}').stdout)
+    assert plan == {"clean": 2, "filter_lang": 2, "split": 2, "gather": 1, "distill": 1, "train": 1, "select": 1,
+                    "merge_adapter": 1, "eval": 1, "report": 1, "all": 1}
+
+
+def test_data_target_builds_the_data_of_the_given_settings(two_runs: tuple[Path, Path, Path]) -> None:
+    workdir, _, _ = two_runs
+    assert job_counts(snakemake(workdir, "-n", *PROFILE, "--", "data").stdout) == {}
+    other = snakemake(workdir, "-n", *PROFILE, "--config", 'data={"val_fraction": 0.3}', "--", "data").stdout
+    assert job_counts(other) == {"gather": 1, "data": 1}
