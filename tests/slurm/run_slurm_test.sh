@@ -171,7 +171,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from workflow_helpers import job_counts
 print(" ".join(f"{rule}={n}" for rule, n in sorted(job_counts(sys.stdin.read()).items())))' "$REPO/tests/workflow")"
-    want="all=1 distill=1 eval=1 filter_lang=2 gather=1 merge_adapter=1 report=1 split=2 train=1"
+    want="all=1 distill=1 eval=1 filter_lang=2 gather=1 merge_adapter=1 report=1 select=1 split=2 train=1"
     [ "$plan" = "$want" ] || fail "changing filter_lang.keep plans '$plan', expected '$want'"
     say "local: changing filter_lang.keep re-runs only $plan"
 fi
