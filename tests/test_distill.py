@@ -305,6 +305,10 @@ def test_bad_inputs_exit_2(tmp_path: Path, tiny_hf_model_dir: Path, capsys: pyte
     assert "no-base" in capsys.readouterr().err
     (tmp_path / "dir.jsonl").mkdir()
     assert run(tiny_hf_model_dir, inp, tmp_path / "dir.jsonl", "--mode", "off") == 2
+    before = inp.read_bytes()
+    assert run(tiny_hf_model_dir, inp, inp, "--mode", "rewrite") == 2  # refused before any generation
+    assert "input" in capsys.readouterr().err and inp.read_bytes() == before
+    assert run(tiny_hf_model_dir, inp, out, "--mode", "rewrite", "--progress", str(inp)) == 2
     with pytest.raises(SystemExit) as exc:
         run(tiny_hf_model_dir, inp, out, "--mode", "sometimes")
     assert exc.value.code == 2
