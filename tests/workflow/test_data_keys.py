@@ -68,7 +68,7 @@ def test_a_changed_clean_setting_keeps_merge_and_shard(two_runs: tuple[Path, Pat
     after it new directories (they run), while merge and shard keep theirs (they do not)."""
     workdir, _, _ = two_runs
     plan = job_counts(snakemake(workdir, "-n", *PROFILE, "--config", 'clean={"min_turns": 3}').stdout)
-    assert plan == {"clean": 2, "filter_lang": 2, "split": 2, "gather": 1, "train": 1, "merge_adapter": 1,
+    assert plan == {"clean": 2, "filter_lang": 2, "split": 2, "gather": 1, "train": 1, "select": 1, "merge_adapter": 1,
                     "eval": 1, "report": 1, "all": 1}
 
 
