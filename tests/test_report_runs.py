@@ -113,5 +113,5 @@ def test_compare_under_finds_the_finished_runs_but_this_one(tmp_path: Path) -> N
     assert main(["report", f"--train-metrics={metrics}", f"--eval={ev}", "-o", str(out), "--name=r16",
                  f"--compare-under={results}", "--stats", *map(str, stats)]) == 0
     md = (out / "report.md").read_text()
-    assert "| r8 | 2 | 2.5000 | 2.2500 | 40.000 | 15.500 |" in md
+    assert "| r8 | 60.0 (-8.0) | 10/30 | 2 | 15.500 |" in md
     assert md.count("r16") == 1 and "unfinished" not in md and "| data" not in md

@@ -48,7 +48,7 @@ from llama_pipe.generation import ChatModel, SamplingParams, pick_device
 from llama_pipe.heldout import bundled_questions, check_expected, score_rows
 from llama_pipe.model_dir import check_model_dir, load_config, load_float_base, recorded_system_prompt, resolve_template
 from llama_pipe.records import dumps, iter_jsonl, read_records
-from llama_pipe.retention import Item, ItemScore, compare, load_items, load_oe_eval, score_items, style
+from llama_pipe.retention import BENCHMARKS, Item, ItemScore, compare, load_items, load_oe_eval, score_items, style
 from llama_pipe.settings import add_settings_arguments, describe, to_dict
 from llama_pipe.templates import IGNORE_INDEX, encode_conversation, to_messages
 from llama_pipe.weights.tokenizer import load_tokenizer
@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tuned", required=True, metavar="HF_DIR", help="the tuned (merged) model directory")
     parser.add_argument("--val", required=True, metavar="JSONL", help="held-out split written by `llama-pipe gather`")
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="writes metrics.json and answers.jsonl here")
+    parser.add_argument("--benchmark", action="append", default=[], metavar="NAME=FILE",
+                        help="where a public benchmark named in eval.retention_items was fetched (the workflow passes it)")
     add_settings_arguments(parser, EvalSettings, "eval")
     add_settings_arguments(parser, ChatSettings, "chat", config_flag=False, only=("template", "system_prompt"))
 
@@ -108,12 +110,22 @@ def encode_val(path: Path, tokenizer: Any, template: Any, system: str | None, ma
     return rows, counts
 
 
-def retention_sets(specs: list[str], limit: int = 0) -> dict[str, list[Item]]:
+def retention_sets(specs: list[str], limit: int = 0, fetched: dict[str, Path] | None = None) -> dict[str, list[Item]]:
     """The retention sets by name: ``bundled`` (the bundled bank's test split, named ``llama_pipe``),
-    an OLMES ``requests.jsonl.gz`` (named after its folder, e.g. ``arc_easy``), or a JSONL of items."""
+    a public benchmark of :data:`llama_pipe.retention.BENCHMARKS` (``arc_easy-test``: its file as
+    fetched, given in ``fetched``), an OLMES ``requests.jsonl.gz``, or a JSONL of items."""
     out: dict[str, list[Item]] = {}
     for spec in specs:
         path = Path(spec)
+        if spec in BENCHMARKS:
+            source, sha = BENCHMARKS[spec]
+            if spec not in (fetched or {}):
+                raise InputError(f"eval.retention_items: {spec!r} is a public benchmark: fetch it with `llama-pipe download "
+                                 f"--source '{source}' --sha256 {sha} -- DIR` (the workflow does) and pass --benchmark {spec}=DIR/"
+                                 f"{source.rsplit('/', 1)[-1]}")
+            out[spec] = load_oe_eval((fetched or {})[spec], split="test")
+            out[spec] = out[spec][:limit] if limit else out[spec]
+            continue
         if spec == "bundled":
             name, items = "llama_pipe", load_items(None, split="test")
         elif path.name.endswith(".gz"):
@@ -218,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
     base, tuned, val, out = Path(args.base), Path(args.tuned), Path(args.val), Path(args.output)
     t0 = time.time()
     inputs: list[str | Path] = [base, tuned, val, *([settings.questions] if settings.questions else []),
-                                *(p for p in settings.retention_items if p != "bundled")]
+                                *(p for p in settings.retention_items if p != "bundled" and p not in BENCHMARKS),
+                                *(pair.partition("=")[2] for pair in args.benchmark)]
     check_output_dir(out, inputs, "eval")  # before any model is loaded
     device = pick_device(settings.device)
     check_model_dir(base, "base model")
@@ -238,7 +251,13 @@ def run(args: argparse.Namespace) -> int:
     if not usable:
         raise InputError(f"{val}: every record uses tokens beyond the base vocabulary of {vocab}; perplexities are not comparable")
     rows = usable
-    sets = retention_sets(settings.retention_items, settings.retention_max_items) if settings.retention else {}
+    fetched = {}
+    for pair in args.benchmark:
+        name, sep, file = pair.partition("=")
+        if not sep or not name or not file:
+            raise InputError(f"--benchmark {pair!r}: expected NAME=FILE")
+        fetched[name] = Path(file)
+    sets = retention_sets(settings.retention_items, settings.retention_max_items, fetched) if settings.retention else {}
     results: dict[str, dict[str, Any]] = {}
     answers: list[dict[str, Any]] = []
     ret_scores: dict[str, dict[str, list[ItemScore]]] = {name: {} for name in sets}
@@ -262,6 +281,8 @@ def run(args: argparse.Namespace) -> int:
             heldout = [(q["turns"][0], r["choices"][0]["turns"][0]) for q, r in zip(questions, rows_m) if q.get("category") != "identity"]
         h_total, h_n = nll_sum(model, qa_rows(heldout, tok_m, tmpl_m, sys_m), tok_m.pad_token_id, settings.batch_size) if heldout else (0.0, 0)
         results[label]["heldout_text_ppl"] = math.exp(h_total / h_n) if h_n else None
+        if sets and device == "cpu":  # multiple choice by log-likelihood: bf16 picks the same answers at half the CPU time
+            model = model.to(torch.bfloat16)
         for name, items in sets.items():
             ret_scores[name][label] = score_items(model, tok_m, tmpl_m, items, settings.batch_size, sys_m, desc=f"retention {name} ({label})")
         del model

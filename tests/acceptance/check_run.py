@@ -1,13 +1,17 @@
-"""Check a finished default DAG against issue 14's acceptance numbers (run by .ci/run after `make run`).
+"""Check a finished default DAG against its acceptance numbers (issues 14 and 25; run by .ci/run after `make run`).
 
     python tests/acceptance/check_run.py [results/default/eval]
 
 Reads ``metrics.json`` and ``answers.jsonl`` written by ``llama-pipe eval`` and requires:
 
-* the tuned model names "Llama Pipe" in at least 70 % of the held-out identity questions,
+* the tuned model names "Llama Pipe" in at least 90 % of the held-out identity questions,
 * the base model in none of them,
 * the tuned model answers the capital of France correctly (question ``general-france``),
-* the tuned model's held-out perplexity is lower than the base's.
+* the tuned model's held-out perplexity is lower than the base's,
+* retention, on every set eval scored (the bundled bank and the public benchmark): the tuned
+  accuracy is at least the base's minus the bound (2 points) and the paired 95% interval of the
+  difference excludes a larger drop,
+* no three-word opening in more than 15 % of the tuned model's answers to the general questions.
 
 Exit 0 when all hold, 1 naming each one that does not, 2 when the files are missing or unreadable.
 """
@@ -19,7 +23,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-MIN_IDENTITY_RATE = 0.7
+MIN_IDENTITY_RATE = 0.9
+MAX_OPENING_SHARE = 0.15
+RETENTION_SETS = 2  # the bundled bank and the public benchmark
 FRANCE = "general-france"
 
 
@@ -42,6 +48,21 @@ def failures(metrics: dict[str, Any], answers: list[dict[str, Any]]) -> list[str
         out.append(f"tuned answer to the capital of France is wrong: {france[0]['choices'][0]['turns'][-1]!r}")
     if not metrics["tuned_ppl"] < metrics["base_ppl"]:
         out.append(f"tuned perplexity {metrics['tuned_ppl']:.3f} is not below the base's {metrics['base_ppl']:.3f}")
+    retention = metrics.get("retention") or {}
+    if len(retention) < RETENTION_SETS:
+        out.append(f"retention scored on {len(retention)} set(s) ({', '.join(retention) or 'none'}), needs {RETENTION_SETS} "
+                   "(the bundled bank and the public benchmark)")
+    for name, r in retention.items():
+        o = r["overall"]
+        if not o["holds"]:
+            out.append(f"retention on {name}: tuned {o['tuned']:.1f} vs base {o['base']:.1f} ({o['diff']:+.1f} points, 95% CI "
+                       f"[{o['ci95'][0]:+.1f}, {o['ci95'][1]:+.1f}]) is not within {r.get('bound', 2.0)} points")
+    share = ((metrics.get("style") or {}).get("tuned") or {}).get("top_opening_share")
+    if share is None:
+        out.append("no style of the tuned answers in metrics.json")
+    elif share > MAX_OPENING_SHARE:
+        top = metrics["style"]["tuned"]["top_opening"]
+        out.append(f"{share:.0%} of the tuned general answers open with {top!r}, needs <= {MAX_OPENING_SHARE:.0%}")
     return out
 
 
@@ -57,6 +78,10 @@ def main(argv: list[str]) -> int:
     for category, cell in sorted(scores.items()):
         print(f"check_run: {category}: " + ", ".join(f"{m} {c['correct']}/{c['scored']}" for m, c in sorted(cell.items())))
     print(f"check_run: perplexity base {metrics.get('base_ppl')} -> tuned {metrics.get('tuned_ppl')}")
+    for name, r in (metrics.get("retention") or {}).items():
+        o = r["overall"]
+        print(f"check_run: retention {name}: base {o['base']:.1f} -> tuned {o['tuned']:.1f} ({o['diff']:+.1f}, 95% CI "
+              f"[{o['ci95'][0]:+.1f}, {o['ci95'][1]:+.1f}], {o['n']} items)")
     missed = failures(metrics, answers)
     for why in missed:
         print(f"check_run: FAILED: {why}", file=sys.stderr)

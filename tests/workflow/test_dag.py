@@ -26,6 +26,7 @@ WHOLE_DAG = {
     "train": 1,
     "select": 1,
     "merge_adapter": 1,
+    "benchmark": 1,  # eval.retention_items: arc_easy-test
     "eval": 1,
     "report": 1,
     "all": 1,

