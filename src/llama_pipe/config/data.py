@@ -13,8 +13,11 @@ class DataSettings:
     """Raw inputs and how the data stages are scattered."""
 
     inputs: list[str] = opt(
-        ["data/sample/sharegpt_sample.json", "data/sample/identity_sample.json"],
-        "ShareGPT / OpenAI-messages / Alpaca files (.json list or .jsonl) merged in this order",
+        ["data/sample/identity_sample.json"],
+        "ShareGPT / OpenAI-messages / Alpaca files (.json list or .jsonl) merged in this order. The default is the identity "
+        "sample alone (coherent conversations that teach the assistant its name; distill adds the base's own answers): the "
+        "bundled chat sample (data/sample/sharegpt_sample.json) has filler replies and exercises the data stages in tests and "
+        ".test/, not a model worth training on",
     )
     shards: int = opt(2, "shards the merged data is split into for the clean/filter/split stages", minimum=1)
     val_fraction: float = opt(0.1, "fraction of conversations held out for validation", minimum=0, maximum=0.9)
