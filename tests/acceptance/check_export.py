@@ -11,8 +11,8 @@ model by the workflow's export rule, and requires, in llama.cpp (llama-cpp-pytho
 * q8_0's perplexity on the held-out split (``--val``: the run's validation conversations rendered
   through the chat template, the first 2,500 tokens) within 1 % of f16's.
 
-It also prints, for the record, how many answers equal transformers' in float32 and the largest
-q8_0 vs f16 logit difference. Exit 0 when all hold (or, saying SKIPPED, when llama_cpp cannot be
+It also prints q8_0's mean KL divergence from f16 and how often both pick the same next token
+(and, with ``--also-f32``, how many answers equal transformers' in float32). Exit 0 when all hold (or, saying SKIPPED, when llama_cpp cannot be
 imported), 1 naming each failure, 2 when a file is missing.
 """
 
@@ -44,6 +44,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("model_dir", nargs="?", default="results/default/merged")
     ap.add_argument("export_dir", nargs="?", default="results/default/export")
     ap.add_argument("--val", default="results/data/val.jsonl")
+    ap.add_argument("--also-f32", action="store_true", help="also count the answers equal to transformers' in float32 (slower)")
     args = ap.parse_args(argv)
     model_dir, export_dir, val = Path(args.model_dir), Path(args.export_dir), Path(args.val)
     files = {t: export_dir / f"model.{t}.gguf" for t in ("f16", "q8_0")}
@@ -59,11 +60,11 @@ def main(argv: list[str]) -> int:
 
     failed: list[str] = []
     t0 = time.time()
-    answers = cpp.greedy_answers(model_dir, files["f16"], cpp.questions(), NEW_TOKENS, also_f32=True)
+    answers = cpp.greedy_answers(model_dir, files["f16"], cpp.questions(), NEW_TOKENS, also_f32=args.also_f32)
     n = len(answers.rows)
+    f32 = f"; {answers.equal_f32}/{n} with float32 weights" if args.also_f32 else ""
     print(f"check_export: f16 greedy answers ({NEW_TOKENS} tokens) equal transformers' on {answers.equal_f16}/{n} held-out questions "
-          f"(f16-rounded weights; {answers.equal_f32}/{n} with float32 weights); prompt ids equal on {answers.prompts_equal}/{n} "
-          f"({time.time() - t0:.0f} s)")
+          f"(f16-rounded weights{f32}); prompt ids equal on {answers.prompts_equal}/{n} ({time.time() - t0:.0f} s)")
     for a in answers.rows:
         if not a.prompt_ids_equal:
             failed.append(f"{a.question!r}: llama.cpp tokenises the chat prompt differently from transformers")
@@ -72,14 +73,12 @@ def main(argv: list[str]) -> int:
                           f"(parted at token {a.parted_at}, transformers' top-2 logit gap there {a.gap_there})")
     t0 = time.time()
     rows = heldout_rows(load_tokenizer(model_dir), val)
-    f16, tokens = cpp.perplexity(files["f16"], rows)
-    q8, _ = cpp.perplexity(files["q8_0"], rows)
-    gap = cpp.logit_gap(files["f16"], files["q8_0"], rows)
-    print(f"check_export: llama.cpp perplexity on {tokens} held-out tokens ({len(rows)} records of {val}): f16 {f16:.4f}, "
-          f"q8_0 {q8:.4f} ({q8 / f16 - 1:+.2%}); q8_0 vs f16 max |logit diff| {gap['max_abs_logit_diff']:.3f}, "
-          f"same argmax on {gap['argmax_agreement']:.1%} of positions ({time.time() - t0:.0f} s)")
-    if not abs(q8 / f16 - 1) < MAX_PPL_DIFF:
-        failed.append(f"q8_0 perplexity {q8:.4f} is not within {MAX_PPL_DIFF:.0%} of f16's {f16:.4f}")
+    q = cpp.compare_files(files["f16"], files["q8_0"], rows)
+    print(f"check_export: llama.cpp perplexity on {q.tokens} held-out tokens ({len(rows)} records of {val}): f16 {q.ppl_a:.4f}, "
+          f"q8_0 {q.ppl_b:.4f} ({q.ratio - 1:+.2%}); q8_0 against f16: mean KL divergence {q.kld:.4f} nats, "
+          f"same top token at {q.same_top:.1%} of positions ({time.time() - t0:.0f} s)")
+    if not abs(q.ratio - 1) < MAX_PPL_DIFF:
+        failed.append(f"q8_0 perplexity {q.ppl_b:.4f} is not within {MAX_PPL_DIFF:.0%} of f16's {q.ppl_a:.4f}")
     for why in failed:
         print(f"check_export: FAILED: {why}", file=sys.stderr)
     if not failed:

@@ -7,9 +7,9 @@ Shared by ``tests/weights/test_gguf_export_smollm2.py`` and ``tests/acceptance/c
   GGUF's copy of the template), tokenised by both sides (the ids must be equal), then answered
   greedily by both; transformers runs with its matrices rounded to float16 (what an f16 GGUF
   holds) and, for the record, in float32;
-* :func:`perplexity`: llama.cpp's perplexity on token rows (every token after the first scored),
-  to set q8_0 against f16;
-* :func:`logit_gap`: how far apart two GGUF files' next-token logits are on the same rows.
+* :func:`compare_files`: llama.cpp's perplexity of two files (q8_0 against f16) on the same token
+  rows (every token after a row's first scored), with the mean KL divergence of their next-token
+  distributions and how often they pick the same top token.
 """
 
 from __future__ import annotations
@@ -199,12 +199,14 @@ def sample_conversations(path: Path) -> list[dict[str, Any]]:
     return [r for r in kept if r is not None]
 
 
-def _log_softmax(x: Any) -> Any:
+def _log_probs(logits: Any) -> Any:
+    """Log-softmax over the vocabulary, row by row (float32 after a float64 normaliser)."""
     import numpy as np
 
-    x = np.asarray(x, dtype=np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+    z = np.asarray(logits, dtype=np.float32)
+    m = z.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(z - m).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    return z - m - lse
 
 
 def _ctx_for(rows: list[list[int]]) -> int:
@@ -221,26 +223,35 @@ def cpp_logits(llm: Any, row: list[int]) -> Any:
     return np.array(llm.scores[: len(row)], dtype=np.float32)
 
 
-def perplexity(gguf: Path, rows: list[list[int]]) -> tuple[float, int]:
-    """(perplexity, tokens scored) of llama.cpp on ``rows``."""
-    llm = load_cpp(gguf, logits_all=True, n_ctx=_ctx_for(rows))
-    nll, n = 0.0, 0
-    for row in rows:
-        logp = _log_softmax(cpp_logits(llm, row))
-        nll -= float(logp[range(len(row) - 1), row[1:]].sum())
-        n += len(row) - 1
-    return math.exp(nll / n), n
+@dataclass
+class Quantised:
+    """Two GGUF files of one model (``a``, the reference, and ``b``) on the same token rows."""
+
+    ppl_a: float
+    ppl_b: float
+    tokens: int
+    kld: float  # mean KL(a || b) of the next-token distributions, nats
+    same_top: float  # share of positions where both pick the same next token
+
+    @property
+    def ratio(self) -> float:
+        return self.ppl_b / self.ppl_a
 
 
-def logit_gap(a: Path, b: Path, rows: list[list[int]]) -> dict[str, float]:
-    """Max |logit difference| between two GGUF files on ``rows``, and how often their argmax agrees."""
+def compare_files(a: Path, b: Path, rows: list[list[int]]) -> Quantised:
+    """llama.cpp's perplexity of ``a`` and ``b`` on ``rows`` (every token after a row's first
+    scored), their mean KL divergence and top-token agreement: one pass over each file."""
     import numpy as np
 
     la, lb = load_cpp(a, logits_all=True, n_ctx=_ctx_for(rows)), load_cpp(b, logits_all=True, n_ctx=_ctx_for(rows))
-    worst, agree, n = 0.0, 0, 0
+    nll_a = nll_b = kld = 0.0
+    same = n = 0
     for row in rows:
-        x, y = cpp_logits(la, row), cpp_logits(lb, row)
-        worst = max(worst, float(np.abs(x - y).max()))
-        agree += int((x.argmax(-1) == y.argmax(-1)).sum())
-        n += len(row)
-    return {"max_abs_logit_diff": worst, "argmax_agreement": agree / n}
+        pa, pb = _log_probs(cpp_logits(la, row)[:-1]), _log_probs(cpp_logits(lb, row)[:-1])
+        pos, nxt = np.arange(len(row) - 1), np.asarray(row[1:])
+        nll_a -= float(pa[pos, nxt].sum())
+        nll_b -= float(pb[pos, nxt].sum())
+        kld += float((np.exp(pa) * (pa - pb)).sum(dtype=np.float64))
+        same += int((pa.argmax(-1) == pb.argmax(-1)).sum())
+        n += len(row) - 1
+    return Quantised(math.exp(nll_a / n), math.exp(nll_b / n), n, kld / n, same / n)

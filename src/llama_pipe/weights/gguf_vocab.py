@@ -210,11 +210,12 @@ def add_tokenizer(writer: Any, model_dir: Path, n_vocab: int) -> dict[str, Any]:
     if model.get("type") != "BPE":
         raise InputError(f"{model_dir}: tokenizer model {model.get('type')!r}; export supports BPE tokenizers (sentencepiece or byte-level)")
     tokens, added = _token_table(spec, n_vocab, str(model_dir))
+    pre = "default"
     if model.get("byte_fallback"):
         kind = "llama"
         scores, types = _spm_scores_types(model_dir, tokens, added, tok.unk_token_id)
         writer.add_tokenizer_model(kind)
-        writer.add_tokenizer_pre("default")
+        writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
@@ -245,4 +246,4 @@ def add_tokenizer(writer: Any, model_dir: Path, n_vocab: int) -> dict[str, Any]:
     template = tok.chat_template
     if isinstance(template, str) and template:
         writer.add_chat_template(template)
-    return {"tokenizer": kind, "tokens": len(tokens), "chat_template": isinstance(template, str) and bool(template)}
+    return {"tokenizer": kind, "pre_tokenizer": pre, "tokens": len(tokens), "chat_template": isinstance(template, str) and bool(template)}
