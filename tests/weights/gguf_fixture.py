@@ -36,8 +36,10 @@ def llama_cpp_permute(w: Any, n_heads: int) -> Any:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model: Any, path: Path, quant: str = "F32", chat_template: str | None = None, arch: str = "llama") -> Path:
-    """``model`` (an HF LlamaForCausalLM) as a GGUF file; 2-D weights in ``quant`` (F32 or Q8_0)."""
+def write_gguf(model: Any, path: Path, quant: str = "F32", chat_template: str | None = None, arch: str = "llama",
+               pre: str = "smollm") -> Path:
+    """``model`` (an HF LlamaForCausalLM) as a GGUF file; 2-D weights in ``quant`` (F32 or Q8_0);
+    ``pre``: its tokenizer.ggml.pre."""
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFWriter
     from gguf.quants import quantize
@@ -54,7 +56,7 @@ def write_gguf(model: Any, path: Path, quant: str = "F32", chat_template: str | 
     w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
     w.add_vocab_size(c.vocab_size)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
+    w.add_tokenizer_pre(pre)
     toks = tokens()
     w.add_token_list(toks)
     w.add_token_types([3] * len(SPECIALS) + [1] * (len(toks) - len(SPECIALS)))

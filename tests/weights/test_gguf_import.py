@@ -77,6 +77,25 @@ def test_tokenizer_and_template(tmp_path: Path) -> None:
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
+@pytest.mark.parametrize("pre,written", [("smollm", "smollm"), ("gpt-2", "gpt-2"), ("gpt2", "gpt-2"), ("default", "gpt-2"),
+                                         ("llama-bpe", "llama-bpe"), ("llama3", "llama-bpe")])
+def test_pre_tokenizer_is_recorded_and_exported_back(tmp_path: Path, pre: str, written: str) -> None:
+    """convert records the llama.cpp split it built (tokenizer_config.json gguf_pre_tokenizer); export
+    finds the same one from tokenizer.json and writes it (`default` becomes GPT-2's split, named so)."""
+    import json
+
+    import gguf
+
+    from llama_pipe.config import ExportSettings
+    from llama_pipe.weights.gguf_export import export_gguf
+
+    write_gguf(tiny_llama(True), tmp_path / "tiny.gguf", pre=pre)
+    convert(tmp_path / "tiny.gguf", tmp_path / "hf", ConvertSettings())
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["gguf_pre_tokenizer"] == written
+    export_gguf(tmp_path / "hf", tmp_path / "out" / "back.gguf", ExportSettings(type="f32"))
+    assert gguf.GGUFReader(tmp_path / "out" / "back.gguf").fields["tokenizer.ggml.pre"].contents() == written
+
+
 def test_without_own_template_the_configured_one_is_written(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 

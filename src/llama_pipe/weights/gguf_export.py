@@ -9,7 +9,8 @@ convert script):
   adjacent pairs, so q and k rows are interleaved back (the inverse of Meta -> HF conversion);
 * the tokenizer: sentencepiece (``tokenizer.ggml.model = llama``; pieces, scores and types from
   ``tokenizer.model`` when present, else from ``tokenizer.json``) or byte-level BPE
-  (``gpt2``; vocabulary, merges and the pre-tokenizer llama.cpp must use), special token ids,
+  (``gpt2``; vocabulary, merges and the pre-tokenizer llama.cpp must use, found from the HF
+  pre-tokenizer's structure: :mod:`llama_pipe.weights.gguf_vocab`), special token ids,
   whether BOS is added, and the chat template;
 * ``--type f32``, ``f16`` (1-D norm weights stay f32) or ``q8_0`` (``gguf.quants``; matrices
   whose rows are not a multiple of 32 stay f16).
@@ -51,8 +52,6 @@ LAYER_TENSORS = {
     "mlp.down_proj": "FFN_DOWN",
 }
 TOP_TENSORS = {"model.embed_tokens": "TOKEN_EMBD", "model.norm": "OUTPUT_NORM", "lm_head": "OUTPUT"}
-# tokenizer.ggml.pre values llama.cpp knows, by the HF pre-tokenizer that splits text the same way.
-LLAMA3_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 
 
 @dataclass
@@ -263,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     summary = export_gguf(args.model_dir, args.out, settings)
     types = ", ".join(f"{n} {k}" for k, n in sorted(summary["types"].items()))
     print(
-        f"export: {summary['tensors']} tensors ({types}), tokenizer {summary['tokenizer']} "
-        f"({summary['tokens']} tokens), {summary['bytes'] / 1e6:.1f} MB -> {args.out}"
+        f"export: {summary['tensors']} tensors ({types}), tokenizer {summary['tokenizer']} (pre-tokenizer {summary['pre_tokenizer']}, "
+        f"{summary['tokens']} tokens), {summary['bytes'] / 1e6:.1f} MB -> {args.out}"
     )
     return 0

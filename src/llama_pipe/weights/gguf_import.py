@@ -22,7 +22,8 @@ What happens, in order:
    dict is loaded into it (strict: every name and shape must match) and ``save_pretrained`` writes
    safetensors in ``convert.dtype``.
 5. The tokenizer: vocabulary and merges from ``tokenizer.ggml.tokens`` / ``merges``, control tokens
-   as special tokens, the pre-tokenizer named by ``tokenizer.ggml.pre``, BOS/EOS/UNK/PAD ids, a
+   as special tokens, the pre-tokenizer named by ``tokenizer.ggml.pre`` (recorded in
+   ``tokenizer_config.json`` as ``gguf_pre_tokenizer``, which export checks and writes back), BOS/EOS/UNK/PAD ids, a
    BOS prepended only when ``tokenizer.ggml.add_bos_token`` says so; the model's own chat template
    (``tokenizer.chat_template``, rendered once under :mod:`llama_pipe.chat_jinja`'s bounds: a
    looping or escaping template is exit 2 naming the key), else ``chat.template``'s (vicuna_v1.1
@@ -42,23 +43,16 @@ from llama_pipe.config import ConvertSettings
 from llama_pipe.errors import InputError
 from llama_pipe.model_template import ModelTemplate, model_template
 from llama_pipe.templates import AUTO, MODEL, ChatTemplate, end_of_turn_ids, template_for_bare_model
+from llama_pipe.weights.gguf_vocab import LLAMA_CPP_PRE, PRE_ALIASES, RECORDED_PRE
 from llama_pipe.weights.validate import SIZE_FIELDS
 
 log = logging.getLogger(__name__)
 
-GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-#: tokenizer.ggml.pre -> (split digits one by one first, regex of the byte-level split)
-PRE_TOKENIZERS: dict[str, tuple[bool, str]] = {
-    "default": (False, GPT2_SPLIT),
-    "gpt2": (False, GPT2_SPLIT),
-    "smollm": (True, GPT2_SPLIT),  # SmolLM/SmolLM2: Digits(individual_digits) then GPT-2's ByteLevel split
-    "llama-bpe": (False, LLAMA3_SPLIT),
-    "llama3": (False, LLAMA3_SPLIT),
-}
+#: tokenizer.ggml.pre -> the llama.cpp split (gguf_vocab.LLAMA_CPP_PRE) the HF tokenizer is built with,
+#: recorded in tokenizer_config.json (gguf_vocab.RECORDED_PRE) so that export writes it back.
+#: llama.cpp's "default" splits with several regexes one after another; GPT-2's single one stands
+#: in for it (logged).
+PRE_TOKENIZERS: dict[str, str] = {"default": "gpt-2", "gpt-2": "gpt-2", **PRE_ALIASES, **{n: n for n in LLAMA_CPP_PRE}}
 CONTROL = 3  # llama.cpp token type of special tokens such as <|im_start|>
 USER_DEFINED = 4
 
@@ -266,13 +260,17 @@ def build_tokenizer(g: GGUFModel, chat_template: str | None) -> Any:
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise InputError(f"{g.path}: tokenizer.ggml.tokens holds duplicate tokens")
+    name = PRE_TOKENIZERS[pre]
+    if pre == "default":
+        log.warning("%s: tokenizer.ggml.pre 'default' (llama.cpp's generic split): GPT-2's split is used; "
+                    "an export writes 'gpt-2'", g.path)
+    split = LLAMA_CPP_PRE[name]
     try:
-        tk = Tokenizer(BPE(vocab, merges, fuse_unk=False))
+        tk = Tokenizer(BPE(vocab, merges, fuse_unk=False, ignore_merges=split.ignore_merges))
     except Exception as exc:  # noqa: BLE001 - tokenizers refuses merges of unknown tokens, ...
         raise InputError(f"{g.path}: metadata tokenizer.ggml.merges do not fit tokenizer.ggml.tokens ({str(exc)[:120]})") from None
-    digits, split = PRE_TOKENIZERS[pre]
-    byte_level = [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    tk.pre_tokenizer = pre_tokenizers.Sequence(([pre_tokenizers.Digits(individual_digits=True)] if digits else []) + byte_level)
+    byte_level = [pre_tokenizers.Split(Regex(split.pattern), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    tk.pre_tokenizer = pre_tokenizers.Sequence(([pre_tokenizers.Digits(individual_digits=True)] if split.digits else []) + byte_level)
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok, ty in zip(tokens, types) if ty == CONTROL])
     tk.add_tokens([AddedToken(tok, special=False, normalized=False) for tok, ty in zip(tokens, types) if ty == USER_DEFINED])
@@ -296,7 +294,7 @@ def build_tokenizer(g: GGUFModel, chat_template: str | None) -> Any:
         # The EOS ends every assistant reply and is a label: padding with it would mask it.
         pad = unk if unk not in (None, eos) else None
     hf = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
-                                 clean_up_tokenization_spaces=False)
+                                 clean_up_tokenization_spaces=False, **{RECORDED_PRE: name})
     if chat_template is not None:
         hf.chat_template = chat_template
     return hf

@@ -6,8 +6,13 @@ Two kinds are written, the two llama-pipe produces:
   scores and types come from ``tokenizer.model`` when the directory has a sentencepiece one;
   otherwise from ``tokenizer.json``, whose ids are the sentencepiece ids, scored ``-id`` (the
   order sentencepiece's BPE merges in).
-* ``gpt2`` (byte-level BPE): SmolLM2, LLaMA-3. Vocabulary and merges from ``tokenizer.json``, and
-  ``tokenizer.ggml.pre`` naming the llama.cpp pre-tokenizer that splits text like the HF one.
+* ``gpt2`` (byte-level BPE): SmolLM2, LLaMA-3, GPT-2. Vocabulary and merges from ``tokenizer.json``,
+  and ``tokenizer.ggml.pre`` naming the llama.cpp pre-tokenizer that splits text like the HF one
+  (``gpt-2``, ``smollm``, ``llama-bpe``). It is found from the HF pre-tokenizer's structure, in
+  each form HF repos and ``convert`` write (a ``ByteLevel`` with GPT-2's built-in regex, or a
+  ``Split`` regex then a regex-less ``ByteLevel``; ``Digits`` first or not), and checked against
+  the name ``convert`` records in ``tokenizer_config.json`` (``gguf_pre_tokenizer``). No match,
+  or a record that disagrees, is an error: a wrong guess would tokenise differently from training.
 
 Ids past the tokenizer's last one, up to the embedding's rows, become unused ``[PAD<id>]``
 tokens (llama.cpp wants one token per row).
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +38,101 @@ def _pre_parts(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return list(pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else ([pre] if pre else [])
 
 
-def bpe_pre_name(spec: dict[str, Any], where: str) -> str:
-    """The llama.cpp pre-tokenizer (``tokenizer.ggml.pre``) equal to a byte-level HF one."""
+#: The regex GPT-2 splits text with: HF ``ByteLevel(use_regex=True)``'s built-in one.
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+@dataclass(frozen=True)
+class ByteLevelSplit:
+    """How a byte-level BPE tokenizer cuts text into pre-tokens before merging: every digit on its
+    own first (or not), then one regex (each match and each gap a piece); whether a pre-token that
+    is itself in the vocabulary skips the merges (``ignore_merges``)."""
+
+    digits: bool
+    pattern: str
+    ignore_merges: bool
+
+    def describe(self) -> str:
+        return (f"{'digits one by one, then ' if self.digits else ''}the regex {self.pattern!r}"
+                f"{', ignore_merges' if self.ignore_merges else ''}")
+
+
+#: ``tokenizer.ggml.pre`` values export writes, by the split llama.cpp makes for them
+#: (llama.cpp's llama-vocab.cpp: ``smollm`` = ``\p{N}`` then GPT-2's regex; ``llama-bpe`` also sets
+#: ignore_merges). ``convert`` builds exactly these splits from a GGUF and records the name.
+LLAMA_CPP_PRE: dict[str, ByteLevelSplit] = {
+    "gpt-2": ByteLevelSplit(False, GPT2_PATTERN, False),
+    "smollm": ByteLevelSplit(True, GPT2_PATTERN, False),
+    "llama-bpe": ByteLevelSplit(False, LLAMA3_PATTERN, True),
+}
+#: other names llama.cpp gives the same split (a GGUF may carry them); export writes the key's value.
+PRE_ALIASES = {"gpt2": "gpt-2", "llama3": "llama-bpe", "llama-v3": "llama-bpe", "starcoder": "smollm", "refact": "smollm"}
+#: tokenizer_config.json key where convert records the ``tokenizer.ggml.pre`` its tokenizer equals.
+RECORDED_PRE = "gguf_pre_tokenizer"
+
+
+def byte_level_split(spec: dict[str, Any], where: str) -> ByteLevelSplit:
+    """The split of a byte-level HF tokenizer (``tokenizer.json`` as a dict), in any of the forms
+    HF repos and llama-pipe write: ``ByteLevel`` doing GPT-2's regex itself, or a ``Split`` regex
+    followed by a regex-less ``ByteLevel``; either after ``Digits(individual_digits)`` or not.
+    Anything else (a normalizer, a prefix space, another pre-tokenizer) is an InputError."""
+
+    def refuse(why: str) -> InputError:
+        return InputError(f"{where}: byte-level pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:300]} has no llama.cpp "
+                          f"equivalent export knows ({why}); known: {', '.join(LLAMA_CPP_PRE)}")
+
+    if spec.get("normalizer"):
+        raise refuse(f"normalizer {json.dumps(spec['normalizer'])[:80]}: llama.cpp normalises nothing before a byte-level BPE")
     parts = _pre_parts(spec)
-    kinds = [p.get("type") for p in parts]
-    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
-        if (parts[0].get("pattern") or {}).get("Regex") == LLAMA3_PATTERN:
-            return "llama-bpe"
-    raise InputError(
-        f"{where}: byte-level pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:200]} has no llama.cpp "
-        "equivalent export knows (GPT-2, SmolLM and LLaMA-3 splitting are supported)"
-    )
+    digits = bool(parts) and parts[0].get("type") == "Digits"
+    if digits:
+        if not parts[0].get("individual_digits"):
+            raise refuse("Digits without individual_digits")
+        parts = parts[1:]
+    if not parts or parts[-1].get("type") != "ByteLevel":
+        raise refuse("it does not end with ByteLevel")
+    byte_level, rest = parts[-1], parts[:-1]
+    if byte_level.get("add_prefix_space"):
+        raise refuse("ByteLevel adds a prefix space, llama.cpp does not")
+    if byte_level.get("use_regex", True):
+        if rest:
+            raise refuse("a Split before a ByteLevel that splits with its own regex")
+        pattern = GPT2_PATTERN
+    else:
+        if len(rest) != 1 or rest[0].get("type") != "Split":
+            raise refuse("ByteLevel without its regex needs exactly one Split before it")
+        split = rest[0]
+        regex = (split.get("pattern") or {}).get("Regex")
+        if regex is None or split.get("invert") or str(split.get("behavior", "")).lower() != "isolated":
+            raise refuse("the Split is not an isolating regex")
+        pattern = regex
+    return ByteLevelSplit(digits, pattern, bool((spec.get("model") or {}).get("ignore_merges")))
+
+
+def bpe_pre_name(spec: dict[str, Any], where: str, recorded: str | None = None) -> str:
+    """The llama.cpp pre-tokenizer (``tokenizer.ggml.pre``) that splits text like this byte-level HF one.
+
+    Found from the structure (:func:`byte_level_split` equal to an entry of :data:`LLAMA_CPP_PRE`).
+    ``recorded``, the name convert stored with the tokenizer, must agree with the structure: a
+    tokenizer changed since (or a wrong record) is an InputError, never a guess.
+    """
+    split = byte_level_split(spec, where)
+    found = [name for name, known in LLAMA_CPP_PRE.items() if known == split]
+    if recorded is not None:
+        name = PRE_ALIASES.get(recorded, recorded)
+        if name not in LLAMA_CPP_PRE:
+            raise InputError(f"{where}: tokenizer_config.json records {RECORDED_PRE} {recorded!r}, which export does not know "
+                             f"(known: {', '.join(LLAMA_CPP_PRE)})")
+        if LLAMA_CPP_PRE[name] != split:
+            raise InputError(f"{where}: tokenizer_config.json records {RECORDED_PRE} {recorded!r} ({LLAMA_CPP_PRE[name].describe()}) "
+                             f"but tokenizer.json splits with {split.describe()}; refusing to write either")
+        return name
+    if not found:
+        near = [n for n, k in LLAMA_CPP_PRE.items() if (k.digits, k.pattern) == (split.digits, split.pattern)]
+        hint = f" (the split of {near[0]!r}, but ignore_merges differs)" if near else ""
+        raise InputError(f"{where}: byte-level pre-tokenizer ({split.describe()}) has no llama.cpp equivalent export knows{hint}; "
+                         f"known: {', '.join(f'{n} ({k.describe()})' for n, k in LLAMA_CPP_PRE.items())}")
+    return found[0]
 
 
 def _adds_space_prefix(spec: dict[str, Any]) -> bool:
@@ -124,11 +210,12 @@ def add_tokenizer(writer: Any, model_dir: Path, n_vocab: int) -> dict[str, Any]:
     if model.get("type") != "BPE":
         raise InputError(f"{model_dir}: tokenizer model {model.get('type')!r}; export supports BPE tokenizers (sentencepiece or byte-level)")
     tokens, added = _token_table(spec, n_vocab, str(model_dir))
+    pre = "default"
     if model.get("byte_fallback"):
         kind = "llama"
         scores, types = _spm_scores_types(model_dir, tokens, added, tok.unk_token_id)
         writer.add_tokenizer_model(kind)
-        writer.add_tokenizer_pre("default")
+        writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
@@ -136,7 +223,9 @@ def add_tokenizer(writer: Any, model_dir: Path, n_vocab: int) -> dict[str, Any]:
     elif any(p.get("type") == "ByteLevel" for p in _pre_parts(spec)):
         kind = "gpt2"
         writer.add_tokenizer_model(kind)
-        writer.add_tokenizer_pre(bpe_pre_name(spec, str(model_dir)))
+        recorded = (getattr(tok, "init_kwargs", None) or {}).get(RECORDED_PRE)
+        pre = bpe_pre_name(spec, str(model_dir), recorded if isinstance(recorded, str) else None)
+        writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
         types = [int(T.CONTROL if added[i] else T.USER_DEFINED) if i in added
                  else int(T.UNUSED) if tokens[i] == f"[PAD{i}]" else int(T.NORMAL) for i in range(len(tokens))]
@@ -157,4 +246,4 @@ def add_tokenizer(writer: Any, model_dir: Path, n_vocab: int) -> dict[str, Any]:
     template = tok.chat_template
     if isinstance(template, str) and template:
         writer.add_chat_template(template)
-    return {"tokenizer": kind, "tokens": len(tokens), "chat_template": isinstance(template, str) and bool(template)}
+    return {"tokenizer": kind, "pre_tokenizer": pre, "tokens": len(tokens), "chat_template": isinstance(template, str) and bool(template)}

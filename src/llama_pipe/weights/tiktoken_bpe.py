@@ -133,8 +133,10 @@ def hf_tokenizer_from_tiktoken(model_file: str | Path, chat_template: str | None
         processors.ByteLevel(trim_offsets=False),
         processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]),
     ])
+    from llama_pipe.weights.gguf_vocab import RECORDED_PRE  # it imports this module
+
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                 clean_up_tokenization_spaces=False)
+                                 clean_up_tokenization_spaces=False, **{RECORDED_PRE: "llama-bpe"})
     if chat_template is not None:
         hf.chat_template = chat_template
     return hf
