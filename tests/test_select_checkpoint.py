@@ -59,7 +59,7 @@ def test_keeps_the_best_validation_loss_whose_retention_stays_within_the_bound(t
     sel = _select(run, tmp_path / "sel")
     assert sel["kept_step"] == 8 and sel["within_bound"] and sel["retention_used"]
     by_step = {c["step"]: c for c in sel["candidates"]}
-    assert by_step[12]["retention"]["holds"] is False and by_step[12]["retention"]["diff"] == pytest.approx(-15.0)
+    assert by_step[12]["retention"]["within"] is False and by_step[12]["retention"]["diff"] == pytest.approx(-15.0)
     assert by_step[8]["retention"]["diff"] == pytest.approx(-0.5)
     # the kept step's adapter, with the run's tokenizer and records
     assert (tmp_path / "sel" / "adapter_model.safetensors").read_bytes() == b"snapshot 8"
@@ -82,7 +82,7 @@ def test_none_within_the_bound_keeps_the_least_loss_and_says_so(tmp_path: Path, 
 
 
 def test_a_wider_bound_keeps_a_later_step(tmp_path: Path) -> None:
-    """A 1-point drop on 200 items is within 2 points, but its interval (about -2.4) is not."""
+    """A 1-point drop on 200 items is within 2 points (though its interval reaches about -2.4), 10 points is not."""
     run = make_run(tmp_path, {0: 3.0, 6: 2.0, 12: 1.5}, {0: BASE, 6: _drop(1), 12: _drop(10)})
     assert _select(run, tmp_path / "a")["kept_step"] == 6
     assert _select(run, tmp_path / "b", "--bound", "20")["kept_step"] == 12

@@ -71,7 +71,7 @@ def selection_lines(selection: dict[str, Any] | None) -> list[str]:
         if r is None:
             lines.append(f"| {c['step']}{mark} | {loss} | not scored | - | - |")
         else:
-            lines.append(f"| {c['step']}{mark} | {loss} | {r['tuned']:.1f} vs {r['base']:.1f} | {_ci(r)} | {'yes' if r['holds'] else 'no'} |")
+            lines.append(f"| {c['step']}{mark} | {loss} | {r['tuned']:.1f} vs {r['base']:.1f} | {_ci(r)} | {'yes' if r.get('within', r.get('holds')) else 'no'} |")
     if any(c.get("retention") for c in selection.get("candidates", [])):
         lines += ["", "![checkpoints](checkpoints.png)"]
     return lines + [""]

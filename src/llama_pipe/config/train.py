@@ -140,7 +140,7 @@ class SelectSettings:
         "stays within bound of the base's; false: `select` keeps the last step",
     )
     bound: float = opt(2.0, "largest drop in retention accuracy, in points, that a kept checkpoint may show against the base "
-                            "(its paired 95% interval too)", minimum=0, maximum=100)
+                            "on the dev items (the point estimate; its paired 95% interval is recorded, not required)", minimum=0, maximum=100)
     items: str | None = opt(
         None, "retention items scored during training (JSONL: id, category, question, choices, answer); null: the bundled "
         "set's dev split (the eval stage reports on its test split, never used to choose)", minLength=1,
