@@ -88,7 +88,7 @@ def test_eval_writes_metrics_and_multi_turn_answers(tiny_hf_model_dir: Path, tun
     out = tmp_path / "eval"
     argv = ["eval", "--base", str(tiny_hf_model_dir), "--tuned", str(tuned_dir), "--val", str(write_val(tmp_path / "val.jsonl")),
             "-o", str(out), "--questions", str(write_questions(tmp_path / "q.jsonl")), "--max-new-tokens", "8",
-            "--batch-size", "4", "--device", "cpu"]
+            "--batch-size", "4", "--device", "cpu", "--retention-items", "[\"bundled\"]"]
     assert main(argv) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["tuned_ppl"] < m["base_ppl"], "training on these conversations must lower their perplexity"

@@ -26,7 +26,7 @@ def test_snakefile_from_elsewhere_reads_shipped_defaults_from_the_workflow(check
     snakefile = str(checkout / "Snakefile")
     out = snakemake(elsewhere, "-n", "-p", "-s", snakefile).stdout
     assert job_counts(out)["train"] == 1
-    assert f"-- {checkout / 'data/sample/sharegpt_sample.json'}" in out  # merge's input, from the checkout
+    assert f"-- {checkout / 'data/sample/identity_sample.json'}" in out  # merge's input, from the checkout
     # the same with --directory, from yet another place
     out = snakemake(tmp_path, "-n", "-s", snakefile, "--directory", str(elsewhere)).stdout
     assert job_counts(out)["merge"] == 1

@@ -176,5 +176,5 @@ class DistillSettings:
     max_cpu_params: float = opt(
         1.0e9, "auto on CPU: above this many base parameters the stage is off (generation would take hours)", minimum=0,
     )
-    seed: int = opt(0, "seed of which turns are rewritten (under max_rewrites) and which prompts are replayed")
+    seed: int = opt(0, "seed of which turns are rewritten (under max_rewrites) and which prompts are replayed", minimum=0, maximum=SEED_MAX)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to generate")
