@@ -29,7 +29,7 @@ test: setup
 
 lint: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --lint
-	PATH=$(abspath $(VENV))/bin:$$PATH snakefmt --check workflow/Snakefile workflow/rules
+	PATH=$(abspath $(VENV))/bin:$$PATH snakefmt --check Snakefile workflow/rules
 	$(VENV)/bin/ruff check
 	$(VENV)/bin/mypy
 

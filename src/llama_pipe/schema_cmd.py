@@ -1,4 +1,4 @@
-"""Print or write the JSON schema of config.yaml, its Markdown reference, or config/config.yaml's
+"""Print or write the JSON schema of config.yaml, its Markdown reference, or config.yaml's
 comments; all three are generated from the settings dataclasses in ``llama_pipe.config``."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from llama_pipe.config.load import check_config_data, migrate, read_config_text
 
 SCHEMA_PATH = Path("workflow/schemas/config.schema.yaml")
 REFERENCE_PATH = Path("docs/config.md")
-CONFIG_FILE_PATH = Path("config/config.yaml")
+CONFIG_FILE_PATH = Path("config.yaml")
 
 
 def render_schema() -> str:

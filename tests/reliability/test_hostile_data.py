@@ -437,7 +437,7 @@ def test_filter_lang_skip_alone_keeps_other_languages(tmp_path: Path, capsys: py
     assert kept("--skip", "ko") == {"en", "es", "fr", "de", "zh"}
     assert kept() == {"en", "zh"}  # no flags at all: the documented default keep list
     assert kept("--keep", '["en","zh"]', "--skip", "[]") == {"en", "zh"}  # the workflow passes whole sections
-    config = next(p for p in (REPO / "config" / "config.yaml", REPO / "config.yaml") if p.is_file())
+    config = REPO / "config.yaml"
     assert kept("--config", str(config), "--skip", "ko") == {"en", "zh"}  # config.yaml lists keep
     only_skip = tmp_path / "skip-only.yaml"
     only_skip.write_text("filter_lang:\n  skip: [ko]\n", encoding="utf-8")

@@ -529,7 +529,7 @@ def test_yaml_alias_bomb_stops_the_workflow_at_once(workflow_copy: Path, tmp_pat
     before, the workflow ran out of memory."""
     work = tmp_path / "wf"
     shutil.copytree(workflow_copy, work)
-    config = work / "config" / "config.yaml"
+    config = work / "config.yaml"
     good = config.read_text()
     config.write_text(good + "\n" + _bomb("mapping").replace("a:", "x_a:", 1))
     proc, took = _snakemake(work)

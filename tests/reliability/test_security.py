@@ -284,8 +284,10 @@ def _workspace(tmp_path: Path) -> Path:
 
     ws = tmp_path / "ws"
     ws.mkdir()
-    shutil.copytree(REPO / "workflow", ws / "workflow")
-    shutil.copytree(REPO / "config", ws / "config")
+    for name in ("workflow", "envs"):
+        shutil.copytree(REPO / name, ws / name)
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy2(REPO / name, ws / name)
     evil = EVIL
     data = ws / f"in{evil}.json"
     data.write_text((h.CORPUS / "bom.json").read_text(encoding="utf-8-sig"), encoding="utf-8")

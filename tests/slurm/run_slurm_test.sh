@@ -134,14 +134,15 @@ sinfo
 copy_workflow() {
     mkdir -p "$1"
     local name
-    for name in workflow config profiles data configs; do
+    # what tests/workflow/workflow_helpers.py's WORKFLOW_FILES names
+    for name in Snakefile config.yaml workflow envs profiles data configs; do
         cp -r "$REPO/$name" "$1/"
     done
 }
 VENV_BIN="$(dirname "$PY")"
 export PATH="$VENV_BIN:$PATH"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-RUN_NAME="$("$PY" -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); print(((c or {}).get("train") or {}).get("run", "default"))' "$REPO/config/config.yaml")"
+RUN_NAME="$("$PY" -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); print(((c or {}).get("train") or {}).get("run", "default"))' "$REPO/config.yaml")"
 TRAIN_TARGET="results/$RUN_NAME/train"
 
 copy_workflow "$WORK/local"

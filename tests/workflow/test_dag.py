@@ -226,6 +226,6 @@ def test_rule_files_are_snakefmt_formatted() -> None:
     snakefmt = Path(sys.executable).with_name("snakefmt")
     if not snakefmt.exists():
         pytest.skip("snakefmt is not installed (pip install -e '.[test]')")
-    proc = subprocess.run([str(snakefmt), "--check", "workflow/Snakefile", "workflow/rules"], cwd=REPO,
+    proc = subprocess.run([str(snakefmt), "--check", "Snakefile", "workflow/rules"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

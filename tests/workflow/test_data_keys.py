@@ -28,10 +28,10 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path
     workdir = copy_workflow(root / "repo")
     bin_dir = fake_bin(root / "bin")
     shutil.copy(workdir / "data/sample/sharegpt_sample.json", workdir / "mydata.json")
-    (workdir / "config/mydata.yaml").write_text('train: {run: mydata}\ndata: {inputs: ["mydata.json"]}\n')
+    (workdir / "mydata.yaml").write_text('train: {run: mydata}\ndata: {inputs: ["mydata.json"]}\n')
     snakemake(workdir, *PROFILE, "--cores", "2", bin_dir=bin_dir)
     calls = root / "calls.jsonl"
-    snakemake(workdir, *PROFILE, "--cores", "2", "--configfile", "config/mydata.yaml", bin_dir=bin_dir,
+    snakemake(workdir, *PROFILE, "--cores", "2", "--configfile", "mydata.yaml", bin_dir=bin_dir,
               env={"FAKE_LLAMA_PIPE_CALLS": str(calls)})
     return workdir, bin_dir, calls
 
@@ -39,7 +39,7 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path
 def test_a_run_on_other_data_leaves_the_first_run_with_nothing_to_do(two_runs: tuple[Path, Path, Path]) -> None:
     workdir, _, _ = two_runs
     assert job_counts(snakemake(workdir, "-n", *PROFILE).stdout) == {}
-    assert job_counts(snakemake(workdir, "-n", *PROFILE, "--configfile", "config/mydata.yaml").stdout) == {}
+    assert job_counts(snakemake(workdir, "-n", *PROFILE, "--configfile", "mydata.yaml").stdout) == {}
 
 
 def test_each_data_setting_has_its_own_directories(two_runs: tuple[Path, Path, Path]) -> None:

@@ -1,6 +1,6 @@
 """The conda environments (``--sdm conda``) install what pyproject.toml declares, nothing else.
 
-Each ``workflow/envs/<group>.yaml`` pins pip requirements that are pyproject.toml's
+Each ``envs/<group>.yaml`` pins pip requirements that are pyproject.toml's
 dependencies: ``name==version``, a version pyproject's specifier allows. Together the
 environments cover every runtime dependency except the ones only the Snakemake driver needs.
 Each rule's ``conda:`` names one of these files, and the data group's environment holds what the
@@ -41,7 +41,7 @@ def pyproject_requirements() -> dict[str, Requirement]:
 
 
 def env_requirements(group: str) -> dict[str, Requirement]:
-    env = yaml.safe_load((REPO / "workflow" / "envs" / f"{group}.yaml").read_text(encoding="utf-8"))
+    env = yaml.safe_load((REPO / "envs" / f"{group}.yaml").read_text(encoding="utf-8"))
     pip = [dep["pip"] for dep in env["dependencies"] if isinstance(dep, dict) and "pip" in dep]
     assert len(pip) == 1, f"envs/{group}.yaml: expected one pip: section"
     conda = [dep for dep in env["dependencies"] if isinstance(dep, str)]
@@ -92,12 +92,20 @@ def test_data_env_has_what_the_data_stages_import() -> None:
 
 
 def test_every_rule_names_an_existing_env() -> None:
-    rules = "".join(p.read_text(encoding="utf-8") for p in sorted((REPO / "workflow/rules").glob("*.smk")))
-    named = set(re.findall(r'conda:\s*\n\s*"\.\./envs/(\w+)\.yaml"', rules))
+    """Each rule's ``conda:`` path, read as Snakemake reads it (relative to the rule file), is one
+    of envs/<group>.yaml at the top of the repository."""
+    named = set()
+    for smk in sorted((REPO / "workflow/rules").glob("*.smk")):
+        rules = smk.read_text(encoding="utf-8")
+        paths = re.findall(r'conda:\s*\n\s*"([^"]+)"', rules)
+        assert rules.count("conda:") == rules.count("shell:") == len(paths), smk
+        for path in paths:
+            env = (smk.parent / path).resolve()
+            assert env.parent == REPO / "envs" and env.is_file(), (smk.name, path)
+            named.add(env.stem)
     assert named == set(ENVS)
-    assert rules.count("conda:") == rules.count("shell:")
     for group in ENVS:
-        assert (REPO / "workflow" / "envs" / f"{group}.post-deploy.sh").is_file()
+        assert (REPO / "envs" / f"{group}.post-deploy.sh").is_file()
 
 
 def test_post_deploy_installs_the_workflow_checkout_from_snakemakes_copy(tmp_path) -> None:
@@ -117,7 +125,7 @@ def test_post_deploy_installs_the_workflow_checkout_from_snakemakes_copy(tmp_pat
     copy.parent.mkdir(parents=True)
     env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "LLAMA_PIPE_SOURCE": str(REPO)}
     for group in ENVS:
-        shutil.copy(REPO / "workflow" / "envs" / f"{group}.post-deploy.sh", copy)
+        shutil.copy(REPO / "envs" / f"{group}.post-deploy.sh", copy)
         proc = subprocess.run(["bash", str(copy)], cwd=tmp_path / "work", env=env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         assert log.read_text().split() == ["-m", "pip", "install", "--no-deps", str(REPO)]

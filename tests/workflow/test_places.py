@@ -23,7 +23,7 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_snakefile_from_elsewhere_reads_shipped_defaults_from_the_workflow(checkout: Path, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    snakefile = str(checkout / "workflow" / "Snakefile")
+    snakefile = str(checkout / "Snakefile")
     out = snakemake(elsewhere, "-n", "-p", "-s", snakefile).stdout
     assert job_counts(out)["train"] == 1
     assert f"-- {checkout / 'data/sample/identity_sample.json'}" in out  # merge's input, from the checkout
@@ -34,12 +34,23 @@ def test_snakefile_from_elsewhere_reads_shipped_defaults_from_the_workflow(check
 
 def test_user_paths_are_read_against_the_working_directory(checkout: Path, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "mine.json").write_text((checkout / "data/sample/sharegpt_sample.json").read_text())
+    (elsewhere / "config.yaml").write_text(yaml.safe_dump({"data": {"inputs": ["mine.json"]}}))
+    out = snakemake(elsewhere, "-n", "-p", "-s", str(checkout / "Snakefile")).stdout
+    assert "-- mine.json >" in out
+
+
+def test_a_working_directory_with_the_old_config_path_is_still_read(checkout: Path, tmp_path: Path) -> None:
+    """config/config.yaml (where the file was before it moved to the top) is read when there is no
+    config.yaml, with a note saying where it goes now."""
+    elsewhere = tmp_path / "old-layout"
     (elsewhere / "config").mkdir(parents=True)
     (elsewhere / "mine.json").write_text((checkout / "data/sample/sharegpt_sample.json").read_text())
     (elsewhere / "config/config.yaml").write_text(yaml.safe_dump({"data": {"inputs": ["mine.json"]}}))
-    out = snakemake(elsewhere, "-n", "-p", "-s", str(checkout / "workflow" / "Snakefile")).stdout
-    assert "-- mine.json >" in out
-    assert "Config file(s): ['config/config.yaml']" in out or "config/config.yaml" in out
+    proc = snakemake(elsewhere, "-n", "-p", "-s", str(checkout / "Snakefile"))
+    assert "-- mine.json >" in proc.stdout
+    assert "config.yaml in the working directory now" in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

@@ -41,11 +41,11 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     workdir = copy_workflow(root / "repo")
     for name in [HOSTILE_INPUT, *DASH_INPUTS]:
         shutil.copy(workdir / "data/sample/sharegpt_sample.json", workdir / name)
-    config = yaml.safe_load((workdir / "config" / "config.yaml").read_text(encoding="utf-8"))
+    config = yaml.safe_load((workdir / "config.yaml").read_text(encoding="utf-8"))
     config["data"]["inputs"] = [HOSTILE_INPUT, *DASH_INPUTS]
     config["clean"]["blocked_words"] = HOSTILE
     config["chat"]["system_prompt"] = SYSTEM_PROMPT
-    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
     calls = root / "calls.jsonl"
     snakemake(workdir, "--cores", "2", "results/default/train", bin_dir=fake_bin(root / "bin"),
               env={"FAKE_LLAMA_PIPE_CALLS": str(calls)})

@@ -23,7 +23,10 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOW_FILES = ("workflow", "config", "profiles", "data", "configs")
+#: What a copy of the workflow needs (besides the package, found through PYTHONPATH or installed): the
+#: Snakefile and config.yaml at the top, the rules, schemas and report pages, the conda environments, the
+#: profiles, the shipped sample data and accelerate configs. tests/slurm/run_slurm_test.sh copies the same.
+WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "envs", "profiles", "data", "configs")
 FAKE = Path(__file__).with_name("fake_llama_pipe.py")
 
 
@@ -38,11 +41,11 @@ def copy_workflow(dest: Path) -> Path:
             shutil.copy2(src, dest / name)
     # These tests run the DAG on the embedded tiny model; the shipped default (SmolLM2 from its wheel)
     # would add a download: base.source tiny, as .test/config/config.yaml does.
-    cfg = dest / "config" / "config.yaml"
+    cfg = dest / "config.yaml"
     text = re.sub(r'(?m)^  source: .*$', '  source: "tiny"', cfg.read_text(), count=1)
     cfg.write_text(re.sub(r'(?m)^  sha256: .*$', '  sha256: null', text, count=1))
     # eval.questions may not be bundled yet on a partial checkout; the DAG only needs the file.
-    name = yaml.safe_load((dest / "config" / "config.yaml").read_text())["eval"]["questions"]
+    name = yaml.safe_load((dest / "config.yaml").read_text())["eval"]["questions"]
     questions = dest / name if name else None  # null: the package's bundled held-out set
     if questions is not None and not questions.exists():
         questions.parent.mkdir(parents=True, exist_ok=True)
@@ -89,8 +92,8 @@ def job_counts(output: str) -> dict[str, int]:
 
 @contextmanager
 def edited_config(workdir: Path, section: str, key: str, value: object) -> Iterator[None]:
-    """Change one key of ``workdir/config/config.yaml`` (as a user would), restore it afterwards."""
-    path = workdir / "config" / "config.yaml"
+    """Change one key of ``workdir/config.yaml`` (as a user would), restore it afterwards."""
+    path = workdir / "config.yaml"
     original = path.read_text(encoding="utf-8")
     data = yaml.safe_load(original)
     node = data[section]

@@ -12,7 +12,7 @@ if BASE_IS_TINY:
         log:
             "logs/make_base/make_base.log",
         conda:
-            "../envs/train.yaml"
+            "../../envs/train.yaml"
         threads: 1
         resources:
             mem_mb=2000,
@@ -37,7 +37,7 @@ else:
         log:
             "logs/download/download.log",
         conda:
-            "../envs/train.yaml"
+            "../../envs/train.yaml"
         threads: 1
         resources:
             mem_mb=2000,
@@ -58,7 +58,7 @@ rule convert:
     benchmark:
         "benchmarks/convert.tsv"
     conda:
-        "../envs/train.yaml"
+        "../../envs/train.yaml"
     threads: 1
     resources:
         # about one copy of the model in memory (float32 7B: ~27 GB)

@@ -14,9 +14,9 @@ from snakemake.utils import min_version, validate
 
 import yaml
 
-# The checkout the workflow comes from (workflow/Snakefile's parent): shipped defaults (sample
-# data, accelerate configs, the default config) are found there, whatever the working directory.
-WORKFLOW_ROOT = os.path.dirname(os.path.abspath(workflow.basedir))
+# The checkout the workflow comes from (the Snakefile's directory): shipped defaults (sample data,
+# accelerate configs, the default config.yaml) are found there, whatever the working directory.
+WORKFLOW_ROOT = os.path.abspath(workflow.basedir)
 # The settings code is read from that checkout, so Snakemake's own environment (e.g. with
 # --sdm conda) needs only snakemake (which brings pyyaml and jsonschema), not llama-pipe.
 if os.path.isdir(os.path.join(WORKFLOW_ROOT, "src", "llama_pipe")):
@@ -94,7 +94,7 @@ try:
     if _errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(_errors))
 except ConfigError as exc:
-    raise WorkflowError(f"config: {exc}; fix config/config.yaml or --config") from None
+    raise WorkflowError(f"config: {exc}; fix config.yaml or --config") from None
 validate(config, "../schemas/config.schema.yaml")
 config.update(to_dict(_settings))
 
@@ -104,7 +104,7 @@ config.update(to_dict(_settings))
 # Settings that name files. A relative path is read against the working directory; one that is
 # not there but is shipped with the workflow (the sample data, questions, tokenizer corpus,
 # configs/accelerate/*.yaml) is read from the workflow's checkout, so `snakemake -s
-# path/workflow/Snakefile` and `--directory elsewhere` work with the defaults.
+# path/to/llama-pipe/Snakefile` and `--directory elsewhere` work with the defaults.
 PATH_SETTINGS = (
     ("base", "tokenizer_corpus"),
     ("data", "inputs"),

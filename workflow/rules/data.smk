@@ -21,7 +21,7 @@ rule merge:
     log:
         data_log("merge", "merge.log"),
     conda:
-        "../envs/data.yaml"
+        "../../envs/data.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -42,7 +42,7 @@ rule shard:
     log:
         data_log("shard", "shard.log"),
     conda:
-        "../envs/data.yaml"
+        "../../envs/data.yaml"
     threads: 1
     resources:
         mem_mb=1000,
@@ -63,7 +63,7 @@ rule clean:
     log:
         data_log("clean", "shard-{shard}.log"),
     conda:
-        "../envs/data.yaml"
+        "../../envs/data.yaml"
     threads: worker_threads("clean")
     resources:
         mem_mb=2000,
@@ -83,7 +83,7 @@ rule filter_lang:
     log:
         data_log("filter_lang", "shard-{shard}.log"),
     conda:
-        "../envs/data.yaml"
+        "../../envs/data.yaml"
     threads: worker_threads("filter_lang")
     resources:
         mem_mb=1000,
@@ -104,7 +104,7 @@ rule split:
     log:
         data_log("split", "shard-{shard}.log"),
     conda:
-        "../envs/data.yaml"
+        "../../envs/data.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -132,7 +132,7 @@ rule gather:
     log:
         data_log("gather", "gather.log"),
     conda:
-        "../envs/data.yaml"
+        "../../envs/data.yaml"
     threads: 1
     resources:
         mem_mb=2000,

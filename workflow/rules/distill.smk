@@ -25,7 +25,7 @@ rule distill:
     benchmark:
         f"benchmarks/data/distill/{data_key('distill')}/distill.tsv"
     conda:
-        "../envs/train.yaml"
+        "../../envs/train.yaml"
     threads: 2
     resources:
         mem_mb=4000,

@@ -19,7 +19,7 @@ rule benchmark:
     log:
         "logs/benchmarks/{name}.log",
     conda:
-        "../envs/train.yaml"
+        "../../envs/train.yaml"
     threads: 1
     resources:
         mem_mb=1000,
@@ -48,7 +48,7 @@ rule eval:
     benchmark:
         f"benchmarks/{RUN}/eval.tsv"
     conda:
-        "../envs/train.yaml"
+        "../../envs/train.yaml"
     threads: 2
     resources:
         mem_mb=8000,
@@ -85,7 +85,7 @@ rule report:
     log:
         f"logs/{RUN}/report.log",
     conda:
-        "../envs/train.yaml"
+        "../../envs/train.yaml"
     threads: 1
     resources:
         mem_mb=1000,

@@ -31,7 +31,7 @@ rule export_gguf:
     wildcard_constraints:
         type="f16|q8_0|f32",
     conda:
-        "../envs/train.yaml"
+        "../../envs/train.yaml"
     threads: 1
     resources:
         mem_mb=4000,

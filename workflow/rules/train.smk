@@ -24,7 +24,7 @@ rule train:
     # checkpoint. The only rule with retries: elsewhere a failure is reported at once.
     retries: 1
     conda:
-        "../envs/train.yaml"
+        "../../envs/train.yaml"
     # Snakemake gives the job OMP_NUM_THREADS={threads} (torch's CPU threads); a cluster profile
     # raises it with set-threads (the SLURM plugin asks for that many CPUs per task).
     threads: 2
@@ -55,7 +55,7 @@ rule select:
     log:
         f"logs/{RUN}/select.log",
     conda:
-        "../envs/train.yaml"
+        "../../envs/train.yaml"
     threads: 1
     resources:
         mem_mb=1000,
@@ -79,7 +79,7 @@ rule merge_adapter:
     benchmark:
         f"benchmarks/{RUN}/merge_adapter.tsv"
     conda:
-        "../envs/train.yaml"
+        "../../envs/train.yaml"
     threads: 1
     resources:
         # a float copy of the base plus the adapters

@@ -3,7 +3,7 @@
 These dataclasses are the single source of truth: the JSON schema in
 ``workflow/schemas/config.schema.yaml`` is generated from them (``llama-pipe schema``; a test
 checks the file is current), the CLI flags of each stage are derived from them, and the README's
-config reference and ``config/config.yaml``'s comments are written from the same help texts.
+config reference and ``config.yaml``'s comments are written from the same help texts.
 
 The sections live by the stages they serve: :mod:`.weights` (base, convert), :mod:`.chat` (the
 template, system prompt and sequence length every rendering stage shares), :mod:`.data` (the data

@@ -1,4 +1,4 @@
-"""``config/config.yaml`` with its comments written from the settings' help texts.
+"""``config.yaml`` with its comments written from the settings' help texts.
 
 ``llama-pipe schema --config-file`` rewrites the file: every section and key in the order of
 :class:`~llama_pipe.config.Config`, each value as the file had it (else its default), and after

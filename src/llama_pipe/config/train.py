@@ -122,7 +122,7 @@ class LaunchSettings:
     )
     accelerate_config: str = opt(
         "configs/accelerate/ddp.yaml",
-        "accelerate config for processes > 1 (relative to the workflow directory): ddp.yaml for lora/qlora, "
+        "accelerate config for processes > 1 (relative: the working directory's, else the one beside the Snakefile): ddp.yaml for lora/qlora, "
         "fsdp.yaml to shard the base, deepspeed_zero3.yaml (needs deepspeed)",
         minLength=1,
     )

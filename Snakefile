@@ -1,9 +1,12 @@
 # llama-pipe: a LLaMA-family base model plus raw chat logs -> a fine-tuned, merged, evaluated
 # chat model. Every rule calls one `llama-pipe <stage>` command; see docs/workflow.md.
 #
-#   snakemake --profile profiles/default         # the whole DAG on this machine
+#   snakemake --cores 2                          # the whole DAG on this machine
 #   snakemake --profile profiles/slurm           # the same DAG on a SLURM cluster
-#   snakemake -s path/to/workflow/Snakefile ...  # from another working directory
+#   snakemake -s path/to/llama-pipe/Snakefile .. # from another working directory
+#
+# The rules, the config schema and the report pages are under workflow/, the conda environments
+# under envs/; config.yaml beside this file is the configuration.
 
 
 import os
@@ -11,16 +14,25 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 
-# config/config.yaml of the working directory, else the one shipped with the workflow (every key
-# is optional; --configfile FILE and --config override it).
-CONFIG_FILE = "config/config.yaml"
+# config.yaml of the working directory, else the one shipped with the workflow (every key is
+# optional; --configfile FILE and --config override it). A working directory laid out as before
+# (config/config.yaml, no config.yaml) keeps being read, with a note saying where the file goes now.
+CONFIG_FILE = "config.yaml"
 if not os.path.exists(CONFIG_FILE):
-    CONFIG_FILE = os.path.join(workflow.basedir, "..", "config", "config.yaml")
+    if os.path.exists(os.path.join("config", "config.yaml")):
+        CONFIG_FILE = os.path.join("config", "config.yaml")
+        print(
+            "llama-pipe: reading config/config.yaml; the configuration is config.yaml in the working "
+            "directory now (move the file there)",
+            file=sys.stderr,
+        )
+    else:
+        CONFIG_FILE = os.path.join(workflow.basedir, "config.yaml")
 
 # Read it with llama-pipe's loader first, which refuses YAML aliases and deep nesting: Snakemake's
 # own loader would expand an alias bomb (500 bytes standing for billions of values) before any
 # later check could run. (A --configfile FILE is read by Snakemake before this file runs.)
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(workflow.basedir)), "src")
+SOURCE = os.path.join(os.path.abspath(workflow.basedir), "src")
 if os.path.isdir(os.path.join(SOURCE, "llama_pipe")):
     sys.path.insert(0, SOURCE)
 from llama_pipe.config.load import read_config_text
@@ -48,16 +60,16 @@ if os.path.exists(CONFIG_FILE):
 configfile: CONFIG_FILE
 
 
-report: "report/workflow.rst"
+report: "workflow/report/workflow.rst"
 
 
-include: "rules/common.smk"
-include: "rules/base.smk"
-include: "rules/data.smk"
-include: "rules/distill.smk"
-include: "rules/train.smk"
-include: "rules/evaluate.smk"
-include: "rules/export.smk"
+include: "workflow/rules/common.smk"
+include: "workflow/rules/base.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/distill.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/export.smk"
 
 
 localrules:
