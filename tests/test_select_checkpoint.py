@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,53 @@ def test_not_a_training_run_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
     (tmp_path / "x").mkdir()
     assert main(["select", str(tmp_path / "x"), "-o", str(tmp_path / "sel")]) == 2
     assert "not a finished training run" in capsys.readouterr().err
+
+
+def _real_run(root: Path, adapter: Path) -> Path:
+    """A finished run around a real peft adapter (no retention scores: select keeps the last step)."""
+    run = root / "train"
+    shutil.copytree(adapter, run)
+    (run / "summary.json").write_text(json.dumps({"steps": 4}))
+    (run / "train_config.json").write_text(json.dumps({"train": {"run": "r"}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "val_loss": 1.0}) + "\n")
+    return run
+
+
+def test_scale_puts_the_product_on_the_line_between_base_and_tuned(tiny_hf_model_dir: Path, tmp_path: Path, tokenizer) -> None:
+    """select.scale 0.5, merged: base + 0.5 x the adapter's update, exactly (what WiSE-FT interpolation means)."""
+    from tests.test_merge_adapter import load, logits, make_adapter, reference_sum
+
+    adapter = make_adapter(tiny_hf_model_dir, tmp_path / "adapter", 5, ["q_proj", "v_proj", "down_proj"])
+    run = _real_run(tmp_path, adapter)
+    sel = _select(run, tmp_path / "sel", "--scale", "0.5")
+    assert sel["scale"] == 0.5 and sel["scale_not_applied"] is None
+    assert main(["merge-adapter", "--base", str(tiny_hf_model_dir), "--adapter", str(tmp_path / "sel"), "-o", str(tmp_path / "m")]) == 0
+    base = logits(load(tiny_hf_model_dir), tokenizer)
+    ref_half = logits(reference_sum(tiny_hf_model_dir, [(adapter, 0.5)]), tokenizer)
+    got = logits(load(tmp_path / "m"), tokenizer)
+    assert (ref_half - base).abs().max() > 1e-2  # the update is not negligible
+    assert (got - ref_half).abs().max() < 1e-4
+    # the run's own adapter is untouched (linked files are never written through)
+    assert (run / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+
+
+def test_scale_is_not_applied_to_a_dora_adapter_and_says_why(tiny_hf_model_dir: Path, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    from tests.test_merge_adapter import make_adapter
+
+    adapter = make_adapter(tiny_hf_model_dir, tmp_path / "adapter", 6, ["q_proj"], use_dora=True)
+    sel = _select(_real_run(tmp_path, adapter), tmp_path / "sel", "--scale", "0.5")
+    assert sel["scale"] == 1.0 and "DoRA" in sel["scale_not_applied"]
+    assert (tmp_path / "sel" / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+    assert "not applied" in caplog.text
+
+
+def test_the_report_says_at_what_weight_the_adapter_entered_the_product(tmp_path: Path) -> None:
+    from llama_pipe.report_retention import selection_lines
+
+    run = make_run(tmp_path, {0: 3.0, 12: 1.2}, {0: BASE, 12: BASE})
+    sel = _select(run, tmp_path / "sel", "--scale", "0.5")  # a fake adapter: not LoRA, so not scaled, and said
+    text = "\n".join(selection_lines(sel))
+    assert "`select.scale` 0.5 was not applied" in text
+    text = "\n".join(selection_lines({**sel, "scale": 0.6, "scale_not_applied": None}))
+    assert "base + 0.6 x the kept step's update" in text

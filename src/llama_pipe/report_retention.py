@@ -62,6 +62,7 @@ def selection_lines(selection: dict[str, Any] | None) -> list[str]:
         return []
     lines = ["## Checkpoint kept", "",
              f"Kept step {selection['kept_step']} of {selection['last_step']}: {selection['reason']}.", "",
+             *_scale_lines(selection),
              "| step | validation loss | retention (tuned vs base) | difference [95% CI] | within bound |",
              "| ---: | ---: | --- | --- | --- |"]
     for c in selection.get("candidates", []):
@@ -75,6 +76,17 @@ def selection_lines(selection: dict[str, Any] | None) -> list[str]:
     if any(c.get("retention") for c in selection.get("candidates", [])):
         lines += ["", "![checkpoints](checkpoints.png)"]
     return lines + [""]
+
+
+def _scale_lines(selection: dict[str, Any]) -> list[str]:
+    """The weight the kept adapter entered the product at (select.scale), when not 1 or not applied."""
+    scale, why = selection.get("scale", 1.0), selection.get("scale_not_applied")
+    if scale != 1:
+        return [f"The product is base + {scale:g} x the kept step's update (`select.scale`: weight-space interpolation "
+                "between base and tuned, which keeps more of what the base knew; docs/evaluation.md).", ""]
+    if why and selection.get("scale_asked", 1.0) != 1:
+        return [f"`select.scale` {selection['scale_asked']:g} was not applied: {why}.", ""]
+    return []
 
 
 def markdown(ev: dict[str, Any], selection: dict[str, Any] | None) -> list[str]:

@@ -18,10 +18,19 @@ step (the base) and at every evaluation step (``retention.jsonl``, see
 * without retention scores (``select.retention: false``, several training processes, a run from an
   older version), the last step.
 
-Nothing is trained or loaded: the stage reads JSON and copies (hard-links where it can) the chosen
-adapter with the run's tokenizer and ``train_config.json`` (what merge-adapter, chat and serve read,
-the lineage included) into ``OUT``, plus ``selection.json``: every candidate's step, validation
-loss and retention (base, tuned, difference, interval, within bound), the choice and why.
+The kept adapter then enters the product at weight ``select.scale``: below 1 every LoRA ``B``
+matrix is multiplied by it, so the merged model is base + scale x (tuned - base), a point on the
+straight line between the two (WiSE-FT's weight-space interpolation, here for the low-rank update).
+Fine-tuning moves far more answers than it means to (on the default run ~13 % of ARC-Easy's
+answers change, in both directions); half-way along the line most of the new skill survives and
+most of the unintended changes do not (docs/evaluation.md has the measured trade-off). DoRA and
+full runs, and adapters with ``modules_to_save``, are not linear in a single matrix and keep 1.
+
+No model is loaded: the stage reads JSON and copies (hard-links where it can) the chosen adapter
+with the run's tokenizer and ``train_config.json`` (what merge-adapter, chat and serve read, the
+lineage included) into ``OUT`` -- the adapter's tensors rewritten when scaled -- plus
+``selection.json``: every candidate's step, validation loss and retention (base, tuned,
+difference, interval, within bound), the choice and why, and the scale applied.
 """
 
 from __future__ import annotations
@@ -112,6 +121,44 @@ def choose(rows: list[dict[str, Any]], why: str | None) -> tuple[dict[str, Any],
     return best, "no checkpoint kept retention within the bound: the one that lost least", False
 
 
+def scale_of(adapter_dir: Path, wanted: float) -> tuple[float, str | None]:
+    """The scale select can apply to ``adapter_dir`` (``wanted``, or 1 with the reason why not)."""
+    if wanted == 1:
+        return 1.0, None
+    path = adapter_dir / "adapter_config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read the adapter's config ({exc})") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        return 1.0, f"a {cfg.get('peft_type') if isinstance(cfg, dict) else '?'} adapter is not scaled (LoRA only)"
+    if cfg.get("use_dora"):
+        return 1.0, "a DoRA adapter is not linear in its B matrix: not scaled"
+    if cfg.get("modules_to_save"):
+        return 1.0, f"modules_to_save {cfg['modules_to_save']} are whole trained copies, not a low-rank update: not scaled"
+    return wanted, None
+
+
+def write_scaled(src: Path, dst: Path, scale: float) -> int:
+    """``src`` (an adapter_model.safetensors) written to ``dst`` with every LoRA B matrix and B bias
+    times ``scale``; the number of tensors scaled."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tensors, scaled = {}, 0
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+        for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            t = f.get_tensor(key)
+            if ".lora_B." in key or ".lora_embedding_B." in key:
+                t, scaled = (t.float() * scale).to(t.dtype), scaled + 1
+            tensors[key] = t
+    if not scaled:
+        raise InputError(f"{src}: no LoRA B tensor to scale (keys like '...lora_B.weight' expected)")
+    save_file(tensors, str(dst), metadata=meta)
+    return scaled
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -127,16 +174,21 @@ def run(args: argparse.Namespace) -> int:
     rows, why = candidates(run_dir, settings)
     kept, reason, within = choose(rows, why)
     full = not (run_dir / "adapter_config.json").is_file()  # train.method full: a whole model, no snapshots
-    selection = {"kept_step": kept["step"], "last_step": rows[-1]["step"], "reason": reason, "within_bound": within,
-                 "bound": settings.bound, "retention_used": why is None, "candidates": rows, "run": str(run_dir)}
     src = Path(kept["adapter"])
+    scale, not_scaled = (1.0, "a full run has no adapter") if full else scale_of(src, settings.scale)
+    selection = {"kept_step": kept["step"], "last_step": rows[-1]["step"], "reason": reason, "within_bound": within,
+                 "bound": settings.bound, "retention_used": why is None, "candidates": rows, "run": str(run_dir),
+                 "scale": scale, "scale_asked": settings.scale, "scale_not_applied": not_scaled}
     with atomic_dir(out, stage="select", inputs=[run_dir]) as tmp:
         for f in sorted(run_dir.iterdir()):  # tokenizer, train_config.json (the lineage), the weights of a full run
             if f.is_file() and not f.name.startswith(".") and f.suffix != ".jsonl" and f.name != "summary.json" \
                     and (full or f.name not in ADAPTER_FILES):
                 _link_or_copy(f, tmp / f.name)
         for name in () if full else ADAPTER_FILES:  # the kept step's adapter
-            _link_or_copy(src / name, tmp / name)
+            if name == "adapter_model.safetensors" and scale != 1:
+                write_scaled(src / name, tmp / name, scale)
+            else:
+                _link_or_copy(src / name, tmp / name)
         write_json_atomic(tmp / SELECTION, selection)
     for r in rows:
         ret = r["retention"]
@@ -147,5 +199,8 @@ def run(args: argparse.Namespace) -> int:
     if not within:
         log.warning("select: every checkpoint lost more than %.1f points of retention; kept step %d, which lost least; "
                     "lower train.lr or train.max_steps, or use distill", settings.bound, kept["step"])
-    print(f"select: kept step {kept['step']} of {rows[-1]['step']}: {reason} -> {out}")
+    if not_scaled and settings.scale != 1:
+        log.warning("select: select.scale %.2f not applied: %s", settings.scale, not_scaled)
+    weight = f", at weight {scale:g} (base + {scale:g} x the update)" if scale != 1 else ""
+    print(f"select: kept step {kept['step']} of {rows[-1]['step']}{weight}: {reason} -> {out}")
     return 0

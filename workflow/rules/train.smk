@@ -45,8 +45,9 @@ rule train:
 
 
 # Which evaluation checkpoint becomes the product: the best validation loss among those whose
-# retention (scored during training) stays within select.bound of the base's. Reads JSON and
-# links files: no model is loaded.
+# retention (scored during training) stays within select.bound of the base's, at weight
+# select.scale (its LoRA update scaled). Reads JSON, links files, rewrites the adapter's tensors
+# when scaled: no model is loaded.
 rule select:
     input:
         TRAIN_TARGET,
@@ -58,10 +59,11 @@ rule select:
         "../../envs/train.yaml"
     threads: 1
     resources:
-        mem_mb=1000,
+        # torch and one copy of the adapter's tensors when select.scale rewrites them
+        mem_mb=2000,
         runtime=10,
     params:
-        args=flags("select", only=("retention", "bound")),
+        args=flags("select", only=("retention", "bound", "scale")),
     shell:
         "llama-pipe select -o {output:q} {params.args} -- {input:q} > {log:q} 2>&1"
 

@@ -147,3 +147,9 @@ class SelectSettings:
     )
     max_items: int = opt(0, "score at most this many items (0 = all)", minimum=0)
     batch_size: int = opt(16, "items per forward pass", minimum=1)
+    scale: float = opt(
+        0.5, "weight of the kept adapter in the product: 1 = as trained; below 1 the product lies between the base and the "
+        "tuned model (the LoRA update scaled, as in WiSE-FT), which keeps more of what the base knew and less of the new "
+        "skill (docs/evaluation.md: the measured trade-off). LoRA adapters only (dora and full runs keep 1)",
+        exclusiveMinimum=0, maximum=1,
+    )
