@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe import chat_jinja
+from llama_pipe.chat_base import MODEL, ChatTemplate, Message, adds_bos
 from llama_pipe.errors import InputError
-from llama_pipe.templates import MODEL, ChatTemplate, Message, adds_bos
 
 _MARKS = range(0x100000, 0x10FFFE)  # supplementary private use area B
 

@@ -72,7 +72,8 @@ def selection_lines(selection: dict[str, Any] | None) -> list[str]:
         if r is None:
             lines.append(f"| {c['step']}{mark} | {loss} | not scored | - | - |")
         else:
-            lines.append(f"| {c['step']}{mark} | {loss} | {r['tuned']:.1f} vs {r['base']:.1f} | {_ci(r)} | {'yes' if r.get('within', r.get('holds')) else 'no'} |")
+            within = r.get("within", r.get("holds"))  # "holds": selection.json before select.scale
+            lines.append(f"| {c['step']}{mark} | {loss} | {r['tuned']:.1f} vs {r['base']:.1f} | {_ci(r)} | {'yes' if within else 'no'} |")
     if any(c.get("retention") for c in selection.get("candidates", [])):
         lines += ["", "![checkpoints](checkpoints.png)"]
     return lines + [""]

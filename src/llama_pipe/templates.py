@@ -29,12 +29,13 @@ when the Jinja is none of the four): :mod:`llama_pipe.model_template`.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llama_pipe.chat_base import AUTO, MODEL, ChatTemplate, Message
 from llama_pipe.errors import ConfigError
+from llama_pipe.model_template import model_template
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -42,9 +43,6 @@ VICUNA_SYSTEM = (
 )
 
 IGNORE_INDEX = -100
-
-Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
-
 
 def to_messages(record: dict[str, Any]) -> list[Message]:
     """HF-style messages from a llama-pipe record (``from`` human/gpt, optional ``system``)."""
@@ -55,64 +53,6 @@ def to_messages(record: dict[str, Any]) -> list[Message]:
         role = {"human": "user", "gpt": "assistant", "system": "system"}[turn["from"]]
         msgs.append({"role": role, "content": turn["value"]})
     return msgs
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """One chat format: its default system prompt, the marker that ends an assistant turn, and the
-    Jinja written with a model. :class:`BuiltinTemplate` renders from its pieces,
-    :class:`~llama_pipe.model_template.ModelTemplate` through the tokenizer's own Jinja."""
-
-    name: str
-    default_system: str
-    end_of_turn: str  # the string that ends an assistant turn (and generation)
-    chat_template: str  # Jinja for tokenizer_config.json
-
-    def jinja_for(self, tokenizer: Any) -> str:
-        """The Jinja to store with ``tokenizer``, whose ``apply_chat_template(..., tokenize=True)``
-        gives exactly the training ids (``tokenize_with_labels``: the text, BOS added by the tokenizer).
-
-        No leading ``bos_token`` when the tokenizer adds no BOS (SmolLM2's BOS is ``<|im_start|>``,
-        which would otherwise be rendered twice). A sentencepiece tokenizer puts its "▁" word
-        prefix before the text when it adds the BOS itself but not after a ``<s>`` written in the
-        text (transformers' non-legacy LlamaTokenizer), so there the Jinja writes ``bos_token + ' '``
-        where the text starts with a word.
-        """
-        bos = "{{- bos_token -}}"
-        body = self.chat_template[len(bos):] if self.chat_template.startswith(bos) else self.chat_template
-        if not adds_bos(tokenizer):
-            return body
-        text, _ = self.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
-        want = tokenizer(text, add_special_tokens=True)["input_ids"]
-        for prefix, jinja in (("", bos), (" ", "{{- bos_token + ' ' -}}")):
-            if tokenizer(tokenizer.bos_token + prefix + text, add_special_tokens=False)["input_ids"] == want:
-                return jinja + body
-        return self.chat_template
-
-    def render(
-        self,
-        messages: Sequence[Message],
-        system: str | None = None,
-        add_generation_prompt: bool = False,
-    ) -> tuple[str, list[tuple[int, int]]]:
-        """Text of the conversation and the [start, end) character spans of assistant targets."""
-        raise NotImplementedError
-
-    def render_text(self, messages: Sequence[Message], system: str | None = None, add_generation_prompt: bool = False) -> str:
-        """The text of :meth:`render` alone (a prompt to generate from needs no spans)."""
-        return self.render(messages, system, add_generation_prompt)[0]
-
-    def text_spans(
-        self,
-        messages: Sequence[Message],
-        system: str | None,
-        add_generation_prompt: bool,
-        text: str,
-    ) -> list[tuple[int, int]]:
-        """The [start, end) character spans of message text (the system prompt's included) in
-        ``text``, ``render``'s text for the same arguments: where a control token's string is
-        text, not a marker (:mod:`llama_pipe.control_tokens`)."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -323,29 +263,6 @@ TEMPLATES: dict[str, BuiltinTemplate] = {t.name: t for t in (VICUNA, LLAMA2, CHA
 
 
 #: Template choices beyond the built-ins: the model's own Jinja, or "own if any, else built-in".
-MODEL = "model"
-AUTO = "auto"
-
-
-_ADDS_BOS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
-
-
-def adds_bos(tokenizer: Any) -> bool:
-    """Whether ``tokenizer(text)`` (add_special_tokens=True) puts a BOS in front (cached per tokenizer)."""
-    try:
-        return _ADDS_BOS[tokenizer]
-    except (KeyError, TypeError):
-        pass
-    bos = getattr(tokenizer, "bos_token_id", None)
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"] if bos is not None else []
-    found = bool(ids) and ids[0] == bos and ids[1:] == tokenizer("a", add_special_tokens=False)["input_ids"]
-    try:
-        _ADDS_BOS[tokenizer] = found
-    except TypeError:
-        pass
-    return found
-
-
 def builtin_named(jinja: object) -> str | None:
     """The built-in template this Jinja is (any variant :meth:`ChatTemplate.jinja_for` writes), else None."""
     if not isinstance(jinja, str):
@@ -373,8 +290,6 @@ def get_template(name: str, tokenizer: Any = None) -> ChatTemplate:
         raise ValueError(f"unknown chat template {name!r}; choose one of {sorted(TEMPLATES)}, {MODEL!r} or {AUTO!r}")
     if tokenizer is None:
         raise ValueError(f"chat template {name!r} needs the model's tokenizer: call get_template(name, tokenizer)")
-    from llama_pipe.model_template import model_template  # a ChatTemplate subclass: imports this module
-
     if name == AUTO:
         own = builtin_for(tokenizer)
         if own is not None:

@@ -51,11 +51,11 @@ def test_without_unpermuting_qk_the_logits_differ(tmp_path: Path, monkeypatch: p
     import torch
     from transformers import AutoModelForCausalLM
 
-    import llama_pipe.weights.convert as conv
+    import llama_pipe.weights.gguf_import as gguf_import
 
     original = tiny_llama(True)
     write_gguf(original, tmp_path / "tiny.gguf")
-    monkeypatch.setattr(conv, "permute_for_rotary", lambda w, n: w)
+    monkeypatch.setattr(gguf_import, "permute_for_rotary", lambda w, n: w)
     convert(tmp_path / "tiny.gguf", tmp_path / "hf", ConvertSettings())
     ours = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids = list(range(5, 53))

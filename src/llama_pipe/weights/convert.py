@@ -40,6 +40,7 @@ from llama_pipe.settings import add_settings_arguments, describe
 from llama_pipe.templates import AUTO, end_of_turn_ids, template_for_bare_model
 from llama_pipe.weights import meta
 from llama_pipe.weights.hf import pass_through
+from llama_pipe.weights.meta import permute_for_rotary
 from llama_pipe.weights.tiktoken_bpe import is_tiktoken_file
 from llama_pipe.weights.tokenizer import hf_tokenizer_from_meta
 
@@ -58,12 +59,6 @@ def parse_size(text: str) -> int:
         raise InputError(f"max_shard_size {text!r}: expected a size such as '500MB' or '2GB'")
     unit = 1024 ** "_KMGT".index(m.group(2)) if m.group(3) and m.group(2) else _UNITS[m.group(2)]
     return int(float(m.group(1)) * unit)
-
-
-def permute_for_rotary(w: Any, n_heads: int) -> Any:
-    """Reorder each head's rows from Meta's interleaved rotary pairs to Hugging Face's halves."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def hf_name(meta_name: str) -> str:

@@ -13,7 +13,7 @@ What happens, in order:
 2. Every tensor is dequantized to float32 (``gguf.quants.dequantize``: Q4_0, Q4_1, Q8_0, K-quants,
    F16, ...) and renamed (``blk.N.attn_q.weight`` -> ``model.layers.N.self_attn.q_proj.weight``).
 3. llama.cpp's converter permutes each head's q/k rows from Hugging Face's rotate-half layout to
-   interleaved pairs; the inverse (:func:`llama_pipe.weights.convert.permute_for_rotary`, the same
+   interleaved pairs; the inverse (:func:`llama_pipe.weights.meta.permute_for_rotary`, the same
    reordering a Meta checkpoint needs) is applied with ``head_count`` for q and ``head_count_kv``
    for k.
 4. ``LlamaConfig`` comes from the metadata (layers, widths, heads, ``rope.freq_base``,
@@ -44,6 +44,7 @@ from llama_pipe.errors import InputError
 from llama_pipe.model_template import ModelTemplate, model_template
 from llama_pipe.templates import AUTO, MODEL, ChatTemplate, end_of_turn_ids, template_for_bare_model
 from llama_pipe.weights.gguf_vocab import LLAMA_CPP_PRE, PRE_ALIASES, RECORDED_PRE
+from llama_pipe.weights.meta import permute_for_rotary
 from llama_pipe.weights.validate import SIZE_FIELDS
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,6 @@ class GGUFModel:
         import torch
         from gguf.quants import dequantize
 
-        from llama_pipe.weights.convert import permute_for_rotary  # convert imports this module
 
         out: dict[str, Any] = {}
         for t in self.reader.tensors:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.errors import InputError
-from llama_pipe.weights.tiktoken_bpe import LLAMA3_PATTERN, is_tiktoken_file
+from llama_pipe.weights.tiktoken_bpe import LLAMA3_PATTERN, RECORDED_PRE, is_tiktoken_file
 from llama_pipe.weights.tokenizer import load_tokenizer
 
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -67,8 +67,6 @@ LLAMA_CPP_PRE: dict[str, ByteLevelSplit] = {
 }
 #: other names llama.cpp gives the same split (a GGUF may carry them); export writes the key's value.
 PRE_ALIASES = {"gpt2": "gpt-2", "llama3": "llama-bpe", "llama-v3": "llama-bpe", "starcoder": "smollm", "refact": "smollm"}
-#: tokenizer_config.json key where convert records the ``tokenizer.ggml.pre`` its tokenizer equals.
-RECORDED_PRE = "gguf_pre_tokenizer"
 
 
 def byte_level_split(spec: dict[str, Any], where: str) -> ByteLevelSplit:

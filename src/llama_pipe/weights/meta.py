@@ -291,3 +291,9 @@ def verify_checklist(directory: Path, checklist: str = CHECKLIST, digests: bool 
 
 
 # ----------------------------------------------------------------------------- atomic directories
+
+
+def permute_for_rotary(w: Any, n_heads: int) -> Any:
+    """Reorder each head's rows from Meta's interleaved rotary pairs to Hugging Face's halves."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)

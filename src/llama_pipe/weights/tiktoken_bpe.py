@@ -28,6 +28,10 @@ from typing import Any
 
 from llama_pipe.errors import InputError
 
+#: tokenizer_config.json key where convert records the ``tokenizer.ggml.pre`` its tokenizer equals
+#: (llama.cpp's name of its pre-tokenizer, which export writes back; :mod:`.gguf_vocab` reads it).
+RECORDED_PRE = "gguf_pre_tokenizer"
+
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -133,8 +137,6 @@ def hf_tokenizer_from_tiktoken(model_file: str | Path, chat_template: str | None
         processors.ByteLevel(trim_offsets=False),
         processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]),
     ])
-    from llama_pipe.weights.gguf_vocab import RECORDED_PRE  # it imports this module
-
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                  clean_up_tokenization_spaces=False, **{RECORDED_PRE: "llama-bpe"})
     if chat_template is not None:
