@@ -1,6 +1,6 @@
 """Check the default run's GGUF exports in llama.cpp (issue 24; run by .ci/run after `make run` and the export).
 
-    python tests/acceptance/check_export.py [results/default/merged] [results/default/export] [--val results/data/val.jsonl]
+    python tests/acceptance/check_export.py [results/default/merged] [results/default/export] [--val VAL.jsonl]
 
 Reads ``model.f16.gguf`` and ``model.q8_0.gguf`` in the export directory, written from the merged
 model by the workflow's export rule, and requires, in llama.cpp (llama-cpp-python):
@@ -8,8 +8,9 @@ model by the workflow's export rule, and requires, in llama.cpp (llama-cpp-pytho
 * the bundled held-out questions, rendered through the model's chat template, tokenise to the same
   ids as in transformers, and f16's greedy answers equal transformers' (weights rounded to f16 as
   the file holds them) token for token;
-* q8_0's perplexity on the held-out split (``--val``: the run's validation conversations rendered
-  through the chat template, the first 2,500 tokens) within 1 % of f16's.
+* q8_0's perplexity on the held-out split (``--val``, by default the validation split the run's
+  eval read, named in ``<model_dir>/../eval/metrics.json``; its conversations rendered through the
+  chat template, the first 2,500 tokens) within 1 % of f16's.
 
 It also prints q8_0's mean KL divergence from f16 and how often both pick the same next token
 (and, with ``--also-f32``, how many answers equal transformers' in float32). Exit 0 when all hold (or, saying SKIPPED, when llama_cpp cannot be
@@ -39,14 +40,24 @@ def heldout_rows(tok: object, val: Path) -> list[list[int]]:
     return cpp.token_rows(tok, cpp.chat_texts(tok, records), MAX_TOKENS, budget=cpp.PPL_TOKENS)
 
 
+def run_val(model_dir: Path) -> Path:
+    """The validation split the run's eval read (its data products are keyed: results/data/gather/<key>/)."""
+    metrics = model_dir.parent / "eval" / "metrics.json"
+    try:
+        return Path(json.loads(metrics.read_text(encoding="utf-8"))["val"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return metrics  # reported as missing below
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model_dir", nargs="?", default="results/default/merged")
     ap.add_argument("export_dir", nargs="?", default="results/default/export")
-    ap.add_argument("--val", default="results/data/val.jsonl")
+    ap.add_argument("--val", default=None, help="validation JSONL (default: the one the run's eval read)")
     ap.add_argument("--also-f32", action="store_true", help="also count the answers equal to transformers' in float32 (slower)")
     args = ap.parse_args(argv)
-    model_dir, export_dir, val = Path(args.model_dir), Path(args.export_dir), Path(args.val)
+    model_dir, export_dir = Path(args.model_dir), Path(args.export_dir)
+    val = Path(args.val) if args.val else run_val(model_dir)
     files = {t: export_dir / f"model.{t}.gguf" for t in ("f16", "q8_0")}
     missing = [str(p) for p in [model_dir / "config.json", val, *files.values()] if not p.is_file()]
     if missing:

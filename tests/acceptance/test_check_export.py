@@ -25,6 +25,24 @@ def test_missing_exports_exit_2_naming_them(tmp_path: Path, capsys: pytest.Captu
     assert "model.q8_0.gguf" in err and "model.f16.gguf" not in err
 
 
+def test_the_held_out_split_is_the_one_the_runs_eval_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --val: the validation file named in <run>/eval/metrics.json (data products are keyed by
+    their settings, results/data/gather/<key>/val.jsonl); no metrics: exit 2 naming the file."""
+    import json
+
+    run = tmp_path / "results" / "default"
+    (run / "merged").mkdir(parents=True)
+    (run / "merged" / "config.json").write_text("{}")
+    assert check_export.main([str(run / "merged"), str(tmp_path / "export")]) == 2
+    assert str(run / "eval" / "metrics.json") in capsys.readouterr().err
+    val = tmp_path / "results" / "data" / "gather" / "abc" / "val.jsonl"
+    (run / "eval").mkdir()
+    (run / "eval" / "metrics.json").write_text(json.dumps({"val": str(val)}))
+    assert check_export.run_val(run / "merged") == val
+    assert check_export.main([str(run / "merged"), str(tmp_path / "export")]) == 2
+    assert str(val) in capsys.readouterr().err  # named as missing: the split itself, not a stale default
+
+
 def test_validation_rows_follow_the_chat_template_up_to_the_token_budget(tmp_path: Path) -> None:
     """Each validation conversation rendered through the model's chat template, rows taken until 2,500 tokens."""
     import json
