@@ -13,11 +13,10 @@ from typing import Any
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 
 
-
 @dataclass(frozen=True)
 class ChatTemplate:
     """One chat format: its default system prompt, the marker that ends an assistant turn, and the
-    Jinja written with a model. :class:`BuiltinTemplate` renders from its pieces,
+    Jinja written with a model. :class:`~llama_pipe.templates.BuiltinTemplate` renders from its pieces,
     :class:`~llama_pipe.model_template.ModelTemplate` through the tokenizer's own Jinja."""
 
     name: str

@@ -44,6 +44,7 @@ VICUNA_SYSTEM = (
 
 IGNORE_INDEX = -100
 
+
 def to_messages(record: dict[str, Any]) -> list[Message]:
     """HF-style messages from a llama-pipe record (``from`` human/gpt, optional ``system``)."""
     msgs: list[Message] = []
