@@ -25,6 +25,7 @@ from llama_pipe.weights.gguf_export import export_gguf, unpermute_rows
 from llama_pipe.weights.gguf_vocab import GPT2_PATTERN, bpe_pre_name
 from llama_pipe.weights.meta import permute_for_rotary
 from llama_pipe.weights.tiktoken_bpe import LLAMA3_PATTERN
+from tests.weights import gguf_llama_cpp as cpp
 
 PROMPTS = ["Hello, how are you today?", "The capital of France is", "def main():\n    return 42", "Wie geht es dir? 1234"]
 NEW_TOKENS = 24
@@ -76,19 +77,7 @@ def _export(model_dir: Path, tmp_path: Path, qtype: str) -> Path:
     return out
 
 
-@functools.lru_cache(maxsize=2)
-def _hf_model(model_dir: Path, f16_weights: bool = False) -> Any:
-    """The transformers model in float32; with ``f16_weights`` its matrices rounded to float16
-    first (what an f16 GGUF holds; llama.cpp still computes in f32)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if f16_weights:
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.ndim == 2:
-                    p.copy_(p.half().float())
-    return model
+_hf_model = functools.lru_cache(maxsize=2)(cpp.hf_model)  # each model loaded once (and once rounded to f16)
 
 
 def _hf_greedy(model_dir: Path, ids: list[int], n: int = NEW_TOKENS, f16_weights: bool = False) -> list[int]:
