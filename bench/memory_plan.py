@@ -45,9 +45,9 @@ CARDS: list[tuple[str, float, dict[str, Any]]] = [
     ("lora", 0, {"lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "max_seq_len": 1024, "micro_batch_size": 8}),
 ]
 CALIBRATE = [(4, 0), (4, 8), (4, 32), (1, 32), (2, 16)]  # (micro-batch, layers kept)
-# unsloth's default (its recomputing checkpointing) on the same shapes, call M3 of 2026-12-01 (docs/benchmarks.md);
-# for a same-call ratio run `bench/train_throughput.py all --groups unsloth` in the same device call
-UNSLOTH_REF = {("qlora", 64): 12380, ("lora", 16): 12793}
+# unsloth's cases of the same shapes (its default, recomputing checkpointing) in bench/train_throughput.py:
+# `--unsloth <its out>/peer/results.jsonl` from the same device call gives the ratio lines of the summary
+UNSLOTH_CASE = {("qlora", 64): "unsloth_qlora_nf4_r64all_s1024_b8_ckpt", ("lora", 16): "unsloth_bf16_r16all_s1024_b8_ckpt"}
 
 
 def make_7b() -> None:
@@ -188,8 +188,9 @@ def run_calibrate(mode: str) -> list[dict[str, Any]]:
     return rows
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """The docs table: one line per card run."""
+def table(rows: list[dict[str, Any]], unsloth: dict[str, dict[str, Any]] | None = None) -> str:
+    """The docs table: one line per card run, then each whole-card row against unsloth's row of the
+    same shape (``unsloth``: its results by case name, from the same device call)."""
     out = ["| mode | card GiB | plan (from `--mode` only) | fits | tok/s | predicted GiB | real peak GiB | error |",
            "|---|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -201,14 +202,22 @@ def table(rows: list[dict[str, Any]]) -> str:
         out.append(f"| {r['mode']}{shape} | {r['card_gib']} | {r['plan']} | {'yes' if r.get('fits') else '**OOM**'} | {tok} | "
                    f"{r.get('predicted_gib')} | {r.get('peak_gib')} | {err} |")
     for r in rows:
-        ref = UNSLOTH_REF.get((r.get("mode"), r.get("r")))
-        if r.get("kind") == "card" and ref and r.get("tok_per_s"):
-            out.append(f"\n{r['mode']} r{r['r']} on the whole card: {r['tok_per_s']:,} tok/s = {r['tok_per_s'] / ref:.2f}x "
-                       f"unsloth's {ref:,} (call M3, 2026-12-01)")
+        ref = (unsloth or {}).get(UNSLOTH_CASE.get((r.get("mode"), r.get("r")), ""))
+        if r.get("kind") == "card" and ref and ref.get("tok_per_s") and r.get("tok_per_s"):
+            out.append(f"\n{r['mode']} r{r['r']} on the whole card: {r['tok_per_s']:,} tok/s, {r['peak_gib']} GiB = "
+                       f"{r['tok_per_s'] / ref['tok_per_s']:.2f}x unsloth's {ref['tok_per_s']:,} tok/s ({ref['peak_gib']} GiB)")
     return "\n".join(out)
 
 
-def orchestrate(out: Path, budget_s: float, what: list[str], only: list[int] | None = None) -> None:
+def load_unsloth(path: Path | None) -> dict[str, dict[str, Any]]:
+    """unsloth's rows by case name from a ``peer/results.jsonl`` of bench/train_throughput.py (none without a path)."""
+    if path is None:
+        return {}
+    rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return {r["case"]: r for r in rows if r.get("peer") == "unsloth"}
+
+
+def orchestrate(out: Path, budget_s: float, what: list[str], only: list[int] | None = None, unsloth: Path | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     make_7b()
@@ -236,7 +245,7 @@ def orchestrate(out: Path, budget_s: float, what: list[str], only: list[int] | N
         print(f"== {job} rc={rc} {time.time() - t0:.0f}s", *[json.dumps(g) for g in got], sep="\n", flush=True)
         if rc:
             print(se[-2000:], flush=True)
-    text = table(rows)
+    text = table(rows, load_unsloth(unsloth))
     (out / "summary.md").write_text(text + "\n")
     print(text)
 
@@ -248,6 +257,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/out")))
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--cards", default=None, help="comma-separated CARDS indices (default: all)")
+    ap.add_argument("--unsloth", type=Path, default=None,
+                    help="peer/results.jsonl of bench/train_throughput.py --groups unsloth from the same call: ratio lines")
     a = ap.parse_args()
     if a.what == "card":
         mode, gib, extra = CARDS[int(a.arg)]
@@ -257,7 +268,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     else:
         only = [int(x) for x in a.cards.split(",")] if a.cards else None
-        orchestrate(a.out, a.budget_s, ["calibrate", "cards"] if a.what == "all" else [a.what], only)
+        orchestrate(a.out, a.budget_s, ["calibrate", "cards"] if a.what == "all" else [a.what], only, a.unsloth)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ def test_eval_on_cuda(tiny_hf_model_dir: Path, tmp_path: Path) -> None:
     qs.write_text(json.dumps({"question_id": 1, "turns": ["Hi", "Again?"]}) + "\n")
     out = tmp_path / "eval"
     assert main(["eval", "--base", str(tiny_hf_model_dir), "--tuned", str(tiny_hf_model_dir), "--val", str(val), "-o", str(out),
-                 "--questions", str(qs), "--max-new-tokens", "4", "--device", "cuda"]) == 0
+                 "--questions", str(qs), "--max-new-tokens", "4", "--device", "cuda",
+                 "--retention-items", '["bundled"]']) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["device"] == "cuda" and m["base_ppl"] == pytest.approx(m["tuned_ppl"])
