@@ -61,6 +61,12 @@ class CleanSettings:
         minimum=1,
     )
     workers: int = opt(0, "processes to use; 0 = all cores", minimum=0)
+    rename: list[str] = opt(
+        [], "names to replace in every turn, each 'OLD => NEW' (whole names, longest first, after the HTML is "
+        "converted): give other data sets' assistant and maker the names your data teaches, e.g. ['Vicuna => Llama "
+        "Pipe', 'Large Model Systems Organization (LMSYS) => the llama-pipe project']. clean reports the names the "
+        "replies introduce (stats 'introductions'); empty: no renaming",
+    )
 
 
 @dataclass

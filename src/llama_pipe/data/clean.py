@@ -11,7 +11,8 @@ Per record, in this order (the reject reason in brackets):
    a turn whose markdown would be longer than ``max_growth`` x its input + 10,000 characters
    [too_large] (checked before a table or list is built, so memory stays bounded);
 5. the conversation is cut before its first empty (or whitespace-only) turn (FastChat does the
-   same), to an even number of turns; nothing left [empty_turn];
+   same), to an even number of turns; nothing left [empty_turn]; the ``rename`` entries are
+   applied to every turn (:mod:`llama_pipe.data.identity`);
 6. a gpt turn that starts with a blocked reply ("Too many requests in 1 hour...") [blocked_reply]
    or contains a blocked word, case-insensitively [blocked_word];
 7. fewer than ``min_turns`` turns [too_few_turns] or fewer than ``min_chars`` characters in all
@@ -46,12 +47,14 @@ from llama_pipe.data.common import (
     batched,
     conversation_problem,
     dedup_text,
+    log,
     log_settings,
     pool_map,
     progress,
     resolve_workers,
     within_budget,
 )
+from llama_pipe.data.identity import introductions, renamer
 from llama_pipe.data.markdown import ConversionError, to_markdown
 from llama_pipe.records import InvalidLine, Record, read_records
 from llama_pipe.settings import add_settings_arguments
@@ -106,6 +109,11 @@ def clean_record(rec: Any, cfg: CleanSettings) -> Outcome:
     new = new[: len(new) // 2 * 2]
     if not new:
         return Outcome(None, "empty_turn", "the first exchange has an empty turn after cleaning")
+    rename = renamer(tuple(cfg.rename))
+    renamed = [{"from": t["from"], "value": rename(t["value"])} for t in new]
+    if renamed != new:
+        new = renamed
+        notes.append("renamed")
     blocked_words = [w.lower() for w in cfg.blocked_words if w]
     for i, turn in enumerate(new):
         if turn["from"] != "gpt":
@@ -154,16 +162,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(parser, CleanSettings, "clean")
 
 
-def clean_file(inp: str | Path, out: str | Path, cfg: CleanSettings,
-               rejects: str | Path | None = None, stats: str | Path | None = None,
-               also_read: Iterable[str | Path] = ()) -> StageWriter:
+def clean_file(
+    inp: str | Path,
+    out: str | Path,
+    cfg: CleanSettings,
+    rejects: str | Path | None = None,
+    stats: str | Path | None = None,
+    also_read: Iterable[str | Path] = (),
+) -> StageWriter:
     """Run the stage; returns the finished writer (stats on disk). ``also_read``: further files
     the run reads (its ``--config``), which no output may replace."""
     items = list(read_records(inp))
     objs = [None if isinstance(obj, InvalidLine) else obj for _, obj in items]
     workers = min(resolve_workers(cfg.workers), max(1, len(objs) // BATCH))
     outcomes = pool_map(_clean_batch, batched(objs, BATCH), workers, initializer=_init, initargs=(cfg,))
+    renamer(tuple(cfg.rename))  # a malformed entry is a ConfigError before any work
     notes: Counter[str] = Counter()
+    names: Counter[str] = Counter()
+    makers: Counter[str] = Counter()
     seen_ids: set[str] = set()
     seen_first: set[tuple[str, str]] = set()
     with StageWriter("clean", out, rejects, stats, inputs=[inp, *also_read]) as w:
@@ -187,10 +203,40 @@ def clean_file(inp: str | Path, out: str | Path, cfg: CleanSettings,
             seen_ids.add(rec["id"])
             seen_first.add(first)
             notes.update(res.notes)
+            count_introductions(rec, names, makers)
             w.keep(rec)
         w.extra["repaired"] = dict(sorted(notes.items()))
         w.extra["workers"] = workers
+        w.extra["introductions"] = {"names": dict(names.most_common(20)), "makers": dict(makers.most_common(20))}
+    warn_about_names(names, makers)
     return w
+
+
+def count_introductions(rec: Record, names: Counter[str], makers: Counter[str]) -> None:
+    """Add the assistant names and makers the record's gpt turns introduce (each once per record)."""
+    found: tuple[set[str], set[str]] = (set(), set())
+    for turn in rec["conversations"]:
+        if turn["from"] == "gpt":
+            n, m = introductions(turn["value"])
+            found[0].update(n)
+            found[1].update(m)
+    names.update(found[0])
+    makers.update(found[1])
+
+
+def warn_about_names(names: Counter[str], makers: Counter[str]) -> None:
+    """Say so when the kept replies introduce the assistant by more than one name (the makers they
+    name are listed with it; found by looser patterns, they are not a warning on their own)."""
+    if len(names) > 1:
+        listed = ", ".join(f"{k!r} ({v})" for k, v in names.most_common(8))
+        by = ", ".join(f"{k!r} ({v})" for k, v in makers.most_common(8)) or "none found"
+        log.warning(
+            "clean: the replies give the assistant %d names: %s conversations (makers: %s). A model trained "
+            "on them learns a blend and may name none; clean.rename maps them onto one (docs/data.md)",
+            len(names),
+            listed,
+            by,
+        )
 
 
 def run(args: argparse.Namespace) -> int:
