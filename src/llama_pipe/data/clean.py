@@ -162,21 +162,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(parser, CleanSettings, "clean")
 
 
-def clean_file(
-    inp: str | Path,
-    out: str | Path,
-    cfg: CleanSettings,
-    rejects: str | Path | None = None,
-    stats: str | Path | None = None,
-    also_read: Iterable[str | Path] = (),
-) -> StageWriter:
+def clean_file(inp: str | Path, out: str | Path, cfg: CleanSettings,
+               rejects: str | Path | None = None, stats: str | Path | None = None,
+               also_read: Iterable[str | Path] = ()) -> StageWriter:
     """Run the stage; returns the finished writer (stats on disk). ``also_read``: further files
     the run reads (its ``--config``), which no output may replace."""
+    renamer(tuple(cfg.rename))  # a malformed entry is a ConfigError before any work
     items = list(read_records(inp))
     objs = [None if isinstance(obj, InvalidLine) else obj for _, obj in items]
     workers = min(resolve_workers(cfg.workers), max(1, len(objs) // BATCH))
     outcomes = pool_map(_clean_batch, batched(objs, BATCH), workers, initializer=_init, initargs=(cfg,))
-    renamer(tuple(cfg.rename))  # a malformed entry is a ConfigError before any work
     notes: Counter[str] = Counter()
     names: Counter[str] = Counter()
     makers: Counter[str] = Counter()
@@ -230,13 +225,9 @@ def warn_about_names(names: Counter[str], makers: Counter[str]) -> None:
     if len(names) > 1:
         listed = ", ".join(f"{k!r} ({v})" for k, v in names.most_common(8))
         by = ", ".join(f"{k!r} ({v})" for k, v in makers.most_common(8)) or "none found"
-        log.warning(
-            "clean: the replies give the assistant %d names: %s conversations (makers: %s). A model trained "
-            "on them learns a blend and may name none; clean.rename maps them onto one (docs/data.md)",
-            len(names),
-            listed,
-            by,
-        )
+        log.warning("clean: the replies give the assistant %d names: %s conversations (makers: %s). A model trained "
+                    "on them learns a blend and may name none; clean.rename maps them onto one (docs/data.md)",
+                    len(names), listed, by)
 
 
 def run(args: argparse.Namespace) -> int:
