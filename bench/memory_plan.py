@@ -88,25 +88,12 @@ def _batches(rows: int, seq: int, micro: int, vocab: int) -> list[dict[str, Any]
 
 
 def _build(settings: Any, keep: int | None) -> tuple[Any, Any, Any]:
-    """The trainer's build: accelerator, model (+ layers kept), optimizer, fast path -> (acc, ctx, model)."""
-    import torch
-
-    from llama_pipe.train.loop import apply_fast_path, make_accelerator
-    from llama_pipe.train.memory import keep_layers
-    from llama_pipe.train.model import build_model
-    from llama_pipe.train.optim import fused_adamw_ok, make_optimizer
-    from llama_pipe.train.step import StepContext, logits_loss_sum
+    """The trainer's build (``llama_pipe.train.session.build_session``) -> (acc, ctx, model)."""
+    from llama_pipe.train.session import build_session, make_accelerator
 
     acc, precision = make_accelerator(settings)
-    model = build_model(CKPT, settings, acc.device, precision)
-    if keep is not None and settings.gradient_checkpointing:
-        keep_layers(model, keep)
-    optimizer = make_optimizer(model, settings, fused=fused_adamw_ok(acc))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    model, optimizer = acc.prepare(model, optimizer)
-    loss_fn = apply_fast_path(acc, model, settings) or logits_loss_sum
-    model.train()
-    return acc, StepContext(acc, model, optimizer, scheduler, settings.max_grad_norm, "stop", loss_fn), model
+    session = build_session(acc, CKPT, settings, precision, total=WARMUP + TIMED, keep=keep)
+    return acc, session.ctx, session.model
 
 
 def _steps(ctx: Any, micro: list[dict[str, Any]], n: int, first: int) -> float:

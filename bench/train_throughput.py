@@ -1,10 +1,10 @@
 """Training throughput and peak GPU memory of llama-pipe's trainer on a LLaMA-7B-shaped model.
 
-Every "ours" case runs llama-pipe's own code path: ``llama_pipe.train.model.build_model`` (the
-base in lora/qlora/int8 mode + peft adapter, gradient checkpointing), the trainer's accelerate
-set-up (``make_accelerator``: bf16 autocast), ``make_optimizer`` (AdamW on the adapter) and one
-``llama_pipe.train.step.train_step`` per step, with the fast path
-(``llama_pipe.train.fast.apply`` + its ``model_loss_sum``) unless ``kernels`` is ``none``.
+Every "ours" case runs llama-pipe's own code path: the trainer's accelerate set-up
+(``llama_pipe.train.session.make_accelerator``: bf16 autocast) and its build,
+``llama_pipe.train.session.build_session`` (the base in lora/qlora/int8 mode + peft adapter,
+gradient checkpointing, AdamW on the adapter, the schedule, the fast path unless ``kernels`` is
+``none``), then one ``llama_pipe.train.step.train_step`` per step.
 Weights are random (speed and memory do not depend on the values): the checkpoint is written
 by the peer script's ``make`` step (same shape: hidden 4096, 32 layers, vocab 32000).
 
@@ -198,33 +198,28 @@ def _fixed_batch(case: Case, vocab: int) -> tuple[dict[str, Any], int, int]:
 
 
 def run_ours(case: Case) -> dict[str, Any]:
-    """llama-pipe's trainer (build_model + accelerate + train_step), fast path unless kernels=none."""
+    """llama-pipe's trainer (``llama_pipe.train.session.build_session`` + ``train_step``), fast path unless kernels=none."""
+    from dataclasses import replace
+
     import torch
 
     from llama_pipe.train import fast
     from llama_pipe.train.dataset import collate, pack_examples
-    from llama_pipe.train.loop import make_accelerator
-    from llama_pipe.train.model import build_model
-    from llama_pipe.train.optim import fused_adamw_ok, make_optimizer
-    from llama_pipe.train.step import StepContext, logits_loss_sum, train_step
+    from llama_pipe.train.session import build_session, make_accelerator
+    from llama_pipe.train.step import train_step
 
     settings = _settings(case)
     base = CKPT if case.model == "7b" else TINY
     acc, precision = make_accelerator(settings)
     t0 = time.time()
-    model = build_model(base, settings, acc.device, precision)
-    optimizer = make_optimizer(model, settings, fused=fused_adamw_ok(acc))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    model, optimizer = acc.prepare(model, optimizer)
-    model.train()
-    loss_fn = logits_loss_sum
-    report = "kernels: none"
-    if case.kernels != "none":
+    opts = None
+    if case.kernels == "none":
+        settings = replace(settings, kernels="none")
+    else:
         opts = fast.replace(fast.FastOptions(), **{k: False for k in case.disable}, **{k: True for k in case.enable})
-        fast.apply(acc.unwrap_model(model), opts)
-        loss_fn = fast.model_loss_sum
-        report = fast.report(acc.unwrap_model(model)).describe()
-    ctx = StepContext(acc, model, optimizer, scheduler, settings.max_grad_norm, "stop", loss_fn)
+    session = build_session(acc, base, settings, precision, WARMUP + TIMED, fast_options=opts)
+    model, optimizer, ctx = session.model, session.optimizer, session.ctx
+    report = "kernels: none" if opts is None else fast.report(acc.unwrap_model(model)).describe()
     load_s = time.time() - t0
     vocab = acc.unwrap_model(model).config.vocab_size
 

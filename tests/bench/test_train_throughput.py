@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tests.bench.loader import load_bench
@@ -41,3 +43,22 @@ def test_live_at_peak_replays_the_step_from_the_blocks_that_predate_it(tt) -> No
     assert (peak, at) == (1800, 2)
     assert dict(rows) == {"frozen weights": [1000], "forward.py:7 forward": [500], "backward.py:7 backward": [300]}
     assert rows[0][0] == "frozen weights"
+
+
+def test_ours_builds_the_trainer_through_its_public_session(tt, tiny_hf_model_dir, monkeypatch) -> None:
+    """bench's "ours" cases time the model ``llama-pipe train`` builds (``train.session.build_session``),
+    not a copy of its set-up: a tiny case on CPU goes through it and trains."""
+    from llama_pipe.train import session
+
+    built = []
+    plain = session.build_session
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - test double
+        built.append(plain(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(session, "build_session", spy)
+    monkeypatch.setattr(tt, "TINY", str(tiny_hf_model_dir))
+    row = tt.run_ours(dataclasses.replace(tt.CASES["tiny_lora"], seq=64, bs=2))
+    assert len(built) == 1 and built[0].trainable > 0
+    assert row["tok_per_s"] > 0 and row["loss_last"] < row["loss_first"], row

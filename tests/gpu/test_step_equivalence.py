@@ -105,17 +105,17 @@ def test_the_fast_path_was_on(base: Path, data: tuple[Path, Path], tmp_path: Pat
     """The runs above compare what they claim to: kernels auto turns on the varlen attention, the
     fused loss and LoRA, and liger's kernels on this GPU."""
     from llama_pipe.config import ChatSettings
-    from llama_pipe.train import fast, loop
+    from llama_pipe.train import fast, session
 
     seen: list[str] = []
-    plain = loop.apply_fast_path
+    plain = session.apply_fast_path
 
     def spy(acc, model, settings, options=None):  # noqa: ANN001, ANN202 - test double
         out = plain(acc, model, settings, options)
         seen.append(fast.report(acc.unwrap_model(model)).describe())
         return out
 
-    monkeypatch.setattr(loop, "apply_fast_path", spy)
+    monkeypatch.setattr(session, "apply_fast_path", spy)
     train, val = data
     s = replace(layout(_settings("nf4", True, "auto"), 4, 1), max_steps=2)
     run_training(monkeypatch, base, train, val, tmp_path / "on", s, ChatSettings(max_seq_len=SEQ))

@@ -83,21 +83,21 @@ def run_training(
     """``llama_pipe.train.loop.train`` as the stage runs it, with a hook that records each step's gradient."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from llama_pipe.train import loop
+    from llama_pipe.train import loop, session
 
     grads: list[torch.Tensor] = []
-    plain = loop.make_optimizer
+    plain = session.make_optimizer
 
     def recording(model: Any, s: Any, fused: bool = False) -> Any:
         opt = plain(model, s, fused=fused)
         opt.register_step_pre_hook(lambda o, args, kwargs: grads.append(_flat_grad(o)))
         return opt
 
-    monkeypatch.setattr(loop, "make_optimizer", recording)
+    monkeypatch.setattr(session, "make_optimizer", recording)
     try:
         loop.train(base, train, val, out, settings, chat, fast_options=fast_options)
     finally:
-        monkeypatch.setattr(loop, "make_optimizer", plain)
+        monkeypatch.setattr(session, "make_optimizer", plain)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]

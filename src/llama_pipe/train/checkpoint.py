@@ -20,6 +20,7 @@ directory without the ``.tmp`` suffix was fully written; the manifest then catch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,10 +29,28 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.errors import InputError
+from llama_pipe.atomic import check_output_dir, is_inside, same_file
+from llama_pipe.config import ChatSettings, TrainSettings
+from llama_pipe.errors import InputError, OutputError
 from llama_pipe.records import file_digest
+from llama_pipe.settings import to_dict
+from llama_pipe.train.retention_probe import FILE as PROBE_FILE
 
 log = logging.getLogger(__name__)
+
+# Settings that do not change what is computed, so a checkpoint stays usable when they change.
+# The memory plan (checkpointing, micro-batch split) changes how, not what; the planned optimiser goes in.
+_NOT_IN_FINGERPRINT = ("resume", "keep_checkpoints", "save_every", "eval_every", "run", "memory", "gpu_memory_gib",
+                       "gradient_checkpointing")
+
+
+def fingerprint(settings: TrainSettings, chat: ChatSettings, base: Path, train_path: Path, val_path: Path, world_size: int) -> str:
+    """Identifies what a checkpoint was computed from: settings, data, base config, process count."""
+    s = {k: v for k, v in to_dict(settings).items() if k not in _NOT_IN_FINGERPRINT}
+    base_cfg = (base / "config.json").read_text(encoding="utf-8") if (base / "config.json").is_file() else ""
+    blob = json.dumps([s, to_dict(chat), file_digest(train_path), file_digest(val_path), base_cfg, world_size], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -226,3 +245,22 @@ class Checkpointer:
         if self.own_weights:
             load_trainable(self.acc.unwrap_model(model), ckpt / TRAINABLE)
         return json.loads((ckpt / TRAINER_STATE).read_text(encoding="utf-8"))
+
+
+def check_run_paths(out: Path, sources: list[Path]) -> None:
+    """Refuse an ``out`` (or its ``<OUT>.ckpt``, removed on a fresh start) that is or holds one of
+    ``sources``, or holds files train did not write: an OutputError, exit 2, before training."""
+    check_output_dir(out, sources, "train")
+    root = checkpoint_root(out)
+    for src in sources:
+        if same_file(root, src) or is_inside(src, root):
+            raise OutputError(f"{root}: the run's checkpoint directory holds the input {src}; a fresh start would delete it; "
+                              "give another -o")
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        raise OutputError(f"{root}: the run's checkpoint directory is a file or a link; remove it or give another -o")
+    if root.is_dir():
+        # what train writes there: checkpoints, snapshots, the live metrics, restart_at's temporary
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in ("checkpoints", "snapshots", "metrics.jsonl", "metrics.tmp", PROBE_FILE))
+        if foreign:
+            raise OutputError(f"{root}: holds {foreign[0]!r}, which train did not write; a fresh start would delete it; "
+                              "move it out or give another -o")

@@ -100,3 +100,18 @@ class Metrics:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
+
+
+def progress_line(step: int, total: int, start: int, loss: float, tokens_per_s: float | None, elapsed: float) -> str:
+    """``step 3/12: loss 2.1034, 812 tok/s, 41 s elapsed, ETA 2 min 03 s`` (ETA from this run's own pace)."""
+    done = step - start
+    eta = elapsed / done * (total - step) if done > 0 else float("nan")
+
+    def span(s: float) -> str:
+        if s != s:  # NaN
+            return "?"
+        m, sec = divmod(int(round(s)), 60)
+        return f"{m} min {sec:02d} s" if m else f"{sec} s"
+
+    rate = f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "? tok/s"
+    return f"step {step}/{total}: loss {loss:.4f}, {rate}, {span(elapsed)} elapsed, ETA {span(eta)}"
