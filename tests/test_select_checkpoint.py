@@ -151,3 +151,101 @@ def test_the_report_says_at_what_weight_the_adapter_entered_the_product(tmp_path
     assert "`select.scale` 0.5 was not applied" in text
     text = "\n".join(selection_lines({**sel, "scale": 0.6, "scale_not_applied": None}))
     assert "base + 0.6 x the kept step's update" in text
+
+
+def _weighted_run(root: Path, adapter: Path, full: list[bool], weighted: dict[float, list[bool]]) -> Path:
+    """A run around a real adapter whose last step (4) training scored as trained and at ``weighted``."""
+    run = _real_run(root, adapter)
+    rows = [{"step": 0, "scores": _scores(BASE)}, {"step": 4, "scores": _scores(full)}]
+    rows += [{"step": 4, "weight": w, "scores": _scores(c)} for w, c in weighted.items()]
+    (run / "retention.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def _b_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(str(path)).items() if ".lora_B." in k}
+
+
+def test_select_lowers_the_weight_to_the_highest_one_within_the_bound(tiny_hf_model_dir: Path, tmp_path: Path) -> None:
+    """As trained and at 0.5 the step loses 10 and 5 points; at 0.375 one: 0.375 is kept, the B matrices times 0.375."""
+    from tests.test_merge_adapter import make_adapter
+
+    adapter = make_adapter(tiny_hf_model_dir, tmp_path / "adapter", 7, ["q_proj", "v_proj"])
+    run = _weighted_run(tmp_path, adapter, _drop(10), {0.5: _drop(5), 0.375: _drop(1)})
+    sel = _select(run, tmp_path / "sel", "--scale", "0.5", "--min_scale", "0.25")
+    assert sel["scale"] == 0.375
+    assert [(w["weight"], w["within"]) for w in sel["weights"]] == [(0.5, False), (0.375, True)]
+    got, trained = _b_tensors(tmp_path / "sel" / "adapter_model.safetensors"), _b_tensors(adapter / "adapter_model.safetensors")
+    assert got.keys() == trained.keys() and all(torch_allclose(got[k], 0.375 * trained[k]) for k in got)
+    from llama_pipe.report_retention import selection_lines
+
+    assert "0.5: -5.0 (out of bound), 0.375: -1.0; the highest within 2 points is kept" in "\n".join(selection_lines(sel))
+
+
+def test_select_keeps_the_lowest_weight_when_none_holds_and_says_so(tiny_hf_model_dir: Path, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    from tests.test_merge_adapter import make_adapter
+
+    adapter = make_adapter(tiny_hf_model_dir, tmp_path / "adapter", 8, ["q_proj"])
+    run = _weighted_run(tmp_path, adapter, _drop(10), {0.5: _drop(8), 0.375: _drop(6), 0.25: _drop(4)})
+    sel = _select(run, tmp_path / "sel", "--scale", "0.5", "--min_scale", "0.25")
+    assert sel["scale"] == 0.25 and not any(w["within"] for w in sel["weights"])
+    assert "out of bound" in caplog.text
+    # without weighted scores (an older run, or min_scale = scale) the weight is select.scale
+    (run / "retention.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"step": 0, "scores": _scores(BASE)},
+                                                                              {"step": 4, "scores": _scores(_drop(10))}]))
+    assert _select(run, tmp_path / "sel2", "--scale", "0.5")["scale"] == 0.5
+
+
+def torch_allclose(a, b) -> bool:  # noqa: ANN001 - tensors
+    import torch
+
+    return bool(torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-6))
+
+
+def test_the_probe_scores_a_weight_as_the_adapter_select_writes(tiny_hf_model_dir: Path, tmp_path: Path) -> None:
+    """Training scores a weight by rescaling the adapter's output; select writes B x weight: the same model,
+    so the same log-likelihoods."""
+    import contextlib
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llama_pipe.config import SelectSettings
+    from llama_pipe.model_dir import resolve_template
+    from llama_pipe.select_checkpoint import write_scaled
+    from llama_pipe.train.retention_probe import RetentionProbe, read_weighted
+    from llama_pipe.weights.tokenizer import load_tokenizer
+    from tests.test_merge_adapter import make_adapter
+
+    class Acc:  # what the probe uses of accelerate's Accelerator
+        def unwrap_model(self, m):  # noqa: ANN001, ANN202
+            return m
+
+        def autocast(self):  # noqa: ANN202
+            return contextlib.nullcontext()
+
+    adapter = make_adapter(tiny_hf_model_dir, tmp_path / "adapter", 9, ["q_proj", "v_proj", "down_proj"])
+    tok = load_tokenizer(tiny_hf_model_dir)
+    template = resolve_template("auto", [tiny_hf_model_dir], tok)
+
+    def model_with(adapter_dir: Path):  # noqa: ANN202
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_hf_model_dir), dtype=torch.float32)
+        return PeftModel.from_pretrained(base, str(adapter_dir))
+
+    probe = RetentionProbe(SelectSettings(max_items=12), tok, template, None, tmp_path / "retention.jsonl", weights=[0.5])
+    model = model_with(adapter)
+    probe.score(Acc(), model, 4)
+    scaled = tmp_path / "scaled"
+    shutil.copytree(adapter, scaled)
+    write_scaled(adapter / "adapter_model.safetensors", scaled / "adapter_model.safetensors", 0.5)
+    direct = probe._score(Acc(), model_with(scaled), 5, None)
+    scored = read_weighted(tmp_path / "retention.jsonl")[4]
+    at_half, trained = scored[0.5], scored[1.0]
+    flat = lambda scores: [x for s in scores for x in s.logprobs]  # noqa: E731
+    assert flat(at_half) == pytest.approx(flat(direct), abs=1e-3)
+    assert max(abs(a - b) for a, b in zip(flat(at_half), flat(trained))) > 1e-2  # the weight changed them, and was restored:
+    assert flat(probe._score(Acc(), model, 6, None)) == pytest.approx(flat(trained), abs=1e-5)

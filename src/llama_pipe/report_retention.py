@@ -83,8 +83,15 @@ def _scale_lines(selection: dict[str, Any]) -> list[str]:
     """The weight the kept adapter entered the product at (select.scale), when not 1 or not applied."""
     scale, why = selection.get("scale", 1.0), selection.get("scale_not_applied")
     if scale != 1:
-        return [f"The product is base + {scale:g} x the kept step's update (`select.scale`: weight-space interpolation "
-                "between base and tuned, which keeps more of what the base knew; docs/evaluation.md).", ""]
+        lines = [f"The product is base + {scale:g} x the kept step's update (`select.scale`: weight-space interpolation "
+                 "between base and tuned, which keeps more of what the base knew; docs/evaluation.md)."]
+        tried = selection.get("weights") or []
+        if len(tried) > 1:
+            lines[0] += (" Retention on the dev items at each weight tried: "
+                         + ", ".join(f"{w['weight']:g}: {w['diff']:+.1f}{'' if w['within'] else ' (out of bound)'}" for w in tried)
+                         + f"; the highest within {selection.get('bound', 2.0):g} points is kept"
+                         + ("." if any(w["within"] for w in tried) else ", and none was: the lowest (`select.min_scale`) is kept."))
+        return [*lines, ""]
     if why and selection.get("scale_asked", 1.0) != 1:
         return [f"`select.scale` {selection['scale_asked']:g} was not applied: {why}.", ""]
     return []

@@ -18,8 +18,11 @@ step (the base) and at every evaluation step (``retention.jsonl``, see
 * without retention scores (``select.retention: false``, several training processes, a run from an
   older version), the last step.
 
-The kept adapter then enters the product at weight ``select.scale``: below 1 every LoRA ``B``
-matrix is multiplied by it, so the merged model is base + scale x (tuned - base), a point on the
+The kept adapter then enters the product at weight ``select.scale``, or lower: training scored the
+step at that weight too and, while it was out of bound, at lower weights down to ``select.min_scale``
+(:func:`llama_pipe.train.retention_probe.weights_to_try`); select takes the highest weight whose
+retention stays within the bound, else the lowest scored (:func:`weight_for`). Below 1 every LoRA ``B``
+matrix is multiplied by the weight, so the merged model is base + scale x (tuned - base), a point on the
 straight line between the two (WiSE-FT's weight-space interpolation, here for the low-rank update).
 Fine-tuning moves far more answers than it means to (on the default run ~13 % of ARC-Easy's
 answers change, in both directions); half-way along the line most of the new skill survives and
@@ -50,7 +53,7 @@ from llama_pipe.report_runs import read_losses
 from llama_pipe.retention import compare
 from llama_pipe.settings import add_settings_arguments
 from llama_pipe.train.retention_probe import FILE as PROBE_FILE
-from llama_pipe.train.retention_probe import read_scores
+from llama_pipe.train.retention_probe import read_scores, read_weighted
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,24 @@ def choose(rows: list[dict[str, Any]], why: str | None) -> tuple[dict[str, Any],
     return best, "no checkpoint kept retention within the bound: the one that lost least", False
 
 
+def weight_for(run: Path, step: int, settings: SelectSettings) -> tuple[float, list[dict[str, Any]]]:
+    """The weight to give step ``step``'s adapter and every weight training scored it at (highest
+    first: weight, diff, 95% interval, within). Without such scores: ``select.scale``."""
+    path = run / PROBE_FILE
+    scored = read_weighted(path) if settings.retention and path.is_file() else {}
+    base, at = scored.get(0, {}).get(1.0), scored.get(step, {})
+    # weight 1.0 is the step as trained: a candidate only when select.scale is 1 itself
+    tried = sorted((w for w in at if w <= settings.scale and (w != 1.0 or settings.scale == 1.0)), reverse=True)
+    if base is None or not tried:
+        return settings.scale, []
+    rows = []
+    for w in tried:
+        overall = compare(base, at[w], bound=settings.bound)["overall"]
+        rows.append({"weight": w, "diff": overall["diff"], "ci95": overall["ci95"], "within": overall["diff"] >= -settings.bound})
+    within = [r for r in rows if r["within"]]
+    return (within[0] if within else rows[-1])["weight"], rows
+
+
 def scale_of(adapter_dir: Path, wanted: float) -> tuple[float, str | None]:
     """The scale select can apply to ``adapter_dir`` (``wanted``, or 1 with the reason why not)."""
     if wanted == 1:
@@ -176,9 +197,12 @@ def run(args: argparse.Namespace) -> int:
     full = not (run_dir / "adapter_config.json").is_file()  # train.method full: a whole model, no snapshots
     src = Path(kept["adapter"])
     scale, not_scaled = (1.0, "a full run has no adapter") if full else scale_of(src, settings.scale)
+    weights: list[dict[str, Any]] = []
+    if scale != 1 and why is None:
+        scale, weights = weight_for(run_dir, kept["step"], settings)
     selection = {"kept_step": kept["step"], "last_step": rows[-1]["step"], "reason": reason, "within_bound": within,
                  "bound": settings.bound, "retention_used": why is None, "candidates": rows, "run": str(run_dir),
-                 "scale": scale, "scale_asked": settings.scale, "scale_not_applied": not_scaled}
+                 "scale": scale, "scale_asked": settings.scale, "scale_not_applied": not_scaled, "weights": weights}
     with atomic_dir(out, stage="select", inputs=[run_dir]) as tmp:
         for f in sorted(run_dir.iterdir()):  # tokenizer, train_config.json (the lineage), the weights of a full run
             if f.is_file() and not f.name.startswith(".") and f.suffix != ".jsonl" and f.name != "summary.json" \
@@ -201,6 +225,12 @@ def run(args: argparse.Namespace) -> int:
                     "lower train.lr or train.max_steps, or use distill", settings.bound, kept["step"])
     if not_scaled and settings.scale != 1:
         log.warning("select: select.scale %.2f not applied: %s", settings.scale, not_scaled)
+    for w in weights:
+        print(f"select: step {kept['step']} at weight {w['weight']:g}: retention {w['diff']:+.1f} against the base "
+              f"(95% CI [{w['ci95'][0]:+.1f}, {w['ci95'][1]:+.1f}]){'' if w['within'] else ' OUT OF BOUND'}"
+              f"{'  <- kept' if w['weight'] == scale else ''}")
+    if weights and not any(w["within"] for w in weights):
+        log.warning("select: even at weight %g (select.min_scale) the kept step's retention is out of bound", scale)
     weight = f", at weight {scale:g} (base + {scale:g} x the update)" if scale != 1 else ""
     print(f"select: kept step {kept['step']} of {rows[-1]['step']}{weight}: {reason} -> {out}")
     return 0

@@ -37,8 +37,12 @@ rule train:
         # llama-pipe train, or accelerate launch of it (config launch.processes > 1)
         command=lambda wildcards: train_command(),
         args=flags("train", chat=CHAT_ALL),
-        # retention scored during training (select.bound is select's alone: changing it re-runs only select)
-        select=flags("select", only=("retention", "items", "max_items", "batch_size")),
+        # retention scored during training, as trained and at the weights select may give the adapter
+        # (select.scale down to select.min_scale; select.bound is select's alone: changing it re-runs only select)
+        select=flags(
+            "select",
+            only=("retention", "items", "max_items", "batch_size", "scale", "min_scale"),
+        ),
     shell:
         "{params.command} --base={input.base:q} --train-data={input.train:q}"
         " --val-data={input.val:q} -o {output.run:q} {params.args} {params.select} > {log:q} 2>&1"
@@ -63,7 +67,7 @@ rule select:
         mem_mb=2000,
         runtime=10,
     params:
-        args=flags("select", only=("retention", "bound", "scale")),
+        args=flags("select", only=("retention", "bound", "scale", "min_scale")),
     shell:
         "llama-pipe select -o {output:q} {params.args} -- {input:q} > {log:q} 2>&1"
 

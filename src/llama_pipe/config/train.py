@@ -153,3 +153,9 @@ class SelectSettings:
         "skill (docs/evaluation.md: the measured trade-off). LoRA adapters only (dora and full runs keep 1)",
         exclusiveMinimum=0, maximum=1,
     )
+    min_scale: float = opt(
+        0.25, "lowest weight select may lower the kept adapter to, so that its retention stays within bound: training "
+        "also scores every evaluation step at select.scale, at min_scale and half-way between (each a retention "
+        "scoring, ~7 s for SmolLM2-135M on CPU); select keeps the highest of them whose retention is within bound, "
+        "else min_scale. Equal to select.scale: a fixed weight, nothing more scored. LoRA only", exclusiveMinimum=0, maximum=1,
+    )

@@ -39,7 +39,7 @@ from llama_pipe.train.memory import Planned, is_oom, plan_run, step_down
 from llama_pipe.train.optim import check_optimizer
 from llama_pipe.train.output import VerificationError
 from llama_pipe.train.retention_probe import FILE as PROBE_FILE
-from llama_pipe.train.retention_probe import RetentionProbe
+from llama_pipe.train.retention_probe import RetentionProbe, weights_to_try
 from llama_pipe.train.runstate import Metrics, StoppedBySignal, StopRequest, peak_memory, progress_line
 from llama_pipe.train.session import Session, build_session, make_accelerator
 from llama_pipe.train.step import NonFiniteLoss, evaluate, train_step
@@ -212,7 +212,8 @@ class TrainRun:
         probe = None
         if select is not None and select.retention:
             if acc.num_processes == 1:
-                probe = RetentionProbe(select, tokenizer, template, chat.system_prompt, checkpoint_root(out) / PROBE_FILE)
+                weights = weights_to_try(select) if s.method == "lora" else None  # what select can scale
+                probe = RetentionProbe(select, tokenizer, template, chat.system_prompt, checkpoint_root(out) / PROBE_FILE, weights)
             else:
                 log.info("select.retention: not scored with %d processes (select keeps the last step)", acc.num_processes)
         return cls(base, train_path, val_path, out, planned, chat, acc, precision, tokenizer, template, rows, val_rows, total,
