@@ -154,8 +154,8 @@ class SelectSettings:
         exclusiveMinimum=0, maximum=1,
     )
     min_scale: float = opt(
-        0.25, "lowest weight select may lower the kept adapter to, so that its retention stays within bound: training "
+        0.5, "lowest weight select may lower the kept adapter to, so that its retention stays within bound: training "
         "also scores every evaluation step at select.scale, at min_scale and half-way between (each a retention "
         "scoring, ~7 s for SmolLM2-135M on CPU); select keeps the highest of them whose retention is within bound, "
-        "else min_scale. Equal to select.scale: a fixed weight, nothing more scored. LoRA only", exclusiveMinimum=0, maximum=1,
+        "else min_scale. Equal to select.scale (the default): a fixed weight, nothing more scored. LoRA only", exclusiveMinimum=0, maximum=1,
     )
