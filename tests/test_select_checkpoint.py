@@ -205,6 +205,15 @@ def torch_allclose(a, b) -> bool:  # noqa: ANN001 - tensors
     return bool(torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-6))
 
 
+def test_weights_are_scored_only_when_min_scale_is_below_scale() -> None:
+    from llama_pipe.config import SelectSettings
+    from llama_pipe.train.retention_probe import weights_to_try
+
+    assert weights_to_try(SelectSettings()) == []  # the default: a fixed weight, nothing more scored in training
+    assert weights_to_try(SelectSettings(scale=0.5, min_scale=0.25)) == [0.5, 0.375, 0.25]
+    assert weights_to_try(SelectSettings(scale=0.2, min_scale=0.25)) == []
+
+
 def test_the_probe_scores_a_weight_as_the_adapter_select_writes(tiny_hf_model_dir: Path, tmp_path: Path) -> None:
     """Training scores a weight by rescaling the adapter's output; select writes B x weight: the same model,
     so the same log-likelihoods."""

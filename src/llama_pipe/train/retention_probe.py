@@ -45,10 +45,10 @@ def score_from_json(row: list[Any]) -> ItemScore:
 
 
 def weights_to_try(settings: SelectSettings) -> list[float]:
-    """The weights select may give the adapter, highest first: ``scale``, half-way to ``min_scale``,
-    ``min_scale`` (only ``scale`` when ``min_scale`` is not below it)."""
+    """The weights select may choose among, highest first: ``scale``, half-way to ``min_scale``,
+    ``min_scale``; none when ``min_scale`` is not below ``scale`` (a fixed weight: nothing to score)."""
     top, low = settings.scale, settings.min_scale
-    return [top] if low >= top else [top, round((top + low) / 2, 4), low]
+    return [] if low >= top else [top, round((top + low) / 2, 4), low]
 
 
 def read_weighted(path: Path) -> dict[int, dict[float, list[ItemScore]]]:
