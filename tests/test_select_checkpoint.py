@@ -197,6 +197,9 @@ def test_select_keeps_the_lowest_weight_when_none_holds_and_says_so(tiny_hf_mode
     (run / "retention.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"step": 0, "scores": _scores(BASE)},
                                                                               {"step": 4, "scores": _scores(_drop(10))}]))
     assert _select(run, tmp_path / "sel2", "--scale", "0.5")["scale"] == 0.5
+    # select.scale 1 (the adapter as trained) with min_scale below it: the weights are chosen among too
+    run = _weighted_run(tmp_path / "s1", adapter, _drop(10), {1.0: _drop(10), 0.625: _drop(1), 0.25: BASE})
+    assert _select(run, tmp_path / "sel3", "--scale", "1", "--min_scale", "0.25")["scale"] == 0.625
 
 
 def torch_allclose(a, b) -> bool:  # noqa: ANN001 - tensors

@@ -18,10 +18,10 @@ step (the base) and at every evaluation step (``retention.jsonl``, see
 * without retention scores (``select.retention: false``, several training processes, a run from an
   older version), the last step.
 
-The kept adapter then enters the product at weight ``select.scale``, or lower: training scored the
-step at that weight too and, while it was out of bound, at lower weights down to ``select.min_scale``
-(:func:`llama_pipe.train.retention_probe.weights_to_try`); select takes the highest weight whose
-retention stays within the bound, else the lowest scored (:func:`weight_for`). Below 1 every LoRA ``B``
+The kept adapter then enters the product at weight ``select.scale``, or lower: with
+``select.min_scale`` below it, training also scored the step at ``scale``, ``min_scale`` and half-way
+(:func:`llama_pipe.train.retention_probe.weights_to_try`), and select takes the highest of those
+weights whose retention stays within the bound, else the lowest (:func:`weight_for`). Below 1 every LoRA ``B``
 matrix is multiplied by the weight, so the merged model is base + scale x (tuned - base), a point on the
 straight line between the two (WiSE-FT's weight-space interpolation, here for the low-rank update).
 Fine-tuning moves far more answers than it means to (on the default run ~13 % of ARC-Easy's
@@ -198,8 +198,9 @@ def run(args: argparse.Namespace) -> int:
     src = Path(kept["adapter"])
     scale, not_scaled = (1.0, "a full run has no adapter") if full else scale_of(src, settings.scale)
     weights: list[dict[str, Any]] = []
-    if scale != 1 and why is None:
-        scale, weights = weight_for(run_dir, kept["step"], settings)
+    if not full and not_scaled is None and why is None:
+        chosen, weights = weight_for(run_dir, kept["step"], settings)
+        scale, not_scaled = scale_of(src, chosen)
     selection = {"kept_step": kept["step"], "last_step": rows[-1]["step"], "reason": reason, "within_bound": within,
                  "bound": settings.bound, "retention_used": why is None, "candidates": rows, "run": str(run_dir),
                  "scale": scale, "scale_asked": settings.scale, "scale_not_applied": not_scaled, "weights": weights}
