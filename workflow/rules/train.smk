@@ -41,7 +41,14 @@ rule train:
         # (select.scale down to select.min_scale; select.bound is select's alone: changing it re-runs only select)
         select=flags(
             "select",
-            only=("retention", "items", "max_items", "batch_size", "scale", "min_scale"),
+            only=(
+                "retention",
+                "items",
+                "max_items",
+                "batch_size",
+                "scale",
+                "min_scale",
+            ),
         ),
     shell:
         "{params.command} --base={input.base:q} --train-data={input.train:q}"
