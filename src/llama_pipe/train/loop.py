@@ -51,6 +51,7 @@ __all__ = ["Attempt", "Metrics", "StopRequest", "StoppedBySignal", "TrainRun", "
 
 log = logging.getLogger("llama_pipe.train")
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, type=Path, metavar="HF_DIR", help="Hugging Face base model directory (with tokenizer)")
     parser.add_argument("--train-data", required=True, type=Path, metavar="TRAIN", help="training JSONL (from `llama-pipe gather`)")
