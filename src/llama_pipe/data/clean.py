@@ -109,11 +109,12 @@ def clean_record(rec: Any, cfg: CleanSettings) -> Outcome:
     new = new[: len(new) // 2 * 2]
     if not new:
         return Outcome(None, "empty_turn", "the first exchange has an empty turn after cleaning")
-    rename = renamer(tuple(cfg.rename))
-    renamed = [{"from": t["from"], "value": rename(t["value"])} for t in new]
-    if renamed != new:
-        new = renamed
-        notes.append("renamed")
+    if cfg.rename:  # no copy of every turn when there is nothing to rename
+        rename = renamer(tuple(cfg.rename))
+        renamed = [{"from": t["from"], "value": rename(t["value"])} for t in new]
+        if renamed != new:
+            new = renamed
+            notes.append("renamed")
     blocked_words = [w.lower() for w in cfg.blocked_words if w]
     for i, turn in enumerate(new):
         if turn["from"] != "gpt":

@@ -70,6 +70,11 @@ def read_scores(path: Path) -> dict[int, list[ItemScore]]:
     return {step: by[1.0] for step, by in read_weighted(path).items() if 1.0 in by}
 
 
+def _accuracy(scores: list[ItemScore]) -> float:
+    """The share of items answered correctly, in points."""
+    return 100.0 * sum(s.correct() for s in scores) / max(len(scores), 1)
+
+
 class RetentionProbe:
     """Scores the model in training on the retention items; one line per scoring in ``path``.
     ``weights``: the weights to score a step's adapter at too (empty: only as trained)."""
@@ -114,7 +119,7 @@ class RetentionProbe:
         """Score ``model`` (as prepared by accelerate) at ``step``, and after step 0 at :attr:`weights`;
         returns the accuracy as trained, in points."""
         scores = self._score(acc, model, step, None)
-        accuracy = 100.0 * sum(s.correct() for s in scores) / max(len(scores), 1)
+        accuracy = _accuracy(scores)
         log.info("step %d: retention %.1f%% of %d items", step, accuracy, len(scores))
         if step:
             self.score_weights(acc, model, step)
@@ -127,5 +132,4 @@ class RetentionProbe:
         for weight in self.weights:
             with rescale_adapter_scale(acc.unwrap_model(model), weight):
                 scores = self._score(acc, model, step, weight)
-            accuracy = 100.0 * sum(s.correct() for s in scores) / max(len(scores), 1)
-            log.info("step %d: retention at weight %g: %.1f%%", step, weight, accuracy)
+            log.info("step %d: retention at weight %g: %.1f%%", step, weight, _accuracy(scores))
