@@ -36,7 +36,7 @@ SOURCE = os.path.join(os.path.abspath(workflow.basedir), "src")
 if os.path.isdir(os.path.join(SOURCE, "llama_pipe")):
     sys.path.insert(0, SOURCE)
 from llama_pipe.config.load import read_config_text
-from llama_pipe.errors import ConfigError
+from llama_pipe.core.errors import ConfigError
 
 # `snakemake --configfile F TARGET` reads TARGET as a second config file (--configfile takes every
 # word after it). Snakemake loads them before this file runs, so a target that does not exist stops

@@ -101,7 +101,7 @@ def build_input(work: Path, seeds: int) -> tuple[Path, int]:
 
 
 def build_tokenizer(work: Path) -> Path:
-    from llama_pipe.templates import get_template
+    from llama_pipe.chat_template.builtin import get_template
     from llama_pipe.weights.tokenizer import hf_tokenizer_from_sentencepiece, train_sentencepiece
 
     out = work / "tokenizer"
@@ -167,8 +167,8 @@ def run_fastchat(py: Path, inp: Path, work: Path, tok: Path, max_length: int) ->
 
 def quality(work: Path, tok_dir: Path, max_length: int, inp: Path) -> dict[str, dict[str, Any]]:
     """Output checks on both sides (see the module docstring)."""
+    from llama_pipe.chat_template.builtin import get_template, to_messages
     from llama_pipe.data.markdown import code_regions, fence_languages, html_tags_outside_code
-    from llama_pipe.templates import get_template, to_messages
     from llama_pipe.weights.tokenizer import load_tokenizer
 
     snippets = {code for _, code in load_make_sample().CODE}

@@ -1,7 +1,7 @@
 """Multi-GPU training under ``accelerate launch``: DDP, FSDP2 and DeepSpeed ZeRO-2/3 against one GPU.
 
 Every case is the real stage: ``accelerate launch --config_file configs/accelerate/<strategy>.yaml
--m llama_pipe.train.loop ...`` (what a user runs), or the same module without a launcher for
+-m llama_pipe train ...`` (what a user runs), or the same module without a launcher for
 the one-GPU reference. Two models:
 
 * ``tiny``: the embedded default (``results/hf_base`` + ``results/data`` from ``make run``), in
@@ -245,9 +245,9 @@ def launch_cmd(case: Case, base: Path, train: Path, val: Path, out: Path, port: 
     flags = ["--base", str(base), "--train-data", str(train), "--val-data", str(val), "-o", str(out),
              *mode_flags(case.mode), *model_flags(case.model, case.mode, case.nproc, device, case.fast)]
     if case.strategy == "single":
-        return [sys.executable, "-m", "llama_pipe.train.loop", *flags]
+        return [sys.executable, "-m", "llama_pipe", "train", *flags]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / f"{case.strategy}.yaml"),
-            "--num_processes", str(case.nproc), "--main_process_port", str(port), "-m", "llama_pipe.train.loop", *flags]
+            "--num_processes", str(case.nproc), "--main_process_port", str(port), "-m", "llama_pipe", "train", *flags]
 
 
 def run_case(

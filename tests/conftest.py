@@ -48,7 +48,7 @@ def _corpus_texts() -> list[str]:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved HF tokenizer (sentencepiece BPE, 1000 pieces) trained on the bundled sample."""
-    from llama_pipe.templates import get_template
+    from llama_pipe.chat_template.builtin import get_template
     from llama_pipe.weights.tokenizer import hf_tokenizer_from_sentencepiece, train_sentencepiece
 
     out = tmp_path_factory.mktemp("tokenizer")

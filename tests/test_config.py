@@ -20,9 +20,9 @@ from llama_pipe.config import (
     load_raw_config,
     settings_from_args,
 )
-from llama_pipe.errors import ConfigError
-from llama_pipe.schema_cmd import REFERENCE_PATH, SCHEMA_PATH, render_reference, render_schema
-from llama_pipe.settings import add_settings_arguments, from_dict, settings_to_argv, shell_args, to_dict
+from llama_pipe.config.schema import REFERENCE_PATH, SCHEMA_PATH, render_reference, render_schema
+from llama_pipe.core.errors import ConfigError
+from llama_pipe.core.settings import add_settings_arguments, from_dict, settings_to_argv, shell_args, to_dict
 from tests.conftest import REPO
 
 
@@ -187,7 +187,7 @@ def test_config_file_rewrite_keeps_values_and_notes_and_adds_every_key(tmp_path:
 
 
 def test_full_training_over_a_quantised_base_is_a_config_error() -> None:
-    from llama_pipe.config_checks import config_errors
+    from llama_pipe.config.checks import config_errors
 
     cfg = Config(train=TrainSettings(method="full", base_storage="nf4"))
     assert any("needs base_storage float" in e for e in config_errors(cfg))

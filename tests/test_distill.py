@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from llama_pipe import distill
 from llama_pipe.cli import main
 from llama_pipe.config import DistillSettings
-from llama_pipe.generation import ChatModel, Completion
+from llama_pipe.data import distill
+from llama_pipe.models.generation import ChatModel, Completion
 from tests.conftest import SHARED_DATA
 
 IDENTITY = "I am Llama Pipe, an AI assistant. How can I help?"
@@ -335,13 +335,13 @@ def test_bundled_replay_prompts_are_not_eval_questions() -> None:
     def norm(text: str) -> str:
         return " ".join(text.lower().split()).strip(" ?.!")
 
-    from llama_pipe.heldout import bundled_questions
+    from llama_pipe.evaluation.heldout import bundled_questions
 
     asked = {norm(t) for line in bundled_questions().read_text().splitlines() for t in json.loads(line)["turns"]}
     mt_bench = SHARED_DATA / "mt_bench_questions.jsonl"
     if mt_bench.is_file():
         asked |= {norm(t) for line in mt_bench.read_text().splitlines() if line.strip() for t in json.loads(line)["turns"]}
-    from llama_pipe.retention import load_items  # the retention bank: replaying its questions would inflate retention
+    from llama_pipe.evaluation.retention import load_items  # the retention bank: replaying its questions would inflate retention
 
     asked |= {norm(item.question) for item in load_items()}
     assert not {norm(p) for p in prompts} & asked

@@ -46,7 +46,7 @@ def tuned_dir(tiny_hf_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from llama_pipe.templates import get_template, to_messages, tokenize_with_labels
+    from llama_pipe.chat_template.builtin import get_template, to_messages, tokenize_with_labels
     from llama_pipe.weights.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("tuned")
@@ -75,7 +75,7 @@ def tuned_dir(tiny_hf_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def test_eval_writes_metrics_and_multi_turn_answers(tiny_hf_model_dir: Path, tuned_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    from llama_pipe import generation
+    from llama_pipe.models import generation
 
     seen: list[list[dict]] = []
     original = generation.ChatModel.prompt_ids
@@ -104,7 +104,7 @@ def test_eval_writes_metrics_and_multi_turn_answers(tiny_hf_model_dir: Path, tun
     assert second[0][1]["content"] == first_answers[("base", 1)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "q.jsonl", "val.jsonl"]
     # Question 1 has expected answers: each model's last answer is scored, question 2 is not.
-    from llama_pipe.heldout import is_correct
+    from llama_pipe.evaluation.heldout import is_correct
 
     for a in answers:
         if a["question_id"] == 1:
@@ -120,8 +120,8 @@ def test_eval_writes_metrics_and_multi_turn_answers(tiny_hf_model_dir: Path, tun
 def test_perplexity_counts_only_assistant_tokens_and_ignores_padding(tiny_hf_model_dir: Path, tmp_path: Path, tokenizer) -> None:
     from transformers import AutoModelForCausalLM
 
-    from llama_pipe.evaluate import encode_val, nll_sum
-    from llama_pipe.templates import get_template
+    from llama_pipe.chat_template.builtin import get_template
+    from llama_pipe.evaluation.eval import encode_val, nll_sum
 
     rows, counts = encode_val(write_val(tmp_path / "val.jsonl"), tokenizer, get_template("vicuna_v1.1"), None, 1024)
     assert counts == {"read": len(PAIRS), "truncated": 0, "no_target": 0}
@@ -142,10 +142,10 @@ def test_perplexity_counts_only_assistant_tokens_and_ignores_padding(tiny_hf_mod
 def test_answers_are_reproducible_with_the_seed(tiny_hf_model_dir: Path, tmp_path: Path, tokenizer) -> None:
     from transformers import AutoModelForCausalLM
 
+    from llama_pipe.chat_template.builtin import get_template
     from llama_pipe.config import EvalSettings
-    from llama_pipe.evaluate import answer_questions, read_questions
-    from llama_pipe.generation import ChatModel
-    from llama_pipe.templates import get_template
+    from llama_pipe.evaluation.eval import answer_questions, read_questions
+    from llama_pipe.models.generation import ChatModel
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_hf_model_dir), dtype=torch.float32).eval()
     chat = ChatModel(model, tokenizer, get_template("vicuna_v1.1"), "m")
@@ -180,7 +180,7 @@ def test_bad_inputs_are_clear(tiny_hf_model_dir: Path, tmp_path: Path, capsys) -
 
 
 def test_matching_an_expected_answer() -> None:
-    from llama_pipe.heldout import is_correct
+    from llama_pipe.evaluation.heldout import is_correct
 
     assert is_correct("Hello! I'm llama  pipe, an AI assistant.", ["Llama Pipe"])
     assert is_correct("I am Llama\nPipe.", ["Llama Pipe"])
@@ -191,7 +191,7 @@ def test_matching_an_expected_answer() -> None:
 
 
 def test_scores_per_category_and_model() -> None:
-    from llama_pipe.heldout import score_rows
+    from llama_pipe.evaluation.heldout import score_rows
 
     qs = [{"question_id": "i1", "category": "identity", "turns": ["Who?"], "expected": ["Llama Pipe"]},
           {"question_id": "i2", "category": "identity", "turns": ["Name?"], "expected": ["Llama Pipe"]},
@@ -214,7 +214,7 @@ def test_scores_per_category_and_model() -> None:
 
 def test_default_questions_are_the_bundled_held_out_set_from_any_directory(tmp_path: Path, monkeypatch) -> None:
     from llama_pipe.config import EvalSettings
-    from llama_pipe.evaluate import read_questions
+    from llama_pipe.evaluation.eval import read_questions
 
     monkeypatch.chdir(tmp_path)  # outside the project folder
     assert EvalSettings().questions is None and EvalSettings().temperature == 0 and EvalSettings().max_questions == 0
@@ -228,7 +228,7 @@ def test_default_questions_are_the_bundled_held_out_set_from_any_directory(tmp_p
 
 
 def test_held_out_questions_are_not_in_the_training_sample() -> None:
-    from llama_pipe.evaluate import read_questions
+    from llama_pipe.evaluation.eval import read_questions
 
     def norm(text: str) -> str:
         return " ".join(text.lower().split()).strip(" ?!.")

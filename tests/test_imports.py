@@ -102,5 +102,54 @@ def test_lazy_and_relative_imports_count(tmp_path: Path) -> None:
 
 def test_no_import_circle_in_the_package() -> None:
     edges = graph()
-    assert len(edges) > 50 and "llama_pipe.templates" in edges["llama_pipe.evaluate"] | edges["llama_pipe.model_dir"]
+    assert len(edges) > 50 and "llama_pipe.chat_template.builtin" in edges["llama_pipe.evaluation.eval"] | edges["llama_pipe.models.model_dir"]
     assert circles(edges) == [], "modules that import each other (directly or through others)"
+
+
+# ----------------------------------------------------------------------------- floors
+
+#: The package's floors, lowest first (docs/architecture.md): a module may import its own floor and
+#: the floors below it, never one above. Within a floor, packages may import each other as long as
+#: no circle forms (checked above). The longest matching prefix decides a module's floor.
+FLOORS: tuple[tuple[str, ...], ...] = (
+    ("llama_pipe.core", "llama_pipe.assets"),
+    ("llama_pipe.config",),
+    ("llama_pipe.stages",),
+    ("llama_pipe.chat_template",),
+    ("llama_pipe.weights",),
+    ("llama_pipe.models",),
+    ("llama_pipe.data", "llama_pipe.train", "llama_pipe.adapters", "llama_pipe.evaluation", "llama_pipe.report", "llama_pipe.serve"),
+    ("llama_pipe", "llama_pipe.cli", "llama_pipe.entry", "llama_pipe.__main__"),
+)
+
+
+def floor_of(module: str) -> int:
+    best, found = -1, -1
+    for level, prefixes in enumerate(FLOORS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, found = len(prefix), level
+    if found < 0:
+        raise KeyError(f"{module} is on no floor: add its package to FLOORS (and to docs/architecture.md)")
+    return found
+
+
+def upward(edges: dict[str, set[str]]) -> list[str]:
+    """Imports from a lower floor to a higher one."""
+    return sorted(f"{a} (floor {floor_of(a)}) imports {b} (floor {floor_of(b)})"
+                  for a, deps in edges.items() for b in deps if floor_of(b) > floor_of(a))
+
+
+def test_the_floor_check_finds_an_upward_import() -> None:
+    edges = {"llama_pipe.core.records": {"llama_pipe.models.model_dir"}, "llama_pipe.data.clean": {"llama_pipe.core.records"}}
+    assert upward(edges) == ["llama_pipe.core.records (floor 0) imports llama_pipe.models.model_dir (floor 5)"]
+    assert floor_of("llama_pipe.cli") == len(FLOORS) - 1 and floor_of("llama_pipe.config.schema") == 1
+
+
+def test_every_module_is_on_a_floor_and_none_imports_upward() -> None:
+    edges = graph()
+    for module in edges:
+        floor_of(module)
+    assert upward(edges) == [], "a lower floor imports a higher one (docs/architecture.md, 'The floors')"
+    top = set(FLOORS[-1])
+    assert not [m for m in edges if m not in top and floor_of(m) == len(FLOORS) - 1]

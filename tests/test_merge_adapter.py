@@ -93,7 +93,7 @@ def test_one_adapter_matches_peft(tiny_hf_model_dir: Path, adapters: dict[str, P
     assert side["template"] == "vicuna_v1.1" and side["adapters"][0]["path"] == str(adapters["a"])
     gen = json.loads((out / "generation_config.json").read_text())
     assert tokenizer.eos_token_id in (gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]])
-    from llama_pipe.templates import get_template
+    from llama_pipe.chat_template.builtin import get_template
     from llama_pipe.weights.tokenizer import load_tokenizer
 
     written = load_tokenizer(out)
@@ -332,7 +332,7 @@ def test_a_merged_model_whose_weights_changed_is_a_base_of_its_own(tiny_hf_model
                                                                     tmp_path: Path, caplog) -> None:
     from safetensors.torch import load_file, save_file
 
-    from llama_pipe.lineage import model_lineage
+    from llama_pipe.models.lineage import model_lineage
     from llama_pipe.weights.fingerprint import weights_fingerprint
 
     out = tmp_path / "merged"

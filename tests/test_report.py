@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from llama_pipe.cli import main
-from llama_pipe.stage_writer import StageWriter
+from llama_pipe.core.stage_writer import StageWriter
 
 
 def stage_stats(path: Path, stage: str, kept: int, rejected: dict[str, int], unit: str = "records") -> Path:

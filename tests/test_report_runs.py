@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llama_pipe.cli import main
-from llama_pipe.stage_writer import StageWriter
+from llama_pipe.core.stage_writer import StageWriter
 
 
 def _ev(tuned_ppl: float, retention: float | None, general: tuple[int, int] = (20, 30), base_ppl: float = 40.0,

@@ -1,5 +1,5 @@
 """Retention: the bundled item bank, multiple-choice log-likelihood scoring, the paired statistics
-and the style-collapse measures (llama_pipe.retention)."""
+and the style-collapse measures (llama_pipe.evaluation.retention)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from llama_pipe.errors import InputError
-from llama_pipe.retention import (
+from llama_pipe.core.errors import InputError
+from llama_pipe.evaluation.retention import (
     BENCHMARKS,
     HUMANEVAL,
     Item,
@@ -168,7 +168,7 @@ def _naive(model, tokenizer, template, item: Item) -> list[float]:
     """Each choice scored by itself: the whole conversation through the full model."""
     import torch
 
-    from llama_pipe.retention import _encode
+    from llama_pipe.evaluation.retention import _encode
 
     out = []
     with torch.inference_mode():
@@ -180,8 +180,8 @@ def _naive(model, tokenizer, template, item: Item) -> list[float]:
 
 @pytest.mark.parametrize("template_name", ["vicuna_v1.1", "chatml"])
 def test_scores_equal_one_forward_per_choice_and_do_not_depend_on_the_batch(tiny_hf_model_dir: Path, template_name: str) -> None:
-    from llama_pipe.model_dir import load_float_base
-    from llama_pipe.templates import get_template
+    from llama_pipe.chat_template.builtin import get_template
+    from llama_pipe.models.model_dir import load_float_base
     from llama_pipe.weights.tokenizer import load_tokenizer
 
     tok, model = load_tokenizer(tiny_hf_model_dir), load_float_base(tiny_hf_model_dir)
@@ -201,9 +201,9 @@ def test_scores_equal_one_forward_per_choice_and_do_not_depend_on_the_batch(tiny
 def test_a_model_that_always_prefers_the_first_choice_scores_the_share_of_first_answers(tiny_hf_model_dir: Path) -> None:
     import torch
 
-    from llama_pipe.model_dir import load_float_base
-    from llama_pipe.retention import _encode
-    from llama_pipe.templates import get_template
+    from llama_pipe.chat_template.builtin import get_template
+    from llama_pipe.evaluation.retention import _encode
+    from llama_pipe.models.model_dir import load_float_base
     from llama_pipe.weights.tokenizer import load_tokenizer
 
     tok, model = load_tokenizer(tiny_hf_model_dir), load_float_base(tiny_hf_model_dir)
@@ -284,7 +284,7 @@ def test_style_reports_the_most_common_opening_and_distinct_2() -> None:
 
 
 def test_lm_eval_rows_hold_the_scored_text(tiny_hf_model_dir: Path) -> None:
-    from llama_pipe.templates import get_template
+    from llama_pipe.chat_template.builtin import get_template
     from llama_pipe.weights.tokenizer import load_tokenizer
 
     template = get_template("chatml", load_tokenizer(tiny_hf_model_dir))
@@ -304,9 +304,9 @@ def test_lm_eval_scores_our_task_file_as_we_do(tiny_hf_model_dir: Path, tmp_path
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from llama_pipe.model_dir import load_float_base
-    from llama_pipe.retention import write_lm_eval_task
-    from llama_pipe.templates import get_template
+    from llama_pipe.chat_template.builtin import get_template
+    from llama_pipe.evaluation.retention import write_lm_eval_task
+    from llama_pipe.models.model_dir import load_float_base
     from llama_pipe.weights.tokenizer import load_tokenizer
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llama_pipe.cli import main
-from llama_pipe.retention import ItemScore
+from llama_pipe.evaluation.retention import ItemScore
 from llama_pipe.train.retention_probe import score_to_json
 
 
@@ -143,7 +143,7 @@ def test_scale_is_not_applied_to_a_dora_adapter_and_says_why(tiny_hf_model_dir: 
 
 
 def test_the_report_says_at_what_weight_the_adapter_entered_the_product(tmp_path: Path) -> None:
-    from llama_pipe.report_retention import selection_lines
+    from llama_pipe.report.retention import selection_lines
 
     run = make_run(tmp_path, {0: 3.0, 12: 1.2}, {0: BASE, 12: BASE})
     sel = _select(run, tmp_path / "sel", "--scale", "0.5")  # a fake adapter: not LoRA, so not scaled, and said
@@ -179,7 +179,7 @@ def test_select_lowers_the_weight_to_the_highest_one_within_the_bound(tiny_hf_mo
     assert [(w["weight"], w["within"]) for w in sel["weights"]] == [(0.5, False), (0.375, True)]
     got, trained = _b_tensors(tmp_path / "sel" / "adapter_model.safetensors"), _b_tensors(adapter / "adapter_model.safetensors")
     assert got.keys() == trained.keys() and all(torch_allclose(got[k], 0.375 * trained[k]) for k in got)
-    from llama_pipe.report_retention import selection_lines
+    from llama_pipe.report.retention import selection_lines
 
     assert "0.5: -5.0 (out of bound), 0.375: -1.0; the highest within 2 points is kept" in "\n".join(selection_lines(sel))
 
@@ -226,9 +226,9 @@ def test_the_probe_scores_a_weight_as_the_adapter_select_writes(tiny_hf_model_di
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from llama_pipe.adapters.select import write_scaled
+    from llama_pipe.chat_template.resolve import resolve_template
     from llama_pipe.config import SelectSettings
-    from llama_pipe.model_dir import resolve_template
-    from llama_pipe.select_checkpoint import write_scaled
     from llama_pipe.train.retention_probe import RetentionProbe, read_weighted
     from llama_pipe.weights.tokenizer import load_tokenizer
     from tests.test_merge_adapter import make_adapter

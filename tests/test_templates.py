@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from llama_pipe.templates import IGNORE_INDEX, TEMPLATES, VICUNA_SYSTEM, get_template, tokenize_with_labels
+from llama_pipe.chat_template.builtin import IGNORE_INDEX, TEMPLATES, VICUNA_SYSTEM, get_template, tokenize_with_labels
 
 CONVS = [
     [
@@ -139,7 +139,7 @@ def _chat_ids(tokenizer, msgs) -> list[int]:  # type: ignore[no-untyped-def]
 
 
 def _training_ids(tokenizer, template, msgs) -> tuple[list[int], list[int]]:  # type: ignore[no-untyped-def]
-    from llama_pipe.templates import to_messages
+    from llama_pipe.chat_template.builtin import to_messages
     from llama_pipe.train.dataset import encode_record
 
     system = msgs[0]["content"] if msgs[0]["role"] == "system" else None

@@ -1,22 +1,19 @@
 """Running one stage as a command: logging set up, and the errors a user can fix
-(:class:`~llama_pipe.errors.InputError`, :class:`~llama_pipe.errors.ConfigError`) shown as one
+(:class:`~llama_pipe.core.errors.InputError`, :class:`~llama_pipe.core.errors.ConfigError`) shown as one
 line with exit status 2 (an interrupt: 130).
 
-Used by ``llama-pipe STAGE`` (:mod:`llama_pipe.cli`, which routes) and by ``python -m
-llama_pipe.train.loop`` (one process per rank under a launcher, which takes train's flags).
+Used by ``llama-pipe STAGE`` and ``python -m llama_pipe STAGE`` (:mod:`llama_pipe.cli`, which routes).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from llama_pipe.atomic import running_stage
-from llama_pipe.errors import ConfigError, InputError
-from llama_pipe.stages import BY_NAME
+from llama_pipe.core.atomic import running_stage
+from llama_pipe.core.errors import ConfigError, InputError
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -38,14 +35,3 @@ def run_stage(name: str, runner: Callable[[argparse.Namespace], int | None], arg
     except KeyboardInterrupt:
         print(f"llama-pipe {name}: interrupted", file=sys.stderr)
         return 130
-
-
-def stage_main(name: str, argv: Sequence[str] | None = None) -> int:
-    """One stage's own command line (its flags only), as ``llama-pipe NAME ARGV`` runs it."""
-    st = BY_NAME[name]
-    mod = importlib.import_module(st.module)
-    parser = argparse.ArgumentParser(prog=f"llama-pipe {name}", description=st.help)
-    mod.add_arguments(parser)
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    setup_logging()
-    return run_stage(name, mod.run, args)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from llama_pipe.core.errors import ConfigError
 from llama_pipe.data.identity import introductions, parse_renames, renamer
-from llama_pipe.errors import ConfigError
 from tests.data.conftest import cli, read_jsonl, stats_of, turns, write_jsonl
 
 RENAME = [

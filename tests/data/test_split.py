@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from llama_pipe.templates import get_template, to_messages, tokenize_with_labels
+from llama_pipe.chat_template.builtin import get_template, to_messages, tokenize_with_labels
 from tests.data.conftest import cli, read_jsonl, stats_of, turns, write_jsonl
 
 

@@ -6,6 +6,7 @@ A stage is run in-process through ``llama_pipe.cli.main`` (the same code path as
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -106,25 +107,20 @@ def stage_argv(stage: str, inputs: list[Path], out_dir: Path, tokenizer_dir: Pat
         return ["eval", "--base", str(model_dir), "--tuned", str(model_dir), "--val", str(CORPUS / "crlf.jsonl"),
                 "--questions", ins[0], "-o", str(ev), "--device", "cpu", "--max-questions", "1",
                 "--max-new-tokens", "4"], [ev], []
-    out = out_dir / f"{stage}.jsonl"
-    stats = out_dir / f"{stage}.stats.json"
-    if stage == "merge":
-        return ["merge", *ins, "-o", str(out)], [out], [stats]
-    if stage == "clean":
-        return ["clean", ins[0], "-o", str(out), "--workers", "1"], [out], [stats]
-    if stage == "filter-lang":
-        return ["filter-lang", ins[0], "-o", str(out)], [out], [stats]
-    if stage == "split":
-        assert tokenizer_dir is not None
-        return ["split", ins[0], "-o", str(out), "--tokenizer", str(tokenizer_dir)], [out], [stats]
-    if stage == "shard":
+    st = BY_NAME[stage]  # a data stage: its command line from the registry (llama_pipe.stages.LAYOUTS)
+    if st.layout == "records":
+        out = out_dir / f"{stage}.jsonl"
+        flags = ["--tokenizer", str(tokenizer_dir)] if st.tokenizer else []
+        if st.settings is not None and "workers" in {f.name for f in dataclasses.fields(st.settings)}:
+            flags += ["--workers", "1"]
+        ins = ins if st.records_from is None else ins[:1]  # merge reads every input, the others one file
+        return [stage, *ins, "-o", str(out), *flags], [out], [out_dir / f"{stage}.stats.json"]
+    if st.layout == "shards":
         d = out_dir / "shards"
-        return ["shard", ins[0], "--n", "2", "-o", str(d)], [d], [d / "shard.stats.json"]
-    if stage == "gather":
+        return [stage, ins[0], "--n", "2", "-o", str(d)], [d], [d / f"{stage}.stats.json"]
+    if st.layout == "sets":
         tr, va = out_dir / "train.jsonl", out_dir / "val.jsonl"
-        return ["gather", *ins, "--train", str(tr), "--val", str(va)], [tr, va], [out_dir / "gather.stats.json"]
-    if stage in BY_NAME and BY_NAME[stage].per_shard:  # the data stage contract: IN -o OUT, stats beside
-        return [stage, ins[0], "-o", str(out)], [out], [stats]
+        return [stage, *ins, "--train", str(tr), "--val", str(va)], [tr, va], [out_dir / f"{stage}.stats.json"]
     raise ValueError(stage)
 
 
@@ -199,7 +195,7 @@ def check_record(rec: Any, where: str, strict: bool = True) -> None:
 
 
 def rejects_of(out: Path) -> list[dict[str, Any]]:
-    from llama_pipe.records import rejects_path
+    from llama_pipe.core.records import rejects_path
 
     path = rejects_path(out)
     assert path.is_file(), f"no rejects file {path}"

@@ -175,7 +175,7 @@ def test_time_budget_keeps_an_outer_timer() -> None:
     """The per-record alarm puts back a timer that was running before (e.g. a test timeout)."""
     import signal
 
-    from llama_pipe.data.common import within_budget
+    from llama_pipe.core.budget import within_budget
 
     fired: list[int] = []
     old = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
@@ -322,8 +322,8 @@ def test_disk_full_leaves_nothing(stage: str, nth: int, tmp_path: Path, capsys: 
 def test_abort_survives_a_failing_close(tmp_path: Path) -> None:
     """A full disk makes the buffered rest fail again on close: abort still removes the
     temporaries and does not raise, and the stage's error is one OutputError."""
-    from llama_pipe.errors import OutputError
-    from llama_pipe.stage_writer import StageWriter
+    from llama_pipe.core.errors import OutputError
+    from llama_pipe.core.stage_writer import StageWriter
 
     class FullDisk:
         closed = False

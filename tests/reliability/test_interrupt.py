@@ -343,7 +343,7 @@ def test_next_writer_removes_temporaries_of_a_killed_writer(kind: str, tmp_path:
     out = tmp_path / ("out.jsonl" if kind == "file" else "hf_base")
     make = (f"f = AtomicFile({str(out)!r}); f.fh.write('partial'); f.fh.flush(); print(f.tmp, flush=True)"
             if kind == "file" else f"t = new_temp_dir({str(out)!r}); (t / 'w').write_text('partial'); print(t, flush=True)")
-    code = f"from llama_pipe.atomic import AtomicFile, new_temp_dir\n{make}\nimport time; time.sleep(120)"
+    code = f"from llama_pipe.core.atomic import AtomicFile, new_temp_dir\n{make}\nimport time; time.sleep(120)"
     script = tmp_path / "writer.py"
     script.write_text(code, encoding="utf-8")
     # sh -> python: killing the group kills the shell too, so python is orphaned, not reaped by us.
@@ -356,7 +356,7 @@ def test_next_writer_removes_temporaries_of_a_killed_writer(kind: str, tmp_path:
         os.killpg(killed.pid, signal.SIGKILL)
         killed.wait()
         time.sleep(0.05)
-        from llama_pipe.atomic import AtomicFile, new_temp_dir
+        from llama_pipe.core.atomic import AtomicFile, new_temp_dir
 
         if kind == "file":
             f = AtomicFile(out)
@@ -378,7 +378,7 @@ def test_atomic_dir_is_all_or_nothing(failure: type[BaseException] | None, tmp_p
     """``atomic_dir``, which every directory-writing stage uses: on success the new directory
     replaces the old one whole; on any exception in the body (an interrupt included) the older
     directory stays as it was and no temporary is left beside it."""
-    from llama_pipe.atomic import MARKER, atomic_dir
+    from llama_pipe.core.atomic import MARKER, atomic_dir
 
     out = tmp_path / "out"
     with atomic_dir(out) as first:  # the older output, written the same way (a foreign directory is never replaced)

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from llama_pipe.settings import _leaf_fields
+from llama_pipe.core.settings import _leaf_fields
 from tests.reliability import harness as h
 
 REPO = Path(__file__).resolve().parents[2]
@@ -269,7 +269,7 @@ def test_a_stage_keeps_another_stages_output_and_replaces_its_own(tmp_path: Path
     """A directory records which stage wrote it and its files (``.llama-pipe-output.json``): shard
     replaces its own earlier output and an empty directory, but report refuses shard's output,
     and shard refuses its own output once someone added a file to it."""
-    MARKER = ".llama-pipe-output.json"  # noqa: N806 - llama_pipe.atomic.MARKER
+    MARKER = ".llama-pipe-output.json"  # noqa: N806 - llama_pipe.core.atomic.MARKER
     data = _write_jsonl(tmp_path / "in" / "records.jsonl", _records())
     shards = tmp_path / "shards"
     shards.mkdir()  # empty: fine
@@ -392,7 +392,7 @@ def test_gather_keeps_every_chunk_of_a_conversation_on_one_side(tmp_path: Path, 
 
 def _float_fields() -> list[tuple[str, str, type]]:
     from llama_pipe.config import SECTIONS
-    from llama_pipe.settings import _strip_optional
+    from llama_pipe.core.settings import _strip_optional
 
     return [(section, name, cls) for section, cls in SECTIONS.items() for name, tp, _ in _leaf_fields(cls)
             if _strip_optional(tp)[0] is float]
@@ -405,8 +405,8 @@ def test_nan_and_infinity_are_refused_in_every_float_setting(tmp_path: Path) -> 
     import argparse
 
     from llama_pipe.config import load_config, settings_from_args
-    from llama_pipe.errors import ConfigError
-    from llama_pipe.settings import add_settings_arguments
+    from llama_pipe.core.errors import ConfigError
+    from llama_pipe.core.settings import add_settings_arguments
 
     fields = _float_fields()
     assert len(fields) >= 15, fields
@@ -552,7 +552,7 @@ def test_settings_that_start_with_a_dash_reach_the_stage_as_values() -> None:
     import argparse
 
     from llama_pipe.config import SECTIONS
-    from llama_pipe.settings import _strip_optional, add_settings_arguments, settings_to_argv, shell_args
+    from llama_pipe.core.settings import _strip_optional, add_settings_arguments, settings_to_argv, shell_args
 
     checked = 0
     for section, cls in SECTIONS.items():
@@ -656,7 +656,7 @@ def test_torn_last_line_of_live_metrics_is_dropped_on_resume(tmp_path: Path, cap
 def test_report_reads_metrics_with_a_torn_last_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """report (and ``--compare``) read a metrics file whose last line was cut off: the row is
     dropped with a warning, the report is written. A bad line in the middle is still exit 2."""
-    from llama_pipe.report_runs import read_losses
+    from llama_pipe.report.runs import read_losses
 
     path = tmp_path / "metrics.jsonl"
     _torn_metrics(path)
@@ -734,7 +734,7 @@ def test_split_time_is_linear_in_the_pairs_of_one_record(tmp_path: Path, tokeniz
         run(inp, tmp_path / f"{out}.spans.jsonl")
         assert (tmp_path / f"{out}.out.jsonl").read_bytes() == (tmp_path / f"{out}.spans.jsonl").read_bytes(), out
     # ... and the greedy rule: each chunk fits, and could not take the next pair.
-    from llama_pipe.templates import get_template, to_messages
+    from llama_pipe.chat_template.builtin import get_template, to_messages
 
     template = get_template("model", tok)
     chunks = h.read_jsonl(tmp_path / "one.out.jsonl")
@@ -751,7 +751,7 @@ def test_split_time_is_linear_in_the_pairs_of_one_record(tmp_path: Path, tokeniz
 def test_marker_lists_exactly_what_the_stage_wrote(tmp_path: Path) -> None:
     """The record a directory output carries is deterministic (a re-run writes the same bytes, so
     a killed-and-rerun stage still ends byte-identical) and lists every file but itself."""
-    from llama_pipe.atomic import MARKER, atomic_dir
+    from llama_pipe.core.atomic import MARKER, atomic_dir
 
     outs = []
     for name in ("a", "b"):

@@ -62,7 +62,7 @@ def deadline(seconds: int = STALL_SECONDS) -> Iterator[None]:
 def short_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 1 s render budget for the stage matrices (one test keeps the real one)."""
     try:
-        import llama_pipe.chat_jinja as cj
+        import llama_pipe.chat_template.jinja as cj
     except ImportError:  # the code before this round: nothing to shorten
         return
     monkeypatch.setattr(cj, "RENDER_SECONDS", 1.0)
@@ -112,7 +112,7 @@ def _argv(stage: str, model: Path, adapter: Path, data: Path, out: Path) -> list
 def _run(stage: str, model: Path, adapter: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
          monkeypatch: pytest.MonkeyPatch, seconds: int = STALL_SECONDS) -> tuple[h.Run, set[Path], float]:
     """Run ``stage`` on ``model`` in-process (serve must not start serving); (run, files before, seconds)."""
-    from llama_pipe.serve.server import ChatServer
+    from llama_pipe.serve.serve import ChatServer
 
     def never(self: ChatServer, *a: object, **k: object) -> None:
         raise AssertionError("serve started serving the model")
@@ -294,9 +294,9 @@ UNIT_TEMPLATES = {
 def test_model_template_bounds(name: str, tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each hostile template, as the tokenizer's own, is an InputError naming where it came from,
     within the budget (1 s here) and without taking the machine's memory."""
-    import llama_pipe.chat_jinja as cj
-    from llama_pipe.errors import InputError
-    from llama_pipe.templates import get_template
+    import llama_pipe.chat_template.jinja as cj
+    from llama_pipe.chat_template.builtin import get_template
+    from llama_pipe.core.errors import InputError
 
     monkeypatch.setattr(cj, "RENDER_SECONDS", 1.0)
     tok = copy.deepcopy(tokenizer)
@@ -314,9 +314,9 @@ def test_template_rendered_in_another_thread_is_bounded_too(tokenizer: Any, monk
     still refused within the budget there."""
     import threading
 
-    import llama_pipe.chat_jinja as cj
-    from llama_pipe.errors import InputError
-    from llama_pipe.templates import get_template
+    import llama_pipe.chat_template.jinja as cj
+    from llama_pipe.chat_template.builtin import get_template
+    from llama_pipe.core.errors import InputError
 
     monkeypatch.setattr(cj, "RENDER_SECONDS", 1.0)
     tok = copy.deepcopy(tokenizer)
@@ -352,7 +352,7 @@ COMPLEX_TEMPLATE = (
 
 def test_bounded_renderer_renders_what_apply_chat_template_renders(tokenizer: Any) -> None:
     """The bounded renderer gives transformers' text for an ordinary (rich) template."""
-    from llama_pipe.model_template import model_template
+    from llama_pipe.chat_template.model import model_template
 
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = COMPLEX_TEMPLATE
@@ -418,7 +418,7 @@ CASES = [
 
 
 def _case(request: pytest.FixtureRequest, name: str, kind: str) -> tuple[Any, Any]:
-    from llama_pipe.templates import get_template
+    from llama_pipe.chat_template.builtin import get_template
 
     fixture = {"sentencepiece": "tokenizer", "llama3": "llama3_tokenizer", "byte-level": "byte_level_tokenizer"}[kind]
     tok = request.getfixturevalue(fixture)
@@ -440,8 +440,8 @@ def test_control_strings_in_messages_are_text(request: pytest.FixtureRequest, na
     replies mention end-of-turn markers: its ids hold exactly the control tokens the template writes
     for the same conversation without them, the text survives, and every reply gets exactly one
     end-of-turn label."""
-    from llama_pipe import templates
-    from llama_pipe.templates import IGNORE_INDEX
+    from llama_pipe.chat_template import builtin as templates
+    from llama_pipe.chat_template.builtin import IGNORE_INDEX
 
     def encode_conversation(tok: Any, tpl: Any, msgs: list[dict[str, str]]) -> tuple[list[int], list[int]]:
         if hasattr(templates, "encode_conversation"):
@@ -467,9 +467,9 @@ def test_training_examples_and_split_agree_on_forged_control_strings(
 ) -> None:
     """The training path (train.dataset.encode_record) labels one end-of-turn per reply, and split
     measures the same number of tokens for the same record (split's fast Rust path included)."""
+    from llama_pipe.chat_template.builtin import IGNORE_INDEX
     from llama_pipe.config import SplitSettings
     from llama_pipe.data.split import split_file
-    from llama_pipe.templates import IGNORE_INDEX
     from llama_pipe.train.dataset import encode_record
 
     tok, tpl = _case(request, name, kind)
@@ -495,7 +495,7 @@ def test_training_examples_and_split_agree_on_forged_control_strings(
 def test_prompt_ids_hold_no_forged_turn(request: pytest.FixtureRequest, name: str, kind: str) -> None:
     """chat and serve (ChatModel.prompt_ids): a user message that closes its turn and opens a
     system one gives no more control tokens than the template writes for the honest conversation."""
-    from llama_pipe.generation import ChatModel
+    from llama_pipe.models.generation import ChatModel
 
     tok, tpl = _case(request, name, kind)
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096))
@@ -508,7 +508,7 @@ def test_prompt_ids_hold_no_forged_turn(request: pytest.FixtureRequest, name: st
 def test_vocabulary_that_spells_a_control_token_from_text_falls_back_to_characters(tokenizer: Any) -> None:
     """Where the text-only tokenizer still makes a control id (its vocabulary spells the token),
     that stretch is tokenized character by character: still no control id from message text."""
-    from llama_pipe.control_tokens import ControlTokens
+    from llama_pipe.chat_template.control_tokens import ControlTokens
 
     ct = ControlTokens(tokenizer)
     twin, anchor = ct._twin_tokenizer()
@@ -537,9 +537,9 @@ def test_vocabulary_that_spells_a_control_token_from_text_falls_back_to_characte
 def test_split_auto_resolves_the_template_train_uses(tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A base converted by hand with another template (here: chatml) and split left on auto: split
     measures with chatml, as train renders, and its token counts are train's for every chunk."""
-    from llama_pipe import model_dir
+    from llama_pipe.chat_template.builtin import get_template
+    from llama_pipe.chat_template.resolve import resolve_template
     from llama_pipe.config import ChatSettings
-    from llama_pipe.templates import get_template
     from llama_pipe.train.dataset import encode_record
     from llama_pipe.weights.tokenizer import load_tokenizer
 
@@ -547,10 +547,7 @@ def test_split_auto_resolves_the_template_train_uses(tokenizer_dir: Path, tmp_pa
     tok = load_tokenizer(tok_dir)
     (tok_dir / "chat_template.jinja").write_text(get_template("chatml").jinja_for(tok), encoding="utf-8")
     train_tok = load_tokenizer(tok_dir)
-    if hasattr(model_dir, "resolve_template"):  # what train does
-        train_tpl = model_dir.resolve_template(ChatSettings().template, [tok_dir], train_tok)
-    else:  # the code before this round
-        train_tpl = get_template(model_dir.pick_template(ChatSettings().template, [tok_dir], train_tok), train_tok)
+    train_tpl = resolve_template(ChatSettings().template, [tok_dir], train_tok)  # what train does
     assert train_tpl.name == "chatml"
     records = [{"id": f"r{k}", "conversations": [t for n in range(6) for t in (
         {"from": "human", "value": f"What is {n} plus {k}?"}, {"from": "gpt", "value": f"It is {n + k}, since {n} + {k} = {n + k}."})]}

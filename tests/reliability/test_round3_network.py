@@ -232,7 +232,7 @@ def test_hostile_redirect_is_exit_2_naming_the_url(release: dict[str, bytes], wh
 
 def test_redirect_from_https_to_http_is_refused(tmp_path: Path) -> None:
     """A step down from https to plain http would let the network rewrite the checksums: refused."""
-    from llama_pipe.errors import InputError
+    from llama_pipe.core.errors import InputError
     from llama_pipe.weights.fetch import fetch
 
     class Redirect:
@@ -266,7 +266,7 @@ def test_endless_checklist_is_cut_off(release: dict[str, bytes], tmp_path: Path,
 def test_endless_file_body_is_cut_off_at_its_bound(release: dict[str, bytes], tmp_path: Path) -> None:
     """fetch's size bound holds for any file: a body without a length that runs past ``max_bytes``
     is refused at the bound, and the partial file is dropped (nothing to resume from)."""
-    from llama_pipe.errors import InputError
+    from llama_pipe.core.errors import InputError
     from llama_pipe.weights.fetch import fetch, new_session
 
     with hostile(release) as server:
@@ -483,7 +483,7 @@ ALTERNATING_JINJA = ("{{- bos_token -}}{%- for m in messages -%}{%- if (m['role'
 @pytest.fixture(scope="module")
 def tiny_chat(tiny_hf_model_dir: Path):  # type: ignore[no-untyped-def]
     h.require_stage("serve")
-    from llama_pipe.generation import load_chat_model
+    from llama_pipe.models.generation import load_chat_model
 
     return load_chat_model(tiny_hf_model_dir, device="cpu", model_id="tiny")
 
@@ -492,7 +492,7 @@ def tiny_chat(tiny_hf_model_dir: Path):  # type: ignore[no-untyped-def]
 def server_for(model: Any, **overrides: object) -> Iterator[Any]:
     """The real ChatServer on 127.0.0.1 (port 0) in a thread, shut down by its own handle on exit."""
     from llama_pipe.config import ServeSettings
-    from llama_pipe.serve.server import ChatServer
+    from llama_pipe.serve.serve import ChatServer
 
     kw: dict[str, object] = {"port": 0, "max_tokens": 8, "max_request_bytes": 8192, "device": "cpu", **overrides}
     server = ChatServer(model, ServeSettings(**kw))  # type: ignore[arg-type]
@@ -535,9 +535,9 @@ def _stream_text(server: Any, body: dict[str, Any]) -> str:
 
 
 def _with_template(tiny_chat: Any, tokenizer_dir: Path, jinja: str | None, builtin: str | None = None) -> Any:
-    from llama_pipe.generation import ChatModel
-    from llama_pipe.model_template import model_template
-    from llama_pipe.templates import get_template
+    from llama_pipe.chat_template.builtin import get_template
+    from llama_pipe.chat_template.model import model_template
+    from llama_pipe.models.generation import ChatModel
     from llama_pipe.weights.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
@@ -682,7 +682,7 @@ def test_health_answers_under_300_slow_connections(tiny_chat) -> None:  # type: 
 
 
 def _counting(tiny_chat: Any, delay: float = 0.01) -> Any:
-    from llama_pipe.generation import ChatModel
+    from llama_pipe.models.generation import ChatModel
 
     class Counting(ChatModel):
         """The tiny model, ``delay`` s per token, never ending early; counts the tokens it computes."""
@@ -809,7 +809,7 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
 
 def _scripted(tiny_chat: Any) -> tuple[Any, list[int]]:
     """The tiny model replaced by a script: '我是一个' then the first two of the three bytes of '龘'."""
-    from llama_pipe.generation import ChatModel
+    from llama_pipe.models.generation import ChatModel
 
     tok = tiny_chat.tokenizer
     ids = tok("我是一个龘", add_special_tokens=False)["input_ids"]

@@ -101,8 +101,8 @@ def test_malicious_pickle_in_adapter_is_refused(
     h.check_clean_failure(h.Run("merge-adapter", argv, rc, err), h.case("malicious_pickle_adapter")["message"], before, tmp_path)
 
     # The same adapter handed to chat/serve (merged in memory) is refused the same way.
-    from llama_pipe.errors import InputError
-    from llama_pipe.generation import load_chat_model
+    from llama_pipe.core.errors import InputError
+    from llama_pipe.models.generation import load_chat_model
 
     with pytest.raises(InputError, match="adapter_model.bin"):
         load_chat_model(tiny_hf_model_dir, [adapter], device="cpu")
@@ -249,7 +249,7 @@ def test_trust_remote_code_enabled_is_warned(
     import logging
 
     from llama_pipe.config import ChatSettings, LoraSettings, TrainSettings
-    from llama_pipe.train.loop import train
+    from llama_pipe.train.train import train
 
     data = tmp_path / "d.jsonl"
     data.write_text((h.CORPUS / "crlf.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
@@ -342,8 +342,8 @@ def test_run_name_cannot_escape_results(name: str) -> None:
     """``train.run`` names the directory ``results/<run>``: a name that is not one plain path
     component (``..`` would make the train output ``results/`` itself) is a config error."""
     from llama_pipe.config import TrainSettings
-    from llama_pipe.errors import ConfigError
-    from llama_pipe.settings import from_dict
+    from llama_pipe.core.errors import ConfigError
+    from llama_pipe.core.settings import from_dict
 
     with pytest.raises(ConfigError, match="run"):
         from_dict(TrainSettings, {"run": name}, root="train")

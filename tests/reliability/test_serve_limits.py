@@ -19,7 +19,7 @@ from tests.reliability import harness as h
 @pytest.fixture(scope="module")
 def tiny_chat(tiny_hf_model_dir: Path):  # type: ignore[no-untyped-def]
     h.require_stage("serve")
-    from llama_pipe.generation import load_chat_model
+    from llama_pipe.models.generation import load_chat_model
 
     return load_chat_model(tiny_hf_model_dir, device="cpu", model_id="tiny")
 
@@ -28,7 +28,7 @@ def tiny_chat(tiny_hf_model_dir: Path):  # type: ignore[no-untyped-def]
 def running(model, **overrides: object) -> Iterator:  # type: ignore[no-untyped-def,type-arg]
     """A real ChatServer on 127.0.0.1 (port 0) in a thread, shut down on exit."""
     from llama_pipe.config import ServeSettings
-    from llama_pipe.serve.server import ChatServer
+    from llama_pipe.serve.serve import ChatServer
 
     kw: dict[str, object] = {"port": 0, "max_tokens": 8, "max_request_bytes": 8192, "device": "cpu", **overrides}
     server = ChatServer(model, ServeSettings(**kw))  # type: ignore[arg-type]

@@ -240,7 +240,7 @@ def _stage_argv(stage: str, model: Path, adapter: Path, data: Path, out: Path) -
 
 def _run_damaged(stage: str, model: Path, adapter: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                  monkeypatch: pytest.MonkeyPatch) -> tuple[h.Run, set[Path]]:
-    from llama_pipe.serve.server import ChatServer
+    from llama_pipe.serve.serve import ChatServer
 
     def never(self: ChatServer, *a: object, **k: object) -> None:
         raise AssertionError("serve started serving a damaged model")

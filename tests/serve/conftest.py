@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llama_pipe.config import ServeSettings
-from llama_pipe.generation import ChatModel, SamplingParams, load_chat_model
+from llama_pipe.models.generation import ChatModel, SamplingParams, load_chat_model
 
 
 class SlowChatModel(ChatModel):
@@ -28,7 +28,7 @@ def chat_model(tiny_hf_model_dir: Path) -> ChatModel:
 
 
 def start_server(model: ChatModel, **overrides: object):
-    from llama_pipe.serve.server import ChatServer
+    from llama_pipe.serve.serve import ChatServer
 
     settings = ServeSettings(port=0, max_tokens=64, max_request_bytes=4096, **overrides)  # type: ignore[arg-type]
     server = ChatServer(model, settings)

@@ -126,7 +126,7 @@ def test_page_on_another_origin_cannot_drive_generation(browser, chat_model) -> 
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from llama_pipe.generation import ChatModel
+    from llama_pipe.models.generation import ChatModel
     from tests.serve.conftest import start_server
 
     calls: list[int] = []

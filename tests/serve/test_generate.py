@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llama_pipe.cli import main
-from llama_pipe.generation import ChatModel, Completion, SamplingParams
+from llama_pipe.models.generation import ChatModel, Completion, SamplingParams
 from llama_pipe.serve.chat import chat_loop
 
 
@@ -169,7 +169,7 @@ def test_chat_bad_model_directories_are_clear(tmp_path, capsys: pytest.CaptureFi
 def test_chat_reply_prints_no_deprecation_warning(tiny_hf_model_dir, tmp_path) -> None:
     """transformers 5.2x deprecated ``past_key_values`` (argument and output) for ``cache``: its
     warning printed itself inside the first reply of ``llama-pipe chat``. The cache is passed by
-    the name the model's forward takes (llama_pipe.generation.cache_argument)."""
+    the name the model's forward takes (llama_pipe.models.generation.cache_argument)."""
     import inspect
     import os
     import subprocess

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llama_pipe.cli import main
-from llama_pipe.generation import SamplingParams, load_chat_model
+from llama_pipe.models.generation import SamplingParams, load_chat_model
 
 pytestmark = pytest.mark.gpu
 

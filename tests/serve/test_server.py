@@ -9,7 +9,7 @@ import socket
 import openai
 import pytest
 
-from llama_pipe.generation import SamplingParams
+from llama_pipe.models.generation import SamplingParams
 
 HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 

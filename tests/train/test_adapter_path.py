@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from llama_pipe.config import ChatSettings, LoraSettings, TrainSettings
-from llama_pipe.train.loop import train
+from llama_pipe.train.train import train
 
 
 @pytest.mark.slow

@@ -15,10 +15,10 @@ import torch
 
 from llama_pipe.cli import main
 from llama_pipe.config import ChatSettings, LoraSettings, TrainSettings
-from llama_pipe.errors import InputError
-from llama_pipe.lineage import trained_on
-from llama_pipe.records import file_digest
-from llama_pipe.train.loop import train
+from llama_pipe.core.errors import InputError
+from llama_pipe.core.hashing import file_digest
+from llama_pipe.models.lineage import trained_on
+from llama_pipe.train.train import train
 from llama_pipe.weights.fingerprint import weights_fingerprint
 
 CHAT = ChatSettings(max_seq_len=128)
@@ -107,7 +107,7 @@ def test_an_adapter_trained_on_the_base_is_refused_after_another(runs: dict[str,
 
 
 def test_chat_and_serve_refuse_the_same_chain(runs: dict[str, Path]) -> None:
-    from llama_pipe.generation import load_chat_model
+    from llama_pipe.models.generation import load_chat_model
 
     with pytest.raises(InputError, match="was trained on"):
         load_chat_model(runs["base"], [runs["a"], runs["c"]], device="cpu")

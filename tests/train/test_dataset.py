@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from llama_pipe.errors import InputError
-from llama_pipe.templates import IGNORE_INDEX, get_template
+from llama_pipe.chat_template.builtin import IGNORE_INDEX, get_template
+from llama_pipe.core.errors import InputError
 from llama_pipe.train.dataset import StepPlan, collate, encode_record, load_examples, pack_examples
 from llama_pipe.train.step import logits_loss_sum
 

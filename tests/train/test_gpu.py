@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llama_pipe.config import ChatSettings, LoraSettings, TrainSettings
-from llama_pipe.train.loop import train
+from llama_pipe.train.train import train
 
 pytestmark = pytest.mark.gpu
 
@@ -67,7 +67,7 @@ def test_flash_attention_packed_rows_do_not_attend_across(tiny_hf_model_dir, tok
     pytest.importorskip("flash_attn")
     from transformers import AutoModelForCausalLM
 
-    from llama_pipe.templates import get_template
+    from llama_pipe.chat_template.builtin import get_template
     from llama_pipe.train.dataset import collate, encode_record, pack_examples
     from llama_pipe.train.step import logits_loss_sum
 

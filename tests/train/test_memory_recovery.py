@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from llama_pipe.config import ChatSettings, LoraSettings, TrainSettings
-from llama_pipe.errors import ConfigError
-from llama_pipe.train.loop import train
+from llama_pipe.core.errors import ConfigError
 from llama_pipe.train.step import logits_loss_sum
+from llama_pipe.train.train import train
 
 CHAT = ChatSettings(max_seq_len=256)
 

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from llama_pipe.config import ChatSettings, LoraSettings, TrainSettings
-from llama_pipe.errors import ConfigError
+from llama_pipe.core.errors import ConfigError
 from llama_pipe.train.checkpoint import checkpoint_root
-from llama_pipe.train.loop import train
 from llama_pipe.train.optim import InBackwardOptimizer, check_optimizer, fused_adamw_ok, make_optimizer
+from llama_pipe.train.train import train
 
 CHAT = ChatSettings(max_seq_len=256)
 

@@ -56,8 +56,8 @@ def test_one_lora_step_equals_transformers_and_peft(tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from llama_pipe.chat_template.builtin import get_template
     from llama_pipe.config import ChatSettings, LoraSettings, TrainSettings
-    from llama_pipe.templates import get_template
     from llama_pipe.train.dataset import collate, load_examples, pack_examples
     from llama_pipe.train.model import build_model
     from llama_pipe.train.step import StepContext, train_step

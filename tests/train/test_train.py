@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from llama_pipe.config import ChatSettings, LoraSettings, TrainSettings
-from llama_pipe.errors import InputError
+from llama_pipe.core.errors import InputError
 from llama_pipe.train.checkpoint import checkpoint_root, write_manifest
-from llama_pipe.train.loop import train
 from llama_pipe.train.step import NonFiniteLoss, logits_loss_sum
+from llama_pipe.train.train import train
 
 BIN = Path(sys.executable).parent
 
@@ -266,7 +266,7 @@ def test_dora_rslora_with_gradient_checkpointing(tmp_path, tiny_hf_model_dir, da
 
 
 def test_unknown_target_module_is_a_config_error(tmp_path, tiny_hf_model_dir, data_files) -> None:
-    from llama_pipe.errors import ConfigError
+    from llama_pipe.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.lora"):
         train(tiny_hf_model_dir, *data_files, tmp_path / "x", _settings(lora=LoraSettings(target_modules=["qkv_proj"])), CHAT)
@@ -368,7 +368,7 @@ def test_8bit_adamw_trains_and_resumes_exactly(tmp_path, tiny_hf_model_dir, data
 
 
 def test_paged_optimizer_needs_a_gpu(tmp_path, tiny_hf_model_dir, data_files) -> None:
-    from llama_pipe.errors import ConfigError
+    from llama_pipe.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="paged_adamw_8bit"):
         train(tiny_hf_model_dir, *data_files, tmp_path / "p", _settings(optimizer="paged_adamw_8bit", device="cpu"), CHAT)

@@ -61,8 +61,8 @@ def write_conversations(folder: Path, n_train: int = 90, n_val: int = 8, median_
 
 def row_lengths(base: Path, train: Path, max_seq_len: int, system_prompt: str | None = None) -> list[int]:
     """The packed rows' lengths, as the trainer makes them (for checking the data has what the test needs)."""
-    from llama_pipe.model_dir import pick_template
-    from llama_pipe.templates import get_template
+    from llama_pipe.chat_template.builtin import get_template
+    from llama_pipe.chat_template.resolve import pick_template
     from llama_pipe.train.dataset import load_examples, pack_examples
     from llama_pipe.weights.tokenizer import load_tokenizer
 
@@ -80,7 +80,7 @@ def run_training(
     monkeypatch: pytest.MonkeyPatch, base: Path, train: Path, val: Path, out: Path, settings: Any, chat: Any,
     fast_options: Any = None,
 ) -> Trace:
-    """``llama_pipe.train.loop.train`` as the stage runs it, with a hook that records each step's gradient."""
+    """``llama_pipe.train.train.train`` as the stage runs it, with a hook that records each step's gradient."""
     from accelerate.state import AcceleratorState, GradientState
 
     from llama_pipe.train import loop, session

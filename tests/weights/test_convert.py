@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llama_pipe.config import ConvertSettings
-from llama_pipe.errors import InputError
+from llama_pipe.core.errors import InputError
 from llama_pipe.weights import convert as convert_mod
 from llama_pipe.weights.convert import convert, parse_size
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from llama_pipe.atomic import MARKER
 from llama_pipe.cli import main
 from llama_pipe.config import BaseSettings
-from llama_pipe.errors import ConfigError, InputError
+from llama_pipe.core.atomic import MARKER
+from llama_pipe.core.errors import ConfigError, InputError
 from llama_pipe.weights import meta
 from llama_pipe.weights.download import download, source_kind
 from llama_pipe.weights.fetch import file_url, redact

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_pipe.errors import InputError
+from llama_pipe.core.errors import InputError
 from llama_pipe.weights.fingerprint import _sample_starts, weights_fingerprint
 
 

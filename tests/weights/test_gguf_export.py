@@ -19,9 +19,9 @@ import torch
 
 from llama_pipe.cli import main
 from llama_pipe.config import ConvertSettings, ExportSettings
-from llama_pipe.errors import InputError
+from llama_pipe.core.errors import InputError
 from llama_pipe.weights.convert import convert
-from llama_pipe.weights.gguf_export import export_gguf, unpermute_rows
+from llama_pipe.weights.export import export_gguf, unpermute_rows
 from llama_pipe.weights.gguf_vocab import GPT2_PATTERN, bpe_pre_name
 from llama_pipe.weights.meta import permute_for_rotary
 from llama_pipe.weights.tiktoken_bpe import LLAMA3_PATTERN

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llama_pipe.config import ExportSettings
-from llama_pipe.weights.gguf_export import export_gguf
+from llama_pipe.weights.export import export_gguf
 
 from . import gguf_llama_cpp as cpp
 from .smollm2 import smollm2
@@ -104,7 +104,7 @@ def test_llama_cpp_f16_greedy_answers_equal_transformers(smol: tuple[Path, Path]
     """The held-out questions, rendered through the model's chat template: llama.cpp on the f16 file
     answers token for token as transformers does with the same (f16-rounded) weights."""
     _need_llama_cpp()
-    from llama_pipe.evaluate import read_questions
+    from llama_pipe.evaluation.eval import read_questions
 
     qs = [q["turns"][0] for q in read_questions(None) if q["question_id"] in QUESTION_IDS]
     assert len(qs) == len(QUESTION_IDS)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from llama_pipe.config import ConvertSettings
-from llama_pipe.errors import InputError
+from llama_pipe.core.errors import InputError
 from llama_pipe.weights.convert import convert
 
 from .gguf_fixture import tiny_llama, write_gguf
@@ -87,7 +87,7 @@ def test_pre_tokenizer_is_recorded_and_exported_back(tmp_path: Path, pre: str, w
     import gguf
 
     from llama_pipe.config import ExportSettings
-    from llama_pipe.weights.gguf_export import export_gguf
+    from llama_pipe.weights.export import export_gguf
 
     write_gguf(tiny_llama(True), tmp_path / "tiny.gguf", pre=pre)
     convert(tmp_path / "tiny.gguf", tmp_path / "hf", ConvertSettings())
@@ -99,7 +99,7 @@ def test_pre_tokenizer_is_recorded_and_exported_back(tmp_path: Path, pre: str, w
 def test_without_own_template_the_configured_one_is_written(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from llama_pipe.templates import get_template
+    from llama_pipe.chat_template.builtin import get_template
 
     write_gguf(tiny_llama(True), tmp_path / "tiny.gguf")
     convert(tmp_path / "tiny.gguf", tmp_path / "hf", ConvertSettings(), template="chatml")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_pipe.atomic import MARKER
 from llama_pipe.cli import main
 from llama_pipe.config import BaseSettings, TinyModelSettings
-from llama_pipe.errors import ConfigError
+from llama_pipe.core.atomic import MARKER
+from llama_pipe.core.errors import ConfigError
 from llama_pipe.weights import meta
 from llama_pipe.weights.make_base import make_base
 

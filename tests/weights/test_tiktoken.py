@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llama_pipe.config import ConvertSettings
-from llama_pipe.errors import InputError
+from llama_pipe.core.errors import InputError
 from llama_pipe.weights.convert import convert
 from llama_pipe.weights.tiktoken_bpe import (
     BOS,
@@ -120,9 +120,9 @@ def test_a_tokenizer_without_pad_or_unk_gets_a_spare_special_token(tiktoken_mode
 def test_converted_llama3_trains_with_the_llama3_template(make_meta, tiktoken_model: Path, tmp_path: Path) -> None:
     """convert -> train (template llama-3) on a LLaMA-3-layout checkpoint: replies and <|eot_id|>
     are the only labels, and the loss goes down."""
+    from llama_pipe.chat_template.builtin import get_template, to_messages, tokenize_with_labels
     from llama_pipe.config import ChatSettings, LoraSettings, TrainSettings
-    from llama_pipe.templates import get_template, to_messages, tokenize_with_labels
-    from llama_pipe.train.loop import train
+    from llama_pipe.train.train import train
     from llama_pipe.weights.tokenizer import load_tokenizer
 
     vocab = len(read_ranks(tiktoken_model)) + 256

@@ -47,11 +47,10 @@ def write(path: str | Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def writes_records(stage: str) -> bool:
-    """A stage of the common contract (``-o OUT.jsonl``, its stats and rejects beside it): merge,
-    distill and every per-shard stage of :mod:`llama_pipe.stages` (shard and gather have their own)."""
+def layout(stage: str) -> str | None:
+    """The stage's command line and outputs as the registry describes them (:data:`llama_pipe.stages.LAYOUTS`)."""
     s = BY_NAME.get(stage)
-    return s is not None and (s.name in ("merge", "distill") or s.per_shard)
+    return s.layout if s is not None else None
 
 
 def stage_files(out: str, text: str) -> None:
@@ -72,22 +71,22 @@ def main(argv: list[str]) -> int:
     text = json.dumps(argv) + "\n"
     if stage in ("make-base", "download"):
         write(Path(positionals(rest)[0]) / "params.json", text)
-    elif writes_records(stage):
+    elif layout(stage) == "records":
         positionals(rest)
         stage_files(flag(rest, "-o"), text)
-    elif stage == "shard":
+    elif layout(stage) == "shards":
         positionals(rest)
         out = Path(flag(rest, "-o"))
         for i in range(int(flag(rest, "--n"))):
             write(out / f"shard-{i:03d}.jsonl", text)
-        write(out / "shard.stats.json", json.dumps({"in": 1, "out": 1, "rejected": {}}))
-        write(out / "shard.rejects.jsonl", "")
-    elif stage == "gather":
+        write(out / f"{stage}.stats.json", json.dumps({"in": 1, "out": 1, "rejected": {}}))
+        write(out / f"{stage}.rejects.jsonl", "")
+    elif layout(stage) == "sets":
         positionals(rest)
         train = Path(flag(rest, "--train"))
         write(flag(rest, "--val"), text)
-        write(train.with_name("gather.stats.json"), json.dumps({"in": 1, "out": 1, "rejected": {}}))
-        write(train.with_name("gather.rejects.jsonl"), "")
+        write(train.with_name(f"{stage}.stats.json"), json.dumps({"in": 1, "out": 1, "rejected": {}}))
+        write(train.with_name(f"{stage}.rejects.jsonl"), "")
         write(train, text)
     elif stage == "train" and os.environ.get("FAKE_TRAIN_PIDFILE"):
         write(Path(flag(rest, "-o")) / "metrics.jsonl", text)  # half-written

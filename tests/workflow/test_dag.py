@@ -106,7 +106,7 @@ def test_launch_processes_runs_train_under_accelerate_launch(fresh_workflow: Pat
     accel = "configs/accelerate/fsdp.yaml"  # relative to the working directory, where it is
     assert accel in block  # an input: editing the file re-runs training
     assert (f"accelerate launch --config_file {accel} --num_processes 4 --main_process_port 29500 "
-            "--module llama_pipe.train.loop --base=results/hf_base") in out
+            "--module llama_pipe train --base=results/hf_base") in out
     missing = snakemake(fresh_workflow, "-n", "--config", 'launch={"processes": 2, "accelerate_config": "nope.yaml"}',
                         check=False)
     assert missing.returncode != 0 and "nope.yaml" in missing.stdout + missing.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from workflow_helpers import edited_config, job_counts, snakemake
 
-from llama_pipe.atomic import MARKER
+from llama_pipe.core.atomic import MARKER
 from llama_pipe.stages import DATA_STAGES
 
 AFTER_TRAIN = {"train", "select", "merge_adapter", "eval", "report", "all"}

@@ -106,3 +106,13 @@ def edited_config(workdir: Path, section: str, key: str, value: object) -> Itera
         yield
     finally:
         path.write_text(original, encoding="utf-8")
+
+
+def rerun_plan(changed: str, full_plan: dict[str, int]) -> dict[str, int]:
+    """The jobs a changed setting of stage ``changed`` should re-run, from the registry: that stage
+    and every stage reading its outputs (:func:`llama_pipe.stages.downstream`), each with its job
+    count in ``full_plan`` (a ``--forceall`` dry-run's :func:`job_counts`), plus the target rule."""
+    from llama_pipe.stages import downstream
+
+    rules = {s.rule for s in downstream(changed)} | {"all"}
+    return {rule: n for rule, n in full_plan.items() if rule in rules}

@@ -33,11 +33,11 @@ from llama_pipe.config import (
     yaml_loader,
 )
 from llama_pipe.config.load import shared_value
-from llama_pipe.config_checks import config_errors
-from llama_pipe.errors import ConfigError
-from llama_pipe.retention import BENCHMARKS
-from llama_pipe.settings import from_dict, shell_args, to_dict
-from llama_pipe.stages import DATA_STAGES
+from llama_pipe.config.checks import config_errors
+from llama_pipe.core.errors import ConfigError
+from llama_pipe.evaluation.retention import BENCHMARKS
+from llama_pipe.core.settings import from_dict, performance_keys, shell_args, to_dict
+from llama_pipe.stages import BY_NAME, DATA_STAGES, KEYED_STAGES
 
 min_version("9.0")
 
@@ -73,7 +73,7 @@ def typed_cli_values(data, schema):
 # everything downstream of it.
 #
 # Errors are one line per bad key (an unknown key names the closest valid one) and include the
-# cross-field checks the stages make (llama_pipe.config_checks), so a bad combination fails here,
+# cross-field checks the stages make (llama_pipe.config.checks), so a bad combination fails here,
 # before any job is queued, not inside a GPU job.
 # A value reached twice is a YAML alias (from a --configfile, which Snakemake read before this
 # file ran): walking it as a tree, as validation does, could take billions of steps.
@@ -233,27 +233,25 @@ def shard_paths(stage, suffix=".jsonl"):
 # (Snakemake's mtime trigger), and what follows it, as before. Performance-only knobs (workers,
 # split.batch_size) are not part of any key.
 
-# The rule params of the data stages that take settings (the rules use these, the keys hash them).
+# The params of the keyed stages that take settings (their rules pass these, the keys hash them):
+# the flags of each one's section (llama_pipe.stages: the keys it takes, and its chat keys), less
+# the performance-only knobs (workers, split.batch_size: opt(..., performance=True)).
 DATA_PARAMS = {
-    "merge": flags("merge"),
-    "clean": flags("clean", skip=("workers",)),
-    "filter_lang": flags("filter_lang", skip=("workers",)),
-    "split": flags("split", skip=("batch_size",), chat=CHAT_ALL),
-    "gather": flags("data", only=("val_fraction", "seed")),
-    "distill": flags("distill", chat=CHAT_RENDER),
+    stage.rule: flags(
+        stage.section,
+        only=stage.keys,
+        skip=performance_keys(SECTIONS[stage.section]),
+        chat=stage.chat,
+    )
+    for stage in KEYED_STAGES
+    if stage.section is not None
 }
-# Each data stage and the stage whose products it reads (None: it reads data.inputs). A new data
-# stage adds itself here (with its params above) and takes its directory from data_dir().
+# Each keyed stage and the stage whose products it reads (None: it reads data.inputs), from the
+# registry (Stage.reads): a new data stage takes its place in the chain and its directory from
+# data_dir() by its registry entry alone.
 DATA_CHAIN = {
-    "merge": None,
-    "shard": "merge",
-    "clean": "shard",
-    "filter_lang": "clean",
-    "split": "filter_lang",
-    "gather": "split",
-    # not a data stage (stages.py), but its product is keyed the same way: by gather's data, its
-    # settings and the model whose words it writes (data_made_from)
-    "distill": "gather",
+    stage.rule: stage.records_from.rule if stage.records_from else None
+    for stage in KEYED_STAGES
 }
 
 
@@ -366,7 +364,7 @@ def accelerate_config():
 
 def train_command():
     """The command that starts training: ``llama-pipe train``, or for launch.processes > 1
-    ``accelerate launch`` of the same stage (``-m llama_pipe.train.loop`` takes train's flags).
+    ``accelerate launch`` of the same stage (``--module llama_pipe train``: ``python -m llama_pipe``).
     """
     launch = config["launch"]
     if launch["processes"] == 1:
@@ -382,7 +380,8 @@ def train_command():
             "--main_process_port",
             str(launch["main_process_port"]),
             "--module",
-            "llama_pipe.train.loop",
+            "llama_pipe",
+            "train",
         ]
     )
 
@@ -408,6 +407,29 @@ def stage_outputs(stage):
         "stats": f"{directory}/shard-{{shard}}.stats.json",
         "rejects": f"{directory}/shard-{{shard}}.rejects.jsonl",
     }
+
+
+def records_in(rule):
+    """The records a keyed stage reads: the output of the stage before it in the registry
+    (``Stage.reads``) - for a per-shard stage that shard's file, for the stage after the last
+    per-shard one every shard's. Read from the earlier rule, so that rule comes first in its file.
+    """
+    stage = BY_NAME[rule.replace("_", "-")]
+    before = stage.records_from
+    if not hasattr(rules, before.rule):
+        raise WorkflowError(
+            f"the {before.rule} job makes what {rule} reads: define it first (data.smk lists them in pipeline order)"
+        )
+    out = getattr(rules, before.rule).output
+    if before.layout == "shards":
+        pattern = f"{data_dir(before.rule)}/shard-{{shard}}.jsonl"
+    elif before.layout == "sets":
+        pattern = out.train
+    else:
+        pattern = out.data
+    if "{shard}" in pattern and not stage.per_shard:
+        return expand(pattern, shard=SHARDS)
+    return pattern
 
 
 # ---------------------------------------------------------------- targets

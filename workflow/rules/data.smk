@@ -1,5 +1,7 @@
 # Data stages, scattered over data.shards shards:
 #   merge -> shard -> clean -> filter_lang -> split (one job per shard) -> gather
+# (the order is llama_pipe.stages': each rule's input is records_in(), the output of the stage
+# its registry entry reads; its params are DATA_PARAMS[rule], from its section and entry)
 # Each stage writes <out>.jsonl plus <out>.stats.json and <out>.rejects.jsonl beside it, in
 # results/data/<stage>/<key>/ (data_dir() in common.smk: keyed by what the products are made
 # from, so runs with other data settings keep each other's products).
@@ -34,7 +36,7 @@ rule merge:
 
 rule shard:
     input:
-        rules.merge.output.data,
+        records_in("shard"),
     output:
         shards=shard_paths("shard"),
         stats=f"{data_dir('shard')}/shard.stats.json",
@@ -57,7 +59,7 @@ rule shard:
 
 rule clean:
     input:
-        f"{data_dir('shard')}/shard-{{shard}}.jsonl",
+        records_in("clean"),
     output:
         **stage_outputs("clean"),
     log:
@@ -77,7 +79,7 @@ rule clean:
 
 rule filter_lang:
     input:
-        rules.clean.output.data,
+        records_in("filter_lang"),
     output:
         **stage_outputs("filter_lang"),
     log:
@@ -97,7 +99,7 @@ rule filter_lang:
 
 rule split:
     input:
-        data=rules.filter_lang.output.data,
+        data=records_in("split"),
         tokenizer=BASE_TARGET,
     output:
         **stage_outputs("split"),
@@ -123,7 +125,7 @@ rule split:
 
 rule gather:
     input:
-        shard_paths("split"),
+        records_in("gather"),
     output:
         train=DATA_TARGETS[0],
         val=DATA_TARGETS[1],

@@ -13,7 +13,7 @@ rule distill:
     input:
         # results/hf_base, or the merged model of train.base_run (common.smk: run_base)
         base=run_base,
-        train=DATA_TARGETS[0],
+        train=records_in("distill"),
         # distill.replay_prompts null: the prompts bundled with the package
         replay_prompts=as_inputs(config["distill"]["replay_prompts"]),
     output:

@@ -17,7 +17,7 @@ import re
 from typing import Any
 
 from llama_pipe.config.sections import SECTIONS, Config
-from llama_pipe.settings import nested_settings
+from llama_pipe.core.settings import nested_settings
 
 _KEY = re.compile(r"^( *)([A-Za-z_][A-Za-z0-9_]*):")
 INDENT = "  "

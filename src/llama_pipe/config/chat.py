@@ -11,14 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from llama_pipe.settings import opt
+from llama_pipe.config.section import section
+from llama_pipe.core.settings import opt
 
-#: The chat templates of llama_pipe.templates (a test checks the two lists agree).
+#: The chat templates of llama_pipe.chat_template.builtin (a test checks the two lists agree).
 TemplateName = Literal["vicuna_v1.1", "llama-2", "chatml", "llama-3"]
 #: A built-in, or the model's own Jinja ('model'), or 'auto' (see ChatSettings.template).
 TemplateChoice = Literal["auto", "model", "vicuna_v1.1", "llama-2", "chatml", "llama-3"]
 
 
+@section("chat", "chat template, system prompt and sequence length, shared by every stage that renders conversations")
 @dataclass
 class ChatSettings:
     """How conversations are rendered into tokens, the same in every stage."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from llama_pipe.settings import SEED_MAX, opt
+from llama_pipe.config.section import section
+from llama_pipe.core.settings import SEED_MAX, opt
 
 
+@section("data", "raw inputs and sharding")
 @dataclass
 class DataSettings:
     """Raw inputs and how the data stages are scattered."""
@@ -24,6 +26,7 @@ class DataSettings:
     seed: int = opt(0, "seed of the train/validation assignment (hash of the first question + seed)", minimum=0, maximum=SEED_MAX)
 
 
+@section("merge", "merge stage")
 @dataclass
 class MergeSettings:
     """``merge``: validate, normalise roles, drop duplicate ids."""
@@ -35,6 +38,7 @@ class MergeSettings:
     )
 
 
+@section("clean", "clean stage")
 @dataclass
 class CleanSettings:
     """``clean``: HTML -> markdown and FastChat's clean_sharegpt filters."""
@@ -60,7 +64,7 @@ class CleanSettings:
         "turn's input plus 10,000 characters (table padding, list indentation); checked before the text is built",
         minimum=1,
     )
-    workers: int = opt(0, "processes to use; 0 = all cores", minimum=0)
+    workers: int = opt(0, "processes to use; 0 = all cores", minimum=0, performance=True)
     rename: list[str] = opt(
         [], "names to replace in every turn, each 'OLD => NEW' (whole names, longest first, after the HTML is "
         "converted): give other data sets' assistant and maker the names your data teaches, e.g. ['Vicuna => Llama "
@@ -69,6 +73,7 @@ class CleanSettings:
     )
 
 
+@section("filter_lang", "filter-lang stage")
 @dataclass
 class FilterLangSettings:
     """``filter-lang``: one langdetect language per conversation."""
@@ -102,12 +107,13 @@ class FilterLangSettings:
     time_budget: float = opt(
         10.0, "seconds one record may take to detect; a slower one is rejected as too_slow (0 = no limit)", minimum=0,
     )
-    workers: int = opt(0, "processes to use; 0 = all cores", minimum=0)
+    workers: int = opt(0, "processes to use; 0 = all cores", minimum=0, performance=True)
     detector: Literal["langdetect", "cld2"] = opt(
         "langdetect", "language detector: langdetect (seeded, pure Python) or cld2 (pycld2, compiled, ~10x faster; pip install pycld2)"
     )
 
 
+@section("split", "split stage")
 @dataclass
 class SplitSettings:
     """``split``: whole human/gpt pairs into chunks of at most ``max_length`` tokens."""
@@ -119,13 +125,14 @@ class SplitSettings:
     on_long_pair: Literal["reject", "truncate"] = opt(
         "reject", "a single pair longer than max_length: reject it with a reason, or truncate its gpt turn"
     )
-    batch_size: int = opt(256, "texts per fast-tokenizer batch", minimum=1)
+    batch_size: int = opt(256, "texts per fast-tokenizer batch", minimum=1, performance=True)
 
 
 #: A rewrite's required facts (``distill.require``).
 RequiredFact = Literal["terms", "numbers", "code", "urls", "names"]
 
 
+@section("distill", "distill stage: training replies in the base's own words (self-distillation, replay)")
 @dataclass
 class DistillSettings:
     """``distill``: bring the training targets closer to the base's own distribution (docs/distill.md)."""

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from llama_pipe.config.sections import Config
-from llama_pipe.errors import ConfigError
-from llama_pipe.settings import from_dict, validate
+from llama_pipe.core.errors import ConfigError
+from llama_pipe.core.settings import from_dict, validate
 
 T = TypeVar("T")
 
@@ -203,7 +203,7 @@ def load_config(path: str | Path) -> Config:
 def settings_from_args(args: argparse.Namespace, cls: type[T], section: str) -> T:
     """The settings for a stage: defaults < config file section < explicit flags; validated.
 
-    The flags are those :func:`llama_pipe.settings.add_settings_arguments` added for ``section``
+    The flags are those :func:`llama_pipe.core.settings.add_settings_arguments` added for ``section``
     (a stage may have the flags of two sections, e.g. train and chat)."""
     data: dict[str, Any] = {}
     if getattr(args, "config", None):

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from llama_pipe.settings import SEED_MAX, opt
+from llama_pipe.config.section import section
+from llama_pipe.core.settings import SEED_MAX, opt
 
 
+@section("merge_adapter", "merge-adapter stage")
 @dataclass
 class MergeAdapterSettings:
     """``merge-adapter``: fold adapters into a float copy of the base."""
@@ -29,6 +31,7 @@ class MergeAdapterSettings:
     format: Literal["hf", "meta"] = opt("hf", "'meta' also writes consolidated.*.pth + params.json")
 
 
+@section("export", "export stage (GGUF for llama.cpp)")
 @dataclass
 class ExportSettings:
     """``export``: the merged model as one GGUF file for llama.cpp (docs/serving.md)."""
@@ -41,6 +44,7 @@ class ExportSettings:
     )
 
 
+@section("eval", "eval stage")
 @dataclass
 class EvalSettings:
     """``eval``: perplexity base vs tuned, sample generations, report plots."""
@@ -71,6 +75,7 @@ class EvalSettings:
                                       "retention as not kept (the difference and its interval's lower end)", minimum=0, maximum=100)
 
 
+@section("serve", "serve and chat")
 @dataclass
 class ServeSettings:
     """``serve`` / ``chat``: the OpenAI-compatible server and terminal chat."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from llama_pipe.settings import SEED_MAX, opt
+from llama_pipe.config.section import section
+from llama_pipe.core.settings import SEED_MAX, opt
 
 
 @dataclass
@@ -21,6 +22,7 @@ class LoraSettings:
     rslora: bool = opt(False, "rank-stabilised scaling")
 
 
+@section("train", "train stage")
 @dataclass
 class TrainSettings:
     """``train``: LoRA / QLoRA / 8-bit / full fine-tuning."""
@@ -112,6 +114,7 @@ class TrainSettings:
     trust_remote_code: bool = opt(False, "allow model code from the checkpoint to run (never implicit)")
 
 
+@section("launch", "how the workflow starts training (one process or accelerate launch)")
 @dataclass
 class LaunchSettings:
     """How the workflow starts the train job: one process, or several under ``accelerate launch``."""
@@ -130,6 +133,7 @@ class LaunchSettings:
                                  minimum=1, maximum=65535)
 
 
+@section("select", "retention during training and the checkpoint the run keeps (select stage)")
 @dataclass
 class SelectSettings:
     """Retention during training and the ``select`` stage: which checkpoint the run keeps (docs/evaluation.md)."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from llama_pipe.settings import SEED_MAX, opt
+from llama_pipe.config.section import section
+from llama_pipe.core.settings import SEED_MAX, opt
 
 
 @dataclass
@@ -29,6 +30,7 @@ class TinyModelSettings:
     seed: int = opt(0, "seed for the random weights and the tokenizer trainer", minimum=0, maximum=SEED_MAX)
 
 
+@section("base", "base weights")
 @dataclass
 class BaseSettings:
     """Where the base weights come from."""
@@ -66,6 +68,7 @@ class BaseSettings:
     tiny: TinyModelSettings = opt(TinyModelSettings, "the embedded tiny model")
 
 
+@section("convert", "Meta -> Hugging Face conversion")
 @dataclass
 class ConvertSettings:
     """Meta checkpoint -> Hugging Face conversion."""

@@ -40,8 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import CleanSettings, settings_from_args
+from llama_pipe.core.budget import TooSlow, within_budget
+from llama_pipe.core.records import InvalidLine, Record, read_records
+from llama_pipe.core.settings import add_settings_arguments
+from llama_pipe.core.stage_writer import StageWriter
 from llama_pipe.data.common import (
-    TooSlow,
     add_output_arguments,
     alternates,
     batched,
@@ -52,13 +55,9 @@ from llama_pipe.data.common import (
     pool_map,
     progress,
     resolve_workers,
-    within_budget,
 )
 from llama_pipe.data.identity import introductions, renamer
 from llama_pipe.data.markdown import ConversionError, to_markdown
-from llama_pipe.records import InvalidLine, Record, read_records
-from llama_pipe.settings import add_settings_arguments
-from llama_pipe.stage_writer import StageWriter
 
 BATCH = 32
 GROWTH_SLACK = 10_000  # characters a turn may grow by beyond max_growth x its length (too_large)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import get_context
 from typing import Any, TypeVar
 
-from llama_pipe.settings import describe
+from llama_pipe.core.settings import describe
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -52,55 +49,6 @@ def conversation_problem(rec: Any) -> str | None:
 def alternates(conv: list[dict[str, Any]]) -> bool:
     """True when turns go human, gpt, human, gpt, ... from the first one."""
     return all(t["from"] == ROLES[i % 2] for i, t in enumerate(conv))
-
-
-class TooSlow(BaseException):
-    """A record used up its time budget (:func:`within_budget`). A BaseException, like
-    KeyboardInterrupt, so that no ``except Exception`` in the code it interrupts can swallow it."""
-
-
-_fired = False
-
-
-def _alarm(signum: int, frame: Any) -> None:
-    # Re-armed before raising: an exception raised where Python cannot propagate it (inside a gc
-    # callback or a __del__) is swallowed, so another one follows 10 ms later.
-    global _fired
-    _fired = True
-    signal.setitimer(signal.ITIMER_REAL, 0.01)
-    raise TooSlow()
-
-
-def _can_alarm() -> bool:
-    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-
-
-def within_budget(seconds: float, func: Callable[..., R], *args: Any) -> R:
-    """``func(*args)``, interrupted with :class:`TooSlow` after ``seconds`` of wall time.
-
-    A SIGALRM timer on the calling (main) thread: Python code and regular-expression matching are
-    interrupted; the few microseconds of setting the timer are all a normal record pays. ``0``
-    means no limit, and so does a call from another thread (signals reach only the main thread).
-    A timer set by someone else (a test timeout) is put back afterwards, less the time used.
-    """
-    if seconds <= 0 or not _can_alarm():
-        return func(*args)
-    global _fired
-    outer = signal.getitimer(signal.ITIMER_REAL)[0]
-    started = time.monotonic()
-    old = signal.signal(signal.SIGALRM, _alarm)
-    _fired = False
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        result = func(*args)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-        if outer > 0:
-            signal.setitimer(signal.ITIMER_REAL, max(1e-3, outer - (time.monotonic() - started)))
-    if _fired:  # the budget ran out, but the exception was swallowed before the work ended
-        raise TooSlow()
-    return result
 
 
 def add_output_arguments(parser: Any, output_help: str) -> None:

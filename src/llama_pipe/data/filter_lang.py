@@ -35,22 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import FilterLangSettings, load_raw_config, settings_from_args
-from llama_pipe.data.common import (
-    TooSlow,
-    add_output_arguments,
-    batched,
-    conversation_problem,
-    log_settings,
-    pool_map,
-    progress,
-    resolve_workers,
-    within_budget,
-)
+from llama_pipe.core.budget import TooSlow, within_budget
+from llama_pipe.core.errors import ConfigError
+from llama_pipe.core.records import InvalidLine, read_records
+from llama_pipe.core.settings import add_settings_arguments
+from llama_pipe.core.stage_writer import StageWriter
+from llama_pipe.data.common import add_output_arguments, batched, conversation_problem, log_settings, pool_map, progress, resolve_workers
 from llama_pipe.data.markdown import code_regions
-from llama_pipe.errors import ConfigError
-from llama_pipe.records import InvalidLine, read_records
-from llama_pipe.settings import add_settings_arguments
-from llama_pipe.stage_writer import StageWriter
 
 UNKNOWN = "unknown"  # no language at all: no letters, or nothing langdetect knows
 UNDETERMINED = "und"  # too short or too uncertain for a reliable guess (BCP 47's "undetermined")

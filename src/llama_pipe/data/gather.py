@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import DataSettings, settings_from_args
+from llama_pipe.core.errors import InputError
+from llama_pipe.core.records import InvalidLine, dumps, read_records
+from llama_pipe.core.settings import add_settings_arguments
+from llama_pipe.core.stage_writer import StageWriter
 from llama_pipe.data.common import conversation_problem, dedup_text, first_human, log_settings, progress, record_id
-from llama_pipe.errors import InputError
-from llama_pipe.records import InvalidLine, dumps, read_records
-from llama_pipe.settings import add_settings_arguments
-from llama_pipe.stage_writer import StageWriter
 
 _CHUNK_SUFFIX = re.compile(r"_\d+$")
 

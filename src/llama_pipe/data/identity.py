@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 
-from llama_pipe.errors import ConfigError
+from llama_pipe.core.errors import ConfigError
 
 SEPARATOR = "=>"
 # A name is whole when no Latin letter, digit or underscore touches it: "Vicuna" is renamed in

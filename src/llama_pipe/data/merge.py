@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import MergeSettings, settings_from_args
+from llama_pipe.core.records import InvalidLine, Record, check_input_file, read_records
+from llama_pipe.core.settings import add_settings_arguments
+from llama_pipe.core.stage_writer import StageWriter
 from llama_pipe.data.common import add_output_arguments, log_settings, progress
-from llama_pipe.records import InvalidLine, Record, check_input_file, read_records
-from llama_pipe.settings import add_settings_arguments
-from llama_pipe.stage_writer import StageWriter
 
 HUMAN = {"human", "user"}
 GPT = {"gpt", "assistant", "chatgpt", "bing", "bard"}

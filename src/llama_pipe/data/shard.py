@@ -21,13 +21,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir, write_json_atomic
 from llama_pipe.config import CleanSettings, DataSettings
+from llama_pipe.core.atomic import atomic_dir, write_json_atomic
+from llama_pipe.core.budget import TooSlow, within_budget
+from llama_pipe.core.errors import InputError, OutputError
+from llama_pipe.core.records import InvalidLine, dumps, read_records
 from llama_pipe.data.clean import GROWTH_SLACK
-from llama_pipe.data.common import TooSlow, dedup_text, first_human, log_settings, progress, record_id, within_budget
+from llama_pipe.data.common import dedup_text, first_human, log_settings, progress, record_id
 from llama_pipe.data.markdown import ConversionError, to_markdown
-from llama_pipe.errors import InputError, OutputError
-from llama_pipe.records import InvalidLine, dumps, read_records
 
 
 def cleaned_text(value: str, cfg: CleanSettings | None = None) -> str:

@@ -50,8 +50,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama_pipe.chat_template.builtin import MODEL, BuiltinTemplate, ChatTemplate, render_for_tokens
+from llama_pipe.chat_template.control_tokens import control_tokens
+from llama_pipe.chat_template.resolve import pick_template, resolve_template
 from llama_pipe.config import ChatSettings, SplitSettings, settings_from_args
-from llama_pipe.control_tokens import control_tokens
+from llama_pipe.core.errors import InputError
+from llama_pipe.core.records import InvalidLine, Record, read_records
+from llama_pipe.core.settings import add_settings_arguments, describe
+from llama_pipe.core.stage_writer import StageWriter
 from llama_pipe.data.common import (
     add_output_arguments,
     alternates,
@@ -62,12 +68,6 @@ from llama_pipe.data.common import (
     progress,
 )
 from llama_pipe.data.rust_tokenizer import load_rust_tokenizer, why_not_rust
-from llama_pipe.errors import InputError
-from llama_pipe.model_dir import pick_template, resolve_template
-from llama_pipe.records import InvalidLine, Record, read_records
-from llama_pipe.settings import add_settings_arguments, describe
-from llama_pipe.stage_writer import StageWriter
-from llama_pipe.templates import MODEL, BuiltinTemplate, ChatTemplate, render_for_tokens
 from llama_pipe.weights.tokenizer import load_tokenizer
 
 RECORDS_PER_STEP = 64
@@ -112,7 +112,7 @@ class Splitter:
         None (and long records are rendered with spans as before)."""
         if isinstance(template, BuiltinTemplate):
             return None  # its render is one pass already
-        from llama_pipe.model_template import ModelTemplate
+        from llama_pipe.chat_template.model import ModelTemplate
 
         if not isinstance(template, ModelTemplate):
             return None
@@ -209,7 +209,7 @@ class Splitter:
 
     def lengths(self, texts: list[str], special: bool = True) -> list[int]:
         """Token counts, as training tokenizes: a text whose messages hold a control token's string
-        (recorded by :meth:`_measured`) goes through :class:`~llama_pipe.control_tokens.ControlTokens`."""
+        (recorded by :meth:`_measured`) goes through :class:`~llama_pipe.chat_template.control_tokens.ControlTokens`."""
         out: list[int] = []
         for b in batched(texts, self.cfg.batch_size):
             if self._backend is not None:
@@ -409,7 +409,7 @@ def split_file(inp: str | Path, out: str | Path, tokenizer: Any, cfg: SplitSetti
 
     ``chat`` (None: the defaults) gives the template, the default system prompt and, when
     ``cfg.max_length`` is null, the chunk length; ``template`` (None: ``chat.template`` resolved as
-    train resolves it, :func:`llama_pipe.model_dir.resolve_template`) the template itself. ``also_read``:
+    train resolves it, :func:`llama_pipe.chat_template.resolve.resolve_template`) the template itself. ``also_read``:
     further paths the run reads (the tokenizer directory, its ``--config``), which no output may replace."""
     chat = chat or ChatSettings()
     if template is None:

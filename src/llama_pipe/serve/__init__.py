@@ -1,2 +1,2 @@
 """Using a model: the terminal ``chat`` and the OpenAI-compatible ``serve`` (their streaming
-generation, shared with ``eval``, is :mod:`llama_pipe.generation`)."""
+generation, shared with ``eval``, is :mod:`llama_pipe.models.generation`)."""

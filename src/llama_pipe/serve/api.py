@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import ServeSettings
-from llama_pipe.generation import ChatModel, SamplingParams
+from llama_pipe.models.generation import ChatModel, SamplingParams
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
@@ -135,7 +135,7 @@ def served_model_id(model_dir: str | Path, adapters: Sequence[str | Path] = ()) 
     (``train.run``, recorded in an adapter's or full model's ``train_config.json``), else the
     run directory's name for ``results/<run>/merged`` or ``.../train``, else the directory's name.
     So two runs served side by side are told apart (``r16``, ``default``), not both ``merged``."""
-    from llama_pipe.model_dir import recorded
+    from llama_pipe.core.sidecar import recorded
 
     found, run = recorded([Path(model_dir), *map(Path, adapters)], "run")
     if found and isinstance(run, str) and run.strip():

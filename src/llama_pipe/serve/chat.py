@@ -16,12 +16,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
+from llama_pipe.chat_template.builtin import Message
 from llama_pipe.config import ChatSettings, ServeSettings, settings_from_args
-from llama_pipe.errors import InputError
-from llama_pipe.generation import ChatModel, Completion, SamplingParams, load_chat_model
+from llama_pipe.core.errors import InputError
+from llama_pipe.core.settings import add_settings_arguments, describe
+from llama_pipe.models.generation import ChatModel, Completion, SamplingParams, load_chat_model
 from llama_pipe.serve.api import SEED_MAX, SEED_MIN, served_model_id
-from llama_pipe.settings import add_settings_arguments, describe
-from llama_pipe.templates import Message
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import check_output_dir, is_inside, same_file
 from llama_pipe.config import ChatSettings, TrainSettings
-from llama_pipe.errors import InputError, OutputError
-from llama_pipe.records import file_digest
-from llama_pipe.settings import to_dict
+from llama_pipe.core.atomic import check_output_dir, is_inside, same_file
+from llama_pipe.core.errors import InputError, OutputError
+from llama_pipe.core.hashing import file_digest
+from llama_pipe.core.settings import to_dict
 from llama_pipe.train.retention_probe import FILE as PROBE_FILE
 
 log = logging.getLogger(__name__)

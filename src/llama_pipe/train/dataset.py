@@ -2,7 +2,7 @@
 
 * :func:`load_examples` reads a split JSONL, renders each conversation with the template and
   labels exactly the assistant replies plus their end-of-turn token
-  (:func:`llama_pipe.templates.tokenize_with_labels`); everything else is ``-100``.
+  (:func:`llama_pipe.chat_template.builtin.tokenize_with_labels`); everything else is ``-100``.
 * :func:`pack_examples` puts several conversations into one row of at most ``max_seq_len``
   tokens. ``position_ids`` restart at 0 for every conversation; the model is called with
   ``attention_mask=None`` and these positions, which transformers 5 turns into a block-diagonal
@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.errors import InputError
-from llama_pipe.records import iter_jsonl
-from llama_pipe.templates import IGNORE_INDEX, ChatTemplate, encode_conversation, to_messages
+from llama_pipe.chat_template.builtin import IGNORE_INDEX, ChatTemplate, encode_conversation, to_messages
+from llama_pipe.core.errors import InputError
+from llama_pipe.core.records import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def encode_record(
     record: dict[str, Any], tokenizer: Any, template: ChatTemplate, system_prompt: str | None
 ) -> Example:
     """Render and tokenise one record; labels cover exactly the assistant targets (control tokens
-    only where the template wrote them: :func:`llama_pipe.templates.encode_conversation`)."""
+    only where the template wrote them: :func:`llama_pipe.chat_template.builtin.encode_conversation`)."""
     ids, labels = encode_conversation(tokenizer, template, to_messages(record), system_prompt)
     return Example(ids, labels)
 

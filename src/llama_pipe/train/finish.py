@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir
+from llama_pipe.chat_template.builtin import ChatTemplate
 from llama_pipe.config import ChatSettings, TrainSettings
-from llama_pipe.settings import to_dict
-from llama_pipe.templates import ChatTemplate
+from llama_pipe.core.atomic import atomic_dir
+from llama_pipe.core.settings import to_dict
 from llama_pipe.train.output import record_base_path, verify_adapter, verify_full, write_json
 
 log = logging.getLogger("llama_pipe.train")
@@ -64,7 +64,7 @@ def write_output(
                 tmp / "train_config.json",
                 {
                     "train": to_dict(settings),
-                    # what eval/serve/merge-adapter read back (model_dir.recorded): the template resolved
+                    # what eval/serve/merge-adapter read back (core.sidecar.recorded): the template resolved
                     "chat": {**to_dict(chat), "template": template.name},
                     **inputs,
                     "processes": acc.num_processes,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import TrainSettings
-from llama_pipe.errors import ConfigError
+from llama_pipe.core.errors import ConfigError
 from llama_pipe.train import planner
 from llama_pipe.train.planner import GiB, Pins, Plan, PlanError, Prediction, RunShape
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import LoraSettings, TrainSettings
-from llama_pipe.errors import ConfigError, InputError
+from llama_pipe.core.errors import ConfigError, InputError
 from llama_pipe.weights.hf import safetensors_files
 from llama_pipe.weights.validate import check_model_weights
 
@@ -100,7 +100,7 @@ def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, prec
         "use_safetensors": True,
     }
     storage, method = settings.base_storage, settings.method
-    if method == "full" and storage != "float":  # config_checks says so at load; a direct caller gets it here
+    if method == "full" and storage != "float":  # config.checks says so at load; a direct caller gets it here
         raise ConfigError(f"train.method full needs base_storage float, not {storage}")
     if storage == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from llama_pipe.config import TrainSettings
-from llama_pipe.config_checks import train_errors
-from llama_pipe.errors import ConfigError
+from llama_pipe.config.checks import train_errors
+from llama_pipe.core.errors import ConfigError
 
 
 def fused_adamw_ok(acc: Any) -> bool:

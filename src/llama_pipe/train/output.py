@@ -2,7 +2,7 @@
 
 Contents: the adapter (``adapter_config.json`` + ``adapter_model.safetensors``) or, in mode
 ``full``, the whole model (``config.json`` + safetensors shards); the tokenizer with the chat
-template; ``train_config.json`` (with ``trained_on``: what the base was, :mod:`llama_pipe.lineage`);
+template; ``train_config.json`` (with ``trained_on``: what the base was, :mod:`llama_pipe.models.lineage`);
 ``metrics.jsonl``; ``summary.json``; ``checkpoints/``.
 Before the rename the saved weights are read back and compared with the trained ones
 (:func:`verify_adapter` / :func:`verify_full`); a mismatch fails the stage and leaves no ``<OUT>``.

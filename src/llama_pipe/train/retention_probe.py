@@ -5,7 +5,7 @@ stays within bound of the base's (docs/evaluation.md).
 Before the first step the adapters are zero (LoRA's B, DoRA's initial magnitude), so the step-0
 score is the base's own: no second model is loaded. Each scoring appends one line to
 ``<run>.ckpt/retention.jsonl`` (moved into the run directory at the end): the step and every
-item's per-choice log-likelihoods, enough for :func:`llama_pipe.retention.compare` to give the
+item's per-choice log-likelihoods, enough for :func:`llama_pipe.evaluation.retention.compare` to give the
 paired interval against step 0 without scoring again. The items are the bundled set's dev split
 (the eval stage reports on its test split, which nothing here ever sees).
 
@@ -27,9 +27,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from llama_pipe.chat_template.builtin import ChatTemplate
 from llama_pipe.config import SelectSettings
-from llama_pipe.retention import Item, ItemScore, load_items, score_items
-from llama_pipe.templates import ChatTemplate
+from llama_pipe.evaluation.retention import Item, ItemScore, load_items, score_items
 
 log = logging.getLogger("llama_pipe.train")
 
@@ -54,7 +54,7 @@ def weights_to_try(settings: SelectSettings) -> list[float]:
 def read_weighted(path: Path) -> dict[int, dict[float, list[ItemScore]]]:
     """step -> weight -> the item scores of that step with the adapter at that weight; the unweighted
     scorings (the adapter as trained) under weight 1.0. A torn last line is skipped."""
-    from llama_pipe.records import iter_jsonl
+    from llama_pipe.core.records import iter_jsonl
 
     out: dict[int, dict[float, list[ItemScore]]] = {}
     for row in iter_jsonl(path, torn_last_ok=True):

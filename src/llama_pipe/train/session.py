@@ -2,7 +2,7 @@
 its base, layers kept from recompute, optimiser, schedule, the fast path, the step context).
 
 :func:`build_session` is what ``llama-pipe train`` builds once per attempt
-(:class:`llama_pipe.train.loop.TrainRun`), and what ``bench/`` builds to time steps: one
+(:class:`llama_pipe.train.train.TrainRun`), and what ``bench/`` builds to time steps: one
 definition of "the trainer's model", so a benchmark measures what a run computes.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import TrainSettings
-from llama_pipe.errors import ConfigError
+from llama_pipe.core.errors import ConfigError
 from llama_pipe.train import fast
 from llama_pipe.train.memory import keep_layers
 from llama_pipe.train.model import build_model, count_parameters, resolve_precision

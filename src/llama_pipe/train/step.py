@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llama_pipe.templates import IGNORE_INDEX
+from llama_pipe.chat_template.builtin import IGNORE_INDEX
 
 LossFn = Callable[[Any, dict[str, Any]], tuple[Any, Any]]
 

@@ -33,11 +33,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir, check_output_dir
+from llama_pipe.chat_template.builtin import AUTO, end_of_turn_ids, template_for_bare_model
 from llama_pipe.config import ChatSettings, ConvertSettings, settings_from_args
-from llama_pipe.errors import InputError
-from llama_pipe.settings import add_settings_arguments, describe
-from llama_pipe.templates import AUTO, end_of_turn_ids, template_for_bare_model
+from llama_pipe.core.atomic import atomic_dir, check_output_dir
+from llama_pipe.core.errors import InputError
+from llama_pipe.core.settings import add_settings_arguments, describe
 from llama_pipe.weights import meta
 from llama_pipe.weights.hf import pass_through
 from llama_pipe.weights.meta import permute_for_rotary

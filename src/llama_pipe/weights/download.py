@@ -25,11 +25,11 @@ import re
 from pathlib import Path
 from typing import Any, TypedDict
 
-from llama_pipe.atomic import check_output_dir, commit_dir
 from llama_pipe.config import BaseSettings, settings_from_args
-from llama_pipe.errors import ConfigError, InputError
-from llama_pipe.records import file_digest
-from llama_pipe.settings import add_settings_arguments, describe
+from llama_pipe.core.atomic import check_output_dir, commit_dir
+from llama_pipe.core.errors import ConfigError, InputError
+from llama_pipe.core.hashing import file_digest
+from llama_pipe.core.settings import add_settings_arguments, describe
 from llama_pipe.weights import meta
 from llama_pipe.weights.fetch import check_url, fetch, file_url, new_session, redact
 from llama_pipe.weights.hf import download_repo

@@ -5,7 +5,7 @@ appends, so an interrupted multi-GB transfer (network drop, killed job, a second
 stage) continues where it stopped. ``DEST`` appears only once the server's length is reached.
 
 What a server says is checked, not trusted (a hostile or broken server ends in verified bytes or
-an :class:`~llama_pipe.errors.InputError` naming the URL, never a traceback or a hang):
+an :class:`~llama_pipe.core.errors.InputError` naming the URL, never a traceback or a hang):
 
 * **URLs**: only ``http``/``https`` with a host and a port from 1 to 65535; redirects are followed
   here (at most :data:`MAX_REDIRECTS`), each target checked the same way, a loop or a step from
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
-from llama_pipe.errors import InputError
+from llama_pipe.core.errors import InputError
 
 log = logging.getLogger(__name__)
 

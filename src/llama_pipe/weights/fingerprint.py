@@ -17,7 +17,7 @@ crafted file: an edit of a few bytes between the windows goes unseen. ``windows=
 byte (a full read of the model) where that matters.
 
 Used by merge-adapter and the trainer to record what an adapter was trained on
-(:mod:`llama_pipe.lineage`); anything else that must tell two bases apart (a resumed checkpoint,
+(:mod:`llama_pipe.models.lineage`); anything else that must tell two bases apart (a resumed checkpoint,
 a cache) can call it the same way.
 """
 
@@ -58,7 +58,7 @@ def _sample_starts(size: int, windows: int, window: int) -> list[int]:
 
 def weights_fingerprint(model_dir: str | Path, windows: int = WINDOWS, window: int = WINDOW) -> str:
     """The sha256 hex digest that identifies the safetensors weights of ``model_dir`` (see the
-    module docstring). Raises :class:`~llama_pipe.errors.InputError` for a directory without
+    module docstring). Raises :class:`~llama_pipe.core.errors.InputError` for a directory without
     safetensors weights or with a header that lies."""
     model_dir = Path(model_dir)
     tensors: list[tuple[str, Path, str, tuple[int, ...], int, int]] = []

@@ -25,7 +25,7 @@ What happens, in order:
    as special tokens, the pre-tokenizer named by ``tokenizer.ggml.pre`` (recorded in
    ``tokenizer_config.json`` as ``gguf_pre_tokenizer``, which export checks and writes back), BOS/EOS/UNK/PAD ids, a
    BOS prepended only when ``tokenizer.ggml.add_bos_token`` says so; the model's own chat template
-   (``tokenizer.chat_template``, rendered once under :mod:`llama_pipe.chat_jinja`'s bounds: a
+   (``tokenizer.chat_template``, rendered once under :mod:`llama_pipe.chat_template.jinja`'s bounds: a
    looping or escaping template is exit 2 naming the key), else ``chat.template``'s (vicuna_v1.1
    for auto).
 """
@@ -38,11 +38,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir, write_json_atomic
+from llama_pipe.chat_template.builtin import AUTO, MODEL, ChatTemplate, end_of_turn_ids, template_for_bare_model
+from llama_pipe.chat_template.model import ModelTemplate, model_template
 from llama_pipe.config import ConvertSettings
-from llama_pipe.errors import InputError
-from llama_pipe.model_template import ModelTemplate, model_template
-from llama_pipe.templates import AUTO, MODEL, ChatTemplate, end_of_turn_ids, template_for_bare_model
+from llama_pipe.core.atomic import atomic_dir, write_json_atomic
+from llama_pipe.core.errors import InputError
 from llama_pipe.weights.gguf_vocab import LLAMA_CPP_PRE, PRE_ALIASES, RECORDED_PRE
 from llama_pipe.weights.meta import permute_for_rotary
 from llama_pipe.weights.validate import SIZE_FIELDS

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.errors import InputError
+from llama_pipe.core.errors import InputError
 from llama_pipe.weights.tiktoken_bpe import LLAMA3_PATTERN, RECORDED_PRE, is_tiktoken_file
 from llama_pipe.weights.tokenizer import load_tokenizer
 

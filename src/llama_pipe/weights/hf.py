@@ -10,9 +10,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir, commit_dir
-from llama_pipe.errors import InputError
-from llama_pipe.templates import AUTO, builtin_for, template_for_bare_model
+from llama_pipe.chat_template.builtin import AUTO, builtin_for, template_for_bare_model
+from llama_pipe.core.atomic import atomic_dir, commit_dir
+from llama_pipe.core.errors import InputError
 from llama_pipe.weights.fetch import check_url, redact, scrub
 from llama_pipe.weights.tokenizer import load_tokenizer
 from llama_pipe.weights.validate import check_model_weights, refuse_remote_code
@@ -190,7 +190,7 @@ def validate_hf_dir(src: Path) -> dict[str, Any]:
 def _check_own_template(tok: Any) -> None:
     """Render the model's own chat template once within the bounds (a looping or escaping one is an
     InputError naming its file); one that cannot be trained on as it is only warns."""
-    from llama_pipe.model_template import model_template
+    from llama_pipe.chat_template.model import model_template
 
     try:
         model_template(tok)
@@ -200,7 +200,7 @@ def _check_own_template(tok: Any) -> None:
 
 def pass_through(src: Path, out_dir: Path, template: str = AUTO) -> dict[str, Any]:
     """Validate ``src`` and place its files at ``out_dir`` (hard links where possible); a model without a
-    chat template gets ``template``'s (chat.template: see :func:`~llama_pipe.templates.template_for_bare_model`)."""
+    chat template gets ``template``'s (chat.template: see :func:`~llama_pipe.chat_template.builtin.template_for_bare_model`)."""
     info = validate_hf_dir(src)
     with atomic_dir(out_dir, stage="convert", inputs=[src]) as tmp:
         names = [p.name for p in sorted(src.iterdir()) if p.is_file() and wanted(p.name)]

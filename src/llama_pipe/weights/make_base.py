@@ -16,11 +16,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir, check_output_dir
 from llama_pipe.config import BaseSettings, settings_from_args
-from llama_pipe.errors import ConfigError, InputError
-from llama_pipe.records import InvalidLine, read_records
-from llama_pipe.settings import add_settings_arguments, describe
+from llama_pipe.core.atomic import atomic_dir, check_output_dir
+from llama_pipe.core.errors import ConfigError, InputError
+from llama_pipe.core.records import InvalidLine, read_records
+from llama_pipe.core.settings import add_settings_arguments, describe
 from llama_pipe.weights import meta
 from llama_pipe.weights.tokenizer import train_sentencepiece
 

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.errors import InputError
-from llama_pipe.records import file_digest
+from llama_pipe.core.errors import InputError
+from llama_pipe.core.hashing import file_digest
 
 PARAMS = "params.json"
 CHECKLIST = "checklist.chk"

@@ -22,9 +22,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_pipe.atomic import commit_dir
-from llama_pipe.errors import ConfigError, InputError
-from llama_pipe.records import file_digest
+from llama_pipe.core.atomic import commit_dir
+from llama_pipe.core.errors import ConfigError, InputError
+from llama_pipe.core.hashing import file_digest
 from llama_pipe.weights.fetch import check_url, redact, scrub
 
 PREFIX = "pypi:"

@@ -26,7 +26,7 @@ import binascii
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.errors import InputError
+from llama_pipe.core.errors import InputError
 
 #: tokenizer_config.json key where convert records the ``tokenizer.ggml.pre`` its tokenizer equals
 #: (llama.cpp's name of its pre-tokenizer, which export writes back; :mod:`.gguf_vocab` reads it).

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.errors import InputError
+from llama_pipe.core.errors import InputError
 
 
 def unpermute(w: Any, n_heads: int) -> Any:

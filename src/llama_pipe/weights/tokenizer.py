@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.errors import InputError
+from llama_pipe.core.errors import InputError
 from llama_pipe.weights.tiktoken_bpe import hf_tokenizer_from_tiktoken, is_tiktoken_file
 from llama_pipe.weights.validate import refuse_remote_code
 

@@ -28,7 +28,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.errors import InputError
+from llama_pipe.core.errors import InputError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 # Bits per element of every safetensors dtype (F4/F6 are packed sub-byte types).

@@ -14,7 +14,7 @@ ACL 2024). This stage sits between ``gather`` and ``train`` and does two things 
   first human turns of the training records - are added as extra one-exchange conversations,
   ``replay_ratio`` of the training records (at most ``max_replays``).
 
-Every input record is accounted for (:class:`~llama_pipe.stage_writer.StageWriter`): it is written
+Every input record is accounted for (:class:`~llama_pipe.core.stage_writer.StageWriter`): it is written
 with a ``distill`` field (``rewritten``, ``partial`` - some turns rewritten -, ``original:<reason>``)
 and, per assistant turn, ``distill_turns``; a rewritten turn keeps its original reply under
 ``original``, a turn whose rewrite was refused keeps that rewrite under ``refused`` (training reads
@@ -46,16 +46,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import check_output_files
+from llama_pipe.chat_template.builtin import MODEL, ChatTemplate, Message, to_messages
+from llama_pipe.chat_template.resolve import recorded_system_prompt, resolve_template
 from llama_pipe.config import ChatSettings, DistillSettings, settings_from_args
+from llama_pipe.core.atomic import check_output_files
+from llama_pipe.core.errors import InputError
+from llama_pipe.core.records import InvalidLine, Record, dumps, partial_path, read_records, rejects_path, stats_path
+from llama_pipe.core.settings import add_settings_arguments, to_dict
+from llama_pipe.core.stage_writer import StageWriter
 from llama_pipe.data.common import add_output_arguments, conversation_problem, log_settings
-from llama_pipe.errors import InputError
-from llama_pipe.generation import ChatModel, Completion, SamplingParams, pick_device
-from llama_pipe.model_dir import check_model_dir, load_float_base, recorded_system_prompt, resolve_template
-from llama_pipe.records import InvalidLine, Record, dumps, partial_path, read_records, rejects_path, stats_path
-from llama_pipe.settings import add_settings_arguments, to_dict
-from llama_pipe.stage_writer import StageWriter
-from llama_pipe.templates import MODEL, ChatTemplate, Message, to_messages
+from llama_pipe.models.generation import ChatModel, Completion, SamplingParams, pick_device
+from llama_pipe.models.model_dir import check_model_dir, load_float_base
 
 log = logging.getLogger(__name__)
 

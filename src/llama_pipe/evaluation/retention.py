@@ -31,9 +31,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.errors import InputError
-from llama_pipe.records import InvalidLine, read_records
-from llama_pipe.templates import IGNORE_INDEX, ChatTemplate, tokenize_with_labels
+from llama_pipe.chat_template.builtin import IGNORE_INDEX, ChatTemplate, tokenize_with_labels
+from llama_pipe.core.errors import InputError
+from llama_pipe.core.records import InvalidLine, read_records
 
 #: The score :func:`compare` uses by default: the summed log-likelihood. On SmolLM2-135M-Instruct
 #: it and the per-character one agree on the bundled bank (whose choices are whole replies of

@@ -1,10 +1,10 @@
 """A model's own Jinja chat template (``tokenizer.chat_template``) as a :class:`ChatTemplate`.
 
-Rendering goes through :func:`llama_pipe.chat_jinja.render`: the environment and variables of
+Rendering goes through :func:`llama_pipe.chat_template.jinja.render`: the environment and variables of
 transformers' ``apply_chat_template(..., tokenize=False)`` (so the text is what Hugging Face, vLLM
 and llama.cpp render for the same messages), sandboxed, with a time budget and size bounds. A
 template that breaks them, reaches for Python's internals or is not valid Jinja is an
-:class:`~llama_pipe.errors.InputError` naming the file it came from (``chat_template.jinja``,
+:class:`~llama_pipe.core.errors.InputError` naming the file it came from (``chat_template.jinja``,
 ``tokenizer_config.json``, a GGUF's ``tokenizer.chat_template``); ``raise_exception`` in the
 template is a ``ValueError`` about that conversation. The loss mask
 needs each assistant reply's character span: for the assistant message ``i`` the conversation
@@ -37,9 +37,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from llama_pipe import chat_jinja
-from llama_pipe.chat_base import MODEL, ChatTemplate, Message, adds_bos
-from llama_pipe.errors import InputError
+from llama_pipe.chat_template import jinja as chat_jinja
+from llama_pipe.chat_template.base import MODEL, ChatTemplate, Message, adds_bos
+from llama_pipe.core.errors import InputError
 
 _MARKS = range(0x100000, 0x10FFFE)  # supplementary private use area B
 
@@ -68,7 +68,7 @@ class ModelTemplate(ChatTemplate):
         return self.chat_template
 
     def _apply(self, msgs: list[Message], generation_prompt: bool) -> str:
-        """The template's text for ``msgs``, bounded (see :mod:`llama_pipe.chat_jinja`)."""
+        """The template's text for ``msgs``, bounded (see :mod:`llama_pipe.chat_template.jinja`)."""
         from jinja2.exceptions import SecurityError, TemplateSyntaxError, UndefinedError
 
         context = {**self.tokenizer.special_tokens_map, "messages": [dict(m) for m in msgs], "tools": None,

@@ -8,9 +8,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
-from llama_pipe.atomic import AtomicFile, check_output_files, commit_files
-from llama_pipe.errors import OutputError
-from llama_pipe.records import InvalidLine, Record, _safe_text, dumps, rejects_path, stats_path
+from llama_pipe.core.atomic import AtomicFile, check_output_files, commit_files
+from llama_pipe.core.errors import OutputError
+from llama_pipe.core.records import InvalidLine, Record, _safe_text, dumps, rejects_path, stats_path
 
 
 def _write_failure(stage: str, path: Path, exc: OSError) -> OutputError:
@@ -32,7 +32,7 @@ class StageWriter:
 
     ``inputs`` are the files the stage reads (its records, its ``--config``): before anything is
     opened, no output may name one of them or another output, by any spelling (a symbolic link,
-    ``./x``, a hard link) (:func:`llama_pipe.atomic.check_output_files`); ``out_flag`` is how the
+    ``./x``, a hard link) (:func:`llama_pipe.core.atomic.check_output_files`); ``out_flag`` is how the
     main output is called in that message (gather's is ``--train``).
     """
 

@@ -25,12 +25,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from llama_pipe.chat_template.resolve import resolve_template
 from llama_pipe.config import ChatSettings, SelectSettings, TrainSettings, settings_from_args
-from llama_pipe.entry import stage_main
-from llama_pipe.errors import ConfigError, InputError
-from llama_pipe.lineage import TRAINED_ON, base_record
-from llama_pipe.model_dir import resolve_template
-from llama_pipe.settings import add_settings_arguments, describe
+from llama_pipe.core.errors import ConfigError, InputError
+from llama_pipe.core.settings import add_settings_arguments, describe
+from llama_pipe.models.lineage import TRAINED_ON, base_record
 from llama_pipe.train import fast
 from llama_pipe.train.checkpoint import Checkpointer, check_run_paths, checkpoint_root, fingerprint
 from llama_pipe.train.dataset import StepPlan, collate, load_examples, pack_examples, rank_eval_batches
@@ -383,6 +382,3 @@ def train(
     done, stepped_down = run.attempts()
     return run.finish(done, stepped_down)
 
-
-if __name__ == "__main__":  # pragma: no cover - `python -m llama_pipe.train.loop` under a launcher
-    sys.exit(stage_main("train"))

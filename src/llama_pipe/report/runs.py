@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.errors import InputError
-from llama_pipe.records import iter_jsonl, read_json
+from llama_pipe.core.errors import InputError
+from llama_pipe.core.records import iter_jsonl, read_json
 
 
 @dataclass(frozen=True)

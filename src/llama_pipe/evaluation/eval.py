@@ -2,7 +2,7 @@
 
 Perplexity: every validation record is rendered with the tuned model's chat template (and the
 system prompt it was trained with) and tokenised once with the tuned model's tokenizer through
-:func:`llama_pipe.templates.tokenize_with_labels`; both models are scored on exactly those
+:func:`llama_pipe.chat_template.builtin.tokenize_with_labels`; both models are scored on exactly those
 tokens, on the assistant tokens only: ``ppl = exp(sum NLL / n_target_tokens)``. A record with a
 token id the base's embedding cannot hold (a tokenizer grown by an adapter) is left out for
 both, and counted.
@@ -11,7 +11,7 @@ Answers: MT-bench style questions (``question_id``, ``category``, ``turns``) are
 by turn - turn 2 sees the model's own turn-1 answer - with fixed sampling settings (greedy by
 default) and a seed per turn (the same seeds for both models), through the same generation code
 as ``chat`` and ``serve``. A question with ``expected`` answers is scored (see
-:mod:`llama_pipe.heldout`); the default questions are the bundled held-out set (identity
+:mod:`llama_pipe.evaluation.heldout`); the default questions are the bundled held-out set (identity
 paraphrases and general knowledge), found inside the installed package.
 
 Each model answers, and is scored for retention, through its *own* chat template (the one
@@ -20,7 +20,7 @@ recorded with it, else its tokenizer's): a base is judged as its users talk to i
 Retention (``eval.retention``): base and tuned scored on multiple-choice items training never saw
 (the bundled item bank's test split, and public benchmark files the workflow fetches), by
 log-likelihood, compared item by item with a paired 95% interval per category
-(:mod:`llama_pipe.retention`). Style: the most common three-word opening of each model's answers to
+(:mod:`llama_pipe.evaluation.retention`). Style: the most common three-word opening of each model's answers to
 the non-identity questions and its share, and distinct-2. Held-out text: the perplexity of both
 models on the base's own answers to the held-out questions (coherent text that is not the
 training distribution; a tuned model that drifted from its base finds it less likely).
@@ -41,16 +41,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir, check_output_dir, write_json_atomic
+from llama_pipe.chat_template.builtin import IGNORE_INDEX, encode_conversation, to_messages
+from llama_pipe.chat_template.resolve import recorded_system_prompt, resolve_template
 from llama_pipe.config import ChatSettings, EvalSettings, settings_from_args
-from llama_pipe.errors import InputError
-from llama_pipe.generation import ChatModel, SamplingParams, pick_device
-from llama_pipe.heldout import bundled_questions, check_expected, score_rows
-from llama_pipe.model_dir import check_model_dir, load_config, load_float_base, recorded_system_prompt, resolve_template
-from llama_pipe.records import dumps, iter_jsonl, read_records
-from llama_pipe.retention import BENCHMARKS, Item, ItemScore, compare, load_items, load_oe_eval, score_items, style
-from llama_pipe.settings import add_settings_arguments, describe, to_dict
-from llama_pipe.templates import IGNORE_INDEX, encode_conversation, to_messages
+from llama_pipe.core.atomic import atomic_dir, check_output_dir, write_json_atomic
+from llama_pipe.core.errors import InputError
+from llama_pipe.core.records import dumps, iter_jsonl, read_records
+from llama_pipe.core.settings import add_settings_arguments, describe, to_dict
+from llama_pipe.evaluation.heldout import bundled_questions, check_expected, score_rows
+from llama_pipe.evaluation.retention import BENCHMARKS, Item, ItemScore, compare, load_items, load_oe_eval, score_items, style
+from llama_pipe.models.generation import ChatModel, SamplingParams, pick_device
+from llama_pipe.models.model_dir import check_model_dir, load_config, load_float_base
 from llama_pipe.weights.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def encode_val(path: Path, tokenizer: Any, template: Any, system: str | None, ma
 
 def retention_sets(specs: list[str], limit: int = 0, fetched: dict[str, Path] | None = None) -> dict[str, list[Item]]:
     """The retention sets by name: ``bundled`` (the bundled bank's test split, named ``llama_pipe``),
-    a public benchmark of :data:`llama_pipe.retention.BENCHMARKS` (``arc_easy-test``: its file as
+    a public benchmark of :data:`llama_pipe.evaluation.retention.BENCHMARKS` (``arc_easy-test``: its file as
     fetched, given in ``fetched``), an OLMES ``requests.jsonl.gz``, or a JSONL of items."""
     out: dict[str, list[Item]] = {}
     for spec in specs:

@@ -7,7 +7,7 @@
 * ``perplexity.png`` - base vs tuned perplexity on the held-out split (``metrics.json`` of eval),
 * ``retention.png`` - what the tuned model kept of its base's knowledge, per set and category, and
   ``checkpoints.png`` - every evaluation checkpoint's goal against its retention, the kept one
-  marked (``selection.json`` of ``select``; :mod:`llama_pipe.report_retention`).
+  marked (``selection.json`` of ``select``; :mod:`llama_pipe.report.retention`).
 
 ``report.md`` holds the same numbers as tables, the rates of correct answers per question
 category (e.g. the identity and general held-out questions) for base and tuned, and - when
@@ -26,11 +26,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from llama_pipe import report_retention
-from llama_pipe.atomic import atomic_dir, check_output_dir
-from llama_pipe.errors import InputError
-from llama_pipe.records import iter_jsonl, read_json
-from llama_pipe.report_runs import markdown_table, parse_compare, plot_runs, read_losses, read_run, runs_under, summarise
+from llama_pipe.core.atomic import atomic_dir, check_output_dir
+from llama_pipe.core.errors import InputError
+from llama_pipe.core.records import iter_jsonl, read_json
+from llama_pipe.report import retention as report_retention
+from llama_pipe.report.runs import markdown_table, parse_compare, plot_runs, read_losses, read_run, runs_under, summarise
 from llama_pipe.stages import DATA_STAGES
 
 

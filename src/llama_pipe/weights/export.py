@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import check_output_files, remove_dead_temps
 from llama_pipe.config import ExportSettings, settings_from_args
-from llama_pipe.errors import InputError, OutputError
-from llama_pipe.settings import add_settings_arguments, describe
+from llama_pipe.core.atomic import check_output_files, remove_dead_temps
+from llama_pipe.core.errors import InputError, OutputError
+from llama_pipe.core.settings import add_settings_arguments, describe
 from llama_pipe.weights.gguf_vocab import add_tokenizer
 
 log = logging.getLogger(__name__)

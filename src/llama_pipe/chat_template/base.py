@@ -1,7 +1,7 @@
 """What every chat template is: :class:`ChatTemplate` (a built-in's pieces in
-:mod:`llama_pipe.templates`, a model's own Jinja in :mod:`llama_pipe.model_template`), the message
+:mod:`llama_pipe.chat_template.builtin`, a model's own Jinja in :mod:`llama_pipe.chat_template.model`), the message
 type, the template names ``model`` / ``auto``, and whether a tokenizer adds a BOS. Both template
-modules build on this one; :func:`llama_pipe.templates.get_template` chooses between them."""
+modules build on this one; :func:`llama_pipe.chat_template.builtin.get_template` chooses between them."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str
 @dataclass(frozen=True)
 class ChatTemplate:
     """One chat format: its default system prompt, the marker that ends an assistant turn, and the
-    Jinja written with a model. :class:`~llama_pipe.templates.BuiltinTemplate` renders from its pieces,
-    :class:`~llama_pipe.model_template.ModelTemplate` through the tokenizer's own Jinja."""
+    Jinja written with a model. :class:`~llama_pipe.chat_template.builtin.BuiltinTemplate` renders from its pieces,
+    :class:`~llama_pipe.chat_template.model.ModelTemplate` through the tokenizer's own Jinja."""
 
     name: str
     default_system: str
@@ -67,7 +67,7 @@ class ChatTemplate:
     ) -> list[tuple[int, int]]:
         """The [start, end) character spans of message text (the system prompt's included) in
         ``text``, ``render``'s text for the same arguments: where a control token's string is
-        text, not a marker (:mod:`llama_pipe.control_tokens`)."""
+        text, not a marker (:mod:`llama_pipe.chat_template.control_tokens`)."""
         raise NotImplementedError
 
 

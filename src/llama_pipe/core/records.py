@@ -5,7 +5,7 @@ The record every stage passes on (one JSON object per line, UTF-8)::
     {"id": "abc", "conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}],
      "system": "optional system prompt", "lang": "added by filter-lang"}
 
-Every data stage writes three files through :class:`llama_pipe.stage_writer.StageWriter`: the
+Every data stage writes three files through :class:`llama_pipe.core.stage_writer.StageWriter`: the
 kept records, a rejects file (one line per dropped record: ``id``, ``stage``, ``reason``,
 ``detail``, ``record``) and a stats file (``{"stage", "in", "out", "rejected": {reason: count}}``). All three appear only when
 the stage finishes; ``in == out + sum(rejected)`` is checked before they do.
@@ -13,7 +13,6 @@ the stage finishes; ``in == out + sum(rejected)`` is checked before they do.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.errors import InputError
+from llama_pipe.core.errors import InputError
 
 Record = dict[str, Any]
 
@@ -399,15 +398,6 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         raise InputError(f"{path}: {what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except (RecursionError, ValueError) as exc:
         raise InputError(f"{path}: {what}: {_unreadable(exc)}") from None
-
-
-def file_digest(path: str | Path, algo: str = "sha256", chunk: int = 1 << 20) -> str:
-    """Hex digest of a file (``sha256``, ``md5``, ...), read in chunks."""
-    h = hashlib.new(algo)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- writing

@@ -7,7 +7,7 @@ step (the base) and at every evaluation step (``retention.jsonl``, see
 (``metrics.jsonl``) and keeps:
 
 * among the checkpoints whose retention stays within ``select.bound`` points of the base's (the
-  accuracy difference on the dev split, :func:`llama_pipe.retention.compare`), the one with the
+  accuracy difference on the dev split, :func:`llama_pipe.evaluation.retention.compare`), the one with the
   lowest validation loss (the training goal, on held-out data of the run's own kind). The paired
   95% interval is recorded beside it but does not decide: on a dev split of ~100 items it spans
   about +-4 points even for a checkpoint that changed a handful of answers, so requiring it would
@@ -46,12 +46,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir, write_json_atomic
 from llama_pipe.config import SelectSettings, settings_from_args
-from llama_pipe.errors import InputError
-from llama_pipe.report_runs import read_losses
-from llama_pipe.retention import compare
-from llama_pipe.settings import add_settings_arguments
+from llama_pipe.core.atomic import atomic_dir, write_json_atomic
+from llama_pipe.core.errors import InputError
+from llama_pipe.core.settings import add_settings_arguments
+from llama_pipe.evaluation.retention import compare
+from llama_pipe.report.runs import read_losses
 from llama_pipe.train.retention_probe import FILE as PROBE_FILE
 from llama_pipe.train.retention_probe import read_scores, read_weighted
 

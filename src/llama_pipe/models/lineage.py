@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.errors import InputError
-from llama_pipe.model_dir import read_sidecar
+from llama_pipe.core.errors import InputError
+from llama_pipe.core.sidecar import read_sidecar
 from llama_pipe.weights.fingerprint import short, weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def _how_to_chain(start: str | Path, before: Sequence[str | Path]) -> str:
 
 
 def adapter_identity(adapter: str | Path) -> Adapter:
-    from llama_pipe.records import file_digest
+    from llama_pipe.core.hashing import file_digest
 
     return Adapter(file_digest(Path(adapter) / ADAPTER_FILE), str(adapter))
 

@@ -31,7 +31,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal, TypeGuard, TypeVar, cast, get_args, get_origin
 
-from llama_pipe.errors import ConfigError
+from llama_pipe.core.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -41,12 +41,14 @@ SEED_MAX = 2**32 - 1
 _SCHEMA_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "pattern", "minLength")
 
 
-def opt(default: Any, doc: str, **constraints: Any) -> Any:
-    """A dataclass field with a default, a help text and optional JSON-schema constraints."""
+def opt(default: Any, doc: str, performance: bool = False, **constraints: Any) -> Any:
+    """A dataclass field with a default, a help text and optional JSON-schema constraints.
+    ``performance``: a knob that changes how fast a stage runs, never what it writes (the workflow
+    leaves it out of the stage's params, so changing it re-runs nothing: :func:`performance_keys`)."""
     unknown = set(constraints) - set(_SCHEMA_KEYS)
     if unknown:
         raise TypeError(f"unknown constraint(s) {sorted(unknown)}")
-    meta = {"doc": doc, **constraints}
+    meta = {"doc": doc, **constraints, **({"performance": True} if performance else {})}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=_copies_of(default), metadata=meta)
     if dataclasses.is_dataclass(default) and isinstance(default, type):
@@ -57,6 +59,11 @@ def opt(default: Any, doc: str, **constraints: Any) -> Any:
 def _copies_of(default: list[Any] | dict[str, Any]) -> Callable[[], Any]:
     """A default factory: a fresh copy of a list or dict default for each instance."""
     return lambda: json.loads(json.dumps(default))
+
+
+def performance_keys(cls: type) -> tuple[str, ...]:
+    """The fields of a settings class marked ``performance`` (:func:`opt`)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("performance"))
 
 
 def _is_settings_class(tp: Any) -> TypeGuard[type[Any]]:

@@ -2,14 +2,14 @@
 
 * :func:`check_model_dir` / :func:`check_adapter_dir` - validate a directory (headers and shapes,
   ``config.json`` against them, no ``auto_map`` asking to run the folder's Python: before anything
-  big is allocated), or raise an :class:`~llama_pipe.errors.InputError`;
+  big is allocated), or raise an :class:`~llama_pipe.core.errors.InputError`;
 * :func:`load_config` / :func:`load_float_base` - the config (``trust_remote_code`` always passed,
   so transformers never asks on stdin) and the model in float32 (a quantised checkpoint is refused);
 * :func:`apply_adapters` - merge adapters, in order, into a float model;
 * :func:`combine_adapters` - merge one weighted combination of adapters (peft's ``add_weighted_adapter``);
-* :func:`resolve_template` (:func:`pick_template`) - the chat template every stage renders with,
-  split included; :func:`recorded_system_prompt` - what was recorded with a model (its
-  ``llama_pipe.json`` sidecar, or the trainer's ``train_config.json``).
+
+Which chat template a model renders with is :mod:`llama_pipe.chat_template.resolve`; what was
+recorded beside it (``llama_pipe.json``) is :mod:`llama_pipe.core.sidecar`.
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.errors import InputError
-from llama_pipe.templates import AUTO, MODEL, TEMPLATES, ChatTemplate, builtin_named, get_template
+from llama_pipe.core.errors import InputError
 from llama_pipe.weights.hf import safetensors_files
 from llama_pipe.weights.tokenizer import load_tokenizer
 from llama_pipe.weights.validate import check_adapter_weights, check_model_weights, refuse_remote_code
 
 log = logging.getLogger(__name__)
 
-SIDECAR = "llama_pipe.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -87,16 +85,6 @@ def check_adapter_dir(path: str | Path) -> Path:
 
 def has_tokenizer(path: Path) -> bool:
     return any((path / name).is_file() for name in TOKENIZER_FILES)
-
-
-def read_sidecar(path: str | Path) -> dict[str, Any]:
-    """The ``llama_pipe.json`` of a model or adapter directory ({} when absent or unreadable)."""
-    f = Path(path) / SIDECAR
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def load_float_base(base: str | Path, device: str = "cpu") -> Any:
@@ -176,7 +164,7 @@ def apply_adapters(model: Any, tokenizer: Any, adapters: Sequence[str | Path]) -
     """Merge ``adapters`` in order into ``model`` (float); return (merged model, tokenizer to use).
 
     Adapter k is added to the weights the adapters before it produced: that is right only when
-    it was trained on them (:func:`llama_pipe.lineage.chain_lineage` checks that)."""
+    it was trained on them (:func:`llama_pipe.models.lineage.chain_lineage` checks that)."""
     for adapter in adapters:
         adapter = Path(adapter)
         weights = check_adapter_dir(adapter)
@@ -241,85 +229,3 @@ def combine_adapters(
     return model, tokenizer
 
 
-def recorded(dirs: list[Path], key: str) -> tuple[bool, Any]:
-    """(found, value) of ``key`` as recorded with a model/adapter: ``llama_pipe.json``, then the
-    trainer's ``train_config.json`` (``chat.<key>``; ``train.<key>`` in runs from before the chat
-    section); the last directory wins."""
-    for d in reversed(dirs):
-        side = read_sidecar(d)
-        if key in side:
-            return True, side[key]
-        try:
-            written = json.loads((Path(d) / "train_config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        for section in ("chat", "train"):
-            part = written.get(section) if isinstance(written, dict) else None
-            if isinstance(part, dict) and key in part:
-                return True, part[key]
-    return False, None
-
-
-def read_chat_template(path: str | Path) -> str | None:
-    """The chat template Jinja stored in a tokenizer directory, as transformers reads it:
-    ``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template`` (None: none)."""
-    path = Path(path)
-    try:
-        return (path / "chat_template.jinja").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        pass
-    try:
-        cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    jinja = cfg.get("chat_template") if isinstance(cfg, dict) else None
-    if isinstance(jinja, list):  # named templates: transformers uses "default"
-        jinja = next((t.get("template") for t in jinja if isinstance(t, dict) and t.get("name") == "default"), None)
-    return jinja if isinstance(jinja, str) else None
-
-
-def _own_jinja(tokenizer: Any, dirs: list[Path]) -> str | None:
-    """The tokenizer's own Jinja: its ``chat_template``; a bare ``tokenizers.Tokenizer`` (split's fast
-    path) has none, so it is read from the first directory's files."""
-    if hasattr(tokenizer, "chat_template"):
-        jinja = tokenizer.chat_template
-        return jinja if isinstance(jinja, str) else None
-    return read_chat_template(dirs[0]) if dirs else None
-
-
-def pick_template(explicit: str | None, dirs: list[Path], tokenizer: Any) -> str:
-    """Template name for ``chat.template``: a built-in or ``model`` as given; ``auto`` (or None): the
-    one recorded with the model (sidecar, train_config.json) > the built-in the tokenizer's Jinja is >
-    the tokenizer's own Jinja (``model``) > vicuna_v1.1. :func:`resolve_template` gives the template:
-    every stage resolves ``auto`` through these two (split, train, merge-adapter, eval, chat, serve)."""
-    if explicit and explicit != AUTO:
-        return explicit
-    found, name = recorded(dirs, "template")
-    if found and (name in TEMPLATES or name == MODEL):
-        return str(name)
-    jinja = _own_jinja(tokenizer, dirs)
-    own = builtin_named(jinja)
-    if own is not None:
-        return own
-    if jinja and jinja.strip():
-        return MODEL
-    log.warning("no chat template recorded with the model; using vicuna_v1.1 (pass --template to choose)")
-    return "vicuna_v1.1"
-
-
-def resolve_template(explicit: str | None, dirs: list[Path], tokenizer: Any) -> ChatTemplate:
-    """The chat template every stage renders with (``chat.template`` resolved by :func:`pick_template`).
-    A template that cannot be used (``model`` with none, one that rewrites earlier turns, a hostile
-    one) is an :class:`InputError` naming the model directory or the template's file."""
-    name = pick_template(explicit, dirs, tokenizer)
-    try:
-        return get_template(name, tokenizer)
-    except ValueError as exc:
-        where = dirs[0] if dirs else getattr(tokenizer, "name_or_path", "the tokenizer")
-        raise InputError(f"{where}: chat template {name!r}: {exc}") from None
-
-
-def recorded_system_prompt(dirs: list[Path]) -> str | None:
-    """The system prompt the model was trained with (null: the template's default)."""
-    found, value = recorded(dirs, "system_prompt")
-    return value if found and isinstance(value, str) else None

@@ -11,7 +11,7 @@ Here the same environment as ``apply_chat_template`` (trim_blocks, lstrip_blocks
 ``{% generation %}``, ``tojson``, ``raise_exception``, ``strftime_now``) gets bounds:
 
 * a wall-clock budget per render (:data:`RENDER_SECONDS`): in the main thread a SIGALRM timer
-  (:func:`llama_pipe.data.common.within_budget`, which puts back a timer someone else set)
+  (:func:`llama_pipe.core.budget.within_budget`, which puts back a timer someone else set)
   interrupts the template wherever it is; in another thread (serve's handlers) every line the
   compiled template executes checks the deadline (a trace function on the template's own frames,
   five times slower, so only there); everywhere every call, operator, filter and piece of output
@@ -25,8 +25,8 @@ Here the same environment as ``apply_chat_template`` (trim_blocks, lstrip_blocks
 * a source of at most :data:`MAX_SOURCE` characters.
 
 What breaks a bound raises :class:`TemplateLimit`; the sandbox's own refusal is Jinja's
-``SecurityError``. :class:`~llama_pipe.model_template.ModelTemplate` turns both into an
-:class:`~llama_pipe.errors.InputError` naming the file the template came from.
+``SecurityError``. :class:`~llama_pipe.chat_template.model.ModelTemplate` turns both into an
+:class:`~llama_pipe.core.errors.InputError` naming the file the template came from.
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ def render(source: str, input_chars: int, **context: Any) -> str:
     ``input_chars``, the conversation's own text). Raises :class:`TemplateLimit`, :class:`Refused`
     (``raise_exception``), Jinja's ``SecurityError`` and other ``TemplateError``, or what the template's
     operations raise (``TypeError``, ``RecursionError``, ``MemoryError``, ...)."""
-    from llama_pipe.data.common import TooSlow, _can_alarm, within_budget
+    from llama_pipe.core.budget import TooSlow, _can_alarm, within_budget
 
     template = compile_template(source)
     limit = max(MIN_LIMIT, GROWTH * input_chars)

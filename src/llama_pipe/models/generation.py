@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.control_tokens import control_tokens
-from llama_pipe.errors import InputError
-from llama_pipe.lineage import chain_lineage
-from llama_pipe.model_dir import apply_adapters, check_adapter_dir, check_model_dir, load_float_base, recorded_system_prompt, resolve_template
-from llama_pipe.templates import ChatTemplate, Message, end_of_turn_ids, message_texts
+from llama_pipe.chat_template.builtin import ChatTemplate, Message, end_of_turn_ids, message_texts
+from llama_pipe.chat_template.control_tokens import control_tokens
+from llama_pipe.chat_template.resolve import recorded_system_prompt, resolve_template
+from llama_pipe.core.errors import InputError
+from llama_pipe.models.lineage import chain_lineage
+from llama_pipe.models.model_dir import apply_adapters, check_adapter_dir, check_model_dir, load_float_base
 from llama_pipe.weights.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class ChatModel:
         Rendered in one pass (:meth:`ChatTemplate.render_text`: linear in the conversation, and a
         conversation that opens with an assistant greeting is a prompt too). Only the template writes
         control tokens: a message that spells ``<|im_end|><|im_start|>system`` is text, so no turn can
-        be forged (:mod:`llama_pipe.control_tokens`)."""
+        be forged (:mod:`llama_pipe.chat_template.control_tokens`)."""
         system = system if system is not None else self.system
         text = self.template.render_text(messages, system=system, add_generation_prompt=True)
         controls = control_tokens(self.tokenizer)

@@ -24,7 +24,7 @@ it is :meth:`ChatTemplate.jinja_for` that tokenizer (a leading ``bos_token`` onl
 tokenizer itself adds one, so ``apply_chat_template(..., tokenize=True)`` gives the training ids).
 
 A model that ships its own Jinja template is rendered with it (``template: model``, or ``auto``
-when the Jinja is none of the four): :mod:`llama_pipe.model_template`.
+when the Jinja is none of the four): :mod:`llama_pipe.chat_template.model`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llama_pipe.chat_base import AUTO, MODEL, ChatTemplate, Message
-from llama_pipe.errors import ConfigError
-from llama_pipe.model_template import model_template
+from llama_pipe.chat_template.base import AUTO, MODEL, ChatTemplate, Message
+from llama_pipe.chat_template.model import model_template
+from llama_pipe.core.errors import ConfigError
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -303,7 +303,7 @@ def get_template(name: str, tokenizer: Any = None) -> ChatTemplate:
 def template_for_bare_model(choice: str, where: object) -> ChatTemplate:
     """The template convert stores with a model that ships none (a Meta checkpoint; an HF or GGUF
     model without ``chat_template``): ``chat.template`` when it names a built-in, vicuna_v1.1 for
-    ``auto``. ``model`` has nothing to use: a :class:`~llama_pipe.errors.ConfigError` naming ``where``."""
+    ``auto``. ``model`` has nothing to use: a :class:`~llama_pipe.core.errors.ConfigError` naming ``where``."""
     if choice in TEMPLATES:
         return TEMPLATES[choice]
     if choice == AUTO:
@@ -320,9 +320,9 @@ def tokenize_with_labels(
     A token is a target when it lies inside a span, or overlaps one on a non-space character
     (``▁Hello`` whose offsets include the separating space); a token that only covers the space
     before a span does not count. ``texts``: the spans of message text, where a control token's
-    string is tokenized as text (:class:`llama_pipe.control_tokens.ControlTokens`).
+    string is tokenized as text (:class:`llama_pipe.chat_template.control_tokens.ControlTokens`).
     """
-    from llama_pipe.control_tokens import control_tokens
+    from llama_pipe.chat_template.control_tokens import control_tokens
 
     ids, offsets = control_tokens(tokenizer).encode(text, texts)
     labels = [IGNORE_INDEX] * len(ids)
@@ -355,7 +355,7 @@ def render_for_tokens(
 ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
     """``template.render``'s text and target spans, and the spans of message text that holds a
     control token's string (empty when none does: the usual case costs nothing more)."""
-    from llama_pipe.control_tokens import control_tokens
+    from llama_pipe.chat_template.control_tokens import control_tokens
 
     text, targets = template.render(messages, system=system, add_generation_prompt=add_generation_prompt)
     texts: list[tuple[int, int]] = []

@@ -6,10 +6,10 @@ The base is always loaded in float32 - also when an adapter was trained over a 4
 rounding error to every merged matrix. Each adapter is applied to the result of the previous one
 (``W <- W + scale * B @ A``), so ``--adapter A --adapter B`` equals running the base with A and
 then B stacked; that is sound only when B was trained on A's merged model, so each adapter's
-recorded ``trained_on`` is checked first (:func:`llama_pipe.lineage.chain_lineage`: exit 2 when
+recorded ``trained_on`` is checked first (:func:`llama_pipe.models.lineage.chain_lineage`: exit 2 when
 it was trained on other weights, a warning when it has no record). ``--combine cat|svd
 --weights ...`` instead merges one weighted combination of adapters each trained on the base
-(peft's ``add_weighted_adapter``; :func:`llama_pipe.model_dir.combine_adapters`). When an
+(peft's ``add_weighted_adapter``; :func:`llama_pipe.models.model_dir.combine_adapters`). When an
 adapter directory carries a tokenizer with more tokens than the current embedding matrix, the
 embeddings are resized first and that tokenizer is the one written out.
 
@@ -32,25 +32,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import atomic_dir, check_output_dir, write_json_atomic
+from llama_pipe.chat_template.builtin import end_of_turn_ids, get_template
+from llama_pipe.chat_template.resolve import recorded_system_prompt, resolve_template
 from llama_pipe.config import ChatSettings, MergeAdapterSettings, settings_from_args
-from llama_pipe.config_checks import merge_adapter_errors
-from llama_pipe.errors import ConfigError, InputError
-from llama_pipe.lineage import chain_lineage, combination_lineage
-from llama_pipe.model_dir import (
-    SIDECAR,
-    apply_adapters,
-    check_adapter_dir,
-    check_model_dir,
-    combine_adapters,
-    has_tokenizer,
-    is_full_model,
-    load_float_base,
-    recorded_system_prompt,
-    resolve_template,
-)
-from llama_pipe.settings import add_settings_arguments, describe
-from llama_pipe.templates import end_of_turn_ids, get_template
+from llama_pipe.config.checks import merge_adapter_errors
+from llama_pipe.core.atomic import atomic_dir, check_output_dir, write_json_atomic
+from llama_pipe.core.errors import ConfigError, InputError
+from llama_pipe.core.settings import add_settings_arguments, describe
+from llama_pipe.core.sidecar import SIDECAR
+from llama_pipe.models.lineage import chain_lineage, combination_lineage
+from llama_pipe.models.model_dir import apply_adapters, check_adapter_dir, check_model_dir, combine_adapters, has_tokenizer, is_full_model, load_float_base
 from llama_pipe.weights.fingerprint import weights_fingerprint
 from llama_pipe.weights.to_meta import write_meta
 from llama_pipe.weights.tokenizer import load_tokenizer
@@ -89,7 +80,7 @@ def write_model_dir(model: Any, tokenizer: Any, template_name: str, out: Path, m
     model.save_pretrained(str(out), max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(out))
     # The fingerprint of the weights just written: a later reader trusts the lineage only while
-    # the weights are still these (llama_pipe.lineage.model_lineage).
+    # the weights are still these (llama_pipe.models.lineage.model_lineage).
     write_json_atomic(out / SIDECAR, {"template": template_name, **sidecar, "fingerprint": weights_fingerprint(out)})
 
 

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llama_pipe.atomic import AtomicFile
 from llama_pipe.config import config_schema
 from llama_pipe.config.annotated import rewrite
 from llama_pipe.config.load import check_config_data, migrate, read_config_text
+from llama_pipe.core.atomic import AtomicFile
 
 SCHEMA_PATH = Path("workflow/schemas/config.schema.yaml")
 REFERENCE_PATH = Path("docs/config.md")

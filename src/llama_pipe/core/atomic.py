@@ -25,7 +25,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TextIO
 
-from llama_pipe.errors import OutputError
+from llama_pipe.core.errors import OutputError
 
 
 def _pid_alive(pid: int) -> bool:

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import ChatSettings, ServeSettings, settings_from_args
-from llama_pipe.generation import ChatModel, Completion, SamplingParams, load_chat_model
+from llama_pipe.core.settings import add_settings_arguments, describe
+from llama_pipe.models.generation import ChatModel, Completion, SamplingParams, load_chat_model
 from llama_pipe.serve.api import ApiError, parse_chat_request, served_model_id
 from llama_pipe.serve.limits import (
     ConnectionGate,
@@ -47,7 +48,6 @@ from llama_pipe.serve.limits import (
     host_allowed,
     origin_allowed,
 )
-from llama_pipe.settings import add_settings_arguments, describe
 
 __all__ = ["ApiError", "ChatServer", "Handler", "parse_chat_request"]
 
