@@ -777,7 +777,7 @@ def test_served_model_id_is_the_runs_name(tiny_hf_model_dir: Path, tmp_path: Pat
     or a full model names the run it records (train_config.json's train.run)."""
     import shutil
 
-    from llama_pipe.serve import server as srv
+    from llama_pipe.serve import serve as srv
     from llama_pipe.serve.api import served_model_id
 
     merged = tmp_path / "results/r16/merged"

@@ -83,7 +83,8 @@ def run_training(
     """``llama_pipe.train.train.train`` as the stage runs it, with a hook that records each step's gradient."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from llama_pipe.train import loop, session
+    from llama_pipe.train import session
+    from llama_pipe.train import train as train_stage
 
     grads: list[torch.Tensor] = []
     plain = session.make_optimizer
@@ -95,7 +96,7 @@ def run_training(
 
     monkeypatch.setattr(session, "make_optimizer", recording)
     try:
-        loop.train(base, train, val, out, settings, chat, fast_options=fast_options)
+        train_stage.train(base, train, val, out, settings, chat, fast_options=fast_options)
     finally:
         monkeypatch.setattr(session, "make_optimizer", plain)
         AcceleratorState._reset_state(reset_partial_state=True)
