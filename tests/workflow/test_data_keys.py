@@ -12,9 +12,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from workflow_helpers import copy_workflow, fake_bin, job_counts, snakemake
+from workflow_helpers import copy_workflow, fake_bin, job_counts, rerun_plan, snakemake
+
+from llama_pipe.stages import KEYED_STAGES
 
 PROFILE = ("--profile", "profiles/default")
+#: The rules whose products live in results/data/<rule>/<key>/ (the registry's keyed stages).
+KEYED = [s.rule for s in KEYED_STAGES]
 
 
 def calls_of(path: Path) -> dict[str, list[str]]:
@@ -46,7 +50,7 @@ def test_each_data_setting_has_its_own_directories(two_runs: tuple[Path, Path, P
     workdir, _, calls = two_runs
     data = workdir / "results/data"
     # merge made from other inputs: every stage after it has a second directory too
-    for stage in ("merge", "shard", "clean", "filter_lang", "split", "gather", "distill"):
+    for stage in KEYED:
         keys = sorted(p.name for p in (data / stage).iterdir())
         assert len(keys) == 2 and all(len(k) == 10 for k in keys), (stage, keys)
     trained = {}
@@ -61,7 +65,7 @@ def test_each_data_setting_has_its_own_directories(two_runs: tuple[Path, Path, P
     assert argv["merge"][argv["merge"].index("--") + 1:] == ["mydata.json"]
     assert (workdir / trained["mydata"]).is_file() and (workdir / trained["default"]).is_file()
     logs = sorted(p.relative_to(workdir).parts[:3] for p in (workdir / "logs/data").rglob("*.log"))
-    assert {part[2] for part in logs} == {"merge", "shard", "clean", "filter_lang", "split", "gather", "distill"}
+    assert {part[2] for part in logs} == set(KEYED)
 
 
 def test_a_changed_clean_setting_keeps_merge_and_shard(two_runs: tuple[Path, Path, Path]) -> None:
@@ -69,8 +73,9 @@ def test_a_changed_clean_setting_keeps_merge_and_shard(two_runs: tuple[Path, Pat
     after it new directories (they run), while merge and shard keep theirs (they do not)."""
     workdir, _, _ = two_runs
     plan = job_counts(snakemake(workdir, "-n", *PROFILE, "--config", 'clean={"min_turns": 3}').stdout)
-    assert plan == {"clean": 2, "filter_lang": 2, "split": 2, "gather": 1, "distill": 1, "train": 1, "select": 1,
-                    "merge_adapter": 1, "eval": 1, "report": 1, "all": 1}
+    full = job_counts(snakemake(workdir, "-n", "--forceall", *PROFILE).stdout)
+    assert plan == rerun_plan("clean", full)  # clean and every stage reading it (llama_pipe.stages.downstream)
+    assert plan["clean"] == 2 and plan["train"] == 1 and not {"merge", "shard", "convert"} & set(plan)
 
 
 def test_data_target_builds_the_data_of_the_given_settings(two_runs: tuple[Path, Path, Path]) -> None:
