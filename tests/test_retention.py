@@ -324,3 +324,48 @@ def test_lm_eval_scores_our_task_file_as_we_do(tiny_hf_model_dir: Path, tmp_path
         offset = theirs[0] - mine[0]
         assert offset <= 1e-4 and [t - offset for t in theirs] == pytest.approx(mine, abs=1e-4)
     assert res["results"]["llama_pipe_retention"]["acc,none"] == pytest.approx(sum(s.correct("acc") for s in ours) / len(ours))
+
+
+def test_two_models_scored_side_by_side_equal_one_after_the_other(tiny_hf_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval scores base and tuned in two threads on a CPU (half the threads each): the scores are
+    those of scoring each model alone (to the rounding of another thread count), and the thread
+    count is put back."""
+    import threading
+
+    import torch
+
+    from llama_pipe.chat_template.builtin import get_template
+    from llama_pipe.evaluation import eval as eval_stage
+    from llama_pipe.models.model_dir import load_float_base
+    from llama_pipe.weights.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_hf_model_dir)
+    template = get_template("chatml", tok)
+    base, other = load_float_base(tiny_hf_model_dir), load_float_base(tiny_hf_model_dir)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.9)  # a different model
+    sets = {"s": ITEMS}
+    alone = {label: score_items(m, tok, template, ITEMS, batch_size=2) for label, m in (("base", base), ("tuned", other))}
+    scorers = {label: eval_stage.Scorer(m, tok, template, None) for label, m in (("base", base), ("tuned", other))}
+    seen: set[str] = set()
+    plain = eval_stage.score_items
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.add(threading.current_thread().name)
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(eval_stage, "score_items", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = eval_stage.score_retention(sets, scorers, batch_size=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert list(got) == ["base", "tuned"] and alone["base"] != alone["tuned"]
+    for label, scores in alone.items():  # equal to the rounding of another thread count
+        for a, b in zip(scores, got[label]["s"], strict=True):
+            assert (a.id, a.pred, a.pred_norm, a.tokens) == (b.id, b.pred, b.pred_norm, b.tokens)
+            assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+    assert len(seen) == 2 and all(name.startswith("retention") for name in seen)

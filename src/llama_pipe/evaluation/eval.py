@@ -38,8 +38,9 @@ import gc
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from llama_pipe.chat_template.builtin import IGNORE_INDEX, encode_conversation, to_messages
 from llama_pipe.chat_template.resolve import recorded_system_prompt, resolve_template
@@ -222,6 +223,45 @@ def answer_questions(chat: Any, questions: list[dict[str, Any]], settings: EvalS
 # ----------------------------------------------------------------------------- the stage
 
 
+class Scorer(NamedTuple):
+    """One model as retention scores it: the model, its tokenizer, template and system prompt."""
+
+    model: Any
+    tokenizer: Any
+    template: Any
+    system: str | None
+
+
+def score_retention(sets: dict[str, list[Item]], scorers: dict[str, Scorer], batch_size: int) -> dict[str, dict[str, list[ItemScore]]]:
+    """Every retention set scored by every model: ``{label: {set: scores}}``.
+
+    Two or more CPU models score side by side, each on its share of the threads (their matrix
+    products leave the GIL): on 2 cores this took 25.0 s where one model after the other on both
+    took 30.5 s (300 ARC-Easy items, bf16; docs/benchmarks.md). The log-likelihoods are those of
+    another thread count: equal there, in fp32 equal to rounding (tests/test_retention.py)."""
+    import torch
+
+    def score(label: str) -> dict[str, list[ItemScore]]:
+        s = scorers[label]
+        if side_by_side:
+            torch.set_num_threads(share)  # this thread's operator pool
+        return {name: score_items(s.model, s.tokenizer, s.template, items, batch_size, s.system, desc=f"retention {name} ({label})")
+                for name, items in sets.items()}
+
+    threads = torch.get_num_threads()
+    on_cpu = all(next(s.model.parameters()).device.type == "cpu" for s in scorers.values())
+    side_by_side = on_cpu and 1 < len(scorers) <= threads
+    share = threads // max(1, len(scorers))
+    if not side_by_side:
+        return {label: score(label) for label in scorers}
+    try:
+        with ThreadPoolExecutor(len(scorers), thread_name_prefix="retention") as pool:
+            futures = {label: pool.submit(score, label) for label in scorers}
+            return {label: f.result() for label, f in futures.items()}
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -261,7 +301,8 @@ def run(args: argparse.Namespace) -> int:
     sets = retention_sets(settings.retention_items, settings.retention_max_items, fetched) if settings.retention else {}
     results: dict[str, dict[str, Any]] = {}
     answers: list[dict[str, Any]] = []
-    ret_scores: dict[str, dict[str, list[ItemScore]]] = {name: {} for name in sets}
+    scorers: dict[str, Scorer] = {}
+    by_label: dict[str, dict[str, list[ItemScore]]] = {}
     heldout: list[tuple[str, str]] = []  # (question, the base's answer): coherent text outside the training data
     own: dict[str, dict[str, Any]] = {}
     for label, path in (("base", base), ("tuned", tuned)):
@@ -283,11 +324,14 @@ def run(args: argparse.Namespace) -> int:
         h_total, h_n = nll_sum(model, qa_rows(heldout, tok_m, tmpl_m, sys_m), tok_m.pad_token_id, settings.batch_size) if heldout else (0.0, 0)
         results[label]["heldout_text_ppl"] = math.exp(h_total / h_n) if h_n else None
         if sets and device == "cpu":  # multiple choice by log-likelihood: bf16 picks the same answers at half the CPU time
-            model = model.to(torch.bfloat16)
-        for name, items in sets.items():
-            ret_scores[name][label] = score_items(model, tok_m, tmpl_m, items, settings.batch_size, sys_m, desc=f"retention {name} ({label})")
+            scorers[label] = Scorer(model.to(torch.bfloat16), tok_m, tmpl_m, sys_m)  # scored side by side below
+        elif sets:  # one model in GPU memory at a time
+            by_label |= score_retention(sets, {label: Scorer(model, tok_m, tmpl_m, sys_m)}, settings.batch_size)
         del model
         gc.collect()
+    by_label |= score_retention(sets, scorers, settings.batch_size)
+    scorers.clear()
+    ret_scores = {name: {label: scores[name] for label, scores in by_label.items()} for name in sets}
     scores = score_rows(answers, questions)
     retention = {name: compare(by["base"], by["tuned"], bound=settings.retention_bound) for name, by in ret_scores.items()}
     general = {label: [a["choices"][0]["turns"][0] for a in answers if a["model_id"] == label and a.get("category") != "identity"]
