@@ -274,13 +274,19 @@ def run_ours(case: Case) -> dict[str, Any]:
     if _cuda():
         torch.cuda.reset_peak_memory_stats()
     losses = []
+    mb = settings.micro_batch_size  # a planned case may split the step's rows into micro-batches
+
+    def micro(b: dict[str, Any]) -> list[dict[str, Any]]:
+        rows = len(b["input_ids"])
+        return [b] if mb >= rows else [{k: v[i : i + mb] for k, v in b.items()} for i in range(0, rows, mb)]
+
     for step, (b, _, targets) in enumerate(batches[:WARMUP], 1):
-        losses.append(train_step(ctx, [b], targets, step).loss)
+        losses.append(train_step(ctx, micro(b), targets, step).loss)
     _sync()
     t = time.perf_counter()
     tokens = 0
     for step, (b, n, targets) in enumerate(batches[WARMUP:], WARMUP + 1):
-        losses.append(train_step(ctx, [b], targets, step).loss)
+        losses.append(train_step(ctx, micro(b), targets, step).loss)
         tokens += n
     _sync()
     dt = time.perf_counter() - t
