@@ -57,8 +57,13 @@ def test_fp8_products_match_their_emulation_and_bf16(tokens: int, n_in: int, n_o
         emu_y = (xq.float() * xs) @ layer.dequantized(torch.float32).cpu().t()
         assert _rel(y.cpu(), emu_y) < 1e-2, dgrad
         assert _rel(y, ref_y) < 6e-2 and _rel(xi.grad, ref_dx) < 6e-2, dgrad
+        # The Triton kernel against the PyTorch reference: its divisions are the fast (<= 2 ulp) kind, so a scale may
+        # differ in its last bits and an element lying on a rounding boundary may round to the next e4m3 value.
         kq, ks = fp8.quantize_rows(x)
-        assert torch.equal(ks.cpu(), xs) and (kq.cpu().float() - xq.float()).abs().max() == 0  # Triton == PyTorch rounding
+        assert torch.allclose(ks.cpu(), xs, rtol=1e-6, atol=0)
+        differ = kq.cpu().float() != xq.float()
+        assert differ.float().mean() < 1e-3
+        assert ((kq.cpu().float() - xq.float()).abs()[differ] <= xq.float().abs()[differ] / 8 + 2.0**-9).all()
     assert torch.equal(results["transpose"][1], results["cached"][1])
     assert _rel(results["dequant"][1], results["transpose"][1]) < 6e-2
 
