@@ -135,6 +135,9 @@ def test_fp8_is_refused_on_cpu_and_on_gpus_without_fp8(tiny_hf_model_dir: Path, 
     fp8.check_supported("cuda:0", "bf16")
     with pytest.raises(ConfigError, match="precision resolved to fp16"):
         fp8.check_supported("cuda:0", "fp16")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="FSDP/DeepSpeed is not supported"):
+        fp8.check_supported("cuda:0", "bf16")
 
 
 def test_planner_counts_one_byte_per_base_weight() -> None:

@@ -69,7 +69,12 @@ def unsupported_reason(device: Any) -> str | None:
 
 def check_supported(device: Any, precision: str) -> None:
     """Raise :class:`ConfigError` when fp8 cannot train on ``device`` with compute ``precision``."""
+    import os
+
     reason = unsupported_reason(device)
+    sharded = [k for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED") if os.environ.get(k, "").lower() in ("1", "true")]
+    if reason is None and sharded:  # accelerate launch sets these for FSDP / DeepSpeed configs
+        reason = f"sharding FP8 weights under FSDP/DeepSpeed is not supported ({sharded[0]} is set); run on one GPU or under DDP"
     if reason is None and precision != "bf16":
         reason = f"its products are computed in bf16, and train.precision resolved to {precision}"
     if reason is not None:

@@ -14,6 +14,8 @@ backward: ``gb = g B``; ``dB = s g^T xa``; ``dA = s gb^T drop(x)``; ``dx = g W +
 The frozen weight ``W`` is the base layer's own bf16 weight, or is dequantized inside the
 forward and again inside the backward for a 4-bit (bitsandbytes nf4/fp4) base or an 8-bit base
 under the ``int8_dequant`` lever, as bitsandbytes itself does: no dense copy outlives the call.
+Over an fp8 base (:class:`llama_pipe.train.fp8.Fp8Linear`) no dense weight is made at all: ``x W^T``
+and ``g W`` are the layer's own FP8 GEMMs (``fp8_mm``, ``fp8_dgrad``).
 Saved for the backward: the layer input (which checkpointing holds anyway), the ``tokens x r``
 adapter activation, and the dropout mask as booleans when dropout is on.
 
