@@ -47,7 +47,7 @@ WARMUP, TIMED = 2, 5
 class Case:
     """One benchmark case of llama-pipe's trainer (or the pad-to-max plain baseline)."""
 
-    mode: str  # lora | qlora | int8: the base storage float / nf4 / int8 under LoRA (config.load.MODE_NAMES)
+    mode: str  # lora | qlora | int8: the base storage float / nf4 / int8 under LoRA (config.load.MODE_NAMES); fp8: base_storage fp8
     r: int
     targets: tuple[str, ...]
     seq: int
@@ -62,6 +62,8 @@ class Case:
     in_backward: bool = False  # train.optimizer_in_backward (with max_grad_norm 0)
     peer: str = ""  # the peer case this compares with ("" = none)
     unsloth: str = ""
+    dgrad: str = ""  # fp8: the input-gradient variant (llama_pipe.train.fp8.Fp8Linear.dgrad); "" = the default
+    card_gib: float = 0.0  # > 0: train.memory auto plans for a card of this size (layers kept, optimizer); 0: recompute every layer
 
 
 # Peer case names are those of ../shared/bench/peer_lora_baseline.py and peer_unsloth.py.
@@ -106,6 +108,19 @@ CASES: dict[str, Case] = {
     "abl_nf4_none": Case("qlora", 64, tuple(ALL), 1024, 8, dropout=0.0, kernels="none"),
     "abl_no_fused_lora": Case("lora", 16, tuple(ALL), 1024, 8, dropout=0.0, disable=("fused_lora",)),
     "abl_nf4_no_fused_lora": Case("qlora", 64, tuple(ALL), 1024, 8, dropout=0.0, disable=("fused_lora",)),
+    # Issue 29: the frozen base in FP8 (e4m3, FP8 GEMMs for the forward and the input gradient).
+    "fp8_r16all_s1024_b8_d0": Case("fp8", 16, tuple(ALL), 1024, 8, dropout=0.0, peer=P_BF16_ALL, unsloth=U_BF16),
+    "fp8_r64all_s1024_b8_d0": Case("fp8", 64, tuple(ALL), 1024, 8, dropout=0.0, peer=P_NF4, unsloth=U_NF4),
+    # ... planned by train.memory auto for a 16.5 GiB card: predicted peak <= (16.5 - 0.5 - 0.5) / 1.1 = 14.1 GiB,
+    # under unsloth's 15.19 GiB (bf16 r16), the rest spent on layers kept from recompute
+    "fp8_r16all_s1024_b8_d0_card16": Case("fp8", 16, tuple(ALL), 1024, 8, dropout=0.0, peer=P_BF16_ALL, unsloth=U_BF16, card_gib=16.5),
+    # ... r64 with the smallest optimizer state (8-bit AdamW, updated in the backward pass)
+    "fp8_r64all_s1024_b8_d0_8bit_inbwd": Case("fp8", 64, tuple(ALL), 1024, 8, dropout=0.0, optimizer="adamw_8bit", in_backward=True,
+                                              peer=P_NF4, unsloth=U_NF4),
+    # ... the other two input-gradient variants (bench/fp8_layer.py times them layer by layer)
+    "fp8_r16all_s1024_b8_d0_dgcached": Case("fp8", 16, tuple(ALL), 1024, 8, dropout=0.0, unsloth=U_BF16, dgrad="cached"),
+    "fp8_r16all_s1024_b8_d0_dgdequant": Case("fp8", 16, tuple(ALL), 1024, 8, dropout=0.0, unsloth=U_BF16, dgrad="dequant"),
+    "fp8_r16all_s1024_b8_d0_nofusedlora": Case("fp8", 16, tuple(ALL), 1024, 8, dropout=0.0, unsloth=U_BF16, disable=("fused_lora",)),
 }
 GROUPS = {
     "ours": ["bf16_r8qv_s512_b14", "int8_r8qv_s512_b14", "int8_r8qv_s512_b14_llmint8", "bf16_r16all_s1024_b8", "bf16_r16all_s1024_b8_d0",
@@ -113,6 +128,8 @@ GROUPS = {
              "nf4_r64all_s2048_b1_adam8bit", "nf4_r64all_s2048_b1_adam8bit_inbwd"],
     "real": ["real_packed", "real_packed_nokernels", "real_padmax_plain"],
     "tiny": ["tiny_lora", "tiny_qlora", "tiny_int8"],
+    "fp8": ["fp8_r16all_s1024_b8_d0", "fp8_r64all_s1024_b8_d0", "fp8_r16all_s1024_b8_d0_card16", "fp8_r64all_s1024_b8_d0_8bit_inbwd",
+            "fp8_r16all_s1024_b8_d0_dgcached", "fp8_r16all_s1024_b8_d0_dgdequant", "fp8_r16all_s1024_b8_d0_nofusedlora"],
     "ablation": ["abl_none", "abl_no_kernels", "abl_no_fused_loss", "abl_no_offload", "abl_no_autocast",
                  "abl_nf4_none", "abl_nf4_fp32_frozen", "abl_no_fused_lora", "abl_nf4_no_fused_lora"],
 }
@@ -152,7 +169,7 @@ def _settings(case: Case) -> Any:
     from llama_pipe.config.load import MODE_NAMES
 
     return TrainSettings(
-        **MODE_NAMES[case.mode],
+        **(MODE_NAMES.get(case.mode) or {"base_storage": case.mode, "method": "lora"}),
         lora=LoraSettings(r=case.r, alpha=2 * case.r, dropout=case.dropout, target_modules=list(case.targets)),
         micro_batch_size=case.bs,
         gradient_checkpointing=case.model == "7b",
@@ -210,6 +227,22 @@ def run_ours(case: Case) -> dict[str, Any]:
 
     settings = _settings(case)
     base = CKPT if case.model == "7b" else TINY
+    keep, plan_note, predicted = None, "recompute every layer (memory: manual)", None
+    if case.card_gib:  # the planner's plan for a card of this size, as llama-pipe train would choose it
+        from llama_pipe.train.memory import plan_run
+
+        planned = plan_run(replace(settings, gpu_memory_gib=case.card_gib, gradient_checkpointing=None, optimizer=None,
+                                   optimizer_in_backward=None), case.seq, Path(base), "cuda", 1, False)
+        settings, keep = planned.settings, planned.plan.keep_layers if planned.plan else None
+        plan_note = planned.plan.describe(planned.layers) if planned.plan else "manual"
+        predicted = planned.prediction.peak if planned.prediction else None
+    elif case.model == "7b" and _cuda():  # the planner's prediction of the manual plan: every layer recomputed, inputs offloaded
+        from llama_pipe.train import planner
+        from llama_pipe.train.memory import run_shape
+
+        run = run_shape(settings, case.seq, Path(base), "cuda", 1, case.kernels != "none")
+        plan = planner.Plan(case.bs, 1, 0, case.kernels != "none", settings.optimizer or "adamw", bool(settings.optimizer_in_backward))  # type: ignore[arg-type]
+        predicted = planner.predict(run, plan).peak
     acc, precision = make_accelerator(settings)
     t0 = time.time()
     opts = None
@@ -217,8 +250,12 @@ def run_ours(case: Case) -> dict[str, Any]:
         settings = replace(settings, kernels="none")
     else:
         opts = fast.replace(fast.FastOptions(), **{k: False for k in case.disable}, **{k: True for k in case.enable})
-    session = build_session(acc, base, settings, precision, WARMUP + TIMED, fast_options=opts)
+    session = build_session(acc, base, settings, precision, WARMUP + TIMED, keep=keep, fast_options=opts)
     model, optimizer, ctx = session.model, session.optimizer, session.ctx
+    if case.dgrad:
+        from llama_pipe.train import fp8
+
+        fp8.set_dgrad(acc.unwrap_model(model), case.dgrad)  # type: ignore[arg-type]
     report = "kernels: none" if opts is None else fast.report(acc.unwrap_model(model)).describe()
     load_s = time.time() - t0
     vocab = acc.unwrap_model(model).config.vocab_size
@@ -237,13 +274,19 @@ def run_ours(case: Case) -> dict[str, Any]:
     if _cuda():
         torch.cuda.reset_peak_memory_stats()
     losses = []
+    mb = settings.micro_batch_size  # a planned case may split the step's rows into micro-batches
+
+    def micro(b: dict[str, Any]) -> list[dict[str, Any]]:
+        rows = len(b["input_ids"])
+        return [b] if mb >= rows else [{k: v[i : i + mb] for k, v in b.items()} for i in range(0, rows, mb)]
+
     for step, (b, _, targets) in enumerate(batches[:WARMUP], 1):
-        losses.append(train_step(ctx, [b], targets, step).loss)
+        losses.append(train_step(ctx, micro(b), targets, step).loss)
     _sync()
     t = time.perf_counter()
     tokens = 0
     for step, (b, n, targets) in enumerate(batches[WARMUP:], WARMUP + 1):
-        losses.append(train_step(ctx, [b], targets, step).loss)
+        losses.append(train_step(ctx, micro(b), targets, step).loss)
         tokens += n
     _sync()
     dt = time.perf_counter() - t
@@ -257,10 +300,12 @@ def run_ours(case: Case) -> dict[str, Any]:
         except Exception as exc:  # a diagnostic: the measured row still counts
             with open(os.environ["BENCH_MEMORY"], "a") as f:
                 f.write(f"==== {case}: memory report failed: {exc!r}\n")
+    pred = {} if predicted is None else {"predicted_gib": round(predicted / 2**30, 2),
+                                         "predicted_error_pct": round(100 * (predicted / 2**30 - mem["peak_gib"]) / mem["peak_gib"], 1)}
     return dict(
-        tok_per_s=round(tokens / dt), s_per_step=round(dt / TIMED, 3), **mem,
+        tok_per_s=round(tokens / dt), s_per_step=round(dt / TIMED, 3), **mem, **pred,
         load_s=round(load_s, 1), loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
-        tokens_per_step=round(tokens / TIMED), fast_path=report,
+        tokens_per_step=round(tokens / TIMED), fast_path=report, plan=plan_note,
     )
 
 
@@ -536,7 +581,7 @@ def summarize(out: Path, vers: dict[str, Any]) -> str:
     lines = [(f"GPU {vers.get('gpu')}, driver {vers.get('driver')}, torch {vers.get('torch')}, transformers "
               f"{vers.get('transformers')}, peft {vers.get('peft')}, bitsandbytes {vers.get('bitsandbytes')}, "
               f"liger-kernel {vers.get('liger-kernel')}"), "",
-             "| case | dropout | ours tok/s | ours peak GiB | HF+peft tok/s (GiB) | x HF+peft | unsloth tok/s (GiB) | x unsloth |",
+             "| case | dropout | ours tok/s | ours peak GiB (planner) | HF+peft tok/s (GiB) | x HF+peft | unsloth tok/s (GiB) | x unsloth |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in ours.items():
         c = CASES.get(name)
@@ -546,7 +591,8 @@ def summarize(out: Path, vers: dict[str, Any]) -> str:
         uf = f"{u['tok_per_s']:,} ({u['peak_gib']})" if u else "-"
         px = f"{r['tok_per_s'] / p['tok_per_s']:.2f}x" if p else "-"
         ux = f"{r['tok_per_s'] / u['tok_per_s']:.2f}x" if u else "-"
-        lines.append(f"| {name} | {r['dropout']} | {r['tok_per_s']:,} | {r['peak_gib']} | {pf} | {px} | {uf} | {ux} |")
+        pk = f"{r['peak_gib']} ({r['predicted_gib']}, {r['predicted_error_pct']:+.1f}%)" if r.get("predicted_gib") else f"{r['peak_gib']}"
+        lines.append(f"| {name} | {r['dropout']} | {r['tok_per_s']:,} | {pk} | {pf} | {px} | {uf} | {ux} |")
     if "real_packed" in ours and "real_padmax_plain" in ours:
         a, b = ours["real_packed"], ours["real_padmax_plain"]
         lines += ["", (f"real lengths: packed+fast {a['tok_per_s']:,} useful tok/s vs pad-to-max plain "

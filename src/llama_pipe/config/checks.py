@@ -36,6 +36,16 @@ def train_errors(settings: TrainSettings, processes: int = 1) -> list[str]:
     if settings.method == "full" and settings.base_storage != "float":
         errors.append(f"train.base_storage: {settings.base_storage} holds a frozen quantised base for adapters; method full "
                       "trains every weight, so it needs base_storage float")
+    if settings.base_storage == "fp8":
+        if settings.method == "dora":
+            errors.append("train.base_storage: fp8 trains LoRA adapters (method lora); DoRA needs the base weight's column norms "
+                          "in float at every step; use method lora, or base_storage float for dora")
+        if settings.device == "cpu":
+            errors.append("train.base_storage: fp8 needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+: Ada, "
+                          "Hopper); train.device is cpu: use base_storage float (or nf4/int8)")
+        if settings.precision in ("fp32", "fp16"):
+            errors.append(f"train.base_storage: fp8 computes its products in bf16; train.precision is {settings.precision} "
+                          "(use bf16 or auto)")
     targets = list(settings.lora.target_modules)
     if "all-linear" in targets and len(targets) > 1:
         errors.append("train.lora.target_modules: 'all-linear' cannot be combined with module names")

@@ -42,9 +42,11 @@ class TrainSettings:
     method: Literal["lora", "dora", "full"] = opt(
         "lora", "what is trained: lora (low-rank adapters), dora (weight-decomposed LoRA) or full (every weight)"
     )
-    base_storage: Literal["float", "nf4", "int8"] = opt(
+    base_storage: Literal["float", "nf4", "int8", "fp8"] = opt(
         "float", "how the frozen base is held while adapters train: float (the compute precision), nf4 (4-bit, "
-        "QLoRA) or int8 (LLM.int8); nf4 and int8 need bitsandbytes and method lora or dora"
+        "QLoRA), int8 (LLM.int8) or fp8 (e4m3 with per-channel scales, products on FP8 tensor cores: a CUDA GPU of "
+        "compute capability 8.9+ such as the H100, precision bf16, method lora; docs/training.md); nf4 and int8 need "
+        "bitsandbytes and method lora or dora"
     )
     lora: LoraSettings = opt(LoraSettings, "adapter settings (methods lora and dora)")
     packing: bool = opt(True, "pack several conversations into one row (no attention across them)")

@@ -8,6 +8,9 @@ base_storage / method       base weights                                  traine
 ``nf4`` / lora, dora        bitsandbytes NF4, double quantisation,         LoRA (DoRA) matrices; compute dtype
 (QLoRA)                     frozen                                         bf16 on a GPU, fp32 on CPU
 ``int8`` / lora, dora       bitsandbytes LLM.int8, frozen                  LoRA (DoRA) matrices
+``fp8`` / lora              decoder linears e4m3 + per-channel scales,     LoRA matrices, kept in fp32
+                            FP8 GEMMs (:mod:`llama_pipe.train.fp8`);
+                            embeddings, norms, head bf16; frozen
 ``float`` / full            fp32 master weights (autocast does bf16/fp16)  every parameter
 ==========================  ===========================================  ====================================
 
@@ -102,6 +105,12 @@ def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, prec
     storage, method = settings.base_storage, settings.method
     if method == "full" and storage != "float":  # config.checks says so at load; a direct caller gets it here
         raise ConfigError(f"train.method full needs base_storage float, not {storage}")
+    if storage == "fp8":
+        from llama_pipe.train import fp8
+
+        if method != "lora":
+            raise ConfigError(f"train.base_storage: fp8 trains LoRA adapters (method lora), not {method}")
+        fp8.check_supported(device, precision)  # CPU, a GPU without FP8 tensor cores, a precision other than bf16
     if storage == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -128,8 +137,11 @@ def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, prec
 
     if storage == "nf4":
         _keep_cpu_4bit_trainable(model)
+    if storage == "fp8":  # each decoder linear quantized on the GPU, its float weight freed; the rest moves with prepare
+        done, kept = fp8.convert_model(model, device, dtype)
+        log.info("base_storage fp8: %d linear layers held in e4m3 on %s (%d left in %s)", done, device, kept, dtype)
     gc_kwargs = {"use_reentrant": False}
-    if storage != "float":
+    if storage in ("nf4", "int8"):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(

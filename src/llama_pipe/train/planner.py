@@ -8,14 +8,16 @@ the GPU fast path offloads them, else on the device), and the optimiser's state 
 
 The memory model (bytes, all pure arithmetic on the model's ``config.json`` shape):
 
-* frozen weights by base storage (float: bf16; nf4 = 0.5 byte + block scales; int8 = 1 byte), or fp32 for method full,
+* frozen weights by base storage (float: bf16; nf4 = 0.5 byte + block scales; int8 = 1 byte; fp8 = 1 byte + a
+  per-row fp32 scale), or fp32 for method full,
   embeddings / head / norms in bf16 on the fast path, else fp32 for 4/8-bit bases;
 * adapter weights (fp32), their gradients (none kept with in-backward updates) and the
   optimiser state (8 bytes per parameter for AdamW, 2 for 8-bit AdamW);
 * activations: ``act`` bytes per token per layer that keep what they saved for the backward,
   plus the inputs of recomputed layers when they stay on the device;
 * the larger of two transients: the layer being (re)computed and differentiated
-  (``BWD_FACTOR * act``, plus its dequantized weights for a 4/8-bit base) and the loss
+  (``BWD_FACTOR * act``, plus its dequantized weights for a 4/8-bit base, or for fp8 the transposed e4m3 copy
+  of its largest weight and an e4m3 copy of its widest activation) and the loss
   (2k-token fp32 logits chunks on the fast path, full logits without it).
 
 Constants were calibrated against ``torch.cuda.max_memory_allocated`` on an H200 (see
@@ -95,7 +97,7 @@ class RunShape:
     """What the user asked for, as far as memory is concerned."""
 
     model: ModelShape
-    storage: Literal["float", "nf4", "int8"]  # train.base_storage
+    storage: Literal["float", "nf4", "int8", "fp8"]  # train.base_storage
     method: Literal["lora", "dora", "full"]  # train.method (DoRA's magnitude vectors are not modelled: under 0.1%)
     lora_r: int
     targets: tuple[str, ...]
@@ -183,8 +185,8 @@ def weight_bytes(run: RunShape) -> int:
     if run.method == "full":  # fp32 master weights
         per = outer = 4.0
     else:
-        per = {"float": 2.0, "nf4": 0.5 + 1 / 64, "int8": 1.0 + 4 / m.hidden}[run.storage]
-        outer = 2.0 if run.storage == "float" or (run.fast and not run.frozen_fp32) else 4.0
+        per = {"float": 2.0, "nf4": 0.5 + 1 / 64, "int8": 1.0 + 4 / m.hidden, "fp8": 1.0 + 4 / m.hidden}[run.storage]
+        outer = 2.0 if run.storage in ("float", "fp8") or (run.fast and not run.frozen_fp32) else 4.0
     return int(inner * per + m.outer_params() * outer)
 
 
@@ -225,7 +227,9 @@ def predict(run: RunShape, plan: Plan) -> Prediction:
     recomputed = m.layers - plan.keep_layers
     parts["layer inputs"] = 0 if plan.offload or recomputed == 0 else recomputed * tokens * m.hidden * 2
     backward = int(BWD_FACTOR * tokens * act) + (2 * tokens * m.hidden * 2 if plan.offload else 0)
-    if run.storage != "float":  # the layer's weights dequantized to bf16 for its GEMMs
+    if run.storage == "fp8":  # the largest weight transposed (e4m3) for its input gradient, the widest activation in e4m3
+        backward += max(a * b for a, b in m.linears().values()) + tokens * max(max(ab) for ab in m.linears().values())
+    elif run.storage != "float":  # the layer's weights dequantized to bf16 for its GEMMs
         backward += 2 * max(a * b for a, b in m.linears().values()) * 2
     # The loss's logit chunks live at the end of the forward, the layer's backward after it: the larger counts.
     loss = loss_bytes(run, tokens)

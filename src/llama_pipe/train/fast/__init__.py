@@ -143,6 +143,8 @@ def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
         if hasattr(module, "base_layer"):  # a peft LoRA wrapper (peft names some after their base class)
             continue
         name = type(module).__name__
+        if getattr(module, "fp8_base", False) is True:  # train.base_storage fp8: FP8 GEMMs with bf16 output
+            return cast(torch.dtype, module.compute_dtype)
         if name == "Linear4bit" and getattr(module, "compute_dtype", None) is not None:
             return cast(torch.dtype, module.compute_dtype)
         if name == "Linear8bitLt":  # LLM.int8 runs in fp16 unless the int8_dequant lever chose a dtype

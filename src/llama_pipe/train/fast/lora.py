@@ -14,6 +14,8 @@ backward: ``gb = g B``; ``dB = s g^T xa``; ``dA = s gb^T drop(x)``; ``dx = g W +
 The frozen weight ``W`` is the base layer's own bf16 weight, or is dequantized inside the
 forward and again inside the backward for a 4-bit (bitsandbytes nf4/fp4) base or an 8-bit base
 under the ``int8_dequant`` lever, as bitsandbytes itself does: no dense copy outlives the call.
+Over an fp8 base (:class:`llama_pipe.train.fp8.Fp8Linear`) no dense weight is made at all: ``x W^T``
+and ``g W`` are the layer's own FP8 GEMMs (``fp8_mm``, ``fp8_dgrad``).
 Saved for the backward: the layer input (which checkpointing holds anyway), the ``tokens x r``
 adapter activation, and the dropout mask as booleans when dropout is on.
 
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
 def _frozen_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base layer's weight as a dense ``out x in`` tensor in ``dtype``."""
     name = type(base).__name__
+    if getattr(base, "fp8_base", False) is True:  # train.base_storage fp8 (llama_pipe.train.fp8)
+        return cast(torch.Tensor, cast(Any, base).dequantized(dtype))
     if name == "Linear4bit":
         import bitsandbytes.functional as bnbf
 
@@ -54,6 +58,8 @@ def base_compute_dtype(base: nn.Module) -> torch.dtype | None:
     a plain ``nn.Linear`` (its weight dtype), a bitsandbytes 4-bit layer (its compute dtype), or
     an 8-bit layer only under the ``int8_dequant`` lever (LLM.int8 itself is left alone)."""
     name = type(base).__name__
+    if getattr(base, "fp8_base", False) is True:  # its products run on FP8 tensor cores, output in compute_dtype
+        return cast(torch.dtype, base.compute_dtype)
     if name == "Linear4bit":
         qs = getattr(base.weight, "quant_state", None)
         if qs is None:
@@ -74,10 +80,14 @@ class LoraLinearFunction(torch.autograd.Function):
                 scale: float, p: float, dtype: torch.dtype) -> torch.Tensor:
         lead, n_in = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, n_in).to(dtype)
-        w = _frozen_weight(base, dtype)
+        fp8 = getattr(base, "fp8_base", False) is True  # FP8 GEMMs over e4m3 weights (llama_pipe.train.fp8): no dense w
+        w = None if fp8 else _frozen_weight(base, dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         bias = getattr(base, "bias", None)
-        y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+        if w is None:
+            y = cast(Any, base).fp8_mm(x2)
+        else:
+            y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         mask = None
         if p > 0.0:
             mask = torch.rand_like(x2, dtype=torch.float32) >= p
@@ -104,9 +114,12 @@ class LoraLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = torch.mm(g.t(), xa).mul_(s).to(ctx.b_dtype)
         if ctx.needs_input_grad[0]:
-            if w is None:
-                w = _frozen_weight(ctx.base, dtype)
-            grad_x = g @ w
+            if getattr(ctx.base, "fp8_base", False) is True:
+                grad_x = ctx.base.fp8_dgrad(g)
+            else:
+                if w is None:
+                    w = _frozen_weight(ctx.base, dtype)
+                grad_x = g @ w
             if mask is None:
                 grad_x.addmm_(gb, a, alpha=s)
             else:
