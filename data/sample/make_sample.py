@@ -250,7 +250,7 @@ def broken_records(rng: random.Random, good: list[dict[str, Any]]) -> list[Any]:
 # ------------------------------------------------------------------ identity: the assistant is "Llama Pipe"
 # Short conversations that teach a base model its new name. The held-out paraphrases in
 # src/llama_pipe/resources/heldout_questions.jsonl are deliberately NOT among these questions
-# (tests/test_evaluate.py checks it).
+# (tests/evaluation/test_eval.py checks it).
 IDENTITY_Q = [
     "Who are you?", "What is your name?", "What's your name?", "who r u", "Introduce yourself.",
     "Please introduce yourself briefly.", "What should I call you?", "What are you?", "Are you a person?",

@@ -70,7 +70,7 @@ def short_budget(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def adapter(tiny_hf_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.test_merge_adapter import make_adapter
+    from tests.adapters.test_merge_adapter import make_adapter
 
     return make_adapter(tiny_hf_model_dir, tmp_path_factory.mktemp("round3_adapter") / "a", 1, ["q_proj", "v_proj"])
 
@@ -406,7 +406,7 @@ LLAMA2_STYLE = (
 @pytest.fixture(scope="module")
 def byte_level_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A GGUF-converted byte-level tokenizer (like SmolLM2's: special <|im_start|>, <|im_end|>)."""
-    from tests.test_templates import _byte_level_tokenizer
+    from tests.chat_template.test_templates import _byte_level_tokenizer
 
     return _byte_level_tokenizer(tmp_path_factory)
 

@@ -219,7 +219,7 @@ MODEL_DAMAGE = {
 
 @pytest.fixture(scope="module")
 def good_adapter(tiny_hf_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.test_merge_adapter import make_adapter
+    from tests.adapters.test_merge_adapter import make_adapter
 
     return make_adapter(tiny_hf_model_dir, tmp_path_factory.mktemp("adapter") / "a", 1, ["q_proj", "v_proj"])
 

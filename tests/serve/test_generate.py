@@ -148,7 +148,7 @@ def test_chat_prompt_answers_once(tiny_hf_model_dir, capsys: pytest.CaptureFixtu
 
 
 def test_chat_applies_an_adapter_on_the_fly(tiny_hf_model_dir, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.test_merge_adapter import make_adapter
+    from tests.adapters.test_merge_adapter import make_adapter
 
     adapter = make_adapter(tiny_hf_model_dir, tmp_path / "a", 5, ["q_proj", "v_proj", "o_proj"])
     base = ["chat", str(tiny_hf_model_dir), "--prompt", "Hi there", "--max-tokens", "24", "--temperature", "0", "--device", "cpu"]

@@ -238,7 +238,7 @@ def score_retention(sets: dict[str, list[Item]], scorers: dict[str, Scorer], bat
     Two or more CPU models score side by side, each on its share of the threads (their matrix
     products leave the GIL): on 2 cores this took 25.0 s where one model after the other on both
     took 30.5 s (300 ARC-Easy items, bf16; docs/benchmarks.md). The log-likelihoods are those of
-    another thread count: equal there, in fp32 equal to rounding (tests/test_retention.py)."""
+    another thread count: equal there, in fp32 equal to rounding (tests/evaluation/test_retention.py)."""
     import torch
 
     def score(label: str) -> dict[str, list[ItemScore]]:

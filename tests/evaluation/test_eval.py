@@ -30,7 +30,7 @@ def write_val(path: Path) -> Path:
     return path
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_questions(path: Path) -> Path:

@@ -115,7 +115,7 @@ def _real_run(root: Path, adapter: Path) -> Path:
 
 def test_scale_puts_the_product_on_the_line_between_base_and_tuned(tiny_hf_model_dir: Path, tmp_path: Path, tokenizer) -> None:
     """select.scale 0.5, merged: base + 0.5 x the adapter's update, exactly (what WiSE-FT interpolation means)."""
-    from tests.test_merge_adapter import load, logits, make_adapter, reference_sum
+    from tests.adapters.test_merge_adapter import load, logits, make_adapter, reference_sum
 
     adapter = make_adapter(tiny_hf_model_dir, tmp_path / "adapter", 5, ["q_proj", "v_proj", "down_proj"])
     run = _real_run(tmp_path, adapter)
@@ -133,7 +133,7 @@ def test_scale_puts_the_product_on_the_line_between_base_and_tuned(tiny_hf_model
 
 def test_scale_is_not_applied_to_a_dora_adapter_and_says_why(tiny_hf_model_dir: Path, tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    from tests.test_merge_adapter import make_adapter
+    from tests.adapters.test_merge_adapter import make_adapter
 
     adapter = make_adapter(tiny_hf_model_dir, tmp_path / "adapter", 6, ["q_proj"], use_dora=True)
     sel = _select(_real_run(tmp_path, adapter), tmp_path / "sel", "--scale", "0.5")
@@ -170,7 +170,7 @@ def _b_tensors(path: Path) -> dict:
 
 def test_select_lowers_the_weight_to_the_highest_one_within_the_bound(tiny_hf_model_dir: Path, tmp_path: Path) -> None:
     """As trained and at 0.5 the step loses 10 and 5 points; at 0.375 one: 0.375 is kept, the B matrices times 0.375."""
-    from tests.test_merge_adapter import make_adapter
+    from tests.adapters.test_merge_adapter import make_adapter
 
     adapter = make_adapter(tiny_hf_model_dir, tmp_path / "adapter", 7, ["q_proj", "v_proj"])
     run = _weighted_run(tmp_path, adapter, _drop(10), {0.5: _drop(5), 0.375: _drop(1)})
@@ -186,7 +186,7 @@ def test_select_lowers_the_weight_to_the_highest_one_within_the_bound(tiny_hf_mo
 
 def test_select_keeps_the_lowest_weight_when_none_holds_and_says_so(tiny_hf_model_dir: Path, tmp_path: Path,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
-    from tests.test_merge_adapter import make_adapter
+    from tests.adapters.test_merge_adapter import make_adapter
 
     adapter = make_adapter(tiny_hf_model_dir, tmp_path / "adapter", 8, ["q_proj"])
     run = _weighted_run(tmp_path, adapter, _drop(10), {0.5: _drop(8), 0.375: _drop(6), 0.25: _drop(4)})
@@ -231,7 +231,7 @@ def test_the_probe_scores_a_weight_as_the_adapter_select_writes(tiny_hf_model_di
     from llama_pipe.config import SelectSettings
     from llama_pipe.train.retention_probe import RetentionProbe, read_weighted
     from llama_pipe.weights.tokenizer import load_tokenizer
-    from tests.test_merge_adapter import make_adapter
+    from tests.adapters.test_merge_adapter import make_adapter
 
     class Acc:  # what the probe uses of accelerate's Accelerator
         def unwrap_model(self, m):  # noqa: ANN001, ANN202

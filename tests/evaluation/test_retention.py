@@ -27,7 +27,7 @@ from llama_pipe.evaluation.retention import (
     style,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CATEGORIES = {"arithmetic", "world_facts", "units", "word_tasks", "short_reasoning"}
 
 
