@@ -30,16 +30,20 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-def check_model_dir(path: str | Path, what: str = "model") -> Path:
-    """A Hugging Face model directory (config.json + weights + tokenizer), or a clear InputError."""
+def check_model_dir(path: str | Path, what: str = "model", trust_remote_code: bool = False) -> Path:
+    """A Hugging Face model directory (config.json and weights whose headers agree with it), or a
+    clear InputError, before anything big is allocated: every stage that loads a model checks it
+    here. ``trust_remote_code``: train.trust_remote_code (eval, chat, serve and merge-adapter never
+    run a model folder's code)."""
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path}: {what} directory not found")
     if not (path / "config.json").is_file():
         hint = " (it looks like a peft adapter: pass it with --adapter)" if (path / "adapter_config.json").is_file() else ""
-        raise InputError(f"{path}: not a Hugging Face model directory (no config.json){hint}; expected e.g. results/hf_base or results/default/merged")
-    refuse_remote_code(path)  # eval, chat, serve and merge-adapter never run a model folder's code
-    check_model_weights(path, safetensors_files(path))  # headers and config.json, before any allocation
+        raise InputError(f"{path}: not a Hugging Face model directory (no config.json){hint}; expected the output of "
+                         "`llama-pipe convert` (results/hf_base), a downloaded HF model, or a merged model (results/default/merged)")
+    refuse_remote_code(path, trust_remote_code)  # an auto_map: exit 2 naming the setting, never a prompt
+    check_model_weights(path, safetensors_files(path))  # lying headers / absurd config.json
     return path
 
 

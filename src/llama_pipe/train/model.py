@@ -26,8 +26,7 @@ from typing import Any
 
 from llama_pipe.config import LoraSettings, TrainSettings
 from llama_pipe.core.errors import ConfigError, InputError
-from llama_pipe.weights.hf import safetensors_files
-from llama_pipe.weights.validate import check_model_weights
+from llama_pipe.models.model_dir import check_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +71,6 @@ def lora_config(lora: LoraSettings, dora: bool = False) -> Any:
     )
 
 
-def _check_base_dir(base_dir: Path) -> None:
-    if not (base_dir / "config.json").is_file():
-        raise InputError(
-            f"{base_dir}: no config.json; --base must be a Hugging Face model directory "
-            "(the output of `llama-pipe convert`, or a downloaded HF repo)"
-        )
-    check_model_weights(base_dir, safetensors_files(base_dir))  # headers and config.json, before any allocation
-
-
 def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, precision: str) -> Any:
     """Load the base from ``base_dir`` as ``settings.base_storage`` and attach the ``settings.method`` adapter.
 
@@ -93,7 +83,7 @@ def build_model(base_dir: str | Path, settings: TrainSettings, device: Any, prec
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     base_dir = Path(base_dir)
-    _check_base_dir(base_dir)
+    check_model_dir(base_dir, "base model", settings.trust_remote_code)  # train checked it; a direct caller (bench) gets it here
     device = torch.device(device)
     # bitsandbytes layers are placed at load time: a GPU index (the local rank's) or "cpu".
     placement: Any = (device.index or 0) if device.type == "cuda" else "cpu"

@@ -27,9 +27,10 @@ from typing import Any
 
 from llama_pipe.chat_template.resolve import resolve_template
 from llama_pipe.config import ChatSettings, SelectSettings, TrainSettings, settings_from_args
-from llama_pipe.core.errors import ConfigError, InputError
+from llama_pipe.core.errors import ConfigError
 from llama_pipe.core.settings import add_settings_arguments, describe
 from llama_pipe.models.lineage import TRAINED_ON, base_record
+from llama_pipe.models.model_dir import check_model_dir
 from llama_pipe.train import fast
 from llama_pipe.train.checkpoint import Checkpointer, check_run_paths, checkpoint_root, fingerprint
 from llama_pipe.train.dataset import StepPlan, collate, load_examples, pack_examples, rank_eval_batches
@@ -42,9 +43,7 @@ from llama_pipe.train.retention_probe import RetentionProbe, weights_to_try
 from llama_pipe.train.runstate import Metrics, StoppedBySignal, StopRequest, peak_memory, progress_line
 from llama_pipe.train.session import Session, build_session, make_accelerator
 from llama_pipe.train.step import NonFiniteLoss, evaluate, train_step
-from llama_pipe.weights.hf import safetensors_files
 from llama_pipe.weights.tokenizer import load_tokenizer
-from llama_pipe.weights.validate import check_model_weights, refuse_remote_code
 
 __all__ = ["Attempt", "Metrics", "StopRequest", "StoppedBySignal", "TrainRun", "add_arguments", "peak_memory", "run", "train"]
 
@@ -164,13 +163,7 @@ class TrainRun:
         started = time.time()
         base, train_path, val_path, out = Path(base), Path(train_path), Path(val_path), Path(out)
         check_run_paths(out, [base, train_path, val_path])
-        if not (base / "config.json").is_file():
-            raise InputError(
-                f"{base}: not a Hugging Face model directory (no config.json); --base must be the output of "
-                "`llama-pipe convert` (results/hf_base) or a downloaded HF model"
-            )
-        refuse_remote_code(base, settings.trust_remote_code)  # an auto_map: exit 2 naming the setting, never a prompt
-        check_model_weights(base, safetensors_files(base))  # lying headers / absurd config.json: exit 2 before anything loads
+        check_model_dir(base, "base model", settings.trust_remote_code)  # exit 2 before anything loads
         # What this run trains on (recorded in train_config.json; merge-adapter checks it): the base's
         # weights fingerprint and, for a merged model, the adapters merged into it.
         base_on = base_record(base)
