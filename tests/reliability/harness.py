@@ -108,6 +108,8 @@ def stage_argv(stage: str, inputs: list[Path], out_dir: Path, tokenizer_dir: Pat
                 "--questions", ins[0], "-o", str(ev), "--device", "cpu", "--max-questions", "1",
                 "--max-new-tokens", "4"], [ev], []
     st = BY_NAME[stage]  # a data stage: its command line from the registry (llama_pipe.stages.LAYOUTS)
+    if st.layout == "records" and "convert" in st.reads and not st.tokenizer:
+        raise ValueError(f"{stage} generates with a model: call it with its own arguments")
     if st.layout == "records":
         out = out_dir / f"{stage}.jsonl"
         flags = ["--tokenizer", str(tokenizer_dir)] if st.tokenizer else []
