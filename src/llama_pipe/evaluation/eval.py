@@ -51,7 +51,7 @@ from llama_pipe.core.records import dumps, iter_jsonl, read_records
 from llama_pipe.core.settings import add_settings_arguments, describe, to_dict
 from llama_pipe.evaluation.heldout import bundled_questions, check_expected, score_rows
 from llama_pipe.evaluation.retention import BENCHMARKS, Item, ItemScore, compare, load_items, load_oe_eval, score_items, style
-from llama_pipe.models.generation import ChatModel, SamplingParams, keeps_logits, pick_device
+from llama_pipe.models.generation import ChatModel, SamplingParams, pick_device, target_logits
 from llama_pipe.models.model_dir import check_model_dir, load_config, load_float_base
 from llama_pipe.weights.tokenizer import load_tokenizer
 
@@ -161,17 +161,10 @@ def nll_sum(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, ba
                 ids[r, : len(i)] = torch.tensor(i)
                 labels[r, : len(lab)] = torch.tensor(lab)
                 mask[r, : len(i)] = 1
-            shifted = labels[:, 1:].to(device)
-            if keeps_logits(model):  # the output layer where a target is predicted only
-                keep = torch.zeros(labels.shape, dtype=torch.bool, device=device)
-                keep[:, :-1] = shifted != -100
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep).logits.float()
-                targets = shifted[keep[:, :-1]]
-            else:
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-                logits, targets = logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1)
+            labels = labels.to(device)
+            logits, targets = target_logits(model, labels, input_ids=ids.to(device), attention_mask=mask.to(device))
             total += float(F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum"))
-            count += int((shifted != -100).sum())
+            count += int((labels[:, 1:] != -100).sum())
     return total, count
 
 

@@ -99,6 +99,24 @@ def keeps_logits(model: Any) -> bool:
     return bool(known)
 
 
+def target_logits(model: Any, labels: Any, **inputs: Any) -> tuple[Any, Any]:
+    """``model(**inputs)``'s float logits at the positions that predict a labelled token, and those
+    labels: ``(logits (n, vocabulary), targets (n,))`` for a summed cross entropy with
+    ``ignore_index=-100``. ``labels`` is aligned with the inputs (``-100``: not a target).
+
+    The output layer runs only at positions where some row has a target (``logits_to_keep`` as
+    a 1-D index, which the device's older transformers 5 takes too; its boolean form is newer): in chat
+    data most tokens are prompt, so the sum is the same without most of the ``tokens x
+    vocabulary`` logits. A model without ``logits_to_keep`` gets full logits."""
+    shifted = labels[:, 1:]
+    if keeps_logits(model):
+        keep = (shifted != -100).any(0).nonzero().squeeze(1)  # position j predicts token j + 1
+        logits, targets = model(**inputs, logits_to_keep=keep).logits, shifted[:, keep]
+    else:
+        logits, targets = model(**inputs).logits[:, :-1], shifted
+    return logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1)
+
+
 def kv_cache(out: Any, name: str) -> Any:
     """The KV cache a forward pass returned, read under the name the model takes it by."""
     return getattr(out, name) if name == "cache" else out.past_key_values

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llama_pipe.chat_template.builtin import IGNORE_INDEX
-from llama_pipe.models.generation import keeps_logits
+from llama_pipe.models.generation import target_logits
 
 LossFn = Callable[[Any, dict[str, Any]], tuple[Any, Any]]
 
@@ -34,29 +34,20 @@ def logits_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     from the logits (the default ``loss_fn``; the fast path's
     :func:`llama_pipe.train.fast.model_loss_sum` lets the model compute it, fused).
 
-    The output layer runs only at the positions that predict a labelled token (transformers'
-    ``logits_to_keep`` with a boolean mask): in chat data most tokens are prompts, so this is the
-    same sum without most of the ``tokens x vocabulary`` logits (SmolLM2-135M on CPU: 61% of the
-    positions skipped, docs/benchmarks.md). A model without ``logits_to_keep`` gets full logits.
+    The output layer runs only at the positions that predict a labelled token
+    (:func:`llama_pipe.models.generation.target_logits`): the same sum without most of the
+    ``tokens x vocabulary`` logits (the default run: 61% of the positions skipped).
 
     The model is called with ``attention_mask=None`` and the batch's ``position_ids`` so packed
     rows get a block-diagonal causal mask (see :mod:`llama_pipe.train.dataset`). The forward runs
     through ``model`` itself, so DDP's hooks see it.
     """
-    import torch
     import torch.nn.functional as F
 
-    labels = batch["labels"][:, 1:]
-    if keeps_logits(model):
-        keep = torch.zeros(batch["labels"].shape, dtype=torch.bool, device=labels.device)
-        keep[:, :-1] = labels != IGNORE_INDEX
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, logits_to_keep=keep)
-        logits, targets = out.logits.float(), labels[keep[:, :-1]]  # (kept positions, vocabulary)
-    else:
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-        logits, targets = out.logits[:, :-1, :].float().reshape(-1, out.logits.size(-1)), labels.reshape(-1)
+    logits, targets = target_logits(model, batch["labels"], input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                    use_cache=False)
     loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (labels != IGNORE_INDEX).sum()
+    return loss, (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
 @dataclass
