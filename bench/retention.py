@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 PYTHONPATH=src .venv/bin/python bench/retention.py [--model results/hf_base]
         [--tuned results/default/merged] [--items general.jsonl | --oe-eval requests.jsonl.gz]
-        [--split dev|test] [--threads 2] [--batch-size 32] [--dtype float32] [--json out.json]
+        [--split dev|test] [--threads 2] [--batch-size 32] [--dtype float32] [--device cpu] [--json out.json]
 
 Prints one row per category: items, chance (mean 1/choices), accuracy by summed log-likelihood
 (``acc``) and per character (``acc_norm``), and the seconds the scoring took (model load
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cpu", help="where to score (cpu, cuda)")
     ap.add_argument("--json", default=None, help="write the per-item scores and the table here")
     args = ap.parse_args()
 
@@ -60,7 +61,7 @@ def main() -> None:
     ref = Path(args.tuned or args.model)
     tok = load_tokenizer(ref)
     template, system = get_template(pick_template(None, [ref], tok), tok), recorded_system_prompt([ref])
-    model = load_float_base(args.model).to(getattr(torch, args.dtype))
+    model = load_float_base(args.model).to(getattr(torch, args.dtype)).to(args.device)
     t0, c0 = time.perf_counter(), time.process_time()
     scores = score_items(model, tok, template, items, batch_size=args.batch_size, system=system)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -86,7 +87,7 @@ def main() -> None:
     retention, tuned = None, []
     if args.tuned:
         del model
-        tuned = score_items(load_float_base(args.tuned).to(getattr(torch, args.dtype)), tok, template, items, batch_size=args.batch_size, system=system)
+        tuned = score_items(load_float_base(args.tuned).to(getattr(torch, args.dtype)).to(args.device), tok, template, items, batch_size=args.batch_size, system=system)
         retention = {m: compare(scores, tuned, metric=m) for m in ("acc", "acc_norm")}
         print(f"\nretention, {args.tuned} vs {args.model} (points; paired bootstrap 95% interval; McNemar exact p; holds = within 2 points)")
         print(f"{'category':<16} {'metric':<8} {'n':>5} {'base':>6} {'tuned':>6} {'diff':>6} {'ci95':>15} {'p':>8} holds")
