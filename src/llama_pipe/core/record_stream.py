@@ -175,7 +175,7 @@ def _json_list(path: Path, fh: BinaryIO) -> Iterator[tuple[str, Any]]:
                     raise _Bad
                 obj, end = _decode(decoder, buf, pos, more_possible=not eof)
                 while obj is _MORE:
-                    more(len(buf))
+                    more(len(buf) - pos)  # at least as much again as the unfinished value
                     obj, end = _decode(decoder, buf, pos, more_possible=not eof)
                 text = buf[pos:end]
                 pos = end

@@ -270,7 +270,7 @@ class FastLangdetect:
             weight = (self.alpha + rnd.gauss(0.0, 1.0) * self.width) / self.base
             i = 0
             while True:
-                prob *= weight + self.matrix[rows[rnd._randbelow(n)]]  # noqa: SLF001 - what random.choice calls
+                prob *= weight + self.matrix[rows[rnd._randbelow(n)]]  # type: ignore[attr-defined]  # what random.choice calls
                 if i % 5 == 0:
                     prob /= sum(prob.tolist())
                     if prob.max() > self.conv or i >= self.limit:

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import MergeSettings, settings_from_args
-from llama_pipe.core.records import InvalidLine, Record, check_input_file, read_records
+from llama_pipe.core.record_stream import stream_records
+from llama_pipe.core.records import InvalidLine, Record, check_input_file
 from llama_pipe.core.settings import add_settings_arguments
 from llama_pipe.core.stage_writer import StageWriter
 from llama_pipe.data.common import add_output_arguments, log_settings, progress
@@ -157,8 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def content_digest(rec: Record) -> str:
     """What makes two records with one id the same conversation: system and turns (not the id)."""
-    body = json.dumps([rec.get("system"), rec["conversations"]], ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha1(body.encode("utf-8")).hexdigest()
+    return _digest(rec).hex()
 
 
 def resolve_ids(recs: list[tuple[int, Record] | None], stems: list[str]) -> list[tuple[str, str | None]]:
@@ -173,36 +173,51 @@ def resolve_ids(recs: list[tuple[int, Record] | None], stems: list[str]) -> list
     * a later one with different content from the same file is a duplicate: a file's own ids must
       be unique, and its file name cannot tell the two apart.
     """
-    owner: dict[str, tuple[int, str]] = {}
-    out: list[tuple[str, str | None]] = []
-    for item in recs:
-        if item is None:
-            out.append(("", None))
-            continue
-        fi, rec = item
-        rid, digest = rec["id"], content_digest(rec)
+    ids = IdResolver(stems)
+    return [("", None) if item is None else ids.resolve(*item) for item in recs]
+
+
+class IdResolver:
+    """:func:`resolve_ids` one record at a time: remembers each kept id, the file it came from and
+    a 20-byte digest of its content (not the record)."""
+
+    def __init__(self, stems: list[str]) -> None:
+        self.stems = stems
+        self.owner: dict[str, tuple[int, bytes]] = {}
+
+    def resolve(self, fi: int, rec: Record) -> tuple[str, str | None]:
+        owner, stems = self.owner, self.stems
+        rid, digest = rec["id"], _digest(rec)
         if rid not in owner:
             owner[rid] = (fi, digest)
-            out.append((rid, None))
-            continue
+            return rid, None
         ofi, odigest = owner[rid]
         if odigest == digest:
-            out.append((rid, "the same conversation was seen before"))
-            continue
+            return rid, "the same conversation was seen before"
         if ofi == fi:
-            out.append((rid, "seen before in the same file, with different content"))
-            continue
+            return rid, "seen before in the same file, with different content"
         for name in (f"{stems[fi]}:{rid}", f"{stems[fi]}-{fi + 1}:{rid}"):
             if name not in owner:
                 owner[name] = (fi, digest)
-                out.append((name, None))
-                break
+                return name, None
             if owner[name][1] == digest:
-                out.append((name, "the same conversation was seen before"))
-                break
-        else:
-            out.append((rid, "seen before, and its file-namespaced ids are taken too"))
-    return out
+                return name, "the same conversation was seen before"
+        return rid, "seen before, and its file-namespaced ids are taken too"
+
+
+def _digest(rec: Record) -> bytes:
+    body = json.dumps([rec.get("system"), rec["conversations"]], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha1(body.encode("utf-8")).digest()
+
+
+def _normalised(obj: Any) -> Record | RecordProblem | None:
+    """A record normalised, its problem, or None for an unreadable line."""
+    if isinstance(obj, InvalidLine):
+        return None
+    try:
+        return normalise(obj)
+    except RecordProblem as p:
+        return p
 
 
 def merge_files(inputs: list[str | Path], out: str | Path, settings: MergeSettings,
@@ -210,25 +225,22 @@ def merge_files(inputs: list[str | Path], out: str | Path, settings: MergeSettin
                 also_read: Iterable[str | Path] = ()) -> StageWriter:
     """Run the stage; returns the finished writer (its ``stats()`` are on disk). ``also_read``:
     further files the run reads (its ``--config``), which no output may replace."""
-    # Read every file first: a malformed file aborts before anything is written.
-    items: list[tuple[int, str, Any]] = []
-    for fi, path in enumerate(inputs):
-        items.extend((fi, where, obj) for where, obj in read_records(path))
+    # Records are read as a stream; a malformed file stops the stage, and the writer then leaves nothing.
     stems = [Path(p).name.split(".")[0] or Path(p).name for p in inputs]
-    normalised: list[Record | RecordProblem | None] = []
-    for _, _, obj in items:
-        if isinstance(obj, InvalidLine):
-            normalised.append(None)
-            continue
-        try:
-            normalised.append(normalise(obj))
-        except RecordProblem as p:
-            normalised.append(p)
-    ids = resolve_ids([(fi, r) if isinstance(r, dict) else None for (fi, _, _), r in zip(items, normalised)], stems)
-    group: Counter[str] = Counter(rid for rid, _ in ids if rid)  # records claiming each id
+    group: Counter[str] = Counter()  # records claiming each id (dedupe: reject_all), from a first read
+    if settings.dedupe == "reject_all":
+        first = IdResolver(stems)
+        for fi, path in enumerate(inputs):
+            for _, obj in stream_records(path):
+                rec = _normalised(obj)
+                if isinstance(rec, dict):
+                    group[first.resolve(fi, rec)[0]] += 1
+    ids = IdResolver(stems)
     with StageWriter("merge", out, rejects, stats, inputs=[*inputs, *also_read]) as w:
-        for (_, where, obj), rec, (rid, dup) in progress(list(zip(items, normalised, ids)), "merge"):
+        items = ((fi, where, obj) for fi, path in enumerate(inputs) for where, obj in stream_records(path))
+        for fi, where, obj in progress(items, "merge"):
             w.count_in()
+            rec = _normalised(obj)
             if isinstance(obj, InvalidLine):
                 w.reject(obj, obj.reason, f"{where}: {obj.error}")
                 continue
@@ -236,6 +248,7 @@ def merge_files(inputs: list[str | Path], out: str | Path, settings: MergeSettin
                 w.reject(obj, rec.reason, f"{where}: {rec.detail}")
                 continue
             assert rec is not None
+            rid, dup = ids.resolve(fi, rec)
             if dup is not None:
                 w.reject(obj, "duplicate_id", f"{where}: id {rid!r}: {dup}")
                 continue

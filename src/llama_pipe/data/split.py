@@ -55,7 +55,8 @@ from llama_pipe.chat_template.control_tokens import control_tokens
 from llama_pipe.chat_template.resolve import pick_template, resolve_template
 from llama_pipe.config import ChatSettings, SplitSettings, settings_from_args
 from llama_pipe.core.errors import InputError
-from llama_pipe.core.records import InvalidLine, Record, read_records
+from llama_pipe.core.record_stream import stream_records
+from llama_pipe.core.records import InvalidLine, Record
 from llama_pipe.core.settings import add_settings_arguments, describe
 from llama_pipe.core.stage_writer import StageWriter
 from llama_pipe.data.common import (
@@ -415,10 +416,9 @@ def split_file(inp: str | Path, out: str | Path, tokenizer: Any, cfg: SplitSetti
     if template is None:
         template = resolve_template(chat.template, [], tokenizer)
     splitter = Splitter(tokenizer, cfg, template, cfg.max_length or chat.max_seq_len)
-    items = list(read_records(inp))
     records_in = chunks_out = truncated = split_records = max_tokens = tokens_out = 0
     with StageWriter("split", out, rejects, stats, unit="pairs", inputs=[inp, *also_read]) as w:
-        for step in progress(list(batched(items, RECORDS_PER_STEP)), "split", unit="batch"):
+        for step in progress(batched(stream_records(inp), RECORDS_PER_STEP), "split", unit="batch"):
             ready: list[_Rec] = []
             for where, obj in step:
                 records_in += 1
