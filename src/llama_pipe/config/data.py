@@ -126,6 +126,7 @@ class SplitSettings:
         "reject", "a single pair longer than max_length: reject it with a reason, or truncate its gpt turn"
     )
     batch_size: int = opt(256, "texts per fast-tokenizer batch", minimum=1, performance=True)
+    workers: int = opt(0, "processes to use; 0 = all cores", minimum=0, performance=True)
 
 
 #: A rewrite's required facts (``distill.require``).

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 from llama_pipe.core.errors import InputError
 from llama_pipe.core.records import (
     _PARSE_HEADROOM,
+    OVERFLOWS,
     InvalidLine,
     _loads,
     _NonFinite,
@@ -111,6 +112,7 @@ def _jsonl(path: Path, fh: BinaryIO) -> Iterator[tuple[str, Any]]:
             yield pending[0], pending[1]
             pending = None
         where = f"{path}:line {n}"
+        before = OVERFLOWS[0]
         try:
             obj = _loads(line)
         except json.JSONDecodeError as exc:
@@ -119,7 +121,7 @@ def _jsonl(path: Path, fh: BinaryIO) -> Iterator[tuple[str, Any]]:
         except (RecursionError, ValueError) as exc:
             yield where, InvalidLine(line, _unreadable(exc), "too_deep" if isinstance(exc, RecursionError) else "invalid_json")
             continue
-        problem = _screen(obj, line)
+        problem = _screen(obj, line, overflow=OVERFLOWS[0] != before)
         yield where, InvalidLine(line, problem[1], problem[0]) if problem else obj
     if pending is not None:
         if not ends_with_newline:  # the last line with text, in a file that does not end with a newline
@@ -173,6 +175,7 @@ def _json_list(path: Path, fh: BinaryIO) -> Iterator[tuple[str, Any]]:
             while True:
                 if skip_ws() is None:
                     raise _Bad
+                before = OVERFLOWS[0]
                 obj, end = _decode(decoder, buf, pos, more_possible=not eof)
                 while obj is _MORE:
                     more(len(buf) - pos)  # at least as much again as the unfinished value
@@ -182,7 +185,7 @@ def _json_list(path: Path, fh: BinaryIO) -> Iterator[tuple[str, Any]]:
                 sep = skip_ws()
                 if sep not in (",", "]"):
                     raise _Bad
-                problem = _screen(obj, text)
+                problem = _screen(obj, text, overflow=OVERFLOWS[0] != before)
                 yield f"{path}[#{i}]", InvalidLine(_safe_text(obj), problem[1], problem[0]) if problem else obj
                 i += 1
                 pos += 1
