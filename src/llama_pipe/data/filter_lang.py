@@ -175,6 +175,8 @@ def cjk_words(text: str) -> float:
     """Words of CJK script in ``text``: two Han/kana characters count as a word (Chinese and
     Japanese words average about two characters), a run of Hangul syllables as one (Korean puts
     spaces between words)."""
+    if not text or max(text) < "\u1100":
+        return 0
     return len(_HAN_KANA.findall(text)) / 2 + len(_HANGUL_WORD.findall(text))
 
 
@@ -183,12 +185,14 @@ def letters(text: str) -> int:
     return sum(n for ch, n in Counter(text).items() if ch.isalpha())
 
 
-def script_language(text: str) -> str | None:
+def script_language(text: str, n_letters: int | None = None) -> str | None:
     """The language a text's script names, when most of its letters are Hangul (``ko``), kana and
     Han with some kana (``ja``) or Han alone (``zh-cn``); else None. Used for texts too short for
     a statistical guess: a few CJK characters say more than a few Latin letters."""
+    if not text or max(text) < "\u1100":  # no Hangul, kana or Han at all (a fast test for most texts)
+        return None
     han, kana, hangul = (len(rx.findall(text)) for rx in (_HAN, _KANA, _HANGUL))
-    if 2 * (han + kana + hangul) <= letters(text):
+    if 2 * (han + kana + hangul) <= (letters(text) if n_letters is None else n_letters):
         return None
     if hangul >= han + kana:
         return "ko"
@@ -249,7 +253,7 @@ def screen_text(text: str, min_chars: int, detector: str = "langdetect", cross_c
     n_letters = letters(text)
     if n_letters == 0:
         return UNKNOWN
-    script = script_language(text)
+    script = script_language(text, n_letters)
     if n_letters < min_chars and script is None:
         return UNDETERMINED
     cjk = cjk_words(text)
