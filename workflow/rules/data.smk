@@ -24,14 +24,14 @@ rule merge:
         data_log("merge", "merge.log"),
     conda:
         "../../envs/data.yaml"
-    threads: 1
+    threads: worker_threads("merge")
     resources:
         mem_mb=2000,
         runtime=30,
     params:
         args=DATA_PARAMS["merge"],
     shell:
-        "llama-pipe merge -o {output.data:q} {params.args} -- {input:q} > {log:q} 2>&1"
+        "llama-pipe merge -o {output.data:q} --workers {threads} {params.args} -- {input:q} > {log:q} 2>&1"
 
 
 rule shard:

@@ -36,6 +36,7 @@ class MergeSettings:
         "whose id was already used by a different conversation from another file is not a duplicate: it is kept "
         "as '<file stem>:<id>'"
     )
+    workers: int = opt(0, "processes to use; 0 = all cores", minimum=0, performance=True)
 
 
 @section("clean", "clean stage")

@@ -30,16 +30,15 @@ import argparse
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import MergeSettings, settings_from_args
-from llama_pipe.core.record_stream import stream_records
-from llama_pipe.core.records import InvalidLine, Record, check_input_file
+from llama_pipe.core.records import InvalidLine, Record, check_input_file, dumps
 from llama_pipe.core.settings import add_settings_arguments
 from llama_pipe.core.stage_writer import StageWriter
-from llama_pipe.data.common import add_output_arguments, log_settings, progress
+from llama_pipe.data.common import add_output_arguments, log_settings, map_records, progress, resolve_workers
 
 HUMAN = {"human", "user"}
 GPT = {"gpt", "assistant", "chatgpt", "bing", "bard"}
@@ -52,6 +51,9 @@ class RecordProblem(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # sent back from a worker process
+        return RecordProblem, (self.reason, self.detail)
 
 
 def _role(raw: Any, i: int) -> str:
@@ -174,7 +176,7 @@ def resolve_ids(recs: list[tuple[int, Record] | None], stems: list[str]) -> list
       be unique, and its file name cannot tell the two apart.
     """
     ids = IdResolver(stems)
-    return [("", None) if item is None else ids.resolve(*item) for item in recs]
+    return [("", None) if item is None else ids.resolve(item[0], item[1]["id"], _digest(item[1])) for item in recs]
 
 
 class IdResolver:
@@ -185,9 +187,10 @@ class IdResolver:
         self.stems = stems
         self.owner: dict[str, tuple[int, bytes]] = {}
 
-    def resolve(self, fi: int, rec: Record) -> tuple[str, str | None]:
+    def resolve(self, fi: int, rid: str, digest: bytes) -> tuple[str, str | None]:
+        """``(final id, None)`` for a record of file ``fi`` with id ``rid`` and content digest
+        ``digest`` that is kept, ``(id, why)`` for a duplicate."""
         owner, stems = self.owner, self.stems
-        rid, digest = rec["id"], _digest(rec)
         if rid not in owner:
             owner[rid] = (fi, digest)
             return rid, None
@@ -210,14 +213,24 @@ def _digest(rec: Record) -> bytes:
     return hashlib.sha1(body.encode("utf-8")).digest()
 
 
-def _normalised(obj: Any) -> Record | RecordProblem | None:
-    """A record normalised, its problem, or None for an unreadable line."""
-    if isinstance(obj, InvalidLine):
-        return None
-    try:
-        return normalise(obj)
-    except RecordProblem as p:
-        return p
+BATCH = 64  # records per worker task
+
+
+def _merge_batch(batch: list[Any]) -> list[tuple[str, bytes, str] | RecordProblem | None]:
+    """Each record normalised: its id, content digest and output line; its problem; or None (an
+    unreadable line)."""
+    out: list[tuple[str, bytes, str] | RecordProblem | None] = []
+    for obj in batch:
+        if obj is None:
+            out.append(None)
+            continue
+        try:
+            rec = normalise(obj)
+        except RecordProblem as p:
+            out.append(p)
+            continue
+        out.append((rec["id"], _digest(rec), dumps(rec)))
+    return out
 
 
 def merge_files(inputs: list[str | Path], out: str | Path, settings: MergeSettings,
@@ -225,40 +238,45 @@ def merge_files(inputs: list[str | Path], out: str | Path, settings: MergeSettin
                 also_read: Iterable[str | Path] = ()) -> StageWriter:
     """Run the stage; returns the finished writer (its ``stats()`` are on disk). ``also_read``:
     further files the run reads (its ``--config``), which no output may replace."""
-    # Records are read as a stream; a malformed file stops the stage, and the writer then leaves nothing.
+    # Records are read as a stream (normalised in worker processes, in order); a malformed file
+    # stops the stage, and the writer then leaves nothing.
     stems = [Path(p).name.split(".")[0] or Path(p).name for p in inputs]
+    workers = resolve_workers(settings.workers)
+
+    def results() -> Iterator[tuple[int, str, Any, Any]]:
+        for fi, path in enumerate(inputs):
+            _, items = map_records(path, _merge_batch, workers, BATCH)
+            for where, obj, res in items:
+                yield fi, where, obj, res
+
     group: Counter[str] = Counter()  # records claiming each id (dedupe: reject_all), from a first read
     if settings.dedupe == "reject_all":
         first = IdResolver(stems)
-        for fi, path in enumerate(inputs):
-            for _, obj in stream_records(path):
-                rec = _normalised(obj)
-                if isinstance(rec, dict):
-                    group[first.resolve(fi, rec)[0]] += 1
+        for fi, _, _, res in results():
+            if isinstance(res, tuple):
+                group[first.resolve(fi, res[0], res[1])[0]] += 1
     ids = IdResolver(stems)
     with StageWriter("merge", out, rejects, stats, inputs=[*inputs, *also_read]) as w:
-        items = ((fi, where, obj) for fi, path in enumerate(inputs) for where, obj in stream_records(path))
-        for fi, where, obj in progress(items, "merge"):
+        for fi, where, obj, res in progress(results(), "merge"):
             w.count_in()
-            rec = _normalised(obj)
             if isinstance(obj, InvalidLine):
                 w.reject(obj, obj.reason, f"{where}: {obj.error}")
                 continue
-            if isinstance(rec, RecordProblem):
-                w.reject(obj, rec.reason, f"{where}: {rec.detail}")
+            if isinstance(res, RecordProblem):
+                w.reject(obj, res.reason, f"{where}: {res.detail}")
                 continue
-            assert rec is not None
-            rid, dup = ids.resolve(fi, rec)
+            rid, dup = ids.resolve(fi, res[0], res[1])
             if dup is not None:
                 w.reject(obj, "duplicate_id", f"{where}: id {rid!r}: {dup}")
                 continue
             if settings.dedupe == "reject_all" and group[rid] > 1:
                 w.reject(obj, "duplicate_id", f"{where}: id {rid!r} occurs {group[rid]} times (dedupe: reject_all)")
                 continue
-            if rid != rec["id"]:
+            if rid != res[0]:
                 w.extra["renamed"] = w.extra.get("renamed", 0) + 1
-                rec = {**rec, "id": rid}
-            w.keep(rec)
+                w.keep({**normalise(obj), "id": rid})
+                continue
+            w.keep_line(res[2])
         w.extra["inputs"] = [str(p) for p in inputs]
     return w
 
