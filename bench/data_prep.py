@@ -52,17 +52,16 @@ FSCHAT_PKGS = ["markdownify", "beautifulsoup4", "tqdm", "transformers", "sentenc
 
 def sh(cmd: list[str], **kw: Any) -> tuple[float, float, float]:
     """Run a command, fail loudly; (wall seconds, CPU seconds of it and its worker processes, peak RSS
-    in MB of the largest of those processes)."""
-    with tempfile.TemporaryFile() as err:
+    in MB of the largest of those processes). Measured by GNU time around the command, a small
+    process: the rusage of a child forked from this one would count this process's memory."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, **kw)
-        _, status, ru = os.wait4(proc.pid, 0)  # its own rusage: the command and the workers it waited for
+        res = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", tf.name, *cmd], capture_output=True, text=True, **kw)
         dt = time.perf_counter() - t
-        proc.returncode = code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            err.seek(0)
-            sys.exit(f"command failed ({code}): {' '.join(cmd)}\n{err.read().decode(errors='replace')[-3000:]}")
-    return dt, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024
+        if res.returncode != 0:
+            sys.exit(f"command failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr[-3000:]}")
+        user, system, rss_kb = tf.read().split()[-3:]
+    return dt, float(user) + float(system), float(rss_kb) / 1024
 
 
 def ensure_fschat(venv: Path) -> Path:
