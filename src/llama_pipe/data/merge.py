@@ -262,6 +262,11 @@ def merge_files(inputs: list[str | Path], out: str | Path, settings: MergeSettin
             if isinstance(obj, InvalidLine):
                 w.reject(obj, obj.reason, f"{where}: {obj.error}")
                 continue
+            if res is None:  # a JSON null record (the workers are sent None for an unreadable line too)
+                try:
+                    normalise(obj)
+                except RecordProblem as problem:
+                    res = problem
             if isinstance(res, RecordProblem):
                 w.reject(obj, res.reason, f"{where}: {res.detail}")
                 continue
