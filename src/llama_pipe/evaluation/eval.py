@@ -51,7 +51,7 @@ from llama_pipe.core.records import dumps, iter_jsonl, read_records
 from llama_pipe.core.settings import add_settings_arguments, describe, to_dict
 from llama_pipe.evaluation.heldout import bundled_questions, check_expected, score_rows
 from llama_pipe.evaluation.retention import BENCHMARKS, Item, ItemScore, compare, load_items, load_oe_eval, score_items, style
-from llama_pipe.models.generation import ChatModel, SamplingParams, pick_device
+from llama_pipe.models.generation import ChatModel, SamplingParams, pick_device, target_logits
 from llama_pipe.models.model_dir import check_model_dir, load_config, load_float_base
 from llama_pipe.weights.tokenizer import load_tokenizer
 
@@ -161,11 +161,10 @@ def nll_sum(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, ba
                 ids[r, : len(i)] = torch.tensor(i)
                 labels[r, : len(lab)] = torch.tensor(lab)
                 mask[r, : len(i)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            shifted = labels[:, 1:].to(device)
-            total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                                           ignore_index=-100, reduction="sum"))
-            count += int((shifted != -100).sum())
+            labels = labels.to(device)
+            logits, targets = target_logits(model, labels, input_ids=ids.to(device), attention_mask=mask.to(device))
+            total += float(F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum"))
+            count += int((labels[:, 1:] != -100).sum())
     return total, count
 
 
@@ -305,7 +304,15 @@ def run(args: argparse.Namespace) -> int:
     by_label: dict[str, dict[str, list[ItemScore]]] = {}
     heldout: list[tuple[str, str]] = []  # (question, the base's answer): coherent text outside the training data
     own: dict[str, dict[str, Any]] = {}
+    phases: dict[str, float] = {}  # wall seconds per part, for the log and metrics.json
+
+    def timed(name: str, since: float) -> float:
+        now = time.time()
+        phases[name] = round(phases.get(name, 0.0) + now - since, 2)
+        return now
+
     for label, path in (("base", base), ("tuned", tuned)):
+        t = time.time()
         tok_m = tokenizer if path == tuned else load_tokenizer(path)
         tmpl_m = template if path == tuned else resolve_template(chat.template, [path], tok_m)
         sys_m = system if path == tuned else (chat.system_prompt if chat.system_prompt is not None else recorded_system_prompt([path]))
@@ -314,22 +321,30 @@ def run(args: argparse.Namespace) -> int:
         if device == "cuda":
             model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         model = model.to(device).eval()
+        t = timed("load", t)
         total, n = nll_sum(model, rows, tokenizer.pad_token_id, settings.batch_size)
         results[label] = {"nll": total / n, "ppl": math.exp(total / n), "tokens": n}
         log.info("%s: perplexity %.3f over %d assistant tokens", label, results[label]["ppl"], n)
+        t = timed("perplexity", t)
         rows_m = answer_questions(ChatModel(model, tok_m, tmpl_m, label, sys_m), questions, settings, label)
+        t = timed("answers", t)
         answers += rows_m
         if label == "base":
             heldout = [(q["turns"][0], r["choices"][0]["turns"][0]) for q, r in zip(questions, rows_m) if q.get("category") != "identity"]
         h_total, h_n = nll_sum(model, qa_rows(heldout, tok_m, tmpl_m, sys_m), tok_m.pad_token_id, settings.batch_size) if heldout else (0.0, 0)
         results[label]["heldout_text_ppl"] = math.exp(h_total / h_n) if h_n else None
+        t = timed("perplexity", t)
         if sets and device == "cpu":  # multiple choice by log-likelihood: bf16 picks the same answers at half the CPU time
             scorers[label] = Scorer(model.to(torch.bfloat16), tok_m, tmpl_m, sys_m)  # scored side by side below
         elif sets:  # one model in GPU memory at a time
             by_label |= score_retention(sets, {label: Scorer(model, tok_m, tmpl_m, sys_m)}, settings.batch_size)
+        timed("retention", t)
         del model
         gc.collect()
+    t = time.time()
     by_label |= score_retention(sets, scorers, settings.batch_size)
+    timed("retention", t)
+    log.info("eval seconds by part: %s", ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     scorers.clear()
     ret_scores = {name: {label: scores[name] for label, scores in by_label.items()} for name in sets}
     scores = score_rows(answers, questions)
@@ -349,6 +364,7 @@ def run(args: argparse.Namespace) -> int:
                          "base_ppl": results["base"]["heldout_text_ppl"], "tuned_ppl": results["tuned"]["heldout_text_ppl"]},
         "generation": {k: getattr(settings, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")},
         "models": {"base": str(base), "tuned": str(tuned)}, "val": str(val), "device": device, "seconds": round(time.time() - t0, 2),
+        "phase_seconds": phases,
         "settings": to_dict(settings),
     }
     with atomic_dir(out, stage="eval", inputs=inputs) as tmp:

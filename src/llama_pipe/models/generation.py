@@ -75,6 +75,48 @@ def cache_argument(model: Any) -> str:
     return "cache" if "cache" in names else "past_key_values"
 
 
+def keeps_logits(model: Any) -> bool:
+    """Whether the causal LM under ``model`` (accelerate/DDP and peft wrappers peeled off) takes
+    ``logits_to_keep``, so its output layer can run on the positions a caller needs only
+    (transformers' own models do); cached on ``model``."""
+    import inspect
+
+    known = getattr(model, "_llama_pipe_keeps_logits", None)
+    if known is None:
+        inner = model
+        while (nxt := getattr(inner, "module", None) or (inner.get_base_model() if hasattr(inner, "get_base_model") else None)) \
+                not in (None, inner):
+            inner = nxt
+        forward = getattr(type(inner), "forward", None)
+        try:
+            known = forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+        except (TypeError, ValueError):
+            known = False
+        try:
+            model._llama_pipe_keeps_logits = known
+        except AttributeError:  # a wrapper that refuses attributes: asked again next time
+            pass
+    return bool(known)
+
+
+def target_logits(model: Any, labels: Any, **inputs: Any) -> tuple[Any, Any]:
+    """``model(**inputs)``'s float logits at the positions that predict a labelled token, and those
+    labels: ``(logits (n, vocabulary), targets (n,))`` for a summed cross entropy with
+    ``ignore_index=-100``. ``labels`` is aligned with the inputs (``-100``: not a target).
+
+    The output layer runs only at positions where some row has a target (``logits_to_keep`` as
+    a 1-D index, which the device's older transformers 5 takes too; its boolean form is newer): in chat
+    data most tokens are prompt, so the sum is the same without most of the ``tokens x
+    vocabulary`` logits. A model without ``logits_to_keep`` gets full logits."""
+    shifted = labels[:, 1:]
+    if keeps_logits(model):
+        keep = (shifted != -100).any(0).nonzero().squeeze(1)  # position j predicts token j + 1
+        logits, targets = model(**inputs, logits_to_keep=keep).logits, shifted[:, keep]
+    else:
+        logits, targets = model(**inputs).logits[:, :-1], shifted
+    return logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1)
+
+
 def kv_cache(out: Any, name: str) -> Any:
     """The KV cache a forward pass returned, read under the name the model takes it by."""
     return getattr(out, name) if name == "cache" else out.past_key_values
@@ -98,6 +140,7 @@ class ChatModel:
         self.system = system  # default system prompt (None: the template's)
         self.model = model
         self.cache_name = cache_argument(model)
+        self.last_only = {"logits_to_keep": 1} if keeps_logits(model) else {}  # a prompt's logits: the last position's
         self.tokenizer = tokenizer
         self.template = template
         self.model_id = model_id
@@ -135,7 +178,7 @@ class ChatModel:
         gen = self._generator(params)
         ids = torch.tensor([prompt], device=self.device)
         with torch.inference_mode():
-            out = self.model(input_ids=ids, use_cache=True)
+            out = self.model(input_ids=ids, use_cache=True, **self.last_only)
             for _ in range(budget):
                 nxt = _pick(out.logits[0, -1], params, gen)
                 yield nxt
@@ -278,7 +321,7 @@ class ChatModel:
         live = [True] * len(prompts)
         with torch.inference_mode():
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self.last_only)
             last = positions[:, -1:]
             while True:
                 nxt = [pad] * len(prompts)
