@@ -71,28 +71,6 @@ def resolve_workers(workers: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def pool_map(
-    func: Callable[[T], R],
-    items: Iterable[T],
-    workers: int,
-    initializer: Callable[..., None] | None = None,
-    initargs: tuple[Any, ...] = (),
-    chunksize: int = 64,
-) -> Iterator[R]:
-    """``map(func, items)`` in input order, on ``workers`` processes (in-process when 1).
-
-    ``func`` should take a batch (a list) so the per-item IPC cost is paid once per batch.
-    """
-    if workers <= 1:
-        if initializer is not None:
-            initializer(*initargs)
-        yield from map(func, items)
-        return
-    ctx = get_context("fork") if hasattr(os, "fork") else get_context()
-    with ctx.Pool(workers, initializer=initializer, initargs=initargs) as pool:
-        yield from pool.imap(func, items, chunksize=1)
-
-
 def stream_map(
     func: Callable[[list[T]], R],
     batches: Iterable[list[T]],
