@@ -36,9 +36,9 @@ import json
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,19 +47,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 CLD2 = "filter-lang (detector: cld2)"
 FSCHAT_PKGS = ["markdownify", "beautifulsoup4", "tqdm", "transformers", "sentencepiece", "protobuf", "numpy",
-               "polyglot", "pycld2", "pyicu"]
+               "polyglot", "six", "pycld2", "pyicu"]
 
 
-def sh(cmd: list[str], **kw: Any) -> tuple[float, float]:
-    """Run a command, fail loudly; (wall seconds, CPU seconds of it and its worker processes)."""
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    dt = time.perf_counter() - t
-    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if res.returncode != 0:
-        sys.exit(f"command failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr[-3000:]}")
-    return dt, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+def sh(cmd: list[str], **kw: Any) -> tuple[float, float, float]:
+    """Run a command, fail loudly; (wall seconds, CPU seconds of it and its worker processes, peak RSS
+    in MB of the largest of those processes). Measured by GNU time around the command, a small
+    process: the rusage of a child forked from this one would count this process's memory."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
+        t = time.perf_counter()
+        res = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", tf.name, *cmd], capture_output=True, text=True, **kw)
+        dt = time.perf_counter() - t
+        if res.returncode != 0:
+            sys.exit(f"command failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr[-3000:]}")
+        user, system, rss_kb = tf.read().split()[-3:]
+    return dt, float(user) + float(system), float(rss_kb) / 1024
 
 
 def ensure_fschat(venv: Path) -> Path:
@@ -127,16 +129,16 @@ def load(path: Path) -> list[dict[str, Any]]:
     return json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
 
 
-def run_llama_pipe(inp: Path, work: Path, tok: Path, max_length: int) -> dict[str, tuple[int, tuple[float, float]]]:
+def run_llama_pipe(inp: Path, work: Path, tok: Path, max_length: int, cld2: bool = True) -> dict[str, tuple[int, tuple[float, float, float]]]:
     d = work / "llama_pipe"
     lp = [sys.executable, "-m", "llama_pipe.cli"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    t: dict[str, tuple[int, tuple[float, float]]] = {}
+    t: dict[str, tuple[int, tuple[float, float, float]]] = {}
     t["merge"] = (count(inp), sh([*lp, "merge", str(inp), "-o", str(d / "merged.jsonl")], env=env))
     t["clean"] = (count(d / "merged.jsonl"), sh([*lp, "clean", str(d / "merged.jsonl"), "-o", str(d / "clean.jsonl")], env=env))
     t["filter-lang"] = (count(d / "clean.jsonl"), sh([*lp, "filter-lang", str(d / "clean.jsonl"), "-o", str(d / "lang.jsonl"),
                                                        "--keep", "[]", "--skip", "ko"], env=env))
-    if importlib.util.find_spec("pycld2") is not None:  # the optional compiled detector, same input
+    if cld2 and importlib.util.find_spec("pycld2") is not None:  # the optional compiled detector, same input
         t[CLD2] = (count(d / "clean.jsonl"), sh([*lp, "filter-lang", str(d / "clean.jsonl"), "-o", str(d / "lang_cld2.jsonl"),
                                                  "--keep", "[]", "--skip", "ko", "--detector", "cld2"], env=env))
     t["split"] = (count(d / "lang.jsonl"), sh([*lp, "split", str(d / "lang.jsonl"), "-o", str(d / "split.jsonl"),
@@ -146,12 +148,12 @@ def run_llama_pipe(inp: Path, work: Path, tok: Path, max_length: int) -> dict[st
     return t
 
 
-def run_fastchat(py: Path, inp: Path, work: Path, tok: Path, max_length: int) -> dict[str, tuple[int, tuple[float, float]]]:
+def run_fastchat(py: Path, inp: Path, work: Path, tok: Path, max_length: int) -> dict[str, tuple[int, tuple[float, float, float]]]:
     d = work / "fastchat"
     d.mkdir(parents=True, exist_ok=True)
     fc = [str(py), "-m"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    t: dict[str, tuple[int, tuple[float, float]]] = {}
+    t: dict[str, tuple[int, tuple[float, float, float]]] = {}
     t["merge"] = (count(inp), sh([*fc, "fastchat.data.merge", "--in-file", str(inp), "--out-file", str(d / "merged.json")], env=env))
     t["clean"] = (count(d / "merged.json"), sh([*fc, "fastchat.data.clean_sharegpt", "--in-file", str(d / "merged.json"),
                                                  "--out-file", str(d / "clean.json")], env=env))
@@ -213,59 +215,82 @@ def quality(work: Path, tok_dir: Path, max_length: int, inp: Path) -> dict[str, 
     return out
 
 
-def best(runs: list[dict[str, tuple[int, tuple[float, float]]]]) -> dict[str, tuple[int, float, float]]:
-    """Per stage: conversations in, the smallest wall time and the smallest CPU time over runs."""
-    return {k: (runs[0][k][0], min(r[k][1][0] for r in runs), min(r[k][1][1] for r in runs)) for k in runs[0]}
+Best = dict[str, tuple[int, float, float, float]]
 
 
-def table(lp: dict[str, tuple[int, float, float]], fc: dict[str, tuple[int, float, float]], n: int) -> list[str]:
+def best(runs: list[dict[str, tuple[int, tuple[float, float, float]]]]) -> Best:
+    """Per stage: conversations in, the smallest wall time, the smallest CPU time and the largest
+    peak RSS (MB, the biggest single process of the stage) over runs."""
+    return {k: (runs[0][k][0], min(r[k][1][0] for r in runs), min(r[k][1][1] for r in runs), max(r[k][1][2] for r in runs))
+            for k in runs[0]}
+
+
+def table(lp: Best, fc: Best, n: int) -> list[str]:
     rows = ["| stage | conv in (ours / FastChat) | llama-pipe wall s | FastChat wall s | wall speed-up "
-            "| llama-pipe CPU s | FastChat CPU s | CPU speed-up | llama-pipe conv/s (wall) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "| llama-pipe CPU s | FastChat CPU s | CPU speed-up | llama-pipe peak RSS MB | FastChat peak RSS MB |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for stage in lp:
-        (ln, lw, lc), (fn, fw, fcpu) = lp[stage], fc["filter-lang" if stage == CLD2 else stage]
+        (ln, lw, lc, lm), (fn, fw, fcpu, fm) = lp[stage], fc["filter-lang" if stage == CLD2 else stage]
         rows.append(f"| {stage} | {ln} / {fn} | {lw:.2f} | {fw:.2f} | {fw / lw:.1f}x | {lc:.2f} | {fcpu:.2f} | "
-                    f"{fcpu / lc:.1f}x | {ln / lw:,.0f} |")
-    fw, fcpu = sum(v[1] for v in fc.values()), sum(v[2] for v in fc.values())
+                    f"{fcpu / lc:.1f}x | {lm:,.0f} | {fm:,.0f} |")
+    fw, fcpu, fm = sum(v[1] for v in fc.values()), sum(v[2] for v in fc.values()), max(v[3] for v in fc.values())
     variants = [("**end to end** (default: langdetect)", [k for k in lp if k != CLD2])]
     if CLD2 in lp:
         variants.append(("**end to end, detector: cld2**", [k for k in lp if k != "filter-lang"]))
     for label, keys in variants:
-        lw, lc = sum(lp[k][1] for k in keys), sum(lp[k][2] for k in keys)
+        lw, lc, lm = sum(lp[k][1] for k in keys), sum(lp[k][2] for k in keys), max(lp[k][3] for k in keys)
         rows.append(f"| {label} | {n} | {lw:.2f} | {fw:.2f} | **{fw / lw:.1f}x** | {lc:.2f} | {fcpu:.2f} | "
-                    f"**{fcpu / lc:.1f}x** | {n / lw:,.0f} |")
+                    f"**{fcpu / lc:.1f}x** | {lm:,.0f} | {fm:,.0f} |")
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=30, help="sample generator seeds (about 91 conversations each)")
+    ap.add_argument("--input", type=Path, help="a prepared input instead (a JSON list, e.g. make_sample.py --corpus N OUT)")
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=2, help="runs per pipeline (alternating); the best time counts")
     ap.add_argument("--work", type=Path, default=Path("/tmp/llama-pipe-bench"))
     ap.add_argument("--fschat-venv", type=Path, default=Path("/tmp/fschat-venv"))
+    ap.add_argument("--sides", default="llama-pipe,FastChat", help="which pipelines to run (comma-separated)")
+    ap.add_argument("--no-cld2", action="store_true", help="skip the filter-lang run with detector cld2")
+    ap.add_argument("--skip-quality", action="store_true", help="skip the output checks (they load every output)")
+    ap.add_argument("--json", type=Path, help="write the raw timings here")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    py = ensure_fschat(args.fschat_venv)
-    inp, n = build_input(args.work, args.seeds)
+    sides = args.sides.split(",")
+    py = ensure_fschat(args.fschat_venv) if "FastChat" in sides else Path(sys.executable)
+    if args.input:
+        inp, n = args.input, count(args.input)
+    else:
+        inp, n = build_input(args.work, args.seeds)
     tok = build_tokenizer(args.work)
-    print(f"input: {n} conversations, {inp.stat().st_size / 1e6:.1f} MB; {os.cpu_count()} cores", flush=True)
-    lp_runs, fc_runs, loads = [], [], []
+    print(f"input: {inp}, {n} conversations, {inp.stat().st_size / 1e6:.1f} MB; {os.cpu_count()} cores", flush=True)
+    lp_runs: list[Any] = []
+    fc_runs: list[Any] = []
+    loads = []
     for _ in range(args.repeat):
         loads.append(os.getloadavg()[0])
-        lp_runs.append(run_llama_pipe(inp, args.work, tok, args.max_length))
-        fc_runs.append(run_fastchat(py, inp, args.work, tok, args.max_length))
-    rows = table(best(lp_runs), best(fc_runs), n)
-    q = quality(args.work, tok, args.max_length, inp)
-    qrows = ["| output check | llama-pipe | FastChat |", "| --- | ---: | ---: |"]
-    for key in q["llama-pipe"]:
-        qrows.append(f"| {key} | {q['llama-pipe'][key]} | {q['FastChat'][key]} |")
+        if "llama-pipe" in sides:
+            lp_runs.append(run_llama_pipe(inp, args.work, tok, args.max_length, cld2=not args.no_cld2))
+            print("llama-pipe:", json.dumps(lp_runs[-1]), flush=True)
+        if "FastChat" in sides:
+            fc_runs.append(run_fastchat(py, inp, args.work, tok, args.max_length))
+            print("FastChat:", json.dumps(fc_runs[-1]), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"input": str(inp), "n": n, "loads": loads, "llama-pipe": lp_runs, "FastChat": fc_runs}, indent=1))
     print(f"\nMachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"load average at the start of each run {', '.join(f'{x:.1f}' for x in loads)}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; best of {args.repeat} runs\n")
-    print("\n".join(rows))
-    print()
-    print("\n".join(qrows))
+    if lp_runs and fc_runs:
+        print("\n".join(table(best(lp_runs), best(fc_runs), n)))
+    if not args.skip_quality and lp_runs and fc_runs:
+        q = quality(args.work, tok, args.max_length, inp)
+        qrows = ["| output check | llama-pipe | FastChat |", "| --- | ---: | ---: |"]
+        for key in q["llama-pipe"]:
+            qrows.append(f"| {key} | {q['llama-pipe'][key]} | {q['FastChat'][key]} |")
+        print()
+        print("\n".join(qrows))
 
 
 if __name__ == "__main__":

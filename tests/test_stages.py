@@ -75,5 +75,6 @@ def test_performance_knobs_are_marked_in_their_settings() -> None:
     nothing when they change is tests/workflow/test_rerun.py's."""
     from llama_pipe.core.settings import performance_keys
 
-    assert performance_keys(SECTIONS["clean"]) == ("workers",) and performance_keys(SECTIONS["split"]) == ("batch_size",)
+    assert performance_keys(SECTIONS["clean"]) == ("workers",) and performance_keys(SECTIONS["split"]) == ("batch_size", "workers")
+    assert performance_keys(SECTIONS["merge"]) == ("workers",)
     assert performance_keys(SECTIONS["distill"]) == ()  # a param: padding in a batch can change a greedy reply

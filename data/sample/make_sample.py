@@ -358,7 +358,39 @@ def build(seed: int = SEED) -> list[Any]:
     return records
 
 
+def well_formed(rec: Any) -> bool:
+    """A record every pipeline can read (FastChat's scripts crash on the broken ones)."""
+    conv = rec.get("conversations") if isinstance(rec, dict) else None
+    return (isinstance(rec, dict) and isinstance(rec.get("id"), str) and isinstance(conv, list) and bool(conv)
+            and all(isinstance(t, dict) and t.get("from") in ("human", "gpt") and isinstance(t.get("value"), str) for t in conv))
+
+
+def write_corpus(out: Path, n: int) -> int:
+    """A ShareGPT-sized benchmark corpus: ``n`` well-formed conversations from seeds 1, 2, ... (ids made
+    unique with ``-s<seed>``), streamed to one JSON list (memory bounded by one seed's records). Returns bytes written."""
+    done, seed = 0, 0
+    with out.open("w", encoding="utf-8") as fh:
+        fh.write("[")
+        while done < n:
+            seed += 1
+            for rec in build(seed):
+                if done < n and well_formed(rec):
+                    fh.write(("," if done else "") + "\n" + json.dumps({**rec, "id": f"{rec['id']}-s{seed}"}, ensure_ascii=False))
+                    done += 1
+        fh.write("\n]\n")
+    return out.stat().st_size
+
+
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="write the bundled samples, or (--corpus N OUT) a benchmark corpus")
+    ap.add_argument("--corpus", nargs=2, metavar=("N", "OUT"), help="N well-formed conversations as one JSON list in OUT")
+    args = ap.parse_args()
+    if args.corpus:
+        size = write_corpus(Path(args.corpus[1]), int(args.corpus[0]))
+        print(f"wrote {args.corpus[1]} ({args.corpus[0]} conversations, {size / 1e6:.1f} MB)")
+        return
     for out, data in ((OUT, build()), (IDENTITY_OUT, identity_records())):
         out.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {out} ({len(data)} records, {out.stat().st_size // 1024} KiB)")

@@ -49,7 +49,10 @@ def test_skip_and_keep_unknown_and_exact_subtag(tmp_path: Path) -> None:
     assert stats_of(out)["rejected"] == {"lang_skipped": 2}
 
 
-def test_deterministic_across_workers_and_order(tmp_path: Path, sample: Path) -> None:
+def test_deterministic_across_workers_and_order(tmp_path: Path, sample: Path, monkeypatch) -> None:
+    from llama_pipe.data import filter_lang
+
+    monkeypatch.setattr(filter_lang, "BATCH", 16)  # several tasks, so --workers 2 runs two processes
     assert cli("clean", sample, "-o", tmp_path / "clean.jsonl") == 0
     recs = read_jsonl(tmp_path / "clean.jsonl")
     a = write_jsonl(tmp_path / "a.jsonl", recs)
@@ -59,6 +62,7 @@ def test_deterministic_across_workers_and_order(tmp_path: Path, sample: Path) ->
         out = tmp_path / f"o{name}.jsonl"
         assert cli("filter-lang", inp, "-o", out, "--keep", "[]", "--workers", workers) == 0
         outs.append({r["id"]: r["lang"] for r in read_jsonl(out)})
+        assert stats_of(out)["workers"] == int(workers)
     assert outs[0] == outs[1] == outs[2]
     assert {"en", "zh-cn", "de", "fr", "es", "ja", "ko"} <= set(outs[0].values())
 
@@ -90,43 +94,74 @@ def test_short_chinese_with_latin_names_is_chinese(tmp_path: Path) -> None:
     assert [r["lang"] for r in read_jsonl(out)] == ["zh-cn"] * 3
 
 
-def test_numpy_detector_agrees_with_langdetect(tmp_path: Path, sample: Path) -> None:
+def _stock_langprob(text: str) -> list[float] | None:
+    from langdetect.lang_detect_exception import LangDetectException
+
+    from llama_pipe.data import filter_lang as L
+
+    d = L._detector()  # stock langdetect, seeded
+    d.append(text)
+    try:
+        d.get_probabilities()
+    except LangDetectException:
+        return None
+    return list(d.langprob)
+
+
+def test_batch_detector_gives_langdetects_probabilities_bit_for_bit(tmp_path: Path, sample: Path) -> None:
+    """All 55 probabilities of every text equal stock langdetect's exactly, in batches of any size
+    (the trials run side by side) and for a text run alone (out of drawn words)."""
     from langdetect import DetectorFactory
-    from langdetect.detector_factory import _factory
 
     from llama_pipe.config import FilterLangSettings
     from llama_pipe.data import filter_lang as L
 
     assert cli("clean", sample, "-o", tmp_path / "clean.jsonl") == 0
     texts = [L.prose(r, 1000) for r in read_jsonl(tmp_path / "clean.jsonl")]
-    texts += [EN, ZH_CN, ZH_TW, DE, KO]
-    # ambiguous texts, where trials disagree and detection must run them all
+    texts += [EN, ZH_CN, ZH_TW, DE, KO, "x", " ", "", "1234 !!", "ABC def GHI jkl", "https://example.com a@b.org", "Tiếng Việt có dấu"]
+    # ambiguous texts, where trials disagree and run long
     texts += ["Ciao hello bonjour hola", "Das ist gut, that is good", "no sí oui", "Salut ok merci bien danke",
               "我叫Gitclone，是git-cloner开发的模型", "banco casa porta mesa", "Mi piace la pizza, I like it"]
     L._init(FilterLangSettings())
-    ours, theirs = [], []
+    assert DetectorFactory.seed == 0
+    theirs = [_stock_langprob(t) for t in texts]
+    fast = L._fast()
+    assert fast.probabilities(texts) == theirs
+    assert [fast.probabilities([t])[0] for t in texts[-12:]] == theirs[-12:]
+    rows = [fast.prepare(t) for t in texts[-7:]]
+    assert [fast._alone(r).tolist() for r in rows] == theirs[-7:]
+
+
+def test_ngram_rows_match_langdetect(tmp_path: Path, sample: Path) -> None:
+    from llama_pipe.data import filter_lang as L
+
+    assert cli("clean", sample, "-o", tmp_path / "clean.jsonl") == 0
+    texts = [L.prose(r, 1000) for r in read_jsonl(tmp_path / "clean.jsonl")]
+    texts += ["ABC def GHI jkl", "Hello World  two  spaces ", "ÀÉÎ õü ß 123 !!", "カタカナ ひらがな 漢字", "x", " ", "ŞȚș țara", "aB Cd EFg",
+              "Python 中的列表和元组有什么区别？学习机器学习之前", "mail me at someone@example.org or https://x.y/z?q=1 now"]
+    fast = L._fast()
     for t in texts:
-        for detector, out in ((L._detector(), ours), (_factory.create(), theirs)):
-            detector.append(t)
-            out.append(detector.detect())
-    assert DetectorFactory.seed == 0 and ours == theirs
+        d = L._detector()
+        d.append(t)
+        d.cleaning_text()
+        assert fast.prepare(t).tolist() == [fast.row[g] for g in d._extract_ngrams()], t[:60]
 
 
-def test_ngram_extractor_matches_langdetect(tmp_path: Path, sample: Path) -> None:
-    from langdetect.detector_factory import init_factory
+def test_drawn_words_are_the_random_generators() -> None:
+    """The words drawn once per process give random.gauss's values and random.choice's picks."""
+    import random
 
     from llama_pipe.data import filter_lang as L
 
-    init_factory()
-    assert cli("clean", sample, "-o", tmp_path / "clean.jsonl") == 0
-    texts = [L.prose(r, 1000) for r in read_jsonl(tmp_path / "clean.jsonl")]
-    texts += ["ABC def GHI jkl", "Hello World  two  spaces ", "ÀÉÎ õü ß 123 !!", "カタカナ ひらがな 漢字", "x", " ", "ŞȚș țara", "aB Cd EFg"]
-    from langdetect.detector_factory import _factory as factory  # bound after init_factory
-
-    for t in texts:
-        d = factory.create()
-        d.append(t)
-        assert L._ngrams(d.text, d.word_lang_prob_map) == d._extract_ngrams(), t[:60]
+    fast = L._fast()
+    rnd = random.Random()
+    rnd.seed(fast.seed)
+    assert fast._gauss(0) == (rnd.gauss(0.0, 1.0), rnd.gauss(0.0, 1.0))
+    for n in (1, 2, 3, 7, 100, 1000, 2999):
+        rnd.seed(fast.seed)
+        want = [rnd._randbelow(n) for _ in range(50)]
+        cand = fast.words >> (32 - n.bit_length())
+        assert cand[cand < n][:50].tolist() == want
 
 
 def test_mostly_english_with_chinese_and_korean_quotes_is_english(tmp_path: Path) -> None:
@@ -139,24 +174,6 @@ def test_mostly_english_with_chinese_and_korean_quotes_is_english(tmp_path: Path
     out = tmp_path / "f.jsonl"
     assert cli("filter-lang", write_jsonl(tmp_path / "in.jsonl", [rec]), "-o", out) == 0
     assert [r["lang"] for r in read_jsonl(out)] == ["en"]
-
-
-def test_trials_stop_only_when_the_top_language_is_decided() -> None:
-    import numpy as np
-
-    from llama_pipe.data.filter_lang import _decided
-
-    # after 4 of 7 trials all for language 0, the other 3 cannot overtake it
-    assert _decided(np.array([4 / 7, 0.0, 0.0]), 3 / 7)
-    # 3 of 7: the remaining 3 could all go to language 1 (a tie at best, but not decided)
-    assert not _decided(np.array([3 / 7, 0.0, 0.0]), 4 / 7)
-    assert _decided(np.array([3.9 / 7, 0.1 / 7, 0.0]), 3 / 7)  # 3.8/7 ahead of the second, 3/7 to come
-    assert not _decided(np.array([3.4 / 7, 0.6 / 7, 0.0]), 3 / 7)  # 2.8/7 ahead: the rest could overturn it
-    assert not _decided(np.array([2 / 7, 2 / 7, 0.0]), 3 / 7)
-    assert not _decided(np.array([1.0, 0.0]), 0.0)  # nothing left to skip
-    total = np.array([0.2, 0.5, 0.3])
-    _decided(total, 0.1)
-    assert total.tolist() == [0.2, 0.5, 0.3]  # not modified
 
 
 def test_cld2_detector_spells_codes_as_langdetect(tmp_path: Path) -> None:

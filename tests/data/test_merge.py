@@ -129,3 +129,22 @@ def test_id_types(tmp_path: Path) -> None:
     assert stats_of(out)["rejected"] == {"bad_id": 4, "bad_record": 1}
     rejects = read_jsonl(tmp_path / "m.rejects.jsonl")
     assert any("list" in r["detail"] for r in rejects) and any("'system'" in r["detail"] for r in rejects)
+
+
+def test_workers_give_the_same_files(tmp_path: Path, sample: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records are normalised in worker processes; the files (renames, duplicates, rejects) are
+    those of one process, byte for byte, with either dedupe rule."""
+    from llama_pipe.data import merge as merge_mod
+
+    monkeypatch.setattr(merge_mod, "BATCH", 16)  # several batches, so two processes run
+    inputs = [sample, sample.with_name("identity_sample.json"), shared_data / "gitcloner_dummy_en.json",
+              shared_data / "fastchat_dummy_conversation.json"]
+    for dedupe in ("first", "reject_all"):
+        outs = []
+        for workers in ("1", "2"):
+            out = tmp_path / f"{dedupe}{workers}" / "m.jsonl"
+            assert cli("merge", *inputs, "-o", out, "--dedupe", dedupe, "--workers", workers) == 0
+            stats_of(out)
+            outs.append([(out.parent / f).read_bytes() for f in ("m.jsonl", "m.rejects.jsonl", "m.stats.json")])
+        assert outs[0] == outs[1], dedupe
+        assert b"gitcloner_dummy_en:identity_0" in outs[0][0] or b"fastchat_dummy_conversation:identity_0" in outs[0][0]

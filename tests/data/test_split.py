@@ -244,3 +244,20 @@ def test_bound_is_never_above_the_token_count(tokenizer: Any) -> None:
              "ΑΒΓ déjà vu naïve café — “quotes” …" * 60, "\n\n".join(_words(40, i) for i in range(20)), ""]
     for t in texts:
         assert sp.min_tokens(t) <= sp.lengths([t], special=False)[0]
+
+
+def test_workers_give_the_same_chunks(tmp_path: Path, tokenizer_dir: Path, sample: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker processes split batches of records; the files are those of one process, byte for byte."""
+    from llama_pipe.data import split as split_mod
+
+    monkeypatch.setattr(split_mod, "RECORDS_PER_STEP", 8)  # several batches, so two processes run
+    assert cli("clean", sample, "-o", tmp_path / "clean.jsonl") == 0
+    outs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}" / "s.jsonl"
+        assert cli("split", tmp_path / "clean.jsonl", "-o", out, "--tokenizer", tokenizer_dir, "--max-length", 300,
+                   "--on-long-pair", "truncate", "--workers", workers) == 0
+        stats = stats_of(out)
+        assert stats["workers"] == int(workers)
+        outs.append([out.read_bytes(), out.with_name("s.rejects.jsonl").read_bytes(), {k: v for k, v in stats.items() if k != "workers"}])
+    assert outs[0] == outs[1]

@@ -36,12 +36,17 @@ CATEGORIES = {"arithmetic", "world_facts", "units", "word_tasks", "short_reasoni
 
 def test_bundled_bank_has_five_balanced_categories_and_a_stratified_dev_split() -> None:
     items = load_items()
-    assert len(items) >= 400
+    assert len(items) >= 800
     per_cat = Counter(i.category for i in items)
-    assert set(per_cat) == CATEGORIES and min(per_cat.values()) >= 80, per_cat
+    assert set(per_cat) == CATEGORIES and min(per_cat.values()) >= 160, per_cat
+    # dev (checkpoint selection) is every fourth item of the first bank's ~90 a category, and stays
+    # those 113 items; the items added since (ids past each category's first ~90) are all test
+    first = {cat: max(int(i.id.rsplit("-", 1)[1]) for i in items if i.category == cat and i.split == "dev") for cat in per_cat}
     for cat, n in per_cat.items():
         dev = sum(1 for i in items if i.category == cat and i.split == "dev")
-        assert 0.2 <= dev / n <= 0.3, (cat, dev, n)
+        in_first = sum(1 for i in items if i.category == cat and int(i.id.rsplit("-", 1)[1]) <= first[cat])
+        assert 0.2 <= dev / in_first <= 0.3 and first[cat] <= 90 and dev / n < 0.15, (cat, dev, in_first, n)
+    assert len(load_items(split="dev")) == 113 and len(load_items(split="test")) >= 700
     assert len(load_items(split="dev")) + len(load_items(split="test")) == len(items)
     # the correct answer sits at every position, so "always the first choice" is not rewarded
     positions = Counter(i.answer for i in items)

@@ -152,14 +152,14 @@ def test_filter_lang_time_budget(tmp_path: Path, capsys: pytest.CaptureFixture[s
     h.require_stage("filter-lang")
     from llama_pipe.data import filter_lang
 
-    real = filter_lang.detect_language
+    real = filter_lang.screen_text  # a record's own work (its text, counts, n-grams), under its budget
 
-    def stall(text: str, *args: Any) -> str:
+    def stall(text: str, *args: Any) -> Any:
         if "STALL" in text:
             time.sleep(30)
         return real(text, *args)
 
-    monkeypatch.setattr(filter_lang, "detect_language", stall)
+    monkeypatch.setattr(filter_lang, "screen_text", stall)
     stalled = {"id": "stall-1", "conversations": _conv("STALL this detection for a while, please.", "Certainly, I will wait.")}
     inp = _write_jsonl(tmp_path / "in" / "x.jsonl", [_small(), stalled])
     out = tmp_path / "out" / "f.jsonl"

@@ -387,7 +387,7 @@ def train_command():
 
 
 def worker_threads(section):
-    """Threads of a per-shard job with a ``workers`` setting (clean, filter_lang): ``workers``,
+    """Threads of a job with a ``workers`` setting (merge, and per shard clean, filter_lang, split): ``workers``,
     or 2 when it is 0 ("all cores"); the rule passes ``--workers {threads}``.
 
     One job runs per shard, so "all cores" per job would oversubscribe the machine; the shards

@@ -24,14 +24,14 @@ rule merge:
         data_log("merge", "merge.log"),
     conda:
         "../../envs/data.yaml"
-    threads: 1
+    threads: worker_threads("merge")
     resources:
         mem_mb=2000,
         runtime=30,
     params:
         args=DATA_PARAMS["merge"],
     shell:
-        "llama-pipe merge -o {output.data:q} {params.args} -- {input:q} > {log:q} 2>&1"
+        "llama-pipe merge -o {output.data:q} --workers {threads} {params.args} -- {input:q} > {log:q} 2>&1"
 
 
 rule shard:
@@ -107,7 +107,7 @@ rule split:
         data_log("split", "shard-{shard}.log"),
     conda:
         "../../envs/data.yaml"
-    threads: 1
+    threads: worker_threads("split")
     resources:
         mem_mb=2000,
         runtime=60,
@@ -117,8 +117,8 @@ rule split:
         # batch_size is passed as a resource; chunks are measured as training renders them
         args=DATA_PARAMS["split"],
     shell:
-        # the fast tokenizer's thread pool (Rayon) gets the job's threads
-        "RAYON_NUM_THREADS={threads} llama-pipe split -o {output.data:q}"
+        # the job's threads are split's worker processes, one tokenizer thread (Rayon) each
+        "RAYON_NUM_THREADS=1 llama-pipe split -o {output.data:q} --workers {threads}"
         " --tokenizer {input.tokenizer:q} {params.args} --batch_size {resources.batch_size}"
         " -- {input.data:q} > {log:q} 2>&1"
 

@@ -36,6 +36,7 @@ class MergeSettings:
         "whose id was already used by a different conversation from another file is not a duplicate: it is kept "
         "as '<file stem>:<id>'"
     )
+    workers: int = opt(0, "processes to use; 0 = all cores", minimum=0, performance=True)
 
 
 @section("clean", "clean stage")
@@ -126,6 +127,7 @@ class SplitSettings:
         "reject", "a single pair longer than max_length: reject it with a reason, or truncate its gpt turn"
     )
     batch_size: int = opt(256, "texts per fast-tokenizer batch", minimum=1, performance=True)
+    workers: int = opt(0, "processes to use; 0 = all cores", minimum=0, performance=True)
 
 
 #: A rewrite's required facts (``distill.require``).

@@ -153,7 +153,15 @@ def _parse_float(text: str) -> Any:
     """A JSON number with a fraction or exponent; one that overflows to infinity is kept as a
     :class:`_NonFinite` so the record is rejected rather than written back as ``Infinity``."""
     value = float(text)
-    return _NonFinite(text, overflow=True) if value in (math.inf, -math.inf) else value
+    if value in (math.inf, -math.inf):
+        OVERFLOWS[0] += 1
+        return _NonFinite(text, overflow=True)
+    return value
+
+
+# Numbers read as _NonFinite because they overflow a float, in this process: a reader compares the
+# count before and after parsing a record instead of searching its text for huge numbers (slow).
+OVERFLOWS = [0]
 
 
 # A number that may overflow a float: a 3-digit exponent or 309 digits in a row (cheap pre-check).
@@ -195,12 +203,14 @@ def _value_problem(obj: Any, check_depth: bool, check_constants: bool) -> tuple[
     return None
 
 
-def _screen(obj: Any, text: str, nonfinite: bool = False) -> tuple[str, str] | None:
+def _screen(obj: Any, text: str, nonfinite: bool = False, overflow: bool | None = None) -> tuple[str, str] | None:
     """The problems of a parsed record that make it unwritable, checked only when its text could
     hold them (cheap substring counts first): too deep, NaN/Infinity (unless ``nonfinite``: then
-    they were parsed as floats), a lone surrogate."""
+    they were parsed as floats), a lone surrogate. ``overflow``: whether parsing it read a number
+    too large for a float (:data:`OVERFLOWS`); None: its text is searched for one."""
     deep = text.count("[") + text.count("{") > MAX_DEPTH
-    constants = not nonfinite and ("NaN" in text or "Infinity" in text or _HUGE_NUMBER.search(text) is not None)
+    huge = overflow if overflow is not None else _HUGE_NUMBER.search(text) is not None
+    constants = not nonfinite and ("NaN" in text or "Infinity" in text or huge)
     if deep or constants:
         problem = _value_problem(obj, deep, constants)
         if problem:
@@ -312,6 +322,7 @@ def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
     for n, line in enumerate(lines[: last + 1], start=1):
         if not line.strip():
             continue
+        before = OVERFLOWS[0]
         try:
             obj = _loads(line)
         except json.JSONDecodeError as exc:
@@ -325,7 +336,7 @@ def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
             reason = "too_deep" if isinstance(exc, RecursionError) else "invalid_json"
             yield f"{path}:line {n}", InvalidLine(line, _unreadable(exc), reason)
             continue
-        problem = _screen(obj, line)
+        problem = _screen(obj, line, overflow=OVERFLOWS[0] != before)
         yield f"{path}:line {n}", InvalidLine(line, problem[1], problem[0]) if problem else obj
 
 

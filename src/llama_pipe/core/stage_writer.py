@@ -108,6 +108,14 @@ class StageWriter:
         if counts:
             self.n_out += 1
 
+    def keep_line(self, line: str, counts: bool = True) -> None:
+        """:meth:`keep` for a record already written as its line (``dumps(record)``, by a worker)."""
+        assert self._out is not None
+        self._out.fh.write(line + "\n")
+        self.lines_out += 1
+        if counts:
+            self.n_out += 1
+
     def reject(self, record: Any, reason: str, detail: str = "", count: int = 1) -> None:
         assert self._rej is not None
         rid = record.get("id") if isinstance(record, dict) else None

@@ -33,6 +33,7 @@ than 100 levels deep is rejected when read [too_deep], NaN/Infinity as [invalid_
 from __future__ import annotations
 
 import argparse
+import hashlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,25 +42,24 @@ from typing import Any
 
 from llama_pipe.config import CleanSettings, settings_from_args
 from llama_pipe.core.budget import TooSlow, within_budget
-from llama_pipe.core.records import InvalidLine, Record, read_records
+from llama_pipe.core.records import InvalidLine, Record, dumps
 from llama_pipe.core.settings import add_settings_arguments
 from llama_pipe.core.stage_writer import StageWriter
 from llama_pipe.data.common import (
     add_output_arguments,
     alternates,
-    batched,
     conversation_problem,
     dedup_text,
     log,
     log_settings,
-    pool_map,
+    map_records,
     progress,
     resolve_workers,
 )
 from llama_pipe.data.identity import introductions, renamer
 from llama_pipe.data.markdown import ConversionError, to_markdown
 
-BATCH = 32
+BATCH = 64
 GROWTH_SLACK = 10_000  # characters a turn may grow by beyond max_growth x its length (too_large)
 
 
@@ -71,6 +71,10 @@ class Outcome:
     reason: str = ""
     detail: str = ""
     notes: tuple[str, ...] = ()
+    # filled in by the worker for a kept record (so the main process only deduplicates and writes):
+    line: str = ""  # the record's output line
+    first: bytes = b""  # digest of its first exchange in dedup form (first_exchange_key)
+    intro: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())  # names, makers it introduces
 
 
 def clean_record(rec: Any, cfg: CleanSettings) -> Outcome:
@@ -152,8 +156,23 @@ def clean_within_budget(rec: Any, cfg: CleanSettings) -> Outcome:
 
 
 def _clean_batch(batch: list[Any]) -> list[Outcome]:
+    """Steps 1-7 for a batch; a kept record comes back as its output line, its first exchange's
+    digest and its introductions (the main process needs no more), with only its id."""
     assert _CFG is not None
-    return [clean_within_budget(obj, _CFG) for obj in batch]
+    out = [clean_within_budget(obj, _CFG) for obj in batch]
+    for o in out:
+        if o.record is not None:
+            rec = o.record
+            o.line, o.first, o.intro = dumps(rec), first_exchange_key(rec), introductions_of(rec)
+            o.record = {"id": rec["id"]}
+    return out
+
+
+def first_exchange_key(rec: Record) -> bytes:
+    """What two conversations with the same first exchange share (after cleaning, in dedup form):
+    a 16-byte digest, so the main process remembers 16 bytes per conversation, not its text."""
+    a, b = (dedup_text(t["value"]) for t in rec["conversations"][:2])
+    return hashlib.blake2b(f"{len(a)}:{a}{b}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -168,18 +187,14 @@ def clean_file(inp: str | Path, out: str | Path, cfg: CleanSettings,
     """Run the stage; returns the finished writer (stats on disk). ``also_read``: further files
     the run reads (its ``--config``), which no output may replace."""
     renamer(tuple(cfg.rename))  # a malformed entry is a ConfigError before any work
-    items = list(read_records(inp))
-    objs = [None if isinstance(obj, InvalidLine) else obj for _, obj in items]
-    workers = min(resolve_workers(cfg.workers), max(1, len(objs) // BATCH))
-    outcomes = pool_map(_clean_batch, batched(objs, BATCH), workers, initializer=_init, initargs=(cfg,))
+    workers, outcomes = map_records(inp, _clean_batch, resolve_workers(cfg.workers), BATCH, initializer=_init, initargs=(cfg,))
     notes: Counter[str] = Counter()
     names: Counter[str] = Counter()
     makers: Counter[str] = Counter()
     seen_ids: set[str] = set()
-    seen_first: set[tuple[str, str]] = set()
+    seen_first: set[bytes] = set()
     with StageWriter("clean", out, rejects, stats, inputs=[inp, *also_read]) as w:
-        flat = (o for batch in outcomes for o in batch)
-        for (where, obj), res in progress(zip(items, flat), "clean", total=len(items)):
+        for where, obj, res in progress(outcomes, "clean"):
             w.count_in()
             if isinstance(obj, InvalidLine):
                 w.reject(obj, obj.reason, f"{where}: {obj.error}")
@@ -187,19 +202,19 @@ def clean_file(inp: str | Path, out: str | Path, cfg: CleanSettings,
             if res.record is None:
                 w.reject(obj, res.reason, f"{where}: {res.detail}")
                 continue
-            rec = res.record
-            if rec["id"] in seen_ids:
-                w.reject(obj, "duplicate_id", f"{where}: id {rec['id']!r} seen before")
+            rid = res.record["id"]
+            if rid in seen_ids:
+                w.reject(obj, "duplicate_id", f"{where}: id {rid!r} seen before")
                 continue
-            first = (dedup_text(rec["conversations"][0]["value"]), dedup_text(rec["conversations"][1]["value"]))
-            if cfg.drop_duplicate_first_exchange and first in seen_first:
+            if cfg.drop_duplicate_first_exchange and res.first in seen_first:
                 w.reject(obj, "duplicate_first_exchange", f"{where}: same first exchange as an earlier kept conversation")
                 continue
-            seen_ids.add(rec["id"])
-            seen_first.add(first)
+            seen_ids.add(rid)
+            seen_first.add(res.first)
             notes.update(res.notes)
-            count_introductions(rec, names, makers)
-            w.keep(rec)
+            names.update(res.intro[0])
+            makers.update(res.intro[1])
+            w.keep_line(res.line)
         w.extra["repaired"] = dict(sorted(notes.items()))
         w.extra["workers"] = workers
         w.extra["introductions"] = {"names": dict(names.most_common(20)), "makers": dict(makers.most_common(20))}
@@ -207,16 +222,15 @@ def clean_file(inp: str | Path, out: str | Path, cfg: CleanSettings,
     return w
 
 
-def count_introductions(rec: Record, names: Counter[str], makers: Counter[str]) -> None:
-    """Add the assistant names and makers the record's gpt turns introduce (each once per record)."""
+def introductions_of(rec: Record) -> tuple[frozenset[str], frozenset[str]]:
+    """The assistant names and makers the record's gpt turns introduce."""
     found: tuple[set[str], set[str]] = (set(), set())
     for turn in rec["conversations"]:
         if turn["from"] == "gpt":
             n, m = introductions(turn["value"])
             found[0].update(n)
             found[1].update(m)
-    names.update(found[0])
-    makers.update(found[1])
+    return frozenset(found[0]), frozenset(found[1])
 
 
 def warn_about_names(names: Counter[str], makers: Counter[str]) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any, TypeVar
 
 from llama_pipe.core.settings import describe
@@ -68,18 +71,31 @@ def resolve_workers(workers: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def pool_map(
-    func: Callable[[T], R],
-    items: Iterable[T],
+def stream_map(
+    func: Callable[[list[T]], R],
+    batches: Iterable[list[T]],
     workers: int,
+    batch: int,
     initializer: Callable[..., None] | None = None,
     initargs: tuple[Any, ...] = (),
-    chunksize: int = 64,
-) -> Iterator[R]:
-    """``map(func, items)`` in input order, on ``workers`` processes (in-process when 1).
+) -> tuple[int, Iterator[R]]:
+    """``(workers used, map(func, batches))`` in input order, holding at most a few batches per
+    worker at a time (the input is read as the results are taken, so memory does not grow with
+    it). As many workers as there are full batches of ``batch`` items among the first
+    ``workers`` batches, at most ``workers`` (in-process when 1)."""
+    it = iter(batches)
+    head: list[list[T]] = []
+    for b in it:
+        head.append(b)
+        if len(head) >= workers:
+            break
+    used = min(workers, max(1, sum(len(b) >= batch for b in head)))
+    return used, _stream_map(func, head, it, used, initializer, initargs)
 
-    ``func`` should take a batch (a list) so the per-item IPC cost is paid once per batch.
-    """
+
+def _stream_map(func: Callable[[list[T]], R], head: list[list[T]], rest: Iterator[list[T]], workers: int,
+                initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> Iterator[R]:
+    items = itertools.chain(head, rest)
     if workers <= 1:
         if initializer is not None:
             initializer(*initargs)
@@ -87,7 +103,39 @@ def pool_map(
         return
     ctx = get_context("fork") if hasattr(os, "fork") else get_context()
     with ctx.Pool(workers, initializer=initializer, initargs=initargs) as pool:
-        yield from pool.imap(func, items, chunksize=1)
+        pending: deque[Any] = deque()
+        for b in items:
+            pending.append(pool.apply_async(func, (b,)))
+            if len(pending) >= 3 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def map_records(inp: str | Path, func: Callable[[list[Any]], list[R]], workers: int, batch: int,
+                initializer: Callable[..., None] | None = None, initargs: tuple[Any, ...] = ()
+                ) -> tuple[int, Iterator[tuple[str, Any, R]]]:
+    """``(workers used, (where, obj, func's result for obj) for each record of inp)``, streamed:
+    ``func`` takes a batch of records (None for an :class:`~llama_pipe.core.records.InvalidLine`)
+    on up to ``workers`` processes (:func:`stream_map`), and only the batches in flight are held."""
+    from llama_pipe.core.record_stream import stream_records
+    from llama_pipe.core.records import InvalidLine
+
+    held: deque[list[tuple[str, Any]]] = deque()
+
+    def objs() -> Iterator[list[Any]]:
+        for items in batched(stream_records(inp), batch):
+            held.append(items)
+            yield [None if isinstance(obj, InvalidLine) else obj for _, obj in items]
+
+    used, results = stream_map(func, objs(), workers, batch, initializer, initargs)
+
+    def joined() -> Iterator[tuple[str, Any, R]]:
+        for res in results:
+            for (where, obj), r in zip(held.popleft(), res):
+                yield where, obj, r
+
+    return used, joined()
 
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:

@@ -30,17 +30,19 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import FilterLangSettings, load_raw_config, settings_from_args
 from llama_pipe.core.budget import TooSlow, within_budget
 from llama_pipe.core.errors import ConfigError
-from llama_pipe.core.records import InvalidLine, read_records
+from llama_pipe.core.records import InvalidLine
 from llama_pipe.core.settings import add_settings_arguments
 from llama_pipe.core.stage_writer import StageWriter
-from llama_pipe.data.common import add_output_arguments, batched, conversation_problem, log_settings, pool_map, progress, resolve_workers
+from llama_pipe.data.common import add_output_arguments, conversation_problem, log_settings, map_records, progress, resolve_workers
 from llama_pipe.data.markdown import code_regions
 
 UNKNOWN = "unknown"  # no language at all: no letters, or nothing langdetect knows
@@ -49,7 +51,7 @@ UNDETERMINED = "und"  # too short or too uncertain for a reliable guess (BCP 47'
 # (where cld2 errs on the benchmark set: 4 of 149 pairs of short lines, none of the triples); on
 # longer texts it would cost langdetect's time for nothing
 CROSS_CHECK_LETTERS = 100
-BATCH = 32
+BATCH = 256  # records per worker task: langdetect runs a task's texts side by side
 
 
 def _without_code(value: str) -> str:
@@ -96,126 +98,35 @@ def matches(lang: str, codes: list[str]) -> bool:
 
 
 _CFG: FilterLangSettings | None = None
-
-
-_VECTORS: dict[str, Any] = {}
-_NORMAL: dict[int, str] = {}
-
-
-def _ngrams(text: str, known: dict[str, Any]) -> list[str]:
-    """langdetect's ``Detector._extract_ngrams``: the same n-grams in the same order, faster.
-
-    langdetect feeds characters one by one through ``NGram.add_char``. Equivalently, per word of
-    the normalised text (``' '``-separated, the start of the text counting as a space): at each
-    character ``k`` of ``p = ' ' + word (+ ' ' when a space follows)`` emit ``p[k]``,
-    ``p[k-1:k+1]`` and ``p[k-2:k+1]`` (those that exist, are not ``' '`` and have a profile),
-    except where ``p[k]`` and ``p[k-1]`` are both upper case (langdetect's "capital word" rule).
-    The per-character normalisation (``NGram.normalize``) is memoised into a translation table.
-    """
-    from langdetect.utils.ngram import NGram
-
-    table = _NORMAL
-    for ch in set(text):
-        if ord(ch) not in table:
-            table[ord(ch)] = NGram.normalize(ch)
-    words = text.translate(table).split(" ")
-    out: list[str] = []
-    append = out.append
-    last = len(words) - 1
-    for j, word in enumerate(words):
-        if not word:
-            continue
-        p = " " + word + " " if j < last else " " + word
-        prev_upper = False
-        for k in range(1, len(p)):
-            c = p[k]
-            upper = c.isupper()
-            if upper and prev_upper:
-                continue
-            prev_upper = upper
-            if c != " " and c in known:
-                append(c)
-            w = p[k - 1 : k + 1]
-            if w in known:
-                append(w)
-            if k >= 2:
-                w = p[k - 2 : k + 1]
-                if w in known:
-                    append(w)
-    return out
+_FAST: Any = None  # the FastLangdetect of this process (langdetect_fast), built by _fast()
 
 
 def _detector() -> Any:
-    """A langdetect ``Detector`` whose inner loop runs on numpy vectors.
+    """A stock langdetect ``Detector`` (seeded by ``DetectorFactory.seed``): the reference the
+    batch detector (:mod:`llama_pipe.data.langdetect_fast`) is checked against, and what
+    bench/lang_short.py asks for probabilities."""
+    from langdetect.detector_factory import init_factory
 
-    langdetect's ``_detect_block`` multiplies a 55-language probability list by one n-gram's
-    profile per iteration in a Python loop, and builds its n-grams through an object per text.
-    This subclass runs the same algorithm - same n-grams in the same order, same seeded random
-    draws, same convergence test - with those loops replaced by numpy operations and an inlined,
-    memoised n-gram extractor (:func:`_ngrams`), and stops after the trials that already decide
-    the top language (:func:`_decided`). A test checks it agrees with langdetect.
-    """
-    import numpy as np
-    from langdetect.detector import Detector
+    init_factory()
     from langdetect.detector_factory import _factory
-    from langdetect.lang_detect_exception import ErrorCode, LangDetectException
 
-    class NumpyDetector(Detector):
-        def _detect_block(self) -> None:
-            self.cleaning_text()
-            known = self.word_lang_prob_map
-            ngrams = _ngrams(self.text, known)
-            if not ngrams:
-                raise LangDetectException(ErrorCode.CantDetectError, "No features in text.")
-            vectors = _VECTORS
-
-            def vec(w: str) -> Any:
-                v = vectors.get(w)
-                if v is None:
-                    v = vectors[w] = np.asarray(known[w], dtype=np.float64)
-                return v
-
-            total = np.zeros(len(self.langlist))
-            self.random.seed(self.seed)
-            randbelow = self.random._randbelow  # what random.choice calls: the same draws
-            n = len(ngrams)
-            for trial in range(1, self.n_trial + 1):
-                prob = np.asarray(self._init_probability(), dtype=np.float64)
-                weight = (self.alpha + self.random.gauss(0.0, 1.0) * self.ALPHA_WIDTH) / self.BASE_FREQ
-                i = 0
-                while True:
-                    prob *= weight + vec(ngrams[randbelow(n)])
-                    if i % 5 == 0:
-                        prob /= prob.sum()
-                        if prob.max() > self.CONV_THRESHOLD or i >= self.ITERATION_LIMIT:
-                            break
-                    i += 1
-                total += prob / self.n_trial
-                if _decided(total, (self.n_trial - trial) / self.n_trial):
-                    total *= self.n_trial / trial
-                    break
-            self.langprob = total.tolist()
-
-    return NumpyDetector(_factory)
+    return _factory.create()
 
 
-def _decided(total: Any, remaining: float) -> bool:
-    """True when the trials still to run cannot change the top language.
+def _fast() -> Any:
+    """This process's :class:`~llama_pipe.data.langdetect_fast.FastLangdetect` for the current
+    ``DetectorFactory.seed`` (profiles loaded once; forked workers inherit them)."""
+    global _FAST
+    from langdetect import DetectorFactory
+    from langdetect.detector_factory import init_factory
 
-    Every trial ends on a normalised probability vector and adds it divided by ``n_trial``, so the
-    ``remaining`` trials add at most ``remaining`` in all: once the leader is ahead of every other
-    language by more than that, the final ranking's first language (all that ``detect`` returns)
-    is already fixed. With 7 trials this takes at least 4 agreeing ones; it saves the other 3
-    whenever they agree (almost always), with the same answer as running all 7.
-    """
-    if remaining <= 0:
-        return False
-    top = int(total.argmax())
-    lead = total[top]
-    total[top] = -1.0
-    second = total.max()
-    total[top] = lead
-    return bool(lead - second > remaining + 1e-9)
+    from llama_pipe.data.langdetect_fast import FastLangdetect
+
+    seed = DetectorFactory.seed if DetectorFactory.seed is not None else 0
+    if _FAST is None or _FAST.seed != seed:
+        init_factory()
+        _FAST = FastLangdetect(seed)
+    return _FAST
 
 
 def _init(cfg: FilterLangSettings) -> None:
@@ -229,6 +140,7 @@ def _init(cfg: FilterLangSettings) -> None:
 
     DetectorFactory.seed = cfg.seed
     init_factory()
+    _fast()
 
 
 # cld2 codes that langdetect spells differently (so keep/skip lists work with either detector)
@@ -263,20 +175,24 @@ def cjk_words(text: str) -> float:
     """Words of CJK script in ``text``: two Han/kana characters count as a word (Chinese and
     Japanese words average about two characters), a run of Hangul syllables as one (Korean puts
     spaces between words)."""
+    if not text or max(text) < "\u1100":
+        return 0
     return len(_HAN_KANA.findall(text)) / 2 + len(_HANGUL_WORD.findall(text))
 
 
 def letters(text: str) -> int:
     """The letters of ``text`` (Unicode alphabetic characters; CJK ideographs and syllables count)."""
-    return sum(ch.isalpha() for ch in text)
+    return sum(n for ch, n in Counter(text).items() if ch.isalpha())
 
 
-def script_language(text: str) -> str | None:
+def script_language(text: str, n_letters: int | None = None) -> str | None:
     """The language a text's script names, when most of its letters are Hangul (``ko``), kana and
     Han with some kana (``ja``) or Han alone (``zh-cn``); else None. Used for texts too short for
     a statistical guess: a few CJK characters say more than a few Latin letters."""
+    if not text or max(text) < "\u1100":  # no Hangul, kana or Han at all (a fast test for most texts)
+        return None
     han, kana, hangul = (len(rx.findall(text)) for rx in (_HAN, _KANA, _HANGUL))
-    if 2 * (han + kana + hangul) <= letters(text):
+    if 2 * (han + kana + hangul) <= (letters(text) if n_letters is None else n_letters):
         return None
     if hangul >= han + kana:
         return "ko"
@@ -308,71 +224,113 @@ def detect_language(text: str, min_chars: int, detector: str = "langdetect", min
     conversation that quotes some Chinese and Korean English (counting characters, the 37 CJK
     characters outweighed 26 English words and the Korean n-grams won).
     """
-    from langdetect.lang_detect_exception import LangDetectException
+    return detect_languages([text], min_chars, detector, min_confidence, cross_check)[0]
 
+
+def detect_languages(texts: list[str], min_chars: int, detector: str = "langdetect", min_confidence: float = 0.0,
+                     cross_check: bool = False) -> list[str]:
+    """:func:`detect_language` of each text; langdetect runs the texts together (langdetect_fast)."""
+    pending = [screen_text(t, min_chars, detector, cross_check) for t in texts]
+    return finish(pending, detector, min_confidence, cross_check)
+
+
+@dataclass
+class Pending:
+    """A text that needs a detector: the text it sees, its letters and script, langdetect's
+    n-gram rows (when langdetect runs on it) and cld2's answer (detector cld2)."""
+
+    text: str
+    letters: int
+    script: str | None
+    rows: Any = None
+    cld2: tuple[str, bool] | None = None
+
+
+def screen_text(text: str, min_chars: int, detector: str = "langdetect", cross_check: bool = False) -> str | Pending:
+    """The label when no detector is needed (``unknown``: no letters; ``und``: too short), else
+    what :func:`finish` needs (the per-text work: counts, the mixed-script rule, n-grams; cld2's
+    answer with detector cld2)."""
     n_letters = letters(text)
     if n_letters == 0:
         return UNKNOWN
-    script = script_language(text)
+    script = script_language(text, n_letters)
     if n_letters < min_chars and script is None:
         return UNDETERMINED
     cjk = cjk_words(text)
     if cjk and cjk > len(_LATIN_WORD.findall(text)):
         text = _LATIN_WORD.sub(" ", text)
+    p = Pending(text, n_letters, script)
     if detector == "cld2":
-        top, reliable = detect_cld2(text)
-        confident = reliable or min_confidence <= 0
+        p.cld2 = detect_cld2(text)
+        if cross_check and script is None and n_letters < CROSS_CHECK_LETTERS:
+            p.rows = _fast().prepare(text)  # langdetect checks cld2's answer on short text
     else:
-        try:
-            det = _detector()
-            det.append(text)
-            ranked = det.get_probabilities()
-        except LangDetectException:
-            ranked = []
-        top = str(ranked[0].lang) if ranked else UNKNOWN
-        # zh-cn and zh-tw share Chinese text's probability between them: sure of Chinese is enough
-        confident = sum(r.prob for r in ranked if str(r.lang).split("-")[0] == top.split("-")[0]) >= min_confidence
-    if script is not None:
-        # the script names the language; the detector may still tell zh-cn from zh-tw
-        return top if top.split("-")[0] == script.split("-")[0] else script
-    if top == UNKNOWN or not confident:
-        return UNDETERMINED  # letters, but no answer (cld2's "un" on short text) or an unsure one
-    if cross_check and (detector != "cld2" or n_letters < CROSS_CHECK_LETTERS):
-        other = detect_cld2(text)[0] if detector != "cld2" else _langdetect_top(text)
-        if other.split("-")[0] != top.split("-")[0]:
-            return UNDETERMINED  # two detectors that disagree: neither is reliable here
-    return top
+        p.rows = _fast().prepare(text)
+    return p
 
 
-def _langdetect_top(text: str) -> str:
-    from langdetect.lang_detect_exception import LangDetectException
-
-    try:
-        det = _detector()
-        det.append(text)
-        return str(det.detect())
-    except LangDetectException:
-        return UNKNOWN
+def finish(pending: list[str | Pending], detector: str, min_confidence: float, cross_check: bool) -> list[str]:
+    """The labels of :func:`screen_text`'s results: langdetect's probabilities for all texts at
+    once, then the confidence, script and cross-check rules of :func:`detect_language`."""
+    todo = [p for p in pending if isinstance(p, Pending) and p.rows is not None and len(p.rows)]
+    ranked: dict[int, list[tuple[str, float]]] = {}
+    if todo:
+        fast = _fast()
+        ranked = {id(p): fast.ranked(prob) for p, prob in zip(todo, fast.run([p.rows for p in todo]))}
+    out: list[str] = []
+    for p in pending:
+        if not isinstance(p, Pending):
+            out.append(p)
+            continue
+        ld = ranked.get(id(p), [])
+        ld_top = ld[0][0] if ld else UNKNOWN
+        if detector == "cld2":
+            assert p.cld2 is not None
+            top, reliable = p.cld2
+            confident = reliable or min_confidence <= 0
+        else:
+            top = ld_top
+            # zh-cn and zh-tw share Chinese text's probability between them: sure of Chinese is enough
+            confident = sum(prob for lang, prob in ld if lang.split("-")[0] == top.split("-")[0]) >= min_confidence
+        if p.script is not None:
+            # the script names the language; the detector may still tell zh-cn from zh-tw
+            out.append(top if top.split("-")[0] == p.script.split("-")[0] else p.script)
+        elif top == UNKNOWN or not confident:
+            out.append(UNDETERMINED)  # letters, but no answer (cld2's "un" on short text) or an unsure one
+        elif cross_check and (detector != "cld2" or p.letters < CROSS_CHECK_LETTERS):
+            other = detect_cld2(p.text)[0] if detector != "cld2" else ld_top
+            # two detectors that disagree: neither is reliable here
+            out.append(UNDETERMINED if other.split("-")[0] != top.split("-")[0] else top)
+        else:
+            out.append(top)
+    return out
 
 
 TOO_SLOW = "too_slow"  # what _detect_batch returns for a record over its time budget
 
 
-def _detect_one(rec: dict[str, Any], cfg: FilterLangSettings) -> str:
-    return detect_language(prose(rec, cfg.max_chars), cfg.min_chars, cfg.detector, cfg.min_confidence, cfg.cross_check)
+def _screen_record(rec: dict[str, Any], cfg: FilterLangSettings) -> str | Pending:
+    return screen_text(prose(rec, cfg.max_chars), cfg.min_chars, cfg.detector, cfg.cross_check)
 
 
 def _detect_batch(batch: list[Any]) -> list[str | None]:
+    """Labels of a batch of records (None: malformed). Each record's own work (its text, counts,
+    n-grams) has ``time_budget`` seconds; langdetect's trials, bounded per text, run for the batch."""
     assert _CFG is not None
-    out: list[str | None] = []
-    for rec in batch:
+    cfg = _CFG
+    pending: list[str | Pending] = []
+    where: list[int] = []
+    out: list[str | None] = [None] * len(batch)
+    for k, rec in enumerate(batch):
         if rec is None or conversation_problem(rec):
-            out.append(None)
             continue
         try:
-            out.append(within_budget(_CFG.time_budget, _detect_one, rec, _CFG))
+            pending.append(within_budget(cfg.time_budget, _screen_record, rec, cfg))
+            where.append(k)
         except TooSlow:
-            out.append(TOO_SLOW)
+            out[k] = TOO_SLOW
+    for k, lang in zip(where, finish(pending, cfg.detector, cfg.min_confidence, cfg.cross_check)):
+        out[k] = lang
     return out
 
 
@@ -397,15 +355,11 @@ def filter_file(inp: str | Path, out: str | Path, cfg: FilterLangSettings,
         except ImportError:
             raise ConfigError("filter_lang.detector: cld2 needs the pycld2 package (pip install pycld2); "
                               "or use detector: langdetect") from None
-    items = list(read_records(inp))
-    objs = [None if isinstance(obj, InvalidLine) else obj for _, obj in items]
-    workers = min(resolve_workers(cfg.workers), max(1, len(objs) // BATCH))
     _init(cfg)  # load the profiles once here; forked workers inherit them
-    langs = pool_map(_detect_batch, batched(objs, BATCH), workers, initializer=_init, initargs=(cfg,))
+    workers, results = map_records(inp, _detect_batch, resolve_workers(cfg.workers), BATCH, initializer=_init, initargs=(cfg,))
     detected: dict[str, int] = {}
     with StageWriter("filter_lang", out, rejects, stats, inputs=[inp, *also_read]) as w:
-        flat = (lang for batch in langs for lang in batch)
-        for (where, obj), lang in progress(zip(items, flat), "filter-lang", total=len(items)):
+        for where, obj, lang in progress(results, "filter-lang"):
             w.count_in()
             if isinstance(obj, InvalidLine):
                 w.reject(obj, obj.reason, f"{where}: {obj.error}")

@@ -24,7 +24,8 @@ from typing import Any
 
 from llama_pipe.config import DataSettings, settings_from_args
 from llama_pipe.core.errors import InputError
-from llama_pipe.core.records import InvalidLine, dumps, read_records
+from llama_pipe.core.record_stream import stream_records
+from llama_pipe.core.records import InvalidLine, dumps
 from llama_pipe.core.settings import add_settings_arguments
 from llama_pipe.core.stage_writer import StageWriter
 from llama_pipe.data.common import conversation_problem, dedup_text, first_human, log_settings, progress, record_id
@@ -64,18 +65,19 @@ def gather_files(inputs: list[str | Path], train: str | Path, val: str | Path, s
     """Run the stage; returns the finished writer (stats on disk). ``also_read``: further files
     the run reads (its ``--config``), which no output may replace."""
     train, val = Path(train), Path(val)
-    items = [item for p in inputs for item in read_records(p)]
-    # Pass 1: which conversations go to validation: each base id gets the key of its first record.
-    key_of: dict[str, str] = {}
-    for _, obj in items:
-        rid = record_id(obj)
-        if rid is not None and not conversation_problem(obj):
-            key_of.setdefault(base_id(rid), split_key(obj))
-    scores = {k: val_score(settings.seed, k) for k in set(key_of.values())}
-    val_keys = {k for k, u in scores.items() if u < settings.val_fraction}
-    if settings.val_fraction > 0 and not val_keys and len(scores) >= 2:
-        val_keys = {min(scores, key=lambda k: (scores[k], k))}
-    to_val = {b for b, k in key_of.items() if k in val_keys}
+    # Pass 1 (a first read of the inputs): which conversations go to validation. Each base id gets
+    # the score of its first record's key; one key, one score, so one side for all its conversations.
+    score_of: dict[str, float] = {}
+    for p in inputs:
+        for _, obj in stream_records(p):
+            rid = record_id(obj)
+            if rid is not None and base_id(rid) not in score_of and not conversation_problem(obj):
+                score_of[base_id(rid)] = val_score(settings.seed, split_key(obj))
+    scores = set(score_of.values())
+    val_scores = {u for u in scores if u < settings.val_fraction}
+    if settings.val_fraction > 0 and not val_scores and len(scores) >= 2:
+        val_scores = {min(scores)}
+    to_val = {b for b, u in score_of.items() if u in val_scores}
     # Pass 2: write. The validation file is one more output of the writer: train, val, rejects and
     # stats are renamed into place together, or (on any failure) none of them.
     if val.resolve() == train.resolve():
@@ -85,6 +87,7 @@ def gather_files(inputs: list[str | Path], train: str | Path, val: str | Path, s
                      stats or train.with_name("gather.stats.json"), inputs=[*inputs, *also_read], out_flag="--train") as w:
         vf = w.add_output(val, "--val")
         seen: set[str] = set()
+        items = ((where, obj) for p in inputs for where, obj in stream_records(p))
         for where, obj in progress(items, "gather"):
             w.count_in()
             if isinstance(obj, InvalidLine):
@@ -109,7 +112,7 @@ def gather_files(inputs: list[str | Path], train: str | Path, val: str | Path, s
                 n_train += 1
         w.extra.update(train=n_train, val=n_val, val_path=str(val), val_fraction=settings.val_fraction,
                        seed=settings.seed, conversations_val=len(to_val),
-                       conversations_train=len(key_of) - len(to_val))
+                       conversations_train=len(score_of) - len(to_val))
     return w
 
 

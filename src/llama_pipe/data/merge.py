@@ -30,15 +30,15 @@ import argparse
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import MergeSettings, settings_from_args
-from llama_pipe.core.records import InvalidLine, Record, check_input_file, read_records
+from llama_pipe.core.records import InvalidLine, Record, check_input_file, dumps
 from llama_pipe.core.settings import add_settings_arguments
 from llama_pipe.core.stage_writer import StageWriter
-from llama_pipe.data.common import add_output_arguments, log_settings, progress
+from llama_pipe.data.common import add_output_arguments, log_settings, map_records, progress, resolve_workers
 
 HUMAN = {"human", "user"}
 GPT = {"gpt", "assistant", "chatgpt", "bing", "bard"}
@@ -51,6 +51,9 @@ class RecordProblem(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # sent back from a worker process
+        return RecordProblem, (self.reason, self.detail)
 
 
 def _role(raw: Any, i: int) -> str:
@@ -157,8 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def content_digest(rec: Record) -> str:
     """What makes two records with one id the same conversation: system and turns (not the id)."""
-    body = json.dumps([rec.get("system"), rec["conversations"]], ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha1(body.encode("utf-8")).hexdigest()
+    return _digest(rec).hex()
 
 
 def resolve_ids(recs: list[tuple[int, Record] | None], stems: list[str]) -> list[tuple[str, str | None]]:
@@ -173,35 +175,61 @@ def resolve_ids(recs: list[tuple[int, Record] | None], stems: list[str]) -> list
     * a later one with different content from the same file is a duplicate: a file's own ids must
       be unique, and its file name cannot tell the two apart.
     """
-    owner: dict[str, tuple[int, str]] = {}
-    out: list[tuple[str, str | None]] = []
-    for item in recs:
-        if item is None:
-            out.append(("", None))
-            continue
-        fi, rec = item
-        rid, digest = rec["id"], content_digest(rec)
+    ids = IdResolver(stems)
+    return [("", None) if item is None else ids.resolve(item[0], item[1]["id"], _digest(item[1])) for item in recs]
+
+
+class IdResolver:
+    """:func:`resolve_ids` one record at a time: remembers each kept id, the file it came from and
+    a 20-byte digest of its content (not the record)."""
+
+    def __init__(self, stems: list[str]) -> None:
+        self.stems = stems
+        self.owner: dict[str, tuple[int, bytes]] = {}
+
+    def resolve(self, fi: int, rid: str, digest: bytes) -> tuple[str, str | None]:
+        """``(final id, None)`` for a record of file ``fi`` with id ``rid`` and content digest
+        ``digest`` that is kept, ``(id, why)`` for a duplicate."""
+        owner, stems = self.owner, self.stems
         if rid not in owner:
             owner[rid] = (fi, digest)
-            out.append((rid, None))
-            continue
+            return rid, None
         ofi, odigest = owner[rid]
         if odigest == digest:
-            out.append((rid, "the same conversation was seen before"))
-            continue
+            return rid, "the same conversation was seen before"
         if ofi == fi:
-            out.append((rid, "seen before in the same file, with different content"))
-            continue
+            return rid, "seen before in the same file, with different content"
         for name in (f"{stems[fi]}:{rid}", f"{stems[fi]}-{fi + 1}:{rid}"):
             if name not in owner:
                 owner[name] = (fi, digest)
-                out.append((name, None))
-                break
+                return name, None
             if owner[name][1] == digest:
-                out.append((name, "the same conversation was seen before"))
-                break
-        else:
-            out.append((rid, "seen before, and its file-namespaced ids are taken too"))
+                return name, "the same conversation was seen before"
+        return rid, "seen before, and its file-namespaced ids are taken too"
+
+
+def _digest(rec: Record) -> bytes:
+    body = json.dumps([rec.get("system"), rec["conversations"]], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha1(body.encode("utf-8")).digest()
+
+
+BATCH = 64  # records per worker task
+
+
+def _merge_batch(batch: list[Any]) -> list[tuple[str, bytes, str] | RecordProblem | None]:
+    """Each record normalised: its id, content digest and output line; its problem; or None (an
+    unreadable line)."""
+    out: list[tuple[str, bytes, str] | RecordProblem | None] = []
+    for obj in batch:
+        if obj is None:
+            out.append(None)
+            continue
+        try:
+            rec = normalise(obj)
+        except RecordProblem as p:
+            out.append(p)
+            continue
+        out.append((rec["id"], _digest(rec), dumps(rec)))
     return out
 
 
@@ -210,42 +238,50 @@ def merge_files(inputs: list[str | Path], out: str | Path, settings: MergeSettin
                 also_read: Iterable[str | Path] = ()) -> StageWriter:
     """Run the stage; returns the finished writer (its ``stats()`` are on disk). ``also_read``:
     further files the run reads (its ``--config``), which no output may replace."""
-    # Read every file first: a malformed file aborts before anything is written.
-    items: list[tuple[int, str, Any]] = []
-    for fi, path in enumerate(inputs):
-        items.extend((fi, where, obj) for where, obj in read_records(path))
+    # Records are read as a stream (normalised in worker processes, in order); a malformed file
+    # stops the stage, and the writer then leaves nothing.
     stems = [Path(p).name.split(".")[0] or Path(p).name for p in inputs]
-    normalised: list[Record | RecordProblem | None] = []
-    for _, _, obj in items:
-        if isinstance(obj, InvalidLine):
-            normalised.append(None)
-            continue
-        try:
-            normalised.append(normalise(obj))
-        except RecordProblem as p:
-            normalised.append(p)
-    ids = resolve_ids([(fi, r) if isinstance(r, dict) else None for (fi, _, _), r in zip(items, normalised)], stems)
-    group: Counter[str] = Counter(rid for rid, _ in ids if rid)  # records claiming each id
+    workers = resolve_workers(settings.workers)
+
+    def results() -> Iterator[tuple[int, str, Any, Any]]:
+        for fi, path in enumerate(inputs):
+            _, items = map_records(path, _merge_batch, workers, BATCH)
+            for where, obj, res in items:
+                yield fi, where, obj, res
+
+    group: Counter[str] = Counter()  # records claiming each id (dedupe: reject_all), from a first read
+    if settings.dedupe == "reject_all":
+        first = IdResolver(stems)
+        for fi, _, _, res in results():
+            if isinstance(res, tuple):
+                group[first.resolve(fi, res[0], res[1])[0]] += 1
+    ids = IdResolver(stems)
     with StageWriter("merge", out, rejects, stats, inputs=[*inputs, *also_read]) as w:
-        for (_, where, obj), rec, (rid, dup) in progress(list(zip(items, normalised, ids)), "merge"):
+        for fi, where, obj, res in progress(results(), "merge"):
             w.count_in()
             if isinstance(obj, InvalidLine):
                 w.reject(obj, obj.reason, f"{where}: {obj.error}")
                 continue
-            if isinstance(rec, RecordProblem):
-                w.reject(obj, rec.reason, f"{where}: {rec.detail}")
+            if res is None:  # a JSON null record (the workers are sent None for an unreadable line too)
+                try:
+                    normalise(obj)
+                except RecordProblem as problem:
+                    res = problem
+            if isinstance(res, RecordProblem):
+                w.reject(obj, res.reason, f"{where}: {res.detail}")
                 continue
-            assert rec is not None
+            rid, dup = ids.resolve(fi, res[0], res[1])
             if dup is not None:
                 w.reject(obj, "duplicate_id", f"{where}: id {rid!r}: {dup}")
                 continue
             if settings.dedupe == "reject_all" and group[rid] > 1:
                 w.reject(obj, "duplicate_id", f"{where}: id {rid!r} occurs {group[rid]} times (dedupe: reject_all)")
                 continue
-            if rid != rec["id"]:
+            if rid != res[0]:
                 w.extra["renamed"] = w.extra.get("renamed", 0) + 1
-                rec = {**rec, "id": rid}
-            w.keep(rec)
+                w.keep({**normalise(obj), "id": rid})
+                continue
+            w.keep_line(res[2])
         w.extra["inputs"] = [str(p) for p in inputs]
     return w
 

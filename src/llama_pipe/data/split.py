@@ -55,7 +55,7 @@ from llama_pipe.chat_template.control_tokens import control_tokens
 from llama_pipe.chat_template.resolve import pick_template, resolve_template
 from llama_pipe.config import ChatSettings, SplitSettings, settings_from_args
 from llama_pipe.core.errors import InputError
-from llama_pipe.core.records import InvalidLine, Record, read_records
+from llama_pipe.core.records import InvalidLine, Record, dumps
 from llama_pipe.core.settings import add_settings_arguments, describe
 from llama_pipe.core.stage_writer import StageWriter
 from llama_pipe.data.common import (
@@ -65,7 +65,9 @@ from llama_pipe.data.common import (
     conversation_problem,
     log,
     log_settings,
+    map_records,
     progress,
+    resolve_workers,
 )
 from llama_pipe.data.rust_tokenizer import load_rust_tokenizer, why_not_rust
 from llama_pipe.weights.tokenizer import load_tokenizer
@@ -414,48 +416,80 @@ def split_file(inp: str | Path, out: str | Path, tokenizer: Any, cfg: SplitSetti
     chat = chat or ChatSettings()
     if template is None:
         template = resolve_template(chat.template, [], tokenizer)
+    global _JOB
     splitter = Splitter(tokenizer, cfg, template, cfg.max_length or chat.max_seq_len)
-    items = list(read_records(inp))
+    _JOB = (splitter, chat.system_prompt)  # set before the workers fork: they inherit the tokenizer
+    workers, results = map_records(inp, _split_batch, resolve_workers(cfg.workers), RECORDS_PER_STEP)
     records_in = chunks_out = truncated = split_records = max_tokens = tokens_out = 0
     with StageWriter("split", out, rejects, stats, unit="pairs", inputs=[inp, *also_read]) as w:
-        for step in progress(list(batched(items, RECORDS_PER_STEP)), "split", unit="batch"):
-            ready: list[_Rec] = []
-            for where, obj in step:
-                records_in += 1
-                prep = "not valid JSON: " + obj.error if isinstance(obj, InvalidLine) else _prepare(obj, chat.system_prompt)
-                if isinstance(prep, str):
-                    conv = obj.get("conversations") if isinstance(obj, dict) else None
-                    units = max(1, len(conv) // 2) if isinstance(conv, list) else 1
-                    w.count_in(units)
-                    reason = obj.reason if isinstance(obj, InvalidLine) and obj.reason != "invalid_json" else "malformed_record"
-                    w.reject(obj, reason, f"{where}: {prep}", count=units)
-                    continue
-                w.count_in(len(prep.pairs))
-                ready.append(prep)
-            splitter.plan(ready)
-            for r in ready:
-                base = {k: v for k, v in r.rec.items() if k not in ("id", "conversations")}
-                for j, detail in sorted(r.long.items()):
-                    q, a = r.pairs[j]
-                    pair_rec = {"id": r.rec["id"], "pair_index": j,
-                                "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
-                    w.reject(pair_rec, "pair_too_long", detail)
-                split_records += len(r.chunks) > 1
-                truncated += len(r.cut)
-                for k, chunk in enumerate(r.chunks):
-                    conv = []
-                    for j in chunk:
-                        q, a = splitter._pair(r, j)
-                        conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
-                    w.keep({"id": f"{r.rec['id']}_{k}", **base, "conversations": conv}, counts=False)
-                    w.n_out += len(chunk)
-                    chunks_out += 1
-                max_tokens = max([max_tokens, *r.sizes])
-                tokens_out += sum(r.sizes)
+        for where, obj, res in progress(results, "split"):
+            records_in += 1
+            if not isinstance(res, _Done):
+                prep = "not valid JSON: " + obj.error if isinstance(obj, InvalidLine) else res
+                conv = obj.get("conversations") if isinstance(obj, dict) else None
+                units = max(1, len(conv) // 2) if isinstance(conv, list) else 1
+                w.count_in(units)
+                reason = obj.reason if isinstance(obj, InvalidLine) and obj.reason != "invalid_json" else "malformed_record"
+                w.reject(obj, reason, f"{where}: {prep}", count=units)
+                continue
+            w.count_in(res.pairs)
+            for pair_rec, detail in res.rejects:
+                w.reject(pair_rec, "pair_too_long", detail)
+            split_records += len(res.lines) > 1
+            truncated += res.cut
+            for line, n_pairs in res.lines:
+                w.keep_line(line, counts=False)
+                w.n_out += n_pairs
+                chunks_out += 1
+            max_tokens = max([max_tokens, *res.sizes])
+            tokens_out += sum(res.sizes)
         w.extra.update(records_in=records_in, chunks_out=chunks_out, records_split=split_records,
                        pairs_truncated=truncated, max_chunk_tokens=max_tokens, tokens_out=tokens_out,
-                       max_length=splitter.max_length, template=splitter.template.name)
+                       max_length=splitter.max_length, template=splitter.template.name, workers=workers)
     return w
+
+
+_JOB: tuple[Splitter, str | None] | None = None  # the splitter and the default system prompt of this run
+
+
+@dataclass
+class _Done:
+    """A record split (by a worker): its pairs, the pairs rejected as too long (record, detail),
+    its chunks as output lines with their pairs, the gpt turns cut, the chunks' token counts."""
+
+    pairs: int
+    rejects: list[tuple[Record, str]]
+    lines: list[tuple[str, int]]
+    cut: int
+    sizes: list[int]
+
+
+def _split_batch(batch: list[Any]) -> list[_Done | str]:
+    """Split a batch of records (None: an unreadable line); a record that cannot be split gives
+    the reason (a string)."""
+    assert _JOB is not None
+    splitter, system_prompt = _JOB
+    preps = [_prepare(obj, system_prompt) for obj in batch]
+    ready = [r for r in preps if isinstance(r, _Rec)]
+    splitter.plan(ready)
+    out: list[_Done | str] = []
+    for r in preps:
+        if isinstance(r, str):
+            out.append(r)
+            continue
+        base = {k: v for k, v in r.rec.items() if k not in ("id", "conversations")}
+        rejects = [({"id": r.rec["id"], "pair_index": j,
+                     "conversations": [{"from": "human", "value": r.pairs[j][0]}, {"from": "gpt", "value": r.pairs[j][1]}]}, detail)
+                   for j, detail in sorted(r.long.items())]
+        lines = []
+        for k, chunk in enumerate(r.chunks):
+            conv = []
+            for j in chunk:
+                q, a = splitter._pair(r, j)
+                conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+            lines.append((dumps({"id": f"{r.rec['id']}_{k}", **base, "conversations": conv}), len(chunk)))
+        out.append(_Done(len(r.pairs), rejects, lines, len(r.cut), r.sizes))
+    return out
 
 
 def load_split_tokenizer(path: str | Path, template: str | None = None) -> Any:
