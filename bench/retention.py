@@ -87,7 +87,8 @@ def main() -> None:
     retention, tuned = None, []
     if args.tuned:
         del model
-        tuned = score_items(load_float_base(args.tuned).to(getattr(torch, args.dtype)).to(args.device), tok, template, items, batch_size=args.batch_size, system=system)
+        tuned_model = load_float_base(args.tuned).to(getattr(torch, args.dtype)).to(args.device)
+        tuned = score_items(tuned_model, tok, template, items, batch_size=args.batch_size, system=system)
         retention = {m: compare(scores, tuned, metric=m) for m in ("acc", "acc_norm")}
         print(f"\nretention, {args.tuned} vs {args.model} (points; paired bootstrap 95% interval; McNemar exact p; holds = within 2 points)")
         print(f"{'category':<16} {'metric':<8} {'n':>5} {'base':>6} {'tuned':>6} {'diff':>6} {'ci95':>15} {'p':>8} holds")
