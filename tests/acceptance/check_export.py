@@ -10,7 +10,11 @@ model by the workflow's export rule, and requires, in llama.cpp (llama-cpp-pytho
   the file holds them) token for token;
 * q8_0's perplexity on the held-out split (``--val``, by default the validation split the run's
   eval read, named in ``<model_dir>/../eval/metrics.json``; its conversations rendered through the
-  chat template, the first 2,500 tokens) within 1 % of f16's.
+  chat template, the first 2,500 tokens) at most 1 % above f16's, and q8_0's mean KL divergence
+  from f16 there under 0.05 nats. The perplexity bound is one-sided: quantisation damage raises
+  perplexity, while on the default run's models q8_0 comes out about 1 % *below* f16 (-0.90 %,
+  then -1.06 % on a retrained adapter) with the same top token at ~99 % of positions; closeness
+  in both directions is what the KL bound checks (0.006 nats measured).
 
 It also prints q8_0's mean KL divergence from f16 and how often both pick the same next token
 (and, with ``--also-f32``, how many answers equal transformers' in float32). Exit 0 when all hold (or, saying SKIPPED, when llama_cpp cannot be
@@ -29,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from tests.weights import gguf_llama_cpp as cpp  # noqa: E402
 
-MAX_PPL_DIFF = 0.01  # |q8_0 / f16 - 1|
+MAX_PPL_RISE = 0.01  # q8_0 / f16 - 1
+MAX_KLD = 0.05  # nats per position, q8_0 against f16
 NEW_TOKENS = 32
 MAX_TOKENS = 384
 
@@ -88,8 +93,10 @@ def main(argv: list[str]) -> int:
     print(f"check_export: llama.cpp perplexity on {q.tokens} held-out tokens ({len(rows)} records of {val}): f16 {q.ppl_a:.4f}, "
           f"q8_0 {q.ppl_b:.4f} ({q.ratio - 1:+.2%}); q8_0 against f16: mean KL divergence {q.kld:.4f} nats, "
           f"same top token at {q.same_top:.1%} of positions ({time.time() - t0:.0f} s)")
-    if not abs(q.ratio - 1) < MAX_PPL_DIFF:
-        failed.append(f"q8_0 perplexity {q.ppl_b:.4f} is not within {MAX_PPL_DIFF:.0%} of f16's {q.ppl_a:.4f}")
+    if not q.ratio - 1 <= MAX_PPL_RISE:
+        failed.append(f"q8_0 perplexity {q.ppl_b:.4f} is more than {MAX_PPL_RISE:.0%} above f16's {q.ppl_a:.4f}")
+    if not q.kld < MAX_KLD:
+        failed.append(f"q8_0's mean KL divergence from f16 {q.kld:.4f} nats is not under {MAX_KLD}")
     for why in failed:
         print(f"check_export: FAILED: {why}", file=sys.stderr)
     if not failed:
