@@ -28,14 +28,13 @@ from llama_pipe.core.records import (
     _PARSE_HEADROOM,
     OVERFLOWS,
     InvalidLine,
-    _loads,
     _NonFinite,
     _not_utf8_family,
     _parse_float,
     _safe_text,
     _screen,
-    _unreadable,
     check_input_file,
+    parse_line,
     read_records,
 )
 
@@ -112,17 +111,12 @@ def _jsonl(path: Path, fh: BinaryIO) -> Iterator[tuple[str, Any]]:
             yield pending[0], pending[1]
             pending = None
         where = f"{path}:line {n}"
-        before = OVERFLOWS[0]
         try:
-            obj = _loads(line)
+            obj = parse_line(line)
         except json.JSONDecodeError as exc:
             pending = (where, InvalidLine(line, f"{exc.msg} at column {exc.colno}"), n, exc.msg, exc.colno)
             continue
-        except (RecursionError, ValueError) as exc:
-            yield where, InvalidLine(line, _unreadable(exc), "too_deep" if isinstance(exc, RecursionError) else "invalid_json")
-            continue
-        problem = _screen(obj, line, overflow=OVERFLOWS[0] != before)
-        yield where, InvalidLine(line, problem[1], problem[0]) if problem else obj
+        yield where, obj
     if pending is not None:
         if not ends_with_newline:  # the last line with text, in a file that does not end with a newline
             raise InputError(f"{path}: truncated: last line {pending[2]} is incomplete JSON ({pending[3]} at column {pending[4]})")

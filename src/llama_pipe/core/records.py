@@ -322,22 +322,30 @@ def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
     for n, line in enumerate(lines[: last + 1], start=1):
         if not line.strip():
             continue
-        before = OVERFLOWS[0]
         try:
-            obj = _loads(line)
+            obj = parse_line(line)
         except json.JSONDecodeError as exc:
             if n - 1 == last and not text.endswith("\n"):
                 raise InputError(
                     f"{path}: truncated: last line {n} is incomplete JSON ({exc.msg} at column {exc.colno})"
                 ) from None
-            yield f"{path}:line {n}", InvalidLine(line, f"{exc.msg} at column {exc.colno}")
-            continue
-        except (RecursionError, ValueError) as exc:
-            reason = "too_deep" if isinstance(exc, RecursionError) else "invalid_json"
-            yield f"{path}:line {n}", InvalidLine(line, _unreadable(exc), reason)
-            continue
-        problem = _screen(obj, line, overflow=OVERFLOWS[0] != before)
-        yield f"{path}:line {n}", InvalidLine(line, problem[1], problem[0]) if problem else obj
+            obj = InvalidLine(line, f"{exc.msg} at column {exc.colno}")
+        yield f"{path}:line {n}", obj
+
+
+def parse_line(line: str) -> Any:
+    """One JSONL line as a record, or an :class:`InvalidLine` when it cannot be read back or written
+    (too deep, a number no float holds, NaN/Infinity, a lone surrogate). Invalid JSON raises
+    ``json.JSONDecodeError``: the reader decides whether it is a torn last line."""
+    before = OVERFLOWS[0]
+    try:
+        obj = _loads(line)
+    except json.JSONDecodeError:
+        raise
+    except (RecursionError, ValueError) as exc:
+        return InvalidLine(line, _unreadable(exc), "too_deep" if isinstance(exc, RecursionError) else "invalid_json")
+    problem = _screen(obj, line, overflow=OVERFLOWS[0] != before)
+    return InvalidLine(line, problem[1], problem[0]) if problem else obj
 
 
 def iter_jsonl(path: str | Path, torn_last_ok: bool = False) -> Iterator[Record]:

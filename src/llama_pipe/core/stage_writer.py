@@ -102,11 +102,7 @@ class StageWriter:
         self.n_in += n
 
     def keep(self, record: Record, counts: bool = True) -> None:
-        assert self._out is not None
-        self._out.fh.write(dumps(record) + "\n")
-        self.lines_out += 1
-        if counts:
-            self.n_out += 1
+        self.keep_line(dumps(record), counts)
 
     def keep_line(self, line: str, counts: bool = True) -> None:
         """:meth:`keep` for a record already written as its line (``dumps(record)``, by a worker)."""
