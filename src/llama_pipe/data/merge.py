@@ -16,7 +16,7 @@ id becomes its decimal string; any other id type (a list, an object, a float, a 
 rejected as ``bad_id``. Other keys are not carried over; a ``system`` that is not a string
 is rejected (``bad_record``).
 
-Ids across files (:func:`resolve_ids`): a record whose id was already used is a duplicate
+Ids across files (:class:`IdResolver`): a record whose id was already used is a duplicate
 (``duplicate_id``: the first is kept, or every copy with ``dedupe: reject_all``) when it is the
 same conversation (same system and turns) or comes from the same file; a different conversation
 from another file keeps its place as ``<file stem>:<id>`` (e.g. ``gitcloner_dummy_en:identity_0``),
@@ -158,14 +158,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(parser, MergeSettings, "merge")
 
 
-def content_digest(rec: Record) -> str:
-    """What makes two records with one id the same conversation: system and turns (not the id)."""
-    return _digest(rec).hex()
-
-
-def resolve_ids(recs: list[tuple[int, Record] | None], stems: list[str]) -> list[tuple[str, str | None]]:
-    """For each normalised record ``(file index, record)`` (None: rejected earlier), in order:
-    ``(final id, None)`` when it is kept, or ``(id, why)`` when it duplicates an earlier record.
+class IdResolver:
+    """Which id each record keeps, one record at a time, in input order. It remembers each kept id,
+    the file it came from and a 20-byte digest of its content (system and turns), not the record.
 
     * the first record with an id keeps it;
     * a later one with the same system and turns is a duplicate, from whichever file;
@@ -175,13 +170,6 @@ def resolve_ids(recs: list[tuple[int, Record] | None], stems: list[str]) -> list
     * a later one with different content from the same file is a duplicate: a file's own ids must
       be unique, and its file name cannot tell the two apart.
     """
-    ids = IdResolver(stems)
-    return [("", None) if item is None else ids.resolve(item[0], item[1]["id"], _digest(item[1])) for item in recs]
-
-
-class IdResolver:
-    """:func:`resolve_ids` one record at a time: remembers each kept id, the file it came from and
-    a 20-byte digest of its content (not the record)."""
 
     def __init__(self, stems: list[str]) -> None:
         self.stems = stems
