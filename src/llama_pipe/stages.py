@@ -104,7 +104,7 @@ STAGES: tuple[Stage, ...] = (
           section="split", unit="pairs", per_shard=True, layout="records", reads=("filter-lang", "convert"),
           chat=("template", "system_prompt", "max_seq_len")),
     Stage("gather", "llama_pipe.data.gather", "gather shards into train/validation JSONL",
-          section="data", unit="records", layout="sets", reads=("split",), keys=("val_fraction", "seed")),
+          section="data", unit="records", layout="sets", reads=("split",), keys=("val_fraction", "seed", "inputs", "weights")),
     Stage("distill", "llama_pipe.data.distill",
           "training replies in the base's own words: self-distillation rewrites and replay", section="distill",
           layout="records", reads=("gather", "convert"), chat=("template", "system_prompt")),

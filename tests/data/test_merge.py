@@ -31,7 +31,10 @@ def test_formats_are_normalised(tmp_path: Path) -> None:
     assert cli("merge", share, openai, alpaca, "-o", out) == 0
     recs = read_jsonl(out)
     assert [r["id"] for r in recs][:2] == ["s1", "7"]
-    assert recs[0] == {"id": "s1", "system": "Be brief.", "conversations": turns("hi", "hello", "again", "yes")}
+    assert recs[0] == {"id": "s1", "source": str(share), "system": "Be brief.",
+                       "conversations": turns("hi", "hello", "again", "yes")}
+    # each record names the file it came from (gather weighs the files by it: data.weights)
+    assert [r["source"] for r in recs] == [str(share)] * 2 + [str(openai)] + [str(alpaca)] * 2
     assert recs[1]["conversations"] == turns("q", "a")
     assert recs[2]["system"] == "sys" and recs[2]["conversations"] == turns("part 1\npart 2", "ok")
     assert recs[3]["conversations"] == turns("Translate\n\nHallo", "Hello")

@@ -71,10 +71,26 @@ def merge_adapter_errors(settings: MergeAdapterSettings, adapters: int) -> list[
     return errors
 
 
+def data_errors(settings: DataSettings) -> list[str]:
+    """Errors of ``data.weights`` against ``data.inputs``."""
+    w, n = settings.weights, len(settings.inputs)
+    if not w:
+        return []
+    errors = []
+    if len(w) != n:
+        errors.append(f"data.weights: one weight per entry of data.inputs ({n}), got {len(w)}: e.g. [{', '.join(['1.0'] * n)}]")
+    if any(x < 0 for x in w):
+        errors.append(f"data.weights: weights must be >= 0, got {w}")
+    elif not any(x > 0 for x in w):
+        errors.append("data.weights: every weight is 0, so nothing would be trained on")
+    return errors
+
+
 def config_errors(cfg: Config) -> list[str]:
     """Every cross-field error of a whole configuration, one message each."""
     errors = train_errors(cfg.train, processes=cfg.launch.processes)
     errors += merge_adapter_errors(cfg.merge_adapter, 1 + len(cfg.merge_adapter.extra_adapters))
+    errors += data_errors(cfg.data)
     if cfg.train.base_run is not None and cfg.train.base_run == cfg.train.run:
         errors.append(f"train.base_run: {cfg.train.base_run!r} is this run (train.run); name the earlier run whose merged model "
                       "this one trains on")

@@ -24,6 +24,13 @@ class DataSettings:
     shards: int = opt(2, "shards the merged data is split into for the clean/filter/split stages", minimum=1)
     val_fraction: float = opt(0.1, "fraction of conversations held out for validation", minimum=0, maximum=0.9)
     seed: int = opt(0, "seed of the train/validation assignment (hash of the first question + seed)", minimum=0, maximum=SEED_MAX)
+    weights: list[float] = opt(
+        [], "how many times each input's training conversations go into train.jsonl, one number per entry of inputs, in "
+        "its order (empty: 1 each). 3 puts every training conversation of that file in 3 times; a fraction keeps a "
+        "seeded share (1.5: each once, half of them twice; 0.5: half, the rest listed in gather's rejects as 'weight'). "
+        "Validation is never weighted. Use it so that a small file that teaches what matters (the identity sample) is "
+        "not drowned by a large one",
+    )
 
 
 @section("merge", "merge stage")

@@ -11,19 +11,30 @@ that survived clean (``drop_duplicate_first_exchange: false``, or one question w
 cannot sit on both sides and flatter the validation loss. When ``val_fraction > 0`` and the hash
 leaves validation empty while there are at least two keys, the key with the smallest hash goes to
 validation, so a tiny data set still gets a validation set.
+
+``data.weights`` (one number per ``data.inputs`` entry) weighs the training side by the file each
+record came from (merge's ``source``): a conversation of weight ``w`` goes into the training file
+``floor(w)`` times, plus once more when its seeded draw falls under ``w``'s fraction (all chunks of
+a conversation draw alike). The first copy keeps its place; copy ``k`` (id ``<id>#w<k>``) is
+written in a ``k``-th pass after all of the first, so copies of one conversation are not packed
+into one training row. A conversation drawn 0 times is listed in the rejects as ``weight``.
+Validation is never weighted.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import math
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from llama_pipe.config import DataSettings, settings_from_args
-from llama_pipe.core.errors import InputError
+from llama_pipe.config.checks import data_errors
+from llama_pipe.core.errors import ConfigError, InputError
 from llama_pipe.core.record_stream import stream_records
 from llama_pipe.core.records import InvalidLine, dumps
 from llama_pipe.core.settings import add_settings_arguments
@@ -48,6 +59,39 @@ def split_key(rec: dict[str, Any]) -> str:
     """What decides a conversation's side: its first human turn in dedup form (else its base id)."""
     value = first_human(rec)
     return "h:" + dedup_text(value) if value is not None else "i:" + base_id(rec["id"])
+
+
+class Weights:
+    """How many training copies a record gets, from ``data.weights`` and its ``source``."""
+
+    def __init__(self, settings: DataSettings) -> None:
+        errors = data_errors(settings)
+        if errors:
+            raise ConfigError("\n  ".join(errors))
+        self.seed = settings.seed
+        self.of = {os.path.normpath(p): w for p, w in zip(settings.inputs, settings.weights, strict=False)}
+
+    def __bool__(self) -> bool:
+        return any(w != 1 for w in self.of.values())
+
+    def weight(self, rec: dict[str, Any]) -> float:
+        src = rec.get("source")
+        if not isinstance(src, str):
+            raise InputError(f"record {rec['id']!r} has no 'source' (made by an older merge): run merge again to use "
+                             "data.weights")
+        w = self.of.get(os.path.normpath(src))
+        if w is None:
+            raise InputError(f"record {rec['id']!r} comes from {src!r}, which is not in data.inputs "
+                             f"({', '.join(self.of)}): data.weights cannot weigh it")
+        return w
+
+    def copies(self, rec: dict[str, Any]) -> int:
+        """``floor(w)``, plus one when the conversation's seeded draw is under ``w``'s fraction."""
+        if not self:
+            return 1
+        w = self.weight(rec)
+        whole = math.floor(w)
+        return whole + (val_score(self.seed, "w:" + base_id(rec["id"])) < w - whole)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +126,10 @@ def gather_files(inputs: list[str | Path], train: str | Path, val: str | Path, s
     # stats are renamed into place together, or (on any failure) none of them.
     if val.resolve() == train.resolve():
         raise InputError(f"{val}: --train and --val must be different files")
+    weights = Weights(settings)
     n_train = n_val = 0
+    repeat: dict[str, int] = {}  # id -> copies, for the records written more than once
+    by_input: dict[str, int] = {}  # training lines per source
     with StageWriter("gather", train, rejects or train.with_name("gather.rejects.jsonl"),
                      stats or train.with_name("gather.stats.json"), inputs=[*inputs, *also_read], out_flag="--train") as w:
         vf = w.add_output(val, "--val")
@@ -107,12 +154,32 @@ def gather_files(inputs: list[str | Path], train: str | Path, val: str | Path, s
                 w.n_out += 1
                 w.lines_out += 1
                 n_val += 1
-            else:
-                w.keep(obj)
-                n_train += 1
+                continue
+            n = weights.copies(obj)
+            if n == 0:
+                w.reject(obj, "weight", f"{where}: data.weights gives {obj.get('source')} {weights.weight(obj)}; "
+                         "this conversation was not drawn")
+                continue
+            w.keep(obj)
+            n_train += 1
+            if weights:
+                by_input[obj["source"]] = by_input.get(obj["source"], 0) + n
+            if n > 1:
+                repeat[rid] = n
+        # Copy k of every record that has one, in a k-th pass over the inputs (see the module docstring).
+        for k in range(2, max(repeat.values(), default=1) + 1):
+            done: set[str] = set()
+            for p in inputs:
+                for _, obj in stream_records(p):
+                    rid = record_id(obj) if not isinstance(obj, InvalidLine) else None
+                    if rid is not None and repeat.get(rid, 0) >= k and rid not in done:
+                        done.add(rid)
+                        w.keep({**obj, "id": f"{rid}#w{k}"}, counts=False)
         w.extra.update(train=n_train, val=n_val, val_path=str(val), val_fraction=settings.val_fraction,
                        seed=settings.seed, conversations_val=len(to_val),
                        conversations_train=len(score_of) - len(to_val))
+        if weights:
+            w.extra.update(weighted_copies=sum(n - 1 for n in repeat.values()), train_lines_by_input=by_input)
     return w
 
 
@@ -121,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
     log_settings("gather", settings, inputs=args.inputs, train=args.train, val=args.val)
     w = gather_files(args.inputs, args.train, args.val, settings, args.rejects, args.stats,
                      also_read=[args.config] if args.config else [])
-    print(f"gather: records in={w.n_in} train={w.extra['train']} val={w.extra['val']} "
+    copies = f" (+{w.extra['weighted_copies']} weighted copies)" if "weighted_copies" in w.extra else ""
+    print(f"gather: records in={w.n_in} train={w.extra['train']}{copies} val={w.extra['val']} "
           f"rejected={sum(w.rejected.values())} -> {args.train}, {args.val}")
     return 0

@@ -1,6 +1,7 @@
 """``llama-pipe merge``: validate and normalise ShareGPT / OpenAI-messages / Alpaca files into one JSONL.
 
-Each input record becomes ``{"id", ["system",] "conversations": [{"from": "human"|"gpt", "value"}]}``:
+Each input record becomes ``{"id", "source", ["system",] "conversations": [{"from": "human"|"gpt", "value"}]}``
+(``source``: the input file as it was given, which ``gather`` weighs by ``data.weights``):
 
 * ShareGPT ``{"id", "conversations": [{"from", "value"}]}``; roles human/user -> ``human``,
   gpt/assistant/chatgpt/bing/bard -> ``gpt`` (case-insensitive); leading ``system`` turns become
@@ -31,6 +32,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -204,9 +206,14 @@ def _digest(rec: Record) -> bytes:
 BATCH = 64  # records per worker task
 
 
-def _merge_batch(batch: list[Any]) -> list[tuple[str, bytes, str] | RecordProblem | None]:
-    """Each record normalised: its id, content digest and output line; its problem; or None (an
-    unreadable line)."""
+def with_source(rec: Record, source: str) -> Record:
+    """``rec`` with its input file recorded after the id (the output's key order)."""
+    return {"id": rec["id"], "source": source, **{k: v for k, v in rec.items() if k != "id"}}
+
+
+def _merge_batch(batch: list[Any], source: str) -> list[tuple[str, bytes, str] | RecordProblem | None]:
+    """Each record normalised: its id, content digest and output line (``source`` added); its
+    problem; or None (an unreadable line)."""
     out: list[tuple[str, bytes, str] | RecordProblem | None] = []
     for obj in batch:
         if obj is None:
@@ -217,7 +224,7 @@ def _merge_batch(batch: list[Any]) -> list[tuple[str, bytes, str] | RecordProble
         except RecordProblem as p:
             out.append(p)
             continue
-        out.append((rec["id"], _digest(rec), dumps(rec)))
+        out.append((rec["id"], _digest(rec), dumps(with_source(rec, source))))
     return out
 
 
@@ -233,7 +240,7 @@ def merge_files(inputs: list[str | Path], out: str | Path, settings: MergeSettin
 
     def results() -> Iterator[tuple[int, str, Any, Any]]:
         for fi, path in enumerate(inputs):
-            _, items = map_records(path, _merge_batch, workers, BATCH)
+            _, items = map_records(path, partial(_merge_batch, source=str(path)), workers, BATCH)
             for where, obj, res in items:
                 yield fi, where, obj, res
 
@@ -267,7 +274,7 @@ def merge_files(inputs: list[str | Path], out: str | Path, settings: MergeSettin
                 continue
             if rid != res[0]:
                 w.extra["renamed"] = w.extra.get("renamed", 0) + 1
-                w.keep({**normalise(obj), "id": rid})
+                w.keep(with_source({**normalise(obj), "id": rid}, str(inputs[fi])))
                 continue
             w.keep_line(res[2])
         w.extra["inputs"] = [str(p) for p in inputs]
