@@ -83,3 +83,14 @@ def test_data_target_builds_the_data_of_the_given_settings(two_runs: tuple[Path,
     assert job_counts(snakemake(workdir, "-n", *PROFILE, "--", "data").stdout) == {}
     other = snakemake(workdir, "-n", *PROFILE, "--config", 'data={"val_fraction": 0.3}', "--", "data").stdout
     assert job_counts(other) == {"gather": 1, "data": 1}
+
+
+def test_data_weights_rerun_gather_and_after_only(two_runs: tuple[Path, Path, Path]) -> None:
+    """data.weights is gather's setting: merge ... split keep their products; a weight per input."""
+    workdir, _, _ = two_runs
+    plan = job_counts(snakemake(workdir, "-n", *PROFILE, "--config", 'data={"weights": [3]}').stdout)
+    full = job_counts(snakemake(workdir, "-n", "--forceall", *PROFILE).stdout)
+    assert plan == rerun_plan("gather", full) and plan["gather"] == 1 and plan["train"] == 1
+    proc = snakemake(workdir, "-n", *PROFILE, "--config", 'data={"weights": [1, 2]}', check=False)
+    assert proc.returncode != 0
+    assert "data.weights: one weight per entry of data.inputs (1), got 2" in proc.stdout + proc.stderr

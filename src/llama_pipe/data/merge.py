@@ -14,7 +14,7 @@ Each input record becomes ``{"id", "source", ["system",] "conversations": [{"fro
 A record without an id (missing, null or blank) gets ``auto-<16 hex digits of sha1 of its
 content>`` (identical content, identical id, so exact copies are caught as duplicates); an integer
 id becomes its decimal string; any other id type (a list, an object, a float, a boolean) is
-rejected as ``bad_id``. Other keys are not carried over; a ``system`` that is not a string
+rejected as ``bad_id``. Other keys of the input are not carried over; a ``system`` that is not a string
 is rejected (``bad_record``).
 
 Ids across files (:class:`IdResolver`): a record whose id was already used is a duplicate
