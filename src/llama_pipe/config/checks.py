@@ -8,7 +8,7 @@ combination fails before any job is queued), and the stages call the per-section
 
 from __future__ import annotations
 
-from llama_pipe.config import Config, MergeAdapterSettings, TrainSettings
+from llama_pipe.config import Config, DataSettings, MergeAdapterSettings, TrainSettings
 from llama_pipe.core.errors import ConfigError
 
 
