@@ -236,7 +236,7 @@ def test_giant_turn_is_bounded_not_tokenized_and_output_unchanged(tmp_path: Path
 def test_bound_is_never_above_the_token_count(tokenizer: Any) -> None:
     """The character bound that lets split skip tokenizing must be a true lower bound."""
     from llama_pipe.config import SplitSettings
-    from llama_pipe.data.split import Splitter
+    from llama_pipe.data.split_plan import Splitter
 
     sp = Splitter(tokenizer, SplitSettings(), get_template("vicuna_v1.1"), 512)
     assert sp._bound is not None  # the bundled sentencepiece BPE has byte fallback
