@@ -76,8 +76,9 @@ class CleanSettings:
     rename: list[str] = opt(
         [], "names to replace in every turn, each 'OLD => NEW' (whole names, longest first, after the HTML is "
         "converted): give other data sets' assistant and maker the names your data teaches, e.g. ['Vicuna => Llama "
-        "Pipe', 'Large Model Systems Organization (LMSYS) => the llama-pipe project']. clean reports the names the "
-        "replies introduce (stats 'introductions'); empty: no renaming",
+        "Pipe', 'Large Model Systems Organization (LMSYS) => Northwind Labs']. Give the maker a name unlike the "
+        "assistant's: with 'the llama-pipe project' SmolLM2 blended the two into 'Llama-pipe' (docs/benchmarks.md). "
+        "clean reports the names the replies introduce (stats 'introductions'); empty: no renaming",
     )
 
 
