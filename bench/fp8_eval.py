@@ -7,11 +7,11 @@
 Runs, with the default run's settings (config.yaml's train/select/merge_adapter/eval flags, as the workflow passes them,
 ``--device`` for train and eval), the workflow's CLIs: ``convert`` (the GGUF in ``--base-dir`` to a Hugging Face
 model), then for each ``train.base_storage`` in ``--storages``: ``train`` -> ``select`` -> ``merge-adapter`` (into the
-converted base) -> ``eval`` (against the converted base). Then scores the two merged models side by side on the
-retention sets with ``bench/retention.py`` (``--model`` the float run's, ``--tuned`` the fp8 run's, bf16 on the GPU as
-eval does, the first 1,600 items of each set as eval.retention_max_items): the paired fp8-vs-bf16 difference and its
-bootstrap 95% interval. Needs a CUDA GPU of compute capability 8.9+ (fp8). Writes each stage's log, the eval and
-retention JSON and one JSONL row per model under ``--out``, and prints a markdown table.
+converted base); then scores the two merged models side by side on the retention sets with ``bench/retention.py``
+(``--model`` the float run's, ``--tuned`` the fp8 run's, bf16 on the GPU as eval does, the first 1,600 items of each
+set as eval.retention_max_items): the paired fp8-vs-bf16 difference and its bootstrap 95% interval; then ``eval`` of
+each merged model against the converted base. Needs a CUDA GPU of compute capability 8.9+ (fp8). Writes each stage's
+log, the eval and retention JSON and one JSONL row per model under ``--out``, and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -163,22 +163,28 @@ def main() -> None:
     hf = work / "hf_base"
     if not (hf / "config.json").exists():
         stage("convert", ["convert", "-o", str(hf), *split_flags(CONVERT_FLAGS), "--", args.base_dir], logs, timings)
+    def show(name: str, lines: int) -> None:
+        """The last ``lines`` lines of a stage's log (its summary), so that a killed run still reports them."""
+        text = (logs / f"{name}.log").read_text(encoding="utf-8", errors="replace").splitlines()
+        print("\n".join(f"  {line}" for line in text[-lines:]), flush=True)
+
+    # train -> select -> merge for each storage, then the paired scoring (the comparison asked for), then eval
+    merged_ok: dict[str, bool] = {}
     for s in args.storages:
         d = work / s
-        (ok := stage(f"train_{s}", ["train", f"--base={hf}", f"--train-data={args.train_data}", f"--val-data={args.val_data}",
-                                     "-o", str(d / "train"), *split_flags(TRAIN_FLAGS), "--base_storage", s, "--device", args.device],
-                     logs, timings)) \
-            and (ok := stage(f"select_{s}", ["select", "-o", str(d / "select"), *split_flags(SELECT_FLAGS), "--", str(d / "train")], logs, timings)) \
-            and (ok := stage(f"merge_{s}", ["merge-adapter", f"--base={hf}", f"--adapter={d / 'select'}", "-o", str(d / "merged"),
-                                            *split_flags(MERGE_FLAGS)], logs, timings)) \
-            and (ok := stage(f"eval_{s}", ["eval", f"--base={hf}", f"--tuned={d / 'merged'}", f"--val={args.val_data}", "-o", str(d / "eval"),
-                                           *split_flags(EVAL_FLAGS), "--device", args.device, f"--benchmark=arc_easy-test={args.arc}"],
-                              logs, timings))
-        if not ok:
-            print(f"{s}: a stage failed (logs in {logs})", flush=True)
+        ok = stage(f"train_{s}", ["train", f"--base={hf}", f"--train-data={args.train_data}", f"--val-data={args.val_data}",
+                                  "-o", str(d / "train"), *split_flags(TRAIN_FLAGS), "--base_storage", s, "--device", args.device],
+                   logs, timings)
+        if ok:
+            show(f"train_{s}", 3)
+            ok = stage(f"select_{s}", ["select", "-o", str(d / "select"), *split_flags(SELECT_FLAGS), "--", str(d / "train")], logs, timings)
+        if ok:
+            ok = stage(f"merge_{s}", ["merge-adapter", f"--base={hf}", f"--adapter={d / 'select'}", "-o", str(d / "merged"),
+                                      *split_flags(MERGE_FLAGS)], logs, timings)
+        merged_ok[s] = ok
     paired: dict[str, Any] = {}
     a, b = work / args.storages[0] / "merged", work / args.storages[-1] / "merged"
-    if len(args.storages) == 2 and (a / "config.json").exists() and (b / "config.json").exists():
+    if len(args.storages) == 2 and all(merged_ok.values()):
         for name, extra in (("llama_pipe", ["--split", "test"]), ("arc_easy-test", ["--oe-eval", args.arc, "--split", "test"])):
             js = work / f"paired_{name}.json"
             t0 = time.time()
@@ -188,8 +194,14 @@ def main() -> None:
                                     stdout=log, stderr=subprocess.STDOUT, check=False).returncode
             timings[f"paired_{name}"] = round(time.time() - t0, 1)
             print(f"[{time.strftime('%H:%M:%S')}] paired {name}: exit {rc}, {timings[f'paired_{name}']:.1f} s", flush=True)
-            print((logs / f"paired_{name}.log").read_text(encoding="utf-8")[-2500:], flush=True)
+            show(f"paired_{name}", 20)
             paired[name] = json.loads(js.read_text(encoding="utf-8")) if rc == 0 and js.exists() else None
+    for s in args.storages:
+        d = work / s
+        if merged_ok[s] and stage(f"eval_{s}", ["eval", f"--base={hf}", f"--tuned={d / 'merged'}", f"--val={args.val_data}", "-o", str(d / "eval"),
+                                                *split_flags(EVAL_FLAGS), "--device", args.device, f"--benchmark=arc_easy-test={args.arc}"],
+                                  logs, timings):
+            show(f"eval_{s}", 7)
     rows = [model_row(s, work) for s in args.storages]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "fp8_eval_rows.jsonl", "w", encoding="utf-8") as f:
