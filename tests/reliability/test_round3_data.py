@@ -712,6 +712,7 @@ def test_split_time_is_linear_in_the_pairs_of_one_record(tmp_path: Path, tokeniz
 
     from llama_pipe.config import ChatSettings, SplitSettings
     from llama_pipe.data import split as split_mod
+    from llama_pipe.data import split_plan
 
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = MODEL_JINJA
@@ -729,7 +730,7 @@ def test_split_time_is_linear_in_the_pairs_of_one_record(tmp_path: Path, tokeniz
     assert t_one < 2.5 * t_many + 0.2, f"one record of 480 pairs: {t_one:.2f} s; 24 records of 20: {t_many:.2f} s"
     # The chunks: what the span-finding path gives (the old code path, for every record size) ...
     run(mid, tmp_path / "mid.out.jsonl")
-    monkeypatch.setattr(split_mod, "FEW_PAIRS", 10**9)
+    monkeypatch.setattr(split_plan, "FEW_PAIRS", 10**9)
     for inp, out in ((mid, "mid"), (many, "many")):
         run(inp, tmp_path / f"{out}.spans.jsonl")
         assert (tmp_path / f"{out}.out.jsonl").read_bytes() == (tmp_path / f"{out}.spans.jsonl").read_bytes(), out
