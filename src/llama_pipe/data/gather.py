@@ -70,9 +70,10 @@ class Weights:
             raise ConfigError("\n  ".join(errors))
         self.seed = settings.seed
         self.of = {os.path.normpath(p): w for p, w in zip(settings.inputs, settings.weights, strict=False)}
+        self.active = any(w != 1 for w in self.of.values())  # asked once per record: computed once
 
     def __bool__(self) -> bool:
-        return any(w != 1 for w in self.of.values())
+        return self.active
 
     def weight(self, rec: dict[str, Any]) -> float:
         src = rec.get("source")
