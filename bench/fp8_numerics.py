@@ -4,10 +4,16 @@ bf16 base and once over its e4m3 copy; the training loss of every step and the v
 steps.
 
     python bench/fp8_numerics.py --model HF_DIR --tokens TOKENS.npz --out OUT.jsonl [--steps 200] [--rows 4] [--lr 5e-4]
+    python bench/fp8_numerics.py --model HF_DIR --make-tokens TOKENS.npz --train-files A.jsonl B.json ... --val-files V.jsonl
 
-``TOKENS.npz`` holds ``train`` and ``val``: rows of token ids (the model's tokenizer), made off the device from the
-project's conversations (docs/benchmarks.md). Same seed, same data order, dropout 0: the two runs differ only in how
-the frozen base is held. Prints the summary (final loss = mean of the last 10 steps) as the last line.
+``TOKENS.npz`` holds ``train`` and ``val``: rows of token ids (the model's tokenizer). ``--make-tokens`` writes it
+the trainer's way: each conversation (JSONL as the data stages write it, or a ShareGPT JSON list) rendered with the
+model's chat template (``llama_pipe.train.dataset.encode_record``), cut at ``--seq`` tokens, packed first-fit
+(``pack_examples``), the packed rows joined and cut again into rows of exactly ``--seq`` tokens (a broken record of a
+raw file is skipped); all tokens are trained (labels = ids). Same seed, same data order,
+dropout 0: the two runs differ only in how the frozen base is held. ``--rows x --steps`` over ``len(train)`` rows
+gives the epochs (the summary says how many). Prints the summary (final loss = mean of the last 10 steps) as the
+last line.
 """
 
 from __future__ import annotations
@@ -76,13 +82,48 @@ def run(model: Path, storage: str, train_rows: Any, val_rows: Any, steps: int, r
     return out
 
 
+def read_conversations(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file or a JSON list (ShareGPT ``conversations`` of ``from``/``value``)."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        return [r for r in json.loads(text) if isinstance(r, dict)]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def make_tokens(model: Path, files: list[Path], seq: int) -> Any:
+    """``files``' conversations as rows of exactly ``seq`` token ids (see the module's docstring); an int32 array."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from llama_pipe.chat_template.resolve import resolve_template
+    from llama_pipe.train.dataset import Example, encode_record, pack_examples
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    template = resolve_template(None, [model], tok)
+    examples = []
+    for path in files:
+        for rec in read_conversations(path):
+            try:
+                ex = encode_record(rec, tok, template, None)
+            except (KeyError, TypeError, ValueError):
+                continue  # not a renderable conversation (a broken record of a raw file)
+            examples.append(Example(ex.input_ids[:seq], ex.labels[:seq]))
+    stream = [t for row in pack_examples(examples, seq) for t in row.input_ids]
+    n = len(stream) // seq
+    return np.asarray(stream[: n * seq], dtype=np.int32).reshape(n, seq)
+
+
 def main() -> None:
     import numpy as np
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--tokens", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tokens", type=Path, help="TOKENS.npz to train on")
+    ap.add_argument("--make-tokens", type=Path, help="write TOKENS.npz from --train-files/--val-files and stop")
+    ap.add_argument("--train-files", type=Path, nargs="*", default=[])
+    ap.add_argument("--val-files", type=Path, nargs="*", default=[])
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--lr", type=float, default=5e-4)
@@ -90,6 +131,13 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--label", default="")
     a = ap.parse_args()
+    if a.make_tokens:
+        train, val = make_tokens(a.model, a.train_files, a.seq), make_tokens(a.model, a.val_files, a.seq)
+        np.savez(a.make_tokens, train=train, val=val)
+        print(f"{a.make_tokens}: train {train.shape}, val {val.shape}", flush=True)
+        return
+    if a.tokens is None or a.out is None:
+        ap.error("--tokens and --out are needed to train (or --make-tokens)")
     data = np.load(a.tokens)
     res = {}
     for storage in ("float", "fp8"):
@@ -104,7 +152,8 @@ def main() -> None:
     summary = {"label": a.label, "final_loss_bf16": round(f["final_loss"], 5), "final_loss_fp8": round(q["final_loss"], 5),
                "final_rel_diff": round((q["final_loss"] - f["final_loss"]) / f["final_loss"], 5),
                "val_bf16": f["val"][last], "val_fp8": q["val"][last], "val_rel_diff": round((q["val"][last] - f["val"][last]) / f["val"][last], 5),
-               "worst_step_rel_diff": round(worst, 5), "finite": all(math.isfinite(x) for x in q["losses"])}
+               "worst_step_rel_diff": round(worst, 5), "finite": all(math.isfinite(x) for x in q["losses"]),
+               "epochs": round(a.steps * a.rows / len(data["train"]), 2)}
     with open(a.out, "a") as fh:
         fh.write(json.dumps({"summary": summary}) + "\n")
     print(json.dumps(summary), flush=True)

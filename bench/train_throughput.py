@@ -114,6 +114,8 @@ CASES: dict[str, Case] = {
     # ... planned by train.memory auto for a 16.5 GiB card: predicted peak <= (16.5 - 0.5 - 0.5) / 1.1 = 14.1 GiB,
     # under unsloth's 15.19 GiB (bf16 r16), the rest spent on layers kept from recompute
     "fp8_r16all_s1024_b8_d0_card16": Case("fp8", 16, tuple(ALL), 1024, 8, dropout=0.0, peer=P_BF16_ALL, unsloth=U_BF16, card_gib=16.5),
+    # ... for a 17.5 GiB card: predicted peak <= (17.5 - 1) / 1.1 = 15.0 GiB, the most that stays under unsloth's 15.19
+    "fp8_r16all_s1024_b8_d0_card17": Case("fp8", 16, tuple(ALL), 1024, 8, dropout=0.0, peer=P_BF16_ALL, unsloth=U_BF16, card_gib=17.5),
     # ... r64 with the smallest optimizer state (8-bit AdamW, updated in the backward pass)
     "fp8_r64all_s1024_b8_d0_8bit_inbwd": Case("fp8", 64, tuple(ALL), 1024, 8, dropout=0.0, optimizer="adamw_8bit", in_backward=True,
                                               peer=P_NF4, unsloth=U_NF4),
@@ -128,8 +130,8 @@ GROUPS = {
              "nf4_r64all_s2048_b1_adam8bit", "nf4_r64all_s2048_b1_adam8bit_inbwd"],
     "real": ["real_packed", "real_packed_nokernels", "real_padmax_plain"],
     "tiny": ["tiny_lora", "tiny_qlora", "tiny_int8"],
-    "fp8": ["fp8_r16all_s1024_b8_d0", "fp8_r64all_s1024_b8_d0", "fp8_r16all_s1024_b8_d0_card16", "fp8_r64all_s1024_b8_d0_8bit_inbwd",
-            "fp8_r16all_s1024_b8_d0_dgcached", "fp8_r16all_s1024_b8_d0_dgdequant", "fp8_r16all_s1024_b8_d0_nofusedlora"],
+    "fp8": ["fp8_r16all_s1024_b8_d0", "fp8_r64all_s1024_b8_d0", "fp8_r16all_s1024_b8_d0_card16", "fp8_r16all_s1024_b8_d0_card17",
+            "fp8_r64all_s1024_b8_d0_8bit_inbwd", "fp8_r16all_s1024_b8_d0_dgcached", "fp8_r16all_s1024_b8_d0_dgdequant", "fp8_r16all_s1024_b8_d0_nofusedlora"],
     "ablation": ["abl_none", "abl_no_kernels", "abl_no_fused_loss", "abl_no_offload", "abl_no_autocast",
                  "abl_nf4_none", "abl_nf4_fp32_frozen", "abl_no_fused_lora", "abl_nf4_no_fused_lora"],
 }

@@ -35,6 +35,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @needs_fp8
+@pytest.mark.parametrize(("rows", "cols"), [(4096, 4096), (11008, 4096), (4096, 11008), (1, 1), (63, 65), (1000, 130)])
+def test_transpose_e4m3_is_the_exact_transpose(rows: int, cols: int) -> None:
+    """The Triton tile transpose the input gradient uses gives PyTorch's ``w.t().contiguous()`` byte for byte,
+    edge tiles (shapes not a multiple of 64) included."""
+    from llama_pipe.train import fp8
+
+    torch.manual_seed(0)
+    w = (torch.randn(rows, cols, device="cuda") * 40).to(torch.float8_e4m3fn)
+    t = fp8.transpose_e4m3(w)
+    assert t.shape == (cols, rows) and t.is_contiguous() and t.dtype == torch.float8_e4m3fn
+    assert torch.equal(t.view(torch.uint8), w.t().contiguous().view(torch.uint8))
+
+
+@needs_fp8
 @pytest.mark.parametrize(("tokens", "n_in", "n_out"), [(1000, 1024, 2816), (4096, 2816, 1024)])
 def test_fp8_products_match_their_emulation_and_bf16(tokens: int, n_in: int, n_out: int) -> None:
     from llama_pipe.train import fp8
