@@ -1,8 +1,8 @@
 """``base_storage: fp8`` layer by layer: one LLaMA-7B decoder layer's seven frozen projections at 8,192 tokens,
 the forward and the input gradient (what LoRA needs of a frozen weight), bf16 against :class:`llama_pipe.train.fp8.Fp8Linear`
-with each input-gradient variant (``dgrad``: transpose / cached / dequant), activation and gradient quantization included;
-``transpose`` also with PyTorch's strided copy in place of :func:`llama_pipe.train.fp8.transpose_e4m3` (the Triton
-kernel), and the seven weights' transposes alone, each way.
+with each input-gradient variant (``dgrad``: transpose / tiles / cached / dequant), activation and gradient quantization
+included; and the seven weights' transposes alone: PyTorch's float8 copy (``transpose``), its uint8 copy, and
+:func:`llama_pipe.train.fp8.transpose_e4m3`'s Triton tiles (``tiles``).
 
     python bench/fp8_layer.py [--tokens 8192]
 
@@ -54,15 +54,13 @@ def main() -> None:
     refs = [(x.float() @ lin.weight.float().t(), g.float() @ lin.weight.float()) for lin, x, g in zip(floats, xs, gs)]
     rows = []
     variants: list[tuple[str, list[torch.nn.Module]]] = [("bf16", floats)]
-    for dgrad in ("transpose", "cached", "dequant"):
+    for dgrad in ("transpose", "tiles", "cached", "dequant"):
         variants.append((f"fp8 {dgrad}", [fp8.Fp8Linear.from_linear(lin, "cuda", torch.bfloat16, dgrad) for lin in floats]))  # type: ignore[arg-type]
-    variants.append(("fp8 transpose, PyTorch copy", variants[1][1]))
-    triton_transpose = fp8.transpose_e4m3
     wq = [layer.weight.detach() for layer in variants[1][1]]
     ways: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "PyTorch float8 copy": lambda w: w.t().contiguous(),
         "PyTorch uint8 copy": lambda w: w.view(torch.uint8).t().contiguous(),
-        "Triton tiles (transpose_e4m3)": triton_transpose,
+        "Triton tiles (transpose_e4m3)": fp8.transpose_e4m3,
     }
     gb = 2 * sum(w.numel() for w in wq) / 1e9
     for way, fn in ways.items():
@@ -71,7 +69,6 @@ def main() -> None:
         print(f"transpose of the 7 e4m3 weights, {way}: {t_ms:.3f} ms ({gb / t_ms:.2f} TB/s read + written), equal: {same}", flush=True)
         rows.append({"variant": f"transposes: {way}", "ms": round(t_ms, 3), "tb_s": round(gb / t_ms, 3), "equal": same})
     for name, layers in variants:
-        fp8.transpose_e4m3 = (lambda w: w.t().contiguous()) if name.endswith("PyTorch copy") else triton_transpose
         def fwd(layers: list[torch.nn.Module] = layers) -> None:
             for layer, x in zip(layers, xs):
                 layer(x)
@@ -106,7 +103,6 @@ def main() -> None:
                      "both_ms": round(f_ms + d_ms, 3), "weight_mib": round(w_bytes / 2**20, 1),
                      "dgrad_transient_mib": round(transient / 2**20, 1),
                      "rel_err_forward": round(max(errs_y), 4), "rel_err_dgrad": round(max(errs_dx), 4)})
-    fp8.transpose_e4m3 = triton_transpose
     layer_rows = [r for r in rows if "both_ms" in r]
     b = layer_rows[0]["both_ms"]
     print(f"| variant | forward ms | input-grad ms | both ms | vs bf16 | weights MiB | dgrad transient MiB | rel. err fwd / dgrad |  ({t} tokens)")

@@ -121,6 +121,7 @@ CASES: dict[str, Case] = {
                                               peer=P_NF4, unsloth=U_NF4),
     # ... the other two input-gradient variants (bench/fp8_layer.py times them layer by layer)
     "fp8_r16all_s1024_b8_d0_dgcached": Case("fp8", 16, tuple(ALL), 1024, 8, dropout=0.0, unsloth=U_BF16, dgrad="cached"),
+    "fp8_r16all_s1024_b8_d0_dgtiles": Case("fp8", 16, tuple(ALL), 1024, 8, dropout=0.0, unsloth=U_BF16, dgrad="tiles"),
     "fp8_r16all_s1024_b8_d0_dgdequant": Case("fp8", 16, tuple(ALL), 1024, 8, dropout=0.0, unsloth=U_BF16, dgrad="dequant"),
     "fp8_r16all_s1024_b8_d0_nofusedlora": Case("fp8", 16, tuple(ALL), 1024, 8, dropout=0.0, unsloth=U_BF16, disable=("fused_lora",)),
 }
@@ -131,7 +132,8 @@ GROUPS = {
     "real": ["real_packed", "real_packed_nokernels", "real_padmax_plain"],
     "tiny": ["tiny_lora", "tiny_qlora", "tiny_int8"],
     "fp8": ["fp8_r16all_s1024_b8_d0", "fp8_r64all_s1024_b8_d0", "fp8_r16all_s1024_b8_d0_card16", "fp8_r16all_s1024_b8_d0_card17",
-            "fp8_r64all_s1024_b8_d0_8bit_inbwd", "fp8_r16all_s1024_b8_d0_dgcached", "fp8_r16all_s1024_b8_d0_dgdequant", "fp8_r16all_s1024_b8_d0_nofusedlora"],
+            "fp8_r64all_s1024_b8_d0_8bit_inbwd", "fp8_r16all_s1024_b8_d0_dgcached", "fp8_r16all_s1024_b8_d0_dgtiles",
+            "fp8_r16all_s1024_b8_d0_dgdequant", "fp8_r16all_s1024_b8_d0_nofusedlora"],
     "ablation": ["abl_none", "abl_no_kernels", "abl_no_fused_loss", "abl_no_offload", "abl_no_autocast",
                  "abl_nf4_none", "abl_nf4_fp32_frozen", "abl_no_fused_lora", "abl_nf4_no_fused_lora"],
 }

@@ -37,7 +37,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @needs_fp8
 @pytest.mark.parametrize(("rows", "cols"), [(4096, 4096), (11008, 4096), (4096, 11008), (1, 1), (63, 65), (1000, 130)])
 def test_transpose_e4m3_is_the_exact_transpose(rows: int, cols: int) -> None:
-    """The Triton tile transpose the input gradient uses gives PyTorch's ``w.t().contiguous()`` byte for byte,
+    """The Triton tile transpose (dgrad ``tiles``) gives PyTorch's ``w.t().contiguous()`` byte for byte,
     edge tiles (shapes not a multiple of 64) included."""
     from llama_pipe.train import fp8
 
@@ -60,7 +60,7 @@ def test_fp8_products_match_their_emulation_and_bf16(tokens: int, n_in: int, n_o
     g = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16)
     ref_y, ref_dx = x.float() @ lin.weight.float().t(), g.float() @ lin.weight.float()
     results = {}
-    for dgrad in ("transpose", "cached", "dequant"):
+    for dgrad in ("transpose", "tiles", "cached", "dequant"):
         layer = fp8.Fp8Linear.from_linear(lin, "cuda", torch.bfloat16, dgrad)
         xi = x.clone().requires_grad_(True)
         y = layer(xi)

@@ -46,7 +46,7 @@ def _layer(n_in: int = 64, n_out: int = 96, bias: bool = False, dgrad: fp8.Dgrad
     return lin, fp8.Fp8Linear.from_linear(lin, "cpu", torch.float32, dgrad)
 
 
-@pytest.mark.parametrize("dgrad", ["transpose", "cached", "dequant"])
+@pytest.mark.parametrize("dgrad", ["transpose", "tiles", "cached", "dequant"])
 def test_layer_forward_and_input_gradient_are_the_fp8_products(dgrad: fp8.Dgrad) -> None:
     lin, layer = _layer(bias=True, dgrad=dgrad)
     assert layer.weight.dtype == torch.float8_e4m3fn and not layer.weight.requires_grad

@@ -15,7 +15,9 @@ row-wise scales, bf16 output):
   is quantized per token: ``dx = diag(sg) (gq Wq)``. ``_scaled_mm`` takes its second operand
   column-major (K-major) only, so ``Wq`` is needed transposed: ``dgrad`` chooses how (measured in
   docs/benchmarks.md): ``"transpose"`` (default) copies the layer's ``Wq^T`` inside the backward
-  and frees it (a transient of 1 byte per parameter of one projection), ``"cached"`` keeps a second,
+  and frees it (a transient of 1 byte per parameter of one projection); ``"tiles"`` makes the same copy with
+  :func:`transpose_e4m3`, one tiled Triton kernel (built, checked exact under Triton's interpreter, not yet
+  run or timed on a GPU: docs/benchmarks.md); ``"cached"`` keeps a second,
   transposed FP8 copy of every weight (2 bytes per parameter in all: the memory of a bf16 base),
   ``"dequant"`` runs the input gradient as a bf16 GEMM over ``diag(s) Wq`` dequantized per call.
 
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 
 E4M3_MAX = 448.0
 MIN_CAPABILITY = (8, 9)  # Ada and Hopper: FP8 tensor cores (torch._scaled_mm)
-Dgrad = Literal["transpose", "cached", "dequant"]
+Dgrad = Literal["transpose", "tiles", "cached", "dequant"]
 #: the modules left in their float dtype (the fused loss uses the head's weight; embeddings are lookups).
 SKIP = ("lm_head",)
 
@@ -157,8 +159,9 @@ def _transpose_kernel() -> Any:
 
 
 def transpose_e4m3(w: torch.Tensor) -> torch.Tensor:
-    """``w.t().contiguous()`` for a contiguous 2-D e4m3 tensor: one tiled Triton kernel on CUDA (PyTorch's strided
-    copy of a float8 tensor moves ~0.3 TB/s on an H100; docs/benchmarks.md), PyTorch's copy elsewhere."""
+    """``w.t().contiguous()`` for a contiguous 2-D e4m3 tensor: one tiled Triton kernel (64 x 64 tiles of bytes) on
+    CUDA, PyTorch's copy elsewhere. PyTorch's strided copy of a float8 tensor took 1.35 ms for a 7B layer's 0.39 GB
+    on an H100 (~0.3 TB/s; docs/benchmarks.md); the kernel is dgrad ``"tiles"``, not the default until timed."""
     kernel = _transpose_kernel() if w.is_cuda else None
     if kernel is None or w.dim() != 2 or not w.is_contiguous():
         return w.t().contiguous()
@@ -276,10 +279,11 @@ class Fp8Linear(nn.Linear):
         gq, gs = quantize_rows(g2, self.weight_scale)
         if self.dgrad == "cached":
             if self._weight_t is None or self._weight_t.device != self.weight.device:
-                self._weight_t = transpose_e4m3(self.weight.detach())
+                self._weight_t = self.weight.detach().t().contiguous()
             wt = self._weight_t
         else:
-            wt = transpose_e4m3(self.weight.detach())  # in x out, row-major: its .t() is out x in column-major
+            w = self.weight.detach()  # in x out, row-major: its .t() is out x in column-major
+            wt = transpose_e4m3(w) if self.dgrad == "tiles" else w.t().contiguous()
         if self._ones is None or self._ones.device != g2.device:
             self._ones = torch.ones((1, self.in_features), device=g2.device, dtype=torch.float32)
         return _gemm(gq, gs, wt.t(), self._ones, self.compute_dtype)
