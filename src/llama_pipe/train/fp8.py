@@ -85,21 +85,28 @@ def check_supported(device: Any, precision: str) -> None:
 
 # ----------------------------------------------------------------------------- quantization
 
-_triton_kernel: Any = None
+_built: dict[str, Any] = {}
+
+
+def _triton(name: str, build: Any) -> Any:
+    """Triton kernel ``name``, made by ``build(triton, tl)`` on first use and kept; None where Triton is missing."""
+    if name not in _built:
+        try:
+            import triton
+            import triton.language as tl
+        except ImportError:  # pragma: no cover - the device image has Triton
+            _built[name] = None
+        else:
+            _built[name] = build(triton, tl)
+    return _built[name]
 
 
 def _kernel() -> Any:
     """The Triton row-quantization kernel (built on first use), or None where Triton is missing."""
-    global _triton_kernel
-    if _triton_kernel is not None:
-        return _triton_kernel or None
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:  # pragma: no cover - the device image has Triton
-        _triton_kernel = False
-        return None
+    return _triton("quant_rows", _build_quant_rows)
 
+
+def _build_quant_rows(triton: Any, tl: Any) -> Any:
     @triton.jit
     def quant_rows(x_ptr, cs_ptr, q_ptr, s_ptr, n_cols, stride_x, stride_q,  # type: ignore[no-untyped-def]
                    HAS_CS: tl.constexpr, BLOCK: tl.constexpr):
@@ -126,25 +133,15 @@ def _kernel() -> Any:
             tl.store(q_row + offs, v.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=m)
         tl.store(s_ptr + row, a / 448.0)
 
-    _triton_kernel = quant_rows
     return quant_rows
-
-
-_triton_transpose: Any = None
 
 
 def _transpose_kernel() -> Any:
     """The Triton tiled transpose of a 1-byte matrix (built on first use), or None where Triton is missing."""
-    global _triton_transpose
-    if _triton_transpose is not None:
-        return _triton_transpose or None
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:  # pragma: no cover - the device image has Triton
-        _triton_transpose = False
-        return None
+    return _triton("transpose_tiles", _build_transpose)
 
+
+def _build_transpose(triton: Any, tl: Any) -> Any:
     @triton.jit
     def transpose_tiles(src_ptr, dst_ptr, rows, cols,  # type: ignore[no-untyped-def]
                         BR: tl.constexpr, BC: tl.constexpr):
@@ -154,7 +151,6 @@ def _transpose_kernel() -> Any:
         tile = tl.load(src_ptr + r[:, None] * cols + c[None, :], mask=m)
         tl.store(dst_ptr + c[:, None] * rows + r[None, :], tl.trans(tile), mask=tl.trans(m))
 
-    _triton_transpose = transpose_tiles
     return transpose_tiles
 
 
