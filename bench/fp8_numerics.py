@@ -100,14 +100,16 @@ def make_tokens(model: Path, files: list[Path], seq: int) -> Any:
 
     tok = AutoTokenizer.from_pretrained(str(model))
     template = resolve_template(None, [model], tok)
-    examples = []
+    examples, skipped = [], 0
     for path in files:
         for rec in read_conversations(path):
             try:
                 ex = encode_record(rec, tok, template, None)
             except (KeyError, TypeError, ValueError):
-                continue  # not a renderable conversation (a broken record of a raw file)
+                skipped += 1  # not a renderable conversation (a broken record of a raw file)
+                continue
             examples.append(Example(ex.input_ids[:seq], ex.labels[:seq]))
+    print(f"{len(examples)} conversations tokenized, {skipped} not renderable and skipped", flush=True)
     stream = [t for row in pack_examples(examples, seq) for t in row.input_ids]
     n = len(stream) // seq
     return np.asarray(stream[: n * seq], dtype=np.int32).reshape(n, seq)
