@@ -164,14 +164,8 @@ def transpose_e4m3(w: torch.Tensor) -> torch.Tensor:
     rows, cols = w.shape
     out = torch.empty((cols, rows), device=w.device, dtype=w.dtype)
     if w.numel():
-        kernel[(triton_cdiv(rows, 64), triton_cdiv(cols, 64))](w.view(torch.uint8), out.view(torch.uint8), rows, cols,
-                                                               BR=64, BC=64, num_warps=4)
+        kernel[(-(-rows // 64), -(-cols // 64))](w.view(torch.uint8), out.view(torch.uint8), rows, cols, BR=64, BC=64, num_warps=4)
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)`` for launch grids."""
-    return -(-a // b)
 
 
 def quantize_rows(x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
